@@ -1,0 +1,327 @@
+"""The node graph: naming, opening, permissions and removal of block nodes.
+
+This mirrors the parts of QEMU's block layer a QMP client can observe:
+node-name rules, implicit ``#blockN`` names for inline children, the
+permission system (a parent's needs against the sharing every other
+parent allows) and the order of errors.  Permission changes are checked
+for the whole affected subgraph before anything is applied, so a refused
+``blockdev-add`` or export leaves every lock as it was.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterator
+
+from blockd.block.node import BlockNode, ChildLink, Perm, perm_names
+from blockd.errors import QMPError
+
+_NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
+#: QEMU keeps node names in a 32-byte buffer including the terminator.
+_NODE_NAME_MAX = 31
+
+
+class User:
+    """A non-node parent of a node: an export, a job, the monitor's handle.
+
+    ``desc`` is the phrase QEMU prints for it in permission errors.
+    """
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+
+    def describe(self) -> str:
+        return self.desc
+
+
+def describe_parent(parent: Any) -> str:
+    if isinstance(parent, BlockNode):
+        return f"node '{parent.node_name}'"
+    return parent.describe()
+
+
+class OpenContext:
+    """What a driver may use while its node is opening."""
+
+    def __init__(self, graph: "BlockGraph", node: BlockNode) -> None:
+        self.graph = graph
+        self.node = node
+        #: Children this open created inline; closed again if the open fails.
+        self.created: list[BlockNode] = []
+
+    async def open_child(self, ref: str | dict[str, Any] | None, role: str,
+                         *, required: bool = True) -> BlockNode | None:
+        """Resolve a ``BlockdevRef`` (node name or inline options) and attach it.
+
+        Inline children inherit ``read-only`` (and ``auto-read-only``)
+        from the parent unless they set it, as in QEMU.
+        """
+        if ref is None:
+            if required:
+                raise QMPError(f"A block device must be specified for \"{role}\"")
+            return None
+        if isinstance(ref, str):
+            child = self.graph.lookup(ref)
+        else:
+            opts = dict(ref)
+            for key in ("read-only", "auto-read-only"):
+                if key not in opts and key in self.node.options:
+                    opts[key] = self.node.options[key]
+            if self.node.read_only:
+                opts.setdefault("read-only", True)
+            child = await self.graph.open_node(opts, implicit=True)
+            self.created.append(child)
+        try:
+            self.graph.attach(self.node, child, role)
+        except QMPError:
+            if child in self.created:
+                self.created.remove(child)
+                await self.graph.delete_node(child)
+            raise
+        return child
+
+    def secret(self, secret_id: str) -> bytes:
+        """Bytes of a ``secret`` object (raises QEMU's error if absent)."""
+        return self.graph.secrets(secret_id)
+
+
+class BlockGraph:
+    """All nodes of the daemon, in creation order."""
+
+    def __init__(self, secrets: Callable[[str], bytes] | None = None) -> None:
+        self.nodes: dict[str, BlockNode] = {}
+        #: Nodes created inline by another node's open (not owned by the monitor).
+        self.implicit: set[str] = set()
+        self._counter = 0
+        self._secrets = secrets
+
+    # ---- lookup -------------------------------------------------------------
+
+    def secrets(self, secret_id: str) -> bytes:
+        if self._secrets is None:
+            raise QMPError(f"No secret with id '{secret_id}'")
+        return self._secrets(secret_id)
+
+    def lookup(self, name: str) -> BlockNode:
+        """Find a node as ``blockdev-add`` children references do."""
+        node = self.nodes.get(name)
+        if node is None:
+            raise QMPError(f"Cannot find device='{name}' nor node-name='{name}'")
+        return node
+
+    def find(self, node_name: str) -> BlockNode:
+        """Find a node as commands taking ``node-name`` do."""
+        node = self.nodes.get(node_name)
+        if node is None:
+            raise QMPError(f"Cannot find node {node_name}") from None
+        return node
+
+    def __iter__(self) -> Iterator[BlockNode]:
+        return iter(self.nodes.values())
+
+    # ---- names --------------------------------------------------------------
+
+    def check_new_name(self, name: str) -> None:
+        if not _NODE_NAME.match(name):
+            raise QMPError(f"Invalid node-name: '{name}'")
+        if name in self.nodes:
+            raise QMPError(f"Duplicate nodes with node-name='{name}'")
+        if len(name) > _NODE_NAME_MAX:
+            raise QMPError("Node name too long")
+
+    def _implicit_name(self) -> str:
+        self._counter += 1
+        return f"#block{self._counter:03d}"
+
+    # ---- open and close -----------------------------------------------------
+
+    async def open_node(self, options: dict[str, Any], *, implicit: bool = False) -> BlockNode:
+        """Open a node (and inline children) from validated options."""
+        from blockd.drivers import driver_class
+
+        name = options.get("node-name")
+        if name is None:
+            if not implicit:
+                raise QMPError("'node-name' must be specified for the root node")
+            name = self._implicit_name()
+        else:
+            self.check_new_name(name)
+        cls = driver_class(options["driver"])
+        read_only = bool(options.get("read-only", False))
+        node = cls(name, options, read_only)
+        ctx = OpenContext(self, node)
+        try:
+            await node.open(ctx)
+        except BaseException:
+            await self._detach_all(node, ctx.created)
+            raise
+        self.nodes[name] = node
+        if implicit or options.get("node-name") is None:
+            self.implicit.add(name)
+        for child in ctx.created:
+            self.implicit.add(child.node_name)
+        return node
+
+    async def _detach_all(self, node: BlockNode, created: list[BlockNode]) -> None:
+        for link in list(node.children.values()):
+            self.detach(link)
+        for child in created:
+            await self.delete_node(child)
+
+    async def delete_node(self, node: BlockNode) -> None:
+        """Close ``node``, detach it, and delete the inline children it owned."""
+        try:
+            await node.close()
+        finally:
+            self.nodes.pop(node.node_name, None)
+            self.implicit.discard(node.node_name)
+            for link in list(node.children.values()):
+                child = link.child
+                self.detach(link)
+                if child.node_name in self.implicit and not child.parents:
+                    await self.delete_node(child)
+
+    async def blockdev_del(self, node_name: str) -> None:
+        node = self.nodes.get(node_name)
+        if node is None:
+            raise QMPError(f"Failed to find node with node-name='{node_name}'")
+        if any(not isinstance(link.parent, BlockNode) for link in node.parents):
+            raise QMPError(f"Node {node_name} is in use")
+        if node.parents:
+            raise QMPError(f"Block device {node_name} is in use")
+        if node_name in self.implicit:
+            raise QMPError(f"Node {node_name} is not owned by the monitor")
+        await self.delete_node(node)
+
+    async def close_all(self) -> None:
+        """Close every node, parents before children (used on quit)."""
+        for node in reversed(list(self.nodes.values())):
+            if node.node_name in self.nodes and not node.parents:
+                await self.delete_node(node)
+        for node in reversed(list(self.nodes.values())):
+            await self.delete_node(node)
+
+    # ---- permissions --------------------------------------------------------
+
+    def attach(self, parent: Any, child: BlockNode, role: str,
+               perm: Perm | None = None, shared: Perm | None = None) -> ChildLink:
+        """Add an edge and take its permissions, or raise without changing anything.
+
+        Node parents compute their needs with ``child_perm``; other users
+        pass ``perm``/``shared`` explicitly.
+        """
+        link = ChildLink(parent, child, role)
+        if isinstance(parent, BlockNode):
+            parent.children[role] = link
+        child.parents.append(link)
+        try:
+            self._apply(link, perm, shared)
+        except QMPError:
+            child.parents.remove(link)
+            if isinstance(parent, BlockNode) and parent.children.get(role) is link:
+                del parent.children[role]
+            raise
+        return link
+
+    def detach(self, link: ChildLink) -> None:
+        """Remove an edge and relax the child's permissions."""
+        if link in link.child.parents:
+            link.child.parents.remove(link)
+        if isinstance(link.parent, BlockNode) and link.parent.children.get(link.role) is link:
+            del link.parent.children[link.role]
+        plan: dict[int, tuple[ChildLink, Perm, Perm]] = {}
+        self._plan_node(link.child, plan)
+        self._commit(plan, [link.child])
+
+    def update_user(self, link: ChildLink, perm: Perm, shared: Perm) -> None:
+        """Change what a user (export, job) holds, checking as attach does."""
+        self._apply(link, perm, shared)
+
+    def refresh(self, node: BlockNode) -> None:
+        """Recompute what ``node`` takes on its children (after a reopen)."""
+        plan: dict[int, tuple[ChildLink, Perm, Perm]] = {}
+        for link in node.children.values():
+            p, s = node.child_perm(link.role)
+            plan[id(link)] = (link, p, s)
+            self._plan_node(link.child, plan)
+        self._check(plan)
+        self._commit(plan)
+
+    def _apply(self, link: ChildLink, perm: Perm | None, shared: Perm | None) -> None:
+        if perm is None or shared is None:
+            perm, shared = link.parent.child_perm(link.role)
+        plan = {id(link): (link, perm, shared)}
+        self._plan_node(link.child, plan)
+        self._check(plan)
+        self._commit(plan)
+
+    @staticmethod
+    def _effective(link: ChildLink, plan: dict[int, tuple[ChildLink, Perm, Perm]]) -> tuple[Perm, Perm]:
+        entry = plan.get(id(link))
+        return (entry[1], entry[2]) if entry else (link.perm, link.shared)
+
+    def _plan_node(self, node: BlockNode, plan: dict[int, tuple[ChildLink, Perm, Perm]]) -> None:
+        """Plan the perms ``node`` takes on its children given its parents' planned perms."""
+        perm, shared = Perm(0), Perm.all()
+        for link in node.parents:
+            p, s = self._effective(link, plan)
+            perm |= p
+            shared &= s
+        saved = node.cumulative_perm, node.cumulative_shared
+        node.cumulative_perm, node.cumulative_shared = perm, shared
+        try:
+            for link in node.children.values():
+                p, s = node.child_perm(link.role)
+                if (p, s) != self._effective(link, plan):
+                    plan[id(link)] = (link, p, s)
+                    self._plan_node(link.child, plan)
+        finally:
+            node.cumulative_perm, node.cumulative_shared = saved
+
+    def _check(self, plan: dict[int, tuple[ChildLink, Perm, Perm]]) -> None:
+        children: dict[int, BlockNode] = {}
+        for link, _, _ in plan.values():
+            children[id(link.child)] = link.child
+        for child in children.values():
+            links = child.parents
+            for i, a in enumerate(links):
+                ap, ash = self._effective(a, plan)
+                for b in links[i + 1:]:
+                    bp, bsh = self._effective(b, plan)
+                    if id(a) not in plan and id(b) not in plan:
+                        continue
+                    # Report from the side of the later edge, as QEMU does.
+                    if ap & ~bsh:
+                        self._conflict(child, a, b, ap & ~bsh)
+                    if bp & ~ash:
+                        self._conflict(child, b, a, bp & ~ash)
+            perm, shared = Perm(0), Perm.all()
+            for link in links:
+                p, s = self._effective(link, plan)
+                perm |= p
+                shared &= s
+            child.check_perm(perm, shared)
+
+    @staticmethod
+    def _conflict(child: BlockNode, needs: ChildLink, denies: ChildLink, perms: Perm) -> None:
+        def user(link: ChildLink) -> str:
+            return (f"{describe_parent(link.parent)} (uses node '{child.node_name}' "
+                    f"as '{link.role}' child)")
+        raise QMPError(
+            f"Permission conflict on node '{child.node_name}': permissions "
+            f"'{perm_names(perms)}' are both required by {user(needs)} and "
+            f"unshared by {user(denies)}.")
+
+    def _commit(self, plan: dict[int, tuple[ChildLink, Perm, Perm]],
+                extra: list[BlockNode] = ()) -> None:
+        touched: dict[int, BlockNode] = {id(n): n for n in extra}
+        for link, p, s in plan.values():
+            link.perm, link.shared = p, s
+            touched[id(link.child)] = link.child
+        for node in touched.values():
+            perm, shared = Perm(0), Perm.all()
+            for link in node.parents:
+                perm |= link.perm
+                shared &= link.shared
+            node.cumulative_perm, node.cumulative_shared = perm, shared
+            node.set_perm(perm, shared)

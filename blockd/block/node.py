@@ -1,0 +1,293 @@
+"""The block node: what every driver implements and the graph links together.
+
+A node is QEMU's ``BlockDriverState``: it has a name, a driver, options,
+children (``file``, ``backing``, ``data-file``...) and parents (other
+nodes, exports, jobs).  Drivers subclass :class:`BlockNode`, implement
+:meth:`BlockNode.open` and override the async data-path methods.  Offsets and lengths are in bytes and have
+been checked against :meth:`BlockNode.length` by the caller
+(:class:`blockd.block.io.NodeIO` or the driver parent), so a driver only
+sees requests that lie inside the node.
+
+I/O failures are raised as :class:`OSError` carrying an ``errno`` so that
+the NBD server and QMP can report them as QEMU does (``EIO``, ``ENOSPC``,
+``EPERM``...).  Open and configuration failures are raised as
+:class:`blockd.errors.QMPError` with QEMU's message text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from blockd.block.stats import Stats
+
+if TYPE_CHECKING:
+    from blockd.block.graph import OpenContext
+
+
+class Perm(enum.IntFlag):
+    """Permissions a parent takes on a child, as in QEMU's block layer.
+
+    The lock bytes of the ``file`` driver are numbered by these bits, so
+    the order matters for interoperability with QEMU processes.
+    """
+
+    CONSISTENT_READ = 0x1
+    WRITE = 0x2
+    WRITE_UNCHANGED = 0x4
+    RESIZE = 0x8
+
+    @classmethod
+    def all(cls) -> "Perm":
+        return cls(0xF)
+
+
+PERM_NAMES = {
+    Perm.CONSISTENT_READ: "consistent read",
+    Perm.WRITE: "write",
+    Perm.WRITE_UNCHANGED: "write unchanged",
+    Perm.RESIZE: "resize",
+}
+
+
+def perm_names(perm: int) -> str:
+    """Comma-separated permission names in bit order, as QEMU prints them."""
+    return ", ".join(name for bit, name in PERM_NAMES.items() if perm & bit)
+
+
+class WriteFlags(enum.IntFlag):
+    """Flags on write-type requests."""
+
+    NONE = 0
+    FUA = 0x1  # force unit access: durable before completion
+    MAY_UNMAP = 0x2  # write-zeroes may deallocate (punch a hole)
+    NO_FALLBACK = 0x4  # write-zeroes must be fast or fail with ENOTSUP
+
+
+class Status(enum.IntFlag):
+    """Block status of a range, as ``BDRV_BLOCK_*``."""
+
+    NONE = 0
+    DATA = 0x1  # reads return data stored at this layer or below
+    ZERO = 0x2  # reads return zeroes
+    ALLOCATED = 0x4  # the content is decided at this layer (not backing)
+    RECURSE = 0x8  # ask the child at the returned offset
+
+
+@dataclasses.dataclass
+class Extent:
+    """Result of :meth:`BlockNode.block_status`: a run of equal status.
+
+    ``offset`` is where the range lives in ``child`` when the driver knows
+    (a protocol offset for qcow2 data clusters); ``None`` otherwise.
+    """
+
+    length: int
+    status: Status
+    offset: int | None = None
+    child: "BlockNode | None" = None
+
+
+@dataclasses.dataclass(eq=False)
+class ChildLink:
+    """One edge of the graph: ``parent`` uses ``child`` in ``role``.
+
+    ``perm`` is what the parent needs of the child, ``shared`` what it
+    lets others do at the same time.  A parent may be a node, an export
+    or a job; ``describe()`` gives the phrase QEMU uses in permission
+    errors ("node 'fmt0'", "export 'exp0'"...).
+    """
+
+    parent: Any
+    child: "BlockNode"
+    role: str
+    perm: Perm = Perm(0)
+    shared: Perm = Perm.all()
+
+
+class BlockNode:
+    """Base class of every driver's nodes.
+
+    Subclasses set :attr:`driver`, implement :meth:`open` and the data
+    path.  The graph owns naming, permissions and lifetime; drivers only
+    ask it for children through the :class:`OpenContext`.
+    """
+
+    driver: ClassVar[str] = ""
+    #: Format drivers interpret their ``file`` child; filters pass through.
+    is_format: ClassVar[bool] = False
+    is_filter: ClassVar[bool] = False
+    #: Protocol drivers (file, null-co) own the storage.
+    is_protocol: ClassVar[bool] = False
+
+    def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
+        self.node_name = node_name
+        self.options = options
+        self.read_only = read_only
+        self.children: dict[str, ChildLink] = {}
+        self.parents: list[ChildLink] = []
+        #: Perm/shared that parents of this node currently hold (cumulative).
+        self.cumulative_perm = Perm(0)
+        self.cumulative_shared = Perm.all()
+        #: ``query-blockstats`` counters, kept by the backends that use the node.
+        self.stats = Stats()
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def open(self, ctx: "OpenContext") -> None:
+        """Open the node from ``self.options`` (validated ``blockdev-add`` options).
+
+        Children are opened and attached through ``ctx.open_child`` so the
+        graph can check permissions before the driver reads anything.
+        """
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Flush what is cached and release resources (children are closed by the graph)."""
+
+    # ---- data path -------------------------------------------------------
+
+    def length(self) -> int:
+        """Current size in bytes."""
+        raise NotImplementedError
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        raise OSError(95, "Operation not supported")
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview,
+                    flags: WriteFlags = WriteFlags.NONE) -> None:
+        raise OSError(95, "Operation not supported")
+
+    async def write_zeroes(self, offset: int, length: int,
+                           flags: WriteFlags = WriteFlags.NONE) -> None:
+        """Default: write a buffer of zeroes (drivers override to do better)."""
+        if flags & WriteFlags.NO_FALLBACK:
+            raise OSError(95, "Operation not supported")
+        step = 1 << 20
+        while length > 0:
+            n = min(step, length)
+            await self.write(offset, bytes(n), flags & WriteFlags.FUA)
+            offset += n
+            length -= n
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Default: discard is advisory, so doing nothing is correct."""
+
+    async def flush(self) -> None:
+        for link in self.children.values():
+            await link.child.flush()
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        """Status of the run starting at ``offset`` (at most ``length`` bytes)."""
+        return Extent(length, Status.DATA | Status.ALLOCATED)
+
+    async def truncate(self, size: int, exact: bool = False,
+                       prealloc: str = "off") -> None:
+        raise OSError(95, "Operation not supported")
+
+    # ---- permissions -----------------------------------------------------
+
+    def child_perm(self, role: str) -> tuple[Perm, Perm]:
+        """Permissions this node needs on its child in ``role``.
+
+        The defaults follow QEMU's: a filter passes its parents' needs
+        through; a format node reads its storage consistently, writes it
+        when the node is writable (metadata may change at any time), and
+        lets nobody else write or resize it unless ``force-share`` is set.
+        """
+        perm, shared = self.cumulative_perm, self.cumulative_shared
+        if self.is_filter:
+            return perm, shared
+        if role == "backing":
+            # Backing files are only read; others may write them only if
+            # our parents tolerate changing data.
+            bshared = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+            if shared & Perm.WRITE:
+                bshared |= Perm.WRITE | Perm.RESIZE
+            return perm & Perm.CONSISTENT_READ, bshared
+        perm = Perm.CONSISTENT_READ
+        if not self.read_only:
+            perm |= Perm.WRITE | Perm.RESIZE
+        if self.options.get("force-share"):
+            return perm, Perm.all()
+        return perm, shared & ~(Perm.WRITE | Perm.RESIZE)
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        """Called when the cumulative permissions change (the file driver locks)."""
+
+    def check_perm(self, perm: Perm, shared: Perm) -> None:
+        """Raise QMPError if ``perm``/``shared`` cannot be taken (e.g. image locks)."""
+
+    # ---- reopen ----------------------------------------------------------
+
+    async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
+        """Check a reopen with new options; return state for commit.
+
+        Raise QMPError if an option cannot change.  Nothing may change
+        visibly until :meth:`reopen_commit`.
+        """
+        return None
+
+    async def reopen_commit(self, state: Any, options: dict[str, Any], read_only: bool) -> None:
+        self.options = options
+        self.read_only = read_only
+
+    async def reopen_abort(self, state: Any) -> None:
+        """Undo what prepare did."""
+
+    # ---- queries ---------------------------------------------------------
+
+    @property
+    def file(self) -> "BlockNode | None":
+        link = self.children.get("file")
+        return link.child if link else None
+
+    @property
+    def backing(self) -> "BlockNode | None":
+        link = self.children.get("backing")
+        return link.child if link else None
+
+    def filename(self) -> str:
+        """The name QEMU shows as ``file``/``filename`` for this node."""
+        f = self.file
+        return f.filename() if f else ""
+
+    def format_specific(self) -> dict[str, Any] | None:
+        """``ImageInfoSpecific`` for ``query-named-block-nodes``, if any."""
+        return None
+
+    def cluster_size(self) -> int | None:
+        return None
+
+    def has_info(self) -> bool:
+        """Whether the driver reports image details (``dirty-flag`` appears then)."""
+        return True
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """Internal snapshots (``SnapshotInfo`` list); only qcow2 has them."""
+        return []
+
+    def dirty_bitmaps_info(self) -> list[dict[str, Any]]:
+        """``BlockDirtyInfo`` of the node's dirty bitmaps."""
+        return []
+
+    def is_dirty(self) -> bool:
+        return False
+
+    def encrypted(self) -> bool:
+        return False
+
+    def allocated_file_size(self) -> int | None:
+        """Bytes the storage really uses (``actual-size``)."""
+        f = self.file
+        return f.allocated_file_size() if f else None
+
+    def backing_filename(self) -> str | None:
+        return None
+
+    def backing_format(self) -> str | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.node_name!r}>"

@@ -1,0 +1,7 @@
+"""QMP command handlers, one module per concern.
+
+Importing this package registers every command with
+:mod:`blockd.qmp.registry`.
+"""
+
+from blockd.commands import block, core, jobs, objects  # noqa: F401

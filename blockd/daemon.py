@@ -1,0 +1,61 @@
+"""The daemon's state: everything a QMP command may act on.
+
+One :class:`Daemon` exists per process.  Command handlers receive it and
+reach the node graph, the secret objects, the NBD server, exports and
+jobs through it; events go out through :meth:`Daemon.emit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable
+
+from blockd.block.graph import BlockGraph
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+class Daemon:
+    def __init__(self) -> None:
+        from blockd.objects import ObjectStore
+
+        self.objects = ObjectStore()
+        self.graph = BlockGraph(self.objects.secret_bytes)
+        #: Set by nbd-server-start (blockd.nbd.server.NBDServer).
+        self.nbd: Any = None
+        #: Block exports by id (blockd.exports.Export).
+        self.exports: dict[str, Any] = {}
+        #: Jobs by id (blockd.jobs.Job).
+        self.jobs: dict[str, Any] = {}
+        self._sinks: list[EventSink] = []
+        #: Set when a client ran ``quit`` or a signal arrived; the main loop waits on it.
+        self.quit_requested = asyncio.Event()
+
+    def request_quit(self) -> None:
+        self.quit_requested.set()
+
+    def subscribe(self, sink: EventSink) -> Callable[[], None]:
+        """Deliver every event to ``sink``; returns the unsubscribe function."""
+        self._sinks.append(sink)
+        return lambda: self._sinks.remove(sink)
+
+    def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
+        """Broadcast an event to every negotiated QMP client."""
+        now = time.time()
+        msg: dict[str, Any] = {"event": event}
+        if data is not None:
+            msg["data"] = data
+        sec = int(now)
+        msg["timestamp"] = {"seconds": sec, "microseconds": int((now - sec) * 1_000_000)}
+        for sink in list(self._sinks):
+            sink(msg)
+
+    async def shutdown(self) -> None:
+        """Stop serving and close every node cleanly (flushes)."""
+        if self.nbd is not None:
+            await self.nbd.stop()
+            self.nbd = None
+        for export in list(self.exports.values()):
+            await export.delete()
+        await self.graph.close_all()

@@ -1,0 +1,37 @@
+"""Block drivers, one package or module per driver.
+
+The registry maps QEMU's driver names to classes, imported on first use
+so that starting the daemon does not load every driver.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from blockd.block.node import BlockNode
+from blockd.errors import QMPError
+
+_DRIVERS: dict[str, str] = {
+    "file": "blockd.drivers.file:FileNode",
+    "raw": "blockd.drivers.raw:RawNode",
+    "null-co": "blockd.drivers.null:NullNode",
+    "blkdebug": "blockd.drivers.blkdebug:BlkdebugNode",
+    "qcow2": "blockd.drivers.qcow2.driver:Qcow2Node",
+    "luks": "blockd.drivers.luks:LuksNode",
+}
+
+
+def driver_names() -> list[str]:
+    return list(_DRIVERS)
+
+
+def driver_class(name: str) -> type[BlockNode]:
+    """The node class for ``driver`` (schema validation has vetted the name)."""
+    target = _DRIVERS.get(name)
+    if target is None:
+        raise QMPError(f"Parameter 'driver' does not accept value '{name}'")
+    module, _, attr = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError:
+        raise QMPError(f"Driver '{name}' is not available") from None

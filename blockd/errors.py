@@ -1,0 +1,31 @@
+"""Errors that travel back to a QMP client.
+
+QEMU reports almost every failure as class ``GenericError`` with a
+human-readable ``desc``; a few situations use a dedicated class.  Code
+anywhere in the daemon raises :class:`QMPError` and the dispatcher turns
+it into the wire reply, so handlers never build error dicts by hand.
+"""
+
+from __future__ import annotations
+
+
+class QMPError(Exception):
+    """A failure to report to the client as ``{"error": {class, desc}}``."""
+
+    def __init__(self, desc: str, cls: str = "GenericError") -> None:
+        super().__init__(desc)
+        self.desc = desc
+        self.cls = cls
+
+    def __str__(self) -> str:
+        return self.desc
+
+
+class CommandNotFound(QMPError):
+    def __init__(self, desc: str) -> None:
+        super().__init__(desc, "CommandNotFound")
+
+
+class DeviceNotFound(QMPError):
+    def __init__(self, desc: str) -> None:
+        super().__init__(desc, "DeviceNotFound")

@@ -1,0 +1,1 @@
+"""QMP: the wire protocol and the dispatcher."""

@@ -1,0 +1,217 @@
+"""QMP monitors on sockets and stdio, many clients each.
+
+QEMU serves one client per monitor socket; blockd accepts any number,
+each with its own negotiation state and in-order command queue, while
+events go to every negotiated client.  A client that stops reading is
+disconnected once its unsent output passes a limit, and a client that
+floods stops being read while its queue is full, so neither can starve
+the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import stat
+import sys
+from typing import Any, Callable
+
+import blockd
+from blockd.qmp.dispatch import Dispatcher, Request, SessionState, error_reply, parse_request
+from blockd.qmp.json import JSONStreamer, encode
+
+log = logging.getLogger(__name__)
+
+#: In-band requests queued per client before we stop reading its socket.
+QUEUE_MAX = 8
+#: Unsent output (bytes) after which a client that does not read is dropped.
+OUTPUT_MAX = 64 << 20
+
+
+def greeting(oob: bool) -> dict[str, Any]:
+    major, minor, micro = blockd.QEMU_VERSION
+    return {"QMP": {"version": {"qemu": {"major": major, "minor": minor, "micro": micro},
+                                "package": f"blockd {blockd.__version__}"},
+                    "capabilities": ["oob"] if oob else []}}
+
+
+class ClientSession(asyncio.Protocol):
+    """One connected QMP client."""
+
+    def __init__(self, dispatcher: Dispatcher, *, pretty: bool = False, oob: bool = True,
+                 on_close: Callable[["ClientSession"], None] | None = None) -> None:
+        self.dispatcher = dispatcher
+        self.pretty = pretty
+        self.oob_capable = oob
+        self.state = SessionState()
+        self.streamer = JSONStreamer()
+        self.queue: collections.deque[Request | dict[str, Any]] = collections.deque()
+        self.wakeup = asyncio.Event()
+        self.transport: asyncio.BaseTransport | None = None
+        self.writer: Any = None
+        self.worker: asyncio.Task[None] | None = None
+        self.oob_tasks: set[asyncio.Task[None]] = set()
+        self.unsubscribe: Callable[[], None] | None = None
+        self.paused = False
+        self.closed = False
+        self.on_close = on_close
+
+    # ---- transport callbacks ----------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        if self.writer is None:
+            self.writer = transport
+        self.send(greeting(self.oob_capable))
+        self.worker = asyncio.get_running_loop().create_task(self._work())
+
+    def data_received(self, data: bytes) -> None:
+        for value, err in self.streamer.feed(data):
+            self._accept(value, err)
+
+    def eof_received(self) -> bool | None:
+        for value, err in self.streamer.end():
+            self._accept(value, err)
+        self.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close()
+
+    # ---- requests ---------------------------------------------------------
+
+    def _accept(self, value: Any, err: str | None) -> None:
+        if self.closed:
+            return
+        if err is not None:
+            self._enqueue(error_reply(err))
+            return
+        req = parse_request(value, self.state)
+        if isinstance(req, Request) and req.oob:
+            self._run_oob(req)
+        else:
+            self._enqueue(req)
+
+    def _enqueue(self, item: Request | dict[str, Any]) -> None:
+        self.queue.append(item)
+        self.wakeup.set()
+        if len(self.queue) >= QUEUE_MAX and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _run_oob(self, req: Request) -> None:
+        pre = self.dispatcher.precheck(req, self.state)
+        if pre is not None:
+            self.send(pre)
+            return
+        task = asyncio.get_running_loop().create_task(self._finish(req))
+        self.oob_tasks.add(task)
+        task.add_done_callback(self.oob_tasks.discard)
+
+    async def _finish(self, req: Request) -> None:
+        reply = await self.dispatcher.run(req, self.state)
+        self.send(reply)
+        if req.name == "quit" and "return" in reply:
+            self.dispatcher.daemon.request_quit()
+
+    async def _work(self) -> None:
+        """Run in-band requests one after another, in arrival order."""
+        while not self.closed:
+            if not self.queue:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            item = self.queue.popleft()
+            if self.paused and len(self.queue) < QUEUE_MAX // 2 and self.transport is not None:
+                self.paused = False
+                self.transport.resume_reading()
+            if not isinstance(item, Request):
+                self.send(item)
+                continue
+            pre = self.dispatcher.precheck(item, self.state)
+            if pre is not None:
+                self.send(pre)
+                continue
+            await self._finish(item)
+            if item.name == "qmp_capabilities" and self.state.negotiated and self.unsubscribe is None:
+                self.unsubscribe = self.dispatcher.daemon.subscribe(self.send)
+
+    # ---- output -----------------------------------------------------------
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.closed or self.writer is None:
+            return
+        text = encode(msg, pretty=self.pretty).replace("\n", "\r\n") + "\r\n"
+        self.writer.write(text.encode("utf-8"))
+        if self.writer.get_write_buffer_size() > OUTPUT_MAX:
+            log.warning("QMP client does not read its replies; disconnecting it")
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.wakeup.set()
+        if self.unsubscribe is not None:
+            self.unsubscribe()
+        for task in self.oob_tasks:
+            task.cancel()
+        for t in {self.transport, self.writer}:
+            if t is not None:
+                t.close()
+        if self.on_close is not None:
+            self.on_close(self)
+
+
+class Monitor:
+    """A listening QMP endpoint (unix or TCP socket) or the stdio monitor."""
+
+    def __init__(self, dispatcher: Dispatcher, *, pretty: bool = False) -> None:
+        self.dispatcher = dispatcher
+        self.pretty = pretty
+        self.server: asyncio.base_events.Server | None = None
+        self.sessions: set[ClientSession] = set()
+        self.path: str | None = None
+
+    def _session(self, oob: bool = True) -> ClientSession:
+        session = ClientSession(self.dispatcher, pretty=self.pretty, oob=oob,
+                                on_close=self.sessions.discard)
+        self.sessions.add(session)
+        return session
+
+    async def listen_unix(self, path: str) -> None:
+        """Listen on a unix socket created with mode 0600 (only our user connects)."""
+        if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+        old = os.umask(0o177)
+        try:
+            self.server = await asyncio.get_running_loop().create_unix_server(self._session, path)
+        finally:
+            os.umask(old)
+        self.path = path
+
+    async def listen_tcp(self, host: str, port: int) -> None:
+        self.server = await asyncio.get_running_loop().create_server(
+            self._session, host, port, family=socket.AF_UNSPEC, reuse_address=True)
+
+    async def attach_stdio(self) -> None:
+        """Serve one client on stdin/stdout (no OOB, as QEMU's stdio chardev)."""
+        loop = asyncio.get_running_loop()
+        session = self._session(oob=False)
+        wtransport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(os.dup(sys.stdout.fileno()), "wb"))
+        session.writer = wtransport
+        await loop.connect_read_pipe(lambda: session, os.fdopen(os.dup(sys.stdin.fileno()), "rb"))
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for session in list(self.sessions):
+            session.close()
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,6 @@
+"""Make the shared harness importable and keep tests off the real environment."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -1,0 +1,121 @@
+"""Start blockd or qemu-storage-daemon and talk raw QMP to it.
+
+Shared by the pytest suite and the iotests so both drive the daemon the
+same way.  The client reads reply lines verbatim, so tests can compare
+bytes with QEMU's, not just parsed values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+HAVE_QSD = shutil.which("qemu-storage-daemon") is not None
+
+
+class Daemon:
+    """A daemon process with a QMP monitor on a unix socket."""
+
+    def __init__(self, sock_path: str, *args: str, qsd: bool = False, pretty: bool = False) -> None:
+        self.sock_path = sock_path
+        cmd = ["qemu-storage-daemon"] if qsd else [sys.executable, "-m", "blockd.cli"]
+        monitor = "chardev=m" + (",pretty=on" if pretty else "")
+        cmd += ["--chardev", f"socket,id=m,path={sock_path},server=on,wait=off",
+                "--monitor", monitor, *args]
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock_path):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("daemon did not create its socket")
+            time.sleep(0.02)
+        self.clients: list[Client] = []
+
+    def client(self, negotiate: bool = True) -> "Client":
+        c = Client(self.sock_path)
+        if negotiate:
+            c.cmd("qmp_capabilities")
+        self.clients.append(c)
+        return c
+
+    def stop(self) -> int:
+        for c in self.clients:
+            c.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> "Daemon":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class Client:
+    """A raw QMP connection."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.buf = b""
+        self.greeting = self.recv()
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def recv_line(self, timeout: float = 10.0) -> bytes:
+        """One reply line, including its CRLF."""
+        self.sock.settimeout(timeout)
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line + b"\n"
+
+    def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        return json.loads(self.recv_line(timeout))
+
+    def lines_until_quiet(self, quiet: float = 0.3) -> list[bytes]:
+        """Every line that arrives until nothing comes for ``quiet`` seconds."""
+        out = []
+        while True:
+            try:
+                out.append(self.recv_line(quiet))
+            except (socket.timeout, TimeoutError, EOFError, ConnectionResetError):
+                return out
+
+    def cmd(self, name: str, **args: Any) -> dict[str, Any]:
+        """Run a command and return its reply, skipping events."""
+        msg: dict[str, Any] = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.send(json.dumps(msg))
+        while True:
+            reply = self.recv()
+            if "event" not in reply:
+                return reply
+
+    def events(self, timeout: float = 0.3) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines_until_quiet(timeout)]
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,180 @@
+"""Differential QMP tests: the same bytes to qemu-storage-daemon and to blockd.
+
+Each session is a list of raw writes.  Both daemons get them, one write
+at a time, and every reply line must be byte-identical once the version
+strings and timestamps are normalised.  Skipped when qemu-storage-daemon
+is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from harness import HAVE_QSD, Daemon
+
+pytestmark = pytest.mark.skipif(not HAVE_QSD, reason="qemu-storage-daemon not installed")
+
+NEG = '{"execute":"qmp_capabilities"}'
+
+
+def _normalise(line: bytes, tmp: str) -> str:
+    """Mask version and time; sort qom-list output (QEMU's order is a GLib hash order)."""
+    text = line.decode("utf-8")
+    if text.startswith('{"return": [{"name": "type", "type": "string"}'):
+        entries = json.loads(text)["return"]
+        text = json.dumps(sorted(entries, key=lambda e: e["name"])) + "\r\n"
+    text = re.sub(r'\{"micro": \d+, "minor": \d+, "major": \d+\}, "package": "[^"]*"', "VERSION", text)
+    text = re.sub(r'"seconds": \d+, "microseconds": \d+', "TIME", text)
+    return text.replace(tmp, "TMP")
+
+
+def _session(daemon: Daemon, writes: list[bytes | str], tmp: str) -> list[str]:
+    client = daemon.client(negotiate=False)
+    out = [_normalise(json.dumps(client.greeting).encode(), tmp)]
+    for data in writes:
+        client.send(data)
+        out += [_normalise(line, tmp) for line in client.lines_until_quiet(0.25)]
+    return out
+
+
+def _both(tmp_path, writes, setup=None) -> tuple[list[str], list[str]]:
+    results = []
+    for qsd in (True, False):
+        work = tmp_path / ("qsd" if qsd else "blockd")
+        work.mkdir()
+        if setup:
+            setup(work)
+        text = [w.replace("TMP", str(work)) if isinstance(w, str) else w for w in writes]
+        with Daemon(str(work / "qmp.sock"), qsd=qsd) as daemon:
+            results.append(_session(daemon, text, str(work)))
+    return results[0], results[1]
+
+
+PROTOCOL = [
+    '{"execute":"query-version"}',
+    '{"execute":"nosuch"}',
+    '{"execute":"qmp_capabilities","arguments":{"enable":["bogus"]}}',
+    '{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}, "id": "neg"}',
+    NEG,
+    '[1]', '{"foo":1}', '{"execute":1}', '{"execute":"query-version","arguments":[]}',
+    '{"execute":"nosuch","id":[1,{"a":null}]}',
+    '{"exec-oob":"query-version","id":5}',
+    '{"execute":"query-version","exec-oob":"x"}',
+    '{"arguments":{}}',
+    '{"execute":"query-version","id":1.5}',
+    '{"execute":"query-version","control":{}}',
+    "{'execute':'query-version', \"id\": 'abc'}",
+    '{"execute":"query-version", "id": "a/b\\u007f\\u0001\\n\\t \\ud83d\\ude00 \\u00e9"}',
+    '{"execute":"query-version","id":[1e5, -0, 12345678901234567890, 1.0, 0.1, true, null, {}, []]}',
+    '}', ']', '{"execute":nonsense}', '{"execute" "x"}', '{"a":1,}', '{1:2}',
+    b'{"execute":"qu\xff"}', b'"\xc3\x28"', '42', '"str"',
+    '{"execute":"query-version"} {"execute":"query-version","id":2}',
+    '{"execute":"query-version",', '"id":"split"}',
+    '{"execute":"query-version","id":"\\q"}',
+    '{"execute":"query-version","id":"\\uD800"}',
+    '{"execute":"query-version","id":1}}',
+    b'{"execute":"query-version","id":"\xc0\x80"}',
+    b'{"execute":"query-version","id":"\xed\xa0\x80"}',
+    '{"execute":"query-version","id":1} junk {"execute":"query-version","id":2}',
+    '[' * 1100 + ']' * 1100,
+    '{"execute":"query-version","arguments":{"x":1}}',
+    '{"execute":"quit","id":"bye"}',
+]
+
+
+def test_protocol_errors_match_qsd(tmp_path):
+    expected, actual = _both(tmp_path, PROTOCOL)
+    assert actual == expected
+
+
+OBJECTS = [
+    NEG,
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"s0","data":"abc"}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"s0","data":"abc"}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"s1","data":"abc!","format":"base64"}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"s2","data":"abc","keyid":"nokey","iv":"AAAA"}}',
+    '{"execute":"object-add","arguments":{"qom-type":"nosuch","id":"a"}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"a"}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"a","data":"x","file":"/etc/hostname"}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"1a","data":"x"}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"b","file":"/nonexist"}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"c","data":"YWJj","format":"base64"}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"d","data":"abc","keyid":"c"}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"e","data":"abc","iv":"AAAA"}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"f","data":5}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"g","data":"x","bogus":1}}',
+    '{"execute":"object-add","arguments":{"id":"h","data":"x"}}',
+    '{"execute":"object-del","arguments":{"id":"nosuch"}}',
+    '{"execute":"qom-list","arguments":{"path":"/objects"}}',
+    '{"execute":"qom-list","arguments":{"path":"/objects/s0"}}',
+    '{"execute":"qom-list","arguments":{"path":"/"}}',
+    '{"execute":"qom-list","arguments":{"path":"/nosuch"}}',
+    '{"execute":"object-del","arguments":{"id":"c"}}',
+    '{"execute":"qom-list","arguments":{"path":"/objects"}}',
+]
+
+
+def test_secret_objects_match_qsd(tmp_path):
+    expected, actual = _both(tmp_path, OBJECTS)
+    assert actual == expected
+
+
+def _images(work) -> None:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(work / "a.raw"), "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(work / "a.qcow2"), "64M"], check=True)
+
+
+BLOCK = [
+    NEG,
+    '{"execute":"blockdev-add","arguments":{"driver":"nosuchdrv","node-name":"x"}}',
+    '{"execute":"blockdev-add","arguments":{"node-name":"x"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"x"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"x","filename":5}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"x","filename":"/nonexist","bogus":1}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"x","filename":"/nonexist"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"x","filename":"TMP/a.raw","read-only":"yes"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"x","filename":"TMP/a.raw","cache":{"direct":1}}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"x","filename":"TMP/a.raw","aio":"bad"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"x","file":{"driver":"file","filename":"TMP/a.raw","locking":"bad"}}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"x","file":5}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"x","file":{"driver":"file"}}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"x","file":"nonode"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"f0","filename":"TMP/a.qcow2"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"q0","file":"f0"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"q1","file":"f0"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"r1","file":"f0"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"q0","file":"f0"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"1bad","file":"f0"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"a$b","file":"f0"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"raw","file":"f0"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"' + "a" * 40 + '","file":"f0"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"r2","file":"f0","detect-zeroes":"unmap"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"r2","file":"f0","force-share":true}}',
+    '{"execute":"blockdev-del","arguments":{"node-name":"f0"}}',
+    '{"execute":"blockdev-del","arguments":{"node-name":"nosuch"}}',
+    '{"execute":"query-named-block-nodes","arguments":{"flat":true}}',
+    '{"execute":"query-block"}',
+    '{"execute":"block_resize","arguments":{"node-name":"x","size":"abc"}}',
+    '{"execute":"block_resize","arguments":{"device":"f0","size":2097152}}',
+    '{"execute":"block_resize","arguments":{"size":2097152}}',
+    '{"execute":"block_resize","arguments":{"node-name":"f0","size":-1}}',
+    '{"execute":"block_resize","arguments":{"node-name":"f0","size":2097152}}',
+    '{"execute":"blockdev-reopen","arguments":{"options":[{"driver":"raw","node-name":"nosuch","file":"f0"}]}}',
+    '{"execute":"blockdev-reopen","arguments":{"options":[{"driver":"raw","file":"f0"}]}}',
+    '{"execute":"blockdev-reopen","arguments":{"options":[{"driver":"raw","node-name":"r1","file":"f0","read-only":3}]}}',
+    '{"execute":"blockdev-del","arguments":{"node-name":"r1"}}',
+    '{"execute":"blockdev-del","arguments":{"node-name":"q0"}}',
+    '{"execute":"blockdev-del","arguments":{"node-name":"f0"}}',
+    '{"execute":"query-named-block-nodes"}',
+]
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
+def test_block_graph_errors_match_qsd(tmp_path):
+    expected, actual = _both(tmp_path, BLOCK, _images)
+    assert actual == expected
