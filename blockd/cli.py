@@ -229,8 +229,13 @@ async def run(options: list[tuple[str, str | None]], ready_fd: int | None = None
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, daemon.request_quit)
     if ready_fd is not None:
+        # Start-up is done: let the parent exit and detach from its terminal.
         os.write(ready_fd, b"\0")
         os.close(ready_fd)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
     await daemon.quit_requested.wait()
     for monitor in launcher.monitors:
         await monitor.close()
@@ -252,9 +257,6 @@ def _daemonize() -> int:
         os._exit(0 if ok else 1)
     os.close(rfd)
     os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):
-        os.dup2(devnull, fd)
     return wfd
 
 

@@ -33,9 +33,17 @@ _SECRET_PROPS = [("type", "string"), ("iv", "string"), ("keyid", "string"), ("lo
                  ("format", "QCryptoSecretFormat"), ("file", "string"), ("data", "string")]
 
 
+_B64 = re.compile(rb"[A-Za-z0-9+/]*=*\Z")
+
+
 def _b64decode(text: str | bytes) -> bytes:
+    """Decode base64 as QEMU does: only the alphabet, padding optional."""
+    data = text.encode() if isinstance(text, str) else text
+    if not _B64.match(data):
+        raise QMPError("Base64 data contains invalid characters")
+    data = data.rstrip(b"=")
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode(data + b"=" * (-len(data) % 4))
     except (binascii.Error, ValueError):
         raise QMPError("Base64 data contains invalid characters") from None
 
@@ -102,25 +110,23 @@ class ObjectStore:
                                f"{exc.strerror}") from None
         else:
             raw = data.encode("utf-8")
-        fmt = args.get("format", "raw")
+        if args.get("format", "raw") == "base64":
+            raw = _b64decode(raw)
         keyid = args.get("keyid")
         if keyid is not None:
             raw = self._decrypt(raw, keyid, args.get("iv"))
-        if fmt == "base64":
-            raw = _b64decode(raw)
         return raw
 
-    def _decrypt(self, ciphertext_b64: bytes, keyid: str, iv_b64: str | None) -> bytes:
+    def _decrypt(self, ciphertext: bytes, keyid: str, iv_b64: str | None) -> bytes:
         """AES-256-CBC with PKCS#7 padding under another secret's key, as QEMU does."""
         key = self.secret_bytes(keyid)
         if len(key) != 32:
-            raise QMPError(f"Key should be 32 bytes in length")
+            raise QMPError("Key should be 32 bytes in length")
         if iv_b64 is None:
             raise QMPError("IV is required to decrypt secret")
         iv = _b64decode(iv_b64)
         if len(iv) != 16:
             raise QMPError(f"IV should be 16 bytes in length not {len(iv)}")
-        ciphertext = _b64decode(ciphertext_b64)
         if not ciphertext or len(ciphertext) % 16:
             raise QMPError(f"Length {len(ciphertext)} must be a multiple of block size 16")
         dec = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor()

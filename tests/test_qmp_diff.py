@@ -116,6 +116,24 @@ OBJECTS = [
     '{"execute":"qom-list","arguments":{"path":"/nosuch"}}',
     '{"execute":"object-del","arguments":{"id":"c"}}',
     '{"execute":"qom-list","arguments":{"path":"/objects"}}',
+    # Secrets encrypted under another secret's AES-256 key.
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"k0","format":"base64",'
+    '"data":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"x1","keyid":"k0",'
+    '"iv":"EBESExQVFhcYGRobHB0eHw==","data":"6Wa7U58YUl+hc//5rSKPgA=="}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"x2","keyid":"k0","format":"base64",'
+    '"iv":"EBESExQVFhcYGRobHB0eHw==","data":"VM0Fc81YkYR3r8wCJFKSXg=="}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"x3","keyid":"k0","data":"6Wa7U58YUl+hc//5rSKPgA=="}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"x4","keyid":"k0","iv":"AAAA",'
+    '"data":"6Wa7U58YUl+hc//5rSKPgA=="}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"x5","keyid":"k0",'
+    '"iv":"EBESExQVFhcYGRobHB0eHw==","data":"AAAA"}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"x6","keyid":"k0",'
+    '"iv":"EBESExQVFhcYGRobHB0eHw==","data":"not base64!"}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"x7","keyid":"x1",'
+    '"iv":"EBESExQVFhcYGRobHB0eHw==","data":"6Wa7U58YUl+hc//5rSKPgA=="}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"x8","format":"base64","data":"YWJ"}}',
+    '{"execute":"object-add","arguments":{"qom-type":"secret","id":"x9","format":"hex","data":"YWJ"}}',
 ]
 
 

@@ -8,7 +8,6 @@ is installed, and demand identical replies.
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
 import socket
@@ -260,6 +259,23 @@ def test_chunking_never_changes_the_result() -> None:
         assert [(repr(v), d) for v, d in whole] == [(repr(v), d) for v, d in split], data
 
 
+def test_whole_messages_parse_exactly_like_byte_by_byte() -> None:
+    """Messages that arrive whole go through json's C scanner only when
+    that cannot differ from QEMU; these must all fall back correctly."""
+    cases = [
+        b'{"a": "\xc3\xa9"}', b'{"a": "\xc0\x80"}', b'{"a": "\xef\xbf\xbe"}', b'{"a": "\\u00e9\\ud800"}',
+        b'{"a": 18446744073709551616}', b'{"a": -9223372036854775809}', b'{"a": 1' + b"0" * 5000 + b"}",
+        b'{"a": NaN}', b'{"a": Infinity}', b'{"a": -Infinity}', b'{"a": 1, "a": 1}', b"{'a': 1}",
+        b"[" * 1025 + b"]" * 1025, b'{"a":' * 1025 + b"1" + b"}" * 1025, b'{"a": 01}', b'{"a": 1.}',
+    ]
+    for data in cases:
+        assert parse(data + b"\n") == parse(*(data[i:i + 1] for i in range(len(data))), b"\n"), data
+    assert parse(b'{"a": NaN}') == [(None, PE + "stray 'N'"), (None, PE + "expecting value")]
+    assert parse(b'{"a": -Infinity}\n') == [(None, PE + "stray '-I'"), (None, PE + "expecting value")]
+    assert parse(b"[" * 1025 + b"]" * 1025) == (
+        [(None, "JSON nesting depth limit exceeded")] + [(None, PE + "expecting value")] * 1025)
+
+
 # ---- limits ----------------------------------------------------------------
 
 
@@ -398,6 +414,24 @@ def test_encode_dicts_in_qdict_order() -> None:
     assert qdict_keys({"qemu": 1, "package": 2}) == ["qemu", "package"]
     assert qdict_keys({"version": 1, "capabilities": 2}) == ["version", "capabilities"]
     assert encode([]) == "[]" and encode({}) == "{}" and encode([1, [2, {}]]) == "[1, [2, {}]]"
+
+
+def test_qdict_keys_follows_tdb_hash() -> None:
+    def bucket(key: str) -> int:
+        raw = key.encode("utf-8").replace(b"\0", b"\xc0\x80")
+        value = 0x238F13AF * len(raw) & 0xFFFFFFFF
+        for i, c in enumerate(raw):
+            value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
+        return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
+
+    rnd = random.Random(99)
+    alphabet = "abcdefghijklmnopqrstuvwxyz-_0\0\u00e9\u20ac\U0001f600"
+    for _ in range(200):
+        keys = list({"".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 80))) for _ in range(30)})
+        expected = sorted(range(len(keys)), key=lambda i: (bucket(keys[i]), -i))
+        assert qdict_keys(dict.fromkeys(keys)) == [keys[i] for i in expected]
+    long_key = "x" * 100000
+    assert qdict_keys({long_key: 1, "a": 2}) == sorted([long_key, "a"], key=bucket)
 
 
 def test_encode_pretty() -> None:

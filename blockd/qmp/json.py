@@ -106,7 +106,7 @@ _TOKEN = re.compile(rb"""
       | ([a-z]++(?=[^a-z]))
       | ()
     )""", re.VERBOSE)
-_NO_TOKEN = 6
+_PUNCT_GROUP, _NO_TOKEN = 1, 6
 _GROUP_KIND = {2: _STRING, 3: _INTEGER, 4: _FLOAT, 5: _KEYWORD}
 _WHITESPACE = re.compile(r"[ \t\r\n]*")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
@@ -227,10 +227,8 @@ def _decode_plain(raw: bytes) -> str:
         # The one overlong form QEMU accepts: C0 80 for U+0000.  C0 can
         # only ever start a sequence, so replacing the pair is exact.
         try:
-            text = raw.replace(b"\xc0\x80", b"\0").decode("utf-8") if b"\xc0\x80" in raw else None
+            text = raw.replace(b"\xc0\x80", b"\0").decode("utf-8")
         except UnicodeDecodeError:
-            text = None
-        if text is None:
             raise _ParseError("invalid UTF-8 sequence in string") from None
     if _NONCHARACTER.search(text):
         raise _ParseError("invalid UTF-8 sequence in string")
@@ -333,8 +331,7 @@ class JSONStreamer:
 
     def __init__(self) -> None:
         self._lex = _START
-        self._tok: list[bytes] = []
-        self._toklen = 0
+        self._tok = bytearray()  # the token being lexed
         self._out: list[Message] = []
         self._reset()
 
@@ -374,7 +371,7 @@ class JSONStreamer:
             group = m.lastindex
             start = m.start(group)
             pos = m.end()
-            if group == 1:
+            if group == _PUNCT_GROUP:
                 kind = _STRUCTURAL[data[start]]
                 if not self._count and (kind == _LCURLY or kind == _LSQUARE):
                     if text is None:
@@ -392,8 +389,7 @@ class JSONStreamer:
             elif start < n:
                 # A token the regex cannot finish here: the byte-level table.
                 action, state = _FIRST[data[start]]
-                self._tok = [data[start:start + 1]]
-                self._toklen = 1
+                self._tok.append(data[start])
                 pos = start + 1
                 if action == _ERR:
                     self._stray()
@@ -440,15 +436,13 @@ class JSONStreamer:
             m = run.match(data, pos)
             if m:
                 end = m.end()
-                room = self.MAX_TOKEN_SIZE + 1 - self._toklen
+                room = self.MAX_TOKEN_SIZE + 1 - len(self._tok)
                 if end - pos >= room:
                     # QEMU gives up on a token the byte it grows too long.
-                    self._tok.append(data[pos:pos + room])
-                    self._toklen += room
+                    self._tok += data[pos:pos + room]
                     self._check_token_size()
                     return pos + room
-                self._tok.append(data[pos:end])
-                self._toklen += end - pos
+                self._tok += data[pos:end]
                 pos = end
                 if pos == len(data):
                     return pos
@@ -456,8 +450,7 @@ class JSONStreamer:
         if action == _AHEAD:
             self._emit_token(arg)
             return pos
-        self._tok.append(data[pos:pos + 1])
-        self._toklen += 1
+        self._tok.append(data[pos])
         if action == _GO:
             self._lex = arg
             self._check_token_size()
@@ -469,24 +462,21 @@ class JSONStreamer:
 
     def _check_token_size(self) -> None:
         """Abandon a token that outgrew the limit; lexing restarts after it."""
-        if self._toklen > self.MAX_TOKEN_SIZE:
-            self._tok = []
-            self._toklen = 0
+        if len(self._tok) > self.MAX_TOKEN_SIZE:
+            self._tok.clear()
             self._lex = _START
             self._fail("JSON token size limit exceeded")
 
     def _emit_token(self, kind: int) -> None:
-        token = b"".join(self._tok)
-        self._tok = []
-        self._toklen = 0
+        token = bytes(self._tok)
+        self._tok.clear()
         self._lex = _START
         self._push(kind, token)
 
     def _stray(self) -> None:
         """Report a lexical error; the lexer then resynchronises."""
-        token = b"".join(self._tok)
-        self._tok = []
-        self._toklen = 0
+        token = bytes(self._tok)
+        self._tok.clear()
         self._lex = _RECOVER
         self._fail(f"JSON parse error, stray '{_render(_c_string(token))}'")
 
@@ -639,13 +629,17 @@ class JSONStreamer:
 _QDICT_BUCKETS = 512
 
 
-@functools.lru_cache(maxsize=4096)
 def _bucket(key: str) -> int:
-    """The QDict hash bucket of key (QEMU's tdb_hash over its C string)."""
+    """The QDict hash bucket of key (QEMU's tdb_hash over its C string).
+
+    The hash adds byte i shifted left by i * 5 % 24, a pattern that
+    repeats every 24 bytes, so whole strided slices can be summed at
+    once; keys from clients may be megabytes long.
+    """
     raw = _qemu_bytes(key)
-    value = 0x238F13AF * len(raw) & 0xFFFFFFFF
-    for i, c in enumerate(raw):
-        value = value + (c << (i * 5 % 24)) & 0xFFFFFFFF
+    value = 0x238F13AF * len(raw)
+    for phase in range(min(24, len(raw))):
+        value += sum(raw[phase::24]) << (phase * 5 % 24)
     return (1103515243 * value + 12345 & 0xFFFFFFFF) % _QDICT_BUCKETS
 
 
@@ -657,10 +651,30 @@ def qdict_keys(d: dict[str, Any]) -> list[str]:
     QEMU prints and visits members in this order, so replies and the
     order of its checks depend on it.
     """
-    if len(d) < 2:
-        return list(d)
-    order = sorted((_bucket(k), -i, k) for i, k in enumerate(d))
-    return [k for _, _, k in order]
+    return list(_qdict_order(tuple(d)))
+
+
+# The encoder's caches only take short keys: replies repeat the same few
+# over and over, while long ones may come from a client and pin memory.
+_CACHEABLE_KEY = 64
+_CACHEABLE_KEYS = 1024
+
+
+def _qdict_order(keys: tuple[str, ...]) -> tuple[str, ...]:
+    if not all(isinstance(key, str) for key in keys):
+        raise TypeError("QMP JSON object keys must be strings")
+    if len(keys) < 2:
+        return keys
+    if sum(map(len, keys)) <= _CACHEABLE_KEYS:
+        return _cached_order(keys)
+    return _hash_order(keys)
+
+
+def _hash_order(keys: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(k for _, _, k in sorted((_bucket(k), -i, k) for i, k in enumerate(keys)))
+
+
+_cached_order = functools.lru_cache(maxsize=1024)(_hash_order)
 
 
 _ESCAPE = re.compile('[\x00-\x1f"\\\\\x7f-\U0010ffff]')
@@ -681,9 +695,21 @@ def _escape_char(m: re.Match[str]) -> str:
 
 def _encode_str(text: str) -> str:
     """A JSON string as QEMU prints it: pure ASCII, \\u escapes in upper case."""
+    if not _ESCAPE.search(text):
+        return '"' + text + '"'
     if _UNPRINTABLE.search(text):
         text = _render(_qemu_bytes(text))
     return '"' + _ESCAPE.sub(_escape_char, text) + '"'
+
+
+def _member(key: str) -> str:
+    """The text before a member's value."""
+    return _cached_member(key) if len(key) <= _CACHEABLE_KEY else _encode_str(key) + ": "
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_member(key: str) -> str:
+    return _encode_str(key) + ": "
 
 
 def _encode_float(value: float) -> str:
@@ -694,19 +720,23 @@ def _encode_float(value: float) -> str:
 
 
 def _encode_scalar(obj: object) -> str:
-    if isinstance(obj, str):
-        return _encode_str(obj)
-    if obj is None:
-        return "null"
-    if obj is True:
-        return "true"
-    if obj is False:
-        return "false"
-    if isinstance(obj, int):
-        return str(int(obj))
-    if isinstance(obj, float):
-        return _encode_float(obj)
+    encoder = _SCALAR_ENCODERS.get(type(obj))
+    if encoder is not None:
+        return encoder(obj)
+    # Subclasses (enums, mostly) print as their base type.
+    for base in (bool, int, float, str):
+        if isinstance(obj, base):
+            return _SCALAR_ENCODERS[base](base(obj))  # type: ignore[arg-type]
     raise TypeError(f"cannot encode {type(obj).__name__} as QMP JSON")
+
+
+_SCALAR_ENCODERS: dict[type, Any] = {
+    str: _encode_str,
+    int: int.__repr__,
+    float: _encode_float,
+    bool: lambda value: "true" if value else "false",
+    type(None): lambda value: "null",
+}
 
 
 def encode(obj: object, pretty: bool = False) -> str:
@@ -721,7 +751,8 @@ def encode(obj: object, pretty: bool = False) -> str:
         return _encode_scalar(obj)
     out: list[str] = []
     comma = "," if pretty else ", "
-    # Work stack: finished text, or a (container, depth) still to expand.
+    # Work stack, last item first: finished text, or a (container, depth)
+    # still to expand.
     work: list[str | tuple[Any, int]] = [(obj, 0)]
     while work:
         item = work.pop()
@@ -730,28 +761,20 @@ def encode(obj: object, pretty: bool = False) -> str:
             continue
         container, depth = item
         inner = "\n" + "    " * (depth + 1) if pretty else ""
-        pending: list[str | tuple[Any, int]]
+        work.append(("\n" + "    " * depth if pretty else "") + ("}" if isinstance(container, dict) else "]"))
         if isinstance(container, dict):
-            if not all(isinstance(key, str) for key in container):
-                raise TypeError("QMP JSON object keys must be strings")
-            pending = ["{"]
-            for n, key in enumerate(qdict_keys(container)):
-                pending.append((comma if n else "") + inner + _encode_str(key) + ": ")
-                pending.append(_child(container[key], depth + 1))
-            closer = "}"
+            members = [(_member(key), container[key]) for key in _qdict_order(tuple(container))]
+            opener = "{"
         else:
-            pending = ["["]
-            for n, element in enumerate(container):
-                pending.append((comma if n else "") + inner)
-                pending.append(_child(element, depth + 1))
-            closer = "]"
-        pending.append(("\n" + "    " * depth if pretty else "") + closer)
-        work.extend(reversed(pending))
+            members = [("", value) for value in container]
+            opener = "["
+        for n in range(len(members) - 1, -1, -1):
+            prefix, value = members[n]
+            if isinstance(value, (dict, list)):
+                work.append((value, depth + 1))
+            else:
+                encoder = _SCALAR_ENCODERS.get(type(value))
+                work.append(encoder(value) if encoder is not None else _encode_scalar(value))
+            work.append((comma if n else "") + inner + prefix)
+        out.append(opener)
     return "".join(out)
-
-
-def _child(value: Any, depth: int) -> str | tuple[Any, int]:
-    """Encode a scalar at once; a container waits on the work stack."""
-    if isinstance(value, (dict, list)):
-        return (value, depth)
-    return _encode_scalar(value)
