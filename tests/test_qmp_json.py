@@ -560,9 +560,14 @@ def model(writes: list[bytes], version: str) -> list[str | None]:
     return out
 
 
-def replay(mon: Monitor, writes: list[bytes]) -> None:
-    """Send writes one by one and compare every reply with the model's."""
+def replay(mon: Monitor, writes: list[bytes], strict: bool = True) -> None:
+    """Send writes one by one and compare every reply with the model's.
+
+    Unless strict, the corpus may produce objects the model leaves to
+    the dispatcher; their replies must merely not be JSON-level ones.
+    """
     expected = model(writes, version_text(mon))
+    assert not strict or None not in expected
     for data in writes + [SYNC]:
         mon.send(data)
     got = mon.replies_until_sync()
@@ -630,8 +635,8 @@ SHORT_IDS = [ident for ident in ECHOED_IDS if len(ident) < 200]
 def test_differential_split_writes(qsd: tuple[Monitor, str]) -> None:
     mon, _ = qsd
     msg = qv(b'"a\\u00e9\xc3\xa9\\uD83D\\uDE00"') + qv(b"-12.5e+3") + qv(b"true")
-    # Cut inside a keyword, a key, an escape, a UTF-8 sequence, a number, "true".
-    writes = split_at(msg, 4, 38, 43, 46, 52, 95, 97, 100, 139, 141)
+    # Cut inside a key, escapes, a UTF-8 sequence, a number and "true".
+    writes = split_at(msg, 4, 38, 44, 46, 52, 95, 97, 100, 139, 141)
     stream = b"".join(qv(ident) for ident in SHORT_IDS) + b" ".join(MALFORMED[:40]) + b"\n"
     replay(mon, writes + split_every(stream, 1) + split_every(stream, 7) + split_every(stream, 97))
 
@@ -645,7 +650,7 @@ def test_differential_random(qsd: tuple[Monitor, str]) -> None:
         stream = b"".join(rnd.choice([qv(rnd.choice(SHORT_IDS)), rnd.choice(pieces), b" ", b"\n", b"{", b"["])
                           for _ in range(150))
         cuts = sorted(rnd.sample(range(1, len(stream)), 60))
-        replay(mon, [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])])
+        replay(mon, [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])], strict=False)
 
 
 def rebuild_version(text: str) -> dict[str, object]:

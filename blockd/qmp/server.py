@@ -69,7 +69,13 @@ class ClientSession(asyncio.Protocol):
         self.worker = asyncio.get_running_loop().create_task(self._work())
 
     def data_received(self, data: bytes) -> None:
-        for value, err in self.streamer.feed(data):
+        try:
+            messages = self.streamer.feed(data)
+        except Exception:  # a parser bug must cost one client, not the daemon
+            log.exception("QMP input could not be parsed; disconnecting the client")
+            self.close()
+            return
+        for value, err in messages:
             self._accept(value, err)
 
     def eof_received(self) -> bool | None:
