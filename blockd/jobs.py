@@ -58,24 +58,27 @@ class Job:
         self.daemon.emit("JOB_STATUS_CHANGE", {"id": self.id, "status": status})
 
     def start(self) -> None:
+        # QEMU reports 'running' before the command that started the job returns.
         self._set("created")
+        self._set("running")
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        self._set("running")
         try:
             await self.body(self)
+            self.current = self.total
         except asyncio.CancelledError:
             self.error = "Operation canceled" if self.error is None else self.error
         except QMPError as exc:
             self.error = exc.desc
+            self.current = self.total
         except OSError as exc:
             self.error = exc.strerror or str(exc)
+            self.current = self.total
         except Exception as exc:
             log.exception("job %s failed", self.id)
             self.error = f"Internal error: {type(exc).__name__}"
         if self.error is None and not self.cancelled:
-            self.current = self.total
             self._set("waiting")
             self._set("pending")
             if not self.auto_finalize:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
+import subprocess
 import threading
 
 import pytest
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from harness import Daemon
@@ -32,7 +34,8 @@ def test_async_client_commands_and_events(daemon, tmp_path):
         schema = await qmp.execute("query-qmp-schema")
         commands = {e["name"] for e in schema if e["meta-type"] == "command"}
         assert names <= commands | {"query-qmp-schema"}
-        with qmp.listen() as listener:
+        listener = EventListener()
+        with qmp.listen(listener):
             await qmp.execute("blockdev-create", {"job-id": "j0", "options": {
                 "driver": "file", "filename": str(tmp_path / "new.raw"), "size": 1 << 20}})
             statuses = []
@@ -103,3 +106,15 @@ def test_bad_clients_do_not_harm_others(daemon):
     for s in (flood, stall):
         s.close()
     assert daemon.proc.poll() is None
+
+
+def test_qmp_shell(daemon):
+    shell = shutil.which("qmp-shell")
+    if shell is None:
+        pytest.skip("qmp-shell not installed")
+    script = "query-version\nobject-add qom-type=secret id=s0 data=abc\nqom-list path=/objects\n"
+    out = subprocess.run([shell, daemon.sock_path], input=script, capture_output=True,
+                         text=True, timeout=30).stdout
+    assert '"package": "blockd' in out
+    assert '{"name": "s0", "type": "child<secret>"}' in out
+    assert "abc" not in out.replace("data=abc", "")

@@ -15,6 +15,11 @@ from blockd.block.node import BlockNode, ChildLink, Extent, Perm, WriteFlags
 from blockd.block.stats import Stats
 
 
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """True if every byte is zero (without allocating a comparison buffer)."""
+    return not any(data) if len(data) < 64 else bytes(data).count(0) == len(data)
+
+
 def _bad_range() -> OSError:
     return OSError(errno.EIO, "Request out of range")
 
@@ -70,14 +75,21 @@ class Backend(User):
         length = len(data)
         self._check(offset, length, True)
         start = time.monotonic_ns()
+        detect = self.node.options.get("detect-zeroes", "off")
         try:
-            await self.node.write(offset, data, flags)
+            if detect != "off" and is_zero(data):
+                if detect == "unmap":
+                    flags |= WriteFlags.MAY_UNMAP
+                await self.node.write_zeroes(offset, length, flags)
+            else:
+                await self.node.write(offset, data, flags)
         except OSError:
             self.stats.failed_wr_operations += 1
             raise
         self._wrote(start, offset, length)
 
     def _wrote(self, start: int, offset: int, length: int) -> None:
+        self.node.mark_dirty(offset, length)
         self.stats.wr_total_time_ns += self._done(start)
         self.stats.wr_operations += 1
         self.stats.wr_bytes += length
@@ -102,6 +114,7 @@ class Backend(User):
         except OSError:
             self.stats.failed_unmap_operations += 1
             raise
+        self.node.mark_dirty(offset, length)
         self.stats.unmap_total_time_ns += self._done(start)
         self.stats.unmap_operations += 1
         self.stats.unmap_bytes += length

@@ -10,6 +10,7 @@ for the whole affected subgraph before anything is applied, so a refused
 
 from __future__ import annotations
 
+import random
 import re
 from typing import Any, Callable, Iterator
 
@@ -40,6 +41,29 @@ def describe_parent(parent: Any) -> str:
     return parent.describe()
 
 
+def inherited_options(parent: BlockNode, opts: dict[str, Any], role: str) -> dict[str, Any]:
+    """Defaults an inline child takes from its parent, as QEMU's block layer gives them.
+
+    Cache modes and read-only-ness flow down; lower layers get
+    ``discard=unmap`` because the parent already decided whether a
+    discard should reach them.  Backing files are opened read-only.
+    """
+    cache = parent.options.get("cache")
+    if cache:
+        opts["cache"] = {**cache, **opts.get("cache", {})}
+    if role == "backing":
+        opts.setdefault("read-only", True)
+        opts.setdefault("auto-read-only", False)
+    else:
+        for key in ("read-only", "auto-read-only"):
+            if key not in opts and key in parent.options:
+                opts[key] = parent.options[key]
+        if parent.read_only:
+            opts.setdefault("read-only", True)
+    opts.setdefault("discard", "unmap")
+    return opts
+
+
 class OpenContext:
     """What a driver may use while its node is opening."""
 
@@ -63,12 +87,7 @@ class OpenContext:
         if isinstance(ref, str):
             child = self.graph.lookup(ref)
         else:
-            opts = dict(ref)
-            for key in ("read-only", "auto-read-only"):
-                if key not in opts and key in self.node.options:
-                    opts[key] = self.node.options[key]
-            if self.node.read_only:
-                opts.setdefault("read-only", True)
+            opts = inherited_options(self.node, dict(ref), role)
             child = await self.graph.open_node(opts, implicit=True)
             self.created.append(child)
         try:
@@ -130,8 +149,10 @@ class BlockGraph:
             raise QMPError("Node name too long")
 
     def _implicit_name(self) -> str:
+        """QEMU's generated names: a counter and two random digits, so clients can't guess them."""
+        name = f"#block{self._counter}{random.randrange(99):02d}"
         self._counter += 1
-        return f"#block{self._counter:03d}"
+        return name
 
     # ---- open and close -----------------------------------------------------
 

@@ -120,6 +120,9 @@ class BlockNode:
     is_filter: ClassVar[bool] = False
     #: Protocol drivers (file, null-co) own the storage.
     is_protocol: ClassVar[bool] = False
+    #: Options that change what the node shows; any of them set means the
+    #: node's name is a ``json:{...}`` description rather than a file name.
+    strong_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
         self.node_name = node_name
@@ -132,6 +135,8 @@ class BlockNode:
         self.cumulative_shared = Perm.all()
         #: ``query-blockstats`` counters, kept by the backends that use the node.
         self.stats = Stats()
+        #: Dirty bitmaps (blockd.block.dirty_bitmap.DirtyBitmap) by name, in creation order.
+        self.bitmaps: dict[str, Any] = {}
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -185,6 +190,18 @@ class BlockNode:
     async def truncate(self, size: int, exact: bool = False,
                        prealloc: str = "off") -> None:
         raise OSError(95, "Operation not supported")
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """Record a guest write in every recording dirty bitmap of this node."""
+        for bitmap in self.bitmaps.values():
+            bitmap.mark(offset, length)
+
+    def debug_event(self, event: str) -> None:
+        """A format driver reached a point named by a blkdebug event (``l2_update``...).
+
+        Format drivers call this on their ``file`` child; only blkdebug
+        reacts, so other drivers ignore it.
+        """
 
     # ---- permissions -----------------------------------------------------
 
@@ -249,9 +266,38 @@ class BlockNode:
         return link.child if link else None
 
     def filename(self) -> str:
-        """The name QEMU shows as ``file``/``filename`` for this node."""
+        """The name QEMU shows as ``file``/``filename`` for this node.
+
+        A plain file name when the node adds nothing to its storage's
+        bytes; otherwise ``json:`` and the options that rebuild it.
+        """
+        exact = self.exact_filename()
+        if exact is not None:
+            return exact
+        from blockd.qmp.json import encode
+
+        return "json:" + encode(self.full_options())
+
+    def exact_filename(self) -> str | None:
+        """A file name that alone reopens this node, if there is one."""
+        if any(key in self.options for key in self.strong_options):
+            return None
         f = self.file
-        return f.filename() if f else ""
+        return f.exact_filename() if f is not None else None
+
+    def full_options(self) -> dict[str, Any]:
+        """The driver, its strong options and its children's, as QEMU's json: names list them."""
+        opts: dict[str, Any] = {"driver": self.driver}
+        for key in self.strong_options:
+            if key in self.options:
+                opts[key] = self.options[key]
+        for role, link in self.children.items():
+            opts[role] = link.child.full_options()
+        return opts
+
+    def driver_stats(self) -> dict[str, Any] | None:
+        """``BlockStatsSpecific`` for query-blockstats, for drivers that keep any."""
+        return None
 
     def format_specific(self) -> dict[str, Any] | None:
         """``ImageInfoSpecific`` for ``query-named-block-nodes``, if any."""

@@ -55,8 +55,18 @@ async def query_block(daemon: Daemon, args: dict[str, Any]) -> list:
 async def query_blockstats(daemon: Daemon, args: dict[str, Any]) -> list:
     if not args.get("query-nodes", False):
         return []
-    return [{"node-name": node.node_name, "stats": stats_info(node.stats)}
-            for node in reversed(list(daemon.graph))]
+    return [node_stats(node) for node in daemon.graph]
+
+
+def node_stats(node: BlockNode) -> dict[str, Any]:
+    """``BlockStats`` of one node, with its storage child's stats as ``parent``."""
+    out: dict[str, Any] = {"node-name": node.node_name, "stats": stats_info(node.stats)}
+    if node.file is not None:
+        out["parent"] = node_stats(node.file)
+    specific = node.driver_stats()
+    if specific is not None:
+        out["driver-specific"] = specific
+    return out
 
 
 @command("block_resize")
@@ -151,6 +161,8 @@ def _check_children_unchanged(graph: Any, plan: list[tuple[BlockNode, dict[str, 
             if link is None or role not in options:
                 continue
             ref = options[role]
+            if isinstance(ref, str) and ref not in graph.nodes:
+                raise QMPError(f"Cannot find device='' nor node-name='{ref}'")
             if not isinstance(ref, str):
                 raise QMPError(f"Cannot change the option '{role}'")
             if ref != link.child.node_name:

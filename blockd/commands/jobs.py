@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from typing import Any
 
@@ -31,6 +32,9 @@ async def blockdev_create(daemon: Daemon, args: dict[str, Any]) -> dict:
         await creator(daemon.graph, options)
 
     new_job(daemon, args["job-id"], "create", body)
+    # QEMU enters the job at once: work that fails before its first wait
+    # reports 'aborting'/'concluded' before this command's reply.
+    await asyncio.sleep(0)
     return {}
 
 

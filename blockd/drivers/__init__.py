@@ -15,6 +15,7 @@ _DRIVERS: dict[str, str] = {
     "file": "blockd.drivers.file:FileNode",
     "raw": "blockd.drivers.raw:RawNode",
     "null-co": "blockd.drivers.null:NullNode",
+    "null-aio": "blockd.drivers.null:NullNode",
     "blkdebug": "blockd.drivers.blkdebug:BlkdebugNode",
     "qcow2": "blockd.drivers.qcow2.driver:Qcow2Node",
     "luks": "blockd.drivers.luks:LuksNode",

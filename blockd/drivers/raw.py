@@ -1,0 +1,105 @@
+"""The ``raw`` format driver: the child's bytes as they are, optionally a window of them.
+
+With ``offset``/``size`` the node exposes only part of its child, which
+is how a partition or an embedded image is served.  Without them it is
+a thin pass-through, and QEMU treats it as one for permissions: the
+parents' needs go straight to the child, except that nobody may resize
+the file under a raw node whose size was fixed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blockd.block.graph import OpenContext
+from blockd.block.node import BlockNode, Extent, Perm, WriteFlags
+from blockd.errors import QMPError
+
+
+class RawNode(BlockNode):
+    driver = "raw"
+    is_format = True
+    strong_options = ("offset", "size")
+
+    def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
+        super().__init__(node_name, options, read_only)
+        self.offset = 0
+        self.size: int | None = None
+
+    async def open(self, ctx: OpenContext) -> None:
+        self._set_window(self.options, None)
+        await ctx.open_child(self.options["file"], "file")
+        self._check_window(self.file.length())
+
+    def _set_window(self, options: dict[str, Any], _: Any) -> None:
+        offset, size = options.get("offset", 0), options.get("size")
+        if offset < 0:
+            raise QMPError("offset cannot be negative")
+        if size is not None and size < 0:
+            raise QMPError("size cannot be negative")
+        self.offset, self.size = offset, size
+
+    def _check_window(self, file_len: int) -> None:
+        if self.offset > file_len:
+            raise QMPError("The sum of offset (%d) and size (0) has to be smaller or equal "
+                           "to the  actual size of the containing file (%d)"
+                           % (self.offset, file_len))
+        if self.size is not None and self.offset + self.size > file_len:
+            raise QMPError("The sum of offset (%d) and size (%d) has to be smaller or equal "
+                           "to the  actual size of the containing file (%d)"
+                           % (self.offset, self.size, file_len))
+        if self.size is not None and self.size % 512:
+            raise QMPError("Specified size is not a multiple of 512")
+
+    def child_perm(self, role: str) -> tuple[Perm, Perm]:
+        perm, shared = self.cumulative_perm, self.cumulative_shared
+        if self.offset or self.size is not None:
+            # A window into the file must not move under us.
+            shared &= ~Perm.RESIZE
+        return perm, shared
+
+    def length(self) -> int:
+        if self.size is not None:
+            return self.size
+        return self.file.length() - self.offset
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        return await self.file.read(self.offset + offset, length)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview,
+                    flags: WriteFlags = WriteFlags.NONE) -> None:
+        await self.file.write(self.offset + offset, data, flags)
+
+    async def write_zeroes(self, offset: int, length: int,
+                           flags: WriteFlags = WriteFlags.NONE) -> None:
+        await self.file.write_zeroes(self.offset + offset, length, flags)
+
+    async def discard(self, offset: int, length: int) -> None:
+        if self.options.get("discard", "ignore") == "unmap":
+            await self.file.discard(self.offset + offset, length)
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        ext = await self.file.block_status(self.offset + offset, length)
+        return Extent(ext.length, ext.status, ext.offset, ext.child)
+
+    async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
+        if self.offset or self.size is not None:
+            raise OSError(95, "The new size must be a multiple of 512") if size % 512 else \
+                OSError(95, "Cannot resize a raw node with offset or size")
+        await self.file.truncate(size, exact, prealloc)
+
+    def has_info(self) -> bool:
+        return True
+
+    def allocated_file_size(self) -> int | None:
+        return self.file.allocated_file_size()
+
+    async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
+        offset, size = options.get("offset", 0), options.get("size")
+        if offset < 0 or (size is not None and size < 0):
+            self._set_window(options, None)  # raises with QEMU's text
+        return (offset, size)
+
+    async def reopen_commit(self, state: Any, options: dict[str, Any], read_only: bool) -> None:
+        self.offset, self.size = state
+        await super().reopen_commit(state, options, read_only)
