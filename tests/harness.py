@@ -28,8 +28,9 @@ class Daemon:
         self.sock_path = sock_path
         cmd = ["qemu-storage-daemon"] if qsd else [sys.executable, "-m", "blockd.cli"]
         monitor = "chardev=m" + (",pretty=on" if pretty else "")
-        cmd += ["--chardev", f"socket,id=m,path={sock_path},server=on,wait=off",
-                "--monitor", monitor, *args]
+        # The monitor comes last: its socket appearing means every other option is applied.
+        cmd += [*args, "--chardev", f"socket,id=m,path={sock_path},server=on,wait=off",
+                "--monitor", monitor]
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
         deadline = time.monotonic() + 30

@@ -228,3 +228,45 @@ RAW_BLOCK = [w.replace('"qcow2"', '"raw"') for w in BLOCK] + [
 def test_raw_graph_session_matches_qsd(tmp_path):
     expected, actual = _both(tmp_path, RAW_BLOCK, _images)
     assert actual == expected
+
+
+NBD = [
+    '{"execute":"qmp_capabilities"}',
+    '{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"r0","file":{"driver":"file","filename":"TMP/a.raw"}}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"null-co","node-name":"n0","read-only":true}}',
+    '{"execute":"block-export-add","arguments":{"type":"nbd","id":"e0","node-name":"r0"}}',
+    '{"execute":"nbd-server-stop"}',
+    '{"execute":"nbd-server-start","arguments":{"addr":{"type":"unix","data":{"path":"TMP/n.sock"}}}}',
+    '{"execute":"nbd-server-start","arguments":{"addr":{"type":"unix","data":{"path":"TMP/n.sock"}}}}',
+    '{"execute":"block-export-add","arguments":{"type":"nbd","id":"e0","node-name":"r0","writable":true,"description":"hello"}}',
+    '{"execute":"block-export-add","arguments":{"type":"nbd","id":"e0","node-name":"r0"}}',
+    '{"execute":"block-export-add","arguments":{"type":"nbd","id":"e1","node-name":"r0"}}',
+    '{"execute":"block-export-add","arguments":{"type":"nbd","id":"e2","node-name":"nosuch"}}',
+    '{"execute":"block-export-add","arguments":{"type":"nbd","id":"e3","node-name":"n0","writable":true}}',
+    '{"execute":"block-export-add","arguments":{"type":"nbd","id":"e4","node-name":"n0","name":"r0"}}',
+    '{"execute":"block-export-add","arguments":{"type":"nbd","id":"e5","node-name":"n0","name":"other","bitmaps":["b"]}}',
+    '{"execute":"block-export-add","arguments":{"type":"bad","id":"e6","node-name":"n0"}}',
+    '{"execute":"block-export-add","arguments":{"type":"nbd","id":"1bad","node-name":"n0"}}',
+    '{"execute":"block-export-add","arguments":{"type":"nbd","id":"e7","node-name":"n0","name":"x7","allocation-depth":true,"writethrough":true}}',
+    '{"execute":"query-block-exports"}',
+    '{"execute":"blockdev-del","arguments":{"node-name":"r0"}}',
+    '{"execute":"block-resize","arguments":{"node-name":"r0","size":1024}}',
+    '{"execute":"block_resize","arguments":{"node-name":"r0","size":8388608}}',
+    '{"execute":"blockdev-reopen","arguments":{"options":[{"driver":"raw","node-name":"r0","file":"#x","read-only":true}]}}',
+    '{"execute":"block-export-del","arguments":{"id":"nosuch"}}',
+    '{"execute":"block-export-del","arguments":{"id":"e7"}}',
+    '{"execute":"block-export-del","arguments":{"id":"e7"}}',
+    '{"execute":"block-export-del","arguments":{"id":"e1","mode":"hard"}}',
+    '{"execute":"query-block-exports"}',
+    '{"execute":"nbd-server-add","arguments":{"device":"n0","name":"legacy"}}',
+    '{"execute":"nbd-server-remove","arguments":{"name":"legacy"}}',
+    '{"execute":"nbd-server-remove","arguments":{"name":"legacy"}}',
+    '{"execute":"nbd-server-stop"}',
+    '{"execute":"query-block-exports"}',
+    '{"execute":"nbd-server-stop"}',
+]
+
+
+def test_nbd_export_session_matches_qsd(tmp_path):
+    expected, actual = _both(tmp_path, NBD, _images)
+    assert actual == expected

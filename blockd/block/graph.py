@@ -128,6 +128,13 @@ class BlockGraph:
             raise QMPError(f"Cannot find device='{name}' nor node-name='{name}'")
         return node
 
+    def lookup_node(self, node_name: str) -> BlockNode:
+        """Find a node for commands that accept only node names (exports, reopen)."""
+        node = self.nodes.get(node_name)
+        if node is None:
+            raise QMPError(f"Cannot find device='' nor node-name='{node_name}'")
+        return node
+
     def find(self, node_name: str) -> BlockNode:
         """Find a node as commands taking ``node-name`` do."""
         node = self.nodes.get(node_name)

@@ -161,9 +161,9 @@ def _check_children_unchanged(graph: Any, plan: list[tuple[BlockNode, dict[str, 
             if link is None or role not in options:
                 continue
             ref = options[role]
-            if isinstance(ref, str) and ref not in graph.nodes:
-                raise QMPError(f"Cannot find device='' nor node-name='{ref}'")
-            if not isinstance(ref, str):
+            if isinstance(ref, str):
+                graph.lookup_node(ref)
+            else:
                 raise QMPError(f"Cannot change the option '{role}'")
             if ref != link.child.node_name:
                 raise QMPError(f"Cannot change the option '{role}'")

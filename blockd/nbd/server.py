@@ -1,0 +1,461 @@
+"""The NBD server: sockets and scheduling around the pure wire code in :mod:`.protocol`.
+
+Each connection is an :class:`asyncio.Protocol`.  Handshake options are
+answered as they arrive; transmission requests run as concurrent tasks
+so a slow read does not hold up the requests behind it, and each reply
+is written with one ``transport.write`` so replies never interleave.
+A connection stops reading while too many requests are in flight, which
+bounds the memory a client can make the server hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Iterator
+
+from blockd.block.node import BlockNode, Status, WriteFlags
+from blockd.nbd import protocol as p
+
+if TYPE_CHECKING:
+    from blockd.daemon import Daemon
+    from blockd.exports import Export
+
+log = logging.getLogger(__name__)
+
+MIN_BLOCK = 1
+PREFERRED_BLOCK = 4096
+MAX_PAYLOAD = 32 << 20
+#: Requests a connection may have running before it stops reading.
+MAX_IN_FLIGHT = 64
+#: Reads this long are answered with hole chunks where the image has none.
+SPARSE_READ_MIN = 64 << 10
+#: Upper bound on extents in one BLOCK_STATUS reply.
+MAX_EXTENTS = 1 << 16
+
+CONTEXT_BASE = 0
+CONTEXT_DEPTH = 1
+CONTEXT_BITMAP = 2
+QEMU_DEPTH = "qemu:allocation-depth"
+QEMU_BITMAP = "qemu:dirty-bitmap:"
+
+_ERRNO_TO_NBD = {
+    errno.EPERM: p.Err.EPERM, errno.EROFS: p.Err.EPERM, errno.EIO: p.Err.EIO,
+    errno.ENOMEM: p.Err.ENOMEM, errno.ENOSPC: p.Err.ENOSPC, errno.EDQUOT: p.Err.ENOSPC,
+    errno.EFBIG: p.Err.ENOSPC, errno.EOVERFLOW: p.Err.EOVERFLOW,
+    errno.ENOTSUP: p.Err.ENOTSUP, errno.ESHUTDOWN: p.Err.ESHUTDOWN,
+}
+
+
+def nbd_error(exc: OSError) -> int:
+    """The wire error for a host error; the protocol fixes the numbers, not the host."""
+    return _ERRNO_TO_NBD.get(exc.errno or errno.EIO, p.Err.EINVAL)
+
+
+async def status_extents(node: BlockNode, offset: int, length: int,
+                         limit: int = MAX_EXTENTS) -> list[tuple[int, int]]:
+    """``base:allocation`` descriptors: HOLE where no data is stored, ZERO where reads are zero."""
+    out: list[tuple[int, int]] = []
+    end = offset + length
+    while offset < end and len(out) < limit:
+        ext = await node.block_status(offset, min(end - offset, 0xFFFFF000))
+        flags = (0 if ext.status & Status.DATA else p.STATE_HOLE) | \
+            (p.STATE_ZERO if ext.status & Status.ZERO else 0)
+        if out and out[-1][1] == flags and out[-1][0] + ext.length <= 0xFFFFFFFF:
+            out[-1] = (out[-1][0] + ext.length, flags)
+        else:
+            out.append((ext.length, flags))
+        offset += ext.length
+    return out
+
+
+async def depth_extents(node: BlockNode, offset: int, length: int) -> list[tuple[int, int]]:
+    """``qemu:allocation-depth``: 0 unallocated, 1 this image, 2+ a backing file."""
+    out: list[tuple[int, int]] = []
+    end = offset + length
+    while offset < end and len(out) < MAX_EXTENTS:
+        depth, cur, run = 0, node, end - offset
+        level = 1
+        while cur is not None:
+            ext = await cur.block_status(offset, run)
+            run = min(run, ext.length)
+            if ext.status & Status.ALLOCATED:
+                depth = level
+                break
+            cur, level = cur.backing, level + 1
+        if out and out[-1][1] == depth:
+            out[-1] = (out[-1][0] + run, depth)
+        else:
+            out.append((run, depth))
+        offset += run
+    return out
+
+
+class NBDServer:
+    """Listeners and the exports they serve (``nbd-server-start``)."""
+
+    def __init__(self, daemon: "Daemon", max_connections: int = 0) -> None:
+        self.daemon = daemon
+        self.max_connections = max_connections
+        self.servers: list[asyncio.AbstractServer] = []
+        self.connections: set[Connection] = set()
+        self.unix_path: str | None = None
+
+    def exports(self) -> dict[str, "Export"]:
+        return {e.name: e for e in self.daemon.exports.values() if not e.shutting_down}
+
+    async def listen_unix(self, path: str) -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(lambda: Connection(self), path)
+        self.unix_path = path
+        self.servers.append(server)
+
+    async def listen_inet(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.servers.append(await loop.create_server(lambda: Connection(self), host, port,
+                                                     reuse_address=True))
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.abort()
+        if self.unix_path is not None:
+            try:
+                os.unlink(self.unix_path)
+            except OSError:
+                pass
+
+
+class Connection(asyncio.Protocol):
+    """One client, from greeting to disconnect."""
+
+    def __init__(self, server: NBDServer) -> None:
+        self.server = server
+        self.parser = p.ServerParser(MAX_PAYLOAD)
+        self.transport: asyncio.Transport | None = None
+        self.no_zeroes = False
+        self.structured = False
+        self.export: "Export | None" = None
+        #: Metadata contexts chosen by SET_META_CONTEXT: id -> (kind, argument).
+        self.contexts: dict[int, tuple[int, Any]] = {}
+        self.in_flight = 0
+        self.paused = False
+        self.closing = False
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    # ---- connection lifetime ------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        limit = self.server.max_connections
+        if limit and len(self.server.connections) >= limit:
+            transport.close()
+            return
+        self.server.connections.add(self)
+        transport.write(p.greeting())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self.export is not None:
+            self.export.connections.discard(self)
+        for task in self.tasks:
+            task.cancel()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _write(self, *parts: bytes | bytearray | memoryview) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(parts)
+
+    # ---- input ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.receive_data(data)
+        try:
+            for event in self.parser.events():
+                if isinstance(event, p.Request):
+                    self._request(event)
+                elif isinstance(event, p.OptionRequest):
+                    self._option(event)
+                else:
+                    self._client_flags(event.flags)
+                if self.closing:
+                    break
+        except p.ProtocolError as exc:
+            log.info("NBD client broke the protocol: %s", exc)
+            self.abort()
+
+    def _client_flags(self, flags: int) -> None:
+        if not flags & p.ClientFlag.FIXED_NEWSTYLE:
+            raise p.ProtocolError("client does not speak fixed newstyle")
+        if flags & ~(p.ClientFlag.FIXED_NEWSTYLE | p.ClientFlag.NO_ZEROES):
+            raise p.ProtocolError("unknown client flags")
+        self.no_zeroes = bool(flags & p.ClientFlag.NO_ZEROES)
+
+    # ---- handshake -------------------------------------------------------------
+
+    def _transmission_flags(self, export: "Export") -> int:
+        f = p.TransmissionFlag
+        flags = (f.HAS_FLAGS | f.SEND_FLUSH | f.SEND_FUA | f.SEND_DF | f.CAN_MULTI_CONN
+                 | f.SEND_CACHE)
+        if export.writable:
+            flags |= f.SEND_TRIM | f.SEND_WRITE_ZEROES | f.SEND_FAST_ZERO
+        else:
+            flags |= f.READ_ONLY
+        return flags
+
+    def _option(self, req: p.OptionRequest) -> None:
+        opt = req.option
+        try:
+            if opt == p.Opt.EXPORT_NAME:
+                self._opt_export_name(req.data.decode(errors="replace"))
+            elif opt == p.Opt.ABORT:
+                self._write(p.rep_ack(opt))
+                self.closing = True
+                self.transport.close()
+            elif opt == p.Opt.LIST:
+                if req.data:
+                    raise p.InvalidOption("NBD_OPT_LIST takes no data")
+                for exp in self.server.exports().values():
+                    self._write(p.rep_server(opt, exp.name, exp.description or ""))
+                self._write(p.rep_ack(opt))
+            elif opt in (p.Opt.INFO, p.Opt.GO):
+                self._opt_info(opt, req.data)
+            elif opt == p.Opt.STRUCTURED_REPLY:
+                if req.data:
+                    raise p.InvalidOption("NBD_OPT_STRUCTURED_REPLY takes no data")
+                if self.structured:
+                    raise p.InvalidOption("structured reply already negotiated")
+                self.structured = True
+                self._write(p.rep_ack(opt))
+            elif opt in (p.Opt.LIST_META_CONTEXT, p.Opt.SET_META_CONTEXT):
+                self._opt_meta_context(opt, req.data)
+            else:
+                self._write(p.rep_error(opt, p.Rep.ERR_UNSUP, f"Unsupported option {opt}"))
+        except p.InvalidOption as exc:
+            self._write(p.rep_error(opt, p.Rep.ERR_INVALID, str(exc)))
+
+    def _find(self, name: str) -> "Export | None":
+        return self.server.exports().get(name)
+
+    def _opt_export_name(self, name: str) -> None:
+        export = self._find(name)
+        if export is None:
+            # This option has no error reply: the protocol says to disconnect.
+            self.closing = True
+            self.transport.close()
+            return
+        self._write(p.export_name_reply(export.backend.length(),
+                                        self._transmission_flags(export), self.no_zeroes))
+        self._enter_transmission(export)
+
+    def _opt_info(self, opt: int, data: bytes) -> None:
+        name, infos = p.parse_info_request(data)
+        export = self._find(name)
+        if export is None:
+            self._write(p.rep_error(opt, p.Rep.ERR_UNKNOWN, f"export '{name}' not present"))
+            return
+        if p.Info.NAME in infos:
+            self._write(p.rep_info_name(opt, export.name))
+        if p.Info.DESCRIPTION in infos and export.description:
+            self._write(p.rep_info_description(opt, export.description))
+        self._write(p.rep_info_block_size(opt, MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD))
+        self._write(p.rep_info_export(opt, export.backend.length(),
+                                      self._transmission_flags(export)))
+        self._write(p.rep_ack(opt))
+        if opt == p.Opt.GO:
+            self._enter_transmission(export)
+
+    def _enter_transmission(self, export: "Export") -> None:
+        self.export = export
+        export.connections.add(self)
+        self.parser.start_transmission()
+        if self.contexts and self._context_export != export.name:
+            self.contexts = {}
+
+    _context_export: str | None = None
+
+    def _available_contexts(self, export: "Export") -> Iterator[tuple[int, str, Any]]:
+        yield CONTEXT_BASE, p.BASE_ALLOCATION, None
+        if export.allocation_depth:
+            yield CONTEXT_DEPTH, QEMU_DEPTH, None
+        for i, (name, bitmap) in enumerate(export.bitmaps.items()):
+            yield CONTEXT_BITMAP + i, QEMU_BITMAP + name, bitmap
+
+    def _opt_meta_context(self, opt: int, data: bytes) -> None:
+        if not self.structured:
+            raise p.InvalidOption("structured replies must be negotiated first")
+        name, queries = p.parse_meta_context_request(data)
+        export = self._find(name)
+        if export is None:
+            self._write(p.rep_error(opt, p.Rep.ERR_UNKNOWN, f"export '{name}' not present"))
+            return
+        chosen: dict[int, tuple[int, Any]] = {}
+        for cid, cname, arg in self._available_contexts(export):
+            listing_all = opt == p.Opt.LIST_META_CONTEXT and not queries
+            if listing_all or any(_context_matches(q, cname, opt) for q in queries):
+                self._write(p.rep_meta_context(opt, cid, cname))
+                kind = cid if cid < CONTEXT_BITMAP else CONTEXT_BITMAP
+                chosen[cid] = (kind, arg)
+        if opt == p.Opt.SET_META_CONTEXT:
+            self.contexts = chosen
+            self._context_export = name
+        self._write(p.rep_ack(opt))
+
+    # ---- transmission ----------------------------------------------------------
+
+    def _request(self, req: p.Request) -> None:
+        if req.cmd == p.Cmd.DISC:
+            self.closing = True
+            asyncio.get_running_loop().create_task(self._disconnect())
+            return
+        task = asyncio.get_running_loop().create_task(self._serve(req))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        self.in_flight += 1
+        if self.in_flight >= MAX_IN_FLIGHT and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    async def _disconnect(self) -> None:
+        if self.tasks:
+            await asyncio.wait(list(self.tasks))
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _serve(self, req: p.Request) -> None:
+        try:
+            await self._dispatch(req)
+        except OSError as exc:
+            self._reply_error(req, nbd_error(exc), exc.strerror or "")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("NBD request %d failed", req.cmd)
+            self._reply_error(req, p.Err.EIO, "internal error")
+        finally:
+            self.in_flight -= 1
+            if self.paused and self.in_flight < MAX_IN_FLIGHT // 2:
+                self.paused = False
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.resume_reading()
+
+    def _reply_error(self, req: p.Request, error: int, message: str = "") -> None:
+        if self.structured and req.cmd in (p.Cmd.READ, p.Cmd.BLOCK_STATUS):
+            self._write(p.chunk_error(req.handle, error, message))
+        else:
+            self._write(p.simple_reply(req.handle, error))
+
+    def _ok(self, req: p.Request) -> None:
+        if self.structured and req.cmd in (p.Cmd.READ, p.Cmd.BLOCK_STATUS):
+            self._write(p.chunk_none(req.handle))
+        else:
+            self._write(p.simple_reply(req.handle))
+
+    async def _dispatch(self, req: p.Request) -> None:
+        export = self.export
+        backend = export.backend
+        cmd = req.cmd
+        if req.offset + req.length > backend.length():
+            raise OSError(errno.EINVAL, "request beyond the end of the export")
+        writes = (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM)
+        if cmd in writes and not export.writable:
+            raise OSError(errno.EPERM, "export is read-only")
+        if cmd == p.Cmd.READ:
+            await self._read(req)
+        elif cmd == p.Cmd.WRITE:
+            fua = req.flags & p.CmdFlag.FUA or export.writethrough
+            await backend.write(req.offset, req.data, WriteFlags.FUA if fua else WriteFlags.NONE)
+            self._ok(req)
+        elif cmd == p.Cmd.WRITE_ZEROES:
+            flags = WriteFlags.NONE
+            if not req.flags & p.CmdFlag.NO_HOLE:
+                flags |= WriteFlags.MAY_UNMAP
+            if req.flags & p.CmdFlag.FAST_ZERO:
+                flags |= WriteFlags.NO_FALLBACK
+            if req.flags & p.CmdFlag.FUA or export.writethrough:
+                flags |= WriteFlags.FUA
+            await backend.write_zeroes(req.offset, req.length, flags)
+            self._ok(req)
+        elif cmd == p.Cmd.TRIM:
+            await backend.discard(req.offset, req.length)
+            if req.flags & p.CmdFlag.FUA or export.writethrough:
+                await backend.flush()
+            self._ok(req)
+        elif cmd == p.Cmd.FLUSH:
+            await backend.flush()
+            self._ok(req)
+        elif cmd == p.Cmd.CACHE:
+            await backend.read(req.offset, req.length)
+            self._ok(req)
+        elif cmd == p.Cmd.BLOCK_STATUS:
+            await self._block_status(req)
+        else:
+            raise OSError(errno.EINVAL, "unknown command")
+
+    async def _read(self, req: p.Request) -> None:
+        backend = self.export.backend
+        if req.length > MAX_PAYLOAD:
+            raise OSError(errno.EINVAL, "read too large")
+        if not self.structured:
+            data = await backend.read(req.offset, req.length)
+            self._write(p.simple_reply(req.handle), data)
+            return
+        if req.length < SPARSE_READ_MIN or req.flags & p.CmdFlag.DF:
+            data = await backend.read(req.offset, req.length)
+            self._write(p.chunk_offset_data_header(req.handle, req.offset, req.length, True), data)
+            return
+        parts: list[bytes | bytearray | memoryview] = []
+        offset, end = req.offset, req.offset + req.length
+        while offset < end:
+            ext = await backend.block_status(offset, end - offset)
+            n = ext.length
+            last = offset + n >= end
+            if ext.status & Status.ZERO:
+                parts.append(p.chunk_offset_hole(req.handle, offset, n, last))
+            else:
+                data = await backend.read(offset, n)
+                parts += [p.chunk_offset_data_header(req.handle, offset, n, last), data]
+            offset += n
+        self._write(*parts)
+
+    async def _block_status(self, req: p.Request) -> None:
+        if not self.structured or not self.contexts:
+            raise OSError(errno.EINVAL, "no metadata context negotiated")
+        if req.length == 0:
+            raise OSError(errno.EINVAL, "empty block status request")
+        node = self.export.node
+        one = bool(req.flags & p.CmdFlag.REQ_ONE)
+        parts = []
+        items = list(self.contexts.items())
+        for i, (cid, (kind, arg)) in enumerate(items):
+            if kind == CONTEXT_BASE:
+                extents = await status_extents(node, req.offset, req.length, 1 if one else MAX_EXTENTS)
+            elif kind == CONTEXT_DEPTH:
+                extents = await depth_extents(node, req.offset, req.length)
+            else:
+                extents = [(n, p.STATE_DIRTY if dirty else 0)
+                           for n, dirty in arg.extents(req.offset, req.length)]
+            if one:
+                extents = extents[:1]
+                if extents[0][0] > req.length:
+                    extents = [(req.length, extents[0][1])]
+            parts.append(p.chunk_block_status(req.handle, cid, extents, i == len(items) - 1))
+        self._write(*parts)
+
+
+def _context_matches(query: str, name: str, opt: int) -> bool:
+    """Exact names select; for LIST, ``qemu:`` and ``qemu:dirty-bitmap:`` list their family."""
+    if query == name:
+        return True
+    if opt == p.Opt.LIST_META_CONTEXT:
+        if query == "qemu:" and name.startswith("qemu:"):
+            return True
+        if query == QEMU_BITMAP and name.startswith(QEMU_BITMAP):
+            return True
+    return False

@@ -1,0 +1,182 @@
+"""The NBD server against real clients: qemu-io, qemu-img, nbdinfo, fio."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from typing import Callable
+
+import pytest
+
+from blockd.nbd import protocol as p
+from harness import Daemon
+
+
+def uri(sock: str, name: str) -> str:
+    return f"nbd+unix:///{name}?socket={sock}"
+
+
+def run(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A daemon exporting a 4 MiB raw image writable as 'r0' and null-co read-only as 'n0'."""
+    image = tmp_path / "a.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), "4M"], check=True)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 64k", str(image))
+    nbd = str(tmp_path / "nbd.sock")
+    daemon = Daemon(str(tmp_path / "qmp.sock"),
+                    "--blockdev", f"driver=file,node-name=f0,filename={image}",
+                    "--blockdev", "driver=raw,node-name=r0,file=f0",
+                    "--blockdev", "driver=null-co,node-name=n0,read-only=on,size=1048576",
+                    "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+                    "--export", "type=nbd,id=e0,node-name=r0,writable=on,description=hello",
+                    "--export", "type=nbd,id=e1,node-name=n0")
+    yield daemon, nbd, image
+    daemon.stop()
+
+
+def test_qemu_io_writes_reach_the_file(served):
+    daemon, nbd, image = served
+    out = run("qemu-io", "-f", "raw", "-c", "write -P 0xab 1M 64k", "-c", "read -P 0xab 1M 64k",
+              "-c", "write -z 2M 8k", "-c", "discard 3M 4k", "-c", "flush", uri(nbd, "r0"))
+    assert out.returncode == 0 and "Pattern verification failed" not in out.stdout
+    with open(image, "rb") as f:
+        f.seek(1 << 20)
+        assert f.read(65536) == b"\xab" * 65536
+
+
+def test_nbdinfo_map_and_flags(served):
+    daemon, nbd, image = served
+    info = json.loads(run("nbdinfo", "--json", uri(nbd, "r0")).stdout)["exports"][0]
+    assert info["description"] == "hello" and info["export-size"] == 4 << 20
+    assert info["can_zero"] and info["can_trim"] and info["can_fua"] and not info["is_read_only"]
+    assert info["block_size_maximum"] == 32 << 20
+    ro = json.loads(run("nbdinfo", "--json", uri(nbd, "n0")).stdout)["exports"][0]
+    assert ro["is_read_only"] and not ro["can_zero"]
+    lines = run("nbdinfo", "--map", uri(nbd, "r0")).stdout.split("\n")
+    assert lines[0].split() == ["0", "65536", "0", "data"]
+    assert lines[1].split()[2:] == ["3", "hole,zero"]
+    names = run("nbdinfo", "--list", "--json", f"nbd+unix://?socket={nbd}").stdout
+    assert {e["export-name"] for e in json.loads(names)["exports"]} == {"r0", "n0"}
+
+
+def test_qemu_img_convert_from_export(served, tmp_path):
+    daemon, nbd, image = served
+    out = tmp_path / "copy.raw"
+    assert run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri(nbd, "r0"), str(out)).returncode == 0
+    assert run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), str(out)).returncode == 0
+
+
+def test_read_only_export_refuses_writes(served):
+    daemon, nbd, image = served
+    out = run("qemu-io", "-f", "raw", "-c", "write 0 4k", uri(nbd, "n0"))
+    assert "Operation not permitted" in out.stdout + out.stderr or out.returncode != 0
+
+
+def test_unknown_export_and_daemon_survives(served):
+    daemon, nbd, image = served
+    out = run("nbdinfo", uri(nbd, "nosuch"))
+    assert out.returncode != 0 and "nosuch" in out.stderr
+    # A client that breaks the protocol is dropped; the server goes on.
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(nbd)
+    s.recv(18)
+    s.sendall(b"\xff" * 64)
+    s.close()
+    assert run("qemu-io", "-f", "raw", "-c", "read -P 0x11 0 64k", uri(nbd, "r0")).returncode == 0
+    assert daemon.client().cmd("query-block-exports")["return"][0]["id"] == "e1"
+
+
+def _raw_client(nbd: str, name: str) -> tuple[socket.socket, p.ClientParser, Callable[[int], list]]:
+    """A handshake by hand: structured replies, base:allocation, then GO."""
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(nbd)
+    parser = p.ClientParser()
+
+    pending: list = []
+
+    def events(n: int) -> list:
+        """The next ``n`` events; later ones stay queued for the next call."""
+        while len(pending) < n:
+            pending.extend(parser.events())
+            if len(pending) < n:
+                parser.receive_data(s.recv(65536))
+        out = pending[:n]
+        del pending[:n]
+        return out
+
+    assert isinstance(events(1)[0], p.Greeting)
+    s.sendall(p.client_flags())
+    s.sendall(p.option_request(p.Opt.STRUCTURED_REPLY))
+    assert events(1)[0].reply == p.Rep.ACK
+    s.sendall(p.option_request(p.Opt.SET_META_CONTEXT, p.meta_context_data(name, [p.BASE_ALLOCATION])))
+    replies = events(2)
+    assert replies[0].reply == p.Rep.META_CONTEXT and replies[1].reply == p.Rep.ACK
+    s.sendall(p.option_request(p.Opt.GO, p.info_request_data(name)))
+    while True:
+        reply = events(1)[0]
+        if reply.reply == p.Rep.ACK:
+            break
+    parser.start_transmission()
+    return s, parser, events
+
+
+def test_many_requests_in_flight_and_structured_holes(served):
+    daemon, nbd, image = served
+    s, parser, events = _raw_client(nbd, "r0")
+    # 32 reads sent back to back before reading any reply.
+    for handle in range(32):
+        parser.expect_read(handle, 2048)
+        s.sendall(p.request(p.Cmd.READ, handle, handle * 2048, 2048))
+    seen = set()
+    while len(seen) < 32:
+        chunk = events(1)[0]
+        if chunk.type == p.Chunk.OFFSET_DATA:
+            offset, data = p.parse_offset_data(chunk.payload)
+            assert data == b"\x11" * 2048 and offset == chunk.handle * 2048
+        if chunk.done:
+            seen.add(chunk.handle)
+    # A large read over a hole comes back as a hole chunk.
+    s.sendall(p.request(p.Cmd.READ, 99, 1 << 20, 1 << 20))
+    chunk = events(1)[0]
+    assert chunk.type == p.Chunk.OFFSET_HOLE and p.parse_offset_hole(chunk.payload) == (1 << 20, 1 << 20)
+    s.sendall(p.request(p.Cmd.BLOCK_STATUS, 100, 0, 4 << 20))
+    chunk = events(1)[0]
+    assert p.parse_block_status(chunk.payload) == (0, [(65536, 0), ((4 << 20) - 65536, 3)])
+    # Out of range is EINVAL for this request only.
+    s.sendall(p.request(p.Cmd.READ, 101, 4 << 20, 4096))
+    chunk = events(1)[0]
+    assert chunk.type == p.Chunk.ERROR and p.parse_error_chunk(chunk.payload)[0] == p.Err.EINVAL
+    s.sendall(p.request(p.Cmd.DISC, 102))
+    s.close()
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed")
+def test_fio_nbd_engine_verifies(served, tmp_path):
+    daemon, nbd, image = served
+    out = run("fio", "--name=v", "--ioengine=nbd", f"--uri={uri(nbd, 'r0')}", "--rw=randwrite",
+              "--bs=4k", "--size=2M", "--iodepth=16", "--verify=crc32c", "--do_verify=1",
+              "--output-format=json", timeout=120)
+    assert out.returncode == 0, out.stderr
+    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+    assert job["error"] == 0 and job["write"]["io_bytes"] >= 2 << 20
+
+
+def test_export_holds_the_node(served):
+    daemon, nbd, image = served
+    c = daemon.client()
+    assert c.cmd("blockdev-del", **{"node-name": "r0"})["error"]["desc"] == "Node r0 is in use"
+    reply = c.cmd("blockdev-reopen", options=[{"driver": "raw", "node-name": "r0", "file": "f0",
+                                               "read-only": True}])
+    assert reply["error"]["desc"] == "Read-only block node 'r0' cannot support read-write users"
+    assert c.cmd("block-export-del", id="e0", mode="hard") == {"return": {}}
+    assert c.cmd("blockdev-reopen", options=[{"driver": "raw", "node-name": "r0", "file": "f0",
+                                              "read-only": True}]) == {"return": {}}
+    assert c.cmd("blockdev-del", **{"node-name": "r0"}) == {"return": {}}
+    assert not os.path.exists(nbd + "x")
