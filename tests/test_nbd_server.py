@@ -161,7 +161,7 @@ def test_many_requests_in_flight_and_structured_holes(served):
 def test_fio_nbd_engine_verifies(served, tmp_path):
     daemon, nbd, image = served
     out = run("fio", "--name=v", "--ioengine=nbd", f"--uri={uri(nbd, 'r0')}", "--rw=randwrite",
-              "--bs=4k", "--size=2M", "--iodepth=16", "--verify=crc32c", "--do_verify=1",
+              "--bs=4k", "--size=2M", "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0",
               "--output-format=json", timeout=120)
     assert out.returncode == 0, out.stderr
     job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]

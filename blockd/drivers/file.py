@@ -44,6 +44,23 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 #: Above this size a request goes straight to a thread: it rarely fits the cache
 #: path and copying it would stall the loop.
 _INLINE_MAX = 1 << 20
+#: File systems whose I/O is a memory copy: a thread hop costs more than the I/O.
+_MEMORY_FS = {"tmpfs", "ramfs", "hugetlbfs"}
+
+
+def filesystem_type(fd: int) -> str:
+    """The type of the file system holding ``fd`` (from /proc/self/mountinfo)."""
+    st = os.fstat(fd)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields[2] == dev:
+                    return fields[fields.index("-") + 1]
+    except (OSError, ValueError, IndexError):
+        pass
+    return "unknown"
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -111,6 +128,12 @@ class FileNode(BlockNode):
         self.locks: LockBytes | None = None
         self.is_block_device = False
         self.discards_ok = self.discards_failed = self.discard_bytes_ok = 0
+        #: I/O done on the loop thread (memory-backed files); else cache-first, then threads.
+        self.in_memory = False
+        self.nowait = bool(_NOWAIT)
+        #: The last ``[start, end)`` found to hold data: sequential readers ask again
+        #: and again, and ``SEEK_HOLE`` is slow on some file systems.
+        self.data_extent = (0, 0)
 
     # ---- open/close ---------------------------------------------------------
 
@@ -126,6 +149,7 @@ class FileNode(BlockNode):
             if stat.S_ISDIR(st.st_mode):
                 raise QMPError(f"'{self.path}' is not a file")
             self.is_block_device = stat.S_ISBLK(st.st_mode)
+            self.in_memory = not self.direct and filesystem_type(self.fd) in _MEMORY_FS
             self.size = self._query_size()
             locking = opts.get("locking", "auto")
             if locking != "off":
@@ -178,15 +202,18 @@ class FileNode(BlockNode):
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         if self.direct:
             return await asyncio.to_thread(self._direct_read, offset, length)
-        if _NOWAIT and length <= _INLINE_MAX:
+        if self.in_memory:
+            return self._pread(offset, length)
+        if self.nowait and length <= _INLINE_MAX:
             buf = bytearray(length)
             try:
                 got = os.preadv(self.fd, [buf], offset, _NOWAIT)
             except BlockingIOError:
                 got = 0
             except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EAGAIN):
+                if exc.errno != errno.EOPNOTSUPP:
                     raise
+                self.nowait = False
                 got = 0
             if got == length:
                 return buf
@@ -206,7 +233,9 @@ class FileNode(BlockNode):
                     flags: WriteFlags = WriteFlags.NONE) -> None:
         if self.direct:
             await asyncio.to_thread(self._direct_write, offset, data)
-        elif _NOWAIT and len(data) <= _INLINE_MAX:
+        elif self.in_memory:
+            self._pwrite(offset, data)
+        elif self.nowait and len(data) <= _INLINE_MAX:
             try:
                 done = os.pwritev(self.fd, [data], offset, _NOWAIT)
             except OSError as exc:
@@ -273,6 +302,7 @@ class FileNode(BlockNode):
         end = offset + length
         if end > self.size:
             raise OSError(errno.EINVAL, "Invalid argument")
+        self.data_extent = (0, 0)
         modes = []
         if flags & WriteFlags.MAY_UNMAP and self._discard_enabled():
             modes.append(_FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE)
@@ -296,6 +326,7 @@ class FileNode(BlockNode):
     async def discard(self, offset: int, length: int) -> None:
         if not self._discard_enabled():
             return
+        self.data_extent = (0, 0)
         try:
             fallocate(self.fd, _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE, offset, length)
         except OSError as exc:
@@ -314,6 +345,9 @@ class FileNode(BlockNode):
 
     async def block_status(self, offset: int, length: int) -> Extent:
         """Data or hole, from ``SEEK_DATA``/``SEEK_HOLE``."""
+        start, end = self.data_extent
+        if start <= offset < end:
+            return Extent(min(length, end - offset), Status.DATA | Status.ALLOCATED, offset, self)
         try:
             data = os.lseek(self.fd, offset, os.SEEK_DATA)
         except OSError as exc:
@@ -323,6 +357,7 @@ class FileNode(BlockNode):
         if data > offset:
             return Extent(min(length, data - offset), Status.ZERO | Status.ALLOCATED, offset, self)
         hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        self.data_extent = (offset, hole)
         return Extent(min(length, hole - offset), Status.DATA | Status.ALLOCATED, offset, self)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
@@ -332,6 +367,7 @@ class FileNode(BlockNode):
             return
         await asyncio.to_thread(_resize_file, self.fd, self.size, size, prealloc)
         self.size = size
+        self.data_extent = (0, 0)
 
     # ---- queries ------------------------------------------------------------
 
