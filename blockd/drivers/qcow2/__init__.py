@@ -1,0 +1,1 @@
+"""The qcow2 format driver, split as the format is: header, mapping, refcounts, compression."""

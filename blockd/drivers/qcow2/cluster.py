@@ -1,0 +1,215 @@
+"""Guest-to-host cluster mapping: the L1 table, L2 tables and their entries.
+
+An L1 entry points to an L2 table; an L2 entry describes one guest
+cluster: unallocated (read from backing), zero, normal data at a host
+offset, or compressed data.  With extended L2 entries each entry also
+carries a 64-bit bitmap: bits 0-31 say which of the 32 subclusters are
+allocated, bits 32-63 which read as zeroes.
+
+Bit 63 (``COPIED``) says the refcount is exactly one, so the cluster may
+be written in place; without it (shared with a snapshot) a write must
+copy first.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from blockd.drivers.qcow2.image import Image
+
+COPIED = 1 << 63
+COMPRESSED = 1 << 62
+ZERO = 1
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+SUBCLUSTERS = 32
+ALL_ALLOC = (1 << 32) - 1
+ALL_ZERO = ALL_ALLOC << 32
+
+
+class Kind(enum.Enum):
+    UNALLOCATED = "unallocated"
+    ZERO_PLAIN = "zero-plain"
+    ZERO_ALLOC = "zero-alloc"
+    NORMAL = "normal"
+    COMPRESSED = "compressed"
+
+
+@dataclasses.dataclass
+class Entry:
+    """One decoded L2 entry (and its subcluster bitmap with extended L2)."""
+
+    raw: int
+    bitmap: int = 0
+
+    def kind(self, cluster_bits: int) -> Kind:
+        if self.raw & COMPRESSED:
+            return Kind.COMPRESSED
+        host = self.raw & OFFSET_MASK
+        if self.raw & ZERO:
+            return Kind.ZERO_ALLOC if host else Kind.ZERO_PLAIN
+        return Kind.NORMAL if host else Kind.UNALLOCATED
+
+    @property
+    def host(self) -> int:
+        return self.raw & OFFSET_MASK
+
+    @property
+    def copied(self) -> bool:
+        return bool(self.raw & COPIED)
+
+    def compressed_span(self, cluster_bits: int) -> tuple[int, int]:
+        """Host offset and byte length of compressed data."""
+        x = 62 - (cluster_bits - 8)
+        offset = self.raw & ((1 << x) - 1)
+        sectors = (self.raw >> x) & ((1 << (cluster_bits - 8)) - 1)
+        return offset, (sectors + 1) * 512 - (offset & 511)
+
+
+def compressed_entry(offset: int, length: int, cluster_bits: int) -> int:
+    x = 62 - (cluster_bits - 8)
+    sectors = (offset + length - 1) // 512 - offset // 512
+    return COMPRESSED | (sectors << x) | offset
+
+
+class L2Cache:
+    """Whole L2 tables by host offset, least recently used dropped first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(2, capacity)
+        self.tables: collections.OrderedDict[int, bytearray] = collections.OrderedDict()
+
+    def get(self, offset: int) -> bytearray | None:
+        table = self.tables.get(offset)
+        if table is not None:
+            self.tables.move_to_end(offset)
+        return table
+
+    def put(self, offset: int, table: bytearray) -> None:
+        self.tables[offset] = table
+        self.tables.move_to_end(offset)
+        while len(self.tables) > self.capacity:
+            self.tables.popitem(last=False)
+
+    def drop(self, offset: int) -> None:
+        self.tables.pop(offset, None)
+
+    def clear(self) -> None:
+        self.tables.clear()
+
+
+class Mapping:
+    """L1 in memory, L2 through the cache; entries written through to the file."""
+
+    def __init__(self, image: "Image", cache_tables: int) -> None:
+        self.image = image
+        self.cb = image.header.cluster_bits
+        self.cs = image.cluster_size
+        self.ext = image.header.extended_l2
+        self.entry_size = 16 if self.ext else 8
+        self.l2_entries = self.cs // self.entry_size
+        self.l1: list[int] = []
+        self.cache = L2Cache(cache_tables)
+
+    async def load(self) -> None:
+        h = self.image.header
+        if h.l1_size:
+            raw = await self.image.file.read(h.l1_table_offset, h.l1_size * 8)
+            self.l1 = list(struct.unpack(f">{h.l1_size}Q", raw))
+
+    def index(self, guest: int) -> tuple[int, int]:
+        cluster = guest >> self.cb
+        return cluster // self.l2_entries, cluster % self.l2_entries
+
+    async def _table(self, l2_offset: int) -> bytearray:
+        table = self.cache.get(l2_offset)
+        if table is None:
+            self.image.debug_event("l2_load")
+            table = bytearray(await self.image.file.read(l2_offset, self.cs))
+            self.cache.put(l2_offset, table)
+        return table
+
+    async def lookup(self, guest: int) -> Entry:
+        l1i, l2i = self.index(guest)
+        if l1i >= len(self.l1):
+            return Entry(0)
+        l2_offset = self.l1[l1i] & L1_OFFSET_MASK
+        if not l2_offset:
+            return Entry(0)
+        table = await self._table(l2_offset)
+        pos = l2i * self.entry_size
+        if self.ext:
+            raw, bitmap = struct.unpack_from(">QQ", table, pos)
+            return Entry(raw, bitmap)
+        return Entry(struct.unpack_from(">Q", table, pos)[0])
+
+    async def set(self, guest: int, entry: Entry) -> None:
+        """Write an L2 entry, creating or un-sharing the L2 table first if needed."""
+        l1i, l2i = self.index(guest)
+        l2_offset = await self._writable_table(l1i)
+        table = await self._table(l2_offset)
+        pos = l2i * self.entry_size
+        if self.ext:
+            data = struct.pack(">QQ", entry.raw, entry.bitmap)
+        else:
+            data = struct.pack(">Q", entry.raw)
+        table[pos:pos + len(data)] = data
+        self.image.debug_event("l2_update")
+        await self.image.file.write(l2_offset + pos, data)
+
+    async def _writable_table(self, l1i: int) -> int:
+        if l1i >= len(self.l1):
+            await self.grow_l1(l1i + 1)
+        entry = self.l1[l1i]
+        l2_offset = entry & L1_OFFSET_MASK
+        if l2_offset and entry & COPIED:
+            return l2_offset
+        # A new table, or a private copy of one shared with a snapshot.
+        self.image.debug_event("l2_alloc_cow_read")
+        old = await self._table(l2_offset) if l2_offset else bytearray(self.cs)
+        new_offset = await self.image.refcounts.alloc(1)
+        self.image.debug_event("l2_alloc_write")
+        await self.image.file.write(new_offset, bytes(old))
+        self.cache.put(new_offset, bytearray(old))
+        await self.set_l1(l1i, new_offset | COPIED)
+        if l2_offset:
+            self.cache.drop(l2_offset)
+            await self.image.refcounts.free(l2_offset)
+        return new_offset
+
+    async def set_l1(self, l1i: int, value: int) -> None:
+        self.l1[l1i] = value
+        self.image.debug_event("l1_update")
+        await self.image.file.write(self.image.header.l1_table_offset + l1i * 8,
+                                    struct.pack(">Q", value))
+
+    async def grow_l1(self, min_size: int) -> None:
+        """Move the L1 table to a bigger place (QEMU grows by half again)."""
+        h = self.image.header
+        new_size = max(min_size, (len(self.l1) * 3 + 1) // 2) if len(self.l1) else min_size
+        new_size = max(new_size, min_size)
+        self.image.debug_event("l1_grow_alloc_table")
+        clusters = -(-(new_size * 8) // self.cs)
+        new_offset = await self.image.refcounts.alloc(clusters)
+        table = self.l1 + [0] * (new_size - len(self.l1))
+        self.image.debug_event("l1_grow_write_table")
+        await self.image.file.write(new_offset, struct.pack(f">{new_size}Q", *table))
+        await self.image.file.flush()
+        old_offset, old_size = h.l1_table_offset, h.l1_size
+        self.image.debug_event("l1_grow_activate_table")
+        await self.image.file.write(36, struct.pack(">IQ", new_size, new_offset))
+        h.l1_size, h.l1_table_offset = new_size, new_offset
+        self.l1 = table
+        if old_size:
+            await self.image.refcounts.free(old_offset, -(-(old_size * 8) // self.cs))
+
+    async def shrink_l1(self, size: int) -> None:
+        """Zero L1 entries past ``size`` (the table keeps its place)."""
+        for i in range(size, len(self.l1)):
+            if self.l1[i]:
+                await self.set_l1(i, 0)

@@ -1,0 +1,46 @@
+"""Compressed clusters: raw deflate (zlib) or zstd, always in a worker thread.
+
+Compression and decompression release the GIL, so threads let several
+clusters be (de)compressed at once while the event loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+
+from blockd.drivers.qcow2.header import COMPRESSION_ZSTD
+
+
+def _zstd():
+    try:
+        import zstandard  # type: ignore[import-not-found]
+    except ImportError:
+        raise OSError(95, "zstd compression is not available (install the 'zstandard' package)") \
+            from None
+    return zstandard
+
+
+def _inflate(data: bytes, out_size: int, kind: int) -> bytes:
+    if kind == COMPRESSION_ZSTD:
+        return _zstd().ZstdDecompressor().decompress(data, max_output_size=out_size)[:out_size]
+    d = zlib.decompressobj(-12)
+    out = d.decompress(data, out_size)
+    if len(out) != out_size:
+        raise OSError(5, "Compressed cluster is corrupt")
+    return out
+
+
+def _deflate(data: bytes, kind: int) -> bytes:
+    if kind == COMPRESSION_ZSTD:
+        return _zstd().ZstdCompressor().compress(data)
+    c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
+    return c.compress(data) + c.flush()
+
+
+async def decompress(data: bytes, out_size: int, kind: int) -> bytes:
+    return await asyncio.to_thread(_inflate, data, out_size, kind)
+
+
+async def compress(data: bytes, kind: int) -> bytes:
+    return await asyncio.to_thread(_deflate, data, kind)

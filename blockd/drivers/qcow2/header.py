@@ -1,0 +1,239 @@
+"""The qcow2 header and its extensions (docs/interop/qcow2.txt, "Header").
+
+All integers are big-endian.  Version 2 headers stop at byte 72; version
+3 adds feature bits, the refcount width and ``header_length``, and may
+carry the compression type at byte 104.  Extensions follow the header
+as (type, length, data padded to 8 bytes) records up to a zero type.
+Extensions blockd does not interpret are kept as raw bytes and written
+back unchanged, as the format asks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+from blockd.errors import QMPError
+
+MAGIC = 0x514649FB  # "QFI\xfb"
+
+#: Header extension types.
+EXT_END = 0
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_TABLE = 0x6803F857
+EXT_BITMAPS = 0x23852875
+EXT_CRYPTO = 0x0537BE77
+EXT_DATA_FILE = 0x44415441
+
+#: Incompatible feature bits.
+INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_CORRUPT = 1 << 1
+INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_EXTL2 = 1 << 4
+INCOMPAT_KNOWN = (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE
+                  | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2)
+#: Compatible feature bits.
+COMPAT_LAZY_REFCOUNTS = 1 << 0
+#: Autoclear feature bits.
+AUTOCLEAR_BITMAPS = 1 << 0
+AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+AUTOCLEAR_KNOWN = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW
+
+CRYPT_NONE, CRYPT_AES, CRYPT_LUKS = 0, 1, 2
+COMPRESSION_ZLIB, COMPRESSION_ZSTD = 0, 1
+
+#: The feature table blockd writes on create: (type, bit, name); type 0 incompatible,
+#: 1 compatible, 2 autoclear.
+FEATURE_TABLE = [
+    (0, 0, "dirty bit"), (0, 1, "corrupt bit"), (0, 2, "external data file"),
+    (0, 3, "compression type"), (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"), (2, 1, "raw external data"),
+]
+
+_V2 = struct.Struct(">IIQIIQIIQQIIQ")  # 72 bytes
+_V3 = struct.Struct(">QQQII")  # 32 bytes, through header_length
+V2_LENGTH = 72
+V3_LENGTH = 104
+#: What blockd writes for v3: room for the compression type, padded to 8.
+V3_WRITE_LENGTH = 112
+
+
+@dataclasses.dataclass
+class Extension:
+    type: int
+    data: bytes
+
+
+@dataclasses.dataclass
+class Header:
+    version: int = 3
+    backing_file_offset: int = 0
+    backing_file_size: int = 0
+    cluster_bits: int = 16
+    size: int = 0
+    crypt_method: int = 0
+    l1_size: int = 0
+    l1_table_offset: int = 0
+    refcount_table_offset: int = 0
+    refcount_table_clusters: int = 0
+    nb_snapshots: int = 0
+    snapshots_offset: int = 0
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    refcount_order: int = 4
+    header_length: int = V3_WRITE_LENGTH
+    compression_type: int = COMPRESSION_ZLIB
+    extensions: list[Extension] = dataclasses.field(default_factory=list)
+    backing_file: str | None = None
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.refcount_order
+
+    @property
+    def extended_l2(self) -> bool:
+        return bool(self.incompatible_features & INCOMPAT_EXTL2)
+
+    def extension(self, ext_type: int) -> Extension | None:
+        for ext in self.extensions:
+            if ext.type == ext_type:
+                return ext
+        return None
+
+    def set_extension(self, ext_type: int, data: bytes | None) -> None:
+        """Replace (or with ``None`` drop) the extension of a type."""
+        self.extensions = [e for e in self.extensions if e.type != ext_type]
+        if data is not None:
+            self.extensions.append(Extension(ext_type, data))
+
+    @property
+    def backing_format(self) -> str | None:
+        ext = self.extension(EXT_BACKING_FORMAT)
+        return ext.data.decode(errors="replace") if ext else None
+
+    @property
+    def data_file(self) -> str | None:
+        ext = self.extension(EXT_DATA_FILE)
+        return ext.data.decode(errors="replace") if ext else None
+
+    def feature_names(self) -> dict[tuple[int, int], str]:
+        """(type, bit) -> name from the image's own feature table."""
+        ext = self.extension(EXT_FEATURE_TABLE)
+        names: dict[tuple[int, int], str] = {}
+        if ext is None:
+            return names
+        for pos in range(0, len(ext.data) - 47, 48):
+            kind, bit = ext.data[pos], ext.data[pos + 1]
+            names[(kind, bit)] = ext.data[pos + 2:pos + 48].rstrip(b"\0").decode(errors="replace")
+        return names
+
+    # ---- encoding -----------------------------------------------------------------
+
+    def encode(self) -> bytes:
+        """Header, extensions and backing file name, as one buffer for cluster 0."""
+        out = bytearray(_V2.pack(
+            MAGIC, self.version, self.backing_file_offset, self.backing_file_size,
+            self.cluster_bits, self.size, self.crypt_method, self.l1_size,
+            self.l1_table_offset, self.refcount_table_offset, self.refcount_table_clusters,
+            self.nb_snapshots, self.snapshots_offset))
+        if self.version >= 3:
+            out += _V3.pack(self.incompatible_features, self.compatible_features,
+                            self.autoclear_features, self.refcount_order, self.header_length)
+            if self.header_length > V3_LENGTH:
+                out += bytes([self.compression_type])
+            out += bytes(self.header_length - len(out))
+        for ext in self.extensions:
+            out += struct.pack(">II", ext.type, len(ext.data)) + ext.data
+            out += bytes(-len(ext.data) % 8)
+        out += bytes(8)  # end of extensions
+        if self.backing_file:
+            name = self.backing_file.encode()
+            self.backing_file_offset = len(out)
+            self.backing_file_size = len(name)
+            struct.pack_into(">QI", out, 8, self.backing_file_offset, self.backing_file_size)
+            out += name
+        else:
+            self.backing_file_offset = self.backing_file_size = 0
+            struct.pack_into(">QI", out, 8, 0, 0)
+        if len(out) > self.cluster_size:
+            raise QMPError("Header extensions do not fit in the first cluster")
+        return bytes(out)
+
+
+def parse(buf: bytes, file_size: int | None = None) -> Header:
+    """Parse the first cluster of an image, with QEMU's checks and messages."""
+    if len(buf) < V2_LENGTH:
+        raise QMPError("Image is not in qcow2 format")
+    (magic, version, bfo, bfs, cluster_bits, size, crypt, l1_size, l1_off,
+     rt_off, rt_clusters, nb_snap, snap_off) = _V2.unpack_from(buf)
+    if magic != MAGIC:
+        raise QMPError("Image is not in qcow2 format")
+    if version not in (2, 3):
+        raise QMPError(f"Unsupported qcow2 version {version}")
+    if not 9 <= cluster_bits <= 21:
+        raise QMPError(f"Unsupported cluster size: 2^{cluster_bits}")
+    h = Header(version=version, backing_file_offset=bfo, backing_file_size=bfs,
+               cluster_bits=cluster_bits, size=size, crypt_method=crypt, l1_size=l1_size,
+               l1_table_offset=l1_off, refcount_table_offset=rt_off,
+               refcount_table_clusters=rt_clusters, nb_snapshots=nb_snap,
+               snapshots_offset=snap_off, header_length=V2_LENGTH)
+    if version >= 3:
+        if len(buf) < V3_LENGTH:
+            raise QMPError("qcow2 header exceeds cluster size")
+        (h.incompatible_features, h.compatible_features, h.autoclear_features,
+         h.refcount_order, h.header_length) = _V3.unpack_from(buf, V2_LENGTH)
+        if h.header_length < V3_LENGTH:
+            raise QMPError("qcow2 header too short")
+        if h.header_length > h.cluster_size:
+            raise QMPError("qcow2 header exceeds cluster size")
+        if h.header_length > V3_LENGTH:
+            h.compression_type = buf[V3_LENGTH]
+    else:
+        h.refcount_order = 4
+    if h.refcount_order > 6:
+        raise QMPError("Refcount width must be a power of two and may not exceed 64 bits")
+    if h.incompatible_features & INCOMPAT_COMPRESSION:
+        if h.compression_type not in (COMPRESSION_ZLIB, COMPRESSION_ZSTD):
+            raise QMPError(f"Unknown compression type: {h.compression_type}")
+    elif h.compression_type != COMPRESSION_ZLIB:
+        raise QMPError("compression_type field is non-zero, but the compression type bit is not set")
+    # Extensions.
+    pos = h.header_length
+    end = bfo if bfo else h.cluster_size
+    end = min(end, len(buf))
+    while pos + 8 <= end:
+        ext_type, length = struct.unpack_from(">II", buf, pos)
+        pos += 8
+        if ext_type == EXT_END:
+            break
+        if pos + length > end:
+            raise QMPError("ext_magic: Invalid extension length")
+        h.extensions.append(Extension(ext_type, bytes(buf[pos:pos + length])))
+        pos += (length + 7) & ~7
+    if bfo:
+        if bfs > 1023 or bfo + bfs > len(buf):
+            raise QMPError("Backing file name too long")
+        h.backing_file = bytes(buf[bfo:bfo + bfs]).decode(errors="replace")
+    unknown = h.incompatible_features & ~INCOMPAT_KNOWN
+    if unknown:
+        names = h.feature_names()
+        parts = []
+        for bit in range(64):
+            if unknown & (1 << bit):
+                parts.append(names.get((0, bit), f"Unknown incompatible feature: {1 << bit:x}"))
+        raise QMPError("Unsupported qcow2 feature(s): " + ", ".join(parts), "GenericError")
+    return h
+
+
+def feature_table_bytes() -> bytes:
+    out = bytearray()
+    for kind, bit, name in FEATURE_TABLE:
+        out += bytes([kind, bit]) + name.encode().ljust(46, b"\0")
+    return bytes(out)

@@ -1,0 +1,53 @@
+"""State shared by the parts of one open qcow2 image.
+
+The mapping, refcount and driver modules each own one structure; this
+object ties them to the file node, the header and the metadata lock so
+none of them needs to know the others' internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+
+from blockd.block.node import BlockNode
+from blockd.drivers.qcow2 import header as hdr
+
+log = logging.getLogger(__name__)
+
+
+class Image:
+    def __init__(self, file: BlockNode, header: hdr.Header, discard_other: bool) -> None:
+        self.file = file
+        self.header = header
+        self.cluster_size = header.cluster_size
+        #: Serialises metadata changes; data I/O to allocated clusters runs without it.
+        self.lock = asyncio.Lock()
+        self.discard_other = discard_other
+        from blockd.drivers.qcow2.refcount import Refcounts
+
+        self.refcounts = Refcounts(self)
+        self.corrupt = bool(header.incompatible_features & hdr.INCOMPAT_CORRUPT)
+
+    def debug_event(self, event: str) -> None:
+        self.file.debug_event(event)
+
+    def mark_corrupt(self, why: str) -> None:
+        """Stop writing to an image found inconsistent, as QEMU does."""
+        log.error("qcow2 image is corrupt: %s", why)
+        self.corrupt = True
+
+    async def discard_host(self, offset: int, length: int) -> None:
+        """Give a freed cluster back to the file system (pass-discard-other)."""
+        if self.discard_other:
+            try:
+                await self.file.discard(offset, length)
+            except OSError:
+                pass
+
+    async def write_features(self) -> None:
+        """Rewrite the three feature words (v3 only)."""
+        h = self.header
+        await self.file.write(72, struct.pack(">QQQ", h.incompatible_features,
+                                              h.compatible_features, h.autoclear_features))

@@ -1,0 +1,223 @@
+"""Refcounts: the table, the blocks, and cluster allocation.
+
+Every host cluster has a reference count; zero means free.  Counts live
+in refcount blocks of ``cluster_size * 8 / refcount_bits`` entries whose
+offsets are listed in the refcount table.  Widths below 8 bits pack
+entries least significant bit first within a byte; wider ones are
+big-endian integers.
+
+Ordering for crash safety: a new refcount block is written before the
+table entry that points to it, and a cluster's count is raised before
+any L2 entry uses it, so a crash can leak a cluster but never leave one
+in use with a zero count.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+
+if TYPE_CHECKING:
+    from blockd.drivers.qcow2.image import Image
+
+
+def get_entry(block: bytes | bytearray, index: int, order: int) -> int:
+    if order < 3:
+        bits = 1 << order
+        per_byte = 8 // bits
+        return (block[index // per_byte] >> (bits * (index % per_byte))) & ((1 << bits) - 1)
+    width = 1 << (order - 3)
+    return int.from_bytes(block[index * width:(index + 1) * width], "big")
+
+
+def set_entry(block: bytearray, index: int, order: int, value: int) -> tuple[int, int]:
+    """Store a count; returns the changed byte range ``(start, end)`` for a partial write."""
+    if order < 3:
+        bits = 1 << order
+        per_byte = 8 // bits
+        pos, shift = index // per_byte, bits * (index % per_byte)
+        mask = ((1 << bits) - 1) << shift
+        block[pos] = (block[pos] & ~mask) | (value << shift)
+        return pos, pos + 1
+    width = 1 << (order - 3)
+    block[index * width:(index + 1) * width] = value.to_bytes(width, "big")
+    return index * width, (index + 1) * width
+
+
+class Refcounts:
+    """The image's refcount structure, cached in memory and written through."""
+
+    def __init__(self, image: "Image") -> None:
+        self.image = image
+        self.order = image.header.refcount_order
+        self.max_value = (1 << (1 << self.order)) - 1
+        self.cluster_size = image.cluster_size
+        self.entries = self.cluster_size * 8 // (1 << self.order)
+        self.table: list[int] = []
+        self.blocks: dict[int, bytearray] = {}
+        #: No cluster below this index is free (a search starts here).
+        self.free_hint = 0
+        #: One past the highest cluster handed out (it may not be written yet).
+        self.alloc_end = 0
+
+    async def load(self) -> None:
+        h = self.image.header
+        raw = await self.image.file.read(h.refcount_table_offset,
+                                         h.refcount_table_clusters * self.cluster_size)
+        n = len(raw) // 8
+        self.table = list(struct.unpack(f">{n}Q", raw))
+        self.alloc_end = -(-self.image.file.length() // self.cluster_size)
+
+    async def _block(self, block_index: int) -> bytearray | None:
+        if block_index >= len(self.table):
+            return None
+        offset = self.table[block_index] & ~0x1FF & ((1 << 63) - 1)
+        if offset == 0:
+            return None
+        block = self.blocks.get(block_index)
+        if block is None:
+            self.image.debug_event("refblock_load")
+            block = bytearray(await self.image.file.read(offset, self.cluster_size))
+            self.blocks[block_index] = block
+        return block
+
+    async def get(self, cluster_index: int) -> int:
+        block = await self._block(cluster_index // self.entries)
+        if block is None:
+            return 0
+        return get_entry(block, cluster_index % self.entries, self.order)
+
+    async def update(self, cluster_index: int, delta: int) -> int:
+        """Change one count; the block is written at once (write-through)."""
+        bi = cluster_index // self.entries
+        block = await self._block(bi)
+        if block is None:
+            # alloc() creates blocks before counting; reaching here means the
+            # caller counted a cluster nothing allocated.
+            self.image.mark_corrupt(f"cluster {cluster_index} has no refcount block")
+            raise OSError(5, "Input/output error")
+        idx = cluster_index % self.entries
+        value = get_entry(block, idx, self.order) + delta
+        if value < 0:
+            self.image.mark_corrupt(f"Refcount of cluster {cluster_index} went negative")
+            raise OSError(5, "Input/output error")
+        if value > self.max_value:
+            raise OSError(27, f"Refcount overflow for cluster {cluster_index}")
+        start, end = set_entry(block, idx, self.order, value)
+        self.image.debug_event("refblock_update")
+        await self.image.file.write(self.table[bi] + start, bytes(block[start:end]))
+        if value == 0 and cluster_index < self.free_hint:
+            self.free_hint = cluster_index
+        return value
+
+    async def _new_block(self, block_index: int, near: int) -> None:
+        """Create a refcount block for ``block_index``, placed in its own range."""
+        if block_index >= len(self.table):
+            # Growing places new blocks and the table after everything; the
+            # caller searches again afterwards.
+            await self._grow_table(block_index + 1)
+            return
+        start = block_index * self.entries
+        # Every cluster of a block's range is free until the block exists, so
+        # the block can sit in its own range and count itself.
+        pos = near if start <= near < start + self.entries else start
+        block = bytearray(self.cluster_size)
+        set_entry(block, pos - start, self.order, 1)
+        self.image.debug_event("refblock_alloc")
+        offset = pos * self.cluster_size
+        self.image.debug_event("refblock_alloc_write")
+        await self.image.file.write(offset, bytes(block))
+        self.blocks[block_index] = block
+        self.table[block_index] = offset
+        await self.image.file.write(self.image.header.refcount_table_offset + block_index * 8,
+                                    struct.pack(">Q", offset))
+        self.alloc_end = max(self.alloc_end, pos + 1)
+
+    async def _grow_table(self, min_blocks: int) -> None:
+        """A bigger table placed after everything, with new blocks covering it."""
+        cs, e = self.cluster_size, self.entries
+        start = max(self.alloc_end, -(-self.image.file.length() // cs))
+        new_blocks, table_clusters = 0, 0
+        while True:
+            end = start + new_blocks + table_clusters
+            covering = range(start // e, (end - 1) // e + 1) if end > start else range(0)
+            missing = [b for b in covering if b >= len(self.table) or self.table[b] == 0]
+            total_blocks = max(min_blocks, (end - 1) // e + 1 if end else 0, len(self.table))
+            need_table = -(-(total_blocks * 8) // cs)
+            if len(missing) == new_blocks and need_table == table_clusters:
+                break
+            new_blocks, table_clusters = len(missing), need_table
+        table = self.table + [0] * (table_clusters * cs // 8 - len(self.table))
+        blocks: dict[int, bytearray] = {}
+        for i, b in enumerate(missing):
+            blocks[b] = bytearray(cs)
+            table[b] = (start + i) * cs
+        # Every new cluster (blocks and table) gets its count in the new or existing blocks.
+        updates_existing = []
+        for c in range(start, start + new_blocks + table_clusters):
+            b = c // e
+            if b in blocks:
+                set_entry(blocks[b], c % e, self.order, 1)
+            else:
+                updates_existing.append(c)
+        self.image.debug_event("refblock_alloc_switch_table")
+        for b, block in blocks.items():
+            await self.image.file.write(table[b], bytes(block))
+        table_offset = (start + new_blocks) * cs
+        await self.image.file.write(table_offset, struct.pack(f">{len(table)}Q", *table))
+        old_offset, old_clusters = (self.image.header.refcount_table_offset,
+                                    self.image.header.refcount_table_clusters)
+        self.table = table
+        self.blocks.update(blocks)
+        self.alloc_end = start + new_blocks + table_clusters
+        for c in updates_existing:
+            await self.update(c, 1)
+        await self.image.file.flush()
+        self.image.header.refcount_table_offset = table_offset
+        self.image.header.refcount_table_clusters = table_clusters
+        await self.image.file.write(48, struct.pack(">QI", table_offset, table_clusters))
+        for i in range(old_clusters):
+            await self.update(old_offset // cs + i, -1)
+
+    async def alloc(self, count: int) -> int:
+        """Allocate ``count`` contiguous free clusters; returns the host offset."""
+        self.image.debug_event("cluster_alloc")
+        while True:
+            start = await self._find_free(count)
+            # Make sure every block that will count the run exists first:
+            # creating one takes a cluster, which may be inside the run.
+            created = False
+            for bi in range(start // self.entries, (start + count - 1) // self.entries + 1):
+                if bi >= len(self.table) or self.table[bi] == 0:
+                    await self._new_block(bi, start)
+                    created = True
+                    break
+            if not created:
+                break
+        for c in range(start, start + count):
+            await self.update(c, 1)
+        self.alloc_end = max(self.alloc_end, start + count)
+        self.free_hint = start + count
+        return start * self.cluster_size
+
+    async def _find_free(self, count: int) -> int:
+        c = self.free_hint
+        run_start, run = c, 0
+        while run < count:
+            if c >= self.alloc_end or await self.get(c) == 0:
+                if run == 0:
+                    run_start = c
+                run += 1
+            else:
+                run = 0
+            c += 1
+        return run_start
+
+    async def free(self, offset: int, count: int = 1) -> None:
+        """Drop one reference from each of ``count`` clusters at ``offset``."""
+        first = offset // self.cluster_size
+        for c in range(first, first + count):
+            if await self.update(c, -1) == 0:
+                self.image.debug_event("cluster_free")
+                await self.image.discard_host(c * self.cluster_size, self.cluster_size)
