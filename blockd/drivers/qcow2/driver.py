@@ -279,9 +279,9 @@ class Qcow2Node(BlockNode):
             bitmap = (entry.bitmap | touched) & ~(touched << 32)
             await self.map.set(guest, Entry(entry.raw, bitmap))
             return
-        whole = start == 0 and n == self.cs
-        if whole:
-            buf = bytearray(chunk)
+        buf: bytearray | memoryview
+        if start == 0 and n == self.cs:
+            buf = chunk  # the guest wrote the whole cluster: nothing to copy
         else:
             self.image.debug_event("cow_read")
             buf = await self._cluster_content(guest, entry)
@@ -289,7 +289,7 @@ class Qcow2Node(BlockNode):
         host = await self.image.refcounts.alloc(1)
         self.image.debug_event("cow_write")
         try:
-            await self.image.file.write(host, bytes(buf))
+            await self.image.file.write(host, buf)
         except OSError:
             await self.image.refcounts.free(host)
             raise
