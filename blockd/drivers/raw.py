@@ -64,10 +64,12 @@ class RawNode(BlockNode):
         return self.file.length() - self.offset
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        self.file.debug_event("read_aio")
         return await self.file.read(self.offset + offset, length)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
+        self.file.debug_event("write_aio")
         await self.file.write(self.offset + offset, data, flags)
 
     async def write_zeroes(self, offset: int, length: int,
