@@ -180,3 +180,16 @@ def test_export_holds_the_node(served):
                                               "read-only": True}]) == {"return": {}}
     assert c.cmd("blockdev-del", **{"node-name": "r0"}) == {"return": {}}
     assert not os.path.exists(nbd + "x")
+
+
+def test_image_lock_keeps_qemu_io_out_until_blockdev_del(tmp_path):
+    img = str(tmp_path / "l.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "1M"], check=True)
+    with Daemon(str(tmp_path / "qmp.sock")) as d:
+        c = d.client()
+        assert c.cmd("blockdev-add", driver="qcow2", **{"node-name": "q0"},
+                     file={"driver": "file", "filename": img}) == {"return": {}}
+        out = run("qemu-io", "-f", "qcow2", "-c", "read 0 4k", img)
+        assert out.returncode != 0 and 'Failed to get "write" lock' in out.stderr
+        assert c.cmd("blockdev-del", **{"node-name": "q0"}) == {"return": {}}
+        assert run("qemu-io", "-f", "qcow2", "-c", "write 0 4k", img).returncode == 0
