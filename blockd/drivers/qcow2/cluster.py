@@ -162,6 +162,14 @@ class Mapping:
         self.image.debug_event("l2_update")
         await self.image.file.write(l2_offset + pos, data)
 
+    async def prepare(self, guest: int) -> None:
+        """Make the L2 table for ``guest`` private and present before data is allocated.
+
+        QEMU allocates the table first, so a run of new data clusters stays
+        contiguous instead of being split by a table placed among them.
+        """
+        await self._writable_table(self.index(guest)[0])
+
     async def _writable_table(self, l1i: int) -> int:
         if l1i >= len(self.l1):
             await self.grow_l1(l1i + 1)

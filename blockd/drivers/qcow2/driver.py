@@ -286,6 +286,7 @@ class Qcow2Node(BlockNode):
             self.image.debug_event("cow_read")
             buf = await self._cluster_content(guest, entry)
             buf[start:start + n] = chunk
+        await self.map.prepare(guest)
         host = await self.image.refcounts.alloc(1)
         self.image.debug_event("cow_write")
         try:
