@@ -63,9 +63,6 @@ class Qcow2Node(BlockNode):
             raise QMPError("Encrypted qcow2 images are not supported by this blockd build yet")
         if h.incompatible_features & hdr.INCOMPAT_DATA_FILE:
             raise QMPError("External data files are not supported by this blockd build yet")
-        if h.incompatible_features & hdr.INCOMPAT_DIRTY and not self.read_only:
-            raise QMPError("Image is dirty (lazy refcounts); repair it with "
-                           "'blockd-img check -r all' before opening it read-write")
         if h.incompatible_features & hdr.INCOMPAT_CORRUPT and not self.read_only:
             raise QMPError("qcow2: Image is corrupt; cannot be opened read/write")
         if h.l1_size > (32 << 20) // 8 * 4:
@@ -78,10 +75,30 @@ class Qcow2Node(BlockNode):
         self.map = Mapping(self.image, l2_tables)
         await self.image.refcounts.load()
         await self.map.load()
+        if h.incompatible_features & hdr.INCOMPAT_DIRTY and not self.read_only:
+            await self._repair_dirty()
         if not self.read_only and h.version >= 3 and h.autoclear_features & ~hdr.AUTOCLEAR_KNOWN:
             h.autoclear_features &= hdr.AUTOCLEAR_KNOWN
             await self.image.write_features()
         await self._open_backing(ctx, h)
+
+    async def _repair_dirty(self) -> None:
+        """A dirty image (lazy refcounts, not closed cleanly) is repaired before use, as QEMU does."""
+        from blockd.drivers.qcow2.check import FIX_ERRORS, FIX_LEAKS, check
+
+        res = await check(self, FIX_LEAKS | FIX_ERRORS)
+        if res.corruptions or res.check_errors:
+            raise QMPError("Could not repair dirty image: "
+                           f"{res.corruptions} corruptions remain")
+        self.image.header.incompatible_features &= ~hdr.INCOMPAT_DIRTY
+        await self.image.write_features()
+        await self.image.file.flush()
+
+    async def check(self, fix: int = 0) -> Any:
+        """``qemu-img check`` for this image (see :mod:`.check`)."""
+        from blockd.drivers.qcow2.check import check
+
+        return await check(self, fix)
 
     async def _open_backing(self, ctx: OpenContext, h: hdr.Header) -> None:
         opts = self.options

@@ -1,0 +1,275 @@
+"""Consistency check and repair: refcounts recomputed from every structure that uses clusters.
+
+The walk counts references from the header, the active L1/L2 tables,
+internal snapshots' tables, the snapshot table, the refcount table and
+blocks, and persistent bitmaps; then compares with the stored counts.
+A stored count above the computed one is a leak (harmless), below it a
+corruption (a cluster could be handed out twice).  Messages and the
+numbers in the result are those ``qemu-img check`` prints for the same
+image, so scripts can compare the two.
+
+Repair ``leaks`` lowers leaked counts; ``all`` also raises counts that
+are too low and fixes ``COPIED`` flags that disagree with the counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import TYPE_CHECKING, Any
+
+from blockd.drivers.qcow2 import header as hdr
+from blockd.drivers.qcow2.cluster import COMPRESSED, COPIED, L1_OFFSET_MASK, OFFSET_MASK
+
+if TYPE_CHECKING:
+    from blockd.drivers.qcow2.driver import Qcow2Node
+
+FIX_LEAKS = 1
+FIX_ERRORS = 2
+
+
+@dataclasses.dataclass
+class CheckResult:
+    """``ImageCheck`` counters plus the lines QEMU prints while checking."""
+
+    check_errors: int = 0
+    corruptions: int = 0
+    leaks: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    messages: list[str] = dataclasses.field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The members ``qemu-img check --output=json`` prints: counters only when non-zero."""
+        out: dict[str, Any] = {"check-errors": self.check_errors}
+        if self.image_end_offset:
+            out["image-end-offset"] = self.image_end_offset
+        for key, value in (("corruptions", self.corruptions), ("leaks", self.leaks),
+                           ("corruptions-fixed", self.corruptions_fixed),
+                           ("leaks-fixed", self.leaks_fixed),
+                           ("total-clusters", self.total_clusters),
+                           ("allocated-clusters", self.allocated_clusters),
+                           ("fragmented-clusters", self.fragmented_clusters),
+                           ("compressed-clusters", self.compressed_clusters)):
+            if value:
+                out[key] = value
+        return out
+
+
+class _Walker:
+    def __init__(self, node: "Qcow2Node", res: CheckResult) -> None:
+        self.node = node
+        self.image = node.image
+        self.file = node.image.file
+        self.cs = node.image.cluster_size
+        self.cb = node.image.header.cluster_bits
+        self.res = res
+        self.nb_clusters = -(-self.file.length() // self.cs)
+        self.refs: dict[int, int] = {}
+        self.next_contiguous = 0
+
+    def inc(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        first, last = offset // self.cs, (offset + length - 1) // self.cs
+        for c in range(first, last + 1):
+            if c >= self.nb_clusters:
+                self.res.messages.append(
+                    f"ERROR: counting reference for region exceeding the end of the file by one "
+                    f"cluster or more: offset 0x{c * self.cs:x} size 0x{self.cs:x}")
+                self.res.corruptions += 1
+                continue
+            self.refs[c] = self.refs.get(c, 0) + 1
+
+    async def walk_l1(self, l1_offset: int, l1_size: int, active: bool) -> None:
+        self.inc(l1_offset, l1_size * 8)
+        if not l1_size:
+            return
+        raw = await self.file.read(l1_offset, l1_size * 8)
+        for i, entry in enumerate(struct.unpack(f">{l1_size}Q", raw)):
+            l2 = entry & L1_OFFSET_MASK
+            if not l2:
+                continue
+            if l2 % self.cs:
+                self.res.messages.append(f"ERROR l2_offset={l2:x}: Table is not cluster aligned; "
+                                         "L1 entry corrupted")
+                self.res.corruptions += 1
+                continue
+            self.inc(l2, self.cs)
+            await self.walk_l2(l2, active)
+
+    async def walk_l2(self, l2_offset: int, active: bool) -> None:
+        ext = self.node.map.ext
+        size = 16 if ext else 8
+        table = await self.file.read(l2_offset, self.cs)
+        self.next_contiguous = 0  # QEMU measures fragmentation within each L2 table
+        for pos in range(0, self.cs, size):
+            entry = struct.unpack_from(">Q", table, pos)[0]
+            if entry & COMPRESSED:
+                x = 62 - (self.cb - 8)
+                off = entry & ((1 << x) - 1)
+                sectors = (entry >> x) & ((1 << (self.cb - 8)) - 1)
+                if active:
+                    self.res.allocated_clusters += 1
+                    self.res.compressed_clusters += 1
+                    self.res.fragmented_clusters += 1
+                self.inc(off & ~511, (sectors + 1) * 512)
+                continue
+            host = entry & OFFSET_MASK
+            if not host:
+                continue
+            # Normal and preallocated-zero clusters both hold their cluster.
+            if active:
+                self.res.allocated_clusters += 1
+                if self.next_contiguous and host != self.next_contiguous:
+                    self.res.fragmented_clusters += 1
+                self.next_contiguous = host + self.cs
+            if host % self.cs:
+                self.res.messages.append(f"ERROR offset={host:x}: Data cluster is not properly "
+                                         "aligned; L2 entry corrupted.")
+                self.res.corruptions += 1
+                continue
+            self.inc(host, self.cs)
+
+    async def walk_snapshots(self) -> None:
+        h = self.image.header
+        if not h.nb_snapshots:
+            return
+        pos = h.snapshots_offset
+        for _ in range(h.nb_snapshots):
+            head = await self.file.read(pos, 40)
+            l1_off, l1_size, id_len, name_len = struct.unpack_from(">QIHH", head)
+            extra = struct.unpack_from(">I", head, 36)[0]
+            await self.walk_l1(l1_off, l1_size, active=False)
+            entry_len = 40 + extra + id_len + name_len
+            pos += entry_len + (-entry_len % 8)
+        self.inc(h.snapshots_offset, pos - h.snapshots_offset)
+
+    async def walk_bitmaps(self) -> None:
+        h = self.image.header
+        ext = h.extension(hdr.EXT_BITMAPS)
+        if ext is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS or len(ext.data) < 24:
+            return
+        nb, _, dir_size, dir_off = struct.unpack_from(">IIQQ", ext.data)
+        self.inc(dir_off, dir_size)
+        directory = await self.file.read(dir_off, dir_size)
+        pos = 0
+        for _ in range(nb):
+            table_off, table_size, _flags, _type, _gran, name_len, extra = \
+                struct.unpack_from(">QIIBBHI", directory, pos)
+            self.inc(table_off, table_size * 8)
+            table = await self.file.read(table_off, table_size * 8)
+            for (entry,) in struct.iter_unpack(">Q", table):
+                if entry & OFFSET_MASK:
+                    self.inc(entry & OFFSET_MASK, self.cs)
+            entry_len = 24 + extra + name_len
+            pos += entry_len + (-entry_len % 8)
+
+    async def walk_refcounts(self) -> None:
+        rc = self.image.refcounts
+        h = self.image.header
+        self.inc(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
+        for i, entry in enumerate(rc.table):
+            if entry & 0x1FF:
+                self.res.messages.append(f"ERROR refcount table entry {i} has reserved bits set")
+                self.res.corruptions += 1
+                continue
+            off = entry & OFFSET_MASK
+            if not off:
+                continue
+            if off // self.cs >= self.nb_clusters:
+                self.res.messages.append(f"ERROR refcount block {i} is outside image")
+                self.res.corruptions += 1
+                continue
+            self.inc(off, self.cs)
+
+
+async def check(node: "Qcow2Node", fix: int = 0) -> CheckResult:
+    """Walk the image, compare counts, optionally repair; QEMU's numbers and messages."""
+    image = node.image
+    h = image.header
+    res = CheckResult(total_clusters=-(-h.size // image.cluster_size))
+    async with image.lock:
+        w = _Walker(node, res)
+        w.inc(0, image.cluster_size)
+        await w.walk_l1(h.l1_table_offset, h.l1_size, active=True)
+        await w.walk_snapshots()
+        await w.walk_bitmaps()
+        await w.walk_refcounts()
+        rc = image.refcounts
+        highest = -1
+        nb = max(w.nb_clusters, max(w.refs, default=-1) + 1)
+        for c in range(nb):
+            stored = await rc.get(c)
+            computed = w.refs.get(c, 0)
+            if stored or computed:
+                highest = c
+            if stored == computed:
+                continue
+            fixing = ((stored > computed and fix & FIX_LEAKS)
+                      or (stored < computed and fix & FIX_ERRORS))
+            word = "Repairing" if fixing else ("ERROR" if stored < computed else "Leaked")
+            res.messages.append(f"{word} cluster {c} refcount={stored} reference={computed}")
+            if fixing and computed <= rc.max_value:
+                try:
+                    await rc.update(c, computed - stored)
+                except OSError:
+                    res.check_errors += 1
+                    continue
+                if stored > computed:
+                    res.leaks_fixed += 1
+                else:
+                    res.corruptions_fixed += 1
+            elif stored < computed:
+                res.corruptions += 1
+            else:
+                res.leaks += 1
+        await _check_copied(node, res, fix)
+        res.image_end_offset = (highest + 1) * image.cluster_size
+    return res
+
+
+async def _check_copied(node: "Qcow2Node", res: CheckResult, fix: int) -> None:
+    """``COPIED`` must be set exactly where the count is one (active tables only)."""
+    m = node.map
+    rc = node.image.refcounts
+    cs = node.image.cluster_size
+    for i, entry in enumerate(list(m.l1)):
+        l2 = entry & L1_OFFSET_MASK
+        if not l2:
+            continue
+        count = await rc.get(l2 // cs)
+        if (count == 1) != bool(entry & COPIED):
+            word = "Repairing" if fix & FIX_ERRORS else "ERROR"
+            res.messages.append(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} "
+                                f"l1_entry={entry:x} refcount={count}")
+            if fix & FIX_ERRORS:
+                await m.set_l1(i, (entry | COPIED) if count == 1 else (entry & ~COPIED))
+                res.corruptions_fixed += 1
+            else:
+                res.corruptions += 1
+        table = await node.image.file.read(l2, cs)
+        size = m.entry_size
+        for pos in range(0, cs, size):
+            e = struct.unpack_from(">Q", table, pos)[0]
+            host = e & OFFSET_MASK
+            if e & COMPRESSED or not host:
+                continue
+            count = await rc.get(host // cs)
+            if (count == 1) != bool(e & COPIED):
+                word = "Repairing" if fix & FIX_ERRORS else "ERROR"
+                res.messages.append(f"{word} OFLAG_COPIED data cluster: l2_entry={e:x} "
+                                    f"refcount={count}")
+                if fix & FIX_ERRORS:
+                    fixed = (e | COPIED) if count == 1 else (e & ~COPIED)
+                    data = struct.pack(">Q", fixed)
+                    await node.image.file.write(l2 + pos, data)
+                    m.cache.drop(l2)
+                    res.corruptions_fixed += 1
+                else:
+                    res.corruptions += 1
