@@ -331,13 +331,18 @@ class Qcow2Node(BlockNode):
         elif entry.host:
             await self.image.refcounts.free(entry.host)
 
-    async def write_compressed(self, offset: int, data: bytes) -> None:
+    async def compress_cluster(self, data: bytes) -> bytes:
+        """Compress one cluster in a worker thread (callers may run many at once)."""
+        return await compress.compress(bytes(data), self.image.header.compression_type)
+
+    async def write_compressed(self, offset: int, data: bytes, packed: bytes | None = None) -> None:
         """Store one whole cluster compressed (blockd-img convert -c)."""
         self._writable()
         cs = self.cs
         if offset % cs or len(data) != cs:
             raise OSError(errno.EINVAL, "Compressed writes must cover whole clusters")
-        packed = await compress.compress(bytes(data), self.image.header.compression_type)
+        if packed is None:
+            packed = await self.compress_cluster(data)
         if len(packed) >= cs:
             await self.write(offset, data)
             return

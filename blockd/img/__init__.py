@@ -1,0 +1,1 @@
+"""blockd-img: qemu-img's offline image commands on blockd's drivers."""
