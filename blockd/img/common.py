@@ -11,8 +11,6 @@ from typing import Any
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.errors import QMPError
-from blockd.keyval import parse as parse_keyval
-from blockd.keyval import typed
 from blockd.objects import ObjectStore
 
 PROG = "blockd-img"
@@ -65,6 +63,9 @@ class Session:
 
     def __init__(self, objects: list[str]) -> None:
         self.store = ObjectStore()
+        if objects:
+            # Imported only when needed: the schema machinery costs start-up time.
+            from blockd.keyval import parse as parse_keyval
         for text in objects:
             try:
                 self.store.add(parse_keyval(text, "qom-type"))
@@ -76,6 +77,8 @@ class Session:
                    force_share: bool = False, image_opts: bool = False,
                    extra: dict[str, Any] | None = None) -> BlockNode:
         if image_opts:
+            from blockd.keyval import parse as parse_keyval
+            from blockd.keyval import typed
             from blockd.qmp.schema import Schema
 
             schema = Schema()

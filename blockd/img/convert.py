@@ -81,17 +81,14 @@ async def convert(session: Session, src_name: str, src_fmt: str | None, dst_name
                     pos += ext.length
                     continue
                 data = await src.read(pos, ext.length)
-                if fresh and is_zero(data):
-                    # Zeroes written out in the source need not be stored again.
-                    pos += ext.length
-                    continue
                 if compress and ext.length == cluster and pos % cluster == 0:
-                    packed = await dst.compress_cluster(data)
-                    await in_order(offset)
-                    await dst.write_compressed(pos, bytes(data), packed)
+                    if not (fresh and is_zero(data)):
+                        packed = await dst.compress_cluster(data)
+                        await in_order(offset)
+                        await dst.write_compressed(pos, bytes(data), packed)
                 else:
                     await in_order(offset)
-                    await dst.write(pos, data)
+                    await _write_sparse(dst, pos, data, fresh, cluster)
                 pos += ext.length
         finally:
             written.setdefault(offset, asyncio.Event()).set()
@@ -113,6 +110,25 @@ async def convert(session: Session, src_name: str, src_fmt: str | None, dst_name
             w.cancel()
     await dst.flush()
     bar.finish()
+
+
+async def _write_sparse(dst: BlockNode, offset: int, data: bytes | bytearray | memoryview,
+                        fresh: bool, granularity: int) -> None:
+    """Write ``data`` except the aligned all-zero pieces a fresh target already reads as zero."""
+    view = memoryview(data)
+    start = None  # beginning of the pending run of non-zero pieces
+    pos = 0
+    while pos < len(view):
+        n = min(granularity - (offset + pos) % granularity, len(view) - pos)
+        zero = fresh and is_zero(view[pos:pos + n])
+        if zero and start is not None:
+            await dst.write(offset + start, view[start:pos])
+            start = None
+        elif not zero and start is None:
+            start = pos
+        pos += n
+    if start is not None:
+        await dst.write(offset + start, view[start:])
 
 
 async def compare(session: Session, a_name: str, b_name: str, a_fmt: str | None,
