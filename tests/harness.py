@@ -104,9 +104,9 @@ class Client:
             except (socket.timeout, TimeoutError, EOFError, ConnectionResetError):
                 return out
 
-    def cmd(self, name: str, **args: Any) -> dict[str, Any]:
+    def cmd(self, command: str, /, **args: Any) -> dict[str, Any]:
         """Run a command and return its reply, skipping events."""
-        msg: dict[str, Any] = {"execute": name}
+        msg: dict[str, Any] = {"execute": command}
         if args:
             msg["arguments"] = args
         self.send(json.dumps(msg))

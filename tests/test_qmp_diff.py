@@ -270,3 +270,45 @@ NBD = [
 def test_nbd_export_session_matches_qsd(tmp_path):
     expected, actual = _both(tmp_path, NBD, _images)
     assert actual == expected
+
+
+BITMAPS = [
+    '{"execute":"qmp_capabilities"}',
+    '{"execute":"blockdev-add","arguments":{"driver":"null-co","node-name":"n0","size":16777216}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"q0","file":{"driver":"file","filename":"TMP/bm.qcow2"}}}',
+    '{"execute":"block-dirty-bitmap-add","arguments":{"node":"n0","name":"b0"}}',
+    '{"execute":"block-dirty-bitmap-add","arguments":{"node":"n0","name":"b0"}}',
+    '{"execute":"block-dirty-bitmap-add","arguments":{"node":"n0","name":""}}',
+    '{"execute":"block-dirty-bitmap-add","arguments":{"node":"n0","name":"g","granularity":1000}}',
+    '{"execute":"block-dirty-bitmap-add","arguments":{"node":"n0","name":"g","granularity":256}}',
+    '{"execute":"block-dirty-bitmap-add","arguments":{"node":"n0","name":"g","granularity":4294967296}}',
+    '{"execute":"block-dirty-bitmap-add","arguments":{"node":"n0","name":"g","granularity":2147483648}}',
+    '{"execute":"block-dirty-bitmap-add","arguments":{"node":"n0","name":"p","persistent":true}}',
+    '{"execute":"block-dirty-bitmap-add","arguments":{"node":"nosuch","name":"p"}}',
+    '{"execute":"block-dirty-bitmap-add","arguments":{"node":"q0","name":"qd","disabled":true,"granularity":65536}}',
+    '{"execute":"block-dirty-bitmap-add","arguments":{"node":"q0","name":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}}',
+    '{"execute":"query-named-block-nodes","arguments":{"flat":true}}',
+    '{"execute":"block-dirty-bitmap-remove","arguments":{"node":"n0","name":"zz"}}',
+    '{"execute":"block-dirty-bitmap-clear","arguments":{"node":"n0","name":"b0"}}',
+    '{"execute":"block-dirty-bitmap-disable","arguments":{"node":"n0","name":"b0"}}',
+    '{"execute":"block-dirty-bitmap-enable","arguments":{"node":"n0","name":"b0"}}',
+    '{"execute":"block-dirty-bitmap-merge","arguments":{"node":"n0","target":"b0","bitmaps":["g",{"node":"q0","name":"qd"}]}}',
+    '{"execute":"block-dirty-bitmap-merge","arguments":{"node":"n0","target":"b0","bitmaps":["zz"]}}',
+    '{"execute":"x-debug-block-dirty-bitmap-sha256","arguments":{"node":"n0","name":"b0"}}',
+    '{"execute":"transaction","arguments":{"actions":[{"type":"block-dirty-bitmap-add","data":{"node":"n0","name":"t1"}},{"type":"block-dirty-bitmap-add","data":{"node":"n0","name":"b0"}}]}}',
+    '{"execute":"transaction","arguments":{"actions":[{"type":"block-dirty-bitmap-add","data":{"node":"n0","name":"t1"}},{"type":"block-dirty-bitmap-clear","data":{"node":"n0","name":"b0"}}]}}',
+    '{"execute":"transaction","arguments":{"actions":[{"type":"abort","data":{}}]}}',
+    '{"execute":"block-dirty-bitmap-remove","arguments":{"node":"q0","name":"qp"}}',
+    '{"execute":"block-dirty-bitmap-remove","arguments":{"node":"n0","name":"b0"}}',
+    '{"execute":"query-named-block-nodes","arguments":{"flat":true}}',
+]
+
+
+def _bitmap_images(work) -> None:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k",
+                    str(work / "bm.qcow2"), "16M"], check=True)
+
+
+def test_bitmap_session_matches_qsd(tmp_path):
+    expected, actual = _both(tmp_path, BITMAPS, _bitmap_images)
+    assert actual == expected

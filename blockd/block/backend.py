@@ -121,7 +121,9 @@ class Backend(User):
         except OSError:
             self.stats.failed_unmap_operations += 1
             raise
-        self.node.mark_dirty(offset, length)
+        if self.node.options.get("discard", "ignore") == "unmap":
+            # An ignored discard changes nothing, so bitmaps do not see it (as in QEMU).
+            self.node.mark_dirty(offset, length)
         self.stats.unmap_total_time_ns += self._done(start)
         self.stats.unmap_operations += 1
         self.stats.unmap_bytes += length

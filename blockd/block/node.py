@@ -21,6 +21,7 @@ import enum
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from blockd.block.stats import Stats
+from blockd.errors import QMPError
 
 if TYPE_CHECKING:
     from blockd.block.graph import OpenContext
@@ -315,8 +316,16 @@ class BlockNode:
         return []
 
     def dirty_bitmaps_info(self) -> list[dict[str, Any]]:
-        """``BlockDirtyInfo`` of the node's dirty bitmaps."""
-        return []
+        """``BlockDirtyInfo`` of the node's dirty bitmaps, newest first."""
+        return [bitmap.info() for bitmap in self.bitmaps.values()]
+
+    def check_bitmap_storable(self, name: str, granularity: int) -> None:
+        """Raise unless a persistent bitmap can be stored in this node's image."""
+        raise QMPError(f"Can't store persistent bitmaps to {self.node_name}: "
+                       "Operation not supported")
+
+    async def remove_stored_bitmap(self, name: str) -> None:
+        """Drop a persistent bitmap from the image (formats that store them)."""
 
     def is_dirty(self) -> bool:
         return False
