@@ -20,6 +20,7 @@ from typing import Any
 
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Extent, Status, WriteFlags
+from blockd.drivers.qcow2 import bitmaps as qbitmaps
 from blockd.drivers.qcow2 import compress
 from blockd.drivers.qcow2 import header as hdr
 from blockd.drivers.qcow2.cache import cache_sizes
@@ -45,6 +46,7 @@ class Qcow2Node(BlockNode):
         self.image: Image | None = None
         self.map: Mapping | None = None
         self.compress_pos = 0
+        self.stored_bitmaps: list[qbitmaps.DirEntry] = []
         self._last_inflated: tuple[int, bytes] | None = None
 
     # ---- open -----------------------------------------------------------------
@@ -81,6 +83,10 @@ class Qcow2Node(BlockNode):
             h.autoclear_features &= hdr.AUTOCLEAR_KNOWN
             await self.image.write_features()
         await self._open_backing(ctx, h)
+        self.stored_bitmaps = await qbitmaps.load_directory(self.image)
+        self.bitmaps = await qbitmaps.load(self.image, h.size, not self.read_only)
+        if not self.read_only:
+            self.stored_bitmaps = await qbitmaps.load_directory(self.image)
 
     async def _repair_dirty(self) -> None:
         """A dirty image (lazy refcounts, not closed cleanly) is repaired before use, as QEMU does."""
@@ -127,7 +133,33 @@ class Qcow2Node(BlockNode):
 
     async def close(self) -> None:
         if self.image is not None and not self.read_only:
+            await self._store_bitmaps(in_use=False)
             await self.image.file.flush()
+
+    async def _store_bitmaps(self, in_use: bool) -> None:
+        # Newest first on disk, as QEMU writes them.
+        persistent = [bm for bm in self.bitmaps.values() if bm.persistent and not bm.inconsistent]
+        if persistent or self.stored_bitmaps:
+            async with self.image.lock:
+                self.stored_bitmaps = await qbitmaps.store(self.image, persistent, in_use)
+
+    async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
+        if read_only and not self.read_only:
+            # Going read-only: the bitmaps are saved now, while the file can be written.
+            await self._store_bitmaps(in_use=False)
+            await self.flush()
+        return await super().reopen_prepare(options, read_only)
+
+    def check_bitmap_storable(self, name: str, granularity: int) -> None:
+        if self.read_only:
+            raise QMPError(f"Can't store persistent bitmaps to {self.node_name}: "
+                           "Operation not permitted")
+        count = sum(1 for bm in self.bitmaps.values() if bm.persistent)
+        qbitmaps.check_storable(self.image, name, granularity, count)
+
+    async def remove_stored_bitmap(self, name: str) -> None:
+        if any(e.name == name for e in self.stored_bitmaps):
+            await self._store_bitmaps(in_use=True)
 
     # ---- helpers ----------------------------------------------------------------
 
@@ -571,6 +603,8 @@ class Qcow2Node(BlockNode):
                     "refcount-bits": h.refcount_bits,
                     "corrupt": bool(h.incompatible_features & hdr.INCOMPAT_CORRUPT),
                     "extended-l2": h.extended_l2}
+            if self.stored_bitmaps:
+                data["bitmaps"] = qbitmaps.info(self.stored_bitmaps)
         return {"type": "qcow2", "data": data}
 
 

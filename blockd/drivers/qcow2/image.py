@@ -51,3 +51,9 @@ class Image:
         h = self.header
         await self.file.write(72, struct.pack(">QQQ", h.incompatible_features,
                                               h.compatible_features, h.autoclear_features))
+
+    async def write_header(self) -> None:
+        """Rewrite the header and its extensions (cluster 0) after they changed."""
+        raw = self.header.encode()
+        await self.file.write(0, raw)
+        await self.file.flush()
