@@ -69,3 +69,15 @@ def test_writes_over_nbd_mark_like_qemu(tmp_path):
     actual = _session(tmp_path, qsd=False)
     assert actual == expected
     assert "dirty" in actual[1][0]
+
+
+def test_incremental_backup_example_runs(tmp_path):
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "examples", "incremental_backup.py"),
+                          str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["copied 327680 dirty bytes of 67108864",
+                                       "Images are identical."]

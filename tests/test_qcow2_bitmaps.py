@@ -79,3 +79,67 @@ def test_remove_persistent_bitmap_drops_it_from_the_file(tmp_path):
                                      capture_output=True, text=True).stdout)
     assert [b["name"] for b in info["format-specific"]["data"]["bitmaps"]] == ["b"]
     assert subprocess.run(["qemu-img", "check", img], capture_output=True).returncode == 0
+
+
+def test_qemu_img_bitmaps_load_with_flags_and_counts(tmp_path):
+    img = str(tmp_path / "q.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "16M"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", "-g", "128k", img, "on"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", "--disable", img, "off"], check=True)
+    with Daemon(str(tmp_path / "qmp.sock"),
+                "--blockdev", f"driver=qcow2,node-name=q0,file.driver=file,file.filename={img}") as d:
+        node = d.client().cmd("query-named-block-nodes")["return"][0]
+        assert [(b["name"], b["recording"], b["granularity"], b["count"])
+                for b in node["dirty-bitmaps"]] == [("off", False, 65536, 0), ("on", True, 131072, 0)]
+        flags = {b["name"]: b["flags"] for b in node["image"]["format-specific"]["data"]["bitmaps"]}
+        assert flags == {"on": ["in-use", "auto"], "off": ["in-use"]}
+
+
+def test_killed_daemon_leaves_bitmaps_inconsistent(tmp_path):
+    img = str(tmp_path / "k.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "16M"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", img, "b"], check=True)
+    args = ("--blockdev", f"driver=qcow2,node-name=q0,file.driver=file,file.filename={img}")
+    d = Daemon(str(tmp_path / "qmp.sock"), *args)
+    d.client().cmd("query-version")
+    d.proc.kill()
+    d.proc.wait()
+    d.stop()
+    for qsd in (True, False):  # QEMU agrees; then blockd removes it
+        with Daemon(str(tmp_path / f"qmp{qsd}.sock"), *args, qsd=qsd) as d2:
+            c = d2.client()
+            bitmaps = c.cmd("query-named-block-nodes")["return"][0]["dirty-bitmaps"]
+            assert bitmaps[0]["name"] == "b" and bitmaps[0].get("inconsistent") is True
+            reply = c.cmd("block-dirty-bitmap-clear", node="q0", name="b")
+            assert reply["error"]["desc"].startswith("Bitmap 'b' is inconsistent")
+    with Daemon(str(tmp_path / "qmp-last.sock"), *args) as d3:
+        assert d3.client().cmd("block-dirty-bitmap-remove", node="q0", name="b") == {"return": {}}
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", img],
+                                     capture_output=True, text=True).stdout)
+    assert "bitmaps" not in info["format-specific"]["data"]
+    assert subprocess.run(["qemu-img", "check", img], capture_output=True).returncode == 0
+
+
+def test_qemu_img_map_reads_dirty_extents_over_nbd(tmp_path):
+    img = str(tmp_path / "m.raw")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", img, "4M"], check=True)
+    nbd = str(tmp_path / "nbd.sock")
+    with Daemon(str(tmp_path / "qmp.sock"),
+                "--blockdev", f"driver=file,node-name=f0,filename={img}",
+                "--nbd-server", f"addr.type=unix,addr.path={nbd}") as d:
+        c = d.client()
+        c.cmd("block-dirty-bitmap-add", node="f0", name="inc", granularity=65536)
+        c.cmd("block-export-add", type="nbd", id="w", **{"node-name": "f0", "name": "w"},
+              writable=True)
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write 1M 4k", f"nbd+unix:///w?socket={nbd}"],
+                       check=True, capture_output=True)
+        c.cmd("block-export-add", type="nbd", id="r", **{"node-name": "f0", "name": "r"},
+              bitmaps=["inc"])
+        out = subprocess.run(["qemu-img", "map", "--output=json", "--image-opts",
+                              f"driver=nbd,server.type=unix,server.path={nbd},export=r,"
+                              "x-dirty-bitmap=qemu:dirty-bitmap:inc"],
+                             capture_output=True, text=True)
+        entries = json.loads(out.stdout)
+        # With x-dirty-bitmap, qemu-img reports dirty areas as "data": false.
+        dirty = [e for e in entries if not e["data"]]
+        assert [(e["start"], e["length"]) for e in dirty] == [(1 << 20, 65536)]

@@ -91,9 +91,14 @@ class Backend(User):
             else:
                 await self.node.write(offset, data, flags)
         except OSError:
-            self.stats.failed_wr_operations += 1
+            self._failed_write(offset, length)
             raise
         self._wrote(start, offset, length)
+
+    def _failed_write(self, offset: int, length: int) -> None:
+        """A failed write may still have changed part of the range: bitmaps must say so."""
+        self.stats.failed_wr_operations += 1
+        self.node.mark_dirty(offset, length)
 
     def _wrote(self, start: int, offset: int, length: int) -> None:
         self.node.mark_dirty(offset, length)
@@ -109,7 +114,7 @@ class Backend(User):
         try:
             await self.node.write_zeroes(offset, length, flags)
         except OSError:
-            self.stats.failed_wr_operations += 1
+            self._failed_write(offset, length)
             raise
         self._wrote(start, offset, length)
 

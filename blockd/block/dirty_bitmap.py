@@ -99,10 +99,13 @@ class DirtyBitmap:
 
     # ---- QMP --------------------------------------------------------------------
 
-    def check_usable(self, allow_readonly: bool = False) -> None:
+    def check_usable(self, allow_readonly: bool = False, busy_only: bool = False) -> None:
+        """QEMU's checks before changing a bitmap; removal only cares whether it is busy."""
         if self.busy:
             raise QMPError(f"Bitmap '{self.name}' is currently in use by another operation "
                            "and cannot be used")
+        if busy_only:
+            return
         if self.readonly and not allow_readonly:
             raise QMPError(f"Bitmap '{self.name}' is readonly and cannot be modified")
         if self.inconsistent:

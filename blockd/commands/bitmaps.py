@@ -70,7 +70,7 @@ async def bitmap_add(daemon: Daemon, args: dict[str, Any]) -> dict:
 @command("block-dirty-bitmap-remove")
 async def bitmap_remove(daemon: Daemon, args: dict[str, Any]) -> dict:
     node, bitmap = _find(daemon, args["node"], args["name"])
-    bitmap.check_usable(allow_readonly=False)
+    bitmap.check_usable(busy_only=True)
     del node.bitmaps[bitmap.name]
     if bitmap.persistent:
         await node.remove_stored_bitmap(bitmap.name)
@@ -152,7 +152,7 @@ def _tx_action(daemon: Daemon, kind: str, data: dict[str, Any]) -> tuple[Callabl
         return merge, (lambda: target.bits.__setitem__(slice(None), saved))
     node, bitmap = _find(daemon, data["node"], data["name"])
     if kind == "block-dirty-bitmap-remove":
-        bitmap.check_usable()
+        bitmap.check_usable(busy_only=True)
         old = dict(node.bitmaps)
         return (lambda: node.bitmaps.pop(bitmap.name, None)), \
             (lambda: setattr(node, "bitmaps", old))

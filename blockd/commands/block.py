@@ -123,6 +123,7 @@ async def reopen(daemon: Daemon, entries: list[dict[str, Any]]) -> None:
         check_common_options(options)
         plan.append((node, options, bool(options.get("read-only", False))))
     _check_children_unchanged(graph, plan)
+    _add_implicit_children(graph, plan)
     # Nodes going read-only must not have writers above them.
     for node, _, ro in plan:
         if ro and not node.read_only:
@@ -139,7 +140,8 @@ async def reopen(daemon: Daemon, entries: list[dict[str, Any]]) -> None:
             await node.reopen_abort(state)
         raise
     old = [(node, node.options, node.read_only) for node, _, _ in plan]
-    for (node, state), (_, options, ro) in zip(prepared, plan):
+    # Children commit first, so a parent becoming writable finds its storage writable.
+    for (node, state), (_, options, ro) in reversed(list(zip(prepared, plan))):
         await node.reopen_commit(state, options, ro)
     try:
         for node, _, _ in plan:
@@ -151,6 +153,21 @@ async def reopen(daemon: Daemon, entries: list[dict[str, Any]]) -> None:
             await node.reopen_commit(state, options, ro)
             graph.refresh(node)
         raise
+
+
+def _add_implicit_children(graph: Any, plan: list[tuple[BlockNode, dict[str, Any], bool]]) -> None:
+    """Children a node created inline follow its read-only change, as in QEMU."""
+    listed = {node.node_name for node, _, _ in plan}
+    i = 0
+    while i < len(plan):  # grows as children join, so grandchildren follow too
+        node, _, ro = plan[i]
+        i += 1
+        for link in node.children.values():
+            child = link.child
+            if child.node_name in graph.implicit and child.node_name not in listed \
+                    and link.role != "backing" and child.read_only != ro:
+                plan.append((child, {**child.options, "read-only": ro}, ro))
+                listed.add(child.node_name)
 
 
 def _check_children_unchanged(graph: Any, plan: list[tuple[BlockNode, dict[str, Any], bool]]) -> None:

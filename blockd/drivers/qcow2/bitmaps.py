@@ -112,9 +112,9 @@ async def _write_directory_in_place(image: "Image", entries: list[DirEntry]) -> 
     await image.file.flush()
 
 
-async def _free_all(image: "Image", entries: list[DirEntry]) -> None:
+async def _free_all(image: "Image", entries: list[DirEntry], free_directory: bool) -> None:
     cs = image.cluster_size
-    offset, size = directory_location(image)
+    offset, size = directory_location(image) if free_directory else (0, 0)
     for e in entries:
         table = await image.file.read(e.table_offset, e.table_size * 8)
         for (entry,) in struct.iter_unpack(">Q", table):
@@ -125,16 +125,19 @@ async def _free_all(image: "Image", entries: list[DirEntry]) -> None:
         await image.refcounts.free(offset, -(-size // cs))
 
 
-async def store(image: "Image", bitmaps: list[DirtyBitmap], in_use: bool) -> list[DirEntry]:
+async def store(image: "Image", bitmaps: list[DirtyBitmap], in_use: bool,
+                keep: set[str] = frozenset()) -> list[DirEntry]:
     """Replace what is on disk with ``bitmaps`` (newest first); returns the new directory.
 
-    ``in_use`` stays set while the image remains open read-write.
+    ``in_use`` stays set while the image remains open read-write.  Entries
+    named in ``keep`` (inconsistent bitmaps nobody removed) stay as they are.
     """
     cs = image.cluster_size
     h = image.header
     old = await load_directory(image)
-    await _free_all(image, old)
-    entries = []
+    kept = [e for e in old if e.name in keep]
+    await _free_all(image, [e for e in old if e.name not in keep], free_directory=True)
+    entries = list(kept)
     for bm in bitmaps:
         data = bytes(bm.bits)
         table = []

@@ -139,9 +139,10 @@ class Qcow2Node(BlockNode):
     async def _store_bitmaps(self, in_use: bool) -> None:
         # Newest first on disk, as QEMU writes them.
         persistent = [bm for bm in self.bitmaps.values() if bm.persistent and not bm.inconsistent]
+        keep = {bm.name for bm in self.bitmaps.values() if bm.inconsistent}
         if persistent or self.stored_bitmaps:
             async with self.image.lock:
-                self.stored_bitmaps = await qbitmaps.store(self.image, persistent, in_use)
+                self.stored_bitmaps = await qbitmaps.store(self.image, persistent, in_use, keep)
 
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
         if read_only and not self.read_only:
@@ -149,6 +150,16 @@ class Qcow2Node(BlockNode):
             await self._store_bitmaps(in_use=False)
             await self.flush()
         return await super().reopen_prepare(options, read_only)
+
+    async def reopen_commit(self, state: Any, options: dict[str, Any], read_only: bool) -> None:
+        was_read_only = self.read_only
+        await super().reopen_commit(state, options, read_only)
+        for bitmap in self.bitmaps.values():
+            bitmap.readonly = read_only
+        if was_read_only and not read_only and self.image.file.read_only is False:
+            # Writable again: the bitmaps loaded once are marked in use, not reloaded,
+            # and any added meanwhile are stored.
+            await self._store_bitmaps(in_use=True)
 
     def check_bitmap_storable(self, name: str, granularity: int) -> None:
         if self.read_only:
