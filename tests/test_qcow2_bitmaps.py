@@ -143,3 +143,19 @@ def test_qemu_img_map_reads_dirty_extents_over_nbd(tmp_path):
         # With x-dirty-bitmap, qemu-img reports dirty areas as "data": false.
         dirty = [e for e in entries if not e["data"]]
         assert [(e["start"], e["length"]) for e in dirty] == [(1 << 20, 65536)]
+
+
+def test_bitmap_added_read_only_is_stored_once_writable(tmp_path):
+    img = str(tmp_path / "ro.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "16M"], check=True)
+    with Daemon(str(tmp_path / "qmp.sock"), "--blockdev",
+                f"driver=file,node-name=f0,filename={img},read-only=on",
+                "--blockdev", "driver=qcow2,node-name=q0,file=f0,read-only=on") as d:
+        c = d.client()
+        assert c.cmd("block-dirty-bitmap-add", node="q0", name="p", persistent=True) == {"return": {}}
+        assert c.cmd("blockdev-reopen", options=[
+            {"driver": "file", "node-name": "f0", "filename": img, "read-only": False},
+            {"driver": "qcow2", "node-name": "q0", "file": "f0", "read-only": False}]) == {"return": {}}
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", img],
+                                     capture_output=True, text=True).stdout)
+    assert [b["name"] for b in info["format-specific"]["data"]["bitmaps"]] == ["p"]

@@ -141,7 +141,8 @@ async def reopen(daemon: Daemon, entries: list[dict[str, Any]]) -> None:
         raise
     old = [(node, node.options, node.read_only) for node, _, _ in plan]
     # Children commit first, so a parent becoming writable finds its storage writable.
-    for (node, state), (_, options, ro) in reversed(list(zip(prepared, plan))):
+    entries = sorted(zip(prepared, plan), key=lambda e: _height(e[0][0]))
+    for (node, state), (_, options, ro) in entries:
         await node.reopen_commit(state, options, ro)
     try:
         for node, _, _ in plan:
@@ -153,6 +154,11 @@ async def reopen(daemon: Daemon, entries: list[dict[str, Any]]) -> None:
             await node.reopen_commit(state, options, ro)
             graph.refresh(node)
         raise
+
+
+def _height(node: BlockNode) -> int:
+    """Longest path down to a leaf: storage sorts before the formats above it."""
+    return 1 + max((_height(link.child) for link in node.children.values()), default=0)
 
 
 def _add_implicit_children(graph: Any, plan: list[tuple[BlockNode, dict[str, Any], bool]]) -> None:

@@ -15,6 +15,7 @@ the refcount was raised before, so a crash leaks at worst.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from typing import Any
 
@@ -29,7 +30,7 @@ from blockd.drivers.qcow2.cluster import (ALL_ALLOC, ALL_ZERO, COPIED, SUBCLUSTE
 from blockd.drivers.qcow2.image import Image
 from blockd.errors import QMPError
 
-_MAX_HEADER_READ = 2 << 20
+log = logging.getLogger(__name__)
 
 
 def probe_format(head: bytes) -> str:
@@ -132,9 +133,15 @@ class Qcow2Node(BlockNode):
             raise QMPError(f"Could not open backing file: {exc.desc}") from None
 
     async def close(self) -> None:
-        if self.image is not None and not self.read_only:
+        if self.image is None:
+            return
+        if not self.read_only:
             await self._store_bitmaps(in_use=False)
             await self.image.file.flush()
+        elif any(bm.persistent and not bm.inconsistent for bm in self.bitmaps.values()
+                 if bm.name not in {e.name for e in self.stored_bitmaps}):
+            log.warning("Lost persistent bitmaps of node '%s': it was never writable",
+                        self.node_name)
 
     async def _store_bitmaps(self, in_use: bool) -> None:
         # Newest first on disk, as QEMU writes them.
@@ -162,9 +169,6 @@ class Qcow2Node(BlockNode):
             await self._store_bitmaps(in_use=True)
 
     def check_bitmap_storable(self, name: str, granularity: int) -> None:
-        if self.read_only:
-            raise QMPError(f"Can't store persistent bitmaps to {self.node_name}: "
-                           "Operation not permitted")
         count = sum(1 for bm in self.bitmaps.values() if bm.persistent)
         qbitmaps.check_storable(self.image, name, granularity, count)
 

@@ -1,0 +1,219 @@
+"""Sector ciphers: a block cipher, a mode and an IV generator, applied per 512-byte sector.
+
+This is the layer QEMU calls ``QCryptoBlock`` encrypt/decrypt helpers:
+every sector is encrypted on its own with an IV derived from its sector
+number, so any sector can be read or rewritten independently.  The
+caller picks the sector numbering (host sectors for LUKS in qcow2,
+payload sectors for raw LUKS, guest sectors for legacy qcow AES).
+
+The primitives come from ``cryptography``.  The methods are pure CPU
+work on immutable state, so several worker threads may use one
+:class:`SectorCipher` at the same time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Callable
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from blockd.errors import QMPError
+
+try:  # CAST5 and DES moved to the "decrepit" module in newer releases.
+    from cryptography.hazmat.decrepit.ciphers import algorithms as _old_algorithms
+except ImportError:  # pragma: no cover - older cryptography
+    _old_algorithms = algorithms
+
+try:
+    # Building a context through the public Cipher object costs more than the
+    # cipher work on one sector; the function it wraps is the same.
+    from cryptography.hazmat.bindings._rust import openssl as _rust_openssl
+
+    _create_encryption_ctx = _rust_openssl.ciphers.create_encryption_ctx
+    _create_decryption_ctx = _rust_openssl.ciphers.create_decryption_ctx
+except (ImportError, AttributeError):  # pragma: no cover - other cryptography layouts
+    def _create_encryption_ctx(alg: Any, mode: Any) -> Any:
+        return Cipher(alg, mode).encryptor()
+
+    def _create_decryption_ctx(alg: Any, mode: Any) -> Any:
+        return Cipher(alg, mode).decryptor()
+
+SECTOR_SIZE = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class CipherAlg:
+    """One QEMU cipher algorithm (``QCryptoCipherAlgorithm``)."""
+
+    name: str
+    family: str
+    key_len: int
+    block_size: int
+    #: Builds the cryptography algorithm from a key; None if OpenSSL lacks it.
+    make: Callable[[bytes], Any] | None
+
+
+def _aes(key: bytes) -> Any:
+    return algorithms.AES(key)
+
+
+def _cast5(key: bytes) -> Any:
+    return _old_algorithms.CAST5(key)
+
+
+def _des3(key: bytes) -> Any:
+    return _old_algorithms.TripleDES(key)
+
+
+CIPHER_ALGS: dict[str, CipherAlg] = {a.name: a for a in (
+    CipherAlg("aes-128", "aes", 16, 16, _aes),
+    CipherAlg("aes-192", "aes", 24, 16, _aes),
+    CipherAlg("aes-256", "aes", 32, 16, _aes),
+    CipherAlg("des", "des", 8, 8, _des3),
+    CipherAlg("3des", "3des", 24, 8, _des3),
+    CipherAlg("cast5-128", "cast5", 16, 8, _cast5),
+    # Serpent and Twofish are not in OpenSSL, hence not in cryptography.
+    CipherAlg("serpent-128", "serpent", 16, 16, None),
+    CipherAlg("serpent-192", "serpent", 24, 16, None),
+    CipherAlg("serpent-256", "serpent", 32, 16, None),
+    CipherAlg("twofish-128", "twofish", 16, 16, None),
+    CipherAlg("twofish-192", "twofish", 24, 16, None),
+    CipherAlg("twofish-256", "twofish", 32, 16, None),
+)}
+
+CIPHER_MODES = ("ecb", "cbc", "xts", "ctr")
+IVGEN_ALGS = ("plain", "plain64", "essiv")
+#: QCryptoHashAlgorithm names and their digest sizes.
+HASH_ALGS: dict[str, int] = {
+    "md5": 16, "sha1": 20, "sha224": 28, "sha256": 32,
+    "sha384": 48, "sha512": 64, "ripemd160": 20,
+}
+
+
+def hash_digest(name: str, data: bytes) -> bytes:
+    """Digest with a QEMU hash name (hashlib is OpenSSL's digests too)."""
+    try:
+        return hashlib.new(name, data).digest()
+    except ValueError:
+        raise QMPError(f"Hash algorithm {name} not supported") from None
+
+
+def cryptography_hash(name: str) -> Any:
+    """The ``cryptography`` hash object for PBKDF2 and friends."""
+    from cryptography.hazmat.primitives import hashes
+
+    cls = {"md5": hashes.MD5, "sha1": hashes.SHA1, "sha224": hashes.SHA224,
+           "sha256": hashes.SHA256, "sha384": hashes.SHA384,
+           "sha512": hashes.SHA512}.get(name)
+    if cls is None:
+        raise QMPError(f"Hash algorithm {name} not supported")
+    return cls()
+
+
+def key_length(alg: str, mode: str) -> int:
+    """Bytes of key the algorithm takes in ``mode`` (XTS needs two keys)."""
+    n = CIPHER_ALGS[alg].key_len
+    return 2 * n if mode == "xts" else n
+
+
+def essiv_cipher(alg: str, hash_alg: str) -> str:
+    """The cipher ESSIV uses: same family, key as long as the hash digest (dm-crypt's rule)."""
+    digest = HASH_ALGS[hash_alg]
+    info = CIPHER_ALGS[alg]
+    if info.key_len == digest:
+        return alg
+    label = {"aes": "AES", "serpent": "Serpent", "twofish": "Twofish"}.get(info.family)
+    if label is None:
+        raise QMPError(f"Cipher {alg} not supported with essiv")
+    for cand in CIPHER_ALGS.values():
+        if cand.family == info.family and cand.key_len == digest:
+            return cand.name
+    raise QMPError(f"No {label} cipher with key size {digest} available")
+
+
+def _algorithm(alg: str, key: bytes) -> Any:
+    info = CIPHER_ALGS.get(alg)
+    if info is None or info.make is None:
+        raise QMPError(f"Unsupported cipher algorithm {alg}")
+    return info.make(key)
+
+
+class SectorCipher:
+    """Encrypts and decrypts runs of whole sectors with per-sector IVs."""
+
+    def __init__(self, alg: str, mode: str, key: bytes, ivgen: str = "plain64",
+                 ivgen_hash: str | None = None, sector_size: int = SECTOR_SIZE) -> None:
+        info = CIPHER_ALGS.get(alg)
+        if info is None or info.make is None:
+            raise QMPError(f"Unsupported cipher algorithm {alg}")
+        if mode not in CIPHER_MODES:
+            raise QMPError(f"Unsupported cipher mode {mode}")
+        want = key_length(alg, mode)
+        if len(key) != want:
+            raise QMPError(f"Cipher key length {len(key)} should be {want}")
+        if mode == "xts" and (info.block_size != 16 or info.family != "aes"
+                              or info.key_len == 24):
+            # OpenSSL offers XTS for AES-128 and AES-256 only.
+            raise QMPError(f"Unsupported cipher algorithm {alg} with mode xts")
+        self.alg, self.mode = alg, mode
+        self.ivgen, self.ivgen_hash = ivgen, ivgen_hash
+        self.sector_size = sector_size
+        self.block_size = info.block_size
+        self.niv = 0 if mode == "ecb" else info.block_size
+        self._alg_obj = _algorithm(alg, key)
+        self._mode_cls = {"cbc": modes.CBC, "xts": modes.XTS, "ctr": modes.CTR}.get(mode)
+        self._essiv: Any = None
+        if ivgen == "essiv":
+            if ivgen_hash is None:
+                raise QMPError("Missing IV generator hash specification")
+            ealg = essiv_cipher(alg, ivgen_hash)
+            self._essiv = _algorithm(ealg, hash_digest(ivgen_hash, key))
+        elif ivgen not in ("plain", "plain64"):
+            raise QMPError(f"IV generator {ivgen} not supported")
+
+    def _ivs(self, sector: int, count: int) -> bytes:
+        """IVs of ``count`` consecutive sectors, concatenated."""
+        niv = self.niv
+        if self.ivgen == "plain":
+            width, mask = 4, 0xFFFFFFFF
+        else:
+            width, mask = 8, 0xFFFFFFFFFFFFFFFF
+        take = min(width, niv)
+        pad = bytes(niv - take)
+        ivs = b"".join(((s & mask).to_bytes(width, "little")[:take] + pad)
+                       for s in range(sector, sector + count))
+        if self._essiv is not None:
+            enc = _create_encryption_ctx(self._essiv, modes.ECB())
+            ivs = enc.update(ivs) + enc.finalize()
+        return ivs
+
+    def _run(self, sector: int, data: bytes | bytearray | memoryview, encrypt: bool) -> bytes:
+        view = memoryview(data).cast("B")
+        size = self.sector_size
+        if len(view) % size:
+            raise ValueError("encryption length must be a multiple of the sector size")
+        make = _create_encryption_ctx if encrypt else _create_decryption_ctx
+        if self._mode_cls is None:
+            # ECB has no IV: every sector is encrypted the same way.
+            ctx = make(self._alg_obj, modes.ECB())
+            return ctx.update(view) + ctx.finalize()
+        count = len(view) // size
+        ivs = self._ivs(sector, count)
+        niv = self.niv
+        out = bytearray(len(view))
+        mode_cls, alg = self._mode_cls, self._alg_obj
+        for i in range(count):
+            ctx = make(alg, mode_cls(ivs[i * niv:(i + 1) * niv]))
+            pos = i * size
+            out[pos:pos + size] = ctx.update(view[pos:pos + size])
+        return bytes(out)
+
+    def encrypt(self, sector: int, data: bytes | bytearray | memoryview) -> bytes:
+        """Ciphertext of whole sectors, the first of which is number ``sector``."""
+        return self._run(sector, data, True)
+
+    def decrypt(self, sector: int, data: bytes | bytearray | memoryview) -> bytes:
+        """Plaintext of whole sectors, the first of which is number ``sector``."""
+        return self._run(sector, data, False)
