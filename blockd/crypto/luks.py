@@ -81,7 +81,7 @@ def _cstr(raw: bytes) -> str:
 
 def _lookup(name: str, choices: Any, what: str) -> str:
     if name not in choices:
-        raise QMPError(f"{what} {name} not supported")
+        raise QMPError(f"{what} '{name}' not supported")
     return name
 
 

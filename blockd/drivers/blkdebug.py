@@ -27,15 +27,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno as errnos
+import functools
+import json
 import os
 import re
-from typing import Any, Callable
+from typing import Any
 
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Extent, Perm, WriteFlags
 from blockd.errors import QMPError
 from blockd.qmp.json import qdict_keys
-from blockd.qmp.schema import load_type
+from blockd.qmp.schema import SCHEMA_DIR
 
 IO_TYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
 DEFAULT_IO_TYPES = frozenset(IO_TYPES[:5])
@@ -47,8 +49,11 @@ PERMS = {"consistent-read": Perm.CONSISTENT_READ, "write": Perm.WRITE,
 _INT_MAX = 2**31 - 1
 
 
+@functools.cache
 def _events() -> frozenset[str]:
-    return frozenset(load_type("BlkdebugEvent")["enum"])
+    """QEMU's event names, from the schema that QMP validates against."""
+    with open(SCHEMA_DIR / "types" / "BlkdebugEvent.json") as f:
+        return frozenset(json.load(f)["enum"])
 
 
 @dataclasses.dataclass(eq=False)
@@ -215,16 +220,24 @@ def build_rules(groups: list[tuple[str, dict[str, Any]]]) -> tuple[list[InjectRu
     return inject, states
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    """QEMU's ``qdict_flatten``: lists and dicts become dotted keys."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _flatten(f"{prefix}.{key}", item, out)
-    elif isinstance(value, list) and value:
-        for i, item in enumerate(value):
-            _flatten(f"{prefix}.{i}", item, out)
-    else:
-        out[prefix] = value
+#: QAPI member order of the rule structs, the order QEMU's visitor rebuilds them in.
+_RULE_MEMBERS = {
+    "inject-error": ("event", "state", "iotype", "errno", "sector", "once", "immediately"),
+    "set-state": ("event", "state", "new_state"),
+}
+
+
+def _flat_rules(options: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The rule options as QEMU's flattened keys (``inject-error.0.event``).
+
+    Returned in reverse: QEMU's copies of the options leave keys that share
+    a hash bucket in that order, which decides how the ``json:`` name prints.
+    """
+    flat = []
+    for key, members in _RULE_MEMBERS.items():
+        for i, rule in enumerate(options.get(key, [])):
+            flat += [(f"{key}.{i}.{m}", rule[m]) for m in members if m in rule]
+    return flat[::-1]
 
 
 def _spans(offset: int, length: int, limit: int) -> list[tuple[int, int]]:
@@ -321,9 +334,7 @@ class BlkdebugNode(BlockNode):
     def full_options(self) -> dict[str, Any]:
         """QEMU names rules by their flattened keys (``inject-error.0.event``)."""
         opts = super().full_options()
-        for key in ("inject-error", "set-state"):
-            if self.options.get(key):
-                _flatten(key, self.options[key], opts)
+        opts.update(_flat_rules(self.options))
         return opts
 
     # ---- rules ------------------------------------------------------------------------
@@ -393,53 +404,75 @@ class BlkdebugNode(BlockNode):
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
+        await self._write_padded(offset, data, flags, strict=False)
+
+    async def _write_padded(self, offset: int, data: bytes | bytearray | memoryview,
+                            flags: WriteFlags, strict: bool) -> None:
+        """Write, reading the partial ``align`` blocks at either end first.
+
+        QEMU 7.2 ignores a failed padding read for plain writes (``strict``
+        is false) and writes whatever its buffer held; we take the image's
+        bytes instead, so the request succeeds as there without the damage.
+        Write-zeroes does report the failure.
+        """
         start, padded = self._pad(offset, len(data))
         if (start, padded) == (offset, len(data)):
             await self._write_aligned(offset, data, flags)
             return
         a = self.align
+        padded = min(padded, self.length() - start)
         buf = bytearray(padded)
         end = offset + len(data)
-        size = self.length()
         head, tail = offset % a, end % a
-        # QEMU reads head and tail in one go when the padded span is one or two blocks.
+        # One read covers head and tail when the padded span is one or two blocks.
         merged = head and tail and padded <= 2 * a
-        if head:
-            self.debug_event("pwritev_rmw_head")
-            n = min(padded if merged else a, size - start)
-            buf[:n] = await self._read_aligned(start, n)
-            self.debug_event("pwritev_rmw_after_head")
+        # (events before the read, offset, length, events after it)
+        reads = []
+        if merged:
+            reads.append((("head", "tail"), start, padded))
+        elif head:
+            reads.append((("head",), start, min(a, padded)))
         if tail and not merged:
-            self.debug_event("pwritev_rmw_tail")
-            t = start + padded - a
-            n = min(a, size - t)
-            buf[t - start:t - start + n] = await self._read_aligned(t, n)
-            self.debug_event("pwritev_rmw_after_tail")
+            t = start + padded - (padded % a or a)
+            reads.append((("tail",), t, start + padded - t))
+        for names, o, n in reads:
+            for name in names:
+                self.debug_event(f"pwritev_rmw_{name}")
+            try:
+                chunk = await self._read_aligned(o, n)
+            except OSError:
+                if strict:
+                    raise
+                chunk = await self.image.read(o, n)
+            buf[o - start:o - start + n] = chunk
+            for name in names:
+                self.debug_event(f"pwritev_rmw_after_{name}")
         buf[head:head + len(data)] = data
-        await self._write_aligned(start, buf[:min(padded, size - start)], flags)
+        await self._write_aligned(start, buf, flags)
 
     async def write_zeroes(self, offset: int, length: int,
                            flags: WriteFlags = WriteFlags.NONE) -> None:
         a = max(self.align, 1)
-        head = -offset % a if offset % a else 0
-        if head or (offset + length) % a:
-            # Partial blocks go through read-modify-write, the rest as zeroes.
-            first = min(length, head)
-            if first:
-                await self.write(offset, bytes(first), flags & WriteFlags.FUA)
-            mid_end = offset + length - (offset + length) % a
-            if mid_end > offset + first:
-                await self.write_zeroes(offset + first, mid_end - offset - first, flags)
-            if offset + length > max(mid_end, offset + first):
-                rest = max(mid_end, offset + first)
-                await self.write(rest, bytes(offset + length - rest), flags & WriteFlags.FUA)
-            return
+        end = offset + length
+        head_end = min(end, -(-offset // a) * a)
+        tail_start = max(head_end, end - end % a)
+        # Partial blocks of ``align`` are read, modified and written.
+        if head_end > offset:
+            await self._write_padded(offset, bytes(head_end - offset), flags & WriteFlags.FUA, True)
+        if tail_start > head_end:
+            await self._zero_aligned(head_end, tail_start - head_end, flags)
+        if end > tail_start:
+            await self._write_padded(tail_start, bytes(end - tail_start), flags & WriteFlags.FUA, True)
+
+    async def _zero_aligned(self, offset: int, length: int, flags: WriteFlags) -> None:
         self.debug_event("pwritev_zero")
         try:
-            zalign = max(self.opt_write_zero, a)
+            zalign = max(self.opt_write_zero, self.align, 1)
             for o, n in self._limited(offset, length, zalign, self.max_write_zero):
-                if n < zalign and not o % a and not n % a and (o % zalign or n % zalign):
-                    # Too small for the zero path: QEMU falls back to writing a buffer.
+                if n < zalign:
+                    # Pieces below opt-write-zero fall back to writing zeroes, as in QEMU.
+                    if flags & WriteFlags.NO_FALLBACK:
+                        raise OSError(errnos.ENOTSUP, os.strerror(errnos.ENOTSUP))
                     await self._check(o, n, "write")
                     await self.image.write(o, bytes(n), flags & WriteFlags.FUA)
                     continue
@@ -467,10 +500,11 @@ class BlkdebugNode(BlockNode):
     async def discard(self, offset: int, length: int) -> None:
         dalign = max(self.opt_discard, self.align, 1)
         for o, n in self._limited(offset, length, dalign, self.max_discard):
-            if n < dalign:
-                continue  # too small to pass on; discard is advisory
+            # Unlike write-zeroes, QEMU checks the rules before dropping a
+            # piece too small to pass on (discard is advisory).
             await self._check(o, n, "discard")
-            await self.image.discard(o, n)
+            if n >= dalign:
+                await self.image.discard(o, n)
 
     async def flush(self) -> None:
         await self._check(0, 0, "flush")
