@@ -51,6 +51,9 @@ class Export:
             bitmap = find_bitmap(self.node, bname)
             if bitmap is None:
                 raise QMPError(f"Bitmap '{bname}' is not found")
+            bitmap.check_usable(readonly=False)
+            if not self.writable and not self.node.read_only and bitmap.enabled:
+                raise QMPError(f"Enabled bitmap '{bname}' incompatible with readonly export")
             self.bitmaps[bname] = bitmap
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else Perm(0))
         self.backend = Backend(daemon.graph, self.node, EXPORT_USER, perm,

@@ -133,8 +133,9 @@ def test_qemu_img_map_reads_dirty_extents_over_nbd(tmp_path):
               writable=True)
         subprocess.run(["qemu-io", "-f", "raw", "-c", "write 1M 4k", f"nbd+unix:///w?socket={nbd}"],
                        check=True, capture_output=True)
-        c.cmd("block-export-add", type="nbd", id="r", **{"node-name": "f0", "name": "r"},
-              bitmaps=["inc"])
+        c.cmd("block-dirty-bitmap-disable", node="f0", name="inc")
+        assert c.cmd("block-export-add", type="nbd", id="r", **{"node-name": "f0", "name": "r"},
+                     bitmaps=["inc"]) == {"return": {}}
         out = subprocess.run(["qemu-img", "map", "--output=json", "--image-opts",
                               f"driver=nbd,server.type=unix,server.path={nbd},export=r,"
                               "x-dirty-bitmap=qemu:dirty-bitmap:inc"],

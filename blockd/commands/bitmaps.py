@@ -21,7 +21,10 @@ def _node(daemon: Daemon, name: str) -> BlockNode:
 
 
 def _find(daemon: Daemon, node_name: str, name: str) -> tuple[BlockNode, DirtyBitmap]:
-    node = _node(daemon, node_name)
+    """Look a bitmap up by node and name, with the texts of QEMU's bitmap lookup."""
+    node = daemon.graph.nodes.get(node_name)
+    if node is None:
+        raise QMPError(f"Node '{node_name}' not found")
     bitmap = node.bitmaps.get(name)
     if bitmap is None:
         raise QMPError(f"Dirty bitmap '{name}' not found")
@@ -29,28 +32,31 @@ def _find(daemon: Daemon, node_name: str, name: str) -> tuple[BlockNode, DirtyBi
 
 
 def default_granularity(node: BlockNode) -> int:
-    """The node's cluster size (at least 4 KiB), else 64 KiB: QEMU's choice."""
+    """The node's cluster size clamped to 4 KiB..64 KiB, else 64 KiB: QEMU's choice."""
     cluster = node.cluster_size()
     if cluster:
-        return max(4096, 1 << (cluster - 1).bit_length())
+        return min(DEFAULT_GRANULARITY, max(4096, cluster))
     return DEFAULT_GRANULARITY
 
 
 def _prepare_add(daemon: Daemon, args: dict[str, Any]) -> tuple[BlockNode, DirtyBitmap]:
-    node = _node(daemon, args["node"])
+    """Check an add in QEMU's order (the first failing check decides the error)."""
     name = args["name"]
     if not name:
         raise QMPError("Bitmap name cannot be empty")
-    if len(name) > MAX_NAME:
-        raise QMPError(f"Bitmap name too long: {name}")
-    granularity = args.get("granularity", default_granularity(node))
-    if granularity < 512 or granularity & (granularity - 1):
+    node = _node(daemon, args["node"])
+    granularity = args.get("granularity")
+    if granularity is None:
+        granularity = default_granularity(node)
+    elif granularity < 512 or granularity & (granularity - 1):
         raise QMPError("Granularity must be power of 2 and at least 512")
-    if name in node.bitmaps:
-        raise QMPError(f"Bitmap already exists: {name}")
     persistent = args.get("persistent", False)
     if persistent:
         node.check_bitmap_storable(name, granularity)
+    if name in node.bitmaps:
+        raise QMPError(f"Bitmap already exists: {name}")
+    if len(name.encode()) > MAX_NAME:
+        raise QMPError(f"Bitmap name too long: {name}")
     bitmap = DirtyBitmap(name, node.length(), granularity, persistent=persistent,
                          enabled=not args.get("disabled", False))
     return node, bitmap
@@ -70,11 +76,34 @@ async def bitmap_add(daemon: Daemon, args: dict[str, Any]) -> dict:
 @command("block-dirty-bitmap-remove")
 async def bitmap_remove(daemon: Daemon, args: dict[str, Any]) -> dict:
     node, bitmap = _find(daemon, args["node"], args["name"])
-    bitmap.check_usable(busy_only=True)
-    del node.bitmaps[bitmap.name]
-    if bitmap.persistent:
-        await node.remove_stored_bitmap(bitmap.name)
+    bitmap.check_usable(inconsistent=False)
+    await _release(node, bitmap)
     return {}
+
+
+async def _release(node: BlockNode, bitmap: DirtyBitmap) -> None:
+    """Drop a bitmap, and its stored copy if persistent; on failure keep it as it was."""
+    await _unstore(node, bitmap)
+    del node.bitmaps[bitmap.name]
+
+
+async def _unstore(node: BlockNode, bitmap: DirtyBitmap) -> None:
+    """Remove a persistent bitmap's stored copy; the bitmap itself stays in memory.
+
+    The format rewrites its bitmap directory from ``node.bitmaps``, so the
+    bitmap is left out of the dict while the format works.
+    """
+    if not bitmap.persistent:
+        return
+    before = dict(node.bitmaps)
+    del node.bitmaps[bitmap.name]
+    try:
+        await node.remove_stored_bitmap(bitmap.name)
+    except OSError as exc:
+        raise QMPError(f"Failed to remove bitmap '{bitmap.name}' from the image: "
+                       f"{exc.strerror}") from None
+    finally:
+        node.bitmaps = before
 
 
 @command("block-dirty-bitmap-clear")
@@ -88,7 +117,7 @@ async def bitmap_clear(daemon: Daemon, args: dict[str, Any]) -> dict:
 @command("block-dirty-bitmap-enable")
 async def bitmap_enable(daemon: Daemon, args: dict[str, Any]) -> dict:
     _, bitmap = _find(daemon, args["node"], args["name"])
-    bitmap.check_usable(allow_readonly=True)
+    bitmap.check_usable(readonly=False)
     bitmap.enabled = True
     return {}
 
@@ -96,22 +125,27 @@ async def bitmap_enable(daemon: Daemon, args: dict[str, Any]) -> dict:
 @command("block-dirty-bitmap-disable")
 async def bitmap_disable(daemon: Daemon, args: dict[str, Any]) -> dict:
     _, bitmap = _find(daemon, args["node"], args["name"])
-    bitmap.check_usable(allow_readonly=True)
+    bitmap.check_usable(readonly=False)
     bitmap.enabled = False
     return {}
 
 
 def _merge_sources(daemon: Daemon, args: dict[str, Any]) -> tuple[DirtyBitmap, list[DirtyBitmap]]:
-    _, target = _find(daemon, args["node"], args["target"])
+    """Resolve and check a merge's target and sources; nothing changes yet."""
+    node, target = _find(daemon, args["node"], args["target"])
     target.check_usable()
     sources = []
     for src in args["bitmaps"]:
         if isinstance(src, str):
-            _, bitmap = _find(daemon, args["node"], src)
+            bitmap = node.bitmaps.get(src)
+            if bitmap is None:
+                raise QMPError(f"Dirty bitmap '{src}' not found")
         else:
             _, bitmap = _find(daemon, src["node"], src["name"])
-        if bitmap.inconsistent:
-            raise QMPError(f"Bitmap '{bitmap.name}' is inconsistent and cannot be used")
+        bitmap.check_usable(readonly=False)
+        if bitmap.size != target.size:
+            raise QMPError(f"Bitmaps are of different sizes (destination size is {target.size}, "
+                           f"source size is {bitmap.size}) and can't be merged")
         sources.append(bitmap)
     return target, sources
 
@@ -132,58 +166,89 @@ async def bitmap_sha256(daemon: Daemon, args: dict[str, Any]) -> dict:
 
 # ---- transaction ---------------------------------------------------------------------
 
+#: Puts things back as they were before an action, when a later one fails.
 Undo = Callable[[], None]
+#: Finishes an action once every action has succeeded.
+Commit = Callable[[], Awaitable[None]]
+
+#: The transaction actions blockd implements (QEMU's backup and snapshot ones are not).
+_TX_KINDS = {"abort", "block-dirty-bitmap-add", "block-dirty-bitmap-remove",
+             "block-dirty-bitmap-clear", "block-dirty-bitmap-enable",
+             "block-dirty-bitmap-disable", "block-dirty-bitmap-merge"}
 
 
-def _tx_action(daemon: Daemon, kind: str, data: dict[str, Any]) -> tuple[Callable[[], None], Undo]:
-    """Check an action now (raise to abort), return (commit, undo) closures."""
+async def _nothing() -> None:
+    pass
+
+
+def _restore_bits(bitmap: DirtyBitmap) -> Undo:
+    saved = bytes(bitmap.bits)
+    return lambda: bitmap.bits.__setitem__(slice(None), saved)
+
+
+async def _tx_action(daemon: Daemon, kind: str, data: dict[str, Any],
+                     grouped: bool) -> tuple[Undo, Commit]:
+    """Do one action's visible part now (raise to fail the transaction).
+
+    Like QEMU, every action takes effect at once and is undone if a later
+    one fails.  A removal drops the stored copy at once (QEMU does, and
+    does not restore it on abort: the bitmap is stored again on close)
+    but keeps the bitmap, busy, until the commit.
+    """
     if kind == "abort":
         raise QMPError("Transaction aborted using Abort action")
+    if grouped:
+        raise QMPError(f"Action '{kind}' does not support Transaction property "
+                       "completion-mode = grouped")
     if kind == "block-dirty-bitmap-add":
         node, bitmap = _prepare_add(daemon, data)
-        return (lambda: _add_to(node, bitmap)), (lambda: node.bitmaps.pop(bitmap.name, None))
+        _add_to(node, bitmap)
+        return (lambda: node.bitmaps.pop(bitmap.name, None)), _nothing
     if kind == "block-dirty-bitmap-merge":
         target, sources = _merge_sources(daemon, data)
-        saved = bytes(target.bits)
-
-        def merge() -> None:
-            for src in sources:
-                target.merge_from(src)
-        return merge, (lambda: target.bits.__setitem__(slice(None), saved))
+        undo = _restore_bits(target)
+        for src in sources:
+            target.merge_from(src)
+        return undo, _nothing
     node, bitmap = _find(daemon, data["node"], data["name"])
     if kind == "block-dirty-bitmap-remove":
-        bitmap.check_usable(busy_only=True)
-        old = dict(node.bitmaps)
-        return (lambda: node.bitmaps.pop(bitmap.name, None)), \
-            (lambda: setattr(node, "bitmaps", old))
+        bitmap.check_usable(inconsistent=False)
+        await _unstore(node, bitmap)
+        bitmap.busy = True
+
+        async def remove() -> None:
+            bitmap.busy = False
+            node.bitmaps.pop(bitmap.name, None)
+        return (lambda: setattr(bitmap, "busy", False)), remove
     if kind == "block-dirty-bitmap-clear":
         bitmap.check_usable()
-        saved = bytes(bitmap.bits)
-        return bitmap.clear, (lambda: bitmap.bits.__setitem__(slice(None), saved))
-    if kind in ("block-dirty-bitmap-enable", "block-dirty-bitmap-disable"):
-        bitmap.check_usable(allow_readonly=True)
-        was = bitmap.enabled
-        want = kind.endswith("enable")
-        return (lambda: setattr(bitmap, "enabled", want)), \
-            (lambda: setattr(bitmap, "enabled", was))
-    raise QMPError(f"Action '{kind}' is not supported by blockd")
+        undo = _restore_bits(bitmap)
+        bitmap.clear()
+        return undo, _nothing
+    bitmap.check_usable(readonly=False)
+    was = bitmap.enabled
+    bitmap.enabled = kind == "block-dirty-bitmap-enable"
+    return (lambda: setattr(bitmap, "enabled", was)), _nothing
 
 
 @command("transaction")
 async def transaction(daemon: Daemon, args: dict[str, Any]) -> dict:
-    """All actions or none: each is checked and applied in order, undone on a failure."""
-    done: list[Undo] = []
+    """All actions or none: each applies in order; a failure undoes those before it."""
+    grouped = args.get("properties", {}).get("completion-mode") == "grouped"
+    undos: list[Undo] = []
+    commits: list[Commit] = []
     try:
         for action in args["actions"]:
-            commit, undo = _tx_action(daemon, action["type"], action.get("data", {}))
-            commit()
-            done.append(undo)
+            if action["type"] not in _TX_KINDS:
+                raise QMPError(f"Action '{action['type']}' is not supported by blockd")
+            undo, commit = await _tx_action(daemon, action["type"], action["data"], grouped)
+            undos.append(undo)
+            commits.append(commit)
     except QMPError:
-        for undo in reversed(done):
+        for undo in reversed(undos):
             undo()
         raise
-    removed = [a["data"] for a in args["actions"] if a["type"] == "block-dirty-bitmap-remove"]
-    for data in removed:
-        node = daemon.graph.nodes[data["node"]]
-        await node.remove_stored_bitmap(data["name"])
+    for commit in commits:
+        await commit()
     return {}
+
