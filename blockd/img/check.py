@@ -1,11 +1,16 @@
-"""``check``: qemu-img's report, exit codes and repair flow over a driver's ``check``."""
+"""``check``: qemu-img's report, exit codes and repair flow over a driver's ``check``.
+
+A format node that can check itself has ``async check(fix: int)`` returning
+a result with ImageCheck's counters (see blockd.drivers.qcow2.check); formats
+without one get qemu-img's "does not support checks" and exit status 63.
+"""
 
 from __future__ import annotations
 
 import sys
 from typing import Any
 
-from blockd.img.common import ImgError, Session, json_pretty
+from blockd.img.common import PROG, Args, Session, UsageError, json_pretty
 
 FIX = {"leaks": 1, "all": 3}
 
@@ -49,11 +54,11 @@ def exit_code(res: Any) -> int:
 async def check(session: Session, filename: str, fmt: str | None, output: str,
                 repair: str | None, force_share: bool, image_opts: bool) -> tuple[str, int]:
     if repair is not None and repair not in FIX:
-        raise ImgError(f"Unknown option for -r (expecting 'leaks' or 'all'): {repair}")
+        raise UsageError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}")
     node = await session.open(filename, fmt, read_only=repair is None, force_share=force_share,
                               image_opts=image_opts)
     if not hasattr(node, "check"):
-        print(f"blockd-img: This image format does not support checks", file=sys.stderr)
+        print(f"{PROG}: This image format does not support checks", file=sys.stderr)
         return "", 63
     res = await node.check(FIX[repair] if repair else 0)
     for message in res.messages:
@@ -70,3 +75,16 @@ async def check(session: Session, filename: str, fmt: str | None, output: str,
     if output == "json":
         prefix = ""
     return prefix + _report(res, filename, node.driver, output), exit_code(res)
+
+
+async def run(args: Args) -> int:
+    """``check [-q] [-f fmt] [--output=ofmt] [-r leaks|all] [-U] filename``."""
+    if len(args.rest) != 1:
+        raise UsageError("Expecting one image file name")
+    output = args.output()
+    async with Session(args.objects) as session:
+        text, code = await check(session, args.rest[0], args.get("f"), output, args.get("r"),
+                                 args.has("U"), args.has("image-opts"))
+    if not args.has("q"):
+        print(text, end="")
+    return code

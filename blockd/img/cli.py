@@ -1,171 +1,130 @@
-"""``blockd-img``: qemu-img's command line (subcommands, getopt-style options, exit codes)."""
+"""``blockd-img``: qemu-img's command line (subcommands, getopt-style options, exit codes).
+
+Each subcommand lives in its own module as ``async def run(args: Args) -> int``;
+this module only parses options the way qemu-img's getopt_long does (GNU
+permutation, qemu-img's wording for unknown and incomplete options) and maps
+failures to ``blockd-img: ...`` on stderr with exit status 1.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import getopt
+import importlib
 import sys
-from typing import Any, Awaitable, Callable
 
-from blockd.img import check as check_cmd
-from blockd.img import convert as convert_cmd
-from blockd.img import create as create_cmd
-from blockd.img import info as info_cmd
-from blockd.img.common import ImgError, Session, fail, parse_size
+from blockd.img.common import PROG, Args, ImgError, UsageError, fail
 
-USAGE = """\
-usage: blockd-img [standard options] command [command options]
-blockd-img is qemu-img for blockd: the same subcommands, options and output.
+USAGE = f"""\
+{PROG} version 7.2.0 (blockd)
+usage: {PROG} [standard options] command [command options]
+The same subcommands, options, output and exit codes as qemu-img, on blockd's drivers.
 
 Command syntax:
-  check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
-  compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2
-  convert [--object objectdef] [--image-opts] [-c] [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-o options] [-m num_coroutines] [-W] [-U] filename output_filename
-  create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-o options] filename [size]
+  bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b source_file [-F source_fmt]] [-g granularity] [--object objectdef] [--image-opts | -f fmt] filename bitmap
+  check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename
+  commit [--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename
+  compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
+  convert [--object objectdef] [--image-opts] [--target-image-opts] [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-r rate_limit] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename
+  create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
+  dd [--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
-  map [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [-U] filename
+  map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
+  measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]
   resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
+
+Supported formats: raw qcow2 luks
 """
 
-LONG = ["object=", "image-opts", "output=", "backing-chain", "force-share", "shrink",
-        "preallocation=", "help", "target-image-opts"]
+#: subcommand -> (module, short options, long options); as qemu-img 7.2 accepts them.
+COMMANDS: dict[str, tuple[str, str, list[str]]] = {
+    "bitmap": ("bitmap", "hb:f:F:g:", ["help", "object=", "image-opts", "add", "remove",
+                                       "clear", "enable", "disable", "merge="]),
+    "check": ("check", "hf:r:T:qU", ["help", "format=", "repair=", "object=", "image-opts",
+                                      "force-share", "output="]),
+    "commit": ("commit", "f:ht:b:dpqr:", ["help", "object=", "image-opts"]),
+    "create": ("create", "F:b:f:ho:qu", ["help", "object="]),
+    "info": ("info", "f:hU", ["help", "format=", "output=", "backing-chain", "object=",
+                              "image-opts", "force-share"]),
+    "map": ("map", "f:hU", ["help", "format=", "output=", "object=", "image-opts",
+                            "force-share", "start-offset=", "max-length="]),
+    "compare": ("compare", "hf:F:T:pqsU", ["help", "object=", "image-opts", "force-share"]),
+    "convert": ("convert", "hf:O:B:CcF:o:l:S:pt:T:qnm:Wr:U",
+                ["help", "object=", "image-opts", "target-image-opts", "salvage",
+                 "target-is-zero", "bitmaps", "skip-broken-bitmaps", "force-share",
+                 "target-format="]),
+    "resize": ("resize", "f:hq", ["help", "object=", "image-opts", "preallocation=", "shrink"]),
+    "dd": ("dd", "hf:O:U", ["help", "image-opts", "object=", "force-share"]),
+    "measure": ("measure", "hf:O:o:l:U", ["help", "image-opts", "object=", "output=", "size=",
+                                          "force-share"]),
+}
+
+#: Long spellings that mean the same as a short option.
+_ALIASES = {"format": "f", "repair": "r", "force-share": "U"}
 
 
-def _parse(args: list[str], short: str) -> tuple[dict[str, Any], list[str]]:
+def parse(args: list[str], short: str, long: list[str]) -> Args:
+    """GNU getopt with qemu-img's error texts; repeatable ``--object`` and ``-o`` collected."""
     try:
-        opts, rest = getopt.gnu_getopt(args, short, LONG)
+        opts, rest = getopt.gnu_getopt(args, short, long)
     except getopt.GetoptError as exc:
-        raise ImgError(str(exc)) from None
-    out: dict[str, Any] = {"objects": []}
+        opt = ("-" if len(exc.opt) == 1 else "--") + exc.opt
+        if "requires argument" in exc.msg:
+            raise UsageError(f"missing argument for option '{opt}'") from None
+        if "must not have an argument" in exc.msg:
+            raise UsageError(f"option '{opt}' doesn't allow an argument") from None
+        raise UsageError(f"unrecognized option '{opt}'") from None
+    out = Args(rest=rest)
     for key, value in opts:
         key = key.lstrip("-")
+        key = _ALIASES.get(key, key)
+        out.seq.append((key, value))
         if key == "object":
-            out["objects"].append(value)
-        elif key in ("U", "force-share"):
-            out["U"] = True
+            out.objects.append(value)
+        elif key == "o":
+            out.o.append(value)
         else:
-            out[key] = value
-    return out, rest
+            out.opts[key] = value
+    return out
 
 
-def _output(o: dict[str, Any]) -> str:
-    fmt = o.get("output", "human")
-    if fmt not in ("human", "json"):
-        raise ImgError(f"--output must be used with human or json as argument.")
-    return fmt
-
-
-async def _run(command: str, args: list[str]) -> int:
-    if command == "create":
-        o, rest = _parse(args, "f:o:b:F:uq")
-        fmt = o.get("f", "raw")
-        if o.get("o") == "help" or o.get("o", "").endswith(",help"):
-            print(create_cmd.help_text(fmt), end="")
-            return 0
-        opts = create_cmd.parse_opts(fmt, o.get("o", "")) if fmt in create_cmd.FORMATS else {}
-        if "b" in o:
-            opts["backing_file"] = o["b"]
-        if "F" in o:
-            opts["backing_fmt"] = o["F"]
-        if not rest:
-            raise ImgError("Expecting image file name")
-        size = parse_size(rest[1]) if len(rest) > 1 else None
-        session = Session(o["objects"])
-        try:
-            text = await create_cmd.create_image(session, rest[0], fmt, size, opts)
-        finally:
-            await session.close()
-        if "q" not in o:
-            print(text, end="")
+async def _dispatch(command: str, argv: list[str]) -> int:
+    if command not in COMMANDS:
+        raise UsageError(f"Command not found: {command}")
+    module, short, long = COMMANDS[command]
+    if command == "resize" and argv and argv[-1].startswith("-") and argv[-1][1:2].isdigit() \
+            and "--" not in argv:
+        # A negative size is an operand, not an option.
+        argv = argv[:-1] + ["--", argv[-1]]
+    args = parse(argv, short, long)
+    if args.has("h") or args.has("help"):
+        print(USAGE, end="")
         return 0
-    if command in ("info", "map", "check"):
-        o, rest = _parse(args, "f:r:hUq")
-        if len(rest) != 1:
-            raise ImgError("Expecting one image file name")
-        session = Session(o["objects"])
-        try:
-            if command == "info":
-                text = await info_cmd.info(session, rest[0], o.get("f"), _output(o),
-                                           "backing-chain" in o, "U" in o, "image-opts" in o)
-                code = 0
-            elif command == "map":
-                text = await info_cmd.map_image(session, rest[0], o.get("f"), _output(o),
-                                                "U" in o, "image-opts" in o)
-                code = 0
-            else:
-                text, code = await check_cmd.check(session, rest[0], o.get("f"), _output(o),
-                                                   o.get("r"), "U" in o, "image-opts" in o)
-        finally:
-            await session.close()
-        if "q" not in o or command != "check":
-            print(text, end="")
-        return code
-    if command == "convert":
-        o, rest = _parse(args, "f:O:o:cpnm:WUqS:B:")
-        if len(rest) != 2:
-            raise ImgError("Expecting one image file name and one output file name"
-                           if len(rest) < 2 else "At most one filename argument is allowed.")
-        out_fmt = o.get("O", "raw")
-        opts = create_cmd.parse_opts(out_fmt, o.get("o", "")) if out_fmt in create_cmd.FORMATS \
-            else {}
-        session = Session(o["objects"])
-        try:
-            await convert_cmd.convert(
-                session, rest[0], o.get("f"), rest[1], out_fmt, opts, compress="c" in o,
-                parallel=int(o.get("m", 8)), out_of_order="W" in o, no_create="n" in o,
-                progress="p" in o, image_opts="image-opts" in o, force_share="U" in o)
-        finally:
-            await session.close()
-        return 0
-    if command == "compare":
-        o, rest = _parse(args, "f:F:psqU")
-        if len(rest) != 2:
-            raise ImgError("Expecting two image file names")
-        session = Session(o["objects"])
-        try:
-            text, code = await convert_cmd.compare(session, rest[0], rest[1], o.get("f"),
-                                                   o.get("F"), "s" in o, "U" in o)
-        finally:
-            await session.close()
-        if "q" not in o:
-            print(text, end="")
-        return code
-    if command == "resize":
-        # A leading '-' in the size is a size, not an option.
-        if args and args[-1].startswith("-") and args[-1][1:2].isdigit():
-            args = args[:-1] + ["--", args[-1]]
-        o, rest = _parse(args, "f:qU")
-        if len(rest) != 2:
-            raise ImgError("Expecting image file name and size")
-        session = Session(o["objects"])
-        try:
-            text = await create_cmd.resize(session, rest[0], o.get("f"), rest[1],
-                                           "shrink" in o, o.get("preallocation", "off"))
-        finally:
-            await session.close()
-        if "q" not in o:
-            print(text, end="")
-        return 0
-    raise ImgError(f"Command not found: {command}")
+    run = importlib.import_module(f"blockd.img.{module}").run
+    return await run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``blockd-img`` console script."""
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help"):
+    if not args:
+        return fail("Not enough arguments", usage=True)
+    if args[0] in ("-h", "--help"):
         print(USAGE, end="")
-        return 0 if args else 1
-    if args[0] in ("-V", "--version"):
-        from blockd import QEMU_VERSION
-
-        print("blockd-img version %d.%d.%d (blockd)" % QEMU_VERSION)
         return 0
-    runner: Callable[[Awaitable[int]], int] = asyncio.run
+    if args[0] in ("-V", "--version"):
+        print(f"{PROG} version 7.2.0 (blockd)")
+        return 0
     try:
-        return runner(_run(args[0], args[1:]))
+        return asyncio.run(_dispatch(args[0], args[1:]))
+    except UsageError as exc:
+        return fail(str(exc), usage=True)
     except ImgError as exc:
-        return fail(str(exc))
+        return fail(str(exc), newline=exc.newline)
     except OSError as exc:
         return fail(exc.strerror or str(exc))
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

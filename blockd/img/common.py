@@ -6,6 +6,7 @@ import math
 import os
 import re
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 from blockd.block.graph import BlockGraph
@@ -20,16 +21,53 @@ _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 
 
 
 class ImgError(Exception):
-    """A failure reported as ``blockd-img: <message>`` with exit status 1."""
+    """A failure reported as ``blockd-img: <message>`` with exit status 1.
+
+    ``newline=False`` reproduces qemu-img messages whose hint lacks a final newline.
+    """
+
+    def __init__(self, message: str, newline: bool = True) -> None:
+        super().__init__(message)
+        self.newline = newline
+
+
+class UsageError(ImgError):
+    """A command line mistake: the message is followed by a pointer to ``--help``."""
+
+
+@dataclass
+class Args:
+    """A subcommand's parsed command line: options by name (last one wins) and operands."""
+
+    opts: dict[str, str] = field(default_factory=dict)
+    objects: list[str] = field(default_factory=list)
+    o: list[str] = field(default_factory=list)
+    rest: list[str] = field(default_factory=list)
+    #: Every option in command line order, for commands whose options are actions.
+    seq: list[tuple[str, str]] = field(default_factory=list)
+
+    def has(self, name: str) -> bool:
+        return name in self.opts
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self.opts.get(name, default)
+
+    def output(self) -> str:
+        fmt = self.opts.get("output", "human")
+        if fmt not in ("human", "json"):
+            raise ImgError("--output must be used with human or json as argument.")
+        return fmt
 
 
 def parse_size(text: str) -> int:
     """qemu-img sizes: a number with an optional k/M/G/T/P/E suffix (binary)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgtpeBKMGTPE]?)\s*", text)
+    m = re.fullmatch(r"(\d+(?:\.\d*)?)([bkmgtpeBKMGTPE]?)", text)
     if not m:
         raise ImgError("Invalid image size specified. You may use k, M, G, T, P or E suffixes "
-                       "for")
-    value = float(m.group(1)) * _SUFFIXES[m.group(2).lower()]
+                       f"for\n{PROG}: kilobytes, megabytes, gigabytes, terabytes, petabytes "
+                       "and exabytes.")
+    value = float(m.group(1)) * _SUFFIXES[m.group(2).lower()] if "." in m.group(1) \
+        else int(m.group(1)) * _SUFFIXES[m.group(2).lower()]
     if value > (1 << 63) - 1:
         raise ImgError("Image size must be less than 8 EiB!")
     return int(value)
@@ -50,12 +88,32 @@ def probe_format(path: str) -> str:
         with open(path, "rb") as f:
             magic = f.read(6)
     except OSError as exc:
-        raise ImgError(f"Could not open '{path}': {exc.strerror}") from None
+        raise ImgError(f"Could not open '{path}': Could not open '{path}': "
+                       f"{exc.strerror}") from None
     if magic[:4] == b"QFI\xfb":
         return "qcow2"
     if magic == b"LUKS\xba\xbe":
         return "luks"
     return "raw"
+
+
+def _default_drivers(options: dict[str, Any]) -> None:
+    """Fill in what ``--image-opts`` may leave out: a file child is a ``file`` node, and the
+    format is probed from it."""
+    file = options.get("file")
+    if isinstance(file, dict):
+        file.setdefault("driver", "file")
+        if "driver" not in options and "filename" in file:
+            options["driver"] = probe_format(file["filename"])
+    if "driver" not in options and "filename" in options:
+        options["driver"] = "file"
+
+
+_RAW_PROBE_WARNING = (
+    "WARNING: Image format was not specified for '{}' and probing guessed raw.\n"
+    "         Automatically detecting the format is dangerous for raw images, write operations "
+    "on block 0 will be restricted.\n"
+    "         Specify the 'raw' format explicitly to remove the restrictions.")
 
 
 class Session:
@@ -75,16 +133,24 @@ class Session:
 
     async def open(self, filename: str, fmt: str | None, *, read_only: bool = True,
                    force_share: bool = False, image_opts: bool = False,
-                   extra: dict[str, Any] | None = None) -> BlockNode:
+                   extra: dict[str, Any] | None = None, wrap: bool = True) -> BlockNode:
         if image_opts:
             from blockd.keyval import parse as parse_keyval
             from blockd.keyval import typed
             from blockd.qmp.schema import Schema
 
             schema = Schema()
-            options = typed(schema, schema.commands["blockdev-add"], parse_keyval(filename, None))
+            try:
+                options = typed(schema, schema.commands["blockdev-add"],
+                                parse_keyval(filename, None))
+            except QMPError as exc:
+                raise ImgError(exc.desc) from None
+            _default_drivers(options)
         else:
-            fmt = fmt or probe_format(filename)
+            if fmt is None:
+                fmt = probe_format(filename)
+                if fmt == "raw" and not read_only:
+                    print(_RAW_PROBE_WARNING.format(filename), file=sys.stderr)
             options = {"driver": fmt, "file": {"driver": "file", "filename": filename}}
         options.setdefault("node-name", f"img{len(self.graph.nodes)}")
         options["read-only"] = read_only
@@ -94,11 +160,17 @@ class Session:
         try:
             return await self.graph.open_node(options)
         except QMPError as exc:
-            raise ImgError(f"Could not open '{filename}': {exc.desc}"
-                           if not exc.desc.startswith("Could not open") else exc.desc) from None
+            raise ImgError(f"Could not open '{filename}': {exc.desc}" if wrap else exc.desc) \
+                from None
 
     async def close(self) -> None:
         await self.graph.close_all()
+
+    async def __aenter__(self) -> "Session":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 def human_dump(value: Any, indent: int) -> list[str]:
@@ -136,10 +208,44 @@ def json_pretty(value: Any) -> str:
     return encode(value, pretty=True).replace("\r\n", "\n")
 
 
-def fail(message: str) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
+def fail(message: str, usage: bool = False, newline: bool = True) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr, end="\n" if newline else "")
+    if usage:
+        print(f"Try '{PROG} --help' for more information", file=sys.stderr)
     return 1
 
 
 def is_tty() -> bool:
-    return os.isatty(sys.stdout.fileno())
+    try:
+        return os.isatty(sys.stdout.fileno())
+    except (OSError, ValueError):  # a captured or closed stdout is no terminal
+        return False
+
+
+class Progress:
+    """qemu-img's ``-p`` percentage, redrawn in place; silent when stdout is not a terminal."""
+
+    def __init__(self, enabled: bool, total: int, step: float = 1.0) -> None:
+        self.enabled = enabled and is_tty()
+        self.total = max(1, total)
+        self.step = step
+        self.done = 0
+        self._shown = 0.0
+        self._draw(0.0)
+
+    def add(self, n: int) -> None:
+        self.done += n
+        pct = min(100.0, self.done * 100 / self.total)
+        if pct - self._shown >= self.step or (pct == 100.0 and self._shown < 100.0):
+            self._draw(pct)
+
+    def _draw(self, pct: float) -> None:
+        self._shown = pct
+        if self.enabled:
+            print(f"    ({pct:3.2f}/100%)", end="\r", flush=True)
+
+    def finish(self) -> None:
+        if self.enabled:
+            if self._shown < 100.0:
+                self._draw(100.0)
+            print()

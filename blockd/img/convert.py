@@ -1,107 +1,140 @@
-"""``convert`` and ``compare``: copying and comparing guest content.
+"""``convert``: copy guest content from one or more images into a new (or existing) one.
 
-Convert walks the source's block status, skips zeroes on a fresh
-target, and copies with ``-m`` requests in flight.  With ``-c`` every
-cluster is compressed in a worker thread, so clusters compress in
-parallel while the loop writes those already done (``-W`` lets them
-land out of order; without it they are still written in order).
+The sources' block status is walked so zero and unallocated runs are not
+read, and on a fresh target not written either; read data is scanned for
+zero pieces of the ``-S`` size, which are left as holes too.  ``-m``
+requests run concurrently.  With ``-c`` every cluster is compressed in a
+worker thread, so clusters compress in parallel while the loop writes
+those already done (``-W`` lets them land out of order; without it they
+are written in guest order).  With ``-B`` the target gets a backing file
+and only what the sources' top layers hold is copied.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
+import functools
+from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 from blockd.block.backend import is_zero
 from blockd.block.node import BlockNode, Status
-from blockd.img.common import ImgError, Session, is_tty
+from blockd.errors import QMPError
+from blockd.img.common import PROG, Args, ImgError, Progress, Session, parse_size
 
 CHUNK = 2 << 20
+#: Options qemu-img has that would change the result here if silently ignored.
+_UNSUPPORTED = {"l": "Converting from an internal snapshot (-l)", "bitmaps": "--bitmaps",
+                "skip-broken-bitmaps": "--skip-broken-bitmaps", "salvage": "--salvage"}
+MAX_SPARSE = 16 << 20
 
 
-class Progress:
-    """qemu-img's ``-p`` line, redrawn in place; silent when not on a terminal."""
+@dataclass
+class Plan:
+    """What the options ask of one conversion."""
 
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled = enabled and is_tty()
-        self.total = max(1, total)
-        self.done = 0
-        self._shown = -1.0
-
-    def add(self, n: int) -> None:
-        self.done += n
-        pct = self.done * 100 / self.total
-        if self.enabled and pct - self._shown >= 1 or pct == 100:
-            if self.enabled:
-                print(f"\r    ({pct:.2f}/100%)", end="", file=sys.stdout, flush=True)
-            self._shown = pct
-
-    def finish(self) -> None:
-        if self.enabled:
-            print(f"\r    (100.00/100%)")
+    compress: bool = False
+    parallel: int = 8
+    out_of_order: bool = False
+    fresh: bool = True        # the target reads as zeroes before we start
+    sparse: int = 4096        # zero detection granularity; 0 writes everything
+    top_only: bool = False    # -B: leave what the sources do not hold to the backing file
 
 
-async def convert(session: Session, src_name: str, src_fmt: str | None, dst_name: str,
-                  dst_fmt: str, options: dict[str, str], *, compress: bool, parallel: int,
-                  out_of_order: bool, no_create: bool, progress: bool, image_opts: bool,
-                  force_share: bool) -> None:
-    from blockd.img.create import create_image
+class _Source:
+    """The sources laid end to end, as one guest address space."""
 
-    src = await session.open(src_name, src_fmt, force_share=force_share, image_opts=image_opts)
-    size = src.length()
-    if compress and dst_fmt != "qcow2":
-        raise ImgError("Compression not supported for this file format")
-    if not no_create:
-        await create_image(session, dst_name, dst_fmt, size, options)
-    dst = await session.open(dst_name, dst_fmt, read_only=False)
-    fresh = not no_create
-    bar = Progress(progress, size)
-    cluster = dst.cluster_size() or CHUNK
-    step = cluster if compress else CHUNK
-    queue: asyncio.Queue[int | None] = asyncio.Queue(maxsize=parallel * 2)
+    def __init__(self, nodes: list[BlockNode]) -> None:
+        self.parts: list[tuple[int, BlockNode]] = []
+        pos = 0
+        for node in nodes:
+            self.parts.append((pos, node))
+            pos += node.length()
+        self.size = pos
 
+    def locate(self, offset: int) -> tuple[BlockNode, int, int]:
+        """(node, offset in it, bytes left in it) for a global offset."""
+        for start, node in reversed(self.parts):
+            if offset >= start:
+                return node, offset - start, node.length() - (offset - start)
+        raise AssertionError("offset before the first source")
+
+
+async def _status(node: BlockNode, offset: int, length: int, top_only: bool
+                  ) -> tuple[int, Status]:
+    """Status through the backing chain (or of the top layer only)."""
+    cur = node
+    while True:
+        ext = await cur.block_status(offset, length)
+        length = ext.length
+        if ext.status & Status.ALLOCATED or top_only or cur.backing is None:
+            return length, ext.status
+        if offset >= cur.backing.length():
+            return length, Status.ZERO
+        length = min(length, cur.backing.length() - offset)
+        cur = cur.backing
+
+
+async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress) -> None:
+    """Copy every chunk of ``src`` into ``dst`` with ``plan.parallel`` tasks."""
+    size = src.size
+    cluster = dst.cluster_size() or 65536
+    step = cluster if plan.compress else CHUNK
+    queue: asyncio.Queue[int | None] = asyncio.Queue(maxsize=plan.parallel * 2)
     # Without -W a chunk waits for the one before it to be written, so the
     # target is filled in order; the reads and compression still overlap.
     written: dict[int, asyncio.Event] = {}
 
     async def in_order(offset: int) -> None:
-        if not out_of_order and offset > 0:
+        if not plan.out_of_order and offset > 0:
             await written.setdefault(offset - step, asyncio.Event()).wait()
 
     async def copy(offset: int) -> None:
-        n = min(step, size - offset)
+        end = min(offset + step, size)
         pos = offset
         try:
-            while pos < offset + n:
-                ext = await src.block_status(pos, offset + n - pos)
-                if ext.status & Status.ZERO and not ext.status & Status.DATA:
-                    await in_order(offset)
-                    if not fresh:
-                        await dst.write_zeroes(pos, ext.length)
-                    pos += ext.length
+            if plan.compress:
+                await _copy_compressed(src, dst, offset, end, cluster, plan, in_order)
+                pos = end
+            while pos < end:
+                node, local, left = src.locate(pos)
+                n, status = await _status(node, local, min(end - pos, left), plan.top_only)
+                if plan.top_only and not status & Status.ALLOCATED:
+                    pos += n
                     continue
-                data = await src.read(pos, ext.length)
-                if compress and ext.length == cluster and pos % cluster == 0:
-                    if not (fresh and is_zero(data)):
-                        packed = await dst.compress_cluster(data)
-                        await in_order(offset)
-                        await dst.write_compressed(pos, bytes(data), packed)
-                else:
+                if status & Status.ZERO and not status & Status.DATA and plan.sparse or \
+                        not status & (Status.DATA | Status.ALLOCATED) and plan.sparse:
                     await in_order(offset)
-                    await _write_sparse(dst, pos, data, fresh, cluster)
-                pos += ext.length
+                    if not plan.fresh:
+                        await dst.write_zeroes(pos, n)
+                    pos += n
+                    continue
+                try:
+                    data = await node.read(local, n)
+                except OSError as exc:
+                    raise ImgError(f"error while reading at byte {pos}: {exc.strerror}") \
+                        from None
+                try:
+                    await in_order(offset)
+                    await _write_sparse(dst, pos, data, plan)
+                except OSError as exc:
+                    raise ImgError(f"error while writing at byte {pos}: {exc.strerror}") \
+                        from None
+                pos += n
         finally:
             written.setdefault(offset, asyncio.Event()).set()
-        bar.add(n)
+        bar.add(end - offset)
 
     async def worker() -> None:
         while (offset := await queue.get()) is not None:
             await copy(offset)
 
-    workers = [asyncio.create_task(worker()) for _ in range(max(1, parallel))]
+    workers = [asyncio.create_task(worker()) for _ in range(plan.parallel)]
     try:
         for offset in range(0, size, step):
             await queue.put(offset)
+            if any(w.done() for w in workers):
+                break  # a worker failed; gather reports it
         for _ in workers:
             await queue.put(None)
         await asyncio.gather(*workers)
@@ -109,21 +142,65 @@ async def convert(session: Session, src_name: str, src_fmt: str | None, dst_name
         for w in workers:
             w.cancel()
     await dst.flush()
-    bar.finish()
+
+
+async def _read(src: _Source, offset: int, end: int, plan: Plan) -> bytes | None:
+    """Guest bytes of [offset, end), or None when the sources say it is all zero."""
+    parts = []
+    pos = offset
+    any_data = False
+    while pos < end:
+        node, local, left = src.locate(pos)
+        n, status = await _status(node, local, min(end - pos, left), plan.top_only)
+        if status & Status.DATA or status & Status.ALLOCATED and not status & Status.ZERO:
+            any_data = True
+        try:
+            parts.append(bytes(await node.read(local, n)))
+        except OSError as exc:
+            raise ImgError(f"error while reading at byte {pos}: {exc.strerror}") from None
+        pos += n
+    return b"".join(parts) if any_data else None
+
+
+async def _copy_compressed(src: _Source, dst: BlockNode, offset: int, end: int, cluster: int,
+                           plan: Plan, in_order: Callable[[int], Awaitable[None]]) -> None:
+    """One cluster, compressed in a worker thread; a short last cluster is padded."""
+    data = await _read(src, offset, end, plan)
+    if data is None or is_zero(data):
+        await in_order(offset)
+        if not plan.fresh:
+            await dst.write_zeroes(offset, end - offset)
+        return
+    data += bytes(cluster - len(data))
+    packed = await dst.compress_cluster(data)
+    await in_order(offset)
+    try:
+        await dst.write_compressed(offset, data, packed)
+    except OSError as exc:
+        raise ImgError(f"error while writing at byte {offset}: {exc.strerror}") from None
 
 
 async def _write_sparse(dst: BlockNode, offset: int, data: bytes | bytearray | memoryview,
-                        fresh: bool, granularity: int) -> None:
-    """Write ``data`` except the aligned all-zero pieces a fresh target already reads as zero."""
-    view = memoryview(data)
-    start = None  # beginning of the pending run of non-zero pieces
+                        plan: Plan) -> None:
+    """Write ``data`` except the aligned zero pieces a fresh target already reads as zero."""
+    if not plan.sparse:
+        await dst.write(offset, data)
+        return
+    view = memoryview(data).cast("B")
+    gran = plan.sparse
+    zeros = _zeros(gran)
+    start = None  # beginning of the pending run of pieces to write
     pos = 0
-    while pos < len(view):
-        n = min(granularity - (offset + pos) % granularity, len(view) - pos)
-        zero = fresh and is_zero(view[pos:pos + n])
+    size = len(view)
+    while pos < size:
+        n = min(gran - (offset + pos) % gran, size - pos)
+        # bytes.startswith is a memcmp: the per-piece cost stays small.
+        zero = n == gran and zeros.startswith(view[pos:pos + n])
         if zero and start is not None:
             await dst.write(offset + start, view[start:pos])
             start = None
+        if zero and not plan.fresh:
+            await dst.write_zeroes(offset + pos, n)
         elif not zero and start is None:
             start = pos
         pos += n
@@ -131,39 +208,78 @@ async def _write_sparse(dst: BlockNode, offset: int, data: bytes | bytearray | m
         await dst.write(offset + start, view[start:])
 
 
-async def compare(session: Session, a_name: str, b_name: str, a_fmt: str | None,
-                  b_fmt: str | None, strict: bool, force_share: bool) -> tuple[str, int]:
-    a = await session.open(a_name, a_fmt, force_share=force_share)
-    b = await session.open(b_name, b_fmt, force_share=force_share)
-    common = min(a.length(), b.length())
-    if strict and a.length() != b.length():
-        return "Strict mode: Image size mismatch!\n", 1
-    offset = 0
-    while offset < common:
-        n = min(CHUNK, common - offset)
-        if strict:
-            sa, sb = await _alloc(a, offset, n), await _alloc(b, offset, n)
-            if sa != sb:
-                return f"Strict mode: Offset {offset} block status mismatch!\n", 1
-        da, db = bytes(await a.read(offset, n)), bytes(await b.read(offset, n))
-        if da != db:
-            first = next(i for i in range(n) if da[i] != db[i])
-            return f"Content mismatch at offset {(offset + first) // 512 * 512}!\n", 1
-        offset += n
-    longer, name = (a, a_name) if a.length() > b.length() else (b, b_name)
-    if a.length() != b.length():
-        out = "Warning: Image size mismatch!\n"
-        pos = common
-        while pos < longer.length():
-            n = min(CHUNK, longer.length() - pos)
-            data = bytes(await longer.read(pos, n))
-            if data.count(0) != n:
-                first = next(i for i in range(n) if data[i])
-                return out + f"Content mismatch at offset {(pos + first) // 512 * 512}!\n", 1
-            pos += n
-        return out + "Images are identical.\n", 0
-    return "Images are identical.\n", 0
+@functools.lru_cache(maxsize=4)
+def _zeros(n: int) -> bytes:
+    return bytes(n)
 
 
-async def _alloc(node: BlockNode, offset: int, n: int) -> bool:
-    return bool((await node.block_status(offset, n)).status & Status.ALLOCATED)
+def _plan(args: Args) -> Plan:
+    plan = Plan(compress=args.has("c"), out_of_order=args.has("W"))
+    try:
+        plan.parallel = int(args.get("m", "8") or "")
+    except ValueError:
+        plan.parallel = 0
+    if not 1 <= plan.parallel <= 16:
+        raise ImgError("Invalid number of coroutines. Allowed number of coroutines is between "
+                       "1 and 16")
+    if args.has("S"):
+        try:
+            plan.sparse = parse_size(args.get("S") or "")
+        except ImgError:
+            plan.sparse = -1
+        if plan.sparse < 0 or plan.sparse % 512 or plan.sparse > MAX_SPARSE:
+            raise ImgError("Invalid buffer size for sparse output specified. Valid sizes are "
+                           f"multiples of 512 up to {MAX_SPARSE}. Select 0 to disable sparse "
+                           "detection (fully allocates output).")
+    return plan
+
+
+async def run(args: Args) -> int:
+    """``convert [-c] [-p] [-q] [-n] [-W] [-m N] [-S size] [-f fmt] [-O fmt] [-o opts]
+    [-B backing [-F fmt]] [-U] filename [filename2 ...] output_filename``."""
+    from blockd.img.create import create_image, help_text, parse_opts, wants_help
+
+    out_fmt = args.get("O", "raw") or "raw"
+    text = ",".join(args.o)
+    if wants_help(text):
+        print(help_text(out_fmt, with_protocol=False), end="")
+        return 0
+    for name, what in _UNSUPPORTED.items():
+        if args.has(name):
+            raise ImgError(f"{what} is not supported by {PROG} yet")
+    plan = _plan(args)
+    if args.has("target-is-zero") and not args.has("n"):
+        raise ImgError("--target-is-zero requires use of -n flag")
+    if len(args.rest) < 2:
+        raise ImgError("Must specify image file name")
+    *sources, target = args.rest
+    no_create = args.has("n")
+    plan.fresh = not no_create or args.has("target-is-zero")
+    async with Session(args.objects) as session:
+        nodes = [await session.open(name, args.get("f"), force_share=args.has("U"),
+                                    image_opts=args.has("image-opts")) for name in sources]
+        src = _Source(nodes)
+        if plan.compress and out_fmt != "qcow2":
+            raise ImgError("Compression not supported for this file format")
+        if not no_create:
+            opts = parse_opts(out_fmt, text)
+            if args.has("B"):
+                if out_fmt == "raw":
+                    raise ImgError(f"Backing file not supported for file format '{out_fmt}'")
+                opts["backing_file"] = args.get("B")
+                if args.has("F"):
+                    opts["backing_fmt"] = args.get("F")
+                plan.top_only = True
+                plan.fresh = False  # the backing file shows through unwritten parts
+            await create_image(session, target, out_fmt, src.size, opts)
+        dst = await session.open(target, None if args.has("target-image-opts") else out_fmt,
+                                 read_only=False, image_opts=args.has("target-image-opts"))
+        if no_create and dst.length() < src.size:
+            raise ImgError("output file is smaller than input file")
+        bar = Progress(args.has("p") and not args.has("q"), src.size)
+        try:
+            await copy_image(src, dst, plan, bar)
+        except QMPError as exc:
+            raise ImgError(exc.desc) from None
+        bar.finish()
+    return 0

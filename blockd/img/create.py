@@ -1,114 +1,328 @@
-"""``create`` and ``resize``: new images with qemu-img's option syntax and messages."""
+"""``create``: new images from qemu-img's ``-o`` option syntax.
+
+qemu-img describes creation options as flat ``key=value`` lists per
+format, merged with the protocol's (``file``) options; the "Formatting"
+line prints them in a fixed order, with defaults filled in.  Here each
+format has a table of those options, and the values are turned into a
+``blockdev-create`` dictionary for the driver's ``create``.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
-from blockd.drivers import file as file_driver
 from blockd.errors import QMPError
-from blockd.img.common import ImgError, Session, parse_size
+from blockd.img.common import Args, ImgError, Session, UsageError, parse_size, probe_format
 
-#: ``-o`` options per format: name -> (blockdev-create member, parser).
-_QCOW2_OPTS = {
-    "compat": ("version", lambda v: {"0.10": "v2", "1.1": "v3", "v2": "v2", "v3": "v3"}[v]),
-    "cluster_size": ("cluster-size", parse_size),
-    "refcount_bits": ("refcount-bits", int),
-    "lazy_refcounts": ("lazy-refcounts", lambda v: v == "on"),
-    "extended_l2": ("extended-l2", lambda v: v == "on"),
-    "preallocation": ("preallocation", str),
-    "compression_type": ("compression-type", str),
-    "backing_file": ("backing-file", str),
-    "backing_fmt": ("backing-fmt", str),
+
+@dataclass(frozen=True)
+class Opt:
+    """One ``-o`` option: its value type, help text and printed default."""
+
+    name: str
+    kind: str  # "str", "size", "bool" or "num"
+    help: str
+    default: str | None = None
+
+
+_SIZE = Opt("size", "size", "Virtual disk size")
+_PROTOCOL = [
+    Opt("nocow", "bool", "Turn off copy-on-write (valid only on btrfs)"),
+    Opt("preallocation", "str", "Preallocation mode (allowed values: off, falloc, full)"),
+    Opt("extent_size_hint", "size", "Extent size hint for the image file, 0 to disable"),
+]
+_CRYPTO = [
+    ("key-secret", "str", "ID of the secret that provides the keyslot passphrase"),
+    ("cipher-alg", "str", "Name of encryption cipher algorithm"),
+    ("cipher-mode", "str", "Name of encryption cipher mode"),
+    ("ivgen-alg", "str", "Name of IV generator algorithm"),
+    ("ivgen-hash-alg", "str", "Name of IV generator hash algorithm"),
+    ("hash-alg", "str", "Name of encryption hash algorithm"),
+    ("iter-time", "num", "Time to spend in PBKDF in milliseconds"),
+]
+
+#: Each format's own options, in the order the "Formatting" line prints them.
+FORMATS: dict[str, list[Opt]] = {
+    "raw": [_SIZE],
+    "luks": [_SIZE] + [Opt(n, k, h) for n, k, h in _CRYPTO],
+    "qcow2": [
+        Opt("encryption", "bool", "Encrypt the image with format 'aes'. (Deprecated in favor "
+                                  "of encrypt.format=aes)"),
+        Opt("encrypt.format", "str", "Encrypt the image, format choices: 'aes', 'luks'"),
+        *[Opt("encrypt." + n, k, "ID of secret providing qcow AES key or LUKS passphrase"
+              if n == "key-secret" else h) for n, k, h in _CRYPTO],
+        Opt("cluster_size", "size", "qcow2 cluster size", "65536"),
+        Opt("extended_l2", "bool", "Extended L2 tables", "off"),
+        Opt("preallocation", "str",
+            "Preallocation mode (allowed values: off, metadata, falloc, full)"),
+        Opt("compression_type", "str", "Compression method used for image cluster compression",
+            "zlib"),
+        _SIZE,
+        Opt("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+        Opt("backing_file", "str", "File name of a base image"),
+        Opt("backing_fmt", "str", "Image format of the base image"),
+        Opt("data_file", "str", "File name of an external data file"),
+        Opt("data_file_raw", "bool", "The external data file must stay valid as a raw image"),
+        Opt("lazy_refcounts", "bool", "Postpone refcount updates", "off"),
+        Opt("refcount_bits", "num", "Width of a reference count entry in bits", "16"),
+    ],
 }
-_RAW_OPTS = {"preallocation": ("preallocation", str)}
-FORMATS = {"qcow2": _QCOW2_OPTS, "raw": _RAW_OPTS}
+# The encrypt.* entries above were built in _CRYPTO's order; qemu-img prints
+# key-secret right after format, which that order already gives.
+
+_TYPE_NAMES = {"str": "<str>", "size": "<size>", "bool": "<bool (on/off)>", "num": "<num>"}
+_BOOLS = {"on": True, "yes": True, "true": True, "y": True,
+          "off": False, "no": False, "false": False, "n": False}
 
 
-def parse_opts(fmt: str, text: str) -> dict[str, str]:
-    table = FORMATS[fmt]
-    opts: dict[str, str] = {}
+def all_opts(fmt: str) -> list[Opt]:
+    """Format options followed by the protocol's, as qemu-img merges them."""
+    own = FORMATS[fmt]
+    names = {o.name for o in own}
+    return own + [o for o in _PROTOCOL if o.name not in names]
+
+
+def help_text(fmt: str, with_protocol: bool) -> str:
+    """``-o help``: sorted options; the protocol's only when a filename was given."""
+    if fmt not in FORMATS:
+        raise ImgError(f"Unknown file format '{fmt}'")
+    opts = all_opts(fmt) if with_protocol else FORMATS[fmt]
+    lines = ["Supported options:" if with_protocol else f"Supported {fmt} options:"]
+    for o in sorted(opts, key=lambda o: o.name):
+        lines.append(f"  {o.name + '=' + _TYPE_NAMES[o.kind]:<22} - {o.help}")
+    if not with_protocol:
+        lines += ["", "The protocol level may support further options.",
+                  "Specify the target filename to include those options."]
+    return "\n".join(lines) + "\n"
+
+
+def wants_help(text: str) -> bool:
+    return any(item in ("help", "?") for item in text.split(","))
+
+
+def parse_opts(fmt: str, text: str) -> dict[str, Any]:
+    """``-o`` text -> {name: normalised value}; later duplicates win, as in qemu-img."""
+    if fmt not in FORMATS:
+        raise ImgError(f"Unknown file format '{fmt}'")
+    table = {o.name: o for o in all_opts(fmt)}
+    out: dict[str, Any] = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
-        if key not in table:
+        opt = table.get(key)
+        if opt is None:
             raise ImgError(f"Invalid parameter '{key}'")
-        opts[key] = value
-    return opts
+        out[key] = _convert(opt, value)
+    return out
 
 
-def help_text(fmt: str) -> str:
-    return "Supported options:\n" + "".join(f"  {name}\n" for name in ["size", *FORMATS[fmt]])
+def _convert(opt: Opt, value: str) -> Any:
+    if opt.kind == "bool":
+        if value not in _BOOLS:
+            raise ImgError(f"Parameter '{opt.name}' expects 'on' or 'off'")
+        return value  # printed as given; interpreted by _bool()
+    if opt.kind == "num":
+        try:
+            return int(value, 0)
+        except ValueError:
+            raise ImgError(f"Parameter '{opt.name}' expects a number") from None
+    if opt.kind == "size":
+        try:
+            return parse_size(value)
+        except ImgError:
+            raise ImgError(f"Parameter '{opt.name}' expects a non-negative number below 2^64\n"
+                           "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, "
+                           "tera-, peta-\nand exabytes, respectively.") from None
+    return value
 
 
-def formatting_line(filename: str, fmt: str, size: int, opts: dict[str, str]) -> str:
-    """The "Formatting ..." line, options in the order qemu-img prints them."""
-    if fmt == "raw":
-        parts = [f"size={size}"] + ([f"preallocation={opts['preallocation']}"]
-                                    if "preallocation" in opts else [])
-    else:
-        parts = [f"cluster_size={parse_size(opts.get('cluster_size', '65536'))}",
-                 f"extended_l2={opts.get('extended_l2', 'off')}"]
-        if "preallocation" in opts:
-            parts.append(f"preallocation={opts['preallocation']}")
-        parts += [f"compression_type={opts.get('compression_type', 'zlib')}", f"size={size}"]
-        for key in ("compat", "backing_file", "backing_fmt"):
-            if key in opts:
-                parts.append(f"{key}={opts[key]}")
-        parts += [f"lazy_refcounts={opts.get('lazy_refcounts', 'off')}",
-                  f"refcount_bits={opts.get('refcount_bits', '16')}"]
+def _bool(value: str | None) -> bool:
+    return bool(value) and _BOOLS[value]
+
+
+def formatting_line(filename: str, fmt: str, opts: dict[str, Any]) -> str:
+    """qemu-img's "Formatting" line: set options and defaults in the fixed order."""
+    parts = []
+    for o in all_opts(fmt):
+        value = opts.get(o.name, o.default)
+        if value is not None:
+            parts.append(f"{o.name}={value}")
     return f"Formatting '{filename}', fmt={fmt} " + " ".join(parts)
 
 
-async def create_image(session: Session, filename: str, fmt: str, size: int | None,
-                       opts: dict[str, str]) -> str:
-    if fmt not in FORMATS:
-        raise ImgError(f"Unknown file format '{fmt}'")
+def _enum(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise QMPError(f"Parameter '{name}' does not accept value '{value}'")
+    return value
+
+
+_PREALLOC = ("off", "metadata", "falloc", "full")
+
+
+def _qcow2_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
+    versions = {"0.10": "v2", "v2": "v2", "1.1": "v3", "v3": "v3"}
+    out: dict[str, Any] = {"driver": "qcow2", "size": size}
+    if "compat" in opts:
+        if opts["compat"] not in versions:
+            raise QMPError(f"Parameter 'version' does not accept value '{opts['compat']}'")
+        out["version"] = versions[opts["compat"]]
+    if "backing_file" in opts:
+        out["backing-file"] = opts["backing_file"]
+    if "backing_fmt" in opts:
+        out["backing-fmt"] = opts["backing_fmt"]
+    if "cluster_size" in opts:
+        out["cluster-size"] = opts["cluster_size"]
+    if "preallocation" in opts:
+        out["preallocation"] = _enum("preallocation", opts["preallocation"], _PREALLOC)
+    if "lazy_refcounts" in opts:
+        out["lazy-refcounts"] = _bool(opts["lazy_refcounts"])
+    if "refcount_bits" in opts:
+        out["refcount-bits"] = opts["refcount_bits"]
+    if "extended_l2" in opts:
+        out["extended-l2"] = _bool(opts["extended_l2"])
+    if "compression_type" in opts:
+        out["compression-type"] = _enum("compression-type", opts["compression_type"],
+                                        ("zlib", "zstd"))
+    if "data_file_raw" in opts:
+        out["data-file-raw"] = _bool(opts["data_file_raw"])
+    encrypt = {k[8:]: v for k, v in opts.items() if k.startswith("encrypt.")}
+    if _bool(opts.get("encryption")):
+        encrypt.setdefault("format", "aes")
+    if encrypt:
+        out["encrypt"] = encrypt
+    return out
+
+
+def _luks_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"driver": "luks", "size": size}
+    for name, _, _ in _CRYPTO:
+        if name in opts:
+            out[name] = opts[name]
+    if "key-secret" not in out:
+        raise QMPError("Parameter 'key-secret' is required for cipher")
+    if "preallocation" in opts:
+        out["preallocation"] = _enum("preallocation", opts["preallocation"],
+                                     ("off", "falloc", "full"))
+    return out
+
+
+async def _backing_size(session: Session, filename: str, opts: dict[str, Any],
+                        size: int | None, unsafe: bool) -> int | None:
+    """Check the backing file as qemu-img does; its size when none was given."""
+    backing = opts.get("backing_file")
+    if not backing:
+        if "backing_fmt" in opts:
+            raise ImgError(f"{filename}: Backing format cannot be used without backing file")
+        return size
+    if unsafe and size is not None:
+        return size
+    path = backing if os.path.isabs(backing) else \
+        os.path.join(os.path.dirname(filename), backing)
+    fmt = opts.get("backing_fmt")
+    if fmt is None:
+        detected = probe_format(path) if os.path.exists(path) else "raw"
+        raise ImgError(f"{filename}: Backing file specified without backing format\n"
+                       f"Detected format of {detected}.", newline=False)
+    try:
+        base = await session.open(path, fmt, force_share=True, wrap=False)
+    except ImgError as exc:
+        raise ImgError(f"{filename}: {exc}\nCould not open backing image.") from None
     if size is None:
-        backing = opts.get("backing_file")
-        if not backing:
-            raise ImgError("Image creation needs a size parameter")
-        path = backing if os.path.isabs(backing) else \
-            os.path.join(os.path.dirname(filename), backing)
-        base = await session.open(path, opts.get("backing_fmt"))
         size = base.length()
-    size = -(-size // 512) * 512 if fmt == "qcow2" else size
-    line = formatting_line(filename, fmt, size, opts)
-    table = FORMATS[fmt]
-    options: dict[str, Any] = {"driver": fmt, "size": size}
+    await session.graph.delete_node(base)
+    return size
+
+
+def _allocate_first_block(filename: str, size: int) -> None:
+    """Give a sparse raw image its first block, as QEMU does (for O_DIRECT alignment probing).
+
+    Done so a new image maps like one qemu-img made: 4 KiB of data, then a hole.
+    """
+    fd = os.open(filename, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        for key, value in opts.items():
-            member, conv = table[key]
-            options[member] = conv(value)
-    except (KeyError, ValueError):
-        raise ImgError(f"Invalid value for option '{key}': {value}") from None
+        os.pwrite(fd, bytes(min(size, 4096)), 0)
+    finally:
+        os.close(fd)
+
+
+async def create_image(session: Session, filename: str, fmt: str, size: int | None,
+                       opts: dict[str, Any], *, unsafe: bool = False,
+                       quiet: bool = True) -> None:
+    """Create ``filename``, printing the "Formatting" line unless ``quiet``.
+
+    Errors in the option syntax stop before that line; the drivers' own
+    checks (cluster size, enum values, secrets) come after it, as in qemu-img.
+    """
+    from blockd.drivers import file as file_driver
+
+    if fmt not in FORMATS:
+        raise ImgError(f"{filename}: Unknown file format '{fmt}'")
+    opts = dict(opts)
+    if "size" in opts:
+        if size is not None:
+            raise ImgError(f"{filename}: The image size must be specified only once")
+        size = opts.pop("size")
+    size = await _backing_size(session, filename, opts, size, unsafe)
+    if size is None:
+        raise ImgError(f"{filename}: Image creation needs a size parameter")
+    if not quiet:
+        print(formatting_line(filename, fmt, {**opts, "size": size}), flush=True)
+    file_opts: dict[str, Any] = {"driver": "file", "filename": filename, "size": 0}
+    created = False
     try:
-        prealloc = options.pop("preallocation", "off") if fmt == "raw" else "off"
-        await file_driver.create(session.graph, {"driver": "file", "filename": filename,
-                                                 "size": 0 if fmt == "qcow2" else size,
-                                                 "preallocation": prealloc})
+        if fmt == "raw":
+            prealloc = opts.get("preallocation", "off")
+            if prealloc not in ("off", "falloc", "full"):
+                raise QMPError(f"invalid parameter value: {prealloc}")
+            file_opts.update(size=size, preallocation=prealloc)
+            await file_driver.create(session.graph, file_opts)
+            if prealloc == "off" and size:
+                _allocate_first_block(filename, size)
+            return
+        size = -(-size // 512) * 512  # format drivers work in whole sectors
+        options = _qcow2_options(opts, size) if fmt == "qcow2" else _luks_options(opts, size)
+        await file_driver.create(session.graph, file_opts)
+        created = True
+        if "data_file" in opts:
+            data = opts["data_file"]
+            await file_driver.create(session.graph, {"driver": "file", "filename": data,
+                                                     "size": 0})
+            options["data-file"] = {"driver": "file", "filename": data}
+        options["file"] = {"driver": "file", "filename": filename}
         if fmt == "qcow2":
             from blockd.drivers.qcow2.create import create
-
-            options["file"] = {"driver": "file", "filename": filename}
-            await create(session.graph, options)
+        else:
+            from blockd.drivers.luks import create
+        await create(session.graph, options)
     except QMPError as exc:
+        if created:  # a format that failed leaves no half-made file behind
+            os.unlink(filename)
         raise ImgError(f"{filename}: {exc.desc}") from None
-    return line + "\n"
 
 
-async def resize(session: Session, filename: str, fmt: str | None, size_text: str,
-                 shrink: bool, prealloc: str) -> str:
-    node = await session.open(filename, fmt, read_only=False)
-    current = node.length()
-    if size_text.startswith(("+", "-")):
-        delta = parse_size(size_text[1:])
-        size = current + delta if size_text[0] == "+" else current - delta
-    else:
-        size = parse_size(size_text)
-    if size < current and not shrink:
-        raise ImgError("Use the --shrink option to perform a shrink operation.")
+async def run(args: Args) -> int:
+    """``create [-q] [-f fmt] [-b backing [-F fmt]] [-u] [-o options] filename [size]``."""
+    fmt = args.get("f", "raw")
+    text = ",".join(args.o)
+    if wants_help(text):
+        print(help_text(fmt, with_protocol=bool(args.rest)), end="")
+        return 0
+    if not args.rest:
+        raise UsageError("Expecting image file name")
+    filename = args.rest[0]
+    size = parse_size(args.rest[1]) if len(args.rest) > 1 else None
+    if len(args.rest) > 2:
+        raise UsageError("Unexpected argument: " + args.rest[2])
     try:
-        await node.truncate(size, exact=True, prealloc=prealloc)
-    except OSError as exc:
-        raise ImgError(f"Error resizing image: {exc.strerror}") from None
-    return "Image resized.\n"
+        opts = parse_opts(fmt, text)
+    except ImgError as exc:
+        raise ImgError(f"{filename}: {exc}") from None
+    if args.has("b"):
+        opts["backing_file"] = args.get("b")
+    if args.has("F"):
+        opts["backing_fmt"] = args.get("F")
+    async with Session(args.objects) as session:
+        await create_image(session, filename, fmt, size, opts, unsafe=args.has("u"),
+                           quiet=args.has("q"))
+    return 0

@@ -121,7 +121,8 @@ class _Walker:
                 self.inc(off & ~511, (sectors + 1) * 512)
                 continue
             host = entry & OFFSET_MASK
-            if not host:
+            external = self.node.image.external_data
+            if not host and not (external and entry & COPIED and not entry & 1):
                 continue
             # Normal and preallocated-zero clusters both hold their cluster.
             if active:
@@ -134,7 +135,8 @@ class _Walker:
                                          "aligned; L2 entry corrupted.")
                 self.res.corruptions += 1
                 continue
-            self.inc(host, self.cs)
+            if not external:  # clusters of an external data file have no refcounts
+                self.inc(host, self.cs)
 
     async def walk_snapshots(self) -> None:
         h = self.image.header
@@ -253,6 +255,8 @@ async def _check_copied(node: "Qcow2Node", res: CheckResult, fix: int) -> None:
                 res.corruptions_fixed += 1
             else:
                 res.corruptions += 1
+        if node.image.external_data:
+            continue  # data clusters of an external file have no refcounts to agree with
         table = await node.image.file.read(l2, cs)
         size = m.entry_size
         for pos in range(0, cs, size):

@@ -13,11 +13,12 @@ copy first.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import enum
 import struct
 from typing import TYPE_CHECKING
+
+from blockd.drivers.qcow2.cache import CacheConfig, MetadataCache
 
 if TYPE_CHECKING:
     from blockd.drivers.qcow2.image import Image
@@ -46,6 +47,9 @@ class Entry:
 
     raw: int
     bitmap: int = 0
+    #: Read from an image with an external data file, where host offset 0 is valid
+    #: data when ``COPIED`` says so.
+    external: bool = dataclasses.field(default=False, compare=False)
 
     def kind(self, cluster_bits: int) -> Kind:
         if self.raw & COMPRESSED:
@@ -53,7 +57,9 @@ class Entry:
         host = self.raw & OFFSET_MASK
         if self.raw & ZERO:
             return Kind.ZERO_ALLOC if host else Kind.ZERO_PLAIN
-        return Kind.NORMAL if host else Kind.UNALLOCATED
+        if host or (self.external and self.raw & COPIED):
+            return Kind.NORMAL
+        return Kind.UNALLOCATED
 
     @property
     def host(self) -> int:
@@ -77,36 +83,26 @@ def compressed_entry(offset: int, length: int, cluster_bits: int) -> int:
     return COMPRESSED | (sectors << x) | offset
 
 
-class L2Cache:
-    """Whole L2 tables by host offset, least recently used dropped first."""
+class L2Cache(MetadataCache):
+    """L2 table slices keyed by their host offset."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(2, capacity)
-        self.tables: collections.OrderedDict[int, bytearray] = collections.OrderedDict()
+    def __init__(self, capacity: int, slice_size: int, cluster_size: int) -> None:
+        super().__init__(capacity)
+        self.slice_size = slice_size
+        self.cluster_size = cluster_size
 
-    def get(self, offset: int) -> bytearray | None:
-        table = self.tables.get(offset)
-        if table is not None:
-            self.tables.move_to_end(offset)
-        return table
-
-    def put(self, offset: int, table: bytearray) -> None:
-        self.tables[offset] = table
-        self.tables.move_to_end(offset)
-        while len(self.tables) > self.capacity:
-            self.tables.popitem(last=False)
-
-    def drop(self, offset: int) -> None:
-        self.tables.pop(offset, None)
-
-    def clear(self) -> None:
-        self.tables.clear()
+    def drop(self, key: int) -> None:
+        """Forget every slice of the table at ``key`` (freed or rewritten behind our back)."""
+        if self.slice_size == self.cluster_size:
+            super().drop(key)
+        else:
+            self.drop_where(lambda k: key <= k < key + self.cluster_size)
 
 
 class Mapping:
     """L1 in memory, L2 through the cache; entries written through to the file."""
 
-    def __init__(self, image: "Image", cache_tables: int) -> None:
+    def __init__(self, image: "Image", config: CacheConfig) -> None:
         self.image = image
         self.cb = image.header.cluster_bits
         self.cs = image.cluster_size
@@ -114,7 +110,8 @@ class Mapping:
         self.entry_size = 16 if self.ext else 8
         self.l2_entries = self.cs // self.entry_size
         self.l1: list[int] = []
-        self.cache = L2Cache(cache_tables)
+        self.slice_size = config.l2_entry_size
+        self.cache = L2Cache(config.l2_entries, config.l2_entry_size, self.cs)
 
     async def load(self) -> None:
         h = self.image.header
@@ -126,13 +123,16 @@ class Mapping:
         cluster = guest >> self.cb
         return cluster // self.l2_entries, cluster % self.l2_entries
 
-    async def _table(self, l2_offset: int) -> bytearray:
-        table = self.cache.get(l2_offset)
-        if table is None:
+    async def _slice(self, l2_offset: int, pos: int) -> tuple[bytearray, int]:
+        """The cached slice holding byte ``pos`` of the table, and ``pos`` within it."""
+        start = pos - pos % self.slice_size
+        key = l2_offset + start
+        piece = self.cache.get(key)
+        if piece is None:
             self.image.debug_event("l2_load")
-            table = bytearray(await self.image.file.read(l2_offset, self.cs))
-            self.cache.put(l2_offset, table)
-        return table
+            piece = bytearray(await self.image.file.read(key, self.slice_size))
+            self.cache.put(key, piece)
+        return piece, pos - start
 
     async def lookup(self, guest: int) -> Entry:
         l1i, l2i = self.index(guest)
@@ -141,26 +141,31 @@ class Mapping:
         l2_offset = self.l1[l1i] & L1_OFFSET_MASK
         if not l2_offset:
             return Entry(0)
-        table = await self._table(l2_offset)
-        pos = l2i * self.entry_size
+        piece, pos = await self._slice(l2_offset, l2i * self.entry_size)
+        external = self.image.external_data
         if self.ext:
-            raw, bitmap = struct.unpack_from(">QQ", table, pos)
-            return Entry(raw, bitmap)
-        return Entry(struct.unpack_from(">Q", table, pos)[0])
+            raw, bitmap = struct.unpack_from(">QQ", piece, pos)
+            return Entry(raw, bitmap, external)
+        return Entry(struct.unpack_from(">Q", piece, pos)[0], 0, external)
 
     async def set(self, guest: int, entry: Entry) -> None:
         """Write an L2 entry, creating or un-sharing the L2 table first if needed."""
         l1i, l2i = self.index(guest)
         l2_offset = await self._writable_table(l1i)
-        table = await self._table(l2_offset)
         pos = l2i * self.entry_size
+        piece, in_slice = await self._slice(l2_offset, pos)
         if self.ext:
             data = struct.pack(">QQ", entry.raw, entry.bitmap)
         else:
             data = struct.pack(">Q", entry.raw)
-        table[pos:pos + len(data)] = data
+        old = bytes(piece[in_slice:in_slice + len(data)])
+        piece[in_slice:in_slice + len(data)] = data
         self.image.debug_event("l2_update")
-        await self.image.file.write(l2_offset + pos, data)
+        try:
+            await self.image.file.write(l2_offset + pos, data)
+        except OSError:
+            piece[in_slice:in_slice + len(data)] = old  # keep memory equal to the file
+            raise
 
     async def prepare(self, guest: int) -> None:
         """Make the L2 table for ``guest`` private and present before data is allocated.
@@ -178,12 +183,15 @@ class Mapping:
         if l2_offset and entry & COPIED:
             return l2_offset
         # A new table, or a private copy of one shared with a snapshot.
-        self.image.debug_event("l2_alloc_cow_read")
-        old = await self._table(l2_offset) if l2_offset else bytearray(self.cs)
+        if l2_offset:
+            # Tables are written through, so the file has the current content.
+            self.image.debug_event("l2_alloc_cow_read")
+            old = bytes(await self.image.file.read(l2_offset, self.cs))
+        else:
+            old = bytes(self.cs)
         new_offset = await self.image.refcounts.alloc(1)
         self.image.debug_event("l2_alloc_write")
-        await self.image.file.write(new_offset, bytes(old))
-        self.cache.put(new_offset, bytearray(old))
+        await self.image.file.write(new_offset, old)
         await self.set_l1(l1i, new_offset | COPIED)
         if l2_offset:
             self.cache.drop(l2_offset)
@@ -191,10 +199,10 @@ class Mapping:
         return new_offset
 
     async def set_l1(self, l1i: int, value: int) -> None:
-        self.l1[l1i] = value
         self.image.debug_event("l1_update")
         await self.image.file.write(self.image.header.l1_table_offset + l1i * 8,
                                     struct.pack(">Q", value))
+        self.l1[l1i] = value
 
     async def grow_l1(self, min_size: int) -> None:
         """Move the L1 table to a bigger place (QEMU grows by half again)."""

@@ -45,8 +45,13 @@ def _check(options: dict[str, Any]) -> tuple[int, int, int]:
         raise QMPError("Image size must be a multiple of 512 bytes")
     if "backing-fmt" in options and "backing-file" not in options:
         raise QMPError("Backing format cannot be used without backing file")
-    if options.get("data-file") is not None or options.get("data-file-raw"):
-        raise QMPError("External data files are not supported by this blockd build yet")
+    if options.get("data-file") is not None and version < 3:
+        raise QMPError("External data files are only supported with compatibility level 1.1 "
+                       "and above (use version=v3 or greater)")
+    if options.get("data-file-raw") and options.get("data-file") is None:
+        raise QMPError("data-file-raw requires data-file")
+    if options.get("data-file-raw") and options.get("backing-file"):
+        raise QMPError("Backing file and data-file-raw cannot be used at the same time")
     if options.get("encrypt") is not None:
         raise QMPError("Encrypted qcow2 images are not supported by this blockd build yet")
     if options.get("preallocation", "off") != "off" and options.get("backing-file") \
@@ -61,8 +66,13 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
     ref = options["file"]
     file = graph.lookup(ref) if isinstance(ref, str) else await graph.open_node(ref, implicit=True)
     user: Backend | None = Backend(graph, file, "an unnamed block device",
-                   Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.all())
+                                   Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.all())
+    data_ref = options.get("data-file")
+    data = None
     try:
+        if data_ref is not None:
+            data = graph.lookup(data_ref) if isinstance(data_ref, str) \
+                else await graph.open_node(data_ref, implicit=True)
         h = hdr.Header(version=version, cluster_bits=cs.bit_length() - 1,
                        refcount_order=bits.bit_length() - 1,
                        refcount_table_offset=cs, refcount_table_clusters=1)
@@ -75,6 +85,11 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
             if options.get("compression-type") == "zstd":
                 h.incompatible_features |= hdr.INCOMPAT_COMPRESSION
                 h.compression_type = hdr.COMPRESSION_ZSTD
+            if data is not None:
+                h.incompatible_features |= hdr.INCOMPAT_DATA_FILE
+                h.extensions.append(hdr.Extension(hdr.EXT_DATA_FILE, data.filename().encode()))
+                if options.get("data-file-raw"):
+                    h.autoclear_features |= hdr.AUTOCLEAR_DATA_FILE_RAW
             h.extensions.append(hdr.Extension(hdr.EXT_FEATURE_TABLE, hdr.feature_table_bytes()))
         else:
             h.header_length = hdr.V2_LENGTH
@@ -102,11 +117,16 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
         # Open what we wrote and grow it, as QEMU does, so the L1 table lands after.
         from blockd.drivers.qcow2.driver import Qcow2Node
 
-        node = await graph.open_node({"driver": "qcow2", "file": file.node_name,
-                                      "backing": None}, implicit=True)
+        node_opts: dict[str, Any] = {"driver": "qcow2", "file": file.node_name, "backing": None}
+        if data is not None:
+            node_opts["data-file"] = data.node_name
+        node = await graph.open_node(node_opts, implicit=True)
         assert isinstance(node, Qcow2Node)
+        prealloc = options.get("preallocation", "off")
+        if options.get("data-file-raw") and prealloc == "off":
+            prealloc = "metadata"  # every cluster maps to its place in the raw data file
         try:
-            await node.truncate(options["size"], prealloc=options.get("preallocation", "off"))
+            await node.truncate(options["size"], prealloc=prealloc)
         finally:
             await graph.delete_node(node)
     finally:
@@ -114,3 +134,5 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
             user.close()
         if not isinstance(ref, str):
             await graph.delete_node(file)
+        if data is not None and not isinstance(data_ref, str):
+            await graph.delete_node(data)

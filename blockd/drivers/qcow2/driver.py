@@ -14,6 +14,7 @@ the refcount was raised before, so a crash leaks at worst.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -24,7 +25,7 @@ from blockd.block.node import BlockNode, Extent, Status, WriteFlags
 from blockd.drivers.qcow2 import bitmaps as qbitmaps
 from blockd.drivers.qcow2 import compress
 from blockd.drivers.qcow2 import header as hdr
-from blockd.drivers.qcow2.cache import cache_sizes
+from blockd.drivers.qcow2.cache import cache_config
 from blockd.drivers.qcow2.cluster import (ALL_ALLOC, ALL_ZERO, COPIED, SUBCLUSTERS, ZERO, Entry,
                                           Kind, Mapping, compressed_entry)
 from blockd.drivers.qcow2.image import Image
@@ -49,6 +50,9 @@ class Qcow2Node(BlockNode):
         self.compress_pos = 0
         self.stored_bitmaps: list[qbitmaps.DirEntry] = []
         self._last_inflated: tuple[int, bytes] | None = None
+        #: Whether data clusters may be file holes (metadata preallocation); decided once.
+        self._metadata_prealloc: bool | None = None
+        self._cleaner: asyncio.Task | None = None
 
     # ---- open -----------------------------------------------------------------
 
@@ -64,8 +68,6 @@ class Qcow2Node(BlockNode):
             h = hdr.parse(head)
         if h.crypt_method:
             raise QMPError("Encrypted qcow2 images are not supported by this blockd build yet")
-        if h.incompatible_features & hdr.INCOMPAT_DATA_FILE:
-            raise QMPError("External data files are not supported by this blockd build yet")
         if h.incompatible_features & hdr.INCOMPAT_CORRUPT and not self.read_only:
             raise QMPError("qcow2: Image is corrupt; cannot be opened read/write")
         if h.l1_size > (32 << 20) // 8 * 4:
@@ -73,9 +75,10 @@ class Qcow2Node(BlockNode):
         if opts.get("lazy-refcounts") and h.version < 3:
             raise QMPError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
                            "compatibility level")
-        l2_tables = cache_sizes(opts, h)
-        self.image = Image(file, h, opts.get("pass-discard-other", False))
-        self.map = Mapping(self.image, l2_tables)
+        caches = cache_config(opts, h)
+        self.image = Image(file, h, opts.get("pass-discard-other", False), caches)
+        self.map = Mapping(self.image, caches)
+        await self._open_data_file(ctx, h)
         await self.image.refcounts.load()
         await self.map.load()
         if h.incompatible_features & hdr.INCOMPAT_DIRTY and not self.read_only:
@@ -88,6 +91,58 @@ class Qcow2Node(BlockNode):
         self.bitmaps = await qbitmaps.load(self.image, h.size, not self.read_only)
         if not self.read_only:
             self.stored_bitmaps = await qbitmaps.load_directory(self.image)
+        if caches.clean_interval:
+            self._cleaner = asyncio.get_running_loop().create_task(
+                self._clean_caches(caches.clean_interval))
+
+    async def _open_data_file(self, ctx: OpenContext, h: hdr.Header) -> None:
+        """Attach the external data file named by the option or by the header extension."""
+        ref = self.options.get("data-file")
+        if not h.incompatible_features & hdr.INCOMPAT_DATA_FILE:
+            if ref is not None:
+                raise QMPError("'data-file' can only be set for images with an external data file")
+            if h.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW:
+                raise QMPError("data-file-raw requires a data file")
+            return
+        if ref is None and h.data_file:
+            path = h.data_file
+            if not os.path.isabs(path):
+                path = os.path.join(os.path.dirname(self.image.file.filename()), path)
+            ref = {"driver": "file", "filename": path}
+        if ref is None:
+            raise QMPError("'data-file' is required for this image")
+        self.image.data = await ctx.open_child(ref, "data-file")
+        self.image.external_data = True
+
+    @property
+    def data_raw(self) -> bool:
+        """The data file alone is a valid raw image (``data-file-raw``)."""
+        return bool(self.image.header.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW)
+
+    async def _data_read(self, host: int, n: int) -> bytes | bytearray | memoryview:
+        """Guest data at ``host`` in the data file (deciphered when encrypted)."""
+        data = await self.image.data.read(host, n)
+        if self.image.crypto is not None:
+            data = await self.image.crypto.decrypt_sectors(host, bytes(data))
+        return data
+
+    async def _data_write(self, host: int, buf: bytes | bytearray | memoryview) -> None:
+        if self.image.crypto is not None:
+            buf = await self.image.crypto.encrypt_sectors(host, bytes(buf))
+        await self.image.data.write(host, buf)
+
+    async def _alloc_data(self, guest: int) -> int:
+        """A host cluster for guest cluster ``guest``: identity in an external data file."""
+        if self.image.external_data:
+            return guest
+        return await self.image.refcounts.alloc(1)
+
+    async def _clean_caches(self, interval: int) -> None:
+        """Give back memory of metadata nobody used for a whole interval."""
+        while True:
+            await asyncio.sleep(interval)
+            self.map.cache.clean()
+            self.image.refcounts.blocks.clean()
 
     async def _repair_dirty(self) -> None:
         """A dirty image (lazy refcounts, not closed cleanly) is repaired before use, as QEMU does."""
@@ -133,11 +188,19 @@ class Qcow2Node(BlockNode):
             raise QMPError(f"Could not open backing file: {exc.desc}") from None
 
     async def close(self) -> None:
+        if self._cleaner is not None:
+            self._cleaner.cancel()
+            self._cleaner = None
         if self.image is None:
             return
         if not self.read_only:
-            await self._store_bitmaps(in_use=False)
-            await self.image.file.flush()
+            try:
+                await self._store_bitmaps(in_use=False)
+                await self.image.file.flush()
+            except OSError as exc:
+                # Closing goes on regardless, as in QEMU; the data is as safe as the
+                # failed flush left it.
+                log.error("Failed to flush node '%s' on close: %s", self.node_name, exc)
         elif any(bm.persistent and not bm.inconsistent for bm in self.bitmaps.values()
                  if bm.name not in {e.name for e in self.stored_bitmaps}):
             log.warning("Lost persistent bitmaps of node '%s': it was never writable",
@@ -233,7 +296,7 @@ class Qcow2Node(BlockNode):
         if not self.map.ext:
             if kind == Kind.NORMAL:
                 self.image.debug_event("read_aio")
-                return bytes(await self.image.file.read(entry.host + start, n))
+                return bytes(await self._data_read(entry.host + start, n))
             if kind == Kind.UNALLOCATED:
                 return await self._backing_read(guest + start, n)
             return bytes(n)
@@ -247,8 +310,9 @@ class Qcow2Node(BlockNode):
             while j * sc < end and self._sub_state(entry, kind, j) == state:
                 j += 1
             m = min(end, j * sc) - pos
-            if state == "data" and entry.host:
-                out += await self.image.file.read(entry.host + pos, m)
+            if state == "data" and kind == Kind.NORMAL:
+                self.image.debug_event("read_aio")
+                out += await self._data_read(entry.host + pos, m)
             elif state == "unallocated":
                 out += await self._backing_read(guest + pos, m)
             else:
@@ -279,7 +343,7 @@ class Qcow2Node(BlockNode):
                     n += min(end - offset - n, cs)
                     next_guest, expect = next_guest + cs, expect + cs
                 self.image.debug_event("read_aio")
-                parts.append(await self.image.file.read(host, n))
+                parts.append(await self._data_read(host, n))
             else:
                 parts.append(await self._read_in_cluster(guest, entry, start, n))
             offset += n
@@ -302,7 +366,7 @@ class Qcow2Node(BlockNode):
             entry = await self.map.lookup(guest)
             if self._in_place(entry, start, n):
                 self.image.debug_event("write_aio")
-                await self.image.file.write(entry.host + start, chunk)
+                await self._data_write(entry.host + start, chunk)
             else:
                 async with self.image.lock:
                     await self._allocating_write(guest, start, chunk)
@@ -328,7 +392,7 @@ class Qcow2Node(BlockNode):
         kind = entry.kind(cb)
         n = len(chunk)
         if self._in_place(entry, start, n):
-            await self.image.file.write(entry.host + start, chunk)
+            await self._data_write(entry.host + start, chunk)
             return
         sc = self.cs // SUBCLUSTERS
         touched = _sub_mask(start // sc, (start + n - 1) // sc) if self.map.ext else 0
@@ -336,30 +400,37 @@ class Qcow2Node(BlockNode):
             # Allocate subclusters inside a cluster we own: copy around the write
             # within the touched subclusters only.
             lo, hi = (start // sc) * sc, -(-(start + n) // sc) * sc
-            buf = bytearray(await self._read_in_cluster(guest, entry, lo, hi - lo))
-            buf[start - lo:start - lo + n] = chunk
-            self.image.debug_event("cow_write")
-            await self.image.file.write(entry.host + lo, bytes(buf))
+            if lo == start and hi == start + n:
+                buf = bytearray(chunk)
+                self.image.debug_event("write_aio")
+            else:
+                self.image.debug_event("cow_read")
+                buf = bytearray(await self._read_in_cluster(guest, entry, lo, hi - lo))
+                buf[start - lo:start - lo + n] = chunk
+                self.image.debug_event("cow_write")
+            await self._data_write(entry.host + lo, bytes(buf))
             bitmap = (entry.bitmap | touched) & ~(touched << 32)
             await self.map.set(guest, Entry(entry.raw, bitmap))
             return
         buf: bytearray | memoryview
-        if start == 0 and n == self.cs:
+        whole = start == 0 and n == self.cs
+        if whole:
             buf = chunk  # the guest wrote the whole cluster: nothing to copy
         else:
             self.image.debug_event("cow_read")
             buf = await self._cluster_content(guest, entry)
             buf[start:start + n] = chunk
         await self.map.prepare(guest)
-        host = await self.image.refcounts.alloc(1)
-        self.image.debug_event("cow_write")
+        host = await self._alloc_data(guest)
+        self.image.debug_event("write_aio" if whole else "cow_write")
         try:
-            await self.image.file.write(host, buf)
+            await self._data_write(host, buf)
         except OSError:
-            await self.image.refcounts.free(host)
+            if not self.image.external_data:
+                await self.image.refcounts.free(host)
             raise
         if self.map.ext:
-            if kind in (Kind.COMPRESSED,) or (kind == Kind.NORMAL and entry.host):
+            if kind in (Kind.COMPRESSED, Kind.NORMAL):
                 bitmap = ALL_ALLOC
             else:
                 bitmap = (entry.bitmap | touched) & ~(touched << 32)
@@ -375,7 +446,7 @@ class Qcow2Node(BlockNode):
             off, n = entry.compressed_span(self.image.header.cluster_bits)
             first, last = off // self.cs, (off + n - 1) // self.cs
             await self.image.refcounts.free(first * self.cs, last - first + 1)
-        elif entry.host:
+        elif entry.host and not self.image.external_data:
             await self.image.refcounts.free(entry.host)
 
     async def compress_cluster(self, data: bytes) -> bytes:
@@ -388,6 +459,8 @@ class Qcow2Node(BlockNode):
         cs = self.cs
         if offset % cs or len(data) != cs:
             raise OSError(errno.EINVAL, "Compressed writes must cover whole clusters")
+        if self.image.external_data or self.image.crypto is not None:
+            raise OSError(errno.ENOTSUP, "Operation not supported")
         if packed is None:
             packed = await self.compress_cluster(data)
         if len(packed) >= cs:
@@ -396,6 +469,7 @@ class Qcow2Node(BlockNode):
         async with self.image.lock:
             old = await self.map.lookup(offset)
             pos = self.compress_pos
+            self.image.debug_event("cluster_alloc_bytes")
             if pos % cs == 0 or pos % cs + len(packed) > cs:
                 clusters = -(-len(packed) // cs)
                 pos = await self.image.refcounts.alloc(clusters)
@@ -411,6 +485,11 @@ class Qcow2Node(BlockNode):
     async def write_zeroes(self, offset: int, length: int,
                            flags: WriteFlags = WriteFlags.NONE) -> None:
         self._writable()
+        if self.data_raw:
+            # The data file must stay a faithful raw image: zeroes are really written.
+            for pos in range(offset, offset + length, 1 << 20):
+                await self.write(pos, bytes(min(1 << 20, offset + length - pos)))
+            return
         cs = self.cs
         end = offset + length
         head_end = min(end, -(-offset // cs) * cs)
@@ -457,12 +536,17 @@ class Qcow2Node(BlockNode):
         last = (offset + length) // cs * cs
         if offset + length == self.length():
             last = -(-(offset + length) // cs) * cs
+        if self.data_raw:
+            # Whole clusters read as zeroes after a discard; the raw data file must agree.
+            if last > first:
+                await self.write_zeroes(first, min(last, self.length()) - first)
+            return
         async with self.image.lock:
             for guest in range(first, last, cs):
                 entry = await self.map.lookup(guest)
                 kind = entry.kind(self.image.header.cluster_bits)
-                if kind == Kind.UNALLOCATED and not entry.bitmap:
-                    continue
+                # With a backing file the cluster must read as zeroes afterwards, so it
+                # becomes a zero cluster (v2 has none: the backing file shows through).
                 if self.backing is not None or kind != Kind.UNALLOCATED:
                     if self.map.ext:
                         new = Entry(0, ALL_ZERO)
@@ -470,6 +554,9 @@ class Qcow2Node(BlockNode):
                         new = Entry(ZERO if self.image.header.version >= 3 else 0)
                 else:
                     new = Entry(0)
+                if new == Entry(entry.raw & ~COPIED if not entry.host else entry.raw,
+                                entry.bitmap):
+                    continue
                 await self.map.set(guest, new)
                 if self.options.get("pass-discard-request", True) and entry.host:
                     self.image.discard_other, saved = True, self.image.discard_other
@@ -482,6 +569,7 @@ class Qcow2Node(BlockNode):
 
     async def flush(self) -> None:
         self.image.debug_event("flush_to_os")
+        self.image.debug_event("flush_to_disk")
         await self.image.file.flush()
 
     # ---- status and size --------------------------------------------------------
@@ -506,7 +594,9 @@ class Qcow2Node(BlockNode):
             if status is None:
                 return await self._unallocated_status(offset, n)
             host = entry.host + offset - guest if state == "data" else None
-            return Extent(n, status, host, self.image.file if host is not None else None)
+            if host is None:
+                return Extent(n, status)
+            return await self._data_status(n, status, host)
         # Extend over following clusters of the same kind.
         while offset + n < offset + length:
             nxt = await self.map.lookup(guest + cs)
@@ -517,12 +607,46 @@ class Qcow2Node(BlockNode):
             n = min(length, guest + cs - offset)
         if kind == Kind.NORMAL:
             first = await self.map.lookup(offset - offset % cs)
-            return Extent(n, Status.DATA | Status.ALLOCATED, first.host + offset % cs, self.image.file)
+            return await self._data_status(n, Status.DATA | Status.ALLOCATED,
+                                           first.host + offset % cs)
         if kind == Kind.COMPRESSED:
             return Extent(n, Status.DATA | Status.ALLOCATED)
         if kind in (Kind.ZERO_PLAIN, Kind.ZERO_ALLOC):
             return Extent(n, Status.ZERO | Status.ALLOCATED)
         return await self._unallocated_status(offset, n)
+
+    async def _data_status(self, n: int, status: Status, host: int) -> Extent:
+        """Status of allocated data: with metadata preallocation the file's holes read as zero."""
+        file = self.image.data
+        if not self.image.external_data and await self._preallocated_metadata() \
+                and host < file.length():
+            ext = await file.block_status(host, min(n, file.length() - host))
+            n = ext.length
+            if ext.status & Status.ZERO:
+                status |= Status.ZERO
+        return Extent(n, status, host, file)
+
+    async def _preallocated_metadata(self) -> bool:
+        """Guess, like QEMU, whether clusters were allocated without data being written.
+
+        Asking the file about every data cluster costs a syscall each, so it is
+        done only when the file holds clearly less than the refcounts claim.
+        """
+        if self._metadata_prealloc is None:
+            real = self.image.file.allocated_file_size()
+            if real is None:
+                self._metadata_prealloc = False
+            else:
+                threshold = max(real * 11 // 10, real + 2 * self.cs)
+                rc, used = self.image.refcounts, 0
+                self._metadata_prealloc = False
+                for c in range(rc.alloc_end):
+                    if await rc.get(c):
+                        used += self.cs
+                        if used > threshold:
+                            self._metadata_prealloc = True
+                            break
+        return self._metadata_prealloc
 
     async def _unallocated_status(self, offset: int, n: int) -> Extent:
         backing = self.backing
@@ -554,11 +678,14 @@ class Qcow2Node(BlockNode):
                         await self.map.set_l1(i, 0)
                         self.map.cache.drop(l2)
                         await self.image.refcounts.free(l2)
+                await self.image.refcounts.drop_unused_blocks()
                 await self._cut_tail()
             else:
                 need = -(-size // (cs * self.map.l2_entries))
                 if need > len(self.map.l1):
                     await self.map.grow_l1(need)
+            if self.data_raw:
+                await self.image.data.truncate(size, exact=True)
             h.size = size
             await self.image.file.write(24, size.to_bytes(8, "big"))
             if prealloc in ("metadata", "falloc", "full") and size > 0:
@@ -580,17 +707,32 @@ class Qcow2Node(BlockNode):
     async def _preallocate(self, mode: str) -> None:
         """Allocate every cluster (metadata: mapping only; falloc/full: the file too)."""
         cs = self.cs
+        runs: list[list[int]] = []  # [host, length] of newly mapped data, merged
         for guest in range(0, self.length(), cs):
             entry = await self.map.lookup(guest)
             if entry.kind(self.image.header.cluster_bits) != Kind.UNALLOCATED:
                 continue
-            host = await self.image.refcounts.alloc(1)
+            host = await self._alloc_data(guest)
             bitmap = ALL_ALLOC if self.map.ext else 0
             await self.map.set(guest, Entry(host | COPIED, bitmap))
-        end = self.image.refcounts.alloc_end * cs
-        if self.image.file.length() < end:
-            await self.image.file.truncate(end, exact=True,
-                                           prealloc="off" if mode == "metadata" else mode)
+            if runs and runs[-1][0] + runs[-1][1] == host:
+                runs[-1][1] += cs
+            else:
+                runs.append([host, cs])
+        data = self.image.data
+        end = self.length() if self.image.external_data else self.image.refcounts.alloc_end * cs
+        if data.length() < end:
+            await data.truncate(end, exact=True, prealloc="off")
+        if mode == "metadata":
+            return
+        # Metadata written after the data clusters already extended the file over
+        # them, so the space is reserved (falloc) or written (full) explicitly.
+        for host, length in runs:
+            if mode == "falloc":
+                await data.write_zeroes(host, length)
+                continue
+            for pos in range(host, host + length, 1 << 20):
+                await data.write(pos, bytes(min(1 << 20, host + length - pos)))
 
     # ---- queries ----------------------------------------------------------------
 
@@ -615,9 +757,13 @@ class Qcow2Node(BlockNode):
             data = {"compat": "1.1",
                     "compression-type": "zstd" if h.compression_type else "zlib",
                     "lazy-refcounts": bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS),
-                    "refcount-bits": h.refcount_bits,
-                    "corrupt": bool(h.incompatible_features & hdr.INCOMPAT_CORRUPT),
-                    "extended-l2": h.extended_l2}
+                    "refcount-bits": h.refcount_bits}
+            if h.data_file is not None:
+                data["data-file"] = h.data_file
+            if self.image.external_data:
+                data["data-file-raw"] = self.data_raw
+            data["corrupt"] = bool(h.incompatible_features & hdr.INCOMPAT_CORRUPT)
+            data["extended-l2"] = h.extended_l2
             if self.stored_bitmaps:
                 data["bitmaps"] = qbitmaps.info(self.stored_bitmaps)
         return {"type": "qcow2", "data": data}

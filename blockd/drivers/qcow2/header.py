@@ -223,13 +223,20 @@ def parse(buf: bytes, file_size: int | None = None) -> Header:
         h.backing_file = bytes(buf[bfo:bfo + bfs]).decode(errors="replace")
     unknown = h.incompatible_features & ~INCOMPAT_KNOWN
     if unknown:
-        names = h.feature_names()
-        parts = []
-        for bit in range(64):
-            if unknown & (1 << bit):
-                parts.append(names.get((0, bit), f"Unknown incompatible feature: {1 << bit:x}"))
-        raise QMPError("Unsupported qcow2 feature(s): " + ", ".join(parts), "GenericError")
+        raise QMPError("Unsupported qcow2 feature(s): " + unsupported_features(h, unknown))
     return h
+
+
+def unsupported_features(h: Header, mask: int) -> str:
+    """Name incompatible bits as QEMU does: table entries in table order, then the rest as hex."""
+    parts = []
+    for (kind, bit), name in h.feature_names().items():
+        if kind == 0 and mask & (1 << bit):
+            parts.append(name)
+            mask &= ~(1 << bit)
+    if mask:
+        parts.append(f"Unknown incompatible feature: {mask:x}")
+    return ", ".join(parts)
 
 
 def feature_table_bytes() -> bytes:

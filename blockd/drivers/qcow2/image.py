@@ -10,15 +10,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from typing import Protocol
 
 from blockd.block.node import BlockNode
 from blockd.drivers.qcow2 import header as hdr
+from blockd.drivers.qcow2.cache import CacheConfig
 
 log = logging.getLogger(__name__)
 
 
+class DataCipher(Protocol):
+    """What an encrypted image plugs in: guest data is (de)ciphered by host offset.
+
+    The qcow2 driver calls these around every read and write of data
+    clusters, with the data's offset in the data file; nothing else in the
+    driver knows about encryption.
+    """
+
+    async def decrypt_sectors(self, host_offset: int, data: bytes) -> bytes: ...
+
+    async def encrypt_sectors(self, host_offset: int, data: bytes) -> bytes: ...
+
+
 class Image:
-    def __init__(self, file: BlockNode, header: hdr.Header, discard_other: bool) -> None:
+    def __init__(self, file: BlockNode, header: hdr.Header, discard_other: bool,
+                 caches: CacheConfig) -> None:
         self.file = file
         self.header = header
         self.cluster_size = header.cluster_size
@@ -27,8 +43,14 @@ class Image:
         self.discard_other = discard_other
         from blockd.drivers.qcow2.refcount import Refcounts
 
-        self.refcounts = Refcounts(self)
+        self.refcounts = Refcounts(self, caches.refcount_entries)
         self.corrupt = bool(header.incompatible_features & hdr.INCOMPAT_CORRUPT)
+        #: Where guest data lives: the image file itself or an external data file,
+        #: in which a cluster's host offset equals its guest offset and has no refcount.
+        self.data: BlockNode = file
+        self.external_data = False
+        #: Set by encryption support; ``None`` stores data as is.
+        self.crypto: DataCipher | None = None
 
     def debug_event(self, event: str) -> None:
         self.file.debug_event(event)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
+from blockd.drivers.qcow2.cache import MetadataCache
+
 
 if TYPE_CHECKING:
     from blockd.drivers.qcow2.image import Image
@@ -48,14 +50,15 @@ def set_entry(block: bytearray, index: int, order: int, value: int) -> tuple[int
 class Refcounts:
     """The image's refcount structure, cached in memory and written through."""
 
-    def __init__(self, image: "Image") -> None:
+    def __init__(self, image: "Image", cache_blocks: int) -> None:
         self.image = image
         self.order = image.header.refcount_order
         self.max_value = (1 << (1 << self.order)) - 1
         self.cluster_size = image.cluster_size
         self.entries = self.cluster_size * 8 // (1 << self.order)
         self.table: list[int] = []
-        self.blocks: dict[int, bytearray] = {}
+        #: Refcount blocks by index in the table (written through, so evicting is free).
+        self.blocks = MetadataCache(cache_blocks)
         #: No cluster below this index is free (a search starts here).
         self.free_hint = 0
         #: One past the highest cluster handed out (it may not be written yet).
@@ -79,7 +82,7 @@ class Refcounts:
         if block is None:
             self.image.debug_event("refblock_load")
             block = bytearray(await self.image.file.read(offset, self.cluster_size))
-            self.blocks[block_index] = block
+            self.blocks.put(block_index, block)
         return block
 
     async def get(self, cluster_index: int) -> int:
@@ -106,33 +109,49 @@ class Refcounts:
             raise OSError(27, f"Refcount overflow for cluster {cluster_index}")
         start, end = set_entry(block, idx, self.order, value)
         self.image.debug_event("refblock_update")
-        await self.image.file.write(self.table[bi] + start, bytes(block[start:end]))
+        try:
+            await self.image.file.write(self.table[bi] + start, bytes(block[start:end]))
+        except OSError:
+            # Memory must say what the file says: a count we failed to store is undone.
+            set_entry(block, idx, self.order, value - delta)
+            raise
         if value == 0 and cluster_index < self.free_hint:
             self.free_hint = cluster_index
         return value
 
-    async def _new_block(self, block_index: int, near: int) -> None:
-        """Create a refcount block for ``block_index``, placed in its own range."""
+    async def _new_block(self, block_index: int, pos: int) -> None:
+        """Create a refcount block for ``block_index`` in the free cluster ``pos``.
+
+        Blocks go to the first free cluster, as in QEMU, so that blocks made
+        for a long run pile up in front of it instead of splitting it.  A
+        block inside its own range counts itself; elsewhere it is counted
+        (first) by the block of the range it sits in.
+        """
         if block_index >= len(self.table):
             # Growing places new blocks and the table after everything; the
             # caller searches again afterwards.
             await self._grow_table(block_index + 1)
             return
         start = block_index * self.entries
-        # Every cluster of a block's range is free until the block exists, so
-        # the block can sit in its own range and count itself.
-        pos = near if start <= near < start + self.entries else start
         block = bytearray(self.cluster_size)
-        set_entry(block, pos - start, self.order, 1)
+        if start <= pos < start + self.entries:
+            set_entry(block, pos - start, self.order, 1)
+        else:
+            host_block = pos // self.entries
+            if host_block >= len(self.table) or self.table[host_block] == 0:
+                await self._new_block(host_block, pos)
+                return  # the caller retries; this block will go elsewhere
+            await self.update(pos, 1)
         self.image.debug_event("refblock_alloc")
         offset = pos * self.cluster_size
         self.image.debug_event("refblock_alloc_write")
         await self.image.file.write(offset, bytes(block))
-        self.blocks[block_index] = block
+        self.blocks.put(block_index, block)
         self.table[block_index] = offset
         await self.image.file.write(self.image.header.refcount_table_offset + block_index * 8,
                                     struct.pack(">Q", offset))
         self.alloc_end = max(self.alloc_end, pos + 1)
+        self.free_hint = max(self.free_hint, pos + 1) if self.free_hint == pos else self.free_hint
 
     async def _grow_table(self, min_blocks: int) -> None:
         """A bigger table placed after everything, with new blocks covering it."""
@@ -169,7 +188,8 @@ class Refcounts:
         old_offset, old_clusters = (self.image.header.refcount_table_offset,
                                     self.image.header.refcount_table_clusters)
         self.table = table
-        self.blocks.update(blocks)
+        for b, block in blocks.items():
+            self.blocks.put(b, block)
         self.alloc_end = start + new_blocks + table_clusters
         for c in updates_existing:
             await self.update(c, 1)
@@ -213,6 +233,34 @@ class Refcounts:
                 run = 0
             c += 1
         return run_start
+
+    async def drop_unused_blocks(self) -> None:
+        """Remove refcount blocks that count nothing but themselves (after a shrink).
+
+        The table entry is cleared before the block's own cluster is freed,
+        so a crash in between leaks the block at worst.
+        """
+        h = self.image.header
+        for bi, entry in enumerate(self.table):
+            offset = entry & ~0x1FF & ((1 << 63) - 1)
+            if not offset:
+                continue
+            block = await self._block(bi)
+            own = offset // self.cluster_size
+            inside = bi * self.entries <= own < (bi + 1) * self.entries
+            probe = bytearray(block)
+            if inside:
+                set_entry(probe, own - bi * self.entries, self.order, 0)
+            if probe.count(0) != len(probe):
+                continue
+            self.table[bi] = 0
+            self.blocks.drop(bi)
+            await self.image.file.write(h.refcount_table_offset + bi * 8, bytes(8))
+            if not inside:
+                await self.update(own, -1)
+            elif own < self.free_hint:
+                self.free_hint = own
+            await self.image.discard_host(offset, self.cluster_size)
 
     async def free(self, offset: int, count: int = 1) -> None:
         """Drop one reference from each of ``count`` clusters at ``offset``."""

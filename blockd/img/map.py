@@ -1,0 +1,128 @@
+"""``map``: where each run of guest data lives, layer by layer, as qemu-img prints it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blockd.block.node import BlockNode, Status
+from blockd.img.common import PROG, Args, ImgError, Session, UsageError, parse_size
+
+
+async def _layer_status(node: BlockNode, offset: int, length: int
+                        ) -> tuple[int, int, Status, int | None, BlockNode]:
+    """(length, depth, status, host offset, deciding layer) for the run at ``offset``."""
+    depth, cur = 0, node
+    while True:
+        ext = await cur.block_status(offset, length)
+        length = ext.length
+        if ext.status & Status.ALLOCATED or cur.backing is None:
+            present = bool(ext.status & Status.ALLOCATED)
+            return length, depth, ext.status if present else Status.ZERO, \
+                ext.offset if present else None, cur
+        if offset >= cur.backing.length():
+            return length, depth, Status.ZERO, None, cur
+        length = min(length, cur.backing.length() - offset)
+        cur, depth = cur.backing, depth + 1
+
+
+async def map_entries(node: BlockNode, start: int = 0, end: int | None = None
+                      ) -> list[dict[str, Any]]:
+    """Runs of equal status between ``start`` and ``end``, merged where contiguous."""
+    entries: list[dict[str, Any]] = []
+    size = node.length() if end is None else min(end, node.length())
+    offset = start
+    while offset < size:
+        n, depth, status, host, layer = await _layer_status(node, offset, size - offset)
+        e = {"start": offset, "length": n, "depth": depth,
+             "present": bool(status & Status.ALLOCATED), "zero": bool(status & Status.ZERO),
+             "data": bool(status & Status.DATA)}
+        if host is not None:
+            e["offset"] = host
+        e["file"] = layer.filename()
+        prev = entries[-1] if entries else None
+        if prev and all(prev[k] == e[k] for k in ("depth", "present", "zero", "data", "file")) \
+                and \
+                ("offset" in prev) == ("offset" in e) and \
+                ("offset" not in e or prev["offset"] + prev["length"] == e["offset"]):
+            prev["length"] += n
+        else:
+            entries.append(e)
+        offset += n
+    return entries
+
+
+def json_text(entries: list[dict[str, Any]]) -> str:
+    """qemu-img's JSON map: one object per line, its own spacing."""
+    rows = []
+    for e in entries:
+        row = (f'{{ "start": {e["start"]}, "length": {e["length"]}, "depth": {e["depth"]}, '
+               f'"present": {_bool(e["present"])}, "zero": {_bool(e["zero"])}, '
+               f'"data": {_bool(e["data"])}')
+        if "offset" in e:
+            row += f', "offset": {e["offset"]}'
+        rows.append(row + "}")
+    return "[" + ",\n".join(rows) + "]\n"
+
+
+def human_text(entries: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """The table of runs with data at a known host offset, and the file holding them.
+
+    Data without a host offset (encrypted, compressed) cannot be shown in this
+    form: the table so far is returned with the error that stops it.
+    """
+    out = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
+    for e in entries:
+        if e["data"] and "offset" not in e:
+            return "\n".join(out) + "\n", "File contains external, encrypted or compressed " \
+                "clusters."
+        if e["data"]:
+            out.append(f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}"
+                       f"{e['file']}")
+    return "\n".join(out) + "\n", None
+
+
+def _bool(v: bool) -> str:
+    return "true" if v else "false"
+
+
+def _hex(v: int) -> str:
+    return f"{v:#x}" if v else "0"
+
+
+async def run(args: Args) -> int:
+    """``map [-f fmt] [--output=ofmt] [--start-offset=N] [--max-length=N] [-U] filename``."""
+    if len(args.rest) != 1:
+        raise UsageError("Expecting one image file name")
+    output = args.output()
+    start = 0
+    end = None
+    if args.has("start-offset"):
+        start = _offset(args.get("start-offset"), "start offset")
+    if args.has("max-length"):
+        end = start + _offset(args.get("max-length"), "max length")
+    async with Session(args.objects) as session:
+        node = await session.open(args.rest[0], args.get("f"), force_share=args.has("U"),
+                                  image_opts=args.has("image-opts"))
+        entries = await map_entries(node, start, end)
+        # The top layer is named as the user gave it; backing layers by their node filename.
+        if not args.has("image-opts"):
+            for e in entries:
+                if e["depth"] == 0:
+                    e["file"] = args.rest[0]
+    if output == "json":
+        print(json_text(entries), end="")
+        return 0
+    text, error = human_text(entries)
+    print(text, end="", flush=True)
+    if error:
+        raise ImgError(error)
+    return 0
+
+
+def _offset(text: str | None, what: str) -> int:
+    try:
+        return parse_size(text or "")
+    except ImgError:
+        raise ImgError(f"Invalid {what} specified. You may use k, M, G, T, P or E suffixes "
+                       f"for\n{PROG}: kilobytes, megabytes, gigabytes, terabytes, petabytes "
+                       "and exabytes.") from None
