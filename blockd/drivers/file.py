@@ -341,6 +341,11 @@ class FileNode(BlockNode):
         if self.options.get("cache", {}).get("no-flush"):
             return
         self.debug_event("flush_to_disk")
+        if self.in_memory:
+            # Nothing to write back on a memory file system: the syscall is
+            # cheaper than the hop to a worker thread.
+            os.fdatasync(self.fd)
+            return
         await asyncio.to_thread(os.fdatasync, self.fd)
 
     async def block_status(self, offset: int, length: int) -> Extent:
