@@ -110,17 +110,24 @@ class Qcow2Node(BlockNode):
                 self._clean_caches(caches.clean_interval))
 
     async def _load_snapshot(self, key: str) -> None:
-        """Show a snapshot (by id, else by name) read-only, as ``qemu-img convert -l`` does."""
+        """The ``snapshot`` option: by id, else by name, as ``qemu-img convert -l`` finds it."""
+        sn = qsnap.find_id_or_name(self.image.snapshots, key)
         if not self.read_only:
             raise QMPError("Device is not readonly")
-        sn = qsnap.find_id_or_name(self.image.snapshots, key)
         if sn is None:
             raise QMPError("Can't find snapshot")
+        await self.show_snapshot(sn)
+
+    async def show_snapshot(self, sn: qsnap.Snapshot) -> None:
+        """Show a snapshot's content and size instead of the active image (read-only only)."""
+        if not self.read_only:
+            raise QMPError("Device is not readonly")
         try:
             await qsnap.load_view(self, sn)
         except OSError as exc:
             raise QMPError(exc.strerror) from None
         self.loaded_snapshot = sn
+        self._last_inflated = None
 
     async def _open_data_file(self, ctx: OpenContext, h: hdr.Header) -> None:
         """Attach the external data file named by the option or by the header extension."""
