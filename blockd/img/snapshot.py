@@ -80,7 +80,7 @@ async def load_param(node: BlockNode, param: tuple[str | None, str | None, str |
     if sn is None:
         raise ImgError("Failed to load snapshot: Can't find snapshot")
     try:
-        await node.show_snapshot(sn)
+        await node.show_snapshot(sn, own_size=False)
     except QMPError as exc:
         raise ImgError(f"Failed to load snapshot: {exc.desc}") from None
 

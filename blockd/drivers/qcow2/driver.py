@@ -57,6 +57,8 @@ class Qcow2Node(BlockNode):
         self._cleaner: asyncio.Task | None = None
         #: The snapshot shown instead of the active image (``snapshot`` option).
         self.loaded_snapshot: qsnap.Snapshot | None = None
+        #: The virtual size shown while a snapshot is loaded (``None``: the active one).
+        self._shown_size: int | None = None
         #: Writes in place run without the lock; snapshot operations must wait for
         #: them and make new ones take the lock (see :meth:`_exclusive`).
         self._in_place_writes = 0
@@ -116,10 +118,15 @@ class Qcow2Node(BlockNode):
             raise QMPError("Device is not readonly")
         if sn is None:
             raise QMPError("Can't find snapshot")
-        await self.show_snapshot(sn)
+        await self.show_snapshot(sn, own_size=True)
 
-    async def show_snapshot(self, sn: qsnap.Snapshot) -> None:
-        """Show a snapshot's content and size instead of the active image (read-only only)."""
+    async def show_snapshot(self, sn: qsnap.Snapshot, own_size: bool) -> None:
+        """Show a snapshot's content instead of the active image (read-only nodes only).
+
+        qemu-img's ``-l`` keeps the active image's virtual size (past the
+        snapshot's tables reads as unallocated); the ``snapshot`` option of
+        blockdev-add shows the snapshot's own size, as reverting to it would.
+        """
         if not self.read_only:
             raise QMPError("Device is not readonly")
         try:
@@ -127,6 +134,7 @@ class Qcow2Node(BlockNode):
         except OSError as exc:
             raise QMPError(exc.strerror) from None
         self.loaded_snapshot = sn
+        self._shown_size = sn.disk_size if own_size else None
         self._last_inflated = None
 
     async def _open_data_file(self, ctx: OpenContext, h: hdr.Header) -> None:
@@ -282,8 +290,8 @@ class Qcow2Node(BlockNode):
         return self.image.cluster_size
 
     def length(self) -> int:
-        if self.loaded_snapshot is not None:
-            return self.loaded_snapshot.disk_size
+        if self._shown_size is not None:
+            return self._shown_size
         return self.image.header.size
 
     def _writable(self) -> None:
