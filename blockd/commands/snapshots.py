@@ -62,6 +62,9 @@ async def snapshot_delete_internal_sync(daemon: Daemon, args: dict[str, Any]) ->
                        f"'{'null' if name is None else name}' does not exist on device "
                        f"'{device}'")
     if node.read_only:
+        # QEMU drops the entry from its in-memory list before the write fails and
+        # never puts it back: the snapshot stays on disk but is gone for this node.
+        node.image.snapshots.remove(sn)
         raise QMPError("Failed to remove snapshot from snapshot list: Operation not permitted")
     try:
         await node.snapshot_delete(sn)

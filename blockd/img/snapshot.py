@@ -92,7 +92,8 @@ async def run(args: Args) -> int:
         raise UsageError("Cannot mix '-l', '-a', '-c', '-d'")
     if len(args.rest) != 1:
         raise UsageError("Expecting one image file name")
-    action, name = actions[-1] if actions else ("l", "")
+    # Without an action qemu-img opens the image read-write and does nothing.
+    action, name = actions[-1] if actions else ("", "")
     filename = args.rest[0]
     read_only = action == "l"
     force_share = args.has("U")
@@ -114,6 +115,8 @@ async def run(args: Args) -> int:
             except OSError as exc:
                 raise ImgError(f"Could not create snapshot '{name}': -{exc.errno} "
                                f"({exc.strerror})") from None
+        elif action == "":
+            pass
         elif action == "a":
             if not isinstance(node, Qcow2Node):
                 raise ImgError(f"Could not apply snapshot '{name}': Block driver does not "
