@@ -58,7 +58,10 @@ class Expected:
 
     def verify(self) -> None:
         """qemu-img check clean; active and every snapshot equal their twins."""
-        check_clean(self.image)
+        report = check_clean(self.image)
+        # blockd's check counts the snapshots' references the same way.
+        ours = blockd_img("check", "--output=json", str(self.image), cwd=self.image.parent)
+        assert json.loads(ours[0]) == report
         twin = self.image.with_suffix(".twin")
         for name, content in [(None, self.active), *self.snaps.items()]:
             # qemu-img convert -l reads a snapshot through the active image's size.
@@ -137,7 +140,8 @@ def test_cow_after_blockd_snapshots_and_delete_orders(tmp_path, opts):
     exp0.verify()
     names = sorted(exp0.snaps)
     orders = list(itertools.permutations(names))
-    for k, order in enumerate(orders[::2]):
+    # Every order at the smallest cluster size; elsewhere each snapshot goes first once.
+    for k, order in enumerate(orders if cs == 512 else orders[::2]):
         image = tmp_path / f"o{k}.qcow2"
         image.write_bytes(base.read_bytes())
         exp = Expected(image, SIZE)
