@@ -19,6 +19,7 @@ either the old or the new table.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import struct
@@ -240,27 +241,26 @@ async def _tree_clusters(node: "Qcow2Node", l1: list[int]) -> list[int]:
 
 
 async def _add_refs(image: "Image", clusters: list[int]) -> None:
-    """Raise each count by one; on failure lower again what was raised, so nothing leaks.
+    """Raise each count by one per mention; all or nothing.
 
     QEMU reports a refcount that would overflow its width as EINVAL.
     """
-    done = 0
     try:
-        for c in clusters:
-            await image.refcounts.update(c, 1)
-            done += 1
+        await image.refcounts.update_batch(collections.Counter(clusters))
     except OSError as exc:
-        for c in clusters[:done]:
-            await image.refcounts.update(c, -1)
         if exc.errno == errno.EFBIG:
             raise OSError(errno.EINVAL, "Invalid argument") from None
         raise
 
 
 async def _drop_refs(image: "Image", clusters: list[int]) -> None:
+    """Lower each count by one per mention; clusters no longer used are discarded."""
     cs = image.cluster_size
-    for c in clusters:
-        await image.refcounts.free(c * cs)
+    counts = collections.Counter(clusters)
+    freed = await image.refcounts.update_batch({c: -n for c, n in counts.items()})
+    for c in freed:
+        image.debug_event("cluster_free")
+        await image.discard_host(c * cs, cs)
 
 
 async def fix_copied(node: "Qcow2Node") -> None:
