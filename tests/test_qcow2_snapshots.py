@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import re
 import struct
 import subprocess
@@ -159,7 +158,7 @@ def test_cow_after_blockd_snapshots_and_delete_orders(tmp_path, opts):
 
 
 def test_qemu_img_snapshots_listed_and_readable(tmp_path):
-    """Snapshots made by qemu-img: list, info and convert -l equal qemu-img's; node view reads them."""
+    """Snapshots made by qemu-img: list, info, convert -l as qemu-img; the node view reads them."""
     image = tmp_path / "q.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M")
     run("qemu-io", "-c", "write -P 1 0 256k", str(image))
