@@ -432,3 +432,27 @@ def test_blockdev_add_snapshot_option(tmp_path):
         assert out == ""
     assert (tmp_path / "s.raw").read_bytes() == b"\x09" * 65536 + bytes(MiB - 65536)
     check_clean(image)
+
+
+@pytest.mark.parametrize("where,fmt,value,cmd", [
+    ("header", ">Q", "off+8", "info"),           # table not cluster aligned
+    ("header-count", ">I", "70000", "info"),     # more entries than QEMU allows
+    ("entry", ">Q", "12345", "check"),            # snapshot L1 not aligned
+    ("entry", ">Q", "12345", "convert"),
+    ("entry", ">Q", "12345", "apply"),
+    ("entry-l1-size", ">I", str(1 << 30), "convert"),
+])
+def test_corrupt_snapshot_tables(tmp_path, where, fmt, value, cmd):
+    """Broken tables are refused (or reported) with qemu-img's messages."""
+    image = tmp_path / "k.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M")
+    run("qemu-img", "snapshot", "-c", "s", str(image))
+    raw = bytearray(image.read_bytes())
+    off = struct.unpack_from(">Q", raw, 64)[0]
+    pos = {"header": 64, "header-count": 60, "entry": off, "entry-l1-size": off + 8}[where]
+    struct.pack_into(fmt, raw, pos, eval(value, {"off": off}))
+    image.write_bytes(bytes(raw))
+    args = {"info": ["info", "k.qcow2"], "check": ["check", "k.qcow2"],
+            "convert": ["convert", "-l", "s", "-O", "raw", "k.qcow2", "k.raw"],
+            "apply": ["snapshot", "-a", "s", "k.qcow2"]}[cmd]
+    same(tmp_path, *args)

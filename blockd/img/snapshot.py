@@ -126,6 +126,13 @@ async def run(args: Args) -> int:
                 raise ImgError(f"Could not apply snapshot '{name}': Failed to load snapshot: "
                                "No such file or directory")
             try:
+                qsnap.validate_l1(node.image, sn)
+            except OSError as exc:
+                # qemu-img reports the reason, then the apply failing with EINVAL.
+                print(f"{PROG}: {exc.strerror}", file=sys.stderr)
+                raise ImgError(f"Could not apply snapshot '{name}': Failed to load snapshot: "
+                               "Invalid argument") from None
+            try:
                 await node.snapshot_revert(sn)
             except OSError as exc:
                 raise ImgError(f"Could not apply snapshot '{name}': Failed to load snapshot: "

@@ -27,6 +27,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from blockd.drivers.qcow2.cluster import COMPRESSED, COPIED, L1_OFFSET_MASK, OFFSET_MASK
+from blockd.errors import QMPError
 
 if TYPE_CHECKING:
     from blockd.drivers.qcow2.driver import Qcow2Node
@@ -38,6 +39,7 @@ _EXTRA = struct.Struct(">QQQ")  # the extra data fields blockd writes
 MAX_SNAPSHOTS = 65536
 MAX_TABLE_SIZE = 64 << 20
 MAX_L1_SIZE = (32 << 20) // 8
+MAX_EXTRA = 1024
 
 
 @dataclasses.dataclass
@@ -109,18 +111,24 @@ def parse_table(buf: bytes, count: int, disk_size: int) -> list[Snapshot]:
 
 
 async def load(image: "Image") -> list[Snapshot]:
-    """Read the table; its on-disk size is remembered for freeing it later."""
+    """Read the table (QEMU's open-time checks); its size is remembered for freeing it."""
     h = image.header
     image.snapshot_table_size = 0
+    if h.nb_snapshots > MAX_SNAPSHOTS:
+        raise QMPError("Snapshot table too large")
+    if h.snapshots_offset % image.cluster_size:
+        raise QMPError("Snapshot table offset invalid")
     if not h.nb_snapshots:
         return []
     # Entries are variable-sized: read the fixed parts first to learn the total.
     pos, size = h.snapshots_offset, 0
-    for _ in range(h.nb_snapshots):
+    for i in range(h.nb_snapshots):
         head = await image.file.read(pos + size, _HEAD.size)
         if len(head) < _HEAD.size:
             break
         _, _, id_len, name_len, _, _, _, _, extra_len = _HEAD.unpack_from(head)
+        if extra_len > MAX_EXTRA:
+            raise QMPError(f"Too much extra metadata in snapshot table entry {i}")
         length = _HEAD.size + extra_len + id_len + name_len
         size += length + (-length % 8)
     raw = bytes(await image.file.read(pos, size))
@@ -198,6 +206,14 @@ async def write_table(image: "Image", snaps: list[Snapshot]) -> None:
     image.snapshot_table_size = len(raw)
     if old_size:
         await image.refcounts.free(old_off, -(-old_size // cs))
+
+
+def validate_l1(image: "Image", sn: Snapshot) -> None:
+    """A snapshot's L1 table must be sane before it is used (loaded or reverted to)."""
+    if sn.l1_size > MAX_L1_SIZE:
+        raise OSError(errno.EFBIG, "Snapshot L1 table too large")
+    if sn.l1_table_offset % image.cluster_size:
+        raise OSError(errno.EINVAL, "Snapshot L1 table offset invalid")
 
 
 async def _read_l1(image: "Image", offset: int, size: int) -> list[int]:
@@ -351,8 +367,7 @@ async def revert(node: "Qcow2Node", sn: Snapshot) -> None:
     """
     image = node.image
     m = node.map
-    if sn.l1_size > MAX_L1_SIZE:
-        raise OSError(errno.EFBIG, "Snapshot L1 table too large")
+    validate_l1(image, sn)
     snap_l1 = await _read_l1(image, sn.l1_table_offset, sn.l1_size)
     await _add_refs(image, await _tree_clusters(node, snap_l1))
     old_l1 = list(m.l1)
@@ -371,7 +386,6 @@ async def revert(node: "Qcow2Node", sn: Snapshot) -> None:
 
 async def load_view(node: "Qcow2Node", sn: Snapshot) -> None:
     """Show a snapshot's content instead of the active image (read-only nodes)."""
-    if sn.l1_size > MAX_L1_SIZE:
-        raise OSError(errno.EFBIG, "Snapshot L1 table too large")
+    validate_l1(node.image, sn)
     node.map.l1 = await _read_l1(node.image, sn.l1_table_offset, sn.l1_size)
     node.map.cache.clear()
