@@ -325,6 +325,10 @@ def test_check_and_repair_with_snapshots(tmp_path):
     run("qemu-img", "compare", str(image), str(broken))
 
 
+def _TX(name: str) -> dict:
+    return {"type": "blockdev-snapshot-internal-sync", "data": {"device": "n", "name": name}}
+
+
 QMP_SESSION = [
     ("blockdev-add", {"driver": "qcow2", "node-name": "n",
                       "file": {"driver": "file", "filename": "TMP/b.qcow2"}}),
@@ -356,6 +360,14 @@ QMP_SESSION = [
     ("blockdev-snapshot-delete-internal-sync", {"device": "n", "id": "2", "name": "s1"}),
     ("blockdev-snapshot-delete-internal-sync", {"device": "n", "id": "1", "name": "s1"}),
     ("blockdev-snapshot-internal-sync", {"device": "n", "name": "again"}),
+    # In transactions: an abort (or a later failure) deletes what earlier actions took.
+    ("transaction", {"actions": [_TX("t1"), _TX("t2")]}),
+    ("transaction", {"actions": [_TX("t3"), {"type": "abort", "data": {}}]}),
+    ("transaction", {"actions": [_TX("t4"), _TX("t1")]}),
+    ("transaction", {"actions": [_TX("t5")], "properties": {"completion-mode": "grouped"}}),
+    ("transaction", {"actions": [{"type": "block-dirty-bitmap-add",
+                                  "data": {"node": "n", "name": "bm"}}, _TX("t6"),
+                                 {"type": "abort", "data": {}}]}),
     ("query-named-block-nodes", {"flat": True}),
 ]
 

@@ -6,7 +6,7 @@ error text, and a snapshot is stamped as qemu-storage-daemon stamps it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from blockd.block.node import BlockNode
 from blockd.daemon import Daemon
@@ -28,6 +28,12 @@ def _root(daemon: Daemon, device: str) -> BlockNode:
 
 @command("blockdev-snapshot-internal-sync")
 async def snapshot_internal_sync(daemon: Daemon, args: dict[str, Any]) -> dict:
+    await take(daemon, args)
+    return {}
+
+
+async def take(daemon: Daemon, args: dict[str, Any]) -> Callable[[], Awaitable[None]]:
+    """Take the snapshot ``args`` asks for; returns what deletes it again (transactions)."""
     device, name = args["device"], args["name"]
     node = _root(daemon, device)
     if node.read_only:
@@ -40,11 +46,14 @@ async def snapshot_internal_sync(daemon: Daemon, args: dict[str, Any]) -> dict:
     if qsnap.find(node.image.snapshots, None, name) is not None:
         raise QMPError(f"Snapshot with name '{name}' already exists on device '{device}'")
     try:
-        await node.snapshot_create(name, qsnap.now_qmp())
+        sn = await node.snapshot_create(name, qsnap.now_qmp())
     except OSError as exc:
         raise QMPError(f"Failed to create snapshot '{name}' on device '{device}': "
                        f"{exc.strerror}") from None
-    return {}
+
+    async def undo() -> None:
+        await node.snapshot_delete(sn)
+    return undo
 
 
 @command("blockdev-snapshot-delete-internal-sync")
