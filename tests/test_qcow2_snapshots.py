@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import json
 import re
 import struct
@@ -502,3 +503,23 @@ def test_snapshot_while_writing(tmp_path):
     assert active == (b"\2" * 2048 + b"\3" * 2048) * blocks
     for i in range(blocks):
         assert snap[i * 4096:(i + 1) * 4096] in (b"\1" * 4096, b"\2" * 2048 + b"\1" * 2048), i
+
+
+@pytest.mark.parametrize("opts,punched", [({"discard": "unmap"}, True), ({}, False),
+                                          ({"discard": "unmap",
+                                            "pass-discard-snapshot": False}, False)])
+def test_delete_discards_freed_clusters(tmp_path, opts, punched):
+    """Clusters only a deleted snapshot used go back to the file system when asked."""
+    image = tmp_path / "d.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M")
+    run("qemu-io", "-c", "write -P 1 0 4M", str(image))
+
+    async def go(node):
+        await node.snapshot_create("s", qsnap.now_img(), icount=0)
+        await node.write(0, b"\2" * (4 << 20))
+        before = os.stat(image).st_blocks
+        await node.snapshot_delete(node.image.snapshots[0])
+        return before - os.stat(image).st_blocks
+    freed_blocks = with_node(image, go, **opts)
+    assert (freed_blocks * 512 >= 4 << 20) is punched
+    check_clean(image)

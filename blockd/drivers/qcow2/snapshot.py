@@ -269,14 +269,25 @@ async def _add_refs(image: "Image", clusters: list[int]) -> None:
         raise
 
 
-async def _drop_refs(image: "Image", clusters: list[int]) -> None:
-    """Lower each count by one per mention; clusters no longer used are discarded."""
+async def _drop_refs(image: "Image", clusters: list[int], discard: bool) -> None:
+    """Lower each count by one per mention; with ``discard`` the file gets freed clusters back."""
     cs = image.cluster_size
     counts = collections.Counter(clusters)
     freed = await image.refcounts.update_batch({c: -n for c, n in counts.items()})
     for c in freed:
         image.debug_event("cluster_free")
-        await image.discard_host(c * cs, cs)
+        if discard:
+            try:
+                await image.file.discard(c * cs, cs)
+            except OSError:
+                pass
+
+
+def _discard_snapshot(node: "Qcow2Node") -> bool:
+    """Whether clusters a snapshot operation frees are discarded (``pass-discard-snapshot``,
+    on by default, for nodes opened with ``discard=unmap``, as in QEMU)."""
+    return (node.options.get("discard", "ignore") == "unmap"
+            and node.options.get("pass-discard-snapshot", True))
 
 
 async def fix_copied(node: "Qcow2Node") -> None:
@@ -335,7 +346,7 @@ async def create(node: "Qcow2Node", sn: Snapshot) -> Snapshot:
             await image.file.flush()
             await write_table(image, image.snapshots + [sn])
         except OSError:
-            await _drop_refs(image, await _tree_clusters(node, l1))
+            await _drop_refs(image, await _tree_clusters(node, l1), False)
             raise
     except OSError:
         if clusters:
@@ -352,7 +363,7 @@ async def delete(node: "Qcow2Node", sn: Snapshot) -> None:
     cs = image.cluster_size
     await write_table(image, [s for s in image.snapshots if s is not sn])
     l1 = await _read_l1(image, sn.l1_table_offset, sn.l1_size)
-    await _drop_refs(image, await _tree_clusters(node, l1))
+    await _drop_refs(image, await _tree_clusters(node, l1), _discard_snapshot(node))
     if sn.l1_size:
         await image.refcounts.free(sn.l1_table_offset, -(-(sn.l1_size * 8) // cs))
     await fix_copied(node)
@@ -379,7 +390,7 @@ async def revert(node: "Qcow2Node", sn: Snapshot) -> None:
     await image.file.flush()
     m.l1 = new_l1
     m.cache.clear()
-    await _drop_refs(image, await _tree_clusters(node, old_l1))
+    await _drop_refs(image, await _tree_clusters(node, old_l1), _discard_snapshot(node))
     await fix_copied(node)
     await image.file.flush()
 
