@@ -400,6 +400,11 @@ def test_qmp_matches_qsd(tmp_path):
         check_clean(work / "b.qcow2")
     for q, b in zip(*results):
         assert b == q
+    # qsd's stamps (no icount, millisecond VM clock) print alike in both tools.
+    qsd_image = tmp_path / "qsd" / "b.qcow2"
+    for args in (["snapshot", "-l", str(qsd_image)], ["info", str(qsd_image)],
+                 ["info", "--output=json", str(qsd_image)]):
+        same(tmp_path, *args)
     # blockd's snapshots are qemu-img's to read and delete.
     blockd_dir = tmp_path / "blockd"
     run("qemu-img", "convert", "-l", "again", "-O", "raw", str(blockd_dir / "b.qcow2"),
