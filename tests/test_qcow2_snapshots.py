@@ -239,10 +239,10 @@ def test_blockd_img_snapshot_commands(tmp_path):
         run("qemu-io", "-c", "write -P 1 0 300k", str(tmp_path / f"{tool}.qcow2"))
     run("qemu-img", "create", "-q", "-f", "raw", str(tmp_path / "r.raw"), "1M")
 
-    def both(*args: str) -> None:
-        q = subprocess.run(["qemu-img", *args, "q.qcow2"], capture_output=True, text=True,
-                           cwd=tmp_path)
-        b = blockd_img(*args, "b.qcow2", cwd=tmp_path)
+    def both(*args: str, after: tuple[str, ...] = ()) -> None:
+        q = subprocess.run(["qemu-img", *args, "q.qcow2", *after], capture_output=True,
+                           text=True, cwd=tmp_path)
+        b = blockd_img(*args, "b.qcow2", *after, cwd=tmp_path)
         assert b[2] == q.returncode and b[1] == q.stderr.replace("qemu-img", "blockd-img") \
             .replace("q.qcow2", "b.qcow2"), (args, b, q.stderr)
         check_clean(tmp_path / "b.qcow2")
@@ -263,6 +263,10 @@ def test_blockd_img_snapshot_commands(tmp_path):
                  ["snapshot", "-l", "-d", "x"], ["snapshot", "-c", "x", "-U"],
                  ["snapshot", "-d", "two"], ["snapshot", "-d", "one"]):
         both(*args)
+    both("bitmap", "--add", "--disable", after=("b0",))  # QEMU refuses to apply then
+    both("snapshot", "-a", "two")
+    both("snapshot", "-a", "zz")
+    both("bitmap", "--remove", after=("b0",))
     lq = run("qemu-img", "snapshot", "-l", str(tmp_path / "q.qcow2"))
     lb = run("qemu-img", "snapshot", "-l", str(tmp_path / "b.qcow2"))
     strip = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")

@@ -121,6 +121,9 @@ async def run(args: Args) -> int:
             if not isinstance(node, Qcow2Node):
                 raise ImgError(f"Could not apply snapshot '{name}': Block driver does not "
                                "support snapshots")
+            if node.bitmaps:
+                raise ImgError(f"Could not apply snapshot '{name}': Device has active dirty "
+                               "bitmaps")
             sn = qsnap.find_id_or_name(node.image.snapshots, name)
             if sn is None:
                 raise ImgError(f"Could not apply snapshot '{name}': Failed to load snapshot: "

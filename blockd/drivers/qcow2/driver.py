@@ -825,8 +825,13 @@ class Qcow2Node(BlockNode):
             await qsnap.delete(self, sn)
 
     async def snapshot_revert(self, sn: qsnap.Snapshot) -> None:
-        """Go back to a snapshot, its virtual size included (``qemu-img snapshot -a``)."""
+        """Go back to a snapshot, its virtual size included (``qemu-img snapshot -a``).
+
+        Bitmaps would no longer describe the content, so QEMU refuses while any exist.
+        """
         self._writable()
+        if self.bitmaps:
+            raise QMPError("Device has active dirty bitmaps")
         if sn.disk_size != self.length():
             await self.truncate(sn.disk_size)
         async with self._exclusive():
