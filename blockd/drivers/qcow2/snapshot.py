@@ -26,7 +26,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
-from blockd.drivers.qcow2.cluster import COMPRESSED, COPIED, L1_OFFSET_MASK, OFFSET_MASK
+from blockd.drivers.qcow2.cluster import COMPRESSED, COPIED, L1_OFFSET_MASK, OFFSET_MASK, Entry
 from blockd.errors import QMPError
 
 if TYPE_CHECKING:
@@ -223,20 +223,15 @@ async def _read_l1(image: "Image", offset: int, size: int) -> list[int]:
     return list(struct.unpack(f">{size}Q", raw))
 
 
-def _entry_clusters(node: "Qcow2Node", entry: int) -> list[int]:
+def _entry_clusters(node: "Qcow2Node", raw: int) -> list[int]:
     """Host clusters whose refcount one L2 entry holds (none for external data)."""
     cs = node.image.cluster_size
-    if entry & COMPRESSED:
-        cb = node.image.header.cluster_bits
-        x = 62 - (cb - 8)
-        off = entry & ((1 << x) - 1)
-        sectors = (entry >> x) & ((1 << (cb - 8)) - 1)
-        start = off & ~511
-        end = start + (sectors + 1) * 512
-        return list(range(start // cs, (end - 1) // cs + 1))
-    host = entry & OFFSET_MASK
-    if host and not node.image.external_data:
-        return [host // cs]
+    entry = Entry(raw)
+    if raw & COMPRESSED:
+        off, length = entry.compressed_span(node.image.header.cluster_bits)
+        return list(range(off // cs, (off + length - 1) // cs + 1))
+    if entry.host and not node.image.external_data:
+        return [entry.host // cs]
     return []
 
 
@@ -361,6 +356,7 @@ async def delete(node: "Qcow2Node", sn: Snapshot) -> None:
     """Remove a snapshot: out of the table first, then its references are dropped."""
     image = node.image
     cs = image.cluster_size
+    validate_l1(image, sn)
     await write_table(image, [s for s in image.snapshots if s is not sn])
     l1 = await _read_l1(image, sn.l1_table_offset, sn.l1_size)
     await _drop_refs(image, await _tree_clusters(node, l1), _discard_snapshot(node))
