@@ -74,7 +74,17 @@ class Client:
 
     def __init__(self, path: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
+        # The socket file exists from bind(); under load the daemon may not have
+        # reached listen() yet, which refuses the connection for a moment.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         self.buf = b""
         self.greeting = self.recv()
 

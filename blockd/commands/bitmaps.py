@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Awaitable, Callable
 
 from blockd.block.dirty_bitmap import MAX_NAME, DirtyBitmap
 from blockd.block.node import BlockNode
+from blockd.commands import snapshots
 from blockd.daemon import Daemon
 from blockd.errors import QMPError
 from blockd.qmp.registry import command
@@ -167,14 +169,16 @@ async def bitmap_sha256(daemon: Daemon, args: dict[str, Any]) -> dict:
 # ---- transaction ---------------------------------------------------------------------
 
 #: Puts things back as they were before an action, when a later one fails.
-Undo = Callable[[], None]
+Undo = Callable[[], Awaitable[None] | None]
 #: Finishes an action once every action has succeeded.
 Commit = Callable[[], Awaitable[None]]
 
-#: The transaction actions blockd implements (QEMU's backup and snapshot ones are not).
+#: The transaction actions blockd implements (QEMU's backup and external snapshot
+#: ones are not).
 _TX_KINDS = {"abort", "block-dirty-bitmap-add", "block-dirty-bitmap-remove",
              "block-dirty-bitmap-clear", "block-dirty-bitmap-enable",
-             "block-dirty-bitmap-disable", "block-dirty-bitmap-merge"}
+             "block-dirty-bitmap-disable", "block-dirty-bitmap-merge",
+             "blockdev-snapshot-internal-sync"}
 
 
 async def _nothing() -> None:
@@ -200,6 +204,8 @@ async def _tx_action(daemon: Daemon, kind: str, data: dict[str, Any],
     if grouped:
         raise QMPError(f"Action '{kind}' does not support Transaction property "
                        "completion-mode = grouped")
+    if kind == "blockdev-snapshot-internal-sync":
+        return await snapshots.take(daemon, data), _nothing
     if kind == "block-dirty-bitmap-add":
         node, bitmap = _prepare_add(daemon, data)
         _add_to(node, bitmap)
@@ -246,7 +252,9 @@ async def transaction(daemon: Daemon, args: dict[str, Any]) -> dict:
             commits.append(commit)
     except QMPError:
         for undo in reversed(undos):
-            undo()
+            pending = undo()
+            if inspect.isawaitable(pending):
+                await pending
         raise
     for commit in commits:
         await commit()

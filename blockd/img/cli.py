@@ -31,6 +31,7 @@ Command syntax:
   info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
   measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]
+  snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
   resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
 
 Supported formats: raw qcow2 luks
@@ -57,6 +58,7 @@ COMMANDS: dict[str, tuple[str, str, list[str]]] = {
     "dd": ("dd", "hf:O:U", ["help", "image-opts", "object=", "force-share"]),
     "measure": ("measure", "hf:O:o:l:U", ["help", "image-opts", "object=", "output=", "size=",
                                           "force-share"]),
+    "snapshot": ("snapshot", "la:c:d:hqU", ["help", "object=", "image-opts", "force-share"]),
 }
 
 #: Long spellings that mean the same as a short option.

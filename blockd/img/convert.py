@@ -21,11 +21,11 @@ from blockd.block.backend import is_zero
 from blockd.block.node import BlockNode, Status
 from blockd.errors import QMPError
 from blockd.img.common import PROG, Args, ImgError, Progress, Session, parse_size
+from blockd.img.snapshot import load_param, parse_param
 
 CHUNK = 2 << 20
 #: Options qemu-img has that would change the result here if silently ignored.
-_UNSUPPORTED = {"l": "Converting from an internal snapshot (-l)", "bitmaps": "--bitmaps",
-                "skip-broken-bitmaps": "--skip-broken-bitmaps", "salvage": "--salvage"}
+_UNSUPPORTED = {"bitmaps": "--bitmaps", "skip-broken-bitmaps": "--skip-broken-bitmaps", "salvage": "--salvage"}
 MAX_SPARSE = 16 << 20
 
 
@@ -247,17 +247,22 @@ async def run(args: Args) -> int:
     for name, what in _UNSUPPORTED.items():
         if args.has(name):
             raise ImgError(f"{what} is not supported by {PROG} yet")
+    snapshot = parse_param(args.get("l") or "") if args.has("l") else None
     plan = _plan(args)
     if args.has("target-is-zero") and not args.has("n"):
         raise ImgError("--target-is-zero requires use of -n flag")
     if len(args.rest) < 2:
         raise ImgError("Must specify image file name")
     *sources, target = args.rest
+    if snapshot is not None and len(sources) > 1:
+        raise ImgError("No support for concatenating multiple snapshot")
     no_create = args.has("n")
     plan.fresh = not no_create or args.has("target-is-zero")
     async with Session(args.objects) as session:
         nodes = [await session.open(name, args.get("f"), force_share=args.has("U"),
                                     image_opts=args.has("image-opts")) for name in sources]
+        if snapshot is not None:
+            await load_param(nodes[0], snapshot)
         src = _Source(nodes)
         if plan.compress and out_fmt != "qcow2":
             raise ImgError("Compression not supported for this file format")

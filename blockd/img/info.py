@@ -7,6 +7,7 @@ from typing import Any
 from blockd.block.node import BlockNode
 from blockd.block.query import image_info
 from blockd.img.common import Args, Session, UsageError, human_dump, json_pretty, size_to_str
+from blockd.img.snapshot import table_lines
 
 
 def info_text(info: dict[str, Any]) -> str:
@@ -28,6 +29,8 @@ def info_text(info: dict[str, Any]) -> str:
             lines.append(f"backing file format: {info['backing-filename-format']}")
     if info.get("dirty-flag"):
         lines.append("dirty flag: yes")
+    if info.get("snapshots"):
+        lines += table_lines(info["snapshots"])
     if "format-specific" in info:
         lines.append("Format specific information:")
         lines += human_dump(info["format-specific"]["data"], 1)

@@ -12,6 +12,7 @@ from typing import Any
 
 from blockd.block.node import BlockNode, Status
 from blockd.img.common import Args, ImgError, Session, json_pretty, parse_size
+from blockd.img.snapshot import load_param, parse_param
 
 #: The largest L1 table QEMU opens (32 MiB), which bounds the virtual size.
 MAX_L1_BYTES = 32 << 20
@@ -150,8 +151,7 @@ async def run(args: Args) -> int:
         print(help_text(fmt, with_protocol=False), end="")
         return 0
     output = args.output()
-    if args.has("l"):
-        raise ImgError("Measuring an internal snapshot (-l) is not supported by blockd-img yet")
+    snapshot = parse_param(args.get("l") or "") if args.has("l") else None
     if args.has("size") and args.rest:
         raise ImgError("--size N cannot be used together with a filename.")
     if not args.has("size") and len(args.rest) != 1:
@@ -165,6 +165,8 @@ async def run(args: Args) -> int:
         if args.rest:
             node = await session.open(args.rest[0], args.get("f"), force_share=args.has("U"),
                                       image_opts=args.has("image-opts"))
+            if snapshot is not None:
+                await load_param(node, snapshot)
         info = await measure(fmt, opts, size, node)
     print(json_pretty(info) + "\n" if output == "json" else human_text(info), end="")
     return 0

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockd.drivers.qcow2 import header as hdr
 from blockd.drivers.qcow2.cluster import COMPRESSED, COPIED, L1_OFFSET_MASK, OFFSET_MASK
+from blockd.drivers.qcow2.snapshot import MAX_L1_SIZE
 
 if TYPE_CHECKING:
     from blockd.drivers.qcow2.driver import Qcow2Node
@@ -142,15 +143,21 @@ class _Walker:
         h = self.image.header
         if not h.nb_snapshots:
             return
-        pos = h.snapshots_offset
-        for _ in range(h.nb_snapshots):
-            head = await self.file.read(pos, 40)
-            l1_off, l1_size, id_len, name_len = struct.unpack_from(">QIHH", head)
-            extra = struct.unpack_from(">I", head, 36)[0]
-            await self.walk_l1(l1_off, l1_size, active=False)
-            entry_len = 40 + extra + id_len + name_len
-            pos += entry_len + (-entry_len % 8)
-        self.inc(h.snapshots_offset, pos - h.snapshots_offset)
+        for sn in self.image.snapshots:
+            if sn.l1_table_offset % self.cs:
+                self.res.messages.append(
+                    f"ERROR snapshot {sn.id} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: "
+                    "L1 table is not cluster aligned; snapshot table entry corrupted")
+                self.res.corruptions += 1
+                continue
+            if sn.l1_size > MAX_L1_SIZE:
+                self.res.messages.append(
+                    f"ERROR snapshot {sn.id} ({sn.name}) l1_size={sn.l1_size:#x}: "
+                    "L1 table is too large; snapshot table entry corrupted")
+                self.res.corruptions += 1
+                continue
+            await self.walk_l1(sn.l1_table_offset, sn.l1_size, active=False)
+        self.inc(h.snapshots_offset, self.image.snapshot_table_size)
 
     async def walk_bitmaps(self) -> None:
         h = self.image.header

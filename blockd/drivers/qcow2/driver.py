@@ -15,16 +15,18 @@ the refcount was raised before, so a crash leaks at worst.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
-from typing import Any
+from typing import Any, AsyncIterator
 
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Extent, Status, WriteFlags
 from blockd.drivers.qcow2 import bitmaps as qbitmaps
 from blockd.drivers.qcow2 import compress
 from blockd.drivers.qcow2 import header as hdr
+from blockd.drivers.qcow2 import snapshot as qsnap
 from blockd.drivers.qcow2.cache import cache_config
 from blockd.drivers.qcow2.cluster import (ALL_ALLOC, ALL_ZERO, COPIED, SUBCLUSTERS, ZERO, Entry,
                                           Kind, Mapping, compressed_entry)
@@ -53,6 +55,17 @@ class Qcow2Node(BlockNode):
         #: Whether data clusters may be file holes (metadata preallocation); decided once.
         self._metadata_prealloc: bool | None = None
         self._cleaner: asyncio.Task | None = None
+        #: The snapshot shown instead of the active image (``snapshot`` option).
+        self.loaded_snapshot: qsnap.Snapshot | None = None
+        #: The virtual size shown while a snapshot is loaded (``None``: the active one).
+        self._shown_size: int | None = None
+        #: Writes in place run without the lock; snapshot operations must wait for
+        #: them and make new ones take the lock (see :meth:`_exclusive`).
+        self._in_place_writes = 0
+        self._writes_idle = asyncio.Event()
+        self._writes_idle.set()
+        self._quiescing = False
+        self._generation = 0
 
     # ---- open -----------------------------------------------------------------
 
@@ -81,6 +94,9 @@ class Qcow2Node(BlockNode):
         await self._open_data_file(ctx, h)
         await self.image.refcounts.load()
         await self.map.load()
+        self.image.snapshots = await qsnap.load(self.image)
+        if opts.get("snapshot") is not None:
+            await self._load_snapshot(opts["snapshot"])
         if h.incompatible_features & hdr.INCOMPAT_DIRTY and not self.read_only:
             await self._repair_dirty()
         if not self.read_only and h.version >= 3 and h.autoclear_features & ~hdr.AUTOCLEAR_KNOWN:
@@ -94,6 +110,32 @@ class Qcow2Node(BlockNode):
         if caches.clean_interval:
             self._cleaner = asyncio.get_running_loop().create_task(
                 self._clean_caches(caches.clean_interval))
+
+    async def _load_snapshot(self, key: str) -> None:
+        """The ``snapshot`` option: by id, else by name, as ``qemu-img convert -l`` finds it."""
+        sn = qsnap.find_id_or_name(self.image.snapshots, key)
+        if not self.read_only:
+            raise QMPError("Device is not readonly")
+        if sn is None:
+            raise QMPError("Can't find snapshot")
+        await self.show_snapshot(sn, own_size=True)
+
+    async def show_snapshot(self, sn: qsnap.Snapshot, own_size: bool) -> None:
+        """Show a snapshot's content instead of the active image (read-only nodes only).
+
+        qemu-img's ``-l`` keeps the active image's virtual size (past the
+        snapshot's tables reads as unallocated); the ``snapshot`` option of
+        blockdev-add shows the snapshot's own size, as reverting to it would.
+        """
+        if not self.read_only:
+            raise QMPError("Device is not readonly")
+        try:
+            await qsnap.load_view(self, sn)
+        except OSError as exc:
+            raise QMPError(exc.strerror) from None
+        self.loaded_snapshot = sn
+        self._shown_size = sn.disk_size if own_size else None
+        self._last_inflated = None
 
     async def _open_data_file(self, ctx: OpenContext, h: hdr.Header) -> None:
         """Attach the external data file named by the option or by the header extension."""
@@ -215,6 +257,8 @@ class Qcow2Node(BlockNode):
                 self.stored_bitmaps = await qbitmaps.store(self.image, persistent, in_use, keep)
 
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
+        if not read_only and self.loaded_snapshot is not None:
+            raise QMPError("Device is not readonly")
         if read_only and not self.read_only:
             # Going read-only: the bitmaps are saved now, while the file can be written.
             await self._store_bitmaps(in_use=False)
@@ -246,6 +290,8 @@ class Qcow2Node(BlockNode):
         return self.image.cluster_size
 
     def length(self) -> int:
+        if self._shown_size is not None:
+            return self._shown_size
         return self.image.header.size
 
     def _writable(self) -> None:
@@ -363,10 +409,21 @@ class Qcow2Node(BlockNode):
             start = cur - guest
             n = min(len(view) - pos, cs - start)
             chunk = view[pos:pos + n]
+            generation = self._generation
             entry = await self.map.lookup(guest)
-            if self._in_place(entry, start, n):
-                self.image.debug_event("write_aio")
-                await self._data_write(entry.host + start, chunk)
+            # A snapshot taken while looking up makes the entry stale: the cluster
+            # may be shared now, so only the locked path (which looks again) is safe.
+            if (self._in_place(entry, start, n) and not self._quiescing
+                    and generation == self._generation):
+                self._in_place_writes += 1
+                self._writes_idle.clear()
+                try:
+                    self.image.debug_event("write_aio")
+                    await self._data_write(entry.host + start, chunk)
+                finally:
+                    self._in_place_writes -= 1
+                    if not self._in_place_writes:
+                        self._writes_idle.set()
             else:
                 async with self.image.lock:
                     await self._allocating_write(guest, start, chunk)
@@ -662,6 +719,9 @@ class Qcow2Node(BlockNode):
         if size % 512:
             raise OSError(errno.EINVAL, "The new size must be a multiple of 512")
         h = self.image.header
+        if h.version < 3 and self.image.snapshots:
+            # A v2 snapshot table entry need not record its disk size.
+            raise QMPError("Can't resize a v2 image which has snapshots")
         cs = self.cs
         async with self.image.lock:
             if size < h.size:
@@ -733,6 +793,53 @@ class Qcow2Node(BlockNode):
                 continue
             for pos in range(host, host + length, 1 << 20):
                 await data.write(pos, bytes(min(1 << 20, host + length - pos)))
+
+    # ---- internal snapshots -----------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """The image to ourselves: metadata lock held and no write in place running."""
+        self._quiescing = True
+        try:
+            async with self.image.lock:
+                await self._writes_idle.wait()
+                self._generation += 1
+                yield
+        finally:
+            self._quiescing = False
+
+    async def snapshot_create(self, name: str, stamp: tuple[int, int, int],
+                              icount: int = -1) -> qsnap.Snapshot:
+        """Take an internal snapshot; ``stamp`` is (date sec, date nsec, VM clock ns)."""
+        self._writable()
+        date_sec, date_nsec, vm_clock = stamp
+        async with self._exclusive():
+            sn = qsnap.Snapshot(id=qsnap.new_id(self.image.snapshots), name=name,
+                                date_sec=date_sec, date_nsec=date_nsec,
+                                vm_clock_nsec=vm_clock, icount=icount)
+            return await qsnap.create(self, sn)
+
+    async def snapshot_delete(self, sn: qsnap.Snapshot) -> None:
+        self._writable()
+        async with self._exclusive():
+            await qsnap.delete(self, sn)
+
+    async def snapshot_revert(self, sn: qsnap.Snapshot) -> None:
+        """Go back to a snapshot, its virtual size included (``qemu-img snapshot -a``).
+
+        Bitmaps would no longer describe the content, so QEMU refuses while any exist.
+        """
+        self._writable()
+        if self.bitmaps:
+            raise QMPError("Device has active dirty bitmaps")
+        if sn.disk_size != self.length():
+            await self.truncate(sn.disk_size)
+        async with self._exclusive():
+            await qsnap.revert(self, sn)
+            self._last_inflated = None
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        return [sn.info() for sn in self.image.snapshots]
 
     # ---- queries ----------------------------------------------------------------
 

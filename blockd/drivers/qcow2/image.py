@@ -15,6 +15,7 @@ from typing import Protocol
 from blockd.block.node import BlockNode
 from blockd.drivers.qcow2 import header as hdr
 from blockd.drivers.qcow2.cache import CacheConfig
+from blockd.drivers.qcow2.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ class Image:
         self.external_data = False
         #: Set by encryption support; ``None`` stores data as is.
         self.crypto: DataCipher | None = None
+        #: Internal snapshots (see :mod:`.snapshot`) and their table's size on disk.
+        self.snapshots: list[Snapshot] = []
+        self.snapshot_table_size = 0
 
     def debug_event(self, event: str) -> None:
         self.file.debug_event(event)

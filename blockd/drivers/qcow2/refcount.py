@@ -262,6 +262,46 @@ class Refcounts:
                 self.free_hint = own
             await self.image.discard_host(offset, self.cluster_size)
 
+    async def update_batch(self, deltas: dict[int, int]) -> list[int]:
+        """Apply many count changes writing each refcount block once; returns the
+        clusters that became free.
+
+        Every new value is checked before anything is written, so an overflow
+        (which taking a snapshot can hit) changes nothing.
+        """
+        by_block: dict[int, list[tuple[int, int]]] = {}
+        for cluster, delta in deltas.items():
+            if delta:
+                by_block.setdefault(cluster // self.entries, []).append((cluster, delta))
+        for bi, items in by_block.items():
+            block = await self._block(bi)
+            for cluster, delta in items:
+                if block is None:
+                    self.image.mark_corrupt(f"cluster {cluster} has no refcount block")
+                    raise OSError(5, "Input/output error")
+                value = get_entry(block, cluster % self.entries, self.order) + delta
+                if value < 0:
+                    self.image.mark_corrupt(f"Refcount of cluster {cluster} went negative")
+                    raise OSError(5, "Input/output error")
+                if value > self.max_value:
+                    raise OSError(27, f"Refcount overflow for cluster {cluster}")
+        freed = []
+        for bi, items in by_block.items():
+            block = await self._block(bi)
+            new = bytearray(block)
+            for cluster, delta in items:
+                idx = cluster % self.entries
+                value = get_entry(new, idx, self.order) + delta
+                set_entry(new, idx, self.order, value)
+                if value == 0:
+                    freed.append(cluster)
+            self.image.debug_event("refblock_update")
+            await self.image.file.write(self.table[bi], bytes(new))
+            block[:] = new
+        if freed:
+            self.free_hint = min(self.free_hint, min(freed))
+        return freed
+
     async def free(self, offset: int, count: int = 1) -> None:
         """Drop one reference from each of ``count`` clusters at ``offset``."""
         first = offset // self.cluster_size
