@@ -21,6 +21,7 @@ usage: {PROG} [standard options] command [command options]
 The same subcommands, options, output and exit codes as qemu-img, on blockd's drivers.
 
 Command syntax:
+  amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename
   bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b source_file [-F source_fmt]] [-g granularity] [--object objectdef] [--image-opts | -f fmt] filename bitmap
   check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename
   commit [--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename
@@ -38,6 +39,7 @@ Supported formats: raw qcow2 luks
 
 #: subcommand -> (module, short options, long options); as qemu-img 7.2 accepts them.
 COMMANDS: dict[str, tuple[str, str, list[str]]] = {
+    "amend": ("amend", "ho:f:t:pq", ["help", "object=", "image-opts", "force"]),
     "bitmap": ("bitmap", "hb:f:F:g:", ["help", "object=", "image-opts", "add", "remove",
                                        "clear", "enable", "disable", "merge="]),
     "check": ("check", "hf:r:T:qU", ["help", "format=", "repair=", "object=", "image-opts",
