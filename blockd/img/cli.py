@@ -32,6 +32,7 @@ Command syntax:
   info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
   measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]
+  rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename
   resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
 
 Supported formats: raw qcow2 luks
@@ -55,6 +56,7 @@ COMMANDS: dict[str, tuple[str, str, list[str]]] = {
                 ["help", "object=", "image-opts", "target-image-opts", "salvage",
                  "target-is-zero", "bitmaps", "skip-broken-bitmaps", "force-share",
                  "target-format="]),
+    "rebase": ("rebase", "hf:F:b:upt:T:qU", ["help", "object=", "image-opts", "force-share"]),
     "resize": ("resize", "f:hq", ["help", "object=", "image-opts", "preallocation=", "shrink"]),
     "dd": ("dd", "hf:O:U", ["help", "image-opts", "object=", "force-share"]),
     "measure": ("measure", "hf:O:o:l:U", ["help", "image-opts", "object=", "output=", "size=",

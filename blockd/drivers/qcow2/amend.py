@@ -315,3 +315,18 @@ async def change_refcount_order(node: "Qcow2Node", order: int) -> None:
     await image.write_header()
     image.refcounts = Refcounts(image, old.blocks.capacity)
     await image.refcounts.load()
+
+
+async def change_backing_file(node: "Qcow2Node", name: str | None, fmt: str | None) -> None:
+    """Point the header at another backing file (``None`` for none); the data is untouched.
+
+    Used by ``rebase``: the caller has already made the guest view independent
+    of the change (safe mode) or takes responsibility for it (``-u``).
+    """
+    image = node.image
+    h = image.header
+    async with image.lock:
+        h.backing_file = name or None
+        h.set_extension(hdr.EXT_BACKING_FORMAT, fmt.encode() if name and fmt else None)
+        h.extensions = _ordered(h.extensions)
+        await image.write_header()
