@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from blockd.drivers.qcow2.amend import BACKING_REFUSED, amend_options
 from blockd.errors import QMPError
-from blockd.img.common import Args, ImgError, Progress, Session, UsageError, probe_format
+from blockd.img.common import PROG, Args, ImgError, Progress, Session, UsageError, probe_format
 from blockd.img.create import FORMATS, Opt, _convert
 
 _KEYSLOT = [
@@ -105,7 +106,6 @@ async def run(args: Args) -> int:
 
         try:
             if fmt == "qcow2":
-                from blockd.drivers.qcow2.amend import amend_options
 
                 if slot is not None and not hasattr(node, "amend"):
                     raise ImgError("Amending encryption options is not supported for "
@@ -118,6 +118,8 @@ async def run(args: Args) -> int:
             elif slot is not None:
                 await node.amend(slot, session.store.secret_bytes, args.has("force"))
         except QMPError as exc:
+            if exc.desc == BACKING_REFUSED:
+                raise ImgError(f"{exc.desc}\nYou can use '{PROG} rebase' instead.") from None
             raise ImgError(exc.desc) from None
         bar.finish()
     return 0

@@ -30,7 +30,7 @@ Command syntax:
   create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   dd [--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
-  map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
+  map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [--picture=out.png|out.svg] [-U] filename
   measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]
   rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename
   resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
@@ -50,7 +50,7 @@ COMMANDS: dict[str, tuple[str, str, list[str]]] = {
     "info": ("info", "f:hU", ["help", "format=", "output=", "backing-chain", "object=",
                               "image-opts", "force-share"]),
     "map": ("map", "f:hU", ["help", "format=", "output=", "object=", "image-opts",
-                            "force-share", "start-offset=", "max-length="]),
+                            "force-share", "start-offset=", "max-length=", "picture="]),
     "compare": ("compare", "hf:F:T:pqsU", ["help", "object=", "image-opts", "force-share"]),
     "convert": ("convert", "hf:O:B:CcF:o:l:S:pt:T:qnm:Wr:U",
                 ["help", "object=", "image-opts", "target-image-opts", "salvage",

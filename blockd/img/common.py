@@ -236,7 +236,8 @@ class Progress:
     def add(self, n: int) -> None:
         self.done += n
         pct = min(100.0, self.done * 100 / self.total)
-        if pct - self._shown >= self.step or (pct == 100.0 and self._shown < 100.0):
+        # qemu-img's rule: redraw after more than one step, and whenever at 100%.
+        if pct - self._shown > self.step or pct == 100.0:
             self._draw(pct)
 
     def _draw(self, pct: float) -> None:
@@ -245,7 +246,7 @@ class Progress:
             print(f"    ({pct:3.2f}/100%)", end="\r", flush=True)
 
     def finish(self) -> None:
+        # qemu-img draws the final 100% once more when it ends, whatever was shown.
         if self.enabled:
-            if self._shown < 100.0:
-                self._draw(100.0)
+            self._draw(100.0)
             print()

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 #: Called with (operations done, operations in total) as the steps complete.
 Status = Callable[[int, int], None]
 
+#: The refusal to change the backing file; the tool adds a hint to its ``rebase``.
+BACKING_REFUSED = "Cannot amend the backing file"
+
 _VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 
 
@@ -99,8 +102,7 @@ async def amend_options(node: "Qcow2Node", opts: dict[str, Any],
         for key, current in (("backing_file", h.backing_file),
                              ("backing_fmt", h.backing_format)):
             if key in opts and opts[key] != current:
-                raise QMPError("Cannot amend the backing file\n"
-                               "You can use 'qemu-img rebase' instead.")
+                raise QMPError(BACKING_REFUSED)
         lazy = bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS)
         if "lazy_refcounts" in opts and opts["lazy_refcounts"] != lazy:
             if opts["lazy_refcounts"]:

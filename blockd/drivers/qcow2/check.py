@@ -72,8 +72,10 @@ class _Walker:
         self.nb_clusters = -(-self.file.length() // self.cs)
         self.refs: dict[int, int] = {}
         self.next_contiguous = 0
+        #: When set, the kind of structure that first claimed each host cluster.
+        self.owners: dict[int, str] | None = None
 
-    def inc(self, offset: int, length: int) -> None:
+    def inc(self, offset: int, length: int, kind: str = "data") -> None:
         if length <= 0:
             return
         first, last = offset // self.cs, (offset + length - 1) // self.cs
@@ -85,9 +87,11 @@ class _Walker:
                 self.res.corruptions += 1
                 continue
             self.refs[c] = self.refs.get(c, 0) + 1
+            if self.owners is not None:
+                self.owners.setdefault(c, kind)
 
     async def walk_l1(self, l1_offset: int, l1_size: int, active: bool) -> None:
-        self.inc(l1_offset, l1_size * 8)
+        self.inc(l1_offset, l1_size * 8, "L1 table")
         if not l1_size:
             return
         raw = await self.file.read(l1_offset, l1_size * 8)
@@ -100,7 +104,7 @@ class _Walker:
                                          "L1 entry corrupted")
                 self.res.corruptions += 1
                 continue
-            self.inc(l2, self.cs)
+            self.inc(l2, self.cs, "L2 table")
             await self.walk_l2(l2, active)
 
     async def walk_l2(self, l2_offset: int, active: bool) -> None:
@@ -118,7 +122,7 @@ class _Walker:
                     self.res.allocated_clusters += 1
                     self.res.compressed_clusters += 1
                     self.res.fragmented_clusters += 1
-                self.inc(off & ~511, (sectors + 1) * 512)
+                self.inc(off & ~511, (sectors + 1) * 512, "compressed")
                 continue
             host = entry & OFFSET_MASK
             external = self.node.image.external_data
@@ -150,7 +154,7 @@ class _Walker:
             await self.walk_l1(l1_off, l1_size, active=False)
             entry_len = 40 + extra + id_len + name_len
             pos += entry_len + (-entry_len % 8)
-        self.inc(h.snapshots_offset, pos - h.snapshots_offset)
+        self.inc(h.snapshots_offset, pos - h.snapshots_offset, "snapshot table")
 
     async def walk_bitmaps(self) -> None:
         h = self.image.header
@@ -158,24 +162,25 @@ class _Walker:
         if ext is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS or len(ext.data) < 24:
             return
         nb, _, dir_size, dir_off = struct.unpack_from(">IIQQ", ext.data)
-        self.inc(dir_off, dir_size)
+        self.inc(dir_off, dir_size, "bitmap")
         directory = await self.file.read(dir_off, dir_size)
         pos = 0
         for _ in range(nb):
             table_off, table_size, _flags, _type, _gran, name_len, extra = \
                 struct.unpack_from(">QIIBBHI", directory, pos)
-            self.inc(table_off, table_size * 8)
+            self.inc(table_off, table_size * 8, "bitmap")
             table = await self.file.read(table_off, table_size * 8)
             for (entry,) in struct.iter_unpack(">Q", table):
                 if entry & OFFSET_MASK:
-                    self.inc(entry & OFFSET_MASK, self.cs)
+                    self.inc(entry & OFFSET_MASK, self.cs, "bitmap")
             entry_len = 24 + extra + name_len
             pos += entry_len + (-entry_len % 8)
 
     async def walk_refcounts(self) -> None:
         rc = self.image.refcounts
         h = self.image.header
-        self.inc(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
+        self.inc(h.refcount_table_offset, h.refcount_table_clusters * self.cs,
+                 "refcount table")
         for i, entry in enumerate(rc.table):
             if entry & 0x1FF:
                 self.res.messages.append(f"ERROR refcount table entry {i} has reserved bits set")
@@ -188,7 +193,36 @@ class _Walker:
                 self.res.messages.append(f"ERROR refcount block {i} is outside image")
                 self.res.corruptions += 1
                 continue
-            self.inc(off, self.cs)
+            self.inc(off, self.cs, "refcount block")
+
+
+async def walk(w: _Walker) -> None:
+    """Count every reference the image's structures make, header first."""
+    w.inc(0, w.cs, "header")
+    await w.walk_l1(w.image.header.l1_table_offset, w.image.header.l1_size, active=True)
+    await w.walk_snapshots()
+    await w.walk_bitmaps()
+    await w.walk_refcounts()
+
+
+async def cluster_kinds(node: "Qcow2Node") -> list[str]:
+    """What each host cluster of the image file holds, by walking the metadata.
+
+    Clusters no structure uses are ``leaked`` when their refcount says they are
+    in use and ``free`` otherwise (``map --picture`` draws this).
+    """
+    image = node.image
+    async with image.lock:
+        w = _Walker(node, CheckResult())
+        w.owners = {}
+        await walk(w)
+        kinds = []
+        for c in range(w.nb_clusters):
+            kind = w.owners.get(c)
+            if kind is None:
+                kind = "leaked" if await image.refcounts.get(c) else "free"
+            kinds.append(kind)
+    return kinds
 
 
 async def check(node: "Qcow2Node", fix: int = 0) -> CheckResult:
@@ -198,11 +232,7 @@ async def check(node: "Qcow2Node", fix: int = 0) -> CheckResult:
     res = CheckResult(total_clusters=-(-h.size // image.cluster_size))
     async with image.lock:
         w = _Walker(node, res)
-        w.inc(0, image.cluster_size)
-        await w.walk_l1(h.l1_table_offset, h.l1_size, active=True)
-        await w.walk_snapshots()
-        await w.walk_bitmaps()
-        await w.walk_refcounts()
+        await walk(w)
         rc = image.refcounts
         highest = -1
         nb = max(w.nb_clusters, max(w.refs, default=-1) + 1)

@@ -449,6 +449,27 @@ class Qcow2Node(BlockNode):
         elif entry.host and not self.image.external_data:
             await self.image.refcounts.free(entry.host)
 
+    async def make_empty(self) -> None:
+        """Unmap every guest cluster so the backing file shows through (after a commit).
+
+        The L2 tables stay (QEMU keeps them too); the data clusters are freed.
+        """
+        self._writable()
+        cs = self.cs
+        async with self.image.lock:
+            for l1i, l1e in enumerate(self.map.l1):
+                if not l1e & 0x00FFFFFFFFFFFE00:
+                    continue
+                first = l1i * self.map.l2_entries * cs
+                for guest in range(first, min(first + self.map.l2_entries * cs, self.length()),
+                                   cs):
+                    entry = await self.map.lookup(guest)
+                    kind = entry.kind(self.image.header.cluster_bits)
+                    if kind != Kind.UNALLOCATED or entry.bitmap:
+                        await self.map.set(guest, Entry(0))
+                        await self._release(entry, kind)
+        await self.image.file.flush()
+
     async def compress_cluster(self, data: bytes) -> bytes:
         """Compress one cluster in a worker thread (callers may run many at once)."""
         return await compress.compress(bytes(data), self.image.header.compression_type)
