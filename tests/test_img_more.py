@@ -350,3 +350,102 @@ def test_progress_like_qemu_on_a_terminal(chain, argv):
                            capture_output=True, text=True, cwd=d,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "%" not in piped.stdout
+
+
+# ---- convert --bitmaps, -S ---------------------------------------------------------------
+
+def _set_in_use(path: Path, index: int) -> None:
+    """Mark one stored bitmap in use, as a crash would leave it (inconsistent)."""
+    with open(path, "r+b") as f:
+        head = f.read(65536)
+        pos = struct.unpack_from(">I", head, 100)[0]
+        while True:
+            kind, length = struct.unpack_from(">II", head, pos)
+            if kind == 0x23852875:
+                off = struct.unpack_from(">Q", head, pos + 24)[0]
+                f.seek(off)
+                directory = f.read(65536)
+                at = 0
+                for _ in range(index):
+                    name_len, extra = struct.unpack_from(">HI", directory, at + 18)
+                    entry = 24 + extra + name_len
+                    at += entry + (-entry % 8)
+                flags = struct.unpack_from(">I", directory, at + 12)[0]
+                f.seek(off + at + 12)
+                f.write(struct.pack(">I", flags | 1))
+                return
+            pos += 8 + ((length + 7) & ~7)
+
+
+@pytest.fixture
+def bitmapped(tmp_path: Path) -> Path:
+    d = tmp_path
+    qemu_img("create", "-q", "-f", "qcow2", str(d / "bm.qcow2"), "4M")
+    qemu_io("qcow2", d / "bm.qcow2", "write 0 1M")
+    qemu_img("bitmap", "--add", str(d / "bm.qcow2"), "b1")
+    qemu_img("bitmap", "--add", "-g", "128k", str(d / "bm.qcow2"), "b2")
+    qemu_img("bitmap", "--disable", str(d / "bm.qcow2"), "b2")
+    qemu_io("qcow2", d / "bm.qcow2", "write 2M 64k")
+    qemu_img("create", "-q", "-f", "raw", str(d / "r.raw"), "1M")
+    return d
+
+
+@pytest.mark.parametrize("args", [
+    "--bitmaps -O qcow2 bm.qcow2 OUT", "--bitmaps -O raw bm.qcow2 OUT",
+    "--skip-broken-bitmaps -O qcow2 bm.qcow2 OUT", "--bitmaps -O qcow2 r.raw OUT",
+    "--bitmaps -O qcow2 bm.qcow2 r.raw OUT", "--bitmaps -c -O qcow2 bm.qcow2 OUT",
+    "--bitmaps -O qcow2 bad.qcow2 OUT", "--bitmaps --skip-broken-bitmaps -O qcow2 bad.qcow2 OUT"])
+def test_convert_bitmaps(bitmapped, args):
+    d = bitmapped
+    shutil.copy(d / "bm.qcow2", d / "bad.qcow2")
+    _set_in_use(d / "bad.qcow2", 1)
+    q = qemu_img("convert", *args.replace("OUT", "q.out").split(), cwd=d)
+    b = blockd_img("convert", *args.replace("OUT", "b.out").split(), cwd=d)
+    assert b == (q.stdout, q.stderr.replace("qemu-img", "blockd-img"), q.returncode)
+    if q.returncode == 0:
+        assert info(d / "b.out") == info(d / "q.out")
+        assert_clean(d / "b.out")
+        assert _bitmap_hashes(d, "b.out") == _bitmap_hashes(d, "q.out")
+
+
+def _bitmap_hashes(d: Path, name: str) -> dict[str, str]:
+    """Each stored bitmap's SHA-256 as qemu-storage-daemon loads it (qemu reads the bits)."""
+    from harness import Daemon
+
+    out = {}
+    with Daemon(str(d / f"{name}.sock"), "--blockdev",
+                f"driver=qcow2,node-name=n,file.driver=file,file.filename={d / name}",
+                qsd=True) as qsd:
+        c = qsd.client()
+        for bm in c.cmd("query-named-block-nodes")["return"][0].get("dirty-bitmaps", []):
+            out[bm["name"]] = c.cmd("x-debug-block-dirty-bitmap-sha256", node="n",
+                                    name=bm["name"])["return"]["sha256"]
+    assert out
+    return out
+
+
+def test_convert_bitmaps_existing_target(bitmapped):
+    d = bitmapped
+    qemu_img("convert", "--bitmaps", "-O", "qcow2", "bm.qcow2", "t.qcow2", cwd=d)
+    q = qemu_img("convert", "--bitmaps", "-n", "-O", "qcow2", "bm.qcow2", "t.qcow2", cwd=d)
+    b = blockd_img("convert", "--bitmaps", "-n", "-O", "qcow2", "bm.qcow2", "t.qcow2", cwd=d)
+    assert b == (q.stdout, q.stderr.replace("qemu-img", "blockd-img"), q.returncode)
+
+
+@pytest.mark.parametrize("sparse", ["0", "4k", "64k", "1M"])
+def test_convert_sparse_qcow2_target(tmp_path, sparse):
+    """``-S``: which clusters the target allocates, run for run as qemu-img decides."""
+    d = tmp_path
+    qemu_img("create", "-q", "-f", "raw", str(d / "s.raw"), "8M")
+    qemu_io("raw", d / "s.raw", "write -P 1 0 4k", "write -P 2 1M 64k", "write -P 3 3M 1M",
+            "write -P 0 3M 256k", "write -P 4 5M 512", "write -z 6M 1M")
+    for tool, out in (("q", "q.qcow2"), ("b", "b.qcow2")):
+        args = ["convert", "-S", sparse, "-O", "qcow2", "s.raw", out]
+        if tool == "q":
+            assert qemu_img(*args, cwd=d).returncode == 0
+        else:
+            assert blockd_img(*args, cwd=d)[2] == 0
+    strip = [{k: v for k, v in e.items() if k != "offset"} for e in map_json(d / "q.qcow2")]
+    assert [{k: v for k, v in e.items() if k != "offset"}
+            for e in map_json(d / "b.qcow2")] == strip
+    assert qemu_img("compare", "q.qcow2", "b.qcow2", cwd=d).returncode == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -24,8 +25,7 @@ from blockd.img.common import PROG, Args, ImgError, Progress, Session, parse_siz
 
 CHUNK = 2 << 20
 #: Options qemu-img has that would change the result here if silently ignored.
-_UNSUPPORTED = {"l": "Converting from an internal snapshot (-l)", "bitmaps": "--bitmaps",
-                "skip-broken-bitmaps": "--skip-broken-bitmaps", "salvage": "--salvage"}
+_UNSUPPORTED = {"l": "Converting from an internal snapshot (-l)", "salvage": "--salvage"}
 MAX_SPARSE = 16 << 20
 
 
@@ -248,17 +248,23 @@ async def run(args: Args) -> int:
         if args.has(name):
             raise ImgError(f"{what} is not supported by {PROG} yet")
     plan = _plan(args)
+    if args.has("skip-broken-bitmaps") and not args.has("bitmaps"):
+        raise ImgError("Use of --skip-broken-bitmaps requires --bitmaps")
     if args.has("target-is-zero") and not args.has("n"):
         raise ImgError("--target-is-zero requires use of -n flag")
     if len(args.rest) < 2:
         raise ImgError("Must specify image file name")
     *sources, target = args.rest
+    if args.has("bitmaps") and len(sources) > 1:
+        raise ImgError("Copying bitmaps only possible with single source")
     no_create = args.has("n")
     plan.fresh = not no_create or args.has("target-is-zero")
     async with Session(args.objects) as session:
         nodes = [await session.open(name, args.get("f"), force_share=args.has("U"),
                                     image_opts=args.has("image-opts")) for name in sources]
         src = _Source(nodes)
+        if args.has("bitmaps"):
+            _check_bitmaps(nodes[0], args.has("skip-broken-bitmaps"))
         if plan.compress and out_fmt != "qcow2":
             raise ImgError("Compression not supported for this file format")
         if not no_create:
@@ -274,6 +280,8 @@ async def run(args: Args) -> int:
             await create_image(session, target, out_fmt, src.size, opts)
         dst = await session.open(target, None if args.has("target-image-opts") else out_fmt,
                                  read_only=False, image_opts=args.has("target-image-opts"))
+        if args.has("bitmaps") and not _stores_bitmaps(dst):
+            raise ImgError(f"Format driver '{out_fmt}' does not support bitmaps")
         if no_create and dst.length() < src.size:
             raise ImgError("output file is smaller than input file")
         bar = Progress(args.has("p") and not args.has("q"), src.size)
@@ -282,4 +290,52 @@ async def run(args: Args) -> int:
         except QMPError as exc:
             raise ImgError(exc.desc) from None
         bar.finish()
+        if args.has("bitmaps"):
+            await _copy_bitmaps(session, nodes[0], dst, args.has("skip-broken-bitmaps"))
     return 0
+
+
+def _stores_bitmaps(node: BlockNode) -> bool:
+    """Whether the node's format keeps persistent bitmaps (overrides the refusing default)."""
+    return type(node).check_bitmap_storable is not BlockNode.check_bitmap_storable
+
+
+def _check_bitmaps(src: BlockNode, skip_broken: bool) -> None:
+    """Refuse before copying anything, as qemu-img does, if a bitmap cannot be copied."""
+    if not _stores_bitmaps(src):
+        raise ImgError("Source lacks bitmap support")
+    for bm in src.bitmaps.values():
+        if bm.persistent and bm.inconsistent and not skip_broken:
+            raise ImgError(f"Cannot copy inconsistent bitmap '{bm.name}'\n"
+                           f"Try --skip-broken-bitmaps, or use '{PROG} bitmap --remove' to "
+                           "delete it")
+
+
+async def _copy_bitmaps(session: Session, src: BlockNode, dst: BlockNode,
+                        skip_broken: bool) -> None:
+    """Each persistent bitmap recreated on the target (same granularity and enabled state)
+    and filled by a merge, through the QMP handlers ``qemu-img`` also goes through."""
+    from blockd.commands import bitmaps as cmds
+    from blockd.img.bitmap import _Handle
+
+    handle = _Handle(session.graph)
+    for bm in list(src.bitmaps.values()):
+        if not bm.persistent:
+            continue
+        if skip_broken and bm.inconsistent:
+            print(f"{PROG}: warning: Skipping inconsistent bitmap '{bm.name}'", file=sys.stderr)
+            continue
+        try:
+            await cmds.bitmap_add(handle, {  # type: ignore[arg-type]
+                "node": dst.node_name, "name": bm.name, "granularity": bm.granularity,
+                "persistent": True, "disabled": not bm.enabled})
+        except QMPError as exc:
+            raise ImgError(f"Failed to create bitmap {bm.name}: {exc.desc}") from None
+        try:
+            await cmds.bitmap_merge(handle, {  # type: ignore[arg-type]
+                "node": dst.node_name, "target": bm.name,
+                "bitmaps": [{"node": src.node_name, "name": bm.name}]})
+        except QMPError as exc:
+            await cmds.bitmap_remove(handle, {"node": dst.node_name,  # type: ignore[arg-type]
+                                              "name": bm.name})
+            raise ImgError(f"Failed to populate bitmap {bm.name}: {exc.desc}") from None
