@@ -167,6 +167,29 @@ class Mapping:
             piece[in_slice:in_slice + len(data)] = old  # keep memory equal to the file
             raise
 
+    async def set_run(self, guest: int, raws: list[int]) -> None:
+        """Write consecutive standard L2 entries from ``guest`` on, one write per slice.
+
+        The caller keeps the run inside one L2 table, made writable by :meth:`prepare`.
+        """
+        l1i, l2i = self.index(guest)
+        l2_offset = await self._writable_table(l1i)
+        done = 0
+        while done < len(raws):
+            pos = (l2i + done) * 8
+            piece, in_slice = await self._slice(l2_offset, pos)
+            n = min(len(raws) - done, (len(piece) - in_slice) // 8)
+            data = struct.pack(f">{n}Q", *raws[done:done + n])
+            old = bytes(piece[in_slice:in_slice + len(data)])
+            piece[in_slice:in_slice + len(data)] = data
+            self.image.debug_event("l2_update")
+            try:
+                await self.image.file.write(l2_offset + pos, data)
+            except OSError:
+                piece[in_slice:in_slice + len(data)] = old  # keep memory equal to the file
+                raise
+            done += n
+
     async def prepare(self, guest: int) -> None:
         """Make the L2 table for ``guest`` private and present before data is allocated.
 

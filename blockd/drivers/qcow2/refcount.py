@@ -215,11 +215,38 @@ class Refcounts:
                     break
             if not created:
                 break
-        for c in range(start, start + count):
-            await self.update(c, 1)
+        await self._raise_run(start, count)
         self.alloc_end = max(self.alloc_end, start + count)
         self.free_hint = start + count
         return start * self.cluster_size
+
+    async def _raise_run(self, first: int, count: int) -> None:
+        """Count one more reference to each cluster of a run: one write per refcount block.
+
+        Only fresh runs come here (every count 0 before), so no count can overflow.
+        """
+        c, end = first, first + count
+        while c < end:
+            bi = c // self.entries
+            stop = min(end, (bi + 1) * self.entries)
+            block = await self._block(bi)
+            if block is None:
+                self.image.mark_corrupt(f"cluster {c} has no refcount block")
+                raise OSError(5, "Input/output error")
+            indexes = range(c - bi * self.entries, stop - bi * self.entries)
+            lo = hi = 0
+            for idx in indexes:
+                a, hi = set_entry(block, idx, self.order, get_entry(block, idx, self.order) + 1)
+                lo = a if idx == indexes[0] else lo
+            self.image.debug_event("refblock_update")
+            try:
+                await self.image.file.write(self.table[bi] + lo, bytes(block[lo:hi]))
+            except OSError:
+                # Memory must say what the file says (earlier blocks of the run leak).
+                for idx in indexes:
+                    set_entry(block, idx, self.order, get_entry(block, idx, self.order) - 1)
+                raise
+            c = stop
 
     async def _find_free(self, count: int) -> int:
         c = self.free_hint
