@@ -70,7 +70,7 @@ class _Walker:
         self.cb = node.image.header.cluster_bits
         self.res = res
         self.nb_clusters = -(-self.file.length() // self.cs)
-        self.refs: dict[int, int] = {}
+        self.refs = [0] * self.nb_clusters
         self.next_contiguous = 0
         #: When set, the kind of structure that first claimed each host cluster.
         self.owners: dict[int, str] | None = None
@@ -86,7 +86,7 @@ class _Walker:
                     f"cluster or more: offset 0x{c * self.cs:x} size 0x{self.cs:x}")
                 self.res.corruptions += 1
                 continue
-            self.refs[c] = self.refs.get(c, 0) + 1
+            self.refs[c] += 1
             if self.owners is not None:
                 self.owners.setdefault(c, kind)
 
@@ -112,8 +112,24 @@ class _Walker:
         size = 16 if ext else 8
         table = await self.file.read(l2_offset, self.cs)
         self.next_contiguous = 0  # QEMU measures fragmentation within each L2 table
-        for pos in range(0, self.cs, size):
-            entry = struct.unpack_from(">Q", table, pos)[0]
+        entries = struct.unpack(f">{self.cs // 8}Q", table)[::size // 8]
+        external = self.node.image.external_data
+        cs, nb, refs, res = self.cs, self.nb_clusters, self.refs, self.res
+        plain = self.owners is None
+        for entry in entries:
+            if not entry:
+                continue
+            host = entry & OFFSET_MASK
+            if plain and not entry & COMPRESSED and host and not host % cs and host < nb * cs:
+                # The common case, kept short: a normal cluster inside the file.
+                if active:
+                    res.allocated_clusters += 1
+                    if self.next_contiguous and host != self.next_contiguous:
+                        res.fragmented_clusters += 1
+                    self.next_contiguous = host + cs
+                if not external:
+                    refs[host // cs] += 1
+                continue
             if entry & COMPRESSED:
                 x = 62 - (self.cb - 8)
                 off = entry & ((1 << x) - 1)
@@ -124,8 +140,6 @@ class _Walker:
                     self.res.fragmented_clusters += 1
                 self.inc(off & ~511, (sectors + 1) * 512, "compressed")
                 continue
-            host = entry & OFFSET_MASK
-            external = self.node.image.external_data
             if not host and not (external and entry & COPIED and not entry & 1):
                 continue
             # Normal and preallocated-zero clusters both hold their cluster.
@@ -234,15 +248,13 @@ async def check(node: "Qcow2Node", fix: int = 0) -> CheckResult:
         w = _Walker(node, res)
         await walk(w)
         rc = image.refcounts
-        highest = -1
-        nb = max(w.nb_clusters, max(w.refs, default=-1) + 1)
-        for c in range(nb):
-            stored = await rc.get(c)
-            computed = w.refs.get(c, 0)
-            if stored or computed:
-                highest = c
-            if stored == computed:
-                continue
+        nb = w.nb_clusters
+        counts = await rc.counts(nb)
+        highest = nb - 1
+        while highest >= 0 and not (counts[highest] or w.refs[highest]):
+            highest -= 1
+        for c in [c for c, (a, b) in enumerate(zip(counts, w.refs)) if a != b]:
+            stored, computed = counts[c], w.refs[c]
             fixing = ((stored > computed and fix & FIX_LEAKS)
                       or (stored < computed and fix & FIX_ERRORS))
             word = "Repairing" if fixing else ("ERROR" if stored < computed else "Leaked")
@@ -261,21 +273,31 @@ async def check(node: "Qcow2Node", fix: int = 0) -> CheckResult:
                 res.corruptions += 1
             else:
                 res.leaks += 1
-        await _check_copied(node, res, fix)
+        if res.leaks_fixed or res.corruptions_fixed:
+            counts = await rc.counts(nb)
+        await _check_copied(node, res, fix, counts)
         res.image_end_offset = (highest + 1) * image.cluster_size
     return res
 
 
-async def _check_copied(node: "Qcow2Node", res: CheckResult, fix: int) -> None:
-    """``COPIED`` must be set exactly where the count is one (active tables only)."""
+async def _check_copied(node: "Qcow2Node", res: CheckResult, fix: int,
+                        counts: list[int]) -> None:
+    """``COPIED`` must be set exactly where the count is one (active tables only).
+
+    ``counts`` are the stored counts of the clusters inside the file.
+    """
     m = node.map
     rc = node.image.refcounts
     cs = node.image.cluster_size
+
+    async def count_of(c: int) -> int:
+        return counts[c] if c < len(counts) else await rc.get(c)
+
     for i, entry in enumerate(list(m.l1)):
         l2 = entry & L1_OFFSET_MASK
         if not l2:
             continue
-        count = await rc.get(l2 // cs)
+        count = await count_of(l2 // cs)
         if (count == 1) != bool(entry & COPIED):
             word = "Repairing" if fix & FIX_ERRORS else "ERROR"
             res.messages.append(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} "
@@ -288,14 +310,15 @@ async def _check_copied(node: "Qcow2Node", res: CheckResult, fix: int) -> None:
         if node.image.external_data:
             continue  # data clusters of an external file have no refcounts to agree with
         table = await node.image.file.read(l2, cs)
-        size = m.entry_size
-        for pos in range(0, cs, size):
-            e = struct.unpack_from(">Q", table, pos)[0]
+        step = m.entry_size // 8
+        for index, e in enumerate(struct.unpack(f">{cs // 8}Q", table)[::step]):
             host = e & OFFSET_MASK
             if e & COMPRESSED or not host:
                 continue
-            count = await rc.get(host // cs)
+            c = host // cs
+            count = counts[c] if c < len(counts) else await rc.get(c)
             if (count == 1) != bool(e & COPIED):
+                pos = index * step * 8
                 word = "Repairing" if fix & FIX_ERRORS else "ERROR"
                 res.messages.append(f"{word} OFLAG_COPIED data cluster: l2_entry={e:x} "
                                     f"refcount={count}")

@@ -91,6 +91,25 @@ class Refcounts:
             return 0
         return get_entry(block, cluster_index % self.entries, self.order)
 
+    async def counts(self, nb: int) -> list[int]:
+        """The stored counts of clusters ``0..nb-1``, decoded a block at a time (for check)."""
+        out: list[int] = []
+        order, e = self.order, self.entries
+        fmt = {3: "B", 4: "H", 5: "I", 6: "Q"}.get(order)
+        for bi in range(-(-nb // e)):
+            block = await self._block(bi)
+            if block is None:
+                out += [0] * e
+            elif fmt is not None:
+                out += struct.unpack(f">{e}{fmt}", block)
+            else:
+                bits = 1 << order
+                mask = (1 << bits) - 1
+                shifts = range(0, 8, bits)
+                out += [(byte >> sh) & mask for byte in block for sh in shifts]
+        del out[nb:]
+        return out
+
     async def update(self, cluster_index: int, delta: int) -> int:
         """Change one count; the block is written at once (write-through)."""
         bi = cluster_index // self.entries
