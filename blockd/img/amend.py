@@ -13,7 +13,7 @@ from typing import Any
 
 from blockd.drivers.qcow2.amend import BACKING_REFUSED, amend_options
 from blockd.errors import QMPError
-from blockd.img.common import PROG, Args, ImgError, Progress, Session, UsageError, probe_format
+from blockd.img.common import PROG, Args, ImgError, Progress, Session, UsageError
 from blockd.img.create import FORMATS, Opt, _convert
 
 _KEYSLOT = [
