@@ -13,7 +13,7 @@ from typing import Any
 
 from blockd.drivers.qcow2.amend import BACKING_REFUSED, amend_options
 from blockd.errors import QMPError
-from blockd.img.common import PROG, Args, ImgError, Progress, Session, UsageError
+from blockd.img.common import PROG, Args, ImgError, Progress, Session, UsageError, fail
 from blockd.img.create import FORMATS, Opt, _convert
 
 _KEYSLOT = [
@@ -118,8 +118,13 @@ async def run(args: Args) -> int:
             elif slot is not None:
                 await node.amend(slot, session.store.secret_bytes, args.has("force"))
         except QMPError as exc:
-            if exc.desc == BACKING_REFUSED:
-                raise ImgError(f"{exc.desc}\nYou can use '{PROG} rebase' instead.") from None
-            raise ImgError(exc.desc) from None
+            # qemu-img draws 100%, reports the failure, then ends the progress line.
+            bar.add_percent(100.0)
+            message = exc.desc
+            if message == BACKING_REFUSED:
+                message += f"\nYou can use '{PROG} rebase' instead."
+            fail(message)
+            bar.end_line()
+            return 1
         bar.finish()
     return 0

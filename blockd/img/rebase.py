@@ -29,15 +29,29 @@ async def _read(node: BlockNode | None, offset: int, n: int) -> bytes:
     return data + bytes(n - have)
 
 
+async def _run(top: BlockNode, offset: int, limit: int) -> tuple[int, bool]:
+    """(length, allocated) of the run at ``offset``, merged up to ``limit`` as QEMU does."""
+    ext = await top.block_status(offset, limit)
+    allocated = bool(ext.status & Status.ALLOCATED)
+    n = ext.length
+    while n < limit:
+        ext = await top.block_status(offset + n, limit - n)
+        if bool(ext.status & Status.ALLOCATED) != allocated:
+            break
+        n += ext.length
+    return n, allocated
+
+
 async def _copy_differences(top: BlockNode, old: BlockNode | None, new: BlockNode | None,
                             bar: Progress) -> None:
     size = top.length()
     cs = top.cluster_size() or 65536
+    # As qemu-img: each pass over a range the image does not hold counts the same share.
+    share = 100 / (size // min(size, CHUNK)) if size else 100.0
     offset = 0
     while offset < size:
-        ext = await top.block_status(offset, min(CHUNK, size - offset))
-        n = ext.length
-        if not ext.status & Status.ALLOCATED:
+        n, allocated = await _run(top, offset, min(CHUNK, size - offset))
+        if not allocated:
             a = await _read(old, offset, n)
             b = await _read(new, offset, n)
             if a != b:
@@ -46,8 +60,8 @@ async def _copy_differences(top: BlockNode, old: BlockNode | None, new: BlockNod
                     piece = a[pos:pos + cs]
                     if piece != b[pos:pos + cs]:
                         await top.write(offset + pos, piece)
+            bar.add_percent(share)
         offset += n
-        bar.add(n)
 
 
 async def run(args: Args) -> int:
