@@ -167,6 +167,24 @@ class Mapping:
             piece[in_slice:in_slice + len(data)] = old  # keep memory equal to the file
             raise
 
+    async def unallocated_run(self, guest: int, limit: int) -> int:
+        """How many clusters from ``guest`` on (at most ``limit``, within its L2 table) have
+        all-zero standard entries: scanned a slice at a time, not entry by entry."""
+        l1i, l2i = self.index(guest)
+        limit = min(limit, self.l2_entries - l2i)
+        l2_offset = self.l1[l1i] & L1_OFFSET_MASK if l1i < len(self.l1) else 0
+        if not l2_offset:
+            return limit
+        n = 0
+        while n < limit:
+            piece, pos = await self._slice(l2_offset, (l2i + n) * 8)
+            seg = bytes(piece[pos:min(len(piece), pos + (limit - n) * 8)])
+            zero = (len(seg) - len(seg.lstrip(b"\0"))) // 8
+            n += zero
+            if zero < len(seg) // 8:
+                break
+        return n
+
     async def set_run(self, guest: int, raws: list[int]) -> None:
         """Write consecutive standard L2 entries from ``guest`` on, one write per slice.
 

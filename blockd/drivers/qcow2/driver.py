@@ -395,9 +395,7 @@ class Qcow2Node(BlockNode):
             return cs
         per_table = self.map.l2_entries * cs
         limit = min(len(view) // cs, (per_table - guest % per_table) // cs, 512)
-        count = 1
-        while count < limit and (await self.map.lookup(guest + count * cs)).raw == 0:
-            count += 1
+        count = max(1, await self.map.unallocated_run(guest, limit))
         await self.map.prepare(guest)
         host = await self.image.refcounts.alloc(count)
         self.image.debug_event("write_aio")

@@ -253,19 +253,31 @@ class Refcounts:
                 self.image.mark_corrupt(f"cluster {c} has no refcount block")
                 raise OSError(5, "Input/output error")
             indexes = range(c - bi * self.entries, stop - bi * self.entries)
-            lo = hi = 0
-            for idx in indexes:
-                a, hi = set_entry(block, idx, self.order, get_entry(block, idx, self.order) + 1)
-                lo = a if idx == indexes[0] else lo
+            lo, hi = self._shift_counts(block, indexes, 1)
             self.image.debug_event("refblock_update")
             try:
                 await self.image.file.write(self.table[bi] + lo, bytes(block[lo:hi]))
             except OSError:
                 # Memory must say what the file says (earlier blocks of the run leak).
-                for idx in indexes:
-                    set_entry(block, idx, self.order, get_entry(block, idx, self.order) - 1)
+                self._shift_counts(block, indexes, -1)
                 raise
             c = stop
+
+    def _shift_counts(self, block: bytearray, indexes: range, delta: int) -> tuple[int, int]:
+        """Add ``delta`` to consecutive entries of a block; returns the changed byte range."""
+        code = {3: "B", 4: "H", 5: "I", 6: "Q"}.get(self.order)
+        if code is None:  # sub-byte widths: entry by entry
+            lo = hi = 0
+            for idx in indexes:
+                a, hi = set_entry(block, idx, self.order, get_entry(block, idx, self.order) + delta)
+                lo = a if idx == indexes[0] else lo
+            return lo, hi
+        width = 1 << (self.order - 3)
+        fmt = f">{len(indexes)}{code}"
+        lo = indexes[0] * width
+        values = struct.unpack_from(fmt, block, lo)
+        struct.pack_into(fmt, block, lo, *[v + delta for v in values])
+        return lo, lo + len(indexes) * width
 
     async def _find_free(self, count: int) -> int:
         c = self.free_hint
