@@ -80,6 +80,7 @@ AMEND = [
     ("", "-f raw -o size=1M"),
     ("", "-o help"),
     ("", "-q -o refcount_bits=32,lazy_refcounts=on"),
+    ("", "-o encrypt.keyslot=1"),
 ]
 
 

@@ -99,6 +99,9 @@ async def run(args: Args) -> int:
         if fmt not in AMEND:
             raise ImgError(f"Format driver '{fmt}' does not support option amendment")
         opts = parse(fmt, text)
+        if fmt == "qcow2" and any(k.startswith("encrypt.") for k in opts) \
+                and not node.image.header.crypt_method:
+            raise ImgError("Can't amend encryption options - encryption not present")
         slot = _keyslot_options(opts, "encrypt." if fmt == "qcow2" else "")
 
         def status(done: int, total: int) -> None:
