@@ -13,8 +13,6 @@ import binascii
 import re
 from typing import Any
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 from blockd.errors import QMPError
 
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
@@ -129,6 +127,9 @@ class ObjectStore:
             raise QMPError(f"IV should be 16 bytes in length not {len(iv)}")
         if not ciphertext or len(ciphertext) % 16:
             raise QMPError(f"Length {len(ciphertext)} must be a multiple of block size 16")
+        # Imported here: only encrypted secrets need it, and it costs every start-up.
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
         dec = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor()
         plain = dec.update(ciphertext) + dec.finalize()
         pad = plain[-1]

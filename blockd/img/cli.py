@@ -21,6 +21,7 @@ usage: {PROG} [standard options] command [command options]
 The same subcommands, options, output and exit codes as qemu-img, on blockd's drivers.
 
 Command syntax:
+  amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename
   bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b source_file [-F source_fmt]] [-g granularity] [--object objectdef] [--image-opts | -f fmt] filename bitmap
   check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename
   commit [--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename
@@ -29,8 +30,9 @@ Command syntax:
   create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   dd [--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
-  map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
+  map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [--picture=out.png|out.svg] [-U] filename
   measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]
+  rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename
   snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
   resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
 
@@ -39,6 +41,7 @@ Supported formats: raw qcow2 luks
 
 #: subcommand -> (module, short options, long options); as qemu-img 7.2 accepts them.
 COMMANDS: dict[str, tuple[str, str, list[str]]] = {
+    "amend": ("amend", "ho:f:t:pq", ["help", "object=", "image-opts", "force"]),
     "bitmap": ("bitmap", "hb:f:F:g:", ["help", "object=", "image-opts", "add", "remove",
                                        "clear", "enable", "disable", "merge="]),
     "check": ("check", "hf:r:T:qU", ["help", "format=", "repair=", "object=", "image-opts",
@@ -48,12 +51,13 @@ COMMANDS: dict[str, tuple[str, str, list[str]]] = {
     "info": ("info", "f:hU", ["help", "format=", "output=", "backing-chain", "object=",
                               "image-opts", "force-share"]),
     "map": ("map", "f:hU", ["help", "format=", "output=", "object=", "image-opts",
-                            "force-share", "start-offset=", "max-length="]),
+                            "force-share", "start-offset=", "max-length=", "picture="]),
     "compare": ("compare", "hf:F:T:pqsU", ["help", "object=", "image-opts", "force-share"]),
     "convert": ("convert", "hf:O:B:CcF:o:l:S:pt:T:qnm:Wr:U",
                 ["help", "object=", "image-opts", "target-image-opts", "salvage",
                  "target-is-zero", "bitmaps", "skip-broken-bitmaps", "force-share",
                  "target-format="]),
+    "rebase": ("rebase", "hf:F:b:upt:T:qU", ["help", "object=", "image-opts", "force-share"]),
     "resize": ("resize", "f:hq", ["help", "object=", "image-opts", "preallocation=", "shrink"]),
     "dd": ("dd", "hf:O:U", ["help", "image-opts", "object=", "force-share"]),
     "measure": ("measure", "hf:O:o:l:U", ["help", "image-opts", "object=", "output=", "size=",

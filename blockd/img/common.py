@@ -230,13 +230,22 @@ class Progress:
         self.total = max(1, total)
         self.step = step
         self.done = 0
+        self._pct = 0.0
         self._shown = 0.0
         self._draw(0.0)
 
     def add(self, n: int) -> None:
         self.done += n
-        pct = min(100.0, self.done * 100 / self.total)
-        if pct - self._shown >= self.step or (pct == 100.0 and self._shown < 100.0):
+        self._update(min(100.0, self.done * 100 / self.total))
+
+    def add_percent(self, pct: float) -> None:
+        """Advance by a share rather than by bytes (qemu-img counts some loops per pass)."""
+        self._pct = min(100.0, self._pct + pct)
+        self._update(self._pct)
+
+    def _update(self, pct: float) -> None:
+        # qemu-img's rule: redraw after more than one step, and whenever at 100%.
+        if pct - self._shown > self.step or pct == 100.0:
             self._draw(pct)
 
     def _draw(self, pct: float) -> None:
@@ -245,7 +254,12 @@ class Progress:
             print(f"    ({pct:3.2f}/100%)", end="\r", flush=True)
 
     def finish(self) -> None:
+        # qemu-img draws the final 100% once more when it ends, whatever was shown.
         if self.enabled:
-            if self._shown < 100.0:
-                self._draw(100.0)
+            self._draw(100.0)
+        self.end_line()
+
+    def end_line(self) -> None:
+        """Leave the progress line (after a failure, without drawing 100% again)."""
+        if self.enabled:
             print()

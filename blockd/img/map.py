@@ -103,6 +103,9 @@ async def run(args: Args) -> int:
     async with Session(args.objects) as session:
         node = await session.open(args.rest[0], args.get("f"), force_share=args.has("U"),
                                   image_opts=args.has("image-opts"))
+        if args.has("picture"):
+            await _picture(node, args.get("picture") or "")
+            return 0
         entries = await map_entries(node, start, end)
         # The top layer is named as the user gave it; backing layers by their node filename.
         if not args.has("image-opts"):
@@ -117,6 +120,25 @@ async def run(args: Args) -> int:
     if error:
         raise ImgError(error)
     return 0
+
+
+async def _picture(node: BlockNode, path: str) -> None:
+    """Draw the image file's cluster layout (beyond qemu-img: blockd's own option)."""
+    from blockd.img import picture
+
+    if not path.endswith((".png", ".svg")):
+        raise ImgError("--picture needs a file name ending in .png or .svg")
+    if node.driver != "qcow2":
+        raise ImgError(f"--picture is not supported for format '{node.driver}'")
+    from blockd.drivers.qcow2.check import cluster_kinds
+
+    kinds = await cluster_kinds(node)
+    if path.endswith(".png"):
+        data = picture.render_png(kinds)
+    else:
+        data = picture.render_svg(kinds, node.filename()).encode()
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _offset(text: str | None, what: str) -> int:

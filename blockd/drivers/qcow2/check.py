@@ -71,10 +71,12 @@ class _Walker:
         self.cb = node.image.header.cluster_bits
         self.res = res
         self.nb_clusters = -(-self.file.length() // self.cs)
-        self.refs: dict[int, int] = {}
+        self.refs = [0] * self.nb_clusters
         self.next_contiguous = 0
+        #: When set, the kind of structure that first claimed each host cluster.
+        self.owners: dict[int, str] | None = None
 
-    def inc(self, offset: int, length: int) -> None:
+    def inc(self, offset: int, length: int, kind: str = "data") -> None:
         if length <= 0:
             return
         first, last = offset // self.cs, (offset + length - 1) // self.cs
@@ -85,10 +87,12 @@ class _Walker:
                     f"cluster or more: offset 0x{c * self.cs:x} size 0x{self.cs:x}")
                 self.res.corruptions += 1
                 continue
-            self.refs[c] = self.refs.get(c, 0) + 1
+            self.refs[c] += 1
+            if self.owners is not None:
+                self.owners.setdefault(c, kind)
 
     async def walk_l1(self, l1_offset: int, l1_size: int, active: bool) -> None:
-        self.inc(l1_offset, l1_size * 8)
+        self.inc(l1_offset, l1_size * 8, "L1 table")
         if not l1_size:
             return
         raw = await self.file.read(l1_offset, l1_size * 8)
@@ -101,7 +105,7 @@ class _Walker:
                                          "L1 entry corrupted")
                 self.res.corruptions += 1
                 continue
-            self.inc(l2, self.cs)
+            self.inc(l2, self.cs, "L2 table")
             await self.walk_l2(l2, active)
 
     async def walk_l2(self, l2_offset: int, active: bool) -> None:
@@ -109,8 +113,24 @@ class _Walker:
         size = 16 if ext else 8
         table = await self.file.read(l2_offset, self.cs)
         self.next_contiguous = 0  # QEMU measures fragmentation within each L2 table
-        for pos in range(0, self.cs, size):
-            entry = struct.unpack_from(">Q", table, pos)[0]
+        entries = struct.unpack(f">{self.cs // 8}Q", table)[::size // 8]
+        external = self.node.image.external_data
+        cs, nb, refs, res = self.cs, self.nb_clusters, self.refs, self.res
+        plain = self.owners is None
+        for entry in entries:
+            if not entry:
+                continue
+            host = entry & OFFSET_MASK
+            if plain and not entry & COMPRESSED and host and not host % cs and host < nb * cs:
+                # The common case, kept short: a normal cluster inside the file.
+                if active:
+                    res.allocated_clusters += 1
+                    if self.next_contiguous and host != self.next_contiguous:
+                        res.fragmented_clusters += 1
+                    self.next_contiguous = host + cs
+                if not external:
+                    refs[host // cs] += 1
+                continue
             if entry & COMPRESSED:
                 x = 62 - (self.cb - 8)
                 off = entry & ((1 << x) - 1)
@@ -119,10 +139,8 @@ class _Walker:
                     self.res.allocated_clusters += 1
                     self.res.compressed_clusters += 1
                     self.res.fragmented_clusters += 1
-                self.inc(off & ~511, (sectors + 1) * 512)
+                self.inc(off & ~511, (sectors + 1) * 512, "compressed")
                 continue
-            host = entry & OFFSET_MASK
-            external = self.node.image.external_data
             if not host and not (external and entry & COPIED and not entry & 1):
                 continue
             # Normal and preallocated-zero clusters both hold their cluster.
@@ -157,7 +175,7 @@ class _Walker:
                 self.res.corruptions += 1
                 continue
             await self.walk_l1(sn.l1_table_offset, sn.l1_size, active=False)
-        self.inc(h.snapshots_offset, self.image.snapshot_table_size)
+        self.inc(h.snapshots_offset, self.image.snapshot_table_size, "snapshot table")
 
     async def walk_bitmaps(self) -> None:
         h = self.image.header
@@ -165,24 +183,25 @@ class _Walker:
         if ext is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS or len(ext.data) < 24:
             return
         nb, _, dir_size, dir_off = struct.unpack_from(">IIQQ", ext.data)
-        self.inc(dir_off, dir_size)
+        self.inc(dir_off, dir_size, "bitmap")
         directory = await self.file.read(dir_off, dir_size)
         pos = 0
         for _ in range(nb):
             table_off, table_size, _flags, _type, _gran, name_len, extra = \
                 struct.unpack_from(">QIIBBHI", directory, pos)
-            self.inc(table_off, table_size * 8)
+            self.inc(table_off, table_size * 8, "bitmap")
             table = await self.file.read(table_off, table_size * 8)
             for (entry,) in struct.iter_unpack(">Q", table):
                 if entry & OFFSET_MASK:
-                    self.inc(entry & OFFSET_MASK, self.cs)
+                    self.inc(entry & OFFSET_MASK, self.cs, "bitmap")
             entry_len = 24 + extra + name_len
             pos += entry_len + (-entry_len % 8)
 
     async def walk_refcounts(self) -> None:
         rc = self.image.refcounts
         h = self.image.header
-        self.inc(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
+        self.inc(h.refcount_table_offset, h.refcount_table_clusters * self.cs,
+                 "refcount table")
         for i, entry in enumerate(rc.table):
             if entry & 0x1FF:
                 self.res.messages.append(f"ERROR refcount table entry {i} has reserved bits set")
@@ -195,7 +214,36 @@ class _Walker:
                 self.res.messages.append(f"ERROR refcount block {i} is outside image")
                 self.res.corruptions += 1
                 continue
-            self.inc(off, self.cs)
+            self.inc(off, self.cs, "refcount block")
+
+
+async def walk(w: _Walker) -> None:
+    """Count every reference the image's structures make, header first."""
+    w.inc(0, w.cs, "header")
+    await w.walk_l1(w.image.header.l1_table_offset, w.image.header.l1_size, active=True)
+    await w.walk_snapshots()
+    await w.walk_bitmaps()
+    await w.walk_refcounts()
+
+
+async def cluster_kinds(node: "Qcow2Node") -> list[str]:
+    """What each host cluster of the image file holds, by walking the metadata.
+
+    Clusters no structure uses are ``leaked`` when their refcount says they are
+    in use and ``free`` otherwise (``map --picture`` draws this).
+    """
+    image = node.image
+    async with image.lock:
+        w = _Walker(node, CheckResult())
+        w.owners = {}
+        await walk(w)
+        kinds = []
+        for c in range(w.nb_clusters):
+            kind = w.owners.get(c)
+            if kind is None:
+                kind = "leaked" if await image.refcounts.get(c) else "free"
+            kinds.append(kind)
+    return kinds
 
 
 async def check(node: "Qcow2Node", fix: int = 0) -> CheckResult:
@@ -205,21 +253,15 @@ async def check(node: "Qcow2Node", fix: int = 0) -> CheckResult:
     res = CheckResult(total_clusters=-(-h.size // image.cluster_size))
     async with image.lock:
         w = _Walker(node, res)
-        w.inc(0, image.cluster_size)
-        await w.walk_l1(h.l1_table_offset, h.l1_size, active=True)
-        await w.walk_snapshots()
-        await w.walk_bitmaps()
-        await w.walk_refcounts()
+        await walk(w)
         rc = image.refcounts
-        highest = -1
-        nb = max(w.nb_clusters, max(w.refs, default=-1) + 1)
-        for c in range(nb):
-            stored = await rc.get(c)
-            computed = w.refs.get(c, 0)
-            if stored or computed:
-                highest = c
-            if stored == computed:
-                continue
+        nb = w.nb_clusters
+        counts = await rc.counts(nb)
+        highest = nb - 1
+        while highest >= 0 and not (counts[highest] or w.refs[highest]):
+            highest -= 1
+        for c in [c for c, (a, b) in enumerate(zip(counts, w.refs)) if a != b]:
+            stored, computed = counts[c], w.refs[c]
             fixing = ((stored > computed and fix & FIX_LEAKS)
                       or (stored < computed and fix & FIX_ERRORS))
             word = "Repairing" if fixing else ("ERROR" if stored < computed else "Leaked")
@@ -238,21 +280,31 @@ async def check(node: "Qcow2Node", fix: int = 0) -> CheckResult:
                 res.corruptions += 1
             else:
                 res.leaks += 1
-        await _check_copied(node, res, fix)
+        if res.leaks_fixed or res.corruptions_fixed:
+            counts = await rc.counts(nb)
+        await _check_copied(node, res, fix, counts)
         res.image_end_offset = (highest + 1) * image.cluster_size
     return res
 
 
-async def _check_copied(node: "Qcow2Node", res: CheckResult, fix: int) -> None:
-    """``COPIED`` must be set exactly where the count is one (active tables only)."""
+async def _check_copied(node: "Qcow2Node", res: CheckResult, fix: int,
+                        counts: list[int]) -> None:
+    """``COPIED`` must be set exactly where the count is one (active tables only).
+
+    ``counts`` are the stored counts of the clusters inside the file.
+    """
     m = node.map
     rc = node.image.refcounts
     cs = node.image.cluster_size
+
+    async def count_of(c: int) -> int:
+        return counts[c] if c < len(counts) else await rc.get(c)
+
     for i, entry in enumerate(list(m.l1)):
         l2 = entry & L1_OFFSET_MASK
         if not l2:
             continue
-        count = await rc.get(l2 // cs)
+        count = await count_of(l2 // cs)
         if (count == 1) != bool(entry & COPIED):
             word = "Repairing" if fix & FIX_ERRORS else "ERROR"
             res.messages.append(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} "
@@ -265,14 +317,15 @@ async def _check_copied(node: "Qcow2Node", res: CheckResult, fix: int) -> None:
         if node.image.external_data:
             continue  # data clusters of an external file have no refcounts to agree with
         table = await node.image.file.read(l2, cs)
-        size = m.entry_size
-        for pos in range(0, cs, size):
-            e = struct.unpack_from(">Q", table, pos)[0]
+        step = m.entry_size // 8
+        for index, e in enumerate(struct.unpack(f">{cs // 8}Q", table)[::step]):
             host = e & OFFSET_MASK
             if e & COMPRESSED or not host:
                 continue
-            count = await rc.get(host // cs)
+            c = host // cs
+            count = counts[c] if c < len(counts) else await rc.get(c)
             if (count == 1) != bool(e & COPIED):
+                pos = index * step * 8
                 word = "Repairing" if fix & FIX_ERRORS else "ERROR"
                 res.messages.append(f"{word} OFLAG_COPIED data cluster: l2_entry={e:x} "
                                     f"refcount={count}")

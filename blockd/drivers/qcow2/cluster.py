@@ -167,6 +167,47 @@ class Mapping:
             piece[in_slice:in_slice + len(data)] = old  # keep memory equal to the file
             raise
 
+    async def unallocated_run(self, guest: int, limit: int) -> int:
+        """How many clusters from ``guest`` on (at most ``limit``, within its L2 table) have
+        all-zero standard entries: scanned a slice at a time, not entry by entry."""
+        l1i, l2i = self.index(guest)
+        limit = min(limit, self.l2_entries - l2i)
+        l2_offset = self.l1[l1i] & L1_OFFSET_MASK if l1i < len(self.l1) else 0
+        if not l2_offset:
+            return limit
+        n = 0
+        while n < limit:
+            piece, pos = await self._slice(l2_offset, (l2i + n) * 8)
+            seg = bytes(piece[pos:min(len(piece), pos + (limit - n) * 8)])
+            zero = (len(seg) - len(seg.lstrip(b"\0"))) // 8
+            n += zero
+            if zero < len(seg) // 8:
+                break
+        return n
+
+    async def set_run(self, guest: int, raws: list[int]) -> None:
+        """Write consecutive standard L2 entries from ``guest`` on, one write per slice.
+
+        The caller keeps the run inside one L2 table, made writable by :meth:`prepare`.
+        """
+        l1i, l2i = self.index(guest)
+        l2_offset = await self._writable_table(l1i)
+        done = 0
+        while done < len(raws):
+            pos = (l2i + done) * 8
+            piece, in_slice = await self._slice(l2_offset, pos)
+            n = min(len(raws) - done, (len(piece) - in_slice) // 8)
+            data = struct.pack(f">{n}Q", *raws[done:done + n])
+            old = bytes(piece[in_slice:in_slice + len(data)])
+            piece[in_slice:in_slice + len(data)] = data
+            self.image.debug_event("l2_update")
+            try:
+                await self.image.file.write(l2_offset + pos, data)
+            except OSError:
+                piece[in_slice:in_slice + len(data)] = old  # keep memory equal to the file
+                raise
+            done += n
+
     async def prepare(self, guest: int) -> None:
         """Make the L2 table for ``guest`` private and present before data is allocated.
 

@@ -424,12 +424,45 @@ class Qcow2Node(BlockNode):
                     self._in_place_writes -= 1
                     if not self._in_place_writes:
                         self._writes_idle.set()
+            elif start == 0 and len(view) - pos >= 2 * cs and self._batchable(entry):
+                async with self.image.lock:
+                    n = await self._allocate_run(guest, view[pos:])
             else:
                 async with self.image.lock:
                     await self._allocating_write(guest, start, chunk)
             pos += n
         if flags & WriteFlags.FUA:
             await self.flush()
+
+    def _batchable(self, entry: Entry) -> bool:
+        """A whole-cluster write here may go through :meth:`_allocate_run`."""
+        return (not self.map.ext and self.image.crypto is None and not self.image.external_data
+                and entry.raw == 0)
+
+    async def _allocate_run(self, guest: int, view: memoryview) -> int:
+        """Write whole, unallocated clusters as one run: one allocation, one data write and
+        one L2 update for as many clusters as stay unallocated within the L2 table.
+
+        Returns the bytes written (at least one cluster, when the first one still qualifies).
+        """
+        cs = self.cs
+        first = await self.map.lookup(guest)
+        if not self._batchable(first):
+            await self._allocating_write(guest, 0, view[:cs])
+            return cs
+        per_table = self.map.l2_entries * cs
+        limit = min(len(view) // cs, (per_table - guest % per_table) // cs, 512)
+        count = max(1, await self.map.unallocated_run(guest, limit))
+        await self.map.prepare(guest)
+        host = await self.image.refcounts.alloc(count)
+        self.image.debug_event("write_aio")
+        try:
+            await self._data_write(host, view[:count * cs])
+        except OSError:
+            await self.image.refcounts.free(host, count)
+            raise
+        await self.map.set_run(guest, [(host + i * cs) | COPIED for i in range(count)])
+        return count * cs
 
     def _in_place(self, entry: Entry, start: int, n: int) -> bool:
         if entry.kind(self.image.header.cluster_bits) != Kind.NORMAL or not entry.copied:
@@ -505,6 +538,27 @@ class Qcow2Node(BlockNode):
             await self.image.refcounts.free(first * self.cs, last - first + 1)
         elif entry.host and not self.image.external_data:
             await self.image.refcounts.free(entry.host)
+
+    async def make_empty(self) -> None:
+        """Unmap every guest cluster so the backing file shows through (after a commit).
+
+        The L2 tables stay (QEMU keeps them too); the data clusters are freed.
+        """
+        self._writable()
+        cs = self.cs
+        async with self.image.lock:
+            for l1i, l1e in enumerate(self.map.l1):
+                if not l1e & 0x00FFFFFFFFFFFE00:
+                    continue
+                first = l1i * self.map.l2_entries * cs
+                for guest in range(first, min(first + self.map.l2_entries * cs, self.length()),
+                                   cs):
+                    entry = await self.map.lookup(guest)
+                    kind = entry.kind(self.image.header.cluster_bits)
+                    if kind != Kind.UNALLOCATED or entry.bitmap:
+                        await self.map.set(guest, Entry(0))
+                        await self._release(entry, kind)
+        await self.image.file.flush()
 
     async def compress_cluster(self, data: bytes) -> bytes:
         """Compress one cluster in a worker thread (callers may run many at once)."""

@@ -91,6 +91,25 @@ class Refcounts:
             return 0
         return get_entry(block, cluster_index % self.entries, self.order)
 
+    async def counts(self, nb: int) -> list[int]:
+        """The stored counts of clusters ``0..nb-1``, decoded a block at a time (for check)."""
+        out: list[int] = []
+        order, e = self.order, self.entries
+        fmt = {3: "B", 4: "H", 5: "I", 6: "Q"}.get(order)
+        for bi in range(-(-nb // e)):
+            block = await self._block(bi)
+            if block is None:
+                out += [0] * e
+            elif fmt is not None:
+                out += struct.unpack(f">{e}{fmt}", block)
+            else:
+                bits = 1 << order
+                mask = (1 << bits) - 1
+                shifts = range(0, 8, bits)
+                out += [(byte >> sh) & mask for byte in block for sh in shifts]
+        del out[nb:]
+        return out
+
     async def update(self, cluster_index: int, delta: int) -> int:
         """Change one count; the block is written at once (write-through)."""
         bi = cluster_index // self.entries
@@ -215,11 +234,50 @@ class Refcounts:
                     break
             if not created:
                 break
-        for c in range(start, start + count):
-            await self.update(c, 1)
+        await self._raise_run(start, count)
         self.alloc_end = max(self.alloc_end, start + count)
         self.free_hint = start + count
         return start * self.cluster_size
+
+    async def _raise_run(self, first: int, count: int) -> None:
+        """Count one more reference to each cluster of a run: one write per refcount block.
+
+        Only fresh runs come here (every count 0 before), so no count can overflow.
+        """
+        c, end = first, first + count
+        while c < end:
+            bi = c // self.entries
+            stop = min(end, (bi + 1) * self.entries)
+            block = await self._block(bi)
+            if block is None:
+                self.image.mark_corrupt(f"cluster {c} has no refcount block")
+                raise OSError(5, "Input/output error")
+            indexes = range(c - bi * self.entries, stop - bi * self.entries)
+            lo, hi = self._shift_counts(block, indexes, 1)
+            self.image.debug_event("refblock_update")
+            try:
+                await self.image.file.write(self.table[bi] + lo, bytes(block[lo:hi]))
+            except OSError:
+                # Memory must say what the file says (earlier blocks of the run leak).
+                self._shift_counts(block, indexes, -1)
+                raise
+            c = stop
+
+    def _shift_counts(self, block: bytearray, indexes: range, delta: int) -> tuple[int, int]:
+        """Add ``delta`` to consecutive entries of a block; returns the changed byte range."""
+        code = {3: "B", 4: "H", 5: "I", 6: "Q"}.get(self.order)
+        if code is None:  # sub-byte widths: entry by entry
+            lo = hi = 0
+            for idx in indexes:
+                a, hi = set_entry(block, idx, self.order, get_entry(block, idx, self.order) + delta)
+                lo = a if idx == indexes[0] else lo
+            return lo, hi
+        width = 1 << (self.order - 3)
+        fmt = f">{len(indexes)}{code}"
+        lo = indexes[0] * width
+        values = struct.unpack_from(fmt, block, lo)
+        struct.pack_into(fmt, block, lo, *[v + delta for v in values])
+        return lo, lo + len(indexes) * width
 
     async def _find_free(self, count: int) -> int:
         c = self.free_hint
