@@ -56,13 +56,17 @@ class LuksNode(BlockNode):
 
     async def open(self, ctx: OpenContext) -> None:
         file = await ctx.open_child(self.options["file"], "file")
-        password = secret_password(ctx.secret, self.options.get("key-secret"))
+        secret_id = self.options.get("key-secret")
+        # Opened only to be described (qemu-img info): the header is enough.
+        describe_only = ctx.graph.no_io and secret_id is None
+        password = None if describe_only else secret_password(ctx.secret, secret_id)
         try:
             header, region = await read_header(file)
         except OSError as exc:
             raise QMPError(f"Could not read encryption header: {exc.strerror}") from None
-        self.cipher = await asyncio.to_thread(
-            luks.unlock, header, lambda off, n: region[off:off + n], password)
+        if password is not None:
+            self.cipher = await asyncio.to_thread(
+                luks.unlock, header, lambda off, n: region[off:off + n], password)
         self.header = header
         self.payload = header.payload_bytes
 

@@ -263,6 +263,8 @@ async def run(args: Args) -> int:
             raise ImgError("Compression not supported for this file format")
         if not no_create:
             opts = parse_opts(out_fmt, text)
+            if plan.compress and (opts.get("encryption") or opts.get("encrypt.format")):
+                raise ImgError("Compression and encryption not supported at the same time")
             if args.has("B"):
                 if out_fmt == "raw":
                     raise ImgError(f"Backing file not supported for file format '{out_fmt}'")

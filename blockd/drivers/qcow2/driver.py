@@ -491,7 +491,9 @@ class Qcow2Node(BlockNode):
         cs = self.cs
         if offset % cs or len(data) != cs:
             raise OSError(errno.EINVAL, "Compressed writes must cover whole clusters")
-        if self.image.external_data or self.image.crypto is not None:
+        if self.image.crypto is not None:
+            raise OSError(errno.EIO, "Input/output error")  # QEMU's answer, too
+        if self.image.external_data:
             raise OSError(errno.ENOTSUP, "Operation not supported")
         if packed is None:
             packed = await self.compress_cluster(data)
