@@ -492,7 +492,10 @@ class Qcow2Node(BlockNode):
         if offset % cs or len(data) != cs:
             raise OSError(errno.EINVAL, "Compressed writes must cover whole clusters")
         if self.image.crypto is not None:
-            raise OSError(errno.EIO, "Input/output error")  # QEMU's answer, too
+            # QEMU would store such a cluster unencrypted; blockd never writes plaintext
+            # into an encrypted image.
+            raise OSError(errno.ENOTSUP, "Compression and encryption not supported at the "
+                          "same time")
         if self.image.external_data:
             raise OSError(errno.ENOTSUP, "Operation not supported")
         if packed is None:
