@@ -358,3 +358,39 @@ def test_qmp_errors_and_amend_match_qsd(tmp_path):
         os.makedirs(tmp_path / name)
         results.append(_session(str(tmp_path / f"{name}.sock"), qsd, *_images(tmp_path / name)))
     assert results[0] == results[1]
+
+
+def test_blockd_img_convert_info_map(tmp_path, capsys):
+    """blockd-img creates, converts into and describes encrypted images as qemu-img does."""
+    from blockd.img.cli import main
+    obj = ["--object", "secret,id=s0,data=pw"]
+    src = tmp_path / "src.qcow2"
+    assert sh("qemu-img", "create", "-q", "-f", "qcow2", str(src), "4M").returncode == 0
+    assert sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x61 1M 300k", str(src)).returncode == 0
+    targets = [("qcow2", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,"
+                "cluster_size=4k", "driver=qcow2,encrypt.key-secret=s0"),
+               ("qcow2", "encrypt.format=aes,encrypt.key-secret=s0",
+                "driver=qcow2,encrypt.key-secret=s0"),
+               ("luks", "key-secret=s0,iter-time=10", "driver=luks,key-secret=s0")]
+    for i, (fmt, opts, open_opts) in enumerate(targets):
+        out = tmp_path / f"t{i}.{fmt}"
+        assert main(["convert", "-O", fmt, *obj, "-o", opts, str(src), str(out)]) == 0
+        r = sh("qemu-img", "compare", *obj, "--image-opts", f"{open_opts},file.filename={out}",
+               f"driver=qcow2,file.filename={src}")
+        assert r.returncode == 0, r.stdout + r.stderr
+        capsys.readouterr()
+        # No key needed to describe an image, as with qemu-img info.
+        assert main(["info", str(out)]) == 0
+        assert capsys.readouterr().out == sh("qemu-img", "info", str(out)).stdout
+        if fmt == "qcow2":
+            r = sh("qemu-img", "check", *obj, "--image-opts", f"{open_opts},file.filename={out}")
+            assert "No errors were found" in r.stdout, r.stdout + r.stderr
+            args = ["map", "--output=json", *obj, "--image-opts",
+                    f"{open_opts},file.filename={out}"]
+            assert main(args) == 0
+            assert capsys.readouterr().out == sh("qemu-img", *args).stdout
+    back = tmp_path / "back.qcow2"
+    assert main(["convert", "-O", "qcow2", *obj, "--image-opts",
+                 f"driver=qcow2,encrypt.key-secret=s0,file.filename={tmp_path / 't0.qcow2'}",
+                 str(back)]) == 0
+    assert sh("qemu-img", "compare", str(back), str(src)).returncode == 0

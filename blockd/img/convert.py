@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from blockd.block.backend import is_zero
 from blockd.block.node import BlockNode, Status
@@ -234,6 +234,17 @@ def _plan(args: Args) -> Plan:
     return plan
 
 
+def _key_secrets(opts: dict[str, Any]) -> dict[str, Any]:
+    """Open options that unlock a new encrypted target with the key it was created with,
+    as qemu-img passes the ``-o`` key secrets on to the open."""
+    out: dict[str, Any] = {}
+    if "key-secret" in opts:
+        out["key-secret"] = opts["key-secret"]
+    if "encrypt.key-secret" in opts:
+        out["encrypt"] = {"key-secret": opts["encrypt.key-secret"]}
+    return out
+
+
 async def run(args: Args) -> int:
     """``convert [-c] [-p] [-q] [-n] [-W] [-m N] [-S size] [-f fmt] [-O fmt] [-o opts]
     [-B backing [-F fmt]] [-U] filename [filename2 ...] output_filename``."""
@@ -254,6 +265,7 @@ async def run(args: Args) -> int:
         raise ImgError("Must specify image file name")
     *sources, target = args.rest
     no_create = args.has("n")
+    keys: dict[str, Any] = {}
     plan.fresh = not no_create or args.has("target-is-zero")
     async with Session(args.objects) as session:
         nodes = [await session.open(name, args.get("f"), force_share=args.has("U"),
@@ -274,8 +286,12 @@ async def run(args: Args) -> int:
                 plan.top_only = True
                 plan.fresh = False  # the backing file shows through unwritten parts
             await create_image(session, target, out_fmt, src.size, opts)
+            keys = _key_secrets(opts)
         dst = await session.open(target, None if args.has("target-image-opts") else out_fmt,
-                                 read_only=False, image_opts=args.has("target-image-opts"))
+                                 read_only=False, image_opts=args.has("target-image-opts"),
+                                 extra=keys)
+        if dst.driver == "luks" and not args.has("target-is-zero"):
+            plan.fresh = False  # unwritten LUKS payload reads as noise, not zeroes
         if no_create and dst.length() < src.size:
             raise ImgError("output file is smaller than input file")
         bar = Progress(args.has("p") and not args.has("q"), src.size)

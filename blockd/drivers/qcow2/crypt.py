@@ -73,9 +73,10 @@ def check_options(h: hdr.Header, encrypt: dict[str, Any] | None) -> None:
     """QEMU's checks of ``encrypt`` options against what the header says."""
     if h.crypt_method not in (hdr.CRYPT_NONE, hdr.CRYPT_AES, hdr.CRYPT_LUKS):
         raise QMPError(f"Unsupported encryption method: {h.crypt_method}")
-    if encrypt is None:
+    # QMP requires the format; qemu-img's --image-opts may leave it to the header.
+    fmt = (encrypt or {}).get("format")
+    if fmt is None:
         return
-    fmt = encrypt["format"]
     if h.crypt_method == hdr.CRYPT_NONE:
         raise QMPError(f"No encryption in image header, but options specified format '{fmt}'")
     have = _FORMATS[h.crypt_method]

@@ -653,7 +653,12 @@ class Qcow2Node(BlockNode):
         return await self._unallocated_status(offset, n)
 
     async def _data_status(self, n: int, status: Status, host: int) -> Extent:
-        """Status of allocated data: with metadata preallocation the file's holes read as zero."""
+        """Status of allocated data: with metadata preallocation the file's holes read as zero.
+
+        Encrypted data has no offset to show: the file does not hold the guest's bytes.
+        """
+        if self.image.crypto is not None or self.encryption is not None:
+            return Extent(n, status)
         file = self.image.data
         if not self.image.external_data and await self._preallocated_metadata() \
                 and host < file.length():
