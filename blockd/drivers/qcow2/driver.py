@@ -792,8 +792,11 @@ class Qcow2Node(BlockNode):
         enc = self.encryption
         if enc is None:
             raise QMPError("image is not encrypted, can't amend")
-        if {"qcow": "aes"}.get(opts.get("format", "luks"), "luks") != enc.format:
+        if opts.get("format", "luks") != "luks":
             raise QMPError("Amend can't be used to change the qcow2 encryption format")
+        if enc.format != "luks":
+            raise QMPError("Only LUKS encryption options can be amended for qcow2 with "
+                           "blockdev-amend")
         opts = {k: v for k, v in opts.items() if k != "format"}
         await crypt.amend_luks(self.image, enc, opts, secret,
                                (self.options.get("encrypt") or {}).get("key-secret"), force)
