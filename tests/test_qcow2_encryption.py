@@ -425,3 +425,65 @@ def test_blockd_img_convert_info_map(tmp_path, capsys):
                  f"driver=qcow2,encrypt.key-secret=s0,file.filename={tmp_path / 't0.qcow2'}",
                  str(back)]) == 0
     assert sh("qemu-img", "compare", str(back), str(src)).returncode == 0
+
+
+CREATE_CASES = [
+    {"format": "luks"},
+    {"format": "luks", "key-secret": "nope", "iter-time": 10},
+    {"format": "aes", "key-secret": "s0"},
+    {"format": "luks", "key-secret": "s0", "iter-time": 10, "x": 1},
+    {"format": "luks", "key-secret": "s0", "cipher-alg": "aes-7"},
+    {"format": "qcow", "key-secret": "s0"},
+    {"format": "qcow"},
+    {"format": "luks", "key-secret": "s0", "iter-time": 10, "cipher-alg": "aes-128",
+     "cipher-mode": "cbc", "ivgen-alg": "essiv", "ivgen-hash-alg": "sha1", "hash-alg": "sha512"},
+    {"format": "luks", "key-secret": "s0", "iter-time": 10, "cipher-alg": "aes-128",
+     "cipher-mode": "cbc", "ivgen-alg": "essiv", "ivgen-hash-alg": "sha256", "hash-alg": "sha1"},
+    {"format": "luks", "key-secret": "s0", "iter-time": 10, "cipher-alg": "aes-256",
+     "cipher-mode": "xts", "ivgen-alg": "plain"},
+]
+
+
+def _create_session(sock, qsd, work):
+    out = []
+    with Daemon(sock, "--object", "secret,id=s0,data=pw", qsd=qsd) as d:
+        c = d.client()
+        for i, encrypt in enumerate(CREATE_CASES):
+            path = str(work / f"c{i}.qcow2")
+            open(path, "wb").close()
+            c.cmd("blockdev-add", driver="file", filename=path, **{"node-name": f"f{i}"})
+            r = c.cmd("blockdev-create", **{"job-id": "j"}, options={
+                "driver": "qcow2", "file": f"f{i}", "size": 1 << 20, "encrypt": encrypt,
+                **({"cluster-size": 512} if i % 2 else {})})
+            if "error" in r:
+                out.append(r)
+                continue
+            while (jobs := c.cmd("query-jobs")["return"])[0]["status"] != "concluded":
+                time.sleep(0.05)
+            c.cmd("job-dismiss", id="j")
+            out.append(jobs)
+            if "error" in jobs[0]:
+                continue
+            fmt = "aes" if encrypt["format"] == "qcow" else "luks"
+            r = sh("qemu-img", "check", "--object", "secret,id=s0,data=pw", "--image-opts",
+                   image_opts(path, fmt))
+            out.append(r.stdout.splitlines()[0])
+            info = json.loads(sh("qemu-img", "info", "--output=json", path).stdout)
+            enc = info["format-specific"]["data"]["encrypt"]
+            out.append({k: v for k, v in enc.items()
+                        if k not in ("uuid", "master-key-iters", "slots")})
+    return out
+
+
+@pytest.mark.skipif(not HAVE_QSD, reason="needs qemu-storage-daemon")
+def test_blockdev_create_encrypted_matches_qsd(tmp_path):
+    results = []
+    for name, qsd in (("b", False), ("q", True)):
+        for attempt in range(3):
+            work = tmp_path / f"{name}{attempt}"
+            os.makedirs(work)
+            result = _create_session(str(work / "qmp.sock"), qsd, work)
+            if "Unable to get accurate CPU usage" not in json.dumps(result):
+                break
+        results.append(result)
+    assert results[0] == results[1]
