@@ -56,7 +56,8 @@ def qemu_check(path, fmt):
 
 
 def node_opts(path, fmt, secret="s0", **extra):
-    return {"driver": "qcow2", "node-name": "enc", "file": {"driver": "file", "filename": str(path)},
+    return {"driver": "qcow2", "node-name": "enc",
+            "file": {"driver": "file", "filename": str(path)},
             "encrypt": {"format": fmt, "key-secret": secret}, **extra}
 
 
@@ -295,8 +296,8 @@ def _session(sock, qsd, luks, aes, plain, raw):
         c = d.client()
 
         def add(path, encrypt=None, **extra):
-            args = {"driver": "qcow2", "node-name": "n", "file": {"driver": "file", "filename": path},
-                    **extra}
+            args = {"driver": "qcow2", "node-name": "n",
+                    "file": {"driver": "file", "filename": path}, **extra}
             if encrypt is not None:
                 args["encrypt"] = encrypt
             r = c.cmd("blockdev-add", **args)
@@ -320,6 +321,14 @@ def _session(sock, qsd, luks, aes, plain, raw):
         c.cmd("blockdev-add", driver="qcow2", **{"node-name": "n"},
               file={"driver": "file", "filename": luks}, encrypt={"format": "luks",
                                                                   "key-secret": "s0"})
+        file_node = [x["node-name"] for x in c.cmd("query-named-block-nodes")["return"]
+                     if x["drv"] == "file"][0]
+        for encrypt in ({"format": "luks", "key-secret": "s0"}, None,
+                        {"format": "aes", "key-secret": "s0"}):
+            options = {"driver": "qcow2", "node-name": "n", "file": file_node}
+            if encrypt is not None:
+                options["encrypt"] = encrypt
+            out.append(c.cmd("blockdev-reopen", options=[options]))
         c.cmd("blockdev-add", driver="qcow2", **{"node-name": "p"},
               file={"driver": "file", "filename": plain, "node-name": "pf"})
         c.cmd("blockdev-add", driver="qcow2", **{"node-name": "a"},

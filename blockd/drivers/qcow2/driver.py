@@ -247,6 +247,10 @@ class Qcow2Node(BlockNode):
                 self.stored_bitmaps = await qbitmaps.store(self.image, persistent, in_use, keep)
 
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
+        # The image stays unlocked with its key; only the format is checked again.
+        if self.options.get("encrypt") is not None and options.get("encrypt") is None:
+            raise QMPError("Option 'encrypt.format' cannot be reset to its default value")
+        crypt.check_options(self.image.header, options.get("encrypt"))
         if read_only and not self.read_only:
             # Going read-only: the bitmaps are saved now, while the file can be written.
             await self._store_bitmaps(in_use=False)
@@ -783,6 +787,23 @@ class Qcow2Node(BlockNode):
 
     def encrypted(self) -> bool:
         return self.encryption is not None
+
+    def _key_secret(self) -> str | None:
+        return (self.options.get("encrypt") or {}).get("key-secret")
+
+    def exact_filename(self) -> str | None:
+        """The key secret is needed to reopen the image, so it makes the name ``json:``."""
+        if self._key_secret() is not None:
+            return None
+        return super().exact_filename()
+
+    def full_options(self) -> dict[str, Any]:
+        opts = super().full_options()
+        key = self._key_secret()
+        if key is not None:
+            # QEMU names the option flattened, and lists it first.
+            opts = {"encrypt.key-secret": key, **opts}
+        return opts
 
     async def amend(self, opts: dict[str, Any], secret: Any, force: bool = False) -> None:
         """Change the encryption key slots (``blockdev-amend`` ``encrypt`` options).
