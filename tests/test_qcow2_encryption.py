@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -285,6 +286,16 @@ def _images(tmp_path):
     return luks, aes, plain, raw
 
 
+def _read_only_copies(luks, raw):
+    """Copies of the images for read-only nodes (the originals are locked by writable ones)."""
+    copies = []
+    for path in (luks, raw):
+        copy = path + ".ro"
+        shutil.copy(path, copy)
+        copies.append(copy)
+    return copies
+
+
 #: Passwords that must never show up in a reply.
 _NEW_PASSWORD, _BAD_PASSWORD = "n3w-Passw0rd", "wr0ng-Passw0rd"
 
@@ -338,6 +349,13 @@ def _session(sock, qsd, luks, aes, plain, raw):
                                                                  "key-secret": "s0"})
         c.cmd("blockdev-add", driver="luks", **{"node-name": "r", "key-secret": "s0"},
               file={"driver": "file", "filename": raw})
+        luks_ro, raw_ro = _read_only_copies(luks, raw)
+        c.cmd("blockdev-add", driver="qcow2", **{"node-name": "qro", "read-only": True},
+              file={"driver": "file", "filename": luks_ro},
+              encrypt={"format": "luks", "key-secret": "s0"})
+        c.cmd("blockdev-add", driver="luks", **{"node-name": "rro", "key-secret": "s0",
+                                                "read-only": True},
+              file={"driver": "file", "filename": raw_ro})
 
         def amend(node, options, **kw):
             r = c.cmd("x-blockdev-amend", **{"job-id": "j", "node-name": node,
@@ -373,6 +391,9 @@ def _session(sock, qsd, luks, aes, plain, raw):
         amend("pf", {"driver": "file"})
         amend("p", enc(state="inactive", keyslot=2))
         amend("a", enc(state="inactive", keyslot=0))
+        amend("qro", enc(state="active", **{"new-secret": "s1", "iter-time": 10}))
+        amend("qro", enc(state="inactive", keyslot=0))
+        amend("rro", {"driver": "luks", "state": "active", "new-secret": "s1", "iter-time": 10})
         amend("a", {"driver": "qcow2", "encrypt": {"format": "qcow"}})
         amend("r", {"driver": "luks", "state": "active", "new-secret": "s1", "iter-time": 100})
         amend("r", {"driver": "luks", "state": "inactive", "old-secret": "s0"})

@@ -49,6 +49,10 @@ async def x_blockdev_amend(daemon: Daemon, args: dict[str, Any]) -> dict:
     if amend is None:
         raise QMPError("Driver does not support x-blockdev-amend")
     if node.driver == "luks":
+        # QEMU's luks driver takes write permission before its job starts; qcow2 fails
+        # later, inside the job (see the qcow2 node's amend).
+        if node.read_only:
+            raise QMPError("Block node is read-only")
         opts = {k: v for k, v in options.items() if k != "driver"}
     else:
         opts = options.get("encrypt")

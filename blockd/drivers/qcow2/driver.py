@@ -661,7 +661,7 @@ class Qcow2Node(BlockNode):
 
         Encrypted data has no offset to show: the file does not hold the guest's bytes.
         """
-        if self.image.crypto is not None or self.encryption is not None:
+        if self.encryption is not None:
             return Extent(n, status)
         file = self.image.data
         if not self.image.external_data and await self._preallocated_metadata() \
