@@ -74,7 +74,16 @@ class Client:
 
     def __init__(self, path: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except ConnectionRefusedError:
+                # Seen on a loaded machine: the socket file exists a moment before it listens.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         self.buf = b""
         self.greeting = self.recv()
 
