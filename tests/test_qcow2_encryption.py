@@ -519,3 +519,45 @@ def test_blockdev_create_encrypted_matches_qsd(tmp_path):
                 break
         results.append(result)
     assert results[0] == results[1]
+
+
+def _damage(src, dst, how):
+    """A copy of a LUKS qcow2 image with its crypto header extension (the first) broken."""
+    shutil.copy(src, dst)
+    with open(dst, "r+b") as f:
+        head = bytearray(f.read(4096))
+        pos = 112  # qemu-img's v3 header length; the crypto extension comes first
+        assert head[pos:pos + 4] == b"\x05\x37\xbe\x77"
+        if how == "missing":
+            head[pos:pos + 4] = b"\x12\x34\x56\x78"  # an unknown extension is skipped
+        elif how == "unaligned":
+            head[pos + 8:pos + 16] = (int.from_bytes(head[pos + 8:pos + 16], "big")
+                                      + 512).to_bytes(8, "big")
+        elif how == "short-region":
+            head[pos + 16:pos + 24] = (4096).to_bytes(8, "big")
+        elif how == "bad-size":
+            head[pos + 4:pos + 8] = (8).to_bytes(4, "big")
+            head[pos + 16:] = head[pos + 24:] + bytes(8)
+        f.seek(0)
+        f.write(head)
+
+
+@pytest.mark.skipif(not HAVE_QSD, reason="needs qemu-storage-daemon")
+def test_damaged_crypto_header_errors_match_qsd(tmp_path):
+    src = tmp_path / "l.qcow2"
+    qemu_img_create(src, "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "1M")
+    kinds = ("missing", "unaligned", "short-region", "bad-size")
+    for how in kinds:
+        _damage(src, tmp_path / f"{how}.qcow2", how)
+    replies = []
+    for qsd in (False, True):
+        with Daemon(str(tmp_path / f"{qsd}.sock"), "--object", "secret,id=s0,data=pw",
+                    qsd=qsd) as d:
+            c = d.client()
+            replies.append([c.cmd("blockdev-add", driver="qcow2", **{"node-name": "n"},
+                                  file={"driver": "file",
+                                        "filename": str(tmp_path / f"{how}.qcow2")},
+                                  encrypt={"format": "luks", "key-secret": "s0"})
+                            for how in kinds])
+    assert all("error" in r for r in replies[0])
+    assert replies[0] == replies[1]

@@ -60,8 +60,8 @@ def fde_extent(h: hdr.Header) -> tuple[int, int] | None:
     if ext is None:
         return None
     if len(ext.data) != _FDE.size:
-        raise QMPError(f"Unable to read CRYPTO header extension: "
-                       f"Invalid extension length {len(ext.data)}")
+        raise QMPError(f"CRYPTO header extension size {len(ext.data)}, but expected size "
+                       f"{_FDE.size}")
     offset, length = _FDE.unpack(ext.data)
     if offset % h.cluster_size:
         raise QMPError(f"Encryption header offset '{offset}' is not a multiple of cluster "
@@ -148,7 +148,7 @@ async def open_encryption(image: Image, encrypt: dict[str, Any] | None, secret: 
 def _require_extent(h: hdr.Header) -> tuple[int, int]:
     extent = fde_extent(h)
     if extent is None:
-        raise QMPError("Could not read encryption header: No crypto header extension present")
+        raise QMPError(f"Missing CRYPTO header for crypt method {h.crypt_method}")
     return extent
 
 
