@@ -74,17 +74,16 @@ class Client:
 
     def __init__(self, path: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
-        # The socket file exists from bind(); under load the daemon may not have
-        # reached listen() yet, which refuses the connection for a moment.
         deadline = time.monotonic() + 10
         while True:
             try:
                 self.sock.connect(path)
                 break
             except ConnectionRefusedError:
+                # Seen on a loaded machine: the socket file exists a moment before it listens.
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.02)
+                time.sleep(0.05)
         self.buf = b""
         self.greeting = self.recv()
 

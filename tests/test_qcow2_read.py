@@ -236,16 +236,6 @@ def test_unknown_autoclear_bits_cleared_on_read_write_open(tmp_path):
         assert int.from_bytes(f.read(8), "big") == 0
 
 
-def test_encrypted_image_refused_clearly(tmp_path):
-    img = str(tmp_path / "e.qcow2")
-    assert sh("qemu-img", "create", "-q", "-f", "qcow2", "--object",
-              "secret,id=s0,data=pw", "-o", "encrypt.format=luks,encrypt.key-secret=s0",
-              img, "1M").returncode == 0
-    with pytest.raises(QMPError) as err:
-        asyncio.run(open_qcow2(img))
-    assert "encrypt" in err.value.desc.lower()
-
-
 CACHE_ERRORS = [
     {"l2-cache-entry-size": 100}, {"l2-cache-entry-size": 131072},
     {"cache-size": 1 << 20, "l2-cache-size": 1 << 19, "refcount-cache-size": 1 << 19},

@@ -113,6 +113,9 @@ class BlockGraph:
         self.implicit: set[str] = set()
         self._counter = 0
         self._secrets = secrets
+        #: Nodes are opened only to be described (``qemu-img info``): encrypted
+        #: images may then open without their key, and their data is not read.
+        self.no_io = False
 
     # ---- lookup -------------------------------------------------------------
 

@@ -202,6 +202,8 @@ class SectorCipher:
         count = len(view) // size
         ivs = self._ivs(sector, count)
         niv = self.niv
+        if not encrypt and self.mode == "cbc":
+            return self._cbc_decrypt(view, ivs, count)
         out = bytearray(len(view))
         mode_cls, alg = self._mode_cls, self._alg_obj
         for i in range(count):
@@ -209,6 +211,24 @@ class SectorCipher:
             pos = i * size
             out[pos:pos + size] = ctx.update(view[pos:pos + size])
         return bytes(out)
+
+    def _cbc_decrypt(self, view: memoryview, ivs: bytes, count: int) -> bytes:
+        """CBC decryption of many sectors without a context per sector.
+
+        Unlike encryption, CBC decryption has no chain to follow: every
+        plaintext block is the block cipher's decryption of its
+        ciphertext block XOR the ciphertext block before it (the sector's
+        IV for its first block).  So one ECB pass covers all sectors, and
+        one XOR with the shifted ciphertext finishes the job.
+        """
+        size, niv = self.sector_size, self.niv
+        ctx = _create_decryption_ctx(self._alg_obj, modes.ECB())
+        raw = ctx.update(view) + ctx.finalize()
+        prev = b"".join(piece for i in range(count)
+                        for piece in (ivs[i * niv:(i + 1) * niv],
+                                      view[i * size:(i + 1) * size - niv]))
+        return (int.from_bytes(raw, "little") ^ int.from_bytes(prev, "little")).to_bytes(
+            len(view), "little")
 
     def encrypt(self, sector: int, data: bytes | bytearray | memoryview) -> bytes:
         """Ciphertext of whole sectors, the first of which is number ``sector``."""

@@ -22,18 +22,14 @@ from blockd.block.graph import BlockGraph, OpenContext
 from blockd.block.node import BlockNode, Perm, WriteFlags
 from blockd.crypto import luks
 from blockd.crypto.cipher import SectorCipher
+from blockd.drivers.sector_io import SECTOR, WriteGate, crypt_sectors, sector_span
 from blockd.errors import QMPError
 
-SECTOR = luks.SECTOR
-#: Requests up to this size are encrypted on the loop: a thread hop costs more.
-_INLINE_MAX = 16 << 10
-#: Cipher work is done in pieces of this size so one huge request cannot hog a thread.
-_CHUNK = 1 << 20
 
-
-def _password(secret: Any, secret_id: str | None) -> bytes:
+def secret_password(secret: Any, secret_id: str | None, prefix: str = "") -> bytes:
+    """The password of secret ``secret_id``; ``prefix`` names the option in QEMU's message."""
     if secret_id is None:
-        raise QMPError("Parameter 'key-secret' is required for cipher")
+        raise QMPError(f"Parameter '{prefix}key-secret' is required for cipher")
     return luks.password_from_secret(secret_id, secret(secret_id))
 
 
@@ -46,17 +42,6 @@ async def read_header(file: BlockNode) -> tuple[luks.LuksHeader, bytes]:
     return header, bytes(await file.read(0, region))
 
 
-async def _crypt(fn: Any, sector: int, data: bytes | bytearray | memoryview) -> bytes:
-    if len(data) <= _INLINE_MAX:
-        return fn(sector, data)
-    out = []
-    view = memoryview(data)
-    for pos in range(0, len(view), _CHUNK):
-        piece = view[pos:pos + _CHUNK]
-        out.append(await asyncio.to_thread(fn, sector + pos // SECTOR, piece))
-    return b"".join(out)
-
-
 class LuksNode(BlockNode):
     driver = "luks"
     is_format = True
@@ -67,18 +52,21 @@ class LuksNode(BlockNode):
         self.header: luks.LuksHeader | None = None
         self.cipher: SectorCipher | None = None
         self.payload = 0
-        #: In-flight writes as [start, end, done, read-modify-write?] in payload bytes.
-        self._writes: list[tuple[int, int, asyncio.Event, bool]] = []
+        self._gate = WriteGate()
 
     async def open(self, ctx: OpenContext) -> None:
         file = await ctx.open_child(self.options["file"], "file")
-        password = _password(ctx.secret, self.options.get("key-secret"))
+        secret_id = self.options.get("key-secret")
+        # Opened only to be described (qemu-img info): the header is enough.
+        describe_only = ctx.graph.no_io and secret_id is None
+        password = None if describe_only else secret_password(ctx.secret, secret_id)
         try:
             header, region = await read_header(file)
         except OSError as exc:
             raise QMPError(f"Could not read encryption header: {exc.strerror}") from None
-        self.cipher = await asyncio.to_thread(
-            luks.unlock, header, lambda off, n: region[off:off + n], password)
+        if password is not None:
+            self.cipher = await asyncio.to_thread(
+                luks.unlock, header, lambda off, n: region[off:off + n], password)
         self.header = header
         self.payload = header.payload_bytes
 
@@ -92,50 +80,31 @@ class LuksNode(BlockNode):
         raw = bytes(await self.file.read(self.payload + start, end - start))
         if len(raw) < end - start:
             raw += bytes(end - start - len(raw))
-        return await _crypt(self.cipher.decrypt, start // SECTOR, raw)
+        return await crypt_sectors(self.cipher.decrypt, start // SECTOR, raw)
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        start = offset - offset % SECTOR
-        end = -(-(offset + length) // SECTOR) * SECTOR
+        start, end = sector_span(offset, length)
         self.file.debug_event("read_aio")
         plain = await self._read_sectors(start, end)
         if start == offset and end == offset + length:
             return plain
         return memoryview(plain)[offset - start:offset - start + length]
 
-    async def _wait_overlaps(self, start: int, end: int, rmw: bool) -> None:
-        """Wait for in-flight writes this one must not interleave with.
-
-        A read-modify-write must not race any write to its sectors; a
-        plain write only has to wait for read-modify-writes.
-        """
-        while True:
-            for s, e, done, other_rmw in self._writes:
-                if s < end and start < e and (rmw or other_rmw):
-                    await done.wait()
-                    break
-            else:
-                return
-
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
-        start = offset - offset % SECTOR
-        end = -(-(offset + len(data)) // SECTOR) * SECTOR
+        start, end = sector_span(offset, len(data))
         rmw = start != offset or end != offset + len(data)
-        await self._wait_overlaps(start, end, rmw)
-        entry = (start, end, asyncio.Event(), rmw)
-        self._writes.append(entry)
+        entry = await self._gate.enter(start, end, rmw)
         try:
             if rmw:
                 buf = bytearray(await self._read_sectors(start, end))
                 buf[offset - start:offset - start + len(data)] = data
                 data = buf
-            cipher = await _crypt(self.cipher.encrypt, start // SECTOR, data)
+            cipher = await crypt_sectors(self.cipher.encrypt, start // SECTOR, data)
             self.file.debug_event("write_aio")
             await self.file.write(self.payload + start, cipher, flags)
         finally:
-            self._writes.remove(entry)
-            entry[2].set()
+            self._gate.leave(entry)
 
     async def discard(self, offset: int, length: int) -> None:
         if self.options.get("discard", "ignore") == "unmap":
@@ -169,7 +138,7 @@ class LuksNode(BlockNode):
 
 async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
     """``blockdev-create`` for ``luks``: header and key slot 0, then room for ``size`` bytes."""
-    password = _password(graph.secrets, options.get("key-secret"))
+    password = secret_password(graph.secrets, options.get("key-secret"))
     opts = luks.CreateOptions.from_qapi(options)
     ref = options["file"]
     file = graph.lookup(ref) if isinstance(ref, str) else await graph.open_node(ref, implicit=True)

@@ -16,7 +16,7 @@ import asyncio
 import functools
 import sys
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from blockd.block.backend import is_zero
 from blockd.block.node import BlockNode, Status
@@ -252,6 +252,17 @@ def _plan(args: Args) -> Plan:
     return plan
 
 
+def _key_secrets(opts: dict[str, Any]) -> dict[str, Any]:
+    """Open options that unlock a new encrypted target with the key it was created with,
+    as qemu-img passes the ``-o`` key secrets on to the open."""
+    out: dict[str, Any] = {}
+    if "key-secret" in opts:
+        out["key-secret"] = opts["key-secret"]
+    if "encrypt.key-secret" in opts:
+        out["encrypt"] = {"key-secret": opts["encrypt.key-secret"]}
+    return out
+
+
 async def run(args: Args) -> int:
     """``convert [-c] [-p] [-q] [-n] [-W] [-m N] [-S size] [-f fmt] [-O fmt] [-o opts]
     [-B backing [-F fmt]] [-U] filename [filename2 ...] output_filename``."""
@@ -279,6 +290,7 @@ async def run(args: Args) -> int:
     if args.has("bitmaps") and len(sources) > 1:
         raise ImgError("Copying bitmaps only possible with single source")
     no_create = args.has("n")
+    keys: dict[str, Any] = {}
     plan.fresh = not no_create or args.has("target-is-zero")
     async with Session(args.objects) as session:
         nodes = [await session.open(name, args.get("f"), force_share=args.has("U"),
@@ -292,6 +304,8 @@ async def run(args: Args) -> int:
             raise ImgError("Compression not supported for this file format")
         if not no_create:
             opts = parse_opts(out_fmt, text)
+            if plan.compress and (opts.get("encryption") or opts.get("encrypt.format")):
+                raise ImgError("Compression and encryption not supported at the same time")
             if args.has("B"):
                 if out_fmt == "raw":
                     raise ImgError(f"Backing file not supported for file format '{out_fmt}'")
@@ -301,8 +315,12 @@ async def run(args: Args) -> int:
                 plan.top_only = True
                 plan.fresh = False  # the backing file shows through unwritten parts
             await create_image(session, target, out_fmt, src.size, opts)
+            keys = _key_secrets(opts)
         dst = await session.open(target, None if args.has("target-image-opts") else out_fmt,
-                                 read_only=False, image_opts=args.has("target-image-opts"))
+                                 read_only=False, image_opts=args.has("target-image-opts"),
+                                 extra=keys)
+        if dst.driver == "luks" and not args.has("target-is-zero"):
+            plan.fresh = False  # unwritten LUKS payload reads as noise, not zeroes
         if args.has("bitmaps") and not _stores_bitmaps(dst):
             raise ImgError(f"Format driver '{out_fmt}' does not support bitmaps")
         if no_create and dst.length() < src.size:

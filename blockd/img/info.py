@@ -15,10 +15,10 @@ def info_text(info: dict[str, Any]) -> str:
              f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
              f"disk size: {size_to_str(info['actual-size'])}" if "actual-size" in info
              else "disk size: unavailable"]
-    if "cluster-size" in info:
-        lines.append(f"cluster_size: {info['cluster-size']}")
     if info.get("encrypted"):
         lines.append("encrypted: yes")
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
     if "backing-filename" in info:
         line = f"backing file: {info['backing-filename']}"
         full = info.get("full-backing-filename")
@@ -45,6 +45,7 @@ def _image_info(node: BlockNode, filename: str) -> dict[str, Any]:
 
 async def info(session: Session, filename: str, fmt: str | None, output: str,
                backing_chain: bool, force_share: bool, image_opts: bool) -> str:
+    session.graph.no_io = True  # described only: encrypted images need no key
     node = await session.open(filename, fmt, force_share=force_share, image_opts=image_opts)
     chain = [(node, node.filename() if image_opts else filename)]
     if backing_chain:

@@ -17,6 +17,7 @@ from xml.sax.saxutils import escape
 #: Kinds in legend order, with their colours.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "header": (220, 20, 60),
+    "luks header": (255, 105, 180),
     "L1 table": (255, 140, 0),
     "L2 table": (255, 215, 0),
     "refcount table": (128, 0, 128),

@@ -2,7 +2,8 @@
 
 The walk counts references from the header, the active L1/L2 tables,
 internal snapshots' tables, the snapshot table, the refcount table and
-blocks, and persistent bitmaps; then compares with the stored counts.
+blocks, persistent bitmaps and the LUKS header of an encrypted image;
+then compares with the stored counts.
 A stored count above the computed one is a leak (harmless), below it a
 corruption (a cluster could be handed out twice).  Messages and the
 numbers in the result are those ``qemu-img check`` prints for the same
@@ -18,6 +19,7 @@ import dataclasses
 import struct
 from typing import TYPE_CHECKING, Any
 
+from blockd.drivers.qcow2 import crypt
 from blockd.drivers.qcow2 import header as hdr
 from blockd.drivers.qcow2.cluster import COMPRESSED, COPIED, L1_OFFSET_MASK, OFFSET_MASK
 from blockd.drivers.qcow2.snapshot import MAX_L1_SIZE
@@ -220,6 +222,9 @@ class _Walker:
 async def walk(w: _Walker) -> None:
     """Count every reference the image's structures make, header first."""
     w.inc(0, w.cs, "header")
+    luks_header = crypt.fde_extent(w.image.header)
+    if luks_header is not None:
+        w.inc(*luks_header, "luks header")
     await w.walk_l1(w.image.header.l1_table_offset, w.image.header.l1_size, active=True)
     await w.walk_snapshots()
     await w.walk_bitmaps()

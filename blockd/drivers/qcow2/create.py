@@ -13,6 +13,8 @@ from typing import Any
 from blockd.block.graph import BlockGraph
 from blockd.block.node import Perm
 from blockd.block.backend import Backend
+from blockd.drivers.luks import secret_password
+from blockd.drivers.qcow2 import crypt
 from blockd.drivers.qcow2 import header as hdr
 from blockd.errors import QMPError
 
@@ -52,8 +54,6 @@ def _check(options: dict[str, Any]) -> tuple[int, int, int]:
         raise QMPError("data-file-raw requires data-file")
     if options.get("data-file-raw") and options.get("backing-file"):
         raise QMPError("Backing file and data-file-raw cannot be used at the same time")
-    if options.get("encrypt") is not None:
-        raise QMPError("Encrypted qcow2 images are not supported by this blockd build yet")
     if options.get("preallocation", "off") != "off" and options.get("backing-file") \
             and not options.get("extended-l2"):
         raise QMPError("Backing file and preallocation can only be used at the same time if "
@@ -127,6 +127,9 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
             prealloc = "metadata"  # every cluster maps to its place in the raw data file
         try:
             await node.truncate(options["size"], prealloc=prealloc)
+            encrypt = options.get("encrypt")
+            if encrypt is not None:
+                await _set_up_encryption(graph, node, encrypt)
         finally:
             await graph.delete_node(node)
     finally:
@@ -136,3 +139,15 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
             await graph.delete_node(file)
         if data is not None and not isinstance(data_ref, str):
             await graph.delete_node(data)
+
+
+async def _set_up_encryption(graph: BlockGraph, node: Any, encrypt: dict[str, Any]) -> None:
+    """Make the new image encrypted, after it got its size, as QEMU orders it."""
+    if encrypt["format"] == "luks":
+        await crypt.create_luks(node.image, encrypt, graph.secrets)
+        return
+    # Legacy AES keeps nothing on disk but the method: the key is the password.
+    secret_password(graph.secrets, encrypt.get("key-secret"), "encrypt.")
+    node.image.header.crypt_method = hdr.CRYPT_AES
+    await node.image.file.write(32, struct.pack(">I", hdr.CRYPT_AES))
+    await node.image.file.flush()

@@ -24,13 +24,14 @@ from typing import Any, AsyncIterator
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Extent, Status, WriteFlags
 from blockd.drivers.qcow2 import bitmaps as qbitmaps
-from blockd.drivers.qcow2 import compress
+from blockd.drivers.qcow2 import compress, crypt
 from blockd.drivers.qcow2 import header as hdr
 from blockd.drivers.qcow2 import snapshot as qsnap
 from blockd.drivers.qcow2.cache import cache_config
 from blockd.drivers.qcow2.cluster import (ALL_ALLOC, ALL_ZERO, COPIED, SUBCLUSTERS, ZERO, Entry,
                                           Kind, Mapping, compressed_entry)
 from blockd.drivers.qcow2.image import Image
+from blockd.drivers.sector_io import WriteGate, sector_span
 from blockd.errors import QMPError
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ class Qcow2Node(BlockNode):
         self._writes_idle.set()
         self._quiescing = False
         self._generation = 0
+        #: Encryption state of an encrypted image (see :mod:`.crypt`).
+        self.encryption: crypt.Encryption | None = None
+        self._gate = WriteGate()
 
     # ---- open -----------------------------------------------------------------
 
@@ -79,8 +83,6 @@ class Qcow2Node(BlockNode):
         if h.cluster_size > len(head) and file.length() > len(head):
             head = bytes(await file.read(0, min(file.length(), h.cluster_size)))
             h = hdr.parse(head)
-        if h.crypt_method:
-            raise QMPError("Encrypted qcow2 images are not supported by this blockd build yet")
         if h.incompatible_features & hdr.INCOMPAT_CORRUPT and not self.read_only:
             raise QMPError("qcow2: Image is corrupt; cannot be opened read/write")
         if h.l1_size > (32 << 20) // 8 * 4:
@@ -91,6 +93,10 @@ class Qcow2Node(BlockNode):
         caches = cache_config(opts, h)
         self.image = Image(file, h, opts.get("pass-discard-other", False), caches)
         self.map = Mapping(self.image, caches)
+        self.encryption = await crypt.open_encryption(
+            self.image, opts.get("encrypt"), ctx.secret, not ctx.graph.no_io)
+        if self.encryption is not None:
+            self.image.crypto = self.encryption.data
         await self._open_data_file(ctx, h)
         await self.image.refcounts.load()
         await self.map.load()
@@ -161,17 +167,43 @@ class Qcow2Node(BlockNode):
         """The data file alone is a valid raw image (``data-file-raw``)."""
         return bool(self.image.header.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW)
 
-    async def _data_read(self, host: int, n: int) -> bytes | bytearray | memoryview:
-        """Guest data at ``host`` in the data file (deciphered when encrypted)."""
-        data = await self.image.data.read(host, n)
-        if self.image.crypto is not None:
-            data = await self.image.crypto.decrypt_sectors(host, bytes(data))
-        return data
+    async def _data_read(self, host: int, guest: int, n: int) -> bytes | bytearray | memoryview:
+        """Guest data at ``host`` in the data file (deciphered when encrypted).
 
-    async def _data_write(self, host: int, buf: bytes | bytearray | memoryview) -> None:
-        if self.image.crypto is not None:
-            buf = await self.image.crypto.encrypt_sectors(host, bytes(buf))
-        await self.image.data.write(host, buf)
+        ``guest`` is the guest offset of the same byte: legacy AES derives
+        IVs from it.  Encrypted data is read in whole sectors.
+        """
+        crypto = self.image.crypto
+        if crypto is None:
+            return await self.image.data.read(host, n)
+        start, end = sector_span(host, n)
+        raw = bytes(await self.image.data.read(start, end - start))
+        raw += bytes(end - start - len(raw))
+        plain = await crypto.decrypt_sectors(start, guest - (host - start), raw)
+        if start == host and end == host + n:
+            return plain
+        return memoryview(plain)[host - start:host - start + n]
+
+    async def _data_write(self, host: int, guest: int, buf: bytes | bytearray | memoryview) -> None:
+        crypto = self.image.crypto
+        if crypto is None:
+            await self.image.data.write(host, buf)
+            return
+        # Sectors are encrypted whole: a partial one is read, patched and rewritten,
+        # and no other write may touch it meanwhile.
+        start, end = sector_span(host, len(buf))
+        rmw = start != host or end != host + len(buf)
+        entry = await self._gate.enter(start, end, rmw)
+        try:
+            if rmw:
+                plain = bytearray(await self._data_read(start, guest - (host - start),
+                                                        end - start))
+                plain[host - start:host - start + len(buf)] = buf
+                buf = plain
+            cipher = await crypto.encrypt_sectors(start, guest - (host - start), bytes(buf))
+            await self.image.data.write(start, cipher)
+        finally:
+            self._gate.leave(entry)
 
     async def _alloc_data(self, guest: int) -> int:
         """A host cluster for guest cluster ``guest``: identity in an external data file."""
@@ -259,6 +291,10 @@ class Qcow2Node(BlockNode):
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
         if not read_only and self.loaded_snapshot is not None:
             raise QMPError("Device is not readonly")
+        # The image stays unlocked with its key; only the format is checked again.
+        if self.options.get("encrypt") is not None and options.get("encrypt") is None:
+            raise QMPError("Option 'encrypt.format' cannot be reset to its default value")
+        crypt.check_options(self.image.header, options.get("encrypt"))
         if read_only and not self.read_only:
             # Going read-only: the bitmaps are saved now, while the file can be written.
             await self._store_bitmaps(in_use=False)
@@ -342,7 +378,7 @@ class Qcow2Node(BlockNode):
         if not self.map.ext:
             if kind == Kind.NORMAL:
                 self.image.debug_event("read_aio")
-                return bytes(await self._data_read(entry.host + start, n))
+                return bytes(await self._data_read(entry.host + start, guest + start, n))
             if kind == Kind.UNALLOCATED:
                 return await self._backing_read(guest + start, n)
             return bytes(n)
@@ -358,7 +394,7 @@ class Qcow2Node(BlockNode):
             m = min(end, j * sc) - pos
             if state == "data" and kind == Kind.NORMAL:
                 self.image.debug_event("read_aio")
-                out += await self._data_read(entry.host + pos, m)
+                out += await self._data_read(entry.host + pos, guest + pos, m)
             elif state == "unallocated":
                 out += await self._backing_read(guest + pos, m)
             else:
@@ -389,7 +425,7 @@ class Qcow2Node(BlockNode):
                     n += min(end - offset - n, cs)
                     next_guest, expect = next_guest + cs, expect + cs
                 self.image.debug_event("read_aio")
-                parts.append(await self._data_read(host, n))
+                parts.append(await self._data_read(host, offset, n))
             else:
                 parts.append(await self._read_in_cluster(guest, entry, start, n))
             offset += n
@@ -419,7 +455,7 @@ class Qcow2Node(BlockNode):
                 self._writes_idle.clear()
                 try:
                     self.image.debug_event("write_aio")
-                    await self._data_write(entry.host + start, chunk)
+                    await self._data_write(entry.host + start, cur, chunk)
                 finally:
                     self._in_place_writes -= 1
                     if not self._in_place_writes:
@@ -457,7 +493,7 @@ class Qcow2Node(BlockNode):
         host = await self.image.refcounts.alloc(count)
         self.image.debug_event("write_aio")
         try:
-            await self._data_write(host, view[:count * cs])
+            await self._data_write(host, guest, view[:count * cs])
         except OSError:
             await self.image.refcounts.free(host, count)
             raise
@@ -482,7 +518,7 @@ class Qcow2Node(BlockNode):
         kind = entry.kind(cb)
         n = len(chunk)
         if self._in_place(entry, start, n):
-            await self._data_write(entry.host + start, chunk)
+            await self._data_write(entry.host + start, guest + start, chunk)
             return
         sc = self.cs // SUBCLUSTERS
         touched = _sub_mask(start // sc, (start + n - 1) // sc) if self.map.ext else 0
@@ -498,7 +534,7 @@ class Qcow2Node(BlockNode):
                 buf = bytearray(await self._read_in_cluster(guest, entry, lo, hi - lo))
                 buf[start - lo:start - lo + n] = chunk
                 self.image.debug_event("cow_write")
-            await self._data_write(entry.host + lo, bytes(buf))
+            await self._data_write(entry.host + lo, guest + lo, bytes(buf))
             bitmap = (entry.bitmap | touched) & ~(touched << 32)
             await self.map.set(guest, Entry(entry.raw, bitmap))
             return
@@ -514,7 +550,7 @@ class Qcow2Node(BlockNode):
         host = await self._alloc_data(guest)
         self.image.debug_event("write_aio" if whole else "cow_write")
         try:
-            await self._data_write(host, buf)
+            await self._data_write(host, guest, buf)
         except OSError:
             if not self.image.external_data:
                 await self.image.refcounts.free(host)
@@ -570,7 +606,12 @@ class Qcow2Node(BlockNode):
         cs = self.cs
         if offset % cs or len(data) != cs:
             raise OSError(errno.EINVAL, "Compressed writes must cover whole clusters")
-        if self.image.external_data or self.image.crypto is not None:
+        if self.image.crypto is not None:
+            # QEMU would store such a cluster unencrypted; blockd never writes plaintext
+            # into an encrypted image.
+            raise OSError(errno.ENOTSUP, "Compression and encryption not supported at the "
+                          "same time")
+        if self.image.external_data:
             raise OSError(errno.ENOTSUP, "Operation not supported")
         if packed is None:
             packed = await self.compress_cluster(data)
@@ -727,7 +768,12 @@ class Qcow2Node(BlockNode):
         return await self._unallocated_status(offset, n)
 
     async def _data_status(self, n: int, status: Status, host: int) -> Extent:
-        """Status of allocated data: with metadata preallocation the file's holes read as zero."""
+        """Status of allocated data: with metadata preallocation the file's holes read as zero.
+
+        Encrypted data has no offset to show: the file does not hold the guest's bytes.
+        """
+        if self.encryption is not None:
+            return Extent(n, status)
         file = self.image.data
         if not self.image.external_data and await self._preallocated_metadata() \
                 and host < file.length():
@@ -900,6 +946,43 @@ class Qcow2Node(BlockNode):
     def cluster_size(self) -> int | None:
         return self.cs
 
+    def encrypted(self) -> bool:
+        return self.encryption is not None
+
+    def _key_secret(self) -> str | None:
+        return (self.options.get("encrypt") or {}).get("key-secret")
+
+    def exact_filename(self) -> str | None:
+        """The key secret is needed to reopen the image, so it makes the name ``json:``."""
+        if self._key_secret() is not None:
+            return None
+        return super().exact_filename()
+
+    def full_options(self) -> dict[str, Any]:
+        opts = super().full_options()
+        key = self._key_secret()
+        if key is not None:
+            # QEMU names the option flattened, and lists it first.
+            opts = {"encrypt.key-secret": key, **opts}
+        return opts
+
+    async def amend(self, opts: dict[str, Any], secret: Any, force: bool = False) -> None:
+        """Change the encryption key slots (``blockdev-amend`` ``encrypt`` options).
+
+        Same interface as :meth:`blockd.drivers.luks.LuksNode.amend`.
+        """
+        enc = self.encryption
+        if enc is None:
+            raise QMPError("image is not encrypted, can't amend")
+        if opts.get("format", "luks") != "luks":
+            raise QMPError("Amend can't be used to change the qcow2 encryption format")
+        if enc.format != "luks":
+            raise QMPError("Only LUKS encryption options can be amended for qcow2 with "
+                           "blockdev-amend")
+        opts = {k: v for k, v in opts.items() if k != "format"}
+        await crypt.amend_luks(self.image, enc, opts, secret,
+                               (self.options.get("encrypt") or {}).get("key-secret"), force)
+
     def is_dirty(self) -> bool:
         return bool(self.image.header.incompatible_features & hdr.INCOMPAT_DIRTY)
 
@@ -914,6 +997,8 @@ class Qcow2Node(BlockNode):
         if h.version < 3:
             data: dict[str, Any] = {"compat": "0.10", "compression-type": "zlib",
                                     "refcount-bits": h.refcount_bits}
+            if self.encryption is not None:
+                data["encrypt"] = self.encryption.info()
         else:
             data = {"compat": "1.1",
                     "compression-type": "zstd" if h.compression_type else "zlib",
@@ -923,6 +1008,8 @@ class Qcow2Node(BlockNode):
                 data["data-file"] = h.data_file
             if self.image.external_data:
                 data["data-file-raw"] = self.data_raw
+            if self.encryption is not None:
+                data["encrypt"] = self.encryption.info()
             data["corrupt"] = bool(h.incompatible_features & hdr.INCOMPAT_CORRUPT)
             data["extended-l2"] = h.extended_l2
             if self.stored_bitmaps:

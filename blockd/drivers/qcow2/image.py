@@ -21,16 +21,19 @@ log = logging.getLogger(__name__)
 
 
 class DataCipher(Protocol):
-    """What an encrypted image plugs in: guest data is (de)ciphered by host offset.
+    """What an encrypted image plugs in: guest data is (de)ciphered in whole sectors.
 
     The qcow2 driver calls these around every read and write of data
-    clusters, with the data's offset in the data file; nothing else in the
-    driver knows about encryption.
+    clusters, with the data's offset in the data file and in the guest
+    (LUKS numbers sectors by the one, legacy AES by the other); nothing
+    else in the driver knows about encryption.
     """
 
-    async def decrypt_sectors(self, host_offset: int, data: bytes) -> bytes: ...
+    async def decrypt_sectors(self, host_offset: int, guest_offset: int,
+                              data: bytes) -> bytes: ...
 
-    async def encrypt_sectors(self, host_offset: int, data: bytes) -> bytes: ...
+    async def encrypt_sectors(self, host_offset: int, guest_offset: int,
+                              data: bytes) -> bytes: ...
 
 
 class Image:
