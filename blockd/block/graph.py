@@ -113,6 +113,8 @@ class BlockGraph:
         self.implicit: set[str] = set()
         self._counter = 0
         self._secrets = secrets
+        #: Where drivers send QMP events (``BLOCK_IMAGE_CORRUPTED``); set by the daemon.
+        self.emit: Callable[[str, dict[str, Any]], None] | None = None
 
     # ---- lookup -------------------------------------------------------------
 

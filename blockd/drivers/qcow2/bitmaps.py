@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockd.block.dirty_bitmap import DirtyBitmap
 from blockd.drivers.qcow2 import header as hdr
+from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cluster import OFFSET_MASK
 from blockd.errors import QMPError
 
@@ -108,7 +109,8 @@ async def load(image: "Image", size: int, writable: bool) -> dict[str, DirtyBitm
 
 async def _write_directory_in_place(image: "Image", entries: list[DirEntry]) -> None:
     offset, _ = directory_location(image)
-    await image.file.write(offset, b"".join(e.encode() for e in entries))
+    await image.write_meta(offset, b"".join(e.encode() for e in entries),
+                           overlap.BITMAP_DIRECTORY)
     await image.file.flush()
 
 
@@ -147,17 +149,17 @@ async def store(image: "Image", bitmaps: list[DirtyBitmap], in_use: bool,
                 table.append(0)
                 continue
             off = await image.refcounts.alloc(1)
-            await image.file.write(off, chunk.ljust(cs, b"\0"))
+            await image.write_meta(off, chunk.ljust(cs, b"\0"), 0)
             table.append(off)
         raw = struct.pack(f">{len(table)}Q", *table)
         t_off = await image.refcounts.alloc(-(-len(raw) // cs))
-        await image.file.write(t_off, raw)
+        await image.write_meta(t_off, raw, 0)
         flags = (FLAG_AUTO if bm.enabled else 0) | (FLAG_IN_USE if in_use else 0)
         entries.append(DirEntry(t_off, len(table), flags, bm.shift, bm.name))
     if entries:
         directory = b"".join(e.encode() for e in entries)
         d_off = await image.refcounts.alloc(-(-len(directory) // cs))
-        await image.file.write(d_off, directory)
+        await image.write_meta(d_off, directory, 0)
         h.set_extension(hdr.EXT_BITMAPS, _EXT.pack(len(entries), 0, len(directory), d_off))
         h.autoclear_features |= hdr.AUTOCLEAR_BITMAPS
     else:

@@ -18,6 +18,7 @@ import enum
 import struct
 from typing import TYPE_CHECKING
 
+from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cache import CacheConfig, MetadataCache
 
 if TYPE_CHECKING:
@@ -118,6 +119,8 @@ class Mapping:
         if h.l1_size:
             raw = await self.image.file.read(h.l1_table_offset, h.l1_size * 8)
             self.l1 = list(struct.unpack(f">{h.l1_size}Q", raw))
+        for entry in self.l1:
+            self.image.metadata.add(entry & L1_OFFSET_MASK, overlap.ACTIVE_L2)
 
     def index(self, guest: int) -> tuple[int, int]:
         cluster = guest >> self.cb
@@ -135,18 +138,37 @@ class Mapping:
         return piece, pos - start
 
     async def lookup(self, guest: int) -> Entry:
+        """The entry for ``guest``; corrupt entries stop the image (EIO) instead of being used."""
         l1i, l2i = self.index(guest)
         if l1i >= len(self.l1):
             return Entry(0)
         l2_offset = self.l1[l1i] & L1_OFFSET_MASK
         if not l2_offset:
             return Entry(0)
+        if l2_offset % self.cs:
+            await self._corrupt(l2_offset, f"L2 table offset {l2_offset:#x} unaligned "
+                                           f"(L1 index: {l1i:#x})")
         piece, pos = await self._slice(l2_offset, l2i * self.entry_size)
         external = self.image.external_data
         if self.ext:
             raw, bitmap = struct.unpack_from(">QQ", piece, pos)
-            return Entry(raw, bitmap, external)
-        return Entry(struct.unpack_from(">Q", piece, pos)[0], 0, external)
+            entry = Entry(raw, bitmap, external)
+        else:
+            entry = Entry(struct.unpack_from(">Q", piece, pos)[0], 0, external)
+        if not entry.raw & COMPRESSED:
+            if entry.host % self.cs:
+                await self._corrupt(entry.host, f"Cluster allocation offset {entry.host:#x} "
+                                                f"unaligned (L2 offset: {l2_offset:#x}, "
+                                                f"L2 index: {l2i:#x})")
+            if self.ext and (entry.bitmap >> 32 & entry.bitmap if entry.raw & OFFSET_MASK
+                             else entry.bitmap & ALL_ALLOC):
+                await self._corrupt(l2_offset, f"Invalid cluster entry found (L2 offset: "
+                                               f"{l2_offset:#x}, L2 index: {l2i:#x})")
+        return entry
+
+    async def _corrupt(self, offset: int, msg: str) -> None:
+        await self.image.signal_corruption(True, offset, -1, msg)
+        raise OSError(5, "Input/output error")
 
     async def set(self, guest: int, entry: Entry) -> None:
         """Write an L2 entry, creating or un-sharing the L2 table first if needed."""
@@ -162,7 +184,7 @@ class Mapping:
         piece[in_slice:in_slice + len(data)] = data
         self.image.debug_event("l2_update")
         try:
-            await self.image.file.write(l2_offset + pos, data)
+            await self.image.write_meta(l2_offset + pos, data, overlap.ACTIVE_L2)
         except OSError:
             piece[in_slice:in_slice + len(data)] = old  # keep memory equal to the file
             raise
@@ -191,7 +213,7 @@ class Mapping:
             old = bytes(self.cs)
         new_offset = await self.image.refcounts.alloc(1)
         self.image.debug_event("l2_alloc_write")
-        await self.image.file.write(new_offset, old)
+        await self.image.write_meta(new_offset, old, overlap.ACTIVE_L2)
         await self.set_l1(l1i, new_offset | COPIED)
         if l2_offset:
             self.cache.drop(l2_offset)
@@ -200,8 +222,10 @@ class Mapping:
 
     async def set_l1(self, l1i: int, value: int) -> None:
         self.image.debug_event("l1_update")
-        await self.image.file.write(self.image.header.l1_table_offset + l1i * 8,
-                                    struct.pack(">Q", value))
+        await self.image.write_meta(self.image.header.l1_table_offset + l1i * 8,
+                                    struct.pack(">Q", value), overlap.ACTIVE_L1)
+        self.image.metadata.remove(self.l1[l1i] & L1_OFFSET_MASK, overlap.ACTIVE_L2)
+        self.image.metadata.add(value & L1_OFFSET_MASK, overlap.ACTIVE_L2)
         self.l1[l1i] = value
 
     async def grow_l1(self, min_size: int) -> None:
@@ -214,7 +238,7 @@ class Mapping:
         new_offset = await self.image.refcounts.alloc(clusters)
         table = self.l1 + [0] * (new_size - len(self.l1))
         self.image.debug_event("l1_grow_write_table")
-        await self.image.file.write(new_offset, struct.pack(f">{new_size}Q", *table))
+        await self.image.write_meta(new_offset, struct.pack(f">{new_size}Q", *table), 0)
         await self.image.file.flush()
         old_offset, old_size = h.l1_table_offset, h.l1_size
         self.image.debug_event("l1_grow_activate_table")

@@ -25,6 +25,7 @@ from blockd.block.node import BlockNode, Extent, Status, WriteFlags
 from blockd.drivers.qcow2 import bitmaps as qbitmaps
 from blockd.drivers.qcow2 import compress
 from blockd.drivers.qcow2 import header as hdr
+from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cache import cache_config
 from blockd.drivers.qcow2.cluster import (ALL_ALLOC, ALL_ZERO, COPIED, SUBCLUSTERS, ZERO, Entry,
                                           Kind, Mapping, compressed_entry)
@@ -68,7 +69,8 @@ class Qcow2Node(BlockNode):
             h = hdr.parse(head)
         if h.crypt_method:
             raise QMPError("Encrypted qcow2 images are not supported by this blockd build yet")
-        if h.incompatible_features & hdr.INCOMPAT_CORRUPT and not self.read_only:
+        if (h.incompatible_features & hdr.INCOMPAT_CORRUPT and not self.read_only
+                and not opts.get("x-repair")):
             raise QMPError("qcow2: Image is corrupt; cannot be opened read/write")
         if h.l1_size > (32 << 20) // 8 * 4:
             raise QMPError("Active L1 table too large")
@@ -76,11 +78,14 @@ class Qcow2Node(BlockNode):
             raise QMPError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
                            "compatibility level")
         caches = cache_config(opts, h)
-        self.image = Image(file, h, opts.get("pass-discard-other", False), caches)
+        self.image = Image(file, h, opts.get("pass-discard-other", False), caches,
+                           overlap.parse_option(opts.get("overlap-check")), self.node_name,
+                           ctx.graph.emit)
         self.map = Mapping(self.image, caches)
         await self._open_data_file(ctx, h)
         await self.image.refcounts.load()
         await self.map.load()
+        await self.image.metadata.load_snapshots()
         if h.incompatible_features & hdr.INCOMPAT_DIRTY and not self.read_only:
             await self._repair_dirty()
         if not self.read_only and h.version >= 3 and h.autoclear_features & ~hdr.AUTOCLEAR_KNOWN:
@@ -127,6 +132,8 @@ class Qcow2Node(BlockNode):
         return data
 
     async def _data_write(self, host: int, buf: bytes | bytearray | memoryview) -> None:
+        if not self.image.external_data:
+            await self.image.check_overlap(host, len(buf))
         if self.image.crypto is not None:
             buf = await self.image.crypto.encrypt_sectors(host, bytes(buf))
         await self.image.data.write(host, buf)
@@ -157,10 +164,23 @@ class Qcow2Node(BlockNode):
         await self.image.file.flush()
 
     async def check(self, fix: int = 0) -> Any:
-        """``qemu-img check`` for this image (see :mod:`.check`)."""
-        from blockd.drivers.qcow2.check import check
+        """``qemu-img check`` for this image (see :mod:`.check`).
 
-        return await check(self, fix)
+        A full repair that leaves no corruption clears the corrupt bit, so
+        the image can be opened read-write again.
+        """
+        from blockd.drivers.qcow2.check import FIX_ERRORS, check
+
+        res = await check(self, fix)
+        h = self.image.header
+        if (fix & FIX_ERRORS and h.incompatible_features & hdr.INCOMPAT_CORRUPT
+                and not res.corruptions and not res.check_errors):
+            await self.image.file.flush()
+            h.incompatible_features &= ~hdr.INCOMPAT_CORRUPT
+            await self.image.write_features()
+            await self.image.file.flush()
+            self.image.corrupt = False
+        return res
 
     async def _open_backing(self, ctx: OpenContext, h: hdr.Header) -> None:
         opts = self.options
@@ -191,7 +211,7 @@ class Qcow2Node(BlockNode):
         if self._cleaner is not None:
             self._cleaner.cancel()
             self._cleaner = None
-        if self.image is None:
+        if self.image is None or self.image.stopped:
             return
         if not self.read_only:
             try:
@@ -248,7 +268,13 @@ class Qcow2Node(BlockNode):
     def length(self) -> int:
         return self.image.header.size
 
+    def _live(self) -> None:
+        """After a fatal corruption the node has no driver any more: nothing is served."""
+        if self.image.stopped:
+            raise OSError(errno.ENOMEDIUM, "No medium found")
+
     def _writable(self) -> None:
+        self._live()
         if self.read_only:
             raise OSError(errno.EPERM, "Operation not permitted")
         if self.image.corrupt:
@@ -323,6 +349,7 @@ class Qcow2Node(BlockNode):
     # ---- reads ------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        self._live()
         cs = self.cs
         parts: list[bytes | bytearray | memoryview] = []
         end = offset + length
@@ -476,6 +503,7 @@ class Qcow2Node(BlockNode):
             else:
                 await self.image.refcounts.update(pos // cs, 1)
             self.image.debug_event("write_compressed")
+            await self.image.check_overlap(pos, len(packed))
             await self.image.file.write(pos, packed)
             self.compress_pos = pos + len(packed)
             cb = self.image.header.cluster_bits
@@ -568,6 +596,7 @@ class Qcow2Node(BlockNode):
                     await self._release(entry, kind)
 
     async def flush(self) -> None:
+        self._live()
         self.image.debug_event("flush_to_os")
         self.image.debug_event("flush_to_disk")
         await self.image.file.flush()
@@ -575,6 +604,7 @@ class Qcow2Node(BlockNode):
     # ---- status and size --------------------------------------------------------
 
     async def block_status(self, offset: int, length: int) -> Extent:
+        self._live()
         cs = self.cs
         cb = self.image.header.cluster_bits
         guest = offset - offset % cs
@@ -738,6 +768,9 @@ class Qcow2Node(BlockNode):
 
     def cluster_size(self) -> int | None:
         return self.cs
+
+    def ejected(self) -> bool:
+        return self.image is not None and self.image.stopped
 
     def is_dirty(self) -> bool:
         return bool(self.image.header.incompatible_features & hdr.INCOMPAT_DIRTY)

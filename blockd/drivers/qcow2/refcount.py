@@ -17,8 +17,8 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
+from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cache import MetadataCache
-
 
 if TYPE_CHECKING:
     from blockd.drivers.qcow2.image import Image
@@ -63,6 +63,8 @@ class Refcounts:
         self.free_hint = 0
         #: One past the highest cluster handed out (it may not be written yet).
         self.alloc_end = 0
+        #: Index of the last non-empty table entry (-1: none): walks of the blocks stop here.
+        self.last_used = -1
 
     async def load(self) -> None:
         h = self.image.header
@@ -71,6 +73,20 @@ class Refcounts:
         n = len(raw) // 8
         self.table = list(struct.unpack(f">{n}Q", raw))
         self.alloc_end = -(-self.image.file.length() // self.cluster_size)
+        self.last_used = max((i for i, e in enumerate(self.table) if e), default=-1)
+        for entry in self.table[:self.last_used + 1]:
+            self.image.metadata.add(entry & ~0x1FF & ((1 << 63) - 1), overlap.REFCOUNT_BLOCK)
+
+    def _set_table(self, index: int, offset: int) -> None:
+        """Record a table entry in memory (the caller writes it) and in the metadata map."""
+        self.image.metadata.remove(self.table[index] & ~0x1FF & ((1 << 63) - 1),
+                                   overlap.REFCOUNT_BLOCK)
+        self.table[index] = offset
+        self.image.metadata.add(offset, overlap.REFCOUNT_BLOCK)
+        if offset and index > self.last_used:
+            self.last_used = index
+        while self.last_used >= 0 and not self.table[self.last_used]:
+            self.last_used -= 1
 
     async def _block(self, block_index: int) -> bytearray | None:
         if block_index >= len(self.table):
@@ -110,7 +126,8 @@ class Refcounts:
         start, end = set_entry(block, idx, self.order, value)
         self.image.debug_event("refblock_update")
         try:
-            await self.image.file.write(self.table[bi] + start, bytes(block[start:end]))
+            await self.image.write_meta(self.table[bi] + start, bytes(block[start:end]),
+                                        overlap.REFCOUNT_BLOCK)
         except OSError:
             # Memory must say what the file says: a count we failed to store is undone.
             set_entry(block, idx, self.order, value - delta)
@@ -145,11 +162,12 @@ class Refcounts:
         self.image.debug_event("refblock_alloc")
         offset = pos * self.cluster_size
         self.image.debug_event("refblock_alloc_write")
-        await self.image.file.write(offset, bytes(block))
+        await self.image.write_meta(offset, bytes(block), overlap.REFCOUNT_BLOCK)
         self.blocks.put(block_index, block)
-        self.table[block_index] = offset
-        await self.image.file.write(self.image.header.refcount_table_offset + block_index * 8,
-                                    struct.pack(">Q", offset))
+        self.image.debug_event("refblock_alloc_hookup")
+        await self.image.write_meta(self.image.header.refcount_table_offset + block_index * 8,
+                                    struct.pack(">Q", offset), overlap.REFCOUNT_TABLE)
+        self._set_table(block_index, offset)
         self.alloc_end = max(self.alloc_end, pos + 1)
         self.free_hint = max(self.free_hint, pos + 1) if self.free_hint == pos else self.free_hint
 
@@ -182,14 +200,17 @@ class Refcounts:
                 updates_existing.append(c)
         self.image.debug_event("refblock_alloc_switch_table")
         for b, block in blocks.items():
-            await self.image.file.write(table[b], bytes(block))
+            await self.image.write_meta(table[b], bytes(block), overlap.REFCOUNT_BLOCK)
         table_offset = (start + new_blocks) * cs
-        await self.image.file.write(table_offset, struct.pack(f">{len(table)}Q", *table))
+        self.image.debug_event("refblock_alloc_write_table")
+        await self.image.write_meta(table_offset, struct.pack(f">{len(table)}Q", *table), 0)
         old_offset, old_clusters = (self.image.header.refcount_table_offset,
                                     self.image.header.refcount_table_clusters)
         self.table = table
         for b, block in blocks.items():
             self.blocks.put(b, block)
+            self.image.metadata.add(table[b], overlap.REFCOUNT_BLOCK)
+            self.last_used = max(self.last_used, b)
         self.alloc_end = start + new_blocks + table_clusters
         for c in updates_existing:
             await self.update(c, 1)
@@ -253,9 +274,10 @@ class Refcounts:
                 set_entry(probe, own - bi * self.entries, self.order, 0)
             if probe.count(0) != len(probe):
                 continue
-            self.table[bi] = 0
             self.blocks.drop(bi)
-            await self.image.file.write(h.refcount_table_offset + bi * 8, bytes(8))
+            await self.image.write_meta(h.refcount_table_offset + bi * 8, bytes(8),
+                                        overlap.REFCOUNT_TABLE)
+            self._set_table(bi, 0)
             if not inside:
                 await self.update(own, -1)
             elif own < self.free_hint:
