@@ -78,6 +78,11 @@ class Entry:
         return offset, (sectors + 1) * 512 - (offset & 511)
 
 
+def c_hex(n: int) -> str:
+    """``n`` as C's ``%#x`` prints it: zero has no ``0x``."""
+    return f"{n:#x}" if n else "0"
+
+
 def compressed_entry(offset: int, length: int, cluster_bits: int) -> int:
     x = 62 - (cluster_bits - 8)
     sectors = (offset + length - 1) // 512 - offset // 512
@@ -137,8 +142,12 @@ class Mapping:
             self.cache.put(key, piece)
         return piece, pos - start
 
-    async def lookup(self, guest: int) -> Entry:
-        """The entry for ``guest``; corrupt entries stop the image (EIO) instead of being used."""
+    async def lookup(self, guest: int, write_at: int = -1) -> Entry:
+        """The entry for ``guest``; corrupt entries stop the image (EIO) instead of being used.
+
+        ``write_at`` is the guest offset of a write that will use the entry
+        (QEMU words the report differently for writes).
+        """
         l1i, l2i = self.index(guest)
         if l1i >= len(self.l1):
             return Entry(0)
@@ -146,8 +155,8 @@ class Mapping:
         if not l2_offset:
             return Entry(0)
         if l2_offset % self.cs:
-            await self._corrupt(l2_offset, f"L2 table offset {l2_offset:#x} unaligned "
-                                           f"(L1 index: {l1i:#x})")
+            await self._corrupt(-1, f"L2 table offset {c_hex(l2_offset)} unaligned "
+                                    f"(L1 index: {c_hex(l1i)})")
         piece, pos = await self._slice(l2_offset, l2i * self.entry_size)
         external = self.image.external_data
         if self.ext:
@@ -156,14 +165,17 @@ class Mapping:
         else:
             entry = Entry(struct.unpack_from(">Q", piece, pos)[0], 0, external)
         if not entry.raw & COMPRESSED:
+            if entry.host % self.cs and write_at >= 0:
+                await self._corrupt(-1, f"Data cluster offset {c_hex(entry.host)} unaligned "
+                                        f"(guest offset: {c_hex(write_at)})")
             if entry.host % self.cs:
-                await self._corrupt(entry.host, f"Cluster allocation offset {entry.host:#x} "
-                                                f"unaligned (L2 offset: {l2_offset:#x}, "
-                                                f"L2 index: {l2i:#x})")
+                await self._corrupt(-1, f"Cluster allocation offset {c_hex(entry.host)} "
+                                        f"unaligned (L2 offset: {c_hex(l2_offset)}, "
+                                        f"L2 index: {c_hex(l2i)})")
             if self.ext and (entry.bitmap >> 32 & entry.bitmap if entry.raw & OFFSET_MASK
                              else entry.bitmap & ALL_ALLOC):
-                await self._corrupt(l2_offset, f"Invalid cluster entry found (L2 offset: "
-                                               f"{l2_offset:#x}, L2 index: {l2i:#x})")
+                await self._corrupt(-1, f"Invalid cluster entry found (L2 offset: "
+                                        f"{c_hex(l2_offset)}, L2 index: {c_hex(l2i)})")
         return entry
 
     async def _corrupt(self, offset: int, msg: str) -> None:

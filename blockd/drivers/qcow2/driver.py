@@ -390,7 +390,7 @@ class Qcow2Node(BlockNode):
             start = cur - guest
             n = min(len(view) - pos, cs - start)
             chunk = view[pos:pos + n]
-            entry = await self.map.lookup(guest)
+            entry = await self.map.lookup(guest, cur)
             if self._in_place(entry, start, n):
                 self.image.debug_event("write_aio")
                 await self._data_write(entry.host + start, chunk)
@@ -414,7 +414,7 @@ class Qcow2Node(BlockNode):
         return bytearray(await self._read_in_cluster(guest, entry, 0, self.cs))
 
     async def _allocating_write(self, guest: int, start: int, chunk: memoryview) -> None:
-        entry = await self.map.lookup(guest)  # again, under the lock
+        entry = await self.map.lookup(guest, guest + start)  # again, under the lock
         cb = self.image.header.cluster_bits
         kind = entry.kind(cb)
         n = len(chunk)
