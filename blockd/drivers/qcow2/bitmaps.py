@@ -114,9 +114,11 @@ async def _write_directory_in_place(image: "Image", entries: list[DirEntry]) -> 
     await image.file.flush()
 
 
-async def _free_all(image: "Image", entries: list[DirEntry], free_directory: bool) -> None:
+async def _free_all(image: "Image", entries: list[DirEntry],
+                    directory: tuple[int, int] = (0, 0)) -> None:
+    """Drop the clusters of ``entries`` and of the directory at ``(offset, size)``."""
     cs = image.cluster_size
-    offset, size = directory_location(image) if free_directory else (0, 0)
+    offset, size = directory
     for e in entries:
         table = await image.file.read(e.table_offset, e.table_size * 8)
         for (entry,) in struct.iter_unpack(">Q", table):
@@ -138,7 +140,10 @@ async def store(image: "Image", bitmaps: list[DirtyBitmap], in_use: bool,
     h = image.header
     old = await load_directory(image)
     kept = [e for e in old if e.name in keep]
-    await _free_all(image, [e for e in old if e.name not in keep], free_directory=True)
+    # The old clusters are freed only once the header points at the new
+    # directory: a crash in between leaks them instead of leaving a header
+    # that points at clusters already reused.
+    old_directory = directory_location(image)
     entries = list(kept)
     for bm in bitmaps:
         data = bytes(bm.bits)
@@ -167,6 +172,7 @@ async def store(image: "Image", bitmaps: list[DirtyBitmap], in_use: bool,
         h.autoclear_features &= ~hdr.AUTOCLEAR_BITMAPS
     await image.file.flush()
     await image.write_header()
+    await _free_all(image, [e for e in old if e.name not in keep], old_directory)
     return entries
 
 

@@ -88,6 +88,9 @@ class Qcow2Node(BlockNode):
         await self.image.metadata.load_snapshots()
         if h.incompatible_features & hdr.INCOMPAT_DIRTY and not self.read_only:
             await self._repair_dirty()
+        # The runtime option overrides what the image was created with, as in QEMU.
+        self.image.refcounts.lazy = not self.read_only and opts.get(
+            "lazy-refcounts", bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS))
         if not self.read_only and h.version >= 3 and h.autoclear_features & ~hdr.AUTOCLEAR_KNOWN:
             h.autoclear_features &= hdr.AUTOCLEAR_KNOWN
             await self.image.write_features()
@@ -216,6 +219,7 @@ class Qcow2Node(BlockNode):
         if not self.read_only:
             try:
                 await self._store_bitmaps(in_use=False)
+                await self.image.mark_clean()
                 await self.image.file.flush()
             except OSError as exc:
                 # Closing goes on regardless, as in QEMU; the data is as safe as the
@@ -236,8 +240,10 @@ class Qcow2Node(BlockNode):
 
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
         if read_only and not self.read_only:
-            # Going read-only: the bitmaps are saved now, while the file can be written.
+            # Going read-only: the bitmaps and deferred refcounts are saved now,
+            # while the file can be written.
             await self._store_bitmaps(in_use=False)
+            await self.image.mark_clean()
             await self.flush()
         return await super().reopen_prepare(options, read_only)
 
@@ -246,6 +252,9 @@ class Qcow2Node(BlockNode):
         await super().reopen_commit(state, options, read_only)
         for bitmap in self.bitmaps.values():
             bitmap.readonly = read_only
+        h = self.image.header
+        self.image.refcounts.lazy = not read_only and options.get(
+            "lazy-refcounts", bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS))
         if was_read_only and not read_only and self.image.file.read_only is False:
             # Writable again: the bitmaps loaded once are marked in use, not reloaded,
             # and any added meanwhile are stored.

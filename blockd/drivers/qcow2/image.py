@@ -126,6 +126,31 @@ class Image:
         await self.check_overlap(offset, len(data), ign)
         await self.file.write(offset, data)
 
+    async def mark_dirty(self) -> None:
+        """Set the dirty bit before the first refcount change is deferred (lazy refcounts).
+
+        Everything written so far is flushed first, so the bit never covers
+        an earlier state it does not describe.
+        """
+        h = self.header
+        if h.incompatible_features & hdr.INCOMPAT_DIRTY:
+            return
+        await self.file.flush()
+        h.incompatible_features |= hdr.INCOMPAT_DIRTY
+        await self.write_features()
+        await self.file.flush()
+
+    async def mark_clean(self) -> None:
+        """Store deferred refcounts, then clear the dirty bit (clean close, read-only reopen)."""
+        rc = self.refcounts
+        if not rc.dirty and not self.header.incompatible_features & hdr.INCOMPAT_DIRTY:
+            return
+        await rc.write_dirty()
+        await self.file.flush()
+        self.header.incompatible_features &= ~hdr.INCOMPAT_DIRTY
+        await self.write_features()
+        await self.file.flush()
+
     async def discard_host(self, offset: int, length: int) -> None:
         """Give a freed cluster back to the file system (pass-discard-other)."""
         if self.discard_other:

@@ -10,6 +10,12 @@ Ordering for crash safety: a new refcount block is written before the
 table entry that points to it, and a cluster's count is raised before
 any L2 entry uses it, so a crash can leak a cluster but never leave one
 in use with a zero count.
+
+With lazy refcounts, changed counts stay in memory (the blocks are
+pinned, not cached) and reach the file only when the image is closed or
+goes read-only; the image's dirty bit, set before the first deferred
+change, tells the next read-write open to rebuild them.  An allocating
+write then costs no refcount block write at all.
 """
 
 from __future__ import annotations
@@ -65,6 +71,10 @@ class Refcounts:
         self.alloc_end = 0
         #: Index of the last non-empty table entry (-1: none): walks of the blocks stop here.
         self.last_used = -1
+        #: Defer count changes (lazy refcounts); set once the image is open read-write.
+        self.lazy = False
+        #: Blocks changed in memory only (lazy refcounts), by table index.
+        self.dirty: dict[int, bytearray] = {}
 
     async def load(self) -> None:
         h = self.image.header
@@ -94,7 +104,7 @@ class Refcounts:
         offset = self.table[block_index] & ~0x1FF & ((1 << 63) - 1)
         if offset == 0:
             return None
-        block = self.blocks.get(block_index)
+        block = self.dirty.get(block_index) or self.blocks.get(block_index)
         if block is None:
             self.image.debug_event("refblock_load")
             block = bytearray(await self.image.file.read(offset, self.cluster_size))
@@ -123,6 +133,14 @@ class Refcounts:
             raise OSError(5, "Input/output error")
         if value > self.max_value:
             raise OSError(27, f"Refcount overflow for cluster {cluster_index}")
+        if self.lazy:
+            if not self.dirty:
+                await self.image.mark_dirty()
+            set_entry(block, idx, self.order, value)
+            self.dirty[bi] = block
+            if value == 0 and cluster_index < self.free_hint:
+                self.free_hint = cluster_index
+            return value
         start, end = set_entry(block, idx, self.order, value)
         self.image.debug_event("refblock_update")
         try:
@@ -275,6 +293,7 @@ class Refcounts:
             if probe.count(0) != len(probe):
                 continue
             self.blocks.drop(bi)
+            self.dirty.pop(bi, None)
             await self.image.write_meta(h.refcount_table_offset + bi * 8, bytes(8),
                                         overlap.REFCOUNT_TABLE)
             self._set_table(bi, 0)
@@ -283,6 +302,15 @@ class Refcounts:
             elif own < self.free_hint:
                 self.free_hint = own
             await self.image.discard_host(offset, self.cluster_size)
+
+    async def write_dirty(self) -> None:
+        """Store the counts lazy refcounts kept in memory (whole blocks, one write each)."""
+        for bi in sorted(self.dirty):
+            block = self.dirty[bi]
+            self.image.debug_event("refblock_update")
+            await self.image.write_meta(self.table[bi], bytes(block), overlap.REFCOUNT_BLOCK)
+            del self.dirty[bi]
+            self.blocks.put(bi, block)
 
     async def free(self, offset: int, count: int = 1) -> None:
         """Drop one reference from each of ``count`` clusters at ``offset``."""
