@@ -172,7 +172,8 @@ class Mapping:
                 await self._corrupt(-1, f"Cluster allocation offset {c_hex(entry.host)} "
                                         f"unaligned (L2 offset: {c_hex(l2_offset)}, "
                                         f"L2 index: {c_hex(l2i)})")
-            if self.ext and (entry.bitmap >> 32 & entry.bitmap if entry.raw & OFFSET_MASK
+            normal = entry.kind(self.cb) == Kind.NORMAL
+            if self.ext and (entry.bitmap >> 32 & entry.bitmap if normal
                              else entry.bitmap & ALL_ALLOC):
                 await self._corrupt(-1, f"Invalid cluster entry found (L2 offset: "
                                         f"{c_hex(l2_offset)}, L2 index: {c_hex(l2i)})")
@@ -225,8 +226,16 @@ class Mapping:
             old = bytes(self.cs)
         new_offset = await self.image.refcounts.alloc(1)
         self.image.debug_event("l2_alloc_write")
-        await self.image.write_meta(new_offset, old, overlap.ACTIVE_L2)
-        await self.set_l1(l1i, new_offset | COPIED)
+        try:
+            await self.image.write_meta(new_offset, old, overlap.ACTIVE_L2)
+            await self.set_l1(l1i, new_offset | COPIED)
+        except OSError:
+            # Not linked: give the cluster back so a failed write leaks nothing.
+            await self.image.refcounts.free(new_offset)
+            raise
+        # The table is known: cache it rather than reading it back on first use.
+        for start in range(0, self.cs, self.slice_size):
+            self.cache.put(new_offset + start, bytearray(old[start:start + self.slice_size]))
         if l2_offset:
             self.cache.drop(l2_offset)
             await self.image.refcounts.free(l2_offset)

@@ -450,21 +450,24 @@ class Qcow2Node(BlockNode):
             return
         buf: bytearray | memoryview
         whole = start == 0 and n == self.cs
+        # Around the guest's bytes there is nothing to read when the cluster reads
+        # as zeroes anyway; QEMU then reports allocation, not copy on write.
+        zeroes = not self.map.ext and (kind in (Kind.ZERO_PLAIN, Kind.ZERO_ALLOC) or (
+            kind == Kind.UNALLOCATED and self.backing is None))
         if whole:
             buf = chunk  # the guest wrote the whole cluster: nothing to copy
+        elif zeroes:
+            buf = bytearray(self.cs)
+            buf[start:start + n] = chunk
         else:
             self.image.debug_event("cow_read")
             buf = await self._cluster_content(guest, entry)
             buf[start:start + n] = chunk
         await self.map.prepare(guest)
         host = await self._alloc_data(guest)
-        self.image.debug_event("write_aio" if whole else "cow_write")
-        try:
-            await self._data_write(host, buf)
-        except OSError:
-            if not self.image.external_data:
-                await self.image.refcounts.free(host)
-            raise
+        if zeroes and not whole:
+            self.image.debug_event("cluster_alloc_space")
+        self.image.debug_event("write_aio" if whole or zeroes else "cow_write")
         if self.map.ext:
             if kind in (Kind.COMPRESSED, Kind.NORMAL):
                 bitmap = ALL_ALLOC
@@ -473,7 +476,15 @@ class Qcow2Node(BlockNode):
             new = Entry(host | COPIED, bitmap)
         else:
             new = Entry(host | COPIED)
-        await self.map.set(guest, new)
+        try:
+            await self._data_write(host, buf)
+            await self.map.set(guest, new)
+        except OSError:
+            # The new cluster is not linked (a failed L2 write is undone in memory):
+            # give it back, so a failed request leaks nothing.
+            if not self.image.external_data:
+                await self.image.refcounts.free(host)
+            raise
         await self._release(entry, kind)
 
     async def _release(self, entry: Entry, kind: Kind) -> None:

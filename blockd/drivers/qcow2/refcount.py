@@ -142,7 +142,7 @@ class Refcounts:
                 self.free_hint = cluster_index
             return value
         start, end = set_entry(block, idx, self.order, value)
-        self.image.debug_event("refblock_update")
+        self.image.debug_event("refblock_update_part")
         try:
             await self.image.write_meta(self.table[bi] + start, bytes(block[start:end]),
                                         overlap.REFCOUNT_BLOCK)
@@ -307,7 +307,7 @@ class Refcounts:
         """Store the counts lazy refcounts kept in memory (whole blocks, one write each)."""
         for bi in sorted(self.dirty):
             block = self.dirty[bi]
-            self.image.debug_event("refblock_update")
+            self.image.debug_event("refblock_update_part")
             await self.image.write_meta(self.table[bi], bytes(block), overlap.REFCOUNT_BLOCK)
             del self.dirty[bi]
             self.blocks.put(bi, block)
