@@ -224,7 +224,13 @@ class Mapping:
             old = bytes(await self.image.file.read(l2_offset, self.cs))
         else:
             old = bytes(self.cs)
-        new_offset = await self.image.refcounts.alloc(1)
+        rc = self.image.refcounts
+        new_offset = await rc.alloc(1)
+        if rc.dirty:
+            # Like QEMU, counts deferred so far (the new table's included) are stored
+            # before a table is linked: a new table is never counted lazily.
+            await rc.write_dirty()
+            await self.image.file.flush()
         self.image.debug_event("l2_alloc_write")
         try:
             await self.image.write_meta(new_offset, old, overlap.ACTIVE_L2)
