@@ -136,7 +136,9 @@ class Qcow2Node(BlockNode):
 
     async def _data_write(self, host: int, buf: bytes | bytearray | memoryview) -> None:
         if not self.image.external_data:
-            await self.image.check_overlap(host, len(buf))
+            hit = self.image.metadata.check(host, len(buf))
+            if hit:
+                await self.image.refuse_overlap(host, len(buf), hit)
         if self.image.crypto is not None:
             buf = await self.image.crypto.encrypt_sectors(host, bytes(buf))
         await self.image.data.write(host, buf)
@@ -523,7 +525,9 @@ class Qcow2Node(BlockNode):
             else:
                 await self.image.refcounts.update(pos // cs, 1)
             self.image.debug_event("write_compressed")
-            await self.image.check_overlap(pos, len(packed))
+            hit = self.image.metadata.check(pos, len(packed))
+            if hit:
+                await self.image.refuse_overlap(pos, len(packed), hit)
             await self.image.file.write(pos, packed)
             self.compress_pos = pos + len(packed)
             cb = self.image.header.cluster_bits

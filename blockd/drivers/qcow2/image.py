@@ -111,19 +111,23 @@ class Image:
                     log.error("Could not set the corrupt bit: %s", exc)
         self.signaled_corruption = True
 
-    async def check_overlap(self, offset: int, size: int, ign: int = 0) -> None:
-        """Refuse (EIO, image marked corrupt) a write that would hit live metadata."""
-        hit = self.metadata.check(offset, size, ign)
-        if hit:
-            await self.signal_corruption(
-                True, offset, size,
-                f"Preventing invalid write on metadata (overlaps with {overlap.lowest_name(hit)})")
-            raise OSError(errno.EIO, "Input/output error")
+    async def refuse_overlap(self, offset: int, size: int, hit: int) -> None:
+        """Refuse (EIO, image marked corrupt) a write that ``metadata.check`` found overlapping.
+
+        The check itself is a plain call at each write site, so the common
+        case costs no coroutine.
+        """
+        await self.signal_corruption(
+            True, offset, size,
+            f"Preventing invalid write on metadata (overlaps with {overlap.lowest_name(hit)})")
+        raise OSError(errno.EIO, "Input/output error")
 
     async def write_meta(self, offset: int, data: bytes | bytearray | memoryview,
                          ign: int) -> None:
         """Write metadata of the kind ``ign`` (whose own place is not a conflict)."""
-        await self.check_overlap(offset, len(data), ign)
+        hit = self.metadata.check(offset, len(data), ign)
+        if hit:
+            await self.refuse_overlap(offset, len(data), hit)
         await self.file.write(offset, data)
 
     async def mark_dirty(self) -> None:

@@ -85,6 +85,8 @@ class MetadataMap:
         self.clusters: dict[int, int] = {}
         self.snapshot_table = (0, 0)
         self.inactive_l1: list[tuple[int, int]] = []
+        self._bitmaps_seen: object = None
+        self._bitmaps_at = (0, 0)
 
     def add(self, offset: int, bit: int) -> None:
         if offset:
@@ -121,24 +123,18 @@ class MetadataMap:
             pos += n + (-n % 8)
         self.snapshot_table = (h.snapshots_offset, pos - h.snapshots_offset)
 
-    def _ranges(self, chk: int) -> list[tuple[int, int, int]]:
+    def _bitmap_directory(self) -> tuple[int, int]:
+        """(offset, size) of the bitmap directory; remembered per header extension object."""
         h = self.image.header
-        out = []
-        if chk & ACTIVE_L1 and h.l1_size:
-            out.append((ACTIVE_L1, h.l1_table_offset, h.l1_size * 8))
-        if chk & REFCOUNT_TABLE:
-            out.append((REFCOUNT_TABLE, h.refcount_table_offset,
-                        h.refcount_table_clusters * self.cs))
-        if chk & SNAPSHOT_TABLE and self.snapshot_table[1]:
-            out.append((SNAPSHOT_TABLE, *self.snapshot_table))
-        if chk & INACTIVE_L1:
-            out.extend((INACTIVE_L1, off, n) for off, n in self.inactive_l1 if n)
-        if chk & BITMAP_DIRECTORY and h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
-            ext = h.extension(hdr.EXT_BITMAPS)
-            if ext is not None and len(ext.data) >= 24:
-                _, _, size, off = struct.unpack_from(">IIQQ", ext.data)
-                out.append((BITMAP_DIRECTORY, off, size))
-        return out
+        if not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+            return 0, 0
+        ext = h.extension(hdr.EXT_BITMAPS)
+        if ext is None or len(ext.data) < 24:
+            return 0, 0
+        if self._bitmaps_seen is not ext:
+            _, _, size, off = struct.unpack_from(">IIQQ", ext.data)
+            self._bitmaps_seen, self._bitmaps_at = ext, (off, size)
+        return self._bitmaps_at
 
     def check(self, offset: int, size: int, ign: int = 0) -> int:
         """Bits of every checked structure that the write ``[offset, offset+size)`` touches.
@@ -154,9 +150,26 @@ class MetadataMap:
         last = (offset + size - 1) // cs
         hit = MAIN_HEADER if chk & MAIN_HEADER and first == 0 else 0
         start, end = first * cs, (last + 1) * cs
-        for bit, off, n in self._ranges(chk & ~MAIN_HEADER):
+        h = self.image.header
+        # Inline range tests: this runs before every data write.
+        if chk & ACTIVE_L1 and h.l1_size and h.l1_table_offset < end \
+                and start < h.l1_table_offset + h.l1_size * 8:
+            hit |= ACTIVE_L1
+        if chk & REFCOUNT_TABLE and h.refcount_table_offset < end \
+                and start < h.refcount_table_offset + h.refcount_table_clusters * cs:
+            hit |= REFCOUNT_TABLE
+        if chk & SNAPSHOT_TABLE and self.snapshot_table[1]:
+            off, n = self.snapshot_table
             if off < end and start < off + n:
-                hit |= bit
+                hit |= SNAPSHOT_TABLE
+        if chk & INACTIVE_L1:
+            for off, n in self.inactive_l1:
+                if n and off < end and start < off + n:
+                    hit |= INACTIVE_L1
+        if chk & BITMAP_DIRECTORY:
+            off, n = self._bitmap_directory()
+            if n and off < end and start < off + n:
+                hit |= BITMAP_DIRECTORY
         per_cluster = chk & (ACTIVE_L2 | REFCOUNT_BLOCK | INACTIVE_L2)
         if per_cluster and self.clusters:
             get = self.clusters.get
