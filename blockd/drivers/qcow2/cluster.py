@@ -30,6 +30,8 @@ ZERO = 1
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 SUBCLUSTERS = 32
+#: Changed L2 entries kept for the next flush before they are written anyway.
+PENDING_MAX = 1024
 ALL_ALLOC = (1 << 32) - 1
 ALL_ZERO = ALL_ALLOC << 32
 
@@ -118,6 +120,10 @@ class Mapping:
         self.l1: list[int] = []
         self.slice_size = config.l2_entry_size
         self.cache = L2Cache(config.l2_entries, config.l2_entry_size, self.cs)
+        #: Changed entries not written yet, by file offset (see :meth:`set`).
+        self.pending: dict[int, bytes] = {}
+        #: Slices holding pending entries, kept out of the cache's reach until written.
+        self.pinned: dict[int, bytearray] = {}
 
     async def load(self) -> None:
         h = self.image.header
@@ -135,7 +141,7 @@ class Mapping:
         """The cached slice holding byte ``pos`` of the table, and ``pos`` within it."""
         start = pos - pos % self.slice_size
         key = l2_offset + start
-        piece = self.cache.get(key)
+        piece = self.pinned.get(key) or self.cache.get(key)
         if piece is None:
             self.image.debug_event("l2_load")
             piece = bytearray(await self.image.file.read(key, self.slice_size))
@@ -184,7 +190,13 @@ class Mapping:
         raise OSError(5, "Input/output error")
 
     async def set(self, guest: int, entry: Entry) -> None:
-        """Write an L2 entry, creating or un-sharing the L2 table first if needed."""
+        """Change an L2 entry, creating or un-sharing the L2 table first if needed.
+
+        The entry changes in memory at once and reaches the file at the next
+        :meth:`write_pending` (a flush): with eager refcounts the counts it
+        relies on are synced first, so the file never holds an entry whose
+        cluster is not counted, even after a power loss.
+        """
         l1i, l2i = self.index(guest)
         l2_offset = await self._writable_table(l1i)
         pos = l2i * self.entry_size
@@ -193,14 +205,46 @@ class Mapping:
             data = struct.pack(">QQ", entry.raw, entry.bitmap)
         else:
             data = struct.pack(">Q", entry.raw)
-        old = bytes(piece[in_slice:in_slice + len(data)])
         piece[in_slice:in_slice + len(data)] = data
-        self.image.debug_event("l2_update")
-        try:
-            await self.image.write_meta(l2_offset + pos, data, overlap.ACTIVE_L2)
-        except OSError:
-            piece[in_slice:in_slice + len(data)] = old  # keep memory equal to the file
-            raise
+        self.pinned[l2_offset + pos - in_slice] = piece
+        self.pending[l2_offset + pos] = data
+        if len(self.pending) >= PENDING_MAX:
+            await self.write_pending()
+
+    async def write_pending(self) -> None:
+        """Store changed L2 entries, then apply the frees that waited for them.
+
+        Eager refcounts: the counts of new clusters are synced before the
+        entries that use them are written, and the entries are synced before
+        the counts of clusters they stopped using drop: QEMU's cache
+        dependencies.  Lazy refcounts need neither sync.
+        """
+        rc = self.image.refcounts
+        file = self.image.file
+        if self.pending:
+            if not rc.lazy:
+                await file.flush()
+            offsets = sorted(self.pending)
+            i = 0
+            while i < len(offsets):
+                # Neighbouring entries (a sequential allocation) go in one write.
+                j, run = i + 1, bytearray(self.pending[offsets[i]])
+                while j < len(offsets) and offsets[j] == offsets[i] + len(run) \
+                        and offsets[j] % self.cs:
+                    run += self.pending[offsets[j]]
+                    j += 1
+                self.image.debug_event("l2_update")
+                await self.image.write_meta(offsets[i], run, overlap.ACTIVE_L2)
+                for off in offsets[i:j]:
+                    del self.pending[off]
+                i = j
+            for key, piece in self.pinned.items():
+                self.cache.put(key, piece)
+            self.pinned.clear()
+        if rc.deferred_frees:
+            if not rc.lazy:
+                await file.flush()
+            await rc.apply_deferred_frees()
 
     async def prepare(self, guest: int) -> None:
         """Make the L2 table for ``guest`` private and present before data is allocated.

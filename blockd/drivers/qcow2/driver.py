@@ -176,6 +176,9 @@ class Qcow2Node(BlockNode):
         """
         from blockd.drivers.qcow2.check import FIX_ERRORS, check
 
+        if not self.read_only:
+            async with self.image.lock:
+                await self.map.write_pending()  # the check reads tables from the file
         res = await check(self, fix)
         h = self.image.header
         if (fix & FIX_ERRORS and h.incompatible_features & hdr.INCOMPAT_CORRUPT
@@ -220,6 +223,8 @@ class Qcow2Node(BlockNode):
             return
         if not self.read_only:
             try:
+                async with self.image.lock:
+                    await self.map.write_pending()
                 await self._store_bitmaps(in_use=False)
                 await self.image.mark_clean()
                 await self.image.file.flush()
@@ -242,8 +247,10 @@ class Qcow2Node(BlockNode):
 
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
         if read_only and not self.read_only:
-            # Going read-only: the bitmaps and deferred refcounts are saved now,
-            # while the file can be written.
+            # Going read-only: table changes, bitmaps and deferred refcounts are
+            # saved now, while the file can be written.
+            async with self.image.lock:
+                await self.map.write_pending()
             await self._store_bitmaps(in_use=False)
             await self.image.mark_clean()
             await self.flush()
@@ -489,14 +496,21 @@ class Qcow2Node(BlockNode):
             raise
         await self._release(entry, kind)
 
-    async def _release(self, entry: Entry, kind: Kind) -> None:
-        """Drop the reference an old L2 entry held on its host cluster(s)."""
+    async def _release(self, entry: Entry, kind: Kind, discard: bool = False) -> None:
+        """Drop the reference an old L2 entry held on its host cluster(s).
+
+        The count drops only after the new entry is written (at the next
+        flush): until then the file may still point at the cluster, so it
+        must not be handed out again.  ``discard`` passes the freed space
+        down to the file (``pass-discard-request``).
+        """
+        rc = self.image.refcounts
         if kind == Kind.COMPRESSED:
             off, n = entry.compressed_span(self.image.header.cluster_bits)
             first, last = off // self.cs, (off + n - 1) // self.cs
-            await self.image.refcounts.free(first * self.cs, last - first + 1)
+            rc.free_later(first * self.cs, last - first + 1, discard)
         elif entry.host and not self.image.external_data:
-            await self.image.refcounts.free(entry.host)
+            rc.free_later(entry.host, 1, discard)
 
     async def compress_cluster(self, data: bytes) -> bytes:
         """Compress one cluster in a worker thread (callers may run many at once)."""
@@ -610,17 +624,13 @@ class Qcow2Node(BlockNode):
                                 entry.bitmap):
                     continue
                 await self.map.set(guest, new)
-                if self.options.get("pass-discard-request", True) and entry.host:
-                    self.image.discard_other, saved = True, self.image.discard_other
-                    try:
-                        await self._release(entry, kind)
-                    finally:
-                        self.image.discard_other = saved
-                else:
-                    await self._release(entry, kind)
+                await self._release(entry, kind, bool(
+                    self.options.get("pass-discard-request", True) and entry.host))
 
     async def flush(self) -> None:
         self._live()
+        async with self.image.lock:
+            await self.map.write_pending()
         self.image.debug_event("flush_to_os")
         self.image.debug_event("flush_to_disk")
         await self.image.file.flush()
@@ -725,6 +735,8 @@ class Qcow2Node(BlockNode):
                     if kind != Kind.UNALLOCATED or entry.bitmap:
                         await self.map.set(guest, Entry(0))
                         await self._release(entry, kind)
+                # Tables are freed below: nothing may still be waiting to be written into them.
+                await self.map.write_pending()
                 keep = -(-size // (cs * self.map.l2_entries))
                 for i in range(keep, len(self.map.l1)):
                     l2 = self.map.l1[i] & 0x00FFFFFFFFFFFE00
@@ -744,6 +756,7 @@ class Qcow2Node(BlockNode):
             await self.image.file.write(24, size.to_bytes(8, "big"))
             if prealloc in ("metadata", "falloc", "full") and size > 0:
                 await self._preallocate(prealloc)
+            await self.map.write_pending()
         await self.image.file.flush()
 
     async def _cut_tail(self) -> None:

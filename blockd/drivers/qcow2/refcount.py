@@ -75,6 +75,9 @@ class Refcounts:
         self.lazy = False
         #: Blocks changed in memory only (lazy refcounts), by table index.
         self.dirty: dict[int, bytearray] = {}
+        #: (offset, clusters, discard) freed by L2 changes not yet written (see
+        #: ``Mapping.write_pending``): the clusters stay in use until then.
+        self.deferred_frees: list[tuple[int, int, bool]] = []
 
     async def load(self) -> None:
         h = self.image.header
@@ -311,6 +314,23 @@ class Refcounts:
             await self.image.write_meta(self.table[bi], bytes(block), overlap.REFCOUNT_BLOCK)
             del self.dirty[bi]
             self.blocks.put(bi, block)
+
+    def free_later(self, offset: int, count: int = 1, discard: bool = False) -> None:
+        """Free once the L2 change that dropped the clusters is in the file."""
+        for i in range(count):  # one by one, so a failure part way retries nothing twice
+            self.deferred_frees.append((offset + i * self.cluster_size, 1, discard))
+
+    async def apply_deferred_frees(self) -> None:
+        image = self.image
+        while self.deferred_frees:
+            offset, count, discard = self.deferred_frees[0]
+            saved = image.discard_other
+            image.discard_other = saved or discard
+            try:
+                await self.free(offset, count)
+            finally:
+                image.discard_other = saved
+            self.deferred_frees.pop(0)
 
     async def free(self, offset: int, count: int = 1) -> None:
         """Drop one reference from each of ``count`` clusters at ``offset``."""
