@@ -8,6 +8,7 @@ two must agree, and qemu-img must judge the result the same way.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import sys
 
 import pytest
 
+from blockd.block.graph import BlockGraph
 from harness import HAVE_QSD, ROOT, Daemon
 
 pytestmark = pytest.mark.skipif(not HAVE_QSD, reason="needs qemu-storage-daemon")
@@ -24,6 +26,12 @@ pytestmark = pytest.mark.skipif(not HAVE_QSD, reason="needs qemu-storage-daemon"
 
 def sh(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def blockd_img(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "blockd.img.cli", *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT)
 
 
 def tables(path: str) -> tuple[int, int, int]:
@@ -42,9 +50,23 @@ def poke(path: str, offset: int, value: int) -> None:
         f.write(struct.pack(">Q", value))
 
 
-def make_image(path: str) -> None:
-    sh("qemu-img", "create", "-f", "qcow2", path, "4M")
-    sh("qemu-io", "-c", "write -P 1 0 64k", "-c", "write -P 2 1M 64k", path)
+def make_image(path: str, creator: str = "qemu") -> None:
+    """The same two clusters of data, in an image made by QEMU's tools or by blockd's."""
+    if creator == "qemu":
+        sh("qemu-img", "create", "-f", "qcow2", path, "4M")
+        sh("qemu-io", "-c", "write -P 1 0 64k", "-c", "write -P 2 1M 64k", path)
+        return
+    assert blockd_img("create", "-q", "-f", "qcow2", path, "4M").returncode == 0
+
+    async def fill() -> None:
+        g = BlockGraph()
+        node = await g.open_node({"driver": "qcow2", "node-name": "q",
+                                  "file": {"driver": "file", "filename": path}})
+        await node.write(0, b"\1" * 65536)
+        await node.write(1 << 20, b"\2" * 65536)
+        await g.close_all()
+
+    asyncio.run(fill())
 
 
 COPIED = 1 << 63
@@ -103,10 +125,11 @@ def session(tmp: str, img: str, qsd: bool, overlap: object = None) -> dict:
     return out
 
 
+@pytest.mark.parametrize("creator", ["qemu", "blockd"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_corruption_session_same_as_qsd(tmp_path, case):
+def test_corruption_session_same_as_qsd(tmp_path, case, creator):
     img = str(tmp_path / "base.qcow2")
-    make_image(img)
+    make_image(img, creator)
     where, value = CASES[case](*tables(img))
     poke(img, where, value)
     theirs = session(str(tmp_path), img, qsd=True)
@@ -145,12 +168,6 @@ def test_structure_flags_choose_what_is_checked(tmp_path):
     assert ours["corrupt-bit"] is False
 
 
-def blockd_img(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "blockd.img.cli", *args], capture_output=True,
-                          text=True, env=env, cwd=ROOT)
-
-
 def test_repair_clears_the_corrupt_bit(tmp_path):
     """check -r all repairs a corrupt-marked image like qemu-img, and it opens read-write again."""
     img = str(tmp_path / "base.qcow2")
@@ -185,3 +202,52 @@ def test_compressed_entry_into_garbage_fails_the_request(tmp_path, target):
     for key in ("add", "io", "events", "query", "rw-again", "ro-again", "corrupt-bit"):
         assert ours[key] == theirs[key], key
     assert ours["events"] == []
+
+
+def test_lazy_refcounts_dirty_bit_lifecycle(tmp_path):
+    """Dirty from the first deferred count to the clean close; a crash copy is repaired on
+    read-write open only, and a read-only open leaves the file as it is."""
+    img, crashed = str(tmp_path / "l.qcow2"), str(tmp_path / "crashed.qcow2")
+    assert blockd_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", img,
+                      "64M").returncode == 0
+
+    def dirty(path: str) -> bool:
+        with open(path, "rb") as f:
+            f.seek(72)
+            return bool(struct.unpack(">Q", f.read(8))[0] & 1)
+
+    def opts(path: str, read_only: bool = False) -> dict:
+        return {"driver": "qcow2", "node-name": "q", "read-only": read_only,
+                "file": {"driver": "file", "filename": path}}
+
+    async def session() -> None:
+        g = BlockGraph()
+        node = await g.open_node(opts(img))
+        assert not dirty(img)
+        for i in range(40):
+            await node.write(i * 1048576 + 4096, bytes([i + 1]) * 8192)
+        await node.flush()
+        assert dirty(img) and node.is_dirty()
+        shutil.copy(img, crashed)  # what a crash right now would leave
+        await g.close_all()
+        assert not dirty(img)
+
+        with open(crashed, "rb") as f:
+            before = f.read()
+        g = BlockGraph()
+        node = await g.open_node(opts(crashed, read_only=True))
+        assert bytes(await node.read(7 * 1048576 + 4096, 8192)) == bytes([8]) * 8192
+        await g.close_all()
+        with open(crashed, "rb") as f:
+            assert f.read() == before
+
+        g = BlockGraph()
+        node = await g.open_node(opts(crashed))
+        assert not dirty(crashed)
+        await g.close_all()
+
+    asyncio.run(session())
+    assert sh("qemu-img", "check", img).returncode == 0
+    assert sh("qemu-img", "check", crashed).returncode == 0
+    out = sh("qemu-io", "-r", "-c", f"read -P 40 {39 * 1048576 + 4096} 8k", crashed)
+    assert "verification failed" not in out.stdout and out.returncode == 0
