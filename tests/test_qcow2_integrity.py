@@ -251,3 +251,28 @@ def test_lazy_refcounts_dirty_bit_lifecycle(tmp_path):
     assert sh("qemu-img", "check", crashed).returncode == 0
     out = sh("qemu-io", "-r", "-c", f"read -P 40 {39 * 1048576 + 4096} 8k", crashed)
     assert "verification failed" not in out.stdout and out.returncode == 0
+
+
+def test_reopen_without_lazy_refcounts_stores_the_counts(tmp_path):
+    img = str(tmp_path / "r.qcow2")
+    sh("qemu-img", "create", "-f", "qcow2", img, "64M")
+
+    async def body() -> None:
+        g = BlockGraph()
+        node = await g.open_node({"driver": "qcow2", "node-name": "q", "lazy-refcounts": True,
+                                  "file": {"driver": "file", "filename": img}})
+        await node.write(0, b"x" * 4096)
+        await node.write(8 << 20, b"y" * 4096)
+        await node.flush()
+        assert node.is_dirty()
+        assert sh("qemu-img", "check", "-U", img).returncode == 2  # counts still in memory
+        opts = {**node.options, "lazy-refcounts": False}
+        await node.reopen_commit(await node.reopen_prepare(opts, False), opts, False)
+        assert not node.is_dirty()
+        assert sh("qemu-img", "check", "-U", img).returncode == 0
+        await node.write(16 << 20, b"z" * 4096)
+        await node.flush()
+        assert sh("qemu-img", "check", "-U", img).returncode == 0  # eager from now on
+        await g.close_all()
+
+    asyncio.run(body())

@@ -262,8 +262,14 @@ class Qcow2Node(BlockNode):
         for bitmap in self.bitmaps.values():
             bitmap.readonly = read_only
         h = self.image.header
-        self.image.refcounts.lazy = not read_only and options.get(
+        rc = self.image.refcounts
+        rc.lazy = not read_only and options.get(
             "lazy-refcounts", bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS))
+        if not rc.lazy and not read_only and rc.dirty:
+            # Lazy refcounts switched off: from now on the file must hold exact counts.
+            async with self.image.lock:
+                await self.map.write_pending()
+                await self.image.mark_clean()
         if was_read_only and not read_only and self.image.file.read_only is False:
             # Writable again: the bitmaps loaded once are marked in use, not reloaded,
             # and any added meanwhile are stored.
