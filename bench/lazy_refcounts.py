@@ -19,6 +19,8 @@ first five clusters of these images); the rest is guest data.  A run
 with no writes is subtracted, so opening and closing the image do not
 count, except what closing must store because of the writes (lazy
 refcounts write their blocks then): that cost is spread over the N writes.
+The time column is the client's wall time per write (strace slows every
+traced call, so compare rows, not absolute values).
 """
 
 from __future__ import annotations
@@ -123,9 +125,11 @@ def run(daemon: str, lazy: bool, mode: str, writes: int, workdir: str) -> dict[s
             cmds += ["-c", f"write -P 1 {i * CLUSTER} 4k"]
             if mode == "direct+flush":
                 cmds += ["-c", "flush"]
+        started = time.perf_counter()
         if cmds:
             subprocess.run(["qemu-io", "-f", "raw", *cmds, f"nbd+unix:///q?socket={nbd}"],
                            check=True, capture_output=True)
+        elapsed = time.perf_counter() - started
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -134,7 +138,7 @@ def run(daemon: str, lazy: bool, mode: str, writes: int, workdir: str) -> dict[s
     check = subprocess.run(["qemu-img", "check", img], capture_output=True, text=True)
     if check.returncode:
         raise RuntimeError(f"{daemon} left an inconsistent image:\n{check.stdout}")
-    return count(log)
+    return {**count(log), "ms": elapsed * 1000}
 
 
 def main() -> None:
@@ -157,10 +161,10 @@ def main() -> None:
                     results.append({"daemon": daemon, "mode": mode,
                                     "refcounts": "lazy" if lazy else "eager", **per})
     print(f"{'daemon':8} {'mode':14} {'refcounts':9} {'metadata writes':>16} "
-          f"{'data writes':>12} {'syncs':>6}   (per allocating 4k write)")
+          f"{'data writes':>12} {'syncs':>6} {'ms':>6}   (per allocating 4k write)")
     for r in results:
         print(f"{r['daemon']:8} {r['mode']:14} {r['refcounts']:9} {r['meta']:16.2f} "
-              f"{r['data']:12.2f} {r['sync']:6.2f}")
+              f"{r['data']:12.2f} {r['sync']:6.2f} {r['ms']:6.2f}")
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(results, f, indent=2)
