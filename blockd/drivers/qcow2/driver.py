@@ -635,9 +635,10 @@ class Qcow2Node(BlockNode):
 
     async def flush(self) -> None:
         self._live()
+        # Writing the tables is the "to the OS" part of a flush, as in QEMU.
+        self.image.debug_event("flush_to_os")
         async with self.image.lock:
             await self.map.write_pending()
-        self.image.debug_event("flush_to_os")
         self.image.debug_event("flush_to_disk")
         await self.image.file.flush()
 
