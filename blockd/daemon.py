@@ -22,6 +22,7 @@ class Daemon:
 
         self.objects = ObjectStore()
         self.graph = BlockGraph(self.objects.secret_bytes)
+        self.graph.emit = self.emit
         #: Set by nbd-server-start (blockd.nbd.server.NBDServer).
         self.nbd: Any = None
         #: Block exports by id (blockd.exports.Export).

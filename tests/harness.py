@@ -44,7 +44,16 @@ class Daemon:
         self.clients: list[Client] = []
 
     def client(self, negotiate: bool = True) -> "Client":
-        c = Client(self.sock_path)
+        # The socket file appears at bind(), a moment before listen(): retry briefly.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                c = Client(self.sock_path)
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         if negotiate:
             c.cmd("qmp_capabilities")
         self.clients.append(c)

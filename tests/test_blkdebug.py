@@ -63,7 +63,10 @@ def test_sector_filter_iotype_and_errno(tmp_path):
 
 
 def test_states_aim_at_the_second_l2_update(tmp_path):
-    """qcow2 writes into two fresh L2 tables; only the second update fails."""
+    """qcow2 writes into two fresh L2 tables; only the second update fails.
+
+    As in QEMU, changed L2 entries are written when the image is flushed.
+    """
     path = _image(tmp_path, "qcow2")
 
     async def body():
@@ -71,10 +74,14 @@ def test_states_aim_at_the_second_l2_update(tmp_path):
             "set-state": [{"event": "l2_update", "state": 1, "new_state": 2}],
             "inject-error": [{"event": "l2_update", "state": 2, "once": True, "immediately": True}]})
         node = await g.open_node(opts)
-        await node.write(1 << 20, b"a" * 65536)      # first L2 update: state 1 -> 2
+        await node.write(1 << 20, b"a" * 65536)
+        await node.flush()                           # first L2 update: state 1 -> 2
+        await node.write(2 << 20, b"b" * 65536)
         with pytest.raises(OSError):
-            await node.write(2 << 20, b"b" * 65536)  # second: injected
+            await node.flush()                       # second: injected
         await node.write(3 << 20, b"c" * 65536)      # once: the image goes on working
+        await node.flush()
+        assert bytes(await node.read(2 << 20, 65536)) == b"b" * 65536
         await g.close_all()
 
     asyncio.run(body())

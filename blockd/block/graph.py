@@ -116,6 +116,8 @@ class BlockGraph:
         #: Nodes are opened only to be described (``qemu-img info``): encrypted
         #: images may then open without their key, and their data is not read.
         self.no_io = False
+        #: Where drivers send QMP events (``BLOCK_IMAGE_CORRUPTED``); set by the daemon.
+        self.emit: Callable[[str, dict[str, Any]], None] | None = None
 
     # ---- lookup -------------------------------------------------------------
 

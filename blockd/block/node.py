@@ -330,6 +330,10 @@ class BlockNode:
     def is_dirty(self) -> bool:
         return False
 
+    def ejected(self) -> bool:
+        """The driver gave up on the node (qcow2 after a fatal corruption); queries fail."""
+        return False
+
     def encrypted(self) -> bool:
         return False
 

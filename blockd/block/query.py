@@ -11,6 +11,7 @@ from typing import Any
 
 from blockd.block.node import BlockNode
 from blockd.block.stats import Stats
+from blockd.errors import QMPError
 
 
 def chain_depth(node: BlockNode) -> int:
@@ -31,6 +32,8 @@ def _format_below(node: BlockNode) -> BlockNode:
 
 def image_info(node: BlockNode, flat: bool) -> dict[str, Any]:
     """``ImageInfo`` of a node; with ``flat`` false, the backing chain nests."""
+    if node.ejected():
+        raise QMPError(f"Block device {node.node_name} is ejected")
     info: dict[str, Any] = {"filename": node.filename(), "format": node.driver}
     if node.has_info():
         info["dirty-flag"] = node.is_dirty()

@@ -134,6 +134,10 @@ class FileNode(BlockNode):
         #: The last ``[start, end)`` found to hold data: sequential readers ask again
         #: and again, and ``SEEK_HOLE`` is slow on some file systems.
         self.data_extent = (0, 0)
+        #: Changes made, and how many of them the last successful flush covered: a
+        #: flush with nothing new to sync is skipped, as QEMU skips it.
+        self.write_gen = 0
+        self.flushed_gen = 0
 
     # ---- open/close ---------------------------------------------------------
 
@@ -246,6 +250,7 @@ class FileNode(BlockNode):
                 await asyncio.to_thread(self._pwrite, offset + done, memoryview(data)[done:])
         else:
             await asyncio.to_thread(self._pwrite, offset, data)
+        self.write_gen += 1
         if offset + len(data) > self.size:
             self.size = offset + len(data)
         if flags & WriteFlags.FUA:
@@ -303,6 +308,7 @@ class FileNode(BlockNode):
         if end > self.size:
             raise OSError(errno.EINVAL, "Invalid argument")
         self.data_extent = (0, 0)
+        self.write_gen += 1
         modes = []
         if flags & WriteFlags.MAY_UNMAP and self._discard_enabled():
             modes.append(_FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE)
@@ -327,6 +333,7 @@ class FileNode(BlockNode):
         if not self._discard_enabled():
             return
         self.data_extent = (0, 0)
+        self.write_gen += 1
         try:
             fallocate(self.fd, _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE, offset, length)
         except OSError as exc:
@@ -340,6 +347,9 @@ class FileNode(BlockNode):
     async def flush(self) -> None:
         if self.options.get("cache", {}).get("no-flush"):
             return
+        gen = self.write_gen
+        if gen == self.flushed_gen:
+            return
         self.debug_event("flush_to_disk")
         if self.in_memory:
             # Nothing to write back on a memory file system: the syscall is
@@ -347,6 +357,7 @@ class FileNode(BlockNode):
             os.fdatasync(self.fd)
             return
         await asyncio.to_thread(os.fdatasync, self.fd)
+        self.flushed_gen = max(self.flushed_gen, gen)
 
     async def block_status(self, offset: int, length: int) -> Extent:
         """Data or hole, from ``SEEK_DATA``/``SEEK_HOLE``."""
@@ -373,6 +384,7 @@ class FileNode(BlockNode):
         await asyncio.to_thread(_resize_file, self.fd, self.size, size, prealloc)
         self.size = size
         self.data_extent = (0, 0)
+        self.write_gen += 1
 
     # ---- queries ------------------------------------------------------------
 

@@ -55,8 +55,10 @@ async def check(session: Session, filename: str, fmt: str | None, output: str,
                 repair: str | None, force_share: bool, image_opts: bool) -> tuple[str, int]:
     if repair is not None and repair not in FIX:
         raise UsageError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}")
+    # Repairing opens even a corrupt-marked image read-write, as qemu-img check -r does.
     node = await session.open(filename, fmt, read_only=repair is None, force_share=force_share,
-                              image_opts=image_opts)
+                              image_opts=image_opts,
+                              extra={"x-repair": True} if repair is not None else None)
     if not hasattr(node, "check"):
         print(f"{PROG}: This image format does not support checks", file=sys.stderr)
         return "", 63

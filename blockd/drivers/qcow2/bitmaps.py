@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockd.block.dirty_bitmap import DirtyBitmap
 from blockd.drivers.qcow2 import header as hdr
+from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cluster import OFFSET_MASK
 from blockd.errors import QMPError
 
@@ -108,13 +109,16 @@ async def load(image: "Image", size: int, writable: bool) -> dict[str, DirtyBitm
 
 async def _write_directory_in_place(image: "Image", entries: list[DirEntry]) -> None:
     offset, _ = directory_location(image)
-    await image.file.write(offset, b"".join(e.encode() for e in entries))
+    await image.write_meta(offset, b"".join(e.encode() for e in entries),
+                           overlap.BITMAP_DIRECTORY)
     await image.file.flush()
 
 
-async def _free_all(image: "Image", entries: list[DirEntry], free_directory: bool) -> None:
+async def _free_all(image: "Image", entries: list[DirEntry],
+                    directory: tuple[int, int] = (0, 0)) -> None:
+    """Drop the clusters of ``entries`` and of the directory at ``(offset, size)``."""
     cs = image.cluster_size
-    offset, size = directory_location(image) if free_directory else (0, 0)
+    offset, size = directory
     for e in entries:
         table = await image.file.read(e.table_offset, e.table_size * 8)
         for (entry,) in struct.iter_unpack(">Q", table):
@@ -136,7 +140,10 @@ async def store(image: "Image", bitmaps: list[DirtyBitmap], in_use: bool,
     h = image.header
     old = await load_directory(image)
     kept = [e for e in old if e.name in keep]
-    await _free_all(image, [e for e in old if e.name not in keep], free_directory=True)
+    # The old clusters are freed only once the header points at the new
+    # directory: a crash in between leaks them instead of leaving a header
+    # that points at clusters already reused.
+    old_directory = directory_location(image)
     entries = list(kept)
     for bm in bitmaps:
         data = bytes(bm.bits)
@@ -147,17 +154,17 @@ async def store(image: "Image", bitmaps: list[DirtyBitmap], in_use: bool,
                 table.append(0)
                 continue
             off = await image.refcounts.alloc(1)
-            await image.file.write(off, chunk.ljust(cs, b"\0"))
+            await image.write_meta(off, chunk.ljust(cs, b"\0"), 0)
             table.append(off)
         raw = struct.pack(f">{len(table)}Q", *table)
         t_off = await image.refcounts.alloc(-(-len(raw) // cs))
-        await image.file.write(t_off, raw)
+        await image.write_meta(t_off, raw, 0)
         flags = (FLAG_AUTO if bm.enabled else 0) | (FLAG_IN_USE if in_use else 0)
         entries.append(DirEntry(t_off, len(table), flags, bm.shift, bm.name))
     if entries:
         directory = b"".join(e.encode() for e in entries)
         d_off = await image.refcounts.alloc(-(-len(directory) // cs))
-        await image.file.write(d_off, directory)
+        await image.write_meta(d_off, directory, 0)
         h.set_extension(hdr.EXT_BITMAPS, _EXT.pack(len(entries), 0, len(directory), d_off))
         h.autoclear_features |= hdr.AUTOCLEAR_BITMAPS
     else:
@@ -165,6 +172,7 @@ async def store(image: "Image", bitmaps: list[DirtyBitmap], in_use: bool,
         h.autoclear_features &= ~hdr.AUTOCLEAR_BITMAPS
     await image.file.flush()
     await image.write_header()
+    await _free_all(image, [e for e in old if e.name not in keep], old_directory)
     return entries
 
 

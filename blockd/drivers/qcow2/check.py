@@ -257,6 +257,7 @@ async def check(node: "Qcow2Node", fix: int = 0) -> CheckResult:
     h = image.header
     res = CheckResult(total_clusters=-(-h.size // image.cluster_size))
     async with image.lock:
+        await node.map.write_pending()  # the walk reads the tables in the file
         w = _Walker(node, res)
         await walk(w)
         rc = image.refcounts

@@ -18,6 +18,7 @@ import enum
 import struct
 from typing import TYPE_CHECKING
 
+from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cache import CacheConfig, MetadataCache
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ ZERO = 1
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 SUBCLUSTERS = 32
+#: Changed L2 entries kept for the next flush before they are written anyway.
+PENDING_MAX = 1024
 ALL_ALLOC = (1 << 32) - 1
 ALL_ZERO = ALL_ALLOC << 32
 
@@ -77,6 +80,11 @@ class Entry:
         return offset, (sectors + 1) * 512 - (offset & 511)
 
 
+def c_hex(n: int) -> str:
+    """``n`` as C's ``%#x`` prints it: zero has no ``0x``."""
+    return f"{n:#x}" if n else "0"
+
+
 def compressed_entry(offset: int, length: int, cluster_bits: int) -> int:
     x = 62 - (cluster_bits - 8)
     sectors = (offset + length - 1) // 512 - offset // 512
@@ -112,12 +120,17 @@ class Mapping:
         self.l1: list[int] = []
         self.slice_size = config.l2_entry_size
         self.cache = L2Cache(config.l2_entries, config.l2_entry_size, self.cs)
+        #: Changed entries not written yet, by file offset (see :meth:`set`).
+        self.pending: dict[int, bytes] = {}
+        #: Slices holding pending entries, kept out of the cache's reach until written.
+        self.pinned: dict[int, bytearray] = {}
 
     async def load(self) -> None:
         h = self.image.header
         if h.l1_size:
             raw = await self.image.file.read(h.l1_table_offset, h.l1_size * 8)
             self.l1 = list(struct.unpack(f">{h.l1_size}Q", raw))
+        self.image.metadata.track_active_l2(self.l1)
 
     def index(self, guest: int) -> tuple[int, int]:
         cluster = guest >> self.cb
@@ -127,29 +140,62 @@ class Mapping:
         """The cached slice holding byte ``pos`` of the table, and ``pos`` within it."""
         start = pos - pos % self.slice_size
         key = l2_offset + start
-        piece = self.cache.get(key)
+        piece = self.pinned.get(key) or self.cache.get(key)
         if piece is None:
             self.image.debug_event("l2_load")
             piece = bytearray(await self.image.file.read(key, self.slice_size))
             self.cache.put(key, piece)
         return piece, pos - start
 
-    async def lookup(self, guest: int) -> Entry:
+    async def lookup(self, guest: int, write_at: int = -1) -> Entry:
+        """The entry for ``guest``; corrupt entries stop the image (EIO) instead of being used.
+
+        ``write_at`` is the guest offset of a write that will use the entry
+        (QEMU words the report differently for writes).
+        """
         l1i, l2i = self.index(guest)
         if l1i >= len(self.l1):
             return Entry(0)
         l2_offset = self.l1[l1i] & L1_OFFSET_MASK
         if not l2_offset:
             return Entry(0)
+        if l2_offset % self.cs:
+            await self._corrupt(-1, f"L2 table offset {c_hex(l2_offset)} unaligned "
+                                    f"(L1 index: {c_hex(l1i)})")
         piece, pos = await self._slice(l2_offset, l2i * self.entry_size)
         external = self.image.external_data
         if self.ext:
             raw, bitmap = struct.unpack_from(">QQ", piece, pos)
-            return Entry(raw, bitmap, external)
-        return Entry(struct.unpack_from(">Q", piece, pos)[0], 0, external)
+            entry = Entry(raw, bitmap, external)
+        else:
+            entry = Entry(struct.unpack_from(">Q", piece, pos)[0], 0, external)
+        if not entry.raw & COMPRESSED:
+            if entry.host % self.cs and write_at >= 0:
+                await self._corrupt(-1, f"Data cluster offset {c_hex(entry.host)} unaligned "
+                                        f"(guest offset: {c_hex(write_at)})")
+            if entry.host % self.cs:
+                await self._corrupt(-1, f"Cluster allocation offset {c_hex(entry.host)} "
+                                        f"unaligned (L2 offset: {c_hex(l2_offset)}, "
+                                        f"L2 index: {c_hex(l2i)})")
+            normal = entry.kind(self.cb) == Kind.NORMAL
+            if self.ext and (entry.bitmap >> 32 & entry.bitmap if normal
+                             else entry.bitmap & ALL_ALLOC):
+                await self._corrupt(-1, f"Invalid cluster entry found (L2 offset: "
+                                        f"{c_hex(l2_offset)}, L2 index: {c_hex(l2i)})")
+        return entry
+
+    async def _corrupt(self, offset: int, msg: str) -> None:
+        await self.image.signal_corruption(True, offset, -1, msg)
+        raise OSError(5, "Input/output error")
 
     async def set(self, guest: int, entry: Entry) -> None:
-        """Write an L2 entry, creating or un-sharing the L2 table first if needed."""
+        """Change an L2 entry, creating or un-sharing the L2 table first if needed.
+
+        The entry changes in memory at once and reaches the file at the next
+        :meth:`write_pending` (a flush): with eager refcounts the counts it
+        relies on are synced first, so the file never holds an entry whose
+        cluster is not counted, even after a power loss.
+        """
         l1i, l2i = self.index(guest)
         l2_offset = await self._writable_table(l1i)
         pos = l2i * self.entry_size
@@ -158,14 +204,46 @@ class Mapping:
             data = struct.pack(">QQ", entry.raw, entry.bitmap)
         else:
             data = struct.pack(">Q", entry.raw)
-        old = bytes(piece[in_slice:in_slice + len(data)])
         piece[in_slice:in_slice + len(data)] = data
-        self.image.debug_event("l2_update")
-        try:
-            await self.image.file.write(l2_offset + pos, data)
-        except OSError:
-            piece[in_slice:in_slice + len(data)] = old  # keep memory equal to the file
-            raise
+        self.pinned[l2_offset + pos - in_slice] = piece
+        self.pending[l2_offset + pos] = data
+        if len(self.pending) >= PENDING_MAX:
+            await self.write_pending()
+
+    async def write_pending(self) -> None:
+        """Store changed L2 entries, then apply the frees that waited for them.
+
+        Eager refcounts: the counts of new clusters are synced before the
+        entries that use them are written, and the entries are synced before
+        the counts of clusters they stopped using drop: QEMU's cache
+        dependencies.  Lazy refcounts need neither sync.
+        """
+        rc = self.image.refcounts
+        file = self.image.file
+        if self.pending:
+            if not rc.lazy:
+                await file.flush()
+            offsets = sorted(self.pending)
+            i = 0
+            while i < len(offsets):
+                # Neighbouring entries (a sequential allocation) go in one write.
+                j, run = i + 1, bytearray(self.pending[offsets[i]])
+                while j < len(offsets) and offsets[j] == offsets[i] + len(run) \
+                        and offsets[j] % self.cs:
+                    run += self.pending[offsets[j]]
+                    j += 1
+                self.image.debug_event("l2_update")
+                await self.image.write_meta(offsets[i], run, overlap.ACTIVE_L2)
+                for off in offsets[i:j]:
+                    del self.pending[off]
+                i = j
+            for key, piece in self.pinned.items():
+                self.cache.put(key, piece)
+            self.pinned.clear()
+        if rc.deferred_frees:
+            if not rc.lazy:
+                await file.flush()
+            await rc.apply_deferred_frees()
 
     async def unallocated_run(self, guest: int, limit: int) -> int:
         """How many clusters from ``guest`` on (at most ``limit``, within its L2 table) have
@@ -186,7 +264,7 @@ class Mapping:
         return n
 
     async def set_run(self, guest: int, raws: list[int]) -> None:
-        """Write consecutive standard L2 entries from ``guest`` on, one write per slice.
+        """Change consecutive standard L2 entries from ``guest`` on, as :meth:`set` does.
 
         The caller keeps the run inside one L2 table, made writable by :meth:`prepare`.
         """
@@ -197,16 +275,14 @@ class Mapping:
             pos = (l2i + done) * 8
             piece, in_slice = await self._slice(l2_offset, pos)
             n = min(len(raws) - done, (len(piece) - in_slice) // 8)
-            data = struct.pack(f">{n}Q", *raws[done:done + n])
-            old = bytes(piece[in_slice:in_slice + len(data)])
-            piece[in_slice:in_slice + len(data)] = data
-            self.image.debug_event("l2_update")
-            try:
-                await self.image.file.write(l2_offset + pos, data)
-            except OSError:
-                piece[in_slice:in_slice + len(data)] = old  # keep memory equal to the file
-                raise
+            for k in range(n):
+                data = struct.pack(">Q", raws[done + k])
+                piece[in_slice + 8 * k:in_slice + 8 * k + 8] = data
+                self.pending[l2_offset + pos + 8 * k] = data
+            self.pinned[l2_offset + pos - in_slice] = piece
             done += n
+        if len(self.pending) >= PENDING_MAX:
+            await self.write_pending()
 
     async def prepare(self, guest: int) -> None:
         """Make the L2 table for ``guest`` private and present before data is allocated.
@@ -230,10 +306,24 @@ class Mapping:
             old = bytes(await self.image.file.read(l2_offset, self.cs))
         else:
             old = bytes(self.cs)
-        new_offset = await self.image.refcounts.alloc(1)
+        rc = self.image.refcounts
+        new_offset = await rc.alloc(1)
+        if rc.dirty:
+            # Like QEMU, counts deferred so far (the new table's included) are stored
+            # before a table is linked: a new table is never counted lazily.
+            await rc.write_dirty()
+            await self.image.file.flush()
         self.image.debug_event("l2_alloc_write")
-        await self.image.file.write(new_offset, old)
-        await self.set_l1(l1i, new_offset | COPIED)
+        try:
+            await self.image.write_meta(new_offset, old, overlap.ACTIVE_L2)
+            await self.set_l1(l1i, new_offset | COPIED)
+        except OSError:
+            # Not linked: give the cluster back so a failed write leaks nothing.
+            await self.image.refcounts.free(new_offset)
+            raise
+        # The table is known: cache it rather than reading it back on first use.
+        for start in range(0, self.cs, self.slice_size):
+            self.cache.put(new_offset + start, bytearray(old[start:start + self.slice_size]))
         if l2_offset:
             self.cache.drop(l2_offset)
             await self.image.refcounts.free(l2_offset)
@@ -241,8 +331,10 @@ class Mapping:
 
     async def set_l1(self, l1i: int, value: int) -> None:
         self.image.debug_event("l1_update")
-        await self.image.file.write(self.image.header.l1_table_offset + l1i * 8,
-                                    struct.pack(">Q", value))
+        await self.image.write_meta(self.image.header.l1_table_offset + l1i * 8,
+                                    struct.pack(">Q", value), overlap.ACTIVE_L1)
+        self.image.metadata.remove(self.l1[l1i] & L1_OFFSET_MASK, overlap.ACTIVE_L2)
+        self.image.metadata.add(value & L1_OFFSET_MASK, overlap.ACTIVE_L2)
         self.l1[l1i] = value
 
     async def grow_l1(self, min_size: int) -> None:
@@ -255,7 +347,7 @@ class Mapping:
         new_offset = await self.image.refcounts.alloc(clusters)
         table = self.l1 + [0] * (new_size - len(self.l1))
         self.image.debug_event("l1_grow_write_table")
-        await self.image.file.write(new_offset, struct.pack(f">{new_size}Q", *table))
+        await self.image.write_meta(new_offset, struct.pack(f">{new_size}Q", *table), 0)
         await self.image.file.flush()
         old_offset, old_size = h.l1_table_offset, h.l1_size
         self.image.debug_event("l1_grow_activate_table")

@@ -27,6 +27,7 @@ from blockd.drivers.qcow2 import bitmaps as qbitmaps
 from blockd.drivers.qcow2 import compress, crypt
 from blockd.drivers.qcow2 import header as hdr
 from blockd.drivers.qcow2 import snapshot as qsnap
+from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cache import cache_config
 from blockd.drivers.qcow2.cluster import (ALL_ALLOC, ALL_ZERO, COPIED, SUBCLUSTERS, ZERO, Entry,
                                           Kind, Mapping, compressed_entry)
@@ -83,7 +84,8 @@ class Qcow2Node(BlockNode):
         if h.cluster_size > len(head) and file.length() > len(head):
             head = bytes(await file.read(0, min(file.length(), h.cluster_size)))
             h = hdr.parse(head)
-        if h.incompatible_features & hdr.INCOMPAT_CORRUPT and not self.read_only:
+        if (h.incompatible_features & hdr.INCOMPAT_CORRUPT and not self.read_only
+                and not opts.get("x-repair")):
             raise QMPError("qcow2: Image is corrupt; cannot be opened read/write")
         if h.l1_size > (32 << 20) // 8 * 4:
             raise QMPError("Active L1 table too large")
@@ -91,7 +93,9 @@ class Qcow2Node(BlockNode):
             raise QMPError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
                            "compatibility level")
         caches = cache_config(opts, h)
-        self.image = Image(file, h, opts.get("pass-discard-other", False), caches)
+        self.image = Image(file, h, opts.get("pass-discard-other", False), caches,
+                           overlap.parse_option(opts.get("overlap-check")), self.node_name,
+                           ctx.graph.emit)
         self.map = Mapping(self.image, caches)
         self.encryption = await crypt.open_encryption(
             self.image, opts.get("encrypt"), ctx.secret, not ctx.graph.no_io)
@@ -101,10 +105,14 @@ class Qcow2Node(BlockNode):
         await self.image.refcounts.load()
         await self.map.load()
         self.image.snapshots = await qsnap.load(self.image)
+        await self.image.metadata.load_snapshots()
         if opts.get("snapshot") is not None:
             await self._load_snapshot(opts["snapshot"])
         if h.incompatible_features & hdr.INCOMPAT_DIRTY and not self.read_only:
             await self._repair_dirty()
+        # The runtime option overrides what the image was created with, as in QEMU.
+        self.image.refcounts.lazy = not self.read_only and opts.get(
+            "lazy-refcounts", bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS))
         if not self.read_only and h.version >= 3 and h.autoclear_features & ~hdr.AUTOCLEAR_KNOWN:
             h.autoclear_features &= hdr.AUTOCLEAR_KNOWN
             await self.image.write_features()
@@ -185,6 +193,10 @@ class Qcow2Node(BlockNode):
         return memoryview(plain)[host - start:host - start + n]
 
     async def _data_write(self, host: int, guest: int, buf: bytes | bytearray | memoryview) -> None:
+        if not self.image.external_data:
+            hit = self.image.metadata.check(host, len(buf))
+            if hit:
+                await self.image.refuse_overlap(host, len(buf), hit)
         crypto = self.image.crypto
         if crypto is None:
             await self.image.data.write(host, buf)
@@ -231,10 +243,26 @@ class Qcow2Node(BlockNode):
         await self.image.file.flush()
 
     async def check(self, fix: int = 0) -> Any:
-        """``qemu-img check`` for this image (see :mod:`.check`)."""
-        from blockd.drivers.qcow2.check import check
+        """``qemu-img check`` for this image (see :mod:`.check`).
 
-        return await check(self, fix)
+        A full repair that leaves no corruption clears the corrupt bit, so
+        the image can be opened read-write again.
+        """
+        from blockd.drivers.qcow2.check import FIX_ERRORS, check
+
+        if not self.read_only:
+            async with self.image.lock:
+                await self.map.write_pending()  # the check reads tables from the file
+        res = await check(self, fix)
+        h = self.image.header
+        if (fix & FIX_ERRORS and h.incompatible_features & hdr.INCOMPAT_CORRUPT
+                and not res.corruptions and not res.check_errors):
+            await self.image.file.flush()
+            h.incompatible_features &= ~hdr.INCOMPAT_CORRUPT
+            await self.image.write_features()
+            await self.image.file.flush()
+            self.image.corrupt = False
+        return res
 
     async def _open_backing(self, ctx: OpenContext, h: hdr.Header) -> None:
         opts = self.options
@@ -265,11 +293,14 @@ class Qcow2Node(BlockNode):
         if self._cleaner is not None:
             self._cleaner.cancel()
             self._cleaner = None
-        if self.image is None:
+        if self.image is None or self.image.stopped:
             return
         if not self.read_only:
             try:
+                async with self.image.lock:
+                    await self.map.write_pending()
                 await self._store_bitmaps(in_use=False)
+                await self.image.mark_clean()
                 await self.image.file.flush()
             except OSError as exc:
                 # Closing goes on regardless, as in QEMU; the data is as safe as the
@@ -296,8 +327,12 @@ class Qcow2Node(BlockNode):
             raise QMPError("Option 'encrypt.format' cannot be reset to its default value")
         crypt.check_options(self.image.header, options.get("encrypt"))
         if read_only and not self.read_only:
-            # Going read-only: the bitmaps are saved now, while the file can be written.
+            # Going read-only: table changes, bitmaps and deferred refcounts are
+            # saved now, while the file can be written.
+            async with self.image.lock:
+                await self.map.write_pending()
             await self._store_bitmaps(in_use=False)
+            await self.image.mark_clean()
             await self.flush()
         return await super().reopen_prepare(options, read_only)
 
@@ -306,6 +341,15 @@ class Qcow2Node(BlockNode):
         await super().reopen_commit(state, options, read_only)
         for bitmap in self.bitmaps.values():
             bitmap.readonly = read_only
+        h = self.image.header
+        rc = self.image.refcounts
+        rc.lazy = not read_only and options.get(
+            "lazy-refcounts", bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS))
+        if not rc.lazy and not read_only and rc.dirty:
+            # Lazy refcounts switched off: from now on the file must hold exact counts.
+            async with self.image.lock:
+                await self.map.write_pending()
+                await self.image.mark_clean()
         if was_read_only and not read_only and self.image.file.read_only is False:
             # Writable again: the bitmaps loaded once are marked in use, not reloaded,
             # and any added meanwhile are stored.
@@ -330,7 +374,13 @@ class Qcow2Node(BlockNode):
             return self._shown_size
         return self.image.header.size
 
+    def _live(self) -> None:
+        """After a fatal corruption the node has no driver any more: nothing is served."""
+        if self.image.stopped:
+            raise OSError(errno.ENOMEDIUM, "No medium found")
+
     def _writable(self) -> None:
+        self._live()
         if self.read_only:
             raise OSError(errno.EPERM, "Operation not permitted")
         if self.image.corrupt:
@@ -405,6 +455,7 @@ class Qcow2Node(BlockNode):
     # ---- reads ------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        self._live()
         cs = self.cs
         parts: list[bytes | bytearray | memoryview] = []
         end = offset + length
@@ -446,7 +497,7 @@ class Qcow2Node(BlockNode):
             n = min(len(view) - pos, cs - start)
             chunk = view[pos:pos + n]
             generation = self._generation
-            entry = await self.map.lookup(guest)
+            entry = await self.map.lookup(guest, cur)
             # A snapshot taken while looking up makes the entry stale: the cluster
             # may be shared now, so only the locked path (which looks again) is safe.
             if (self._in_place(entry, start, n) and not self._quiescing
@@ -482,7 +533,7 @@ class Qcow2Node(BlockNode):
         Returns the bytes written (at least one cluster, when the first one still qualifies).
         """
         cs = self.cs
-        first = await self.map.lookup(guest)
+        first = await self.map.lookup(guest, guest)
         if not self._batchable(first):
             await self._allocating_write(guest, 0, view[:cs])
             return cs
@@ -513,7 +564,7 @@ class Qcow2Node(BlockNode):
         return bytearray(await self._read_in_cluster(guest, entry, 0, self.cs))
 
     async def _allocating_write(self, guest: int, start: int, chunk: memoryview) -> None:
-        entry = await self.map.lookup(guest)  # again, under the lock
+        entry = await self.map.lookup(guest, guest + start)  # again, under the lock
         cb = self.image.header.cluster_bits
         kind = entry.kind(cb)
         n = len(chunk)
@@ -540,21 +591,24 @@ class Qcow2Node(BlockNode):
             return
         buf: bytearray | memoryview
         whole = start == 0 and n == self.cs
+        # Around the guest's bytes there is nothing to read when the cluster reads
+        # as zeroes anyway; QEMU then reports allocation, not copy on write.
+        zeroes = not self.map.ext and (kind in (Kind.ZERO_PLAIN, Kind.ZERO_ALLOC) or (
+            kind == Kind.UNALLOCATED and self.backing is None))
         if whole:
             buf = chunk  # the guest wrote the whole cluster: nothing to copy
+        elif zeroes:
+            buf = bytearray(self.cs)
+            buf[start:start + n] = chunk
         else:
             self.image.debug_event("cow_read")
             buf = await self._cluster_content(guest, entry)
             buf[start:start + n] = chunk
         await self.map.prepare(guest)
         host = await self._alloc_data(guest)
-        self.image.debug_event("write_aio" if whole else "cow_write")
-        try:
-            await self._data_write(host, guest, buf)
-        except OSError:
-            if not self.image.external_data:
-                await self.image.refcounts.free(host)
-            raise
+        if zeroes and not whole:
+            self.image.debug_event("cluster_alloc_space")
+        self.image.debug_event("write_aio" if whole or zeroes else "cow_write")
         if self.map.ext:
             if kind in (Kind.COMPRESSED, Kind.NORMAL):
                 bitmap = ALL_ALLOC
@@ -563,17 +617,32 @@ class Qcow2Node(BlockNode):
             new = Entry(host | COPIED, bitmap)
         else:
             new = Entry(host | COPIED)
-        await self.map.set(guest, new)
+        try:
+            await self._data_write(host, guest, buf)
+            await self.map.set(guest, new)
+        except OSError:
+            # The new cluster is not linked (a failed L2 write is undone in memory):
+            # give it back, so a failed request leaks nothing.
+            if not self.image.external_data:
+                await self.image.refcounts.free(host)
+            raise
         await self._release(entry, kind)
 
-    async def _release(self, entry: Entry, kind: Kind) -> None:
-        """Drop the reference an old L2 entry held on its host cluster(s)."""
+    async def _release(self, entry: Entry, kind: Kind, discard: bool = False) -> None:
+        """Drop the reference an old L2 entry held on its host cluster(s).
+
+        The count drops only after the new entry is written (at the next
+        flush): until then the file may still point at the cluster, so it
+        must not be handed out again.  ``discard`` passes the freed space
+        down to the file (``pass-discard-request``).
+        """
+        rc = self.image.refcounts
         if kind == Kind.COMPRESSED:
             off, n = entry.compressed_span(self.image.header.cluster_bits)
             first, last = off // self.cs, (off + n - 1) // self.cs
-            await self.image.refcounts.free(first * self.cs, last - first + 1)
+            rc.free_later(first * self.cs, last - first + 1, discard)
         elif entry.host and not self.image.external_data:
-            await self.image.refcounts.free(entry.host)
+            rc.free_later(entry.host, 1, discard)
 
     async def make_empty(self) -> None:
         """Unmap every guest cluster so the backing file shows through (after a commit).
@@ -594,7 +663,7 @@ class Qcow2Node(BlockNode):
                     if kind != Kind.UNALLOCATED or entry.bitmap:
                         await self.map.set(guest, Entry(0))
                         await self._release(entry, kind)
-        await self.image.file.flush()
+        await self.flush()
 
     async def compress_cluster(self, data: bytes) -> bytes:
         """Compress one cluster in a worker thread (callers may run many at once)."""
@@ -628,6 +697,9 @@ class Qcow2Node(BlockNode):
             else:
                 await self.image.refcounts.update(pos // cs, 1)
             self.image.debug_event("write_compressed")
+            hit = self.image.metadata.check(pos, len(packed))
+            if hit:
+                await self.image.refuse_overlap(pos, len(packed), hit)
             await self.image.file.write(pos, packed)
             self.compress_pos = pos + len(packed)
             cb = self.image.header.cluster_bits
@@ -710,23 +782,22 @@ class Qcow2Node(BlockNode):
                                 entry.bitmap):
                     continue
                 await self.map.set(guest, new)
-                if self.options.get("pass-discard-request", True) and entry.host:
-                    self.image.discard_other, saved = True, self.image.discard_other
-                    try:
-                        await self._release(entry, kind)
-                    finally:
-                        self.image.discard_other = saved
-                else:
-                    await self._release(entry, kind)
+                await self._release(entry, kind, bool(
+                    self.options.get("pass-discard-request", True) and entry.host))
 
     async def flush(self) -> None:
+        self._live()
+        # Writing the tables is the "to the OS" part of a flush, as in QEMU.
         self.image.debug_event("flush_to_os")
+        async with self.image.lock:
+            await self.map.write_pending()
         self.image.debug_event("flush_to_disk")
         await self.image.file.flush()
 
     # ---- status and size --------------------------------------------------------
 
     async def block_status(self, offset: int, length: int) -> Extent:
+        self._live()
         cs = self.cs
         cb = self.image.header.cluster_bits
         guest = offset - offset % cs
@@ -831,6 +902,8 @@ class Qcow2Node(BlockNode):
                     if kind != Kind.UNALLOCATED or entry.bitmap:
                         await self.map.set(guest, Entry(0))
                         await self._release(entry, kind)
+                # Tables are freed below: nothing may still be waiting to be written into them.
+                await self.map.write_pending()
                 keep = -(-size // (cs * self.map.l2_entries))
                 for i in range(keep, len(self.map.l1)):
                     l2 = self.map.l1[i] & 0x00FFFFFFFFFFFE00
@@ -850,6 +923,7 @@ class Qcow2Node(BlockNode):
             await self.image.file.write(24, size.to_bytes(8, "big"))
             if prealloc in ("metadata", "falloc", "full") and size > 0:
                 await self._preallocate(prealloc)
+            await self.map.write_pending()
         await self.image.file.flush()
 
     async def _cut_tail(self) -> None:
@@ -904,7 +978,14 @@ class Qcow2Node(BlockNode):
             async with self.image.lock:
                 await self._writes_idle.wait()
                 self._generation += 1
-                yield
+                # Snapshot code works on the tables in the file: changes held
+                # in memory go there first, and what it moved is noted after.
+                await self.map.write_pending()
+                try:
+                    yield
+                finally:
+                    await self.image.metadata.load_snapshots()
+                    self.image.metadata.track_active_l2(self.map.l1)
         finally:
             self._quiescing = False
 
@@ -982,6 +1063,8 @@ class Qcow2Node(BlockNode):
         opts = {k: v for k, v in opts.items() if k != "format"}
         await crypt.amend_luks(self.image, enc, opts, secret,
                                (self.options.get("encrypt") or {}).get("key-secret"), force)
+    def ejected(self) -> bool:
+        return self.image is not None and self.image.stopped
 
     def is_dirty(self) -> bool:
         return bool(self.image.header.incompatible_features & hdr.INCOMPAT_DIRTY)

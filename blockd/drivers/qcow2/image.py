@@ -8,12 +8,15 @@ none of them needs to know the others' internals.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import struct
-from typing import Protocol
+import sys
+from typing import Any, Callable, Protocol
 
 from blockd.block.node import BlockNode
 from blockd.drivers.qcow2 import header as hdr
+from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cache import CacheConfig
 from blockd.drivers.qcow2.snapshot import Snapshot
 
@@ -36,9 +39,14 @@ class DataCipher(Protocol):
                               data: bytes) -> bytes: ...
 
 
+#: Receives ``BLOCK_IMAGE_CORRUPTED`` data (the daemon's event emitter, or nothing).
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
 class Image:
     def __init__(self, file: BlockNode, header: hdr.Header, discard_other: bool,
-                 caches: CacheConfig) -> None:
+                 caches: CacheConfig, overlap_mask: int = overlap.CACHED,
+                 node_name: str = "", emit: EventSink | None = None) -> None:
         self.file = file
         self.header = header
         self.cluster_size = header.cluster_size
@@ -58,6 +66,13 @@ class Image:
         #: Internal snapshots (see :mod:`.snapshot`) and their table's size on disk.
         self.snapshots: list[Snapshot] = []
         self.snapshot_table_size = 0
+        self.metadata = overlap.MetadataMap(self, overlap_mask)
+        self.node_name = node_name
+        self.emit = emit
+        #: A corruption was reported (events after the first are suppressed, as in QEMU).
+        self.signaled_corruption = False
+        #: A fatal corruption stopped the image: every request fails from now on.
+        self.stopped = False
 
     def debug_event(self, event: str) -> None:
         self.file.debug_event(event)
@@ -66,6 +81,86 @@ class Image:
         """Stop writing to an image found inconsistent, as QEMU does."""
         log.error("qcow2 image is corrupt: %s", why)
         self.corrupt = True
+
+    async def signal_corruption(self, fatal: bool, offset: int, size: int, msg: str) -> None:
+        """Report corrupt metadata: on stderr, as ``BLOCK_IMAGE_CORRUPTED``, and if fatal
+        by setting the corrupt bit and stopping the image.
+
+        Only the first report goes out, so a guest hammering a broken
+        cluster cannot flood the monitor; a fatal one still gets through
+        after non-fatal ones, as in QEMU.
+        """
+        if self.signaled_corruption and (not fatal or self.corrupt):
+            return
+        if fatal:
+            sys.stderr.write(f"qcow2: Marking image as corrupt: {msg}; further corruption "
+                             "events will be suppressed\n")
+        else:
+            sys.stderr.write(f"qcow2: Image is corrupt: {msg}; further non-fatal corruption "
+                             "events will be suppressed\n")
+        if self.emit is not None:
+            data: dict[str, Any] = {"device": "", "node-name": self.node_name, "msg": msg}
+            if offset >= 0:
+                data["offset"] = offset
+            if size >= 0:
+                data["size"] = size
+            data["fatal"] = fatal
+            self.emit("BLOCK_IMAGE_CORRUPTED", data)
+        if fatal:
+            self.corrupt = True
+            self.stopped = True
+            if self.header.version >= 3:
+                self.header.incompatible_features |= hdr.INCOMPAT_CORRUPT
+                try:
+                    await self.write_features()
+                    await self.file.flush()
+                except OSError as exc:
+                    log.error("Could not set the corrupt bit: %s", exc)
+        self.signaled_corruption = True
+
+    async def refuse_overlap(self, offset: int, size: int, hit: int) -> None:
+        """Refuse (EIO, image marked corrupt) a write that ``metadata.check`` found overlapping.
+
+        The check itself is a plain call at each write site, so the common
+        case costs no coroutine.
+        """
+        await self.signal_corruption(
+            True, offset, size,
+            f"Preventing invalid write on metadata (overlaps with {overlap.lowest_name(hit)})")
+        raise OSError(errno.EIO, "Input/output error")
+
+    async def write_meta(self, offset: int, data: bytes | bytearray | memoryview,
+                         ign: int) -> None:
+        """Write metadata of the kind ``ign`` (whose own place is not a conflict)."""
+        hit = self.metadata.check(offset, len(data), ign)
+        if hit:
+            await self.refuse_overlap(offset, len(data), hit)
+        await self.file.write(offset, data)
+
+    async def mark_dirty(self) -> None:
+        """Set the dirty bit before the first refcount change is deferred (lazy refcounts).
+
+        Everything written so far is flushed first, so the bit never covers
+        an earlier state it does not describe.
+        """
+        h = self.header
+        if h.incompatible_features & hdr.INCOMPAT_DIRTY:
+            return
+        await self.file.flush()
+        h.incompatible_features |= hdr.INCOMPAT_DIRTY
+        await self.write_features()
+        await self.file.flush()
+
+    async def mark_clean(self) -> None:
+        """Store deferred refcounts, then clear the dirty bit (clean close, read-only reopen)."""
+        rc = self.refcounts
+        if not rc.dirty and not self.header.incompatible_features & hdr.INCOMPAT_DIRTY:
+            return
+        await rc.write_dirty()
+        await self.file.flush()
+        self.header.incompatible_features &= ~hdr.INCOMPAT_DIRTY
+        await self.write_features()
+        await self.file.flush()
 
     async def discard_host(self, offset: int, length: int) -> None:
         """Give a freed cluster back to the file system (pass-discard-other)."""

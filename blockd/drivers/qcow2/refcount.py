@@ -10,6 +10,12 @@ Ordering for crash safety: a new refcount block is written before the
 table entry that points to it, and a cluster's count is raised before
 any L2 entry uses it, so a crash can leak a cluster but never leave one
 in use with a zero count.
+
+With lazy refcounts, changed counts stay in memory (the blocks are
+pinned, not cached) and reach the file only when the image is closed or
+goes read-only; the image's dirty bit, set before the first deferred
+change, tells the next read-write open to rebuild them.  An allocating
+write then costs no refcount block write at all.
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
+from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cache import MetadataCache
-
 
 if TYPE_CHECKING:
     from blockd.drivers.qcow2.image import Image
@@ -63,6 +69,15 @@ class Refcounts:
         self.free_hint = 0
         #: One past the highest cluster handed out (it may not be written yet).
         self.alloc_end = 0
+        #: Index of the last non-empty table entry (-1: none): walks of the blocks stop here.
+        self.last_used = -1
+        #: Defer count changes (lazy refcounts); set once the image is open read-write.
+        self.lazy = False
+        #: Blocks changed in memory only (lazy refcounts), by table index.
+        self.dirty: dict[int, bytearray] = {}
+        #: (offset, clusters, discard) freed by L2 changes not yet written (see
+        #: ``Mapping.write_pending``): the clusters stay in use until then.
+        self.deferred_frees: list[tuple[int, int, bool]] = []
 
     async def load(self) -> None:
         h = self.image.header
@@ -71,6 +86,20 @@ class Refcounts:
         n = len(raw) // 8
         self.table = list(struct.unpack(f">{n}Q", raw))
         self.alloc_end = -(-self.image.file.length() // self.cluster_size)
+        self.last_used = max((i for i, e in enumerate(self.table) if e), default=-1)
+        for entry in self.table[:self.last_used + 1]:
+            self.image.metadata.add(entry & ~0x1FF & ((1 << 63) - 1), overlap.REFCOUNT_BLOCK)
+
+    def _set_table(self, index: int, offset: int) -> None:
+        """Record a table entry in memory (the caller writes it) and in the metadata map."""
+        self.image.metadata.remove(self.table[index] & ~0x1FF & ((1 << 63) - 1),
+                                   overlap.REFCOUNT_BLOCK)
+        self.table[index] = offset
+        self.image.metadata.add(offset, overlap.REFCOUNT_BLOCK)
+        if offset and index > self.last_used:
+            self.last_used = index
+        while self.last_used >= 0 and not self.table[self.last_used]:
+            self.last_used -= 1
 
     async def _block(self, block_index: int) -> bytearray | None:
         if block_index >= len(self.table):
@@ -78,7 +107,7 @@ class Refcounts:
         offset = self.table[block_index] & ~0x1FF & ((1 << 63) - 1)
         if offset == 0:
             return None
-        block = self.blocks.get(block_index)
+        block = self.dirty.get(block_index) or self.blocks.get(block_index)
         if block is None:
             self.image.debug_event("refblock_load")
             block = bytearray(await self.image.file.read(offset, self.cluster_size))
@@ -126,10 +155,19 @@ class Refcounts:
             raise OSError(5, "Input/output error")
         if value > self.max_value:
             raise OSError(27, f"Refcount overflow for cluster {cluster_index}")
+        if self.lazy:
+            if not self.dirty:
+                await self.image.mark_dirty()
+            set_entry(block, idx, self.order, value)
+            self.dirty[bi] = block
+            if value == 0 and cluster_index < self.free_hint:
+                self.free_hint = cluster_index
+            return value
         start, end = set_entry(block, idx, self.order, value)
-        self.image.debug_event("refblock_update")
+        self.image.debug_event("refblock_update_part")
         try:
-            await self.image.file.write(self.table[bi] + start, bytes(block[start:end]))
+            await self.image.write_meta(self.table[bi] + start, bytes(block[start:end]),
+                                        overlap.REFCOUNT_BLOCK)
         except OSError:
             # Memory must say what the file says: a count we failed to store is undone.
             set_entry(block, idx, self.order, value - delta)
@@ -153,7 +191,8 @@ class Refcounts:
             return
         start = block_index * self.entries
         block = bytearray(self.cluster_size)
-        if start <= pos < start + self.entries:
+        counted_elsewhere = not start <= pos < start + self.entries
+        if not counted_elsewhere:
             set_entry(block, pos - start, self.order, 1)
         else:
             host_block = pos // self.entries
@@ -163,12 +202,20 @@ class Refcounts:
             await self.update(pos, 1)
         self.image.debug_event("refblock_alloc")
         offset = pos * self.cluster_size
-        self.image.debug_event("refblock_alloc_write")
-        await self.image.file.write(offset, bytes(block))
-        self.blocks.put(block_index, block)
-        self.table[block_index] = offset
-        await self.image.file.write(self.image.header.refcount_table_offset + block_index * 8,
-                                    struct.pack(">Q", offset))
+        try:
+            self.image.debug_event("refblock_alloc_write")
+            await self.image.write_meta(offset, bytes(block), overlap.REFCOUNT_BLOCK)
+            self.blocks.put(block_index, block)
+            self.image.debug_event("refblock_alloc_hookup")
+            await self.image.write_meta(self.image.header.refcount_table_offset + block_index * 8,
+                                        struct.pack(">Q", offset), overlap.REFCOUNT_TABLE)
+        except OSError:
+            # The block was never hooked up: its cluster goes back rather than leak.
+            self.blocks.drop(block_index)
+            if counted_elsewhere:
+                await self.update(pos, -1)
+            raise
+        self._set_table(block_index, offset)
         self.alloc_end = max(self.alloc_end, pos + 1)
         self.free_hint = max(self.free_hint, pos + 1) if self.free_hint == pos else self.free_hint
 
@@ -201,14 +248,17 @@ class Refcounts:
                 updates_existing.append(c)
         self.image.debug_event("refblock_alloc_switch_table")
         for b, block in blocks.items():
-            await self.image.file.write(table[b], bytes(block))
+            await self.image.write_meta(table[b], bytes(block), overlap.REFCOUNT_BLOCK)
         table_offset = (start + new_blocks) * cs
-        await self.image.file.write(table_offset, struct.pack(f">{len(table)}Q", *table))
+        self.image.debug_event("refblock_alloc_write_table")
+        await self.image.write_meta(table_offset, struct.pack(f">{len(table)}Q", *table), 0)
         old_offset, old_clusters = (self.image.header.refcount_table_offset,
                                     self.image.header.refcount_table_clusters)
         self.table = table
         for b, block in blocks.items():
             self.blocks.put(b, block)
+            self.image.metadata.add(table[b], overlap.REFCOUNT_BLOCK)
+            self.last_used = max(self.last_used, b)
         self.alloc_end = start + new_blocks + table_clusters
         for c in updates_existing:
             await self.update(c, 1)
@@ -253,10 +303,18 @@ class Refcounts:
                 self.image.mark_corrupt(f"cluster {c} has no refcount block")
                 raise OSError(5, "Input/output error")
             indexes = range(c - bi * self.entries, stop - bi * self.entries)
+            if self.lazy:
+                if not self.dirty:
+                    await self.image.mark_dirty()
+                self._shift_counts(block, indexes, 1)
+                self.dirty[bi] = block
+                c = stop
+                continue
             lo, hi = self._shift_counts(block, indexes, 1)
-            self.image.debug_event("refblock_update")
+            self.image.debug_event("refblock_update_part")
             try:
-                await self.image.file.write(self.table[bi] + lo, bytes(block[lo:hi]))
+                await self.image.write_meta(self.table[bi] + lo, bytes(block[lo:hi]),
+                                            overlap.REFCOUNT_BLOCK)
             except OSError:
                 # Memory must say what the file says (earlier blocks of the run leak).
                 self._shift_counts(block, indexes, -1)
@@ -311,9 +369,11 @@ class Refcounts:
                 set_entry(probe, own - bi * self.entries, self.order, 0)
             if probe.count(0) != len(probe):
                 continue
-            self.table[bi] = 0
             self.blocks.drop(bi)
-            await self.image.file.write(h.refcount_table_offset + bi * 8, bytes(8))
+            self.dirty.pop(bi, None)
+            await self.image.write_meta(h.refcount_table_offset + bi * 8, bytes(8),
+                                        overlap.REFCOUNT_TABLE)
+            self._set_table(bi, 0)
             if not inside:
                 await self.update(own, -1)
             elif own < self.free_hint:
@@ -354,11 +414,37 @@ class Refcounts:
                 if value == 0:
                     freed.append(cluster)
             self.image.debug_event("refblock_update")
-            await self.image.file.write(self.table[bi], bytes(new))
+            await self.image.write_meta(self.table[bi], bytes(new), overlap.REFCOUNT_BLOCK)
             block[:] = new
         if freed:
             self.free_hint = min(self.free_hint, min(freed))
         return freed
+
+    async def write_dirty(self) -> None:
+        """Store the counts lazy refcounts kept in memory (whole blocks, one write each)."""
+        for bi in sorted(self.dirty):
+            block = self.dirty[bi]
+            self.image.debug_event("refblock_update_part")
+            await self.image.write_meta(self.table[bi], bytes(block), overlap.REFCOUNT_BLOCK)
+            del self.dirty[bi]
+            self.blocks.put(bi, block)
+
+    def free_later(self, offset: int, count: int = 1, discard: bool = False) -> None:
+        """Free once the L2 change that dropped the clusters is in the file."""
+        for i in range(count):  # one by one, so a failure part way retries nothing twice
+            self.deferred_frees.append((offset + i * self.cluster_size, 1, discard))
+
+    async def apply_deferred_frees(self) -> None:
+        image = self.image
+        while self.deferred_frees:
+            offset, count, discard = self.deferred_frees[0]
+            saved = image.discard_other
+            image.discard_other = saved or discard
+            try:
+                await self.free(offset, count)
+            finally:
+                image.discard_other = saved
+            self.deferred_frees.pop(0)
 
     async def free(self, offset: int, count: int = 1) -> None:
         """Drop one reference from each of ``count`` clusters at ``offset``."""
