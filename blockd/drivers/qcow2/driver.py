@@ -60,18 +60,12 @@ class Qcow2Node(BlockNode):
         opts = self.options
         file = await ctx.open_child(opts["file"], "file")
         head = bytes(await file.read(0, min(file.length(), 65536)))
-        h = hdr.parse(head) if len(head) >= 4 and head[:4] == b"QFI\xfb" else None
-        if h is None:
-            raise QMPError("Image is not in qcow2 format")
+        h = hdr.parse(head, self.read_only)
         if h.cluster_size > len(head) and file.length() > len(head):
             head = bytes(await file.read(0, min(file.length(), h.cluster_size)))
-            h = hdr.parse(head)
+            h = hdr.parse(head, self.read_only)
         if h.crypt_method:
             raise QMPError("Encrypted qcow2 images are not supported by this blockd build yet")
-        if h.incompatible_features & hdr.INCOMPAT_CORRUPT and not self.read_only:
-            raise QMPError("qcow2: Image is corrupt; cannot be opened read/write")
-        if h.l1_size > (32 << 20) // 8 * 4:
-            raise QMPError("Active L1 table too large")
         if opts.get("lazy-refcounts") and h.version < 3:
             raise QMPError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
                            "compatibility level")
