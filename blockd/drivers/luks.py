@@ -37,13 +37,42 @@ def _password(secret: Any, secret_id: str | None) -> bytes:
     return luks.password_from_secret(secret_id, secret(secret_id))
 
 
-async def read_header(file: BlockNode) -> tuple[luks.LuksHeader, bytes]:
-    """The parsed header and the bytes of the whole header region (key material included)."""
+class KeyMaterial:
+    """The parts of the header region a volume's key slots use, read once at open.
+
+    Only the header and the eight key material areas are read (at most
+    8 x 64 bytes x 4000 stripes), so a header whose slots point far into a
+    big file cannot make us read the gap between them.  Slicing returns
+    what the file holds there, zeros elsewhere.
+    """
+
+    def __init__(self, pieces: dict[int, bytes]) -> None:
+        self.pieces = pieces
+
+    def __getitem__(self, where: slice) -> bytes:
+        start, stop = where.start, where.stop
+        for off, data in self.pieces.items():
+            if off <= start and stop <= off + len(data):
+                return data[start - off:stop - off]
+        out = bytearray(stop - start)
+        for off, data in self.pieces.items():
+            lo, hi = max(start, off), min(stop, off + len(data))
+            if lo < hi:
+                out[lo - start:hi - start] = data[lo - off:hi - off]
+        return bytes(out)
+
+
+async def read_header(file: BlockNode) -> tuple[luks.LuksHeader, KeyMaterial]:
+    """The parsed header and the bytes of its key material areas."""
     flen = file.length()
     head = bytes(await file.read(0, min(luks.HEADER_SIZE, flen)))
     header = luks.LuksHeader.parse(head)
-    region = min(max(header.region_bytes, luks.HEADER_SIZE), flen)
-    return header, bytes(await file.read(0, region))
+    pieces = {0: head}
+    for slot in header.slots:
+        off = slot.key_offset * SECTOR
+        n = max(0, min(header.key_bytes * slot.stripes, flen - off))
+        pieces[off] = bytes(await file.read(off, n)) if n else b""
+    return header, KeyMaterial(pieces)
 
 
 async def _crypt(fn: Any, sector: int, data: bytes | bytearray | memoryview) -> bytes:

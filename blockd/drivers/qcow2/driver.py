@@ -265,8 +265,8 @@ class Qcow2Node(BlockNode):
         if self._last_inflated and self._last_inflated[0] == entry.raw:
             return self._last_inflated[1]
         self.image.debug_event("read_compressed")
-        flen = self.image.file.length()
-        raw = bytes(await self.image.file.read(off, min(n, flen - off)))
+        # Bytes past the end of the file read as zeros (and then fail to inflate).
+        raw = bytes(await self.image.file.read(off, max(0, min(n, self.image.file.length() - off))))
         data = await compress.decompress(raw, self.cs, self.image.header.compression_type)
         self._last_inflated = (entry.raw, data)
         return data
