@@ -157,7 +157,9 @@ class LuksHeader:
             raise QMPError("LUKS key iteration count is zero")
         for i, s in enumerate(self.slots):
             if s.stripes != STRIPES:
-                raise QMPError(f"Keyslot {i} is corrupted (stripes {s.stripes} != {STRIPES})")
+                # QEMU prints the count as a signed int.
+                stripes = s.stripes - (1 << 32) if s.stripes >= 1 << 31 else s.stripes
+                raise QMPError(f"Keyslot {i} is corrupted (stripes {stripes} != {STRIPES})")
             if s.active not in (SLOT_ENABLED, SLOT_DISABLED):
                 raise QMPError(f"Keyslot {i} state (active/disable) is corrupted")
             if s.enabled and s.iterations == 0:

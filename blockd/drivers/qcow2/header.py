@@ -121,7 +121,7 @@ class Header:
     @property
     def data_file(self) -> str | None:
         ext = self.extension(EXT_DATA_FILE)
-        return ext.data.decode(errors="replace") if ext else None
+        return _c_string(ext.data) if ext else None
 
     def feature_names(self) -> dict[tuple[int, int], str]:
         """(type, bit) -> name from the image's own feature table."""
@@ -264,8 +264,13 @@ def parse(buf: bytes, read_only: bool = True) -> Header:
     if bfo:
         if bfs > min(MAX_BACKING_NAME, h.cluster_size - bfo):
             raise QMPError("Backing file name too long")
-        h.backing_file = bytes(buf[bfo:bfo + bfs]).decode(errors="replace")
+        h.backing_file = _c_string(buf[bfo:bfo + bfs])
     return h
+
+
+def _c_string(raw: bytes) -> str:
+    """A file name stored in the image; QEMU reads it as a C string, so a NUL ends it."""
+    return bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
 
 
 def _check_compression_type(h: Header) -> None:
