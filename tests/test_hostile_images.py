@@ -111,7 +111,7 @@ def targeted(data: bytes) -> list[tuple[str, list[tuple[int, str, int]]]]:
         ("backing name past cluster", [(8, ">Q", 65530), (16, ">I", 100)]),
         ("backing name too long", [(8, ">Q", 2000), (16, ">I", 2000)]),
         ("size 2^62", [(24, ">Q", 1 << 62)]),
-        ("crypt method 3", [(32, ">I", 3)]),
+        ("crypt method 3", [(32, ">I", 3)]), ("crypt method negative", [(32, ">I", 1 << 31)]),
         ("l1_size 0", [(36, ">I", 0)]), ("l1_size huge", [(36, ">I", 0xFFFFFFFF)]),
         ("l1_size over 32 MiB", [(36, ">I", (32 << 20) // 8 + 1)]),
         ("l1 offset unaligned", [(40, ">Q", l1 + 1)]),

@@ -259,7 +259,8 @@ def parse(buf: bytes, read_only: bool = True) -> Header:
     if l1_size < needed:
         raise QMPError("L1 table is too small")
     if crypt > CRYPT_LUKS:
-        raise QMPError(f"Unsupported encryption method {crypt}")
+        # QEMU prints the method as a signed int.
+        raise QMPError(f"Unsupported encryption method {crypt - (crypt >> 31 << 32)}")
     _read_extensions(h, buf, ext_end)
     if bfo:
         if bfs > min(MAX_BACKING_NAME, h.cluster_size - bfo):
