@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 QUEUE_MAX = 8
 #: Unsent output (bytes) after which a client that does not read is dropped.
 OUTPUT_MAX = 64 << 20
+#: Clients one monitor socket serves at once; more are disconnected at once, so a
+#: connection flood cannot use up the daemon's file descriptors.
+CLIENTS_MAX = 64
 
 
 def greeting(oob: bool) -> dict[str, Any]:
@@ -172,6 +175,13 @@ class ClientSession(asyncio.Protocol):
             self.on_close(self)
 
 
+class _Refused(asyncio.Protocol):
+    """A connection over the client limit: closed before anything is said."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
 class Monitor:
     """A listening QMP endpoint (unix or TCP socket) or the stdio monitor."""
 
@@ -181,6 +191,12 @@ class Monitor:
         self.server: asyncio.base_events.Server | None = None
         self.sessions: set[ClientSession] = set()
         self.path: str | None = None
+
+    def _connection(self) -> asyncio.Protocol:
+        if len(self.sessions) >= CLIENTS_MAX:
+            log.warning("QMP monitor has %d clients; refusing another", CLIENTS_MAX)
+            return _Refused()
+        return self._session()
 
     def _session(self, oob: bool = True) -> ClientSession:
         session = ClientSession(self.dispatcher, pretty=self.pretty, oob=oob,
@@ -194,14 +210,14 @@ class Monitor:
             os.unlink(path)
         old = os.umask(0o177)
         try:
-            self.server = await asyncio.get_running_loop().create_unix_server(self._session, path)
+            self.server = await asyncio.get_running_loop().create_unix_server(self._connection, path)
         finally:
             os.umask(old)
         self.path = path
 
     async def listen_tcp(self, host: str, port: int) -> None:
         self.server = await asyncio.get_running_loop().create_server(
-            self._session, host, port, family=socket.AF_UNSPEC, reuse_address=True)
+            self._connection, host, port, family=socket.AF_UNSPEC, reuse_address=True)
 
     async def attach_stdio(self) -> None:
         """Serve one client on stdin/stdout (no OOB, as QEMU's stdio chardev)."""
