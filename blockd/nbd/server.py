@@ -207,7 +207,7 @@ class Connection(asyncio.Protocol):
     def _process(self) -> None:
         """Handle buffered messages until the connection has too much in flight."""
         try:
-            while not self.closing and not self._busy():
+            while not self.closing and not self.write_paused and not self._busy():
                 event = self.parser.next_event()
                 if event is None:
                     break
