@@ -335,3 +335,32 @@ def test_nbd_handshake_timeout(tmp_path, monkeypatch):
         return closed and not server.connections
 
     assert asyncio.run(body())
+
+
+def _send_ignoring_close(s: socket.socket, data: bytes) -> None:
+    try:
+        s.sendall(data)
+    except OSError:
+        pass  # the test hung up first
+
+
+def test_json_burst_does_not_stall_others(tmp_path):
+    """Megabytes of well-formed JSON tokens are parsed a slice at a time between other
+    clients' commands, so a query answers quickly while the burst is still being parsed."""
+    with Daemon(str(tmp_path / "qmp.sock")) as d:
+        good = d.client()
+        burst = socket.socket(socket.AF_UNIX)
+        burst.connect(d.sock_path)
+        sender = threading.Thread(target=_send_ignoring_close, args=(burst, b"[" + b"1," * 600_000))
+        sender.start()
+        time.sleep(0.2)
+        worst = 0.0
+        for _ in range(20):
+            start = time.monotonic()
+            assert good.cmd("query-version")["return"]["qemu"]["major"] == 7
+            worst = max(worst, time.monotonic() - start)
+        assert worst < 1.0, worst
+        burst.shutdown(socket.SHUT_RDWR)
+        sender.join(30)
+        burst.close()
+        assert d.proc.poll() is None
