@@ -24,7 +24,8 @@ HAVE_QSD = shutil.which("qemu-storage-daemon") is not None
 class Daemon:
     """A daemon process with a QMP monitor on a unix socket."""
 
-    def __init__(self, sock_path: str, *args: str, qsd: bool = False, pretty: bool = False) -> None:
+    def __init__(self, sock_path: str, *args: str, qsd: bool = False, pretty: bool = False,
+                 stderr: Any = None) -> None:
         self.sock_path = sock_path
         cmd = ["qemu-storage-daemon"] if qsd else [sys.executable, "-m", "blockd.cli"]
         monitor = "chardev=m" + (",pretty=on" if pretty else "")
@@ -32,7 +33,7 @@ class Daemon:
         cmd += [*args, "--chardev", f"socket,id=m,path={sock_path},server=on,wait=off",
                 "--monitor", monitor]
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=stderr)
         deadline = time.monotonic() + 30
         while not os.path.exists(sock_path):
             if self.proc.poll() is not None:

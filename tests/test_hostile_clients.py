@@ -364,3 +364,46 @@ def test_json_burst_does_not_stall_others(tmp_path):
         sender.join(30)
         burst.close()
         assert d.proc.poll() is None
+
+
+def test_secrets_stay_out_of_replies_and_logs(tmp_path):
+    """Wrong passwords, bad secret objects and failed opens: no reply, event or log line
+    carries a secret's bytes."""
+    secret, wrong = "Sup3r-Secret-Passw0rd", "Wr0ng-Secret-Guess"
+    vol = str(tmp_path / "v.luks")
+    for _ in range(5):  # qemu-img's PBKDF2 calibration fails now and then on a busy machine
+        made = subprocess.run(["qemu-img", "create", "-q", "--object", f"secret,id=s,data={secret}",
+                               "-f", "luks", "-o", "key-secret=s,iter-time=50", vol, "1M"],
+                              capture_output=True, text=True, check=False)
+        if made.returncode == 0:
+            break
+    assert made.returncode == 0, made.stderr
+    secret_file = tmp_path / "s.txt"
+    secret_file.write_text(secret)
+    log_path = tmp_path / "stderr.log"
+    with open(log_path, "wb") as log, \
+            Daemon(str(tmp_path / "qmp.sock"), "--object", f"secret,id=s0,file={secret_file}",
+                   stderr=log) as d:
+        c = d.client()
+        secret_file.write_text("changed after start")  # files holding secrets are read once
+        replies = [
+            c.cmd("object-add", **{"qom-type": "secret", "id": "s1", "data": wrong}),
+            c.cmd("object-add", **{"qom-type": "secret", "id": "s1", "data": secret}),
+            c.cmd("object-add", **{"qom-type": "secret", "id": "s2", "data": secret + "!!",
+                                   "format": "base64"}),
+            c.cmd("object-add", **{"qom-type": "secret", "id": "s3", "data": secret,
+                                   "keyid": "s1"}),
+            c.cmd("blockdev-add", **{"driver": "luks", "node-name": "bad", "key-secret": "s1",
+                                     "file": {"driver": "file", "filename": vol}}),
+            c.cmd("blockdev-add", **{"driver": "luks", "node-name": "good", "key-secret": "s0",
+                                     "file": {"driver": "file", "filename": vol}}),
+            c.cmd("query-named-block-nodes"),
+            c.cmd("query-block"),
+            c.cmd("blockdev-del", **{"node-name": "good"}),
+        ]
+        events = c.events(0.3)
+    assert "return" in replies[5], replies[5]  # opened with the secret as first read
+    assert "error" in replies[4]
+    text = repr(replies) + repr(events) + log_path.read_text(errors="replace")
+    for needle in (secret, wrong):
+        assert needle not in text

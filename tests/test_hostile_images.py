@@ -84,6 +84,10 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def _put(data: bytearray, off: int, fmt: str, value: int) -> None:
     if off + struct.calcsize(fmt) <= len(data):
         struct.pack_into(fmt, data, off, value)
@@ -181,6 +185,7 @@ def test_targeted_mutations_match_qsd(images, tmp_path):
     qsd = Daemon(str(tmp_path / "q.sock"), qsd=True)
     try:
         b, q = blockd.client(), qsd.client()
+        fds = _fds(blockd.proc.pid)
         diffs = []
         refused = 0
         for i, (name, muts) in enumerate(cases):
@@ -204,6 +209,7 @@ def test_targeted_mutations_match_qsd(images, tmp_path):
                 b.cmd("blockdev-del", **{"node-name": "h"})
         assert not diffs, diffs
         assert refused >= 50
+        assert _fds(blockd.proc.pid) == fds
     finally:
         blockd.stop()
         qsd.stop()
@@ -252,10 +258,6 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         else:
             del out[rng.randrange(len(out)):]
     return bytes(out)
-
-
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def test_random_mutations_in_one_daemon(images, tmp_path):
@@ -393,6 +395,7 @@ def test_luks_targeted_mutations_match_qsd(images, tmp_path):
         b, q = blockd.client(), qsd.client()
         for c in (b, q):
             c.cmd("object-add", **{"qom-type": "secret", "id": "s0", "data": "hunter2"})
+        fds = _fds(blockd.proc.pid)
         for i, (name, off, fmt, value) in enumerate(LUKS_TARGETED):
             path = str(tmp_path / f"l{i}.luks")
             data = _apply(base, [(off, fmt, value)])
@@ -409,6 +412,7 @@ def test_luks_targeted_mutations_match_qsd(images, tmp_path):
             assert got["blockd"] == got["qsd"], (name, got)
             assert got["blockd"] is not None, name
             assert _read(path) == data
+        assert _fds(blockd.proc.pid) == fds
     finally:
         blockd.stop()
         qsd.stop()
