@@ -148,6 +148,8 @@ def targeted(data: bytes) -> list[tuple[str, list[tuple[int, str, int]]]]:
         ("bitmap directory size huge", [(ext + 8, ">Q", 100000000)]),
         ("bitmap directory cut", [(ext + 8, ">Q", 16)]),
         ("bitmap directory unaligned", [(ext + 16, ">Q", d + 1)]),
+        ("bitmap directory beyond 2^63", [(ext + 16, ">Q", 1 << 63)]),
+        ("bitmap table beyond 2^63", [(d, ">Q", 1 << 63)]),
         ("bitmap table size 0", [(d + 8, ">I", 0)]),
         ("bitmap table size huge", [(d + 8, ">I", 200000000)]),
         ("bitmap table size wrong", [(d + 8, ">I", 2)]),
@@ -218,7 +220,7 @@ def test_targeted_mutations_match_qsd(images, tmp_path):
 # ---- random mutations -----------------------------------------------------------
 
 INTERESTING = [0, 1, 7, 8, 0x1FF, 0x200, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000,
-               0xFFFFFFFF, 1 << 32, (1 << 62) + 3, (1 << 63) - 1, (1 << 64) - 1]
+               0xFFFFFFFF, 1 << 32, (1 << 62) + 3, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
 
 
 def _metadata_offsets(data: bytes) -> list[int]:

@@ -46,6 +46,14 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _INLINE_MAX = 1 << 20
 #: File systems whose I/O is a memory copy: a thread hop costs more than the I/O.
 _MEMORY_FS = {"tmpfs", "ramfs", "hugetlbfs"}
+#: The end of the largest request QEMU's block layer accepts (INT64_MAX aligned down).
+MAX_REQUEST_END = (1 << 63) - (1 << 31)
+
+
+def _check_request(offset: int, length: int) -> None:
+    """Offsets come from image metadata too: out of range is EIO, as in QEMU."""
+    if offset < 0 or length < 0 or offset + length > MAX_REQUEST_END:
+        raise OSError(errno.EIO, "Input/output error")
 
 
 def filesystem_type(fd: int) -> str:
@@ -200,6 +208,7 @@ class FileNode(BlockNode):
         return -(-self.size // 512) * 512
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        _check_request(offset, length)
         if self.direct:
             return await asyncio.to_thread(self._direct_read, offset, length)
         if self.in_memory:
@@ -231,6 +240,7 @@ class FileNode(BlockNode):
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
+        _check_request(offset, len(data))
         if self.direct:
             await asyncio.to_thread(self._direct_write, offset, data)
         elif self.in_memory:

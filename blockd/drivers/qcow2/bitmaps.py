@@ -11,6 +11,8 @@ cleanly and is marked inconsistent.  Bitmaps are written back on close.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import struct
 from typing import TYPE_CHECKING, Any
 
@@ -102,7 +104,10 @@ async def load_directory(image: "Image") -> list[DirEntry]:
     if not size:
         return []
     nb = _EXT.unpack_from(image.header.extension(hdr.EXT_BITMAPS).data)[0]
-    raw = bytes(await image.file.read(offset, size)).ljust(size, b"\0")
+    try:
+        raw = bytes(await image.file.read(offset, size)).ljust(size, b"\0")
+    except OSError as exc:
+        raise QMPError(f"Failed to read bitmap directory: {_strerror(exc)}") from None
     entries: list[DirEntry] = []
     pos = 0
     while pos < size:
@@ -129,15 +134,21 @@ async def load_directory(image: "Image") -> list[DirEntry]:
     return entries
 
 
+def _strerror(exc: OSError) -> str:
+    return os.strerror(exc.errno or errno.EIO)
+
+
 async def _load_table(image: "Image", e: DirEntry) -> list[int]:
-    table = [x for (x,) in struct.iter_unpack(
-        ">Q", bytes(await image.file.read(e.table_offset, e.table_size * 8)).ljust(
-            e.table_size * 8, b"\0"))]
+    why = f"Could not read bitmap_table table from image for bitmap '{e.name}'"
+    try:
+        raw = bytes(await image.file.read(e.table_offset, e.table_size * 8))
+    except OSError as exc:
+        raise QMPError(f"{why}: {_strerror(exc)}") from None
+    table = [x for (x,) in struct.iter_unpack(">Q", raw.ljust(e.table_size * 8, b"\0"))]
     for entry in table:
         if (entry & _TABLE_RESERVED or entry & _TABLE_OFFSET
                 and (entry & 1 or (entry & _TABLE_OFFSET) % image.cluster_size)):
-            raise QMPError("Could not read bitmap_table table from image for bitmap "
-                           f"'{e.name}': Invalid argument")
+            raise QMPError(f"{why}: Invalid argument")
     return table
 
 
@@ -161,8 +172,12 @@ async def load(image: "Image", size: int, writable: bool) -> dict[str, DirtyBitm
                     break
                 n = min(cs, len(bm.bits) - start)
                 if entry & OFFSET_MASK:
-                    bm.bits[start:start + n] = bytes(
-                        await image.file.read(entry & OFFSET_MASK, n)).ljust(n, b"\0")
+                    try:
+                        data = await image.file.read(entry & OFFSET_MASK, n)
+                    except OSError as exc:
+                        raise QMPError(f"Could not read bitmap '{e.name}' from image: "
+                                       f"{_strerror(exc)}") from None
+                    bm.bits[start:start + n] = bytes(data).ljust(n, b"\0")
                 elif entry & 1:
                     bm.bits[start:start + n] = b"\xff" * n
         bm.readonly = not writable

@@ -73,8 +73,16 @@ class Qcow2Node(BlockNode):
         self.image = Image(file, h, opts.get("pass-discard-other", False), caches)
         self.map = Mapping(self.image, caches)
         await self._open_data_file(ctx, h)
-        await self.image.refcounts.load()
-        await self.map.load()
+        try:
+            await self.map.load()
+        except OSError as exc:
+            raise QMPError(f"Could not read L1 table: {os.strerror(exc.errno or errno.EIO)}") \
+                from None
+        try:
+            await self.image.refcounts.load()
+        except OSError as exc:
+            raise QMPError("Could not initialize refcount handling: "
+                           f"{os.strerror(exc.errno or errno.EIO)}") from None
         if h.incompatible_features & hdr.INCOMPAT_DIRTY and not self.read_only:
             await self._repair_dirty()
         if not self.read_only and h.version >= 3 and h.autoclear_features & ~hdr.AUTOCLEAR_KNOWN:
