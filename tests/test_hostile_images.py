@@ -6,8 +6,8 @@ error must be qemu-storage-daemon's word for word.  For random damage one
 blockd daemon opens them all and must stay up, answer ``query-version``
 after each, leave every refused file and every read-only opened file
 byte-identical, and close the descriptors it opened.  In process, the
-qcow2 and LUKS parsers read every mutated image to the end and let only
-their own error types escape, with memory bounded.
+qcow2 and LUKS parsers, driven by hypothesis, read every mutated image to
+the end and let only their own error types escape, with memory bounded.
 
 ``BLOCKD_FUZZ_CASES`` sets the number of random cases (default 120) for a
 longer run on request, e.g. ``BLOCKD_FUZZ_CASES=5000``.
@@ -24,6 +24,8 @@ import subprocess
 import tracemalloc
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from blockd.block.graph import BlockGraph
 from blockd.crypto import luks
@@ -325,23 +327,26 @@ async def _open_and_read_all(path: str) -> None:
         await g.close_all()
 
 
-def test_qcow2_parser_fuzz_in_process(images, tmp_path):
-    rng = random.Random(99)
-    bases = [_read(images[k]) for k in ("base", "v2", "ext")]
+_FUZZ = settings(max_examples=CASES, deadline=None, derandomize=True, database=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@_FUZZ
+@given(rng=st.randoms(use_true_random=False), which=st.sampled_from(["base", "v2", "ext"]))
+def test_qcow2_parser_fuzz_in_process(images, tmp_path, rng, which):
+    """Hypothesis drives the mutations (and shrinks a failing one to its essence)."""
     shutil.copy(images["v2"].replace("v2.qcow2", "back.raw"), tmp_path / "back.raw")
     path = str(tmp_path / "p.qcow2")
+    data = mutate(_read(images[which]), rng)
+    with open(path, "wb") as f:
+        f.write(data)
     tracemalloc.start()
     try:
-        for i in range(CASES):
-            data = mutate(rng.choice(bases), rng)
-            with open(path, "wb") as f:
-                f.write(data)
-            tracemalloc.reset_peak()
-            asyncio.run(_open_and_read_all(path))
-            assert tracemalloc.get_traced_memory()[1] < MEMORY_BOUND, f"case {i}"
-            assert _read(path) == data
+        asyncio.run(_open_and_read_all(path))
+        assert tracemalloc.get_traced_memory()[1] < MEMORY_BOUND
     finally:
         tracemalloc.stop()
+    assert _read(path) == data
 
 
 LUKS_FIELDS = [(6, ">H"), (104, ">I"), (108, ">I"), (164, ">I")] + [
@@ -349,31 +354,27 @@ LUKS_FIELDS = [(6, ">H"), (104, ">I"), (108, ">I"), (164, ">I")] + [
     for off, fmt in ((0, ">I"), (4, ">I"), (40, ">I"), (44, ">I"))]
 
 
-def test_luks_parser_fuzz(images):
+@settings(max_examples=CASES * 4, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rng=st.randoms(use_true_random=False))
+def test_luks_parser_fuzz(images, rng):
     """Random header damage: parse and slot checks raise QMPError or accept; nothing else."""
-    rng = random.Random(7)
-    base = _read(images["luks"])[:luks.HEADER_SIZE]
-    accepted = 0
-    for _ in range(CASES * 4):
-        data = bytearray(base)
-        for _ in range(rng.randint(1, 3)):
-            if rng.random() < 0.7:
-                off, fmt = rng.choice(LUKS_FIELDS)
-                _put(data, off, fmt, rng.choice(INTERESTING) & (
-                    (1 << (8 * struct.calcsize(fmt))) - 1))
-            else:
-                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-        try:
-            h = luks.LuksHeader.parse(bytes(data))
-        except QMPError:
-            continue
-        accepted += 1
-        # What an accepted header describes stays inside the bounds the checks promise.
-        assert h.key_bytes <= 64 and h.payload_offset >= luks.HEADER_SECTORS
-        for s in h.slots:
-            assert s.stripes == luks.STRIPES
-            assert s.key_offset + h.split_sectors(s.stripes) <= h.payload_offset
-    assert accepted > 0
+    data = bytearray(_read(images["luks"])[:luks.HEADER_SIZE])
+    for _ in range(rng.randint(1, 3)):
+        if rng.random() < 0.7:
+            off, fmt = rng.choice(LUKS_FIELDS)
+            _put(data, off, fmt, rng.choice(INTERESTING) & ((1 << (8 * struct.calcsize(fmt))) - 1))
+        else:
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    try:
+        h = luks.LuksHeader.parse(bytes(data))
+    except QMPError:
+        return
+    # What an accepted header describes stays inside the bounds the checks promise.
+    assert h.key_bytes <= 64 and h.payload_offset >= luks.HEADER_SECTORS
+    for s in h.slots:
+        assert s.stripes == luks.STRIPES
+        assert s.key_offset + h.split_sectors(s.stripes) <= h.payload_offset
 
 
 LUKS_TARGETED = [
