@@ -245,6 +245,8 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     out = bytearray(data)
     spots = _metadata_offsets(data)
     for _ in range(rng.randint(1, 4)):
+        if not out:
+            break
         kind = rng.random()
         if kind < 0.45:
             field = rng.choice([(4, ">I"), (8, ">Q"), (16, ">I"), (20, ">I"), (24, ">Q"),
@@ -347,6 +349,42 @@ def test_qcow2_parser_fuzz_in_process(images, tmp_path, rng, which):
     finally:
         tracemalloc.stop()
     assert _read(path) == data
+
+
+async def _open_and_write(path: str) -> None:
+    """Open read-write, write and discard a little, close: again only the driver's errors."""
+    g = BlockGraph()
+    try:
+        node = await g.open_node({"driver": "qcow2", "node-name": "q",
+                                  "file": {"driver": "file", "filename": path}})
+    except QMPError:
+        await g.close_all()
+        return
+    try:
+        size = min(node.length(), 8 * MiB)
+        for off in (0, 3 * 65536 + 512, MiB, 2 * MiB, size - 4096):
+            if 0 <= off < size:
+                try:
+                    await node.write(off, b"\xab" * min(4096, size - off))
+                except OSError:
+                    pass
+        try:
+            await node.discard(0, min(size, MiB))
+        except OSError:
+            pass
+    finally:
+        await g.close_all()
+
+
+@settings(max_examples=max(CASES // 2, 1), deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(rng=st.randoms(use_true_random=False), which=st.sampled_from(["base", "v2", "ext"]))
+def test_qcow2_writes_to_hostile_images(images, tmp_path, rng, which):
+    shutil.copy(images["v2"].replace("v2.qcow2", "back.raw"), tmp_path / "back.raw")
+    path = str(tmp_path / "w.qcow2")
+    with open(path, "wb") as f:
+        f.write(mutate(_read(images[which]), rng))
+    asyncio.run(_open_and_write(path))
 
 
 LUKS_FIELDS = [(6, ">H"), (104, ">I"), (108, ">I"), (164, ">I")] + [

@@ -217,7 +217,11 @@ async def store(image: "Image", bitmaps: list[DirtyBitmap], in_use: bool,
     """
     cs = image.cluster_size
     h = image.header
-    old = await load_directory(image)
+    try:
+        old = await load_directory(image)
+    except QMPError as exc:
+        # Valid at open, so something overwrote it since: an I/O failure of this store.
+        raise OSError(errno.EIO, exc.desc) from None
     kept = [e for e in old if e.name in keep]
     await _free_all(image, [e for e in old if e.name not in keep], free_directory=True)
     entries = list(kept)
