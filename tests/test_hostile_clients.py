@@ -25,7 +25,7 @@ import pytest
 
 from blockd.nbd import protocol as p
 from blockd.nbd import server as nbd_server
-from harness import Daemon
+from harness import HAVE_QSD, Daemon
 
 MiB = 1 << 20
 
@@ -407,3 +407,24 @@ def test_secrets_stay_out_of_replies_and_logs(tmp_path):
     text = repr(replies) + repr(events) + log_path.read_text(errors="replace")
     for needle in (secret, wrong):
         assert needle not in text
+
+
+@pytest.mark.skipif(not HAVE_QSD, reason="needs qemu-storage-daemon")
+def test_nul_in_file_names_is_a_name_like_qemus(tmp_path):
+    """U+0000 in a QMP string reaches the OS as QEMU's C0 80 pair: an error, not a crash."""
+    requests = [
+        '{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"x",'
+        '"filename":"%s/a\\u0000b"}}' % tmp_path,
+        '{"execute":"object-add","arguments":{"qom-type":"secret","id":"s",'
+        '"file":"%s/a\\u0000b"}}' % tmp_path,
+    ]
+    replies = {}
+    for who, qsd in (("blockd", False), ("qsd", True)):
+        with Daemon(str(tmp_path / f"{who}.sock"), qsd=qsd) as d:
+            c = d.client()
+            replies[who] = []
+            for req in requests:
+                c.send(req)
+                replies[who].append(c.recv_line())
+            assert c.cmd("query-version")["return"]["qemu"]["major"] == 7
+    assert replies["blockd"] == replies["qsd"]

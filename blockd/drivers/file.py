@@ -27,6 +27,7 @@ from typing import Any
 from blockd.block.graph import BlockGraph, OpenContext
 from blockd.block.node import BlockNode, Extent, Perm, PERM_NAMES, Status, WriteFlags
 from blockd.errors import QMPError
+from blockd.paths import os_path
 
 _PERM_BASE = 100
 _SHARED_BASE = 200
@@ -172,7 +173,7 @@ class FileNode(BlockNode):
         if self.direct:
             flags |= os.O_DIRECT
         try:
-            return os.open(self.path, flags)
+            return os.open(os_path(self.path), flags)
         except IsADirectoryError:
             raise QMPError(f"'{self.path}' is not a file") from None
         except OSError as exc:
@@ -404,7 +405,7 @@ class FileNode(BlockNode):
         if self.direct:
             flags |= os.O_DIRECT
         try:
-            return os.open(self.path, flags)
+            return os.open(os_path(self.path), flags)
         except OSError as exc:
             raise _open_error(self.path, exc) from None
 
@@ -451,7 +452,7 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
     if prealloc == "metadata":
         raise QMPError("Unsupported preallocation mode 'metadata'")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(os_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise QMPError(f"Could not create '{path}': {exc.strerror}") from None
     try:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from blockd.block.node import BlockNode, Status, WriteFlags
 from blockd.nbd import protocol as p
+from blockd.paths import os_path
 
 if TYPE_CHECKING:
     from blockd.daemon import Daemon
@@ -118,7 +119,7 @@ class NBDServer:
         loop = asyncio.get_running_loop()
         old = os.umask(0o177)
         try:
-            server = await loop.create_unix_server(lambda: Connection(self), path)
+            server = await loop.create_unix_server(lambda: Connection(self), os_path(path))
         finally:
             os.umask(old)
         self.unix_path = path
@@ -136,7 +137,7 @@ class NBDServer:
             conn.abort()
         if self.unix_path is not None:
             try:
-                os.unlink(self.unix_path)
+                os.unlink(os_path(self.unix_path))
             except OSError:
                 pass
 
