@@ -457,3 +457,30 @@ def test_luks_targeted_mutations_match_qsd(images, tmp_path):
     finally:
         blockd.stop()
         qsd.stop()
+
+
+def test_memory_follows_the_cache_options_not_the_image_size(tmp_path):
+    """A 1 PiB image with data scattered over it: once open (the L1 table read), reading
+    all over it holds what the cache options allow, however much metadata it has."""
+    img = str(tmp_path / "big.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", img, "1P")
+    step = (1 << 50) // 120
+    sh("qemu-io", "-f", "qcow2", *[a for i in range(120)
+                                   for a in ("-c", f"write -P {i % 250 + 1} {i * step} 4k")], img)
+
+    async def body() -> int:
+        g = BlockGraph()
+        node = await g.open_node({"driver": "qcow2", "node-name": "q", "read-only": True,
+                                  "l2-cache-size": 1 * MiB, "refcount-cache-size": 256 << 10,
+                                  "file": {"driver": "file", "filename": img}})
+        try:
+            tracemalloc.start()
+            for i in range(120):
+                assert bytes(await node.read(i * step, 4096)) == bytes([i % 250 + 1]) * 4096
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            await g.close_all()
+
+    # 120 L2 tables (7.5 MiB of metadata) passed through a 1 MiB cache.
+    assert asyncio.run(body()) < 4 * MiB
