@@ -484,3 +484,22 @@ def test_memory_follows_the_cache_options_not_the_image_size(tmp_path):
 
     # 120 L2 tables (7.5 MiB of metadata) passed through a 1 MiB cache.
     assert asyncio.run(body()) < 4 * MiB
+
+
+def test_backing_chain_loops_are_refused(tmp_path):
+    """An image naming itself, or two naming each other, as backing file: QEMU 7.2 never
+    finishes opening these; blockd refuses them and keeps answering."""
+    a, b, c = (str(tmp_path / n) for n in ("a.qcow2", "b.qcow2", "c.qcow2"))
+    for img in (a, b):
+        sh("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+    sh("qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", a, "-F", "qcow2", a)
+    sh("qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", "c.qcow2", "-F", "qcow2", b)
+    sh("qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", b, "-F", "qcow2", c, "1M")
+    with Daemon(str(tmp_path / "qmp.sock")) as d:
+        cl = d.client()
+        before = [_read(p) for p in (a, b, c)]
+        for img, loop in ((a, a), (c, c)):
+            reply = _add(cl, img)
+            assert reply["error"]["desc"].endswith(f"Backing chain loops back to '{loop}'"), reply
+        assert [_read(p) for p in (a, b, c)] == before
+        assert cl.cmd("query-version")["return"]["qemu"]["major"] == 7

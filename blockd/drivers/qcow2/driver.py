@@ -15,6 +15,7 @@ the refcount was raised before, so a crash leaks at worst.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import logging
 import os
@@ -30,8 +31,23 @@ from blockd.drivers.qcow2.cluster import (ALL_ALLOC, ALL_ZERO, COPIED, SUBCLUSTE
                                           Kind, Mapping, compressed_entry)
 from blockd.drivers.qcow2.image import Image
 from blockd.errors import QMPError
+from blockd.paths import os_path
 
 log = logging.getLogger(__name__)
+
+
+#: Files of the images whose backing files are being opened, in this open call.
+_BACKING_CHAIN: contextvars.ContextVar[frozenset[tuple[int, int] | None]] = \
+    contextvars.ContextVar("backing_chain", default=frozenset())
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a file, to recognise it under any name; None if it cannot be stat'ed."""
+    try:
+        st = os.stat(os_path(path))
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 def probe_format(head: bytes) -> str:
@@ -175,6 +191,10 @@ class Qcow2Node(BlockNode):
         path = h.backing_file
         if not os.path.isabs(path) and not path.startswith("json:"):
             path = os.path.join(os.path.dirname(self.image.file.filename()), path)
+        chain = _BACKING_CHAIN.get() | {_file_id(self.image.file.filename())}
+        if _file_id(path) in chain - {None}:
+            # QEMU would open the chain forever; a file naming itself is refused.
+            raise QMPError(f"Could not open backing file: Backing chain loops back to '{path}'")
         fmt = h.backing_format
         if fmt is None:
             try:
@@ -183,11 +203,14 @@ class Qcow2Node(BlockNode):
             except OSError as exc:
                 raise QMPError(f"Could not open backing file: Could not open '{path}': "
                                f"{exc.strerror}") from None
+        token = _BACKING_CHAIN.set(chain)
         try:
             await ctx.open_child({"driver": fmt, "file": {"driver": "file", "filename": path}},
                                  "backing")
         except QMPError as exc:
             raise QMPError(f"Could not open backing file: {exc.desc}") from None
+        finally:
+            _BACKING_CHAIN.reset(token)
 
     async def close(self) -> None:
         if self._cleaner is not None:
