@@ -503,3 +503,17 @@ def test_backing_chain_loops_are_refused(tmp_path):
             assert reply["error"]["desc"].endswith(f"Backing chain loops back to '{loop}'"), reply
         assert [_read(p) for p in (a, b, c)] == before
         assert cl.cmd("query-version")["return"]["qemu"]["major"] == 7
+
+
+def test_backing_file_that_is_a_fifo_cannot_hang_the_daemon(tmp_path):
+    """Opening a FIFO blocks until a writer comes (QEMU 7.2 hangs); blockd opens files
+    non-blocking and refuses what is not a regular file or block device."""
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    img = str(tmp_path / "f.qcow2")
+    sh("qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", fifo, "-F", "raw", img, "1M")
+    with Daemon(str(tmp_path / "qmp.sock")) as d:
+        c = d.client()
+        assert _add(c, img)["error"]["desc"] == (
+            f"Could not open backing file: 'file' driver requires '{fifo}' to be a regular file")
+        assert c.cmd("query-version")["return"]["qemu"]["major"] == 7

@@ -157,6 +157,10 @@ class FileNode(BlockNode):
             st = os.fstat(self.fd)
             if stat.S_ISDIR(st.st_mode):
                 raise QMPError(f"'{self.path}' is not a file")
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise QMPError(f"'file' driver requires '{self.path}' to be a regular file")
+            # Opened non-blocking so a FIFO cannot hang the daemon; files do not need it.
+            os.set_blocking(self.fd, True)
             self.is_block_device = stat.S_ISBLK(st.st_mode)
             self.in_memory = not self.direct and filesystem_type(self.fd) in _MEMORY_FS
             self.size = self._query_size()
@@ -169,7 +173,7 @@ class FileNode(BlockNode):
             raise
 
     def _open_fd(self, read_only: bool) -> int:
-        flags = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
+        flags = os.O_CLOEXEC | os.O_NONBLOCK | (os.O_RDONLY if read_only else os.O_RDWR)
         if self.direct:
             flags |= os.O_DIRECT
         try:
