@@ -110,6 +110,9 @@ class LuksNode(BlockNode):
             luks.unlock, header, lambda off, n: region[off:off + n], password)
         self.header = header
         self.payload = header.payload_bytes
+        if self.payload > file.length():
+            # The volume would have a negative size; QEMU fails sizing it.
+            raise QMPError("Could not refresh total sector count: Input/output error")
 
     # ---- data path ----------------------------------------------------------
 
