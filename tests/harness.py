@@ -70,12 +70,30 @@ class Daemon:
         self.stop()
 
 
+def connect_unix(path: str, timeout: float = 10.0) -> socket.socket:
+    """Connect, retrying while the socket exists but is not listening yet.
+
+    A daemon binds (the path appears) a moment before it listens; on a busy
+    machine a client can fall into that gap and be refused.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.connect(path)
+            return sock
+        except ConnectionRefusedError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class Client:
     """A raw QMP connection."""
 
     def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
+        self.sock = connect_unix(path)
         self.buf = b""
         self.greeting = self.recv()
 

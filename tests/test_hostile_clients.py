@@ -26,7 +26,7 @@ import pytest
 
 from blockd.nbd import protocol as p
 from blockd.nbd import server as nbd_server
-from harness import HAVE_QSD, Daemon
+from harness import HAVE_QSD, Daemon, connect_unix
 
 MiB = 1 << 20
 
@@ -298,9 +298,7 @@ def test_qmp_client_limit(tmp_path):
     with Daemon(str(tmp_path / "qmp.sock")) as d:
         socks = []
         for _ in range(80):
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(d.sock_path)
-            socks.append(s)
+            socks.append(connect_unix(d.sock_path))
         # The first 64 get a greeting; the rest are closed without one.
         greeted = 0
         for s in socks:
