@@ -418,7 +418,8 @@ def test_luks_parser_fuzz(images, rng):
 LUKS_TARGETED = [
     ("magic", 0, ">I", 0), ("version 2", 6, ">H", 2),
     ("cipher name", 8, ">I", 0x41414141), ("payload offset 0", 104, ">I", 0),
-    ("payload offset past the end", 104, ">I", 0x100000), ("key bytes 3", 108, ">I", 3), ("key bytes huge", 108, ">I", 0xFFFFFFFF),
+    ("payload offset past the end", 104, ">I", 0x100000), ("key bytes 3", 108, ">I", 3),
+    ("key bytes 2^30", 108, ">I", 1 << 30), ("key bytes huge", 108, ">I", 0xFFFFFFFF),
     ("master iterations 0", 164, ">I", 0),
     ("slot 0 state", 208, ">I", 5), ("slot 0 iterations 0", 212, ">I", 0),
     ("slot 0 key offset 0", 248, ">I", 0), ("slot 0 key offset past payload", 248, ">I", 0x100000),
