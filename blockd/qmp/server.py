@@ -254,7 +254,8 @@ class Monitor:
             os.unlink(path)
         old = os.umask(0o177)
         try:
-            self.server = await asyncio.get_running_loop().create_unix_server(self._connection, path)
+            self.server = await asyncio.get_running_loop().create_unix_server(
+                self._connection, path)
         finally:
             os.umask(old)
         self.path = path
