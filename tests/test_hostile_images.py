@@ -518,3 +518,42 @@ def test_backing_file_that_is_a_fifo_cannot_hang_the_daemon(tmp_path):
         assert _add(c, img)["error"]["desc"] == (
             f"Could not open backing file: 'file' driver requires '{fifo}' to be a regular file")
         assert c.cmd("query-version")["return"]["qemu"]["major"] == 7
+
+
+def test_random_luks_mutations_in_one_daemon(images, tmp_path):
+    """Damaged LUKS headers and key material, opened by one daemon with the right password:
+    refused or opened, never a crash; files unchanged; descriptors given back."""
+    rng = random.Random(21)
+    base = _read(images["luks"])
+    h = luks.LuksHeader.parse(base)
+    material = [i for i, s in enumerate(h.slots) if s.enabled]
+    with Daemon(str(tmp_path / "qmp.sock")) as d:
+        c = d.client()
+        c.cmd("object-add", **{"qom-type": "secret", "id": "s0", "data": "hunter2"})
+        fds = _fds(d.proc.pid)
+        for i in range(max(CASES // 3, 10)):
+            data = bytearray(base)
+            for _ in range(rng.randint(1, 3)):
+                kind = rng.random()
+                if kind < 0.6:
+                    off, fmt = rng.choice(LUKS_FIELDS)
+                    _put(data, off, fmt, rng.choice(INTERESTING) & (
+                        (1 << (8 * struct.calcsize(fmt))) - 1))
+                elif kind < 0.8:  # key material or master key digest
+                    slot = h.slots[rng.choice(material)]
+                    data[slot.key_offset * 512 + rng.randrange(h.key_bytes * slot.stripes)] ^= 1
+                else:
+                    del data[rng.randrange(len(data)):]
+            path = str(tmp_path / f"l{i % 4}.luks")
+            with open(path, "wb") as f:
+                f.write(data)
+            reply = c.cmd("blockdev-add", **{
+                "driver": "luks", "node-name": "l", "key-secret": "s0", "read-only": i % 2 == 0,
+                "file": {"driver": "file", "filename": path}})
+            assert "return" in reply or reply["error"]["class"] == "GenericError", reply
+            if "return" in reply:
+                c.cmd("blockdev-del", **{"node-name": "l"})
+            if i % 2 == 0 or "error" in reply:
+                assert _read(path) == bytes(data), f"case {i}"
+            assert c.cmd("query-version")["return"]["qemu"]["major"] == 7
+        assert _fds(d.proc.pid) == fds
