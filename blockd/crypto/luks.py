@@ -31,8 +31,6 @@ import time
 import uuid as uuidlib
 from typing import Any, Callable
 
-from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
-
 from blockd.crypto import cipher as cc
 from blockd.crypto.cipher import SectorCipher
 from blockd.errors import QMPError
@@ -282,10 +280,13 @@ MAX_PBKDF_ITERATIONS = (1 << 31) - 1
 
 
 def pbkdf2(hash_alg: str, password: bytes, salt: bytes, iterations: int, length: int) -> bytes:
+    """PBKDF2-HMAC; hashlib's releases the GIL for the whole derivation, so a slot asking
+    for millions of iterations costs a thread, never the event loop."""
     if iterations > MAX_PBKDF_ITERATIONS:
         raise QMPError(f"PBKDF iterations {iterations} must be less than "
                        f"{MAX_PBKDF_ITERATIONS + 1}")
-    return PBKDF2HMAC(cc.cryptography_hash(hash_alg), length, salt, iterations).derive(password)
+    cc.cryptography_hash(hash_alg)  # the supported hashes, with QEMU's error for others
+    return hashlib.pbkdf2_hmac(hash_alg, password, salt, iterations, length)
 
 
 def count_iters(hash_alg: str, password: bytes, salt: bytes, length: int,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import threading
 from typing import Any
 
 from blockd.block.backend import Backend
@@ -29,6 +30,36 @@ SECTOR = luks.SECTOR
 _INLINE_MAX = 16 << 10
 #: Cipher work is done in pieces of this size so one huge request cannot hog a thread.
 _CHUNK = 1 << 20
+#: Unlocking runs PBKDF2 for as many iterations as the header asks, which a hostile
+#: image can make hours.  At most this many run at once, each in a daemon thread of
+#: its own: file I/O never waits behind them and shutdown never waits for them.
+_KDF_SLOTS = asyncio.Semaphore(2)
+
+
+async def _kdf_thread(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` (key derivation) in a daemon thread; the caller awaits the result."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if done.done():
+            return
+        if exc is None:
+            done.set_result(result)
+        else:
+            done.set_exception(exc)
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    async with _KDF_SLOTS:
+        threading.Thread(target=run, name="blockd-kdf", daemon=True).start()
+        return await done
 
 
 def _password(secret: Any, secret_id: str | None) -> bytes:
@@ -106,7 +137,7 @@ class LuksNode(BlockNode):
             header, region = await read_header(file)
         except OSError as exc:
             raise QMPError(f"Could not read encryption header: {exc.strerror}") from None
-        self.cipher = await asyncio.to_thread(
+        self.cipher = await _kdf_thread(
             luks.unlock, header, lambda off, n: region[off:off + n], password)
         self.header = header
         self.payload = header.payload_bytes
