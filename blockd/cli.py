@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 from typing import Any, NoReturn
@@ -276,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{'.'.join(map(str, blockd.QEMU_VERSION))})")
         return 0
     ready_fd = _daemonize() if "--daemonize" in flags else None
+    # Secrets and key material live in this process's memory: no core dump may copy them.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
         import uvloop
         runner = uvloop.run

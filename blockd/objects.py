@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from blockd.errors import QMPError
+from blockd.paths import display_path, os_path
 
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
 
@@ -101,11 +102,11 @@ class ObjectStore:
             raise QMPError("'file' and 'data' are mutually exclusive")
         if path is not None:
             try:
-                with open(path, "rb") as f:
+                with open(os_path(path), "rb") as f:
                     raw = f.read()
             except OSError as exc:
-                raise QMPError(f"Unable to read {path}: Failed to open file \u201c{path}\u201d: "
-                               f"{exc.strerror}") from None
+                raise QMPError(f"Unable to read {path}: Failed to open file "
+                               f"\u201c{display_path(path)}\u201d: {exc.strerror}") from None
         else:
             raw = data.encode("utf-8")
         if args.get("format", "raw") == "base64":

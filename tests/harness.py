@@ -24,7 +24,8 @@ HAVE_QSD = shutil.which("qemu-storage-daemon") is not None
 class Daemon:
     """A daemon process with a QMP monitor on a unix socket."""
 
-    def __init__(self, sock_path: str, *args: str, qsd: bool = False, pretty: bool = False) -> None:
+    def __init__(self, sock_path: str, *args: str, qsd: bool = False, pretty: bool = False,
+                 stderr: Any = None) -> None:
         self.sock_path = sock_path
         cmd = ["qemu-storage-daemon"] if qsd else [sys.executable, "-m", "blockd.cli"]
         monitor = "chardev=m" + (",pretty=on" if pretty else "")
@@ -32,7 +33,7 @@ class Daemon:
         cmd += [*args, "--chardev", f"socket,id=m,path={sock_path},server=on,wait=off",
                 "--monitor", monitor]
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=stderr)
         deadline = time.monotonic() + 30
         while not os.path.exists(sock_path):
             if self.proc.poll() is not None:
@@ -78,21 +79,30 @@ class Daemon:
         self.stop()
 
 
+def connect_unix(path: str, timeout: float = 10.0) -> socket.socket:
+    """Connect, retrying while the socket exists but is not listening yet.
+
+    A daemon binds (the path appears) a moment before it listens; on a busy
+    machine a client can fall into that gap and be refused.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.connect(path)
+            return sock
+        except ConnectionRefusedError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class Client:
     """A raw QMP connection."""
 
     def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.sock.connect(path)
-                break
-            except ConnectionRefusedError:
-                # Seen on a loaded machine: the socket file exists a moment before it listens.
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        self.sock = connect_unix(path)
         self.buf = b""
         self.greeting = self.recv()
 

@@ -31,8 +31,6 @@ import time
 import uuid as uuidlib
 from typing import Any, Callable
 
-from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
-
 from blockd.crypto import cipher as cc
 from blockd.crypto.cipher import SectorCipher
 from blockd.errors import QMPError
@@ -130,6 +128,7 @@ class LuksHeader:
                   iters, _cstr(uuid), slots, version)
         hdr.check()
         hdr.parse_names()
+        hdr.check_bounds()
         return hdr
 
     def encode(self) -> bytes:
@@ -150,28 +149,52 @@ class LuksHeader:
         return -(-sectors // HEADER_SECTORS) * HEADER_SECTORS
 
     def check(self) -> None:
-        """Reject headers whose numbers would make us read or write out of place."""
+        """QEMU's header checks, in its order and with its 32-bit sector arithmetic.
+
+        QEMU adds and compares sector numbers as 32-bit unsigned ints, so a
+        key slot near 2^32 or a huge key length can wrap around and pass;
+        matching that keeps the first error reported the same as QEMU's.
+        :meth:`check_bounds` afterwards refuses what only passed by wrapping.
+        """
+        u32 = 0xFFFFFFFF
         if self.payload_offset < HEADER_SECTORS:
             raise QMPError("LUKS payload is overlapping with the header")
         if self.mk_iterations == 0:
             raise QMPError("LUKS key iteration count is zero")
         for i, s in enumerate(self.slots):
             if s.stripes != STRIPES:
-                raise QMPError(f"Keyslot {i} is corrupted (stripes {s.stripes} != {STRIPES})")
+                # QEMU prints the count as a signed int.
+                stripes = s.stripes - (1 << 32) if s.stripes >= 1 << 31 else s.stripes
+                raise QMPError(f"Keyslot {i} is corrupted (stripes {stripes} != {STRIPES})")
             if s.active not in (SLOT_ENABLED, SLOT_DISABLED):
                 raise QMPError(f"Keyslot {i} state (active/disable) is corrupted")
             if s.enabled and s.iterations == 0:
                 raise QMPError(f"Keyslot {i} iteration count is zero")
             if s.key_offset < HEADER_SECTORS:
                 raise QMPError(f"Keyslot {i} is overlapping with the LUKS header")
-            length = self.split_sectors(s.stripes)
-            if s.key_offset + length > self.payload_offset:
+            end = (s.key_offset + self._split_sectors_u32(s.stripes)) & u32
+            if end > self.payload_offset:
                 raise QMPError(f"Keyslot {i} is overlapping with the encrypted payload")
             for j in range(i + 1, NUM_SLOTS):
                 t = self.slots[j]
-                tlen = self.split_sectors(t.stripes)
-                if s.key_offset < t.key_offset + tlen and t.key_offset < s.key_offset + length:
+                t_end = (t.key_offset + self._split_sectors_u32(t.stripes)) & u32
+                if end > t.key_offset and t_end > s.key_offset:
                     raise QMPError(f"Keyslots {i} and {j} are overlapping in the header")
+
+    def _split_sectors_u32(self, stripes: int) -> int:
+        """:meth:`split_sectors` as QEMU computes it: the byte count in 32 bits too."""
+        sectors = -(-((self.key_bytes * stripes) & 0xFFFFFFFF) // SECTOR)
+        return -(-sectors // HEADER_SECTORS) * HEADER_SECTORS
+
+    def check_bounds(self) -> None:
+        """The slot checks again without wrapping: every key slot lies before the payload.
+
+        Stricter than QEMU, which accepts a (disabled) slot whose end wraps
+        past 2^32 sectors; run once the cipher check has bounded the key length.
+        """
+        for i, s in enumerate(self.slots):
+            if s.key_offset + self.split_sectors(s.stripes) > self.payload_offset:
+                raise QMPError(f"Keyslot {i} is overlapping with the encrypted payload")
 
     def parse_names(self) -> None:
         """Turn the header's cipher/mode/hash strings into QEMU algorithm names."""
@@ -251,8 +274,19 @@ def password_from_secret(secret_id: str, data: bytes) -> bytes:
     return data.split(b"\0", 1)[0]
 
 
+#: Iteration counts the PBKDF2 implementation takes (a C int); a header asking more
+#: would keep a thread busy for hours anyway.
+MAX_PBKDF_ITERATIONS = (1 << 31) - 1
+
+
 def pbkdf2(hash_alg: str, password: bytes, salt: bytes, iterations: int, length: int) -> bytes:
-    return PBKDF2HMAC(cc.cryptography_hash(hash_alg), length, salt, iterations).derive(password)
+    """PBKDF2-HMAC; hashlib's releases the GIL for the whole derivation, so a slot asking
+    for millions of iterations costs a thread, never the event loop."""
+    if iterations > MAX_PBKDF_ITERATIONS:
+        raise QMPError(f"PBKDF iterations {iterations} must be less than "
+                       f"{MAX_PBKDF_ITERATIONS + 1}")
+    cc.cryptography_hash(hash_alg)  # the supported hashes, with QEMU's error for others
+    return hashlib.pbkdf2_hmac(hash_alg, password, salt, iterations, length)
 
 
 def count_iters(hash_alg: str, password: bytes, salt: bytes, length: int,

@@ -27,6 +27,7 @@ from typing import Any
 from blockd.block.graph import BlockGraph, OpenContext
 from blockd.block.node import BlockNode, Extent, Perm, PERM_NAMES, Status, WriteFlags
 from blockd.errors import QMPError
+from blockd.paths import os_path
 
 _PERM_BASE = 100
 _SHARED_BASE = 200
@@ -46,6 +47,14 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _INLINE_MAX = 1 << 20
 #: File systems whose I/O is a memory copy: a thread hop costs more than the I/O.
 _MEMORY_FS = {"tmpfs", "ramfs", "hugetlbfs"}
+#: The end of the largest request QEMU's block layer accepts (INT64_MAX aligned down).
+MAX_REQUEST_END = (1 << 63) - (1 << 31)
+
+
+def _check_request(offset: int, length: int) -> None:
+    """Offsets come from image metadata too: out of range is EIO, as in QEMU."""
+    if offset < 0 or length < 0 or offset + length > MAX_REQUEST_END:
+        raise OSError(errno.EIO, "Input/output error")
 
 
 def filesystem_type(fd: int) -> str:
@@ -152,6 +161,10 @@ class FileNode(BlockNode):
             st = os.fstat(self.fd)
             if stat.S_ISDIR(st.st_mode):
                 raise QMPError(f"'{self.path}' is not a file")
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise QMPError(f"'file' driver requires '{self.path}' to be a regular file")
+            # Opened non-blocking so a FIFO cannot hang the daemon; files do not need it.
+            os.set_blocking(self.fd, True)
             self.is_block_device = stat.S_ISBLK(st.st_mode)
             self.in_memory = not self.direct and filesystem_type(self.fd) in _MEMORY_FS
             self.size = self._query_size()
@@ -164,11 +177,11 @@ class FileNode(BlockNode):
             raise
 
     def _open_fd(self, read_only: bool) -> int:
-        flags = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
+        flags = os.O_CLOEXEC | os.O_NONBLOCK | (os.O_RDONLY if read_only else os.O_RDWR)
         if self.direct:
             flags |= os.O_DIRECT
         try:
-            return os.open(self.path, flags)
+            return os.open(os_path(self.path), flags)
         except IsADirectoryError:
             raise QMPError(f"'{self.path}' is not a file") from None
         except OSError as exc:
@@ -204,6 +217,7 @@ class FileNode(BlockNode):
         return -(-self.size // 512) * 512
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        _check_request(offset, length)
         if self.direct:
             return await asyncio.to_thread(self._direct_read, offset, length)
         if self.in_memory:
@@ -235,6 +249,7 @@ class FileNode(BlockNode):
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
+        _check_request(offset, len(data))
         if self.direct:
             await asyncio.to_thread(self._direct_write, offset, data)
         elif self.in_memory:
@@ -411,7 +426,7 @@ class FileNode(BlockNode):
         if self.direct:
             flags |= os.O_DIRECT
         try:
-            return os.open(self.path, flags)
+            return os.open(os_path(self.path), flags)
         except OSError as exc:
             raise _open_error(self.path, exc) from None
 
@@ -458,7 +473,7 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
     if prealloc == "metadata":
         raise QMPError("Unsupported preallocation mode 'metadata'")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(os_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise QMPError(f"Could not create '{path}': {exc.strerror}") from None
     try:

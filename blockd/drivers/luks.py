@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import threading
 from typing import Any
 
 from blockd.block.backend import Backend
@@ -25,6 +26,37 @@ from blockd.crypto.cipher import SectorCipher
 from blockd.drivers.sector_io import SECTOR, WriteGate, crypt_sectors, sector_span
 from blockd.errors import QMPError
 
+#: Unlocking runs PBKDF2 for as many iterations as the header asks, which a hostile
+#: image can make hours.  At most this many run at once, each in a daemon thread of
+#: its own: file I/O never waits behind them and shutdown never waits for them.
+_KDF_SLOTS = asyncio.Semaphore(2)
+
+
+async def kdf_thread(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` (key derivation) in a daemon thread; the caller awaits the result."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if done.done():
+            return
+        if exc is None:
+            done.set_result(result)
+        else:
+            done.set_exception(exc)
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    async with _KDF_SLOTS:
+        threading.Thread(target=run, name="blockd-kdf", daemon=True).start()
+        return await done
+
 
 def secret_password(secret: Any, secret_id: str | None, prefix: str = "") -> bytes:
     """The password of secret ``secret_id``; ``prefix`` names the option in QEMU's message."""
@@ -33,13 +65,42 @@ def secret_password(secret: Any, secret_id: str | None, prefix: str = "") -> byt
     return luks.password_from_secret(secret_id, secret(secret_id))
 
 
-async def read_header(file: BlockNode) -> tuple[luks.LuksHeader, bytes]:
-    """The parsed header and the bytes of the whole header region (key material included)."""
+class KeyMaterial:
+    """The parts of the header region a volume's key slots use, read once at open.
+
+    Only the header and the eight key material areas are read (at most
+    8 x 64 bytes x 4000 stripes), so a header whose slots point far into a
+    big file cannot make us read the gap between them.  Slicing returns
+    what the file holds there, zeros elsewhere.
+    """
+
+    def __init__(self, pieces: dict[int, bytes]) -> None:
+        self.pieces = pieces
+
+    def __getitem__(self, where: slice) -> bytes:
+        start, stop = where.start, where.stop
+        for off, data in self.pieces.items():
+            if off <= start and stop <= off + len(data):
+                return data[start - off:stop - off]
+        out = bytearray(stop - start)
+        for off, data in self.pieces.items():
+            lo, hi = max(start, off), min(stop, off + len(data))
+            if lo < hi:
+                out[lo - start:hi - start] = data[lo - off:hi - off]
+        return bytes(out)
+
+
+async def read_header(file: BlockNode) -> tuple[luks.LuksHeader, KeyMaterial]:
+    """The parsed header and the bytes of its key material areas."""
     flen = file.length()
     head = bytes(await file.read(0, min(luks.HEADER_SIZE, flen)))
     header = luks.LuksHeader.parse(head)
-    region = min(max(header.region_bytes, luks.HEADER_SIZE), flen)
-    return header, bytes(await file.read(0, region))
+    pieces = {0: head}
+    for slot in header.slots:
+        off = slot.key_offset * SECTOR
+        n = max(0, min(header.key_bytes * slot.stripes, flen - off))
+        pieces[off] = bytes(await file.read(off, n)) if n else b""
+    return header, KeyMaterial(pieces)
 
 
 class LuksNode(BlockNode):
@@ -65,10 +126,13 @@ class LuksNode(BlockNode):
         except OSError as exc:
             raise QMPError(f"Could not read encryption header: {exc.strerror}") from None
         if password is not None:
-            self.cipher = await asyncio.to_thread(
+            self.cipher = await kdf_thread(
                 luks.unlock, header, lambda off, n: region[off:off + n], password)
         self.header = header
         self.payload = header.payload_bytes
+        if self.payload > file.length():
+            # The volume would have a negative size; QEMU fails sizing it.
+            raise QMPError("Could not refresh total sector count: Input/output error")
 
     # ---- data path ----------------------------------------------------------
 

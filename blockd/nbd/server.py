@@ -4,8 +4,11 @@ Each connection is an :class:`asyncio.Protocol`.  Handshake options are
 answered as they arrive; transmission requests run as concurrent tasks
 so a slow read does not hold up the requests behind it, and each reply
 is written with one ``transport.write`` so replies never interleave.
-A connection stops reading while too many requests are in flight, which
-bounds the memory a client can make the server hold.
+A connection stops reading while too many requests or bytes are in
+flight, or while its replies are not being read, which bounds the memory
+and tasks a client can make the server hold; a client that does not
+finish the handshake in time is dropped so it cannot sit on a
+``max-connections`` slot.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from blockd.block.node import BlockNode, Status, WriteFlags
 from blockd.nbd import protocol as p
+from blockd.paths import os_path
 
 if TYPE_CHECKING:
     from blockd.daemon import Daemon
@@ -30,6 +34,10 @@ PREFERRED_BLOCK = 4096
 MAX_PAYLOAD = 32 << 20
 #: Requests a connection may have running before it stops reading.
 MAX_IN_FLIGHT = 64
+#: Payload bytes (read lengths, write data) a connection may have in flight.
+MAX_IN_FLIGHT_BYTES = 64 << 20
+#: Seconds a client has from connecting to choosing an export.
+HANDSHAKE_TIMEOUT = 10.0
 #: Reads this long are answered with hole chunks where the image has none.
 SPARSE_READ_MIN = 64 << 10
 #: Upper bound on extents in one BLOCK_STATUS reply.
@@ -107,8 +115,13 @@ class NBDServer:
         return {e.name: e for e in self.daemon.exports.values() if not e.shutting_down}
 
     async def listen_unix(self, path: str) -> None:
+        """Listen on a unix socket created with mode 0600 (only our user connects)."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(lambda: Connection(self), path)
+        old = os.umask(0o177)
+        try:
+            server = await loop.create_unix_server(lambda: Connection(self), os_path(path))
+        finally:
+            os.umask(old)
         self.unix_path = path
         self.servers.append(server)
 
@@ -124,7 +137,7 @@ class NBDServer:
             conn.abort()
         if self.unix_path is not None:
             try:
-                os.unlink(self.unix_path)
+                os.unlink(os_path(self.unix_path))
             except OSError:
                 pass
 
@@ -142,7 +155,11 @@ class Connection(asyncio.Protocol):
         #: Metadata contexts chosen by SET_META_CONTEXT: id -> (kind, argument).
         self.contexts: dict[int, tuple[int, Any]] = {}
         self.in_flight = 0
+        self.in_flight_bytes = 0
+        #: Reading is paused (too much in flight, or replies not drained).
         self.paused = False
+        self.write_paused = False
+        self.handshake_timer: asyncio.TimerHandle | None = None
         self.closing = False
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -155,9 +172,19 @@ class Connection(asyncio.Protocol):
             transport.close()
             return
         self.server.connections.add(self)
+        self.handshake_timer = asyncio.get_running_loop().call_later(
+            HANDSHAKE_TIMEOUT, self._handshake_expired)
         transport.write(p.greeting())
 
+    def _handshake_expired(self) -> None:
+        if not self.parser.in_transmission:
+            log.info("NBD client did not finish the handshake in time")
+            self.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
         self.server.connections.discard(self)
         if self.export is not None:
             self.export.connections.discard(self)
@@ -176,19 +203,46 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.parser.receive_data(data)
+        self._process()
+
+    def _process(self) -> None:
+        """Handle buffered messages until the connection has too much in flight."""
         try:
-            for event in self.parser.events():
+            while not self.closing and not self.write_paused and not self._busy():
+                event = self.parser.next_event()
+                if event is None:
+                    break
                 if isinstance(event, p.Request):
                     self._request(event)
                 elif isinstance(event, p.OptionRequest):
                     self._option(event)
                 else:
                     self._client_flags(event.flags)
-                if self.closing:
-                    break
         except p.ProtocolError as exc:
             log.info("NBD client broke the protocol: %s", exc)
             self.abort()
+        self._flow()
+
+    def _busy(self) -> bool:
+        return self.in_flight >= MAX_IN_FLIGHT or self.in_flight_bytes >= MAX_IN_FLIGHT_BYTES
+
+    def _flow(self) -> None:
+        """Read the socket only while requests can be taken and replies are drained."""
+        stop = self._busy() or self.write_paused
+        if stop != self.paused and self.transport is not None and not self.transport.is_closing():
+            self.paused = stop
+            if stop:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._process()
 
     def _client_flags(self, flags: int) -> None:
         if not flags & p.ClientFlag.FIXED_NEWSTYLE:
@@ -314,13 +368,13 @@ class Connection(asyncio.Protocol):
             self.closing = True
             asyncio.get_running_loop().create_task(self._disconnect())
             return
-        task = asyncio.get_running_loop().create_task(self._serve(req))
+        cost = len(req.data) if req.data else min(req.length, MAX_PAYLOAD) \
+            if req.cmd == p.Cmd.READ else 0
+        task = asyncio.get_running_loop().create_task(self._serve(req, cost))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         self.in_flight += 1
-        if self.in_flight >= MAX_IN_FLIGHT and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
+        self.in_flight_bytes += cost
 
     async def _disconnect(self) -> None:
         if self.tasks:
@@ -328,7 +382,7 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def _serve(self, req: p.Request) -> None:
+    async def _serve(self, req: p.Request, cost: int) -> None:
         try:
             await self._dispatch(req)
         except OSError as exc:
@@ -340,10 +394,8 @@ class Connection(asyncio.Protocol):
             self._reply_error(req, p.Err.EIO, "internal error")
         finally:
             self.in_flight -= 1
-            if self.paused and self.in_flight < MAX_IN_FLIGHT // 2:
-                self.paused = False
-                if self.transport is not None and not self.transport.is_closing():
-                    self.transport.resume_reading()
+            self.in_flight_bytes -= cost
+            self._process()
 
     def _reply_error(self, req: p.Request, error: int, message: str = "") -> None:
         if self.structured and req.cmd in (p.Cmd.READ, p.Cmd.BLOCK_STATUS):
@@ -391,7 +443,9 @@ class Connection(asyncio.Protocol):
             await backend.flush()
             self._ok(req)
         elif cmd == p.Cmd.CACHE:
-            await backend.read(req.offset, req.length)
+            # Prefetching holds nothing: read piece by piece and drop the data.
+            for off in range(req.offset, req.offset + req.length, MAX_PAYLOAD):
+                await backend.read(off, min(MAX_PAYLOAD, req.offset + req.length - off))
             self._ok(req)
         elif cmd == p.Cmd.BLOCK_STATUS:
             await self._block_status(req)

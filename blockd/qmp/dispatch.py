@@ -9,6 +9,7 @@ sockets; :mod:`blockd.qmp.server` feeds it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
@@ -118,7 +119,10 @@ class Dispatcher:
             result = await cmd.handler(self.daemon, req.arguments, **kwargs)
         except QMPError as exc:
             return error_reply(exc.desc, exc.cls, has_id=req.has_id, id=req.id)
-        except Exception as exc:  # a bug must not take the daemon down
+        except (KeyboardInterrupt, SystemExit, asyncio.CancelledError):
+            raise
+        except BaseException as exc:  # a bug must not take the daemon down
+            # BaseException: Rust extensions (cryptography) raise their panics as one.
             log.exception("command %s failed", req.name)
             return error_reply(f"Internal error in {req.name}: {type(exc).__name__}",
                                has_id=req.has_id, id=req.id)

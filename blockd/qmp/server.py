@@ -5,7 +5,9 @@ each with its own negotiation state and in-order command queue, while
 events go to every negotiated client.  A client that stops reading is
 disconnected once its unsent output passes a limit, and a client that
 floods stops being read while its queue is full, so neither can starve
-the others.
+the others.  Input is parsed a slice at a time with a yield to the event
+loop between slices, so a client streaming megabytes of JSON delays the
+others by one slice's parsing, not by its whole burst.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ log = logging.getLogger(__name__)
 QUEUE_MAX = 8
 #: Unsent output (bytes) after which a client that does not read is dropped.
 OUTPUT_MAX = 64 << 20
+#: Bytes of input parsed before other clients get a turn.
+FEED_SLICE = 4096
+#: Clients one monitor socket serves at once; more are disconnected at once, so a
+#: connection flood cannot use up the daemon's file descriptors.
+CLIENTS_MAX = 64
 
 
 def greeting(oob: bool) -> dict[str, Any]:
@@ -58,6 +65,9 @@ class ClientSession(asyncio.Protocol):
         self.paused = False
         self.closed = False
         self.on_close = on_close
+        #: Parses a large burst of input slice by slice (reading is paused meanwhile).
+        self.feeder: asyncio.Task[None] | None = None
+        self.drained = asyncio.Event()
 
     # ---- transport callbacks ----------------------------------------------
 
@@ -69,6 +79,13 @@ class ClientSession(asyncio.Protocol):
         self.worker = asyncio.get_running_loop().create_task(self._work())
 
     def data_received(self, data: bytes) -> None:
+        if len(data) <= FEED_SLICE and self.feeder is None:
+            self._feed_slice(data)
+            return
+        self.feeder = asyncio.get_running_loop().create_task(self._feed(data))
+        self._update_reading()
+
+    def _feed_slice(self, data: bytes) -> None:
         try:
             messages = self.streamer.feed(data)
         except Exception:  # a parser bug must cost one client, not the daemon
@@ -77,6 +94,38 @@ class ClientSession(asyncio.Protocol):
             return
         for value, err in messages:
             self._accept(value, err)
+
+    async def _feed(self, data: bytes) -> None:
+        """Parse a burst slice by slice, waiting whenever the request queue is full."""
+        try:
+            for pos in range(0, len(data), FEED_SLICE):
+                while len(self.queue) >= QUEUE_MAX and not self.closed:
+                    self.drained.clear()
+                    await self.drained.wait()
+                if self.closed:
+                    return
+                self._feed_slice(data[pos:pos + FEED_SLICE])
+                await asyncio.sleep(0)
+        finally:
+            self.feeder = None
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read only while no burst is being parsed and the queue has room.
+
+        Reading resumes once the queue is down to half, so a flooding client
+        is read in batches rather than one message at a time.
+        """
+        if self.transport is None or self.closed:
+            return
+        limit = QUEUE_MAX // 2 if self.paused else QUEUE_MAX
+        pause = self.feeder is not None or len(self.queue) >= limit
+        if pause != self.paused:
+            self.paused = pause
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         for value, err in self.streamer.end():
@@ -104,9 +153,7 @@ class ClientSession(asyncio.Protocol):
     def _enqueue(self, item: Request | dict[str, Any]) -> None:
         self.queue.append(item)
         self.wakeup.set()
-        if len(self.queue) >= QUEUE_MAX and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+        self._update_reading()
 
     def _run_oob(self, req: Request) -> None:
         pre = self.dispatcher.precheck(req, self.state)
@@ -131,9 +178,8 @@ class ClientSession(asyncio.Protocol):
                 await self.wakeup.wait()
                 continue
             item = self.queue.popleft()
-            if self.paused and len(self.queue) < QUEUE_MAX // 2 and self.transport is not None:
-                self.paused = False
-                self.transport.resume_reading()
+            self.drained.set()
+            self._update_reading()
             if not isinstance(item, Request):
                 self.send(item)
                 continue
@@ -161,6 +207,7 @@ class ClientSession(asyncio.Protocol):
             return
         self.closed = True
         self.wakeup.set()
+        self.drained.set()
         if self.unsubscribe is not None:
             self.unsubscribe()
         for task in self.oob_tasks:
@@ -172,6 +219,13 @@ class ClientSession(asyncio.Protocol):
             self.on_close(self)
 
 
+class _Refused(asyncio.Protocol):
+    """A connection over the client limit: closed before anything is said."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
 class Monitor:
     """A listening QMP endpoint (unix or TCP socket) or the stdio monitor."""
 
@@ -181,6 +235,12 @@ class Monitor:
         self.server: asyncio.base_events.Server | None = None
         self.sessions: set[ClientSession] = set()
         self.path: str | None = None
+
+    def _connection(self) -> asyncio.Protocol:
+        if len(self.sessions) >= CLIENTS_MAX:
+            log.warning("QMP monitor has %d clients; refusing another", CLIENTS_MAX)
+            return _Refused()
+        return self._session()
 
     def _session(self, oob: bool = True) -> ClientSession:
         session = ClientSession(self.dispatcher, pretty=self.pretty, oob=oob,
@@ -194,14 +254,15 @@ class Monitor:
             os.unlink(path)
         old = os.umask(0o177)
         try:
-            self.server = await asyncio.get_running_loop().create_unix_server(self._session, path)
+            self.server = await asyncio.get_running_loop().create_unix_server(
+                self._connection, path)
         finally:
             os.umask(old)
         self.path = path
 
     async def listen_tcp(self, host: str, port: int) -> None:
         self.server = await asyncio.get_running_loop().create_server(
-            self._session, host, port, family=socket.AF_UNSPEC, reuse_address=True)
+            self._connection, host, port, family=socket.AF_UNSPEC, reuse_address=True)
 
     async def attach_stdio(self) -> None:
         """Serve one client on stdin/stdout (no OOB, as QEMU's stdio chardev)."""

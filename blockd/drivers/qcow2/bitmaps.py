@@ -11,6 +11,8 @@ cleanly and is marked inconsistent.  Bitmaps are written back on close.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import struct
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 FLAG_IN_USE = 1 << 0
 FLAG_AUTO = 1 << 1
 TYPE_DIRTY_TRACKING = 1
-MAX_BITMAPS = 65535
+MAX_BITMAPS = hdr.MAX_BITMAPS
 _EXT = struct.Struct(">IIQQ")
 _ENTRY = struct.Struct(">QIIBBHI")
 
@@ -57,24 +59,98 @@ def directory_location(image: "Image") -> tuple[int, int]:
     if ext is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS or len(ext.data) < 24:
         return 0, 0
     nb, _, size, offset = _EXT.unpack_from(ext.data)
+    if nb and not size:
+        raise QMPError("Requested bitmap directory size is zero")
     return offset, size if nb else 0
 
 
+#: Directory entry limits, as QEMU's (the physical size bounds the bitmap's memory).
+MAX_TABLE_SIZE = 0x8000000
+MAX_PHYS_SIZE = 0x20000000
+MIN_GRANULARITY_BITS, MAX_GRANULARITY_BITS = 9, 31
+MAX_NAME_SIZE = 1023
+_RESERVED_FLAGS = 0xFFFFFFFC
+_TABLE_RESERVED = 0xFF000000000001FE
+_TABLE_OFFSET = 0x00FFFFFFFFFFFE00
+
+
+def _entry_ok(image: "Image", e: DirEntry, etype: int) -> bool:
+    """QEMU's constraints on one directory entry, checked before its table is read."""
+    cs = image.cluster_size
+    if (not e.table_size or not e.table_offset or e.table_offset % cs
+            or e.table_size > MAX_TABLE_SIZE
+            or not MIN_GRANULARITY_BITS <= e.granularity_bits <= MAX_GRANULARITY_BITS
+            or e.flags & _RESERVED_FLAGS or len(e.name.encode()) > MAX_NAME_SIZE
+            or etype != TYPE_DIRTY_TRACKING):
+        return False
+    phys = e.table_size * cs
+    if phys > MAX_PHYS_SIZE:
+        return False
+    covered = (phys * 8) << e.granularity_bits
+    if not e.flags & FLAG_IN_USE and image.header.size > covered:
+        return False
+    # Stricter than QEMU for bitmaps in use: their memory must be bounded too.
+    return _bitmap_bytes(image.header.size, e.granularity_bits) <= MAX_PHYS_SIZE
+
+
+def _bitmap_bytes(size: int, granularity_bits: int) -> int:
+    """Bytes of a serialized bitmap, in whole 64-bit words as QEMU stores them."""
+    bits = -(-size >> granularity_bits)
+    return -(-bits // 64) * 8
+
+
 async def load_directory(image: "Image") -> list[DirEntry]:
+    """The directory, checked entry by entry as QEMU checks it on open."""
     offset, size = directory_location(image)
     if not size:
         return []
-    raw = bytes(await image.file.read(offset, size))
-    entries, pos = [], 0
-    while pos + _ENTRY.size <= len(raw):
-        t_off, t_size, flags, _type, gbits, nlen, xlen = _ENTRY.unpack_from(raw, pos)
-        start = pos + _ENTRY.size
-        extra = raw[start:start + xlen]
-        name = raw[start + xlen:start + xlen + nlen].decode(errors="replace")
-        entries.append(DirEntry(t_off, t_size, flags, gbits, name, extra))
+    nb = _EXT.unpack_from(image.header.extension(hdr.EXT_BITMAPS).data)[0]
+    try:
+        raw = bytes(await image.file.read(offset, size)).ljust(size, b"\0")
+    except OSError as exc:
+        raise QMPError(f"Failed to read bitmap directory: {_strerror(exc)}") from None
+    entries: list[DirEntry] = []
+    pos = 0
+    while pos < size:
+        if pos + _ENTRY.size > size:
+            raise QMPError("Broken bitmap directory")
+        if len(entries) >= nb:
+            raise QMPError("More bitmaps found than specified in header extension")
+        t_off, t_size, flags, etype, gbits, nlen, xlen = _ENTRY.unpack_from(raw, pos)
         length = _ENTRY.size + xlen + nlen
-        pos += length + (-length % 8)
+        length += -length % 8
+        if pos + length > size:
+            raise QMPError("Broken bitmap directory")
+        if xlen:
+            raise QMPError("Bitmap extra data is not supported")
+        start = pos + _ENTRY.size
+        name = raw[start:start + nlen].decode(errors="replace")
+        e = DirEntry(t_off, t_size, flags, gbits, name)
+        if not _entry_ok(image, e, etype):
+            raise QMPError(f"Bitmap '{name}' doesn't satisfy the constraints")
+        entries.append(e)
+        pos += length
+    if len(entries) != nb:
+        raise QMPError("Less bitmaps found than specified in header extension")
     return entries
+
+
+def _strerror(exc: OSError) -> str:
+    return os.strerror(exc.errno or errno.EIO)
+
+
+async def _load_table(image: "Image", e: DirEntry) -> list[int]:
+    why = f"Could not read bitmap_table table from image for bitmap '{e.name}'"
+    try:
+        raw = bytes(await image.file.read(e.table_offset, e.table_size * 8))
+    except OSError as exc:
+        raise QMPError(f"{why}: {_strerror(exc)}") from None
+    table = [x for (x,) in struct.iter_unpack(">Q", raw.ljust(e.table_size * 8, b"\0"))]
+    for entry in table:
+        if (entry & _TABLE_RESERVED or entry & _TABLE_OFFSET
+                and (entry & 1 or (entry & _TABLE_OFFSET) % image.cluster_size)):
+            raise QMPError(f"{why}: Invalid argument")
+    return table
 
 
 async def load(image: "Image", size: int, writable: bool) -> dict[str, DirtyBitmap]:
@@ -88,14 +164,21 @@ async def load(image: "Image", size: int, writable: bool) -> dict[str, DirtyBitm
         if e.flags & FLAG_IN_USE:
             bm.inconsistent = True
         else:
-            table = await image.file.read(e.table_offset, e.table_size * 8)
-            for i, (entry,) in enumerate(struct.iter_unpack(">Q", table)):
+            table = await _load_table(image, e)
+            if -(-_bitmap_bytes(size, e.granularity_bits) // cs) != e.table_size:
+                raise QMPError(f"Could not read bitmap '{e.name}' from image: Invalid argument")
+            for i, entry in enumerate(table):
                 start = i * cs
                 if start >= len(bm.bits):
                     break
                 n = min(cs, len(bm.bits) - start)
                 if entry & OFFSET_MASK:
-                    bm.bits[start:start + n] = bytes(await image.file.read(entry & OFFSET_MASK, n))
+                    try:
+                        data = await image.file.read(entry & OFFSET_MASK, n)
+                    except OSError as exc:
+                        raise QMPError(f"Could not read bitmap '{e.name}' from image: "
+                                       f"{_strerror(exc)}") from None
+                    bm.bits[start:start + n] = bytes(data).ljust(n, b"\0")
                 elif entry & 1:
                     bm.bits[start:start + n] = b"\xff" * n
         bm.readonly = not writable
@@ -138,7 +221,11 @@ async def store(image: "Image", bitmaps: list[DirtyBitmap], in_use: bool,
     """
     cs = image.cluster_size
     h = image.header
-    old = await load_directory(image)
+    try:
+        old = await load_directory(image)
+    except QMPError as exc:
+        # Valid at open, so something overwrote it since: an I/O failure of this store.
+        raise OSError(errno.EIO, exc.desc) from None
     kept = [e for e in old if e.name in keep]
     # The old clusters are freed only once the header points at the new
     # directory: a crash in between leaks them instead of leaving a header

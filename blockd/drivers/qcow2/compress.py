@@ -22,10 +22,21 @@ def _zstd():
 
 
 def _inflate(data: bytes, out_size: int, kind: int) -> bytes:
-    if kind == COMPRESSION_ZSTD:
-        return _zstd().ZstdDecompressor().decompress(data, max_output_size=out_size)[:out_size]
-    d = zlib.decompressobj(-12)
-    out = d.decompress(data, out_size)
+    """One cluster from its compressed bytes; never more than ``out_size`` is produced.
+
+    Whatever an image holds here, a bad stream is an I/O error of the
+    read, as in QEMU, and never an exception of the decompressor's own.
+    """
+    try:
+        if kind == COMPRESSION_ZSTD:
+            reader = _zstd().ZstdDecompressor().stream_reader(data, read_across_frames=True)
+            out = reader.read(out_size)
+        else:
+            out = zlib.decompressobj(-12).decompress(data, out_size)
+    except OSError:
+        raise
+    except Exception:
+        raise OSError(5, "Compressed cluster is corrupt") from None
     if len(out) != out_size:
         raise OSError(5, "Compressed cluster is corrupt")
     return out

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from blockd.crypto import luks, qcow
 from blockd.crypto.cipher import SectorCipher
-from blockd.drivers.luks import secret_password
+from blockd.drivers.luks import kdf_thread, secret_password
 from blockd.drivers.qcow2 import header as hdr
 from blockd.drivers.qcow2.image import Image
 from blockd.drivers.sector_io import SECTOR, crypt_sectors
@@ -140,8 +140,7 @@ async def open_encryption(image: Image, encrypt: dict[str, Any] | None, secret: 
         return Encryption("aes", None, None, SectorData(qcow.qcow_cipher(password), True))
     extent = _require_extent(h)
     header, region = await read_luks_region(image, extent)
-    cipher = await asyncio.to_thread(luks.unlock, header, lambda off, n: region[off:off + n],
-                                     password)
+    cipher = await kdf_thread(luks.unlock, header, lambda off, n: region[off:off + n], password)
     return Encryption("luks", header, extent, SectorData(cipher, False))
 
 

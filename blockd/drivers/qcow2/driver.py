@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import logging
 import os
@@ -34,8 +35,23 @@ from blockd.drivers.qcow2.cluster import (ALL_ALLOC, ALL_ZERO, COPIED, SUBCLUSTE
 from blockd.drivers.qcow2.image import Image
 from blockd.drivers.sector_io import WriteGate, sector_span
 from blockd.errors import QMPError
+from blockd.paths import os_path
 
 log = logging.getLogger(__name__)
+
+
+#: Files of the images whose backing files are being opened, in this open call.
+_BACKING_CHAIN: contextvars.ContextVar[frozenset[tuple[int, int] | None]] = \
+    contextvars.ContextVar("backing_chain", default=frozenset())
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a file, to recognise it under any name; None if it cannot be stat'ed."""
+    try:
+        st = os.stat(os_path(path))
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 def probe_format(head: bytes) -> str:
@@ -78,17 +94,12 @@ class Qcow2Node(BlockNode):
         opts = self.options
         file = await ctx.open_child(opts["file"], "file")
         head = bytes(await file.read(0, min(file.length(), 65536)))
-        h = hdr.parse(head) if len(head) >= 4 and head[:4] == b"QFI\xfb" else None
-        if h is None:
-            raise QMPError("Image is not in qcow2 format")
+        # A repair (blockd-img check -r) is the one writer a corrupt image admits.
+        may_be_corrupt = self.read_only or bool(opts.get("x-repair"))
+        h = hdr.parse(head, may_be_corrupt)
         if h.cluster_size > len(head) and file.length() > len(head):
             head = bytes(await file.read(0, min(file.length(), h.cluster_size)))
-            h = hdr.parse(head)
-        if (h.incompatible_features & hdr.INCOMPAT_CORRUPT and not self.read_only
-                and not opts.get("x-repair")):
-            raise QMPError("qcow2: Image is corrupt; cannot be opened read/write")
-        if h.l1_size > (32 << 20) // 8 * 4:
-            raise QMPError("Active L1 table too large")
+            h = hdr.parse(head, may_be_corrupt)
         if opts.get("lazy-refcounts") and h.version < 3:
             raise QMPError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
                            "compatibility level")
@@ -102,8 +113,16 @@ class Qcow2Node(BlockNode):
         if self.encryption is not None:
             self.image.crypto = self.encryption.data
         await self._open_data_file(ctx, h)
-        await self.image.refcounts.load()
-        await self.map.load()
+        try:
+            await self.map.load()
+        except OSError as exc:
+            raise QMPError(f"Could not read L1 table: {os.strerror(exc.errno or errno.EIO)}") \
+                from None
+        try:
+            await self.image.refcounts.load()
+        except OSError as exc:
+            raise QMPError("Could not initialize refcount handling: "
+                           f"{os.strerror(exc.errno or errno.EIO)}") from None
         self.image.snapshots = await qsnap.load(self.image)
         await self.image.metadata.load_snapshots()
         if opts.get("snapshot") is not None:
@@ -275,6 +294,10 @@ class Qcow2Node(BlockNode):
         path = h.backing_file
         if not os.path.isabs(path) and not path.startswith("json:"):
             path = os.path.join(os.path.dirname(self.image.file.filename()), path)
+        chain = _BACKING_CHAIN.get() | {_file_id(self.image.file.filename())}
+        if _file_id(path) in chain - {None}:
+            # QEMU would open the chain forever; a file naming itself is refused.
+            raise QMPError(f"Could not open backing file: Backing chain loops back to '{path}'")
         fmt = h.backing_format
         if fmt is None:
             try:
@@ -283,11 +306,14 @@ class Qcow2Node(BlockNode):
             except OSError as exc:
                 raise QMPError(f"Could not open backing file: Could not open '{path}': "
                                f"{exc.strerror}") from None
+        token = _BACKING_CHAIN.set(chain)
         try:
             await ctx.open_child({"driver": fmt, "file": {"driver": "file", "filename": path}},
                                  "backing")
         except QMPError as exc:
             raise QMPError(f"Could not open backing file: {exc.desc}") from None
+        finally:
+            _BACKING_CHAIN.reset(token)
 
     async def close(self) -> None:
         if self._cleaner is not None:
@@ -403,8 +429,8 @@ class Qcow2Node(BlockNode):
         if self._last_inflated and self._last_inflated[0] == entry.raw:
             return self._last_inflated[1]
         self.image.debug_event("read_compressed")
-        flen = self.image.file.length()
-        raw = bytes(await self.image.file.read(off, min(n, flen - off)))
+        # Bytes past the end of the file read as zeros (and then fail to inflate).
+        raw = bytes(await self.image.file.read(off, max(0, min(n, self.image.file.length() - off))))
         data = await compress.decompress(raw, self.cs, self.image.header.compression_type)
         self._last_inflated = (entry.raw, data)
         return data

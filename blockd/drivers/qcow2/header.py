@@ -121,7 +121,7 @@ class Header:
     @property
     def data_file(self) -> str | None:
         ext = self.extension(EXT_DATA_FILE)
-        return ext.data.decode(errors="replace") if ext else None
+        return _c_string(ext.data) if ext else None
 
     def feature_names(self) -> dict[tuple[int, int], str]:
         """(type, bit) -> name from the image's own feature table."""
@@ -167,14 +167,50 @@ class Header:
         return bytes(out)
 
 
-def parse(buf: bytes, file_size: int | None = None) -> Header:
-    """Parse the first cluster of an image, with QEMU's checks and messages."""
-    if len(buf) < V2_LENGTH:
+#: Limits on what an image may declare, as QEMU's: tables are read whole into
+#: memory, so a hostile header must not make us allocate more than these.
+MAX_REFTABLE_SIZE = 8 << 20
+MAX_L1_SIZE = 32 << 20
+MAX_SNAPSHOTS = 65536
+SNAPSHOT_HEADER_SIZE = 40
+MAX_BACKING_NAME = 1023
+#: Longest backing format name QEMU keeps (its buffer, with the NUL, is 16 bytes).
+MAX_BACKING_FORMAT = 15
+_INT64_MAX = (1 << 63) - 1
+_INT_MAX = (1 << 31) - 1
+#: The header struct QEMU reads whatever header_length says (v3 fields and compression type).
+_STRUCT_LENGTH = 112
+
+
+def validate_table(h: Header, offset: int, entries: int, entry_len: int, max_bytes: int,
+                   name: str) -> None:
+    """A table the header points to: bounded in size, cluster aligned, addressable."""
+    if entries > max_bytes // entry_len:
+        raise QMPError(f"{name} too large")
+    if _INT64_MAX - entries * entry_len < offset or offset % h.cluster_size:
+        raise QMPError(f"{name} offset invalid")
+
+
+def size_to_l1(h: Header, size: int) -> int:
+    """L1 entries needed to map ``size`` guest bytes."""
+    l2_bits = h.cluster_bits - (4 if h.extended_l2 else 3)
+    shift = h.cluster_bits + l2_bits
+    return (size + (1 << shift) - 1) >> shift
+
+
+def parse(buf: bytes, may_be_corrupt: bool = True) -> Header:
+    """Parse and range-check the first cluster of an image, in QEMU's order and words.
+
+    Every field that sizes or locates something is checked before anything
+    is read or allocated from it.  Bytes missing at the end of a short file
+    read as zeros, as QEMU's block layer pads reads past the end.
+    """
+    if len(buf) < 4 or struct.unpack_from(">I", buf)[0] != MAGIC:
         raise QMPError("Image is not in qcow2 format")
+    if len(buf) < _STRUCT_LENGTH:
+        buf = bytes(buf) + bytes(_STRUCT_LENGTH - len(buf))
     (magic, version, bfo, bfs, cluster_bits, size, crypt, l1_size, l1_off,
      rt_off, rt_clusters, nb_snap, snap_off) = _V2.unpack_from(buf)
-    if magic != MAGIC:
-        raise QMPError("Image is not in qcow2 format")
     if version not in (2, 3):
         raise QMPError(f"Unsupported qcow2 version {version}")
     if not 9 <= cluster_bits <= 21:
@@ -183,48 +219,117 @@ def parse(buf: bytes, file_size: int | None = None) -> Header:
                cluster_bits=cluster_bits, size=size, crypt_method=crypt, l1_size=l1_size,
                l1_table_offset=l1_off, refcount_table_offset=rt_off,
                refcount_table_clusters=rt_clusters, nb_snapshots=nb_snap,
-               snapshots_offset=snap_off, header_length=V2_LENGTH)
+               snapshots_offset=snap_off, header_length=V2_LENGTH, refcount_order=4)
     if version >= 3:
-        if len(buf) < V3_LENGTH:
-            raise QMPError("qcow2 header exceeds cluster size")
         (h.incompatible_features, h.compatible_features, h.autoclear_features,
          h.refcount_order, h.header_length) = _V3.unpack_from(buf, V2_LENGTH)
         if h.header_length < V3_LENGTH:
             raise QMPError("qcow2 header too short")
-        if h.header_length > h.cluster_size:
-            raise QMPError("qcow2 header exceeds cluster size")
-        if h.header_length > V3_LENGTH:
-            h.compression_type = buf[V3_LENGTH]
-    else:
-        h.refcount_order = 4
-    if h.refcount_order > 6:
-        raise QMPError("Refcount width must be a power of two and may not exceed 64 bits")
-    if h.incompatible_features & INCOMPAT_COMPRESSION:
-        if h.compression_type not in (COMPRESSION_ZLIB, COMPRESSION_ZSTD):
-            raise QMPError(f"Unknown compression type: {h.compression_type}")
-    elif h.compression_type != COMPRESSION_ZLIB:
-        raise QMPError("compression_type field is non-zero, but the compression type bit is not set")
-    # Extensions.
-    pos = h.header_length
-    end = bfo if bfo else h.cluster_size
-    end = min(end, len(buf))
-    while pos + 8 <= end:
-        ext_type, length = struct.unpack_from(">II", buf, pos)
-        pos += 8
-        if ext_type == EXT_END:
-            break
-        if pos + length > end:
-            raise QMPError("ext_magic: Invalid extension length")
-        h.extensions.append(Extension(ext_type, bytes(buf[pos:pos + length])))
-        pos += (length + 7) & ~7
-    if bfo:
-        if bfs > 1023 or bfo + bfs > len(buf):
-            raise QMPError("Backing file name too long")
-        h.backing_file = bytes(buf[bfo:bfo + bfs]).decode(errors="replace")
+    if h.header_length > h.cluster_size:
+        raise QMPError("qcow2 header exceeds cluster size")
+    if bfo > h.cluster_size:
+        raise QMPError("Invalid backing file offset")
+    ext_end = bfo if bfo else h.cluster_size
+    if len(buf) < ext_end:
+        buf = bytes(buf) + bytes(ext_end - len(buf))
+    if h.header_length > V3_LENGTH:
+        h.compression_type = buf[V3_LENGTH]
+    _check_compression_type(h)
     unknown = h.incompatible_features & ~INCOMPAT_KNOWN
     if unknown:
+        try:
+            _read_extensions(h, buf, ext_end)
+        except QMPError:
+            pass  # only the feature names are wanted here, as far as they can be read
         raise QMPError("Unsupported qcow2 feature(s): " + unsupported_features(h, unknown))
+    if h.incompatible_features & INCOMPAT_CORRUPT and not may_be_corrupt:
+        raise QMPError("qcow2: Image is corrupt; cannot be opened read/write")
+    if h.refcount_order > 6:
+        raise QMPError("Reference count entry width too large; may not exceed 64 bits")
+    if rt_clusters == 0:
+        raise QMPError("Image does not contain a reference count table")
+    validate_table(h, rt_off, rt_clusters, h.cluster_size, MAX_REFTABLE_SIZE,
+                   "Reference count table")
+    validate_table(h, snap_off, nb_snap, SNAPSHOT_HEADER_SIZE,
+                   SNAPSHOT_HEADER_SIZE * MAX_SNAPSHOTS, "Snapshot table")
+    validate_table(h, l1_off, l1_size, 8, MAX_L1_SIZE, "Active L1 table")
+    needed = size_to_l1(h, size)
+    if needed > _INT_MAX:
+        raise QMPError("Image is too big")
+    if l1_size < needed:
+        raise QMPError("L1 table is too small")
+    if crypt > CRYPT_LUKS:
+        # QEMU prints the method as a signed int.
+        raise QMPError(f"Unsupported encryption method {crypt - (crypt >> 31 << 32)}")
+    _read_extensions(h, buf, ext_end)
+    if bfo:
+        if bfs > min(MAX_BACKING_NAME, h.cluster_size - bfo):
+            raise QMPError("Backing file name too long")
+        h.backing_file = _c_string(buf[bfo:bfo + bfs])
     return h
+
+
+def _c_string(raw: bytes) -> str:
+    """A file name stored in the image; QEMU reads it as a C string, so a NUL ends it."""
+    return bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _check_compression_type(h: Header) -> None:
+    if h.compression_type not in (COMPRESSION_ZLIB, COMPRESSION_ZSTD):
+        raise QMPError(f"qcow2: unknown compression type: {h.compression_type}")
+    has_bit = bool(h.incompatible_features & INCOMPAT_COMPRESSION)
+    if h.compression_type == COMPRESSION_ZLIB and has_bit:
+        raise QMPError("qcow2: Compression type incompatible feature bit must not be set")
+    if h.compression_type != COMPRESSION_ZLIB and not has_bit:
+        raise QMPError("qcow2: Compression type incompatible feature bit must be set")
+
+
+def _read_extensions(h: Header, buf: bytes, end: int) -> None:
+    """The extension records between the header and ``end`` (backing name or cluster end)."""
+    h.extensions = []
+    pos = h.header_length
+    while pos < end:
+        if pos + 8 > end:
+            raise QMPError("Header extension too large")
+        ext_type, length = struct.unpack_from(">II", buf, pos)
+        pos += 8
+        if length > end - pos:
+            raise QMPError("Header extension too large")
+        if ext_type == EXT_END:
+            return
+        data = bytes(buf[pos:pos + length])
+        if ext_type == EXT_BACKING_FORMAT and length > MAX_BACKING_FORMAT:
+            raise QMPError(f"ERROR: ext_backing_format: len={length} too large "
+                           f"(>={MAX_BACKING_FORMAT + 1})")
+        if ext_type == EXT_BITMAPS:
+            _check_bitmaps_extension(h, data)
+        h.extensions.append(Extension(ext_type, data))
+        pos += (length + 7) & ~7
+
+
+#: Bitmap limits, as QEMU's.
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
+
+
+def _check_bitmaps_extension(h: Header, data: bytes) -> None:
+    if len(data) != 24:
+        raise QMPError("bitmaps_ext: Invalid extension length")
+    if not h.autoclear_features & AUTOCLEAR_BITMAPS:
+        return  # stale: ignored, and dropped on the next header write
+    nb, reserved, dir_size, dir_offset = struct.unpack(">IIQQ", data)
+    if reserved:
+        raise QMPError("bitmaps_ext: Reserved field is not zero")
+    if nb > MAX_BITMAPS:
+        raise QMPError(f"bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU supported "
+                       f"maximum of {MAX_BITMAPS}")
+    if nb == 0:
+        raise QMPError("found bitmaps extension with zero bitmaps")
+    if dir_offset % h.cluster_size:
+        raise QMPError("bitmaps_ext: invalid bitmap directory offset")
+    if dir_size > MAX_BITMAP_DIRECTORY_SIZE:
+        raise QMPError(f"bitmaps_ext: bitmap directory size ({dir_size}) exceeds the maximum "
+                       f"supported size ({MAX_BITMAP_DIRECTORY_SIZE})")
 
 
 def unsupported_features(h: Header, mask: int) -> str:
