@@ -13,6 +13,7 @@ server uses it) and :class:`ClientParser` reads what a server sends
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import struct
@@ -455,14 +456,15 @@ class OptionRequest:
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """A transmission request; ``data`` is the payload of a WRITE, else empty."""
+    """A transmission request; ``data`` is the payload of a WRITE (often a view of
+    the received bytes), else empty."""
 
     flags: int
     cmd: int
     handle: int
     offset: int
     length: int
-    data: bytes = b""
+    data: bytes | memoryview = b""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -503,31 +505,79 @@ class StructuredChunk:
 
 
 class _Buffer:
-    """Accumulates received bytes; consumed from the front without quadratic copies."""
+    """Received chunks, consumed from the front.
+
+    Chunks are kept as the transport delivered them, so a write payload that
+    lies inside one chunk is handed on as a view of it without a copy; only
+    bytes that straddle chunks are joined.
+    """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-        self._pos = 0
+        self._chunks: collections.deque[bytes | memoryview] = collections.deque()
+        self._pos = 0  # consumed bytes of the first chunk
+        self._size = 0  # unconsumed bytes in all chunks
 
-    def feed(self, data: bytes) -> None:
-        if self._pos:
-            del self._buf[:self._pos]
-            self._pos = 0
-        self._buf += data
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if data:
+            self._chunks.append(data if type(data) is bytes else bytes(data))
+            self._size += len(data)
 
     def available(self) -> int:
-        return len(self._buf) - self._pos
+        return self._size
+
+    def _front(self, n: int) -> tuple[bytes | memoryview, int]:
+        """``n`` contiguous unconsumed bytes: (buffer, offset) inside the first chunk.
+
+        Bytes that straddle chunks are joined, exactly ``n`` of them: the rest
+        of the last chunk stays behind as a view, so nothing is copied twice.
+        """
+        if not n:
+            return b"", 0
+        chunks = self._chunks
+        first = chunks[0]
+        if len(first) - self._pos >= n:
+            return first, self._pos
+        parts = [memoryview(first)[self._pos:]]
+        have = len(parts[0])
+        chunks.popleft()
+        while have < n:
+            chunk = chunks.popleft()
+            need = n - have
+            if len(chunk) > need:
+                parts.append(memoryview(chunk)[:need])
+                chunks.appendleft(memoryview(chunk)[need:])
+                have = n
+            else:
+                parts.append(chunk)
+                have += len(chunk)
+        joined = b"".join(parts)
+        chunks.appendleft(joined)
+        self._pos = 0
+        return joined, 0
 
     def peek(self, st: struct.Struct) -> tuple:
-        return st.unpack_from(self._buf, self._pos)
+        return st.unpack_from(*self._front(st.size))
 
     def take(self, n: int) -> bytes:
-        chunk = bytes(self._buf[self._pos:self._pos + n])
-        self._pos += n
+        buf, off = self._front(n)
+        chunk = buf if off == 0 and n == len(buf) else buf[off:off + n]
+        self.skip(n)
+        return chunk if type(chunk) is bytes else bytes(chunk)
+
+    def take_view(self, n: int) -> bytes | memoryview:
+        """Like :meth:`take`, without copying: for write payloads."""
+        buf, off = self._front(n)
+        chunk = buf if off == 0 and n == len(buf) else memoryview(buf)[off:off + n]
+        self.skip(n)
         return chunk
 
     def skip(self, n: int) -> None:
+        self._size -= n
         self._pos += n
+        chunks = self._chunks
+        while chunks and self._pos >= len(chunks[0]):
+            self._pos -= len(chunks[0])
+            chunks.popleft()
 
 
 class ServerParser:
@@ -568,7 +618,7 @@ class ServerParser:
                 if buf.available() < _REQUEST.size + length:
                     return None
                 buf.skip(_REQUEST.size)
-                return Request(flags, cmd, handle, offset, length, buf.take(length))
+                return Request(flags, cmd, handle, offset, length, buf.take_view(length))
             buf.skip(_REQUEST.size)
             return Request(flags, cmd, handle, offset, length)
         if self._state == "flags":
