@@ -10,28 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 
 import pytest
 
 from blockd.block.graph import BlockGraph
 from blockd.block.node import Status
 from blockd.errors import QMPError
+from test_qcow2 import qemu_io, sh
 
 MiB = 1 << 20
 SIZE = 9 * MiB
 
-
-def sh(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, check=False)
-
-
-def qemu_io(image: str, fmt: str, *cmds: str) -> None:
-    args = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        args += ["-c", c]
-    out = sh(*args, image)
-    assert out.returncode == 0 and "error" not in out.stdout.lower(), out.stdout + out.stderr
 
 
 def qemu_img(*args: str) -> str:

@@ -559,9 +559,7 @@ class _Buffer:
         return st.unpack_from(*self._front(st.size))
 
     def take(self, n: int) -> bytes:
-        buf, off = self._front(n)
-        chunk = buf if off == 0 and n == len(buf) else buf[off:off + n]
-        self.skip(n)
+        chunk = self.take_view(n)
         return chunk if type(chunk) is bytes else bytes(chunk)
 
     def take_view(self, n: int) -> bytes | memoryview:

@@ -30,8 +30,8 @@ from blockd.drivers.qcow2 import header as hdr
 from blockd.drivers.qcow2 import snapshot as qsnap
 from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cache import cache_config
-from blockd.drivers.qcow2.cluster import (ALL_ALLOC, ALL_ZERO, COPIED, SUBCLUSTERS, ZERO, Entry,
-                                          Kind, Mapping, compressed_entry)
+from blockd.drivers.qcow2.cluster import (ALL_ALLOC, ALL_ZERO, COPIED, L1_OFFSET_MASK, SUBCLUSTERS,
+                                          ZERO, Entry, Kind, Mapping, compressed_entry)
 from blockd.drivers.qcow2.image import Image
 from blockd.drivers.sector_io import WriteGate, sector_span
 from blockd.errors import QMPError
@@ -679,7 +679,7 @@ class Qcow2Node(BlockNode):
         cs = self.cs
         async with self.image.lock:
             for l1i, l1e in enumerate(self.map.l1):
-                if not l1e & 0x00FFFFFFFFFFFE00:
+                if not l1e & L1_OFFSET_MASK:
                     continue
                 first = l1i * self.map.l2_entries * cs
                 for guest in range(first, min(first + self.map.l2_entries * cs, self.length()),

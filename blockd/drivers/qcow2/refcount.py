@@ -114,6 +114,16 @@ class Refcounts:
             self.blocks.put(block_index, block)
         return block
 
+    async def _defer(self, block_index: int, block: bytearray) -> None:
+        """Lazy refcounts: ``block`` is about to change in memory only.
+
+        The image is marked dirty before its first deferred change, so a
+        crash leaves an image that is known to need a repair.
+        """
+        if not self.dirty:
+            await self.image.mark_dirty()
+        self.dirty[block_index] = block
+
     async def get(self, cluster_index: int) -> int:
         block = await self._block(cluster_index // self.entries)
         if block is None:
@@ -156,10 +166,8 @@ class Refcounts:
         if value > self.max_value:
             raise OSError(27, f"Refcount overflow for cluster {cluster_index}")
         if self.lazy:
-            if not self.dirty:
-                await self.image.mark_dirty()
+            await self._defer(bi, block)
             set_entry(block, idx, self.order, value)
-            self.dirty[bi] = block
             if value == 0 and cluster_index < self.free_hint:
                 self.free_hint = cluster_index
             return value
@@ -304,10 +312,8 @@ class Refcounts:
                 raise OSError(5, "Input/output error")
             indexes = range(c - bi * self.entries, stop - bi * self.entries)
             if self.lazy:
-                if not self.dirty:
-                    await self.image.mark_dirty()
+                await self._defer(bi, block)
                 self._shift_counts(block, indexes, 1)
-                self.dirty[bi] = block
                 c = stop
                 continue
             lo, hi = self._shift_counts(block, indexes, 1)
