@@ -14,11 +14,37 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HAVE_QSD = shutil.which("qemu-storage-daemon") is not None
+
+# QEMU 7.2 calibrates PBKDF2 by the CPU time its thread used; where that clock is
+# coarse it sometimes reads zero and gives up with this message, however short
+# the iter-time.  A failed try costs milliseconds, so tests simply try again.
+CALIBRATION_FLAKE = "Unable to get accurate CPU usage"
+CALIBRATION_TRIES = 200
+
+
+def qemu_tool(*argv: str, cwd: Any = None) -> subprocess.CompletedProcess:
+    """Run a QEMU tool, again while it fails only through its PBKDF2 calibration."""
+    for _ in range(CALIBRATION_TRIES):
+        r = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=cwd)
+        if r.returncode == 0 or CALIBRATION_FLAKE not in r.stderr:
+            break
+    return r
+
+
+def past_calibration(attempt: Callable[[int], T]) -> T:
+    """Call attempt(n) until its result no longer mentions QEMU's calibration flake."""
+    for n in range(CALIBRATION_TRIES):
+        result = attempt(n)
+        if CALIBRATION_FLAKE not in json.dumps(result, default=str):
+            break
+    return result
 
 
 class Daemon:

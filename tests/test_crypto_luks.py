@@ -12,6 +12,7 @@ from blockd.crypto import luks
 from blockd.crypto.cipher import SectorCipher
 from blockd.crypto.qcow import qcow_cipher, qcow_key
 from blockd.errors import QMPError
+from harness import qemu_tool
 
 SECRET = ["--object", "secret,id=s0,data=pw"]
 
@@ -48,15 +49,10 @@ def qemu_img_create(path, combo, size="4M"):
 
 def _qemu_img_create(path, combo, size):
     opts = ",".join(["key-secret=s0", "iter-time=10"] + [f"{k}={v}" for k, v in combo.items()])
-    # QEMU 7.2's calibration sometimes fails with "Unable to get accurate CPU usage".
-    # (It also cannot make aes-192 CBC volumes: 96000 bytes of key material are not
+    # (QEMU 7.2 cannot make aes-192 CBC volumes: 96000 bytes of key material are not
     # whole sectors and trip an assertion, so no combination here uses that.)
-    for _ in range(10):
-        r = subprocess.run(["qemu-img", "create", "-f", "luks", *SECRET, "-o", opts, str(path), size],
-                           capture_output=True, text=True)
-        if r.returncode == 0:
-            return
-    raise AssertionError(r.stderr)
+    r = qemu_tool("qemu-img", "create", "-f", "luks", *SECRET, "-o", opts, str(path), size)
+    assert r.returncode == 0, r.stderr
 
 
 def qemu_io(path, *cmds, secret="pw"):

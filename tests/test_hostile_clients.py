@@ -26,7 +26,7 @@ import pytest
 
 from blockd.nbd import protocol as p
 from blockd.nbd import server as nbd_server
-from harness import HAVE_QSD, Daemon, connect_unix
+from harness import HAVE_QSD, Daemon, connect_unix, qemu_tool
 
 MiB = 1 << 20
 
@@ -370,12 +370,8 @@ def test_secrets_stay_out_of_replies_and_logs(tmp_path):
     carries a secret's bytes."""
     secret, wrong = "Sup3r-Secret-Passw0rd", "Wr0ng-Secret-Guess"
     vol = str(tmp_path / "v.luks")
-    for _ in range(5):  # qemu-img's PBKDF2 calibration fails now and then on a busy machine
-        made = subprocess.run(["qemu-img", "create", "-q", "--object", f"secret,id=s,data={secret}",
-                               "-f", "luks", "-o", "key-secret=s,iter-time=50", vol, "1M"],
-                              capture_output=True, text=True, check=False)
-        if made.returncode == 0:
-            break
+    made = qemu_tool("qemu-img", "create", "-q", "--object", f"secret,id=s,data={secret}",
+                     "-f", "luks", "-o", "key-secret=s,iter-time=50", vol, "1M")
     assert made.returncode == 0, made.stderr
     secret_file = tmp_path / "s.txt"
     secret_file.write_text(secret)

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from blockd.block.graph import BlockGraph
 from blockd.crypto import luks
 from blockd.errors import QMPError
-from harness import HAVE_QSD, Daemon
+from harness import HAVE_QSD, Daemon, qemu_tool
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -70,13 +70,8 @@ def images(tmp_path_factory) -> dict[str, str]:
     sh("qemu-io", "-f", "qcow2", "-c", "write -P 4 3k 40k", ext)
     out["ext"] = ext
     vol = str(d / "vol.luks")
-    for _ in range(5):  # qemu-img's PBKDF2 calibration fails now and then on a busy machine
-        made = subprocess.run(["qemu-img", "create", "-q", "--object",
-                               "secret,id=s0,data=hunter2", "-f", "luks",
-                               "-o", "key-secret=s0,iter-time=50", vol, "1M"],
-                              capture_output=True, text=True, check=False)
-        if made.returncode == 0:
-            break
+    made = qemu_tool("qemu-img", "create", "-q", "--object", "secret,id=s0,data=hunter2",
+                     "-f", "luks", "-o", "key-secret=s0,iter-time=50", vol, "1M")
     assert made.returncode == 0, made.stderr
     out["luks"] = vol
     return out

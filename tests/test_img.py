@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from blockd.img.cli import main
+from harness import qemu_tool
 
 HAVE_QCOW2 = (Path(__file__).parent.parent / "blockd/drivers/qcow2/driver.py").exists()
 needs_qcow2 = pytest.mark.skipif(not HAVE_QCOW2, reason="qcow2 driver not written yet")
@@ -27,7 +28,7 @@ SECRET = ["--object", "secret,id=s0,data=abc"]
 
 
 def qemu_img(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, cwd=cwd)
+    return qemu_tool("qemu-img", *args, cwd=cwd)
 
 
 def blockd_img(*args: str, cwd: Path) -> tuple[str, str, int]:

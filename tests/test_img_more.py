@@ -158,7 +158,6 @@ def test_amend_luks_keyslots(tmp_path):
     d = tmp_path
     secrets = ["--object", "secret,id=s0,data=abc", "--object", "secret,id=s1,data=xyz",
                "--object", "secret,id=s2,data=pqr"]
-    # blockd-img creates it: qemu-img's PBKDF2 calibration is unreliable on a busy machine.
     assert blockd_img("create", "-q", "-f", "luks", *secrets, "-o", "key-secret=s0,iter-time=10",
                       "l.luks", "1M", cwd=d)[2] == 0
     q, b = twins(d, "l.luks")

@@ -9,7 +9,7 @@ import pytest
 
 from blockd.block.graph import BlockGraph
 from blockd.errors import QMPError
-from harness import HAVE_QSD, Daemon
+from harness import HAVE_QSD, Daemon, past_calibration, qemu_tool
 
 SECRETS = {"s0": b"pw", "s1": b"other"}
 
@@ -26,12 +26,9 @@ def run(coro):
 
 def qemu_img_create(path, opts="", size="4M"):
     o = "key-secret=s0,iter-time=10" + ("," + opts if opts else "")
-    for _ in range(10):  # QEMU 7.2's calibration is flaky ("Unable to get accurate CPU usage")
-        r = subprocess.run(["qemu-img", "create", "-f", "luks", "--object", "secret,id=s0,data=pw",
-                            "-o", o, str(path), size], capture_output=True, text=True)
-        if r.returncode == 0:
-            return
-    raise AssertionError(r.stderr)
+    r = qemu_tool("qemu-img", "create", "-f", "luks", "--object", "secret,id=s0,data=pw",
+                  "-o", o, str(path), size)
+    assert r.returncode == 0, r.stderr
 
 
 def qemu_io(path, *cmds, secret="pw"):
@@ -216,14 +213,7 @@ def create_session(tmp_path, qsd):
 @pytest.mark.skipif(not HAVE_QSD, reason="needs qemu-storage-daemon")
 def test_blockdev_create_over_qmp_matches_qsd(tmp_path):
     ours, img = create_session(tmp_path, False)
-    # QEMU calibrates PBKDF2 from the thread's CPU time; where the clock is
-    # coarse it sometimes measures zero and gives up. That is QEMU's flake, not
-    # a difference in behaviour, so give it enough tries (on this kind of
-    # machine about one attempt in two fails).
-    for _ in range(30):
-        theirs, qimg = create_session(tmp_path, True)
-        if theirs[1].get("error") != "Unable to get accurate CPU usage":
-            break
+    theirs, qimg = past_calibration(lambda _: create_session(tmp_path, True))
     assert ours == theirs
     assert ours[0]["error"] == "Parameter 'key-secret' is required for cipher"
     assert img.stat().st_size == qimg.stat().st_size
