@@ -43,6 +43,33 @@ except (ImportError, AttributeError):  # pragma: no cover - other cryptography l
 SECTOR_SIZE = 512
 
 
+def _mode_factory(cls: type, attr: str) -> Callable[[bytes], Any]:
+    """A fast constructor for a mode object holding a per-sector IV.
+
+    The public constructors check their argument's type through an ABC,
+    which costs several times the cipher work on a sector; our IVs are
+    always fresh ``bytes`` of the right length.  The shortcut fills the
+    same private attribute the constructor would, and is used only if it
+    builds an object equal in effect to the constructor's (checked once
+    here), so a different ``cryptography`` layout falls back to the
+    constructor.
+    """
+    new = cls.__new__
+
+    def make(iv: bytes) -> Any:
+        mode = new(cls)
+        setattr(mode, attr, iv)
+        return mode
+
+    probe = bytes(range(16))
+    try:
+        fast, slow = make(probe), cls(probe)
+        same = all(getattr(fast, a) == getattr(slow, a) for a in vars(slow))
+    except Exception:  # pragma: no cover - a layout we do not know
+        same = False
+    return make if same else cls
+
+
 @dataclasses.dataclass(frozen=True)
 class CipherAlg:
     """One QEMU cipher algorithm (``QCryptoCipherAlgorithm``)."""
@@ -84,6 +111,12 @@ CIPHER_ALGS: dict[str, CipherAlg] = {a.name: a for a in (
 )}
 
 CIPHER_MODES = ("ecb", "cbc", "xts", "ctr")
+#: Per-sector mode objects, built without the constructors' type checks.
+_MODE_MAKERS: dict[str, Callable[[bytes], Any]] = {
+    "cbc": _mode_factory(modes.CBC, "_initialization_vector"),
+    "xts": _mode_factory(modes.XTS, "_tweak"),
+    "ctr": _mode_factory(modes.CTR, "_nonce"),
+}
 IVGEN_ALGS = ("plain", "plain64", "essiv")
 #: QCryptoHashAlgorithm names and their digest sizes.
 HASH_ALGS: dict[str, int] = {
@@ -163,7 +196,7 @@ class SectorCipher:
         self.block_size = info.block_size
         self.niv = 0 if mode == "ecb" else info.block_size
         self._alg_obj = _algorithm(alg, key)
-        self._mode_cls = {"cbc": modes.CBC, "xts": modes.XTS, "ctr": modes.CTR}.get(mode)
+        self._mode_cls = _MODE_MAKERS.get(mode)
         self._essiv: Any = None
         if ivgen == "essiv":
             if ivgen_hash is None:
@@ -205,12 +238,13 @@ class SectorCipher:
         if not encrypt and self.mode == "cbc":
             return self._cbc_decrypt(view, ivs, count)
         out = bytearray(len(view))
+        dest = memoryview(out)
         mode_cls, alg = self._mode_cls, self._alg_obj
         for i in range(count):
-            ctx = make(alg, mode_cls(ivs[i * niv:(i + 1) * niv]))
             pos = i * size
-            out[pos:pos + size] = ctx.update(view[pos:pos + size])
-        return bytes(out)
+            make(alg, mode_cls(ivs[i * niv:(i + 1) * niv])).update_into(
+                view[pos:pos + size], dest[pos:pos + size])
+        return out
 
     def _cbc_decrypt(self, view: memoryview, ivs: bytes, count: int) -> bytes:
         """CBC decryption of many sectors without a context per sector.
