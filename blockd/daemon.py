@@ -11,6 +11,7 @@ import asyncio
 import time
 from typing import Any, Callable
 
+from blockd.crypto import workers
 from blockd.block.graph import BlockGraph
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -60,3 +61,4 @@ class Daemon:
         for export in list(self.exports.values()):
             await export.delete()
         await self.graph.close_all()
+        workers.shutdown()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -43,31 +43,33 @@ except (ImportError, AttributeError):  # pragma: no cover - other cryptography l
 SECTOR_SIZE = 512
 
 
-def _mode_factory(cls: type, attr: str) -> Callable[[bytes], Any]:
-    """A fast constructor for a mode object holding a per-sector IV.
+def _sector_modes(cls: type, attr: str) -> Callable[[list[bytes]], Iterator[Any]]:
+    """Mode objects for a run of sectors, one IV each, built as cheaply as possible.
 
     The public constructors check their argument's type through an ABC,
-    which costs several times the cipher work on a sector; our IVs are
-    always fresh ``bytes`` of the right length.  The shortcut fills the
-    same private attribute the constructor would, and is used only if it
-    builds an object equal in effect to the constructor's (checked once
-    here), so a different ``cryptography`` layout falls back to the
-    constructor.
+    which costs several times the cipher work on a sector, and a context
+    reads the IV when it is created.  So one object serves a whole run,
+    its IV attribute replaced before each sector's context is made.  The
+    shortcut is used only if an object filled this way equals one the
+    constructor builds (checked once here); a ``cryptography`` with a
+    different layout gets a fresh object per sector.
     """
-    new = cls.__new__
+    def reuse(ivs: list[bytes]) -> Iterator[Any]:
+        mode = cls.__new__(cls)
+        for iv in ivs:
+            setattr(mode, attr, iv)
+            yield mode
 
-    def make(iv: bytes) -> Any:
-        mode = new(cls)
-        setattr(mode, attr, iv)
-        return mode
+    def construct(ivs: list[bytes]) -> Iterator[Any]:
+        return map(cls, ivs)
 
     probe = bytes(range(16))
     try:
-        fast, slow = make(probe), cls(probe)
+        fast, slow = next(reuse([probe])), cls(probe)
         same = all(getattr(fast, a) == getattr(slow, a) for a in vars(slow))
     except Exception:  # pragma: no cover - a layout we do not know
         same = False
-    return make if same else cls
+    return reuse if same else construct
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +114,10 @@ CIPHER_ALGS: dict[str, CipherAlg] = {a.name: a for a in (
 
 CIPHER_MODES = ("ecb", "cbc", "xts", "ctr")
 #: Per-sector mode objects, built without the constructors' type checks.
-_MODE_MAKERS: dict[str, Callable[[bytes], Any]] = {
-    "cbc": _mode_factory(modes.CBC, "_initialization_vector"),
-    "xts": _mode_factory(modes.XTS, "_tweak"),
-    "ctr": _mode_factory(modes.CTR, "_nonce"),
+_SECTOR_MODES: dict[str, Callable[[list[bytes]], Iterator[Any]]] = {
+    "cbc": _sector_modes(modes.CBC, "_initialization_vector"),
+    "xts": _sector_modes(modes.XTS, "_tweak"),
+    "ctr": _sector_modes(modes.CTR, "_nonce"),
 }
 IVGEN_ALGS = ("plain", "plain64", "essiv")
 #: QCryptoHashAlgorithm names and their digest sizes.
@@ -192,11 +194,13 @@ class SectorCipher:
             raise QMPError(f"Unsupported cipher algorithm {alg} with mode xts")
         self.alg, self.mode = alg, mode
         self.ivgen, self.ivgen_hash = ivgen, ivgen_hash
+        #: The constructor's arguments: helper processes rebuild the cipher from them.
+        self.spec = (alg, mode, bytes(key), ivgen, ivgen_hash, sector_size)
         self.sector_size = sector_size
         self.block_size = info.block_size
         self.niv = 0 if mode == "ecb" else info.block_size
         self._alg_obj = _algorithm(alg, key)
-        self._mode_cls = _MODE_MAKERS.get(mode)
+        self._sector_modes = _SECTOR_MODES.get(mode)
         self._essiv: Any = None
         if ivgen == "essiv":
             if ivgen_hash is None:
@@ -228,7 +232,7 @@ class SectorCipher:
         if len(view) % size:
             raise ValueError("encryption length must be a multiple of the sector size")
         make = _create_encryption_ctx if encrypt else _create_decryption_ctx
-        if self._mode_cls is None:
+        if self._sector_modes is None:
             # ECB has no IV: every sector is encrypted the same way.
             ctx = make(self._alg_obj, modes.ECB())
             return ctx.update(view) + ctx.finalize()
@@ -238,12 +242,17 @@ class SectorCipher:
         if not encrypt and self.mode == "cbc":
             return self._cbc_decrypt(view, ivs, count)
         out = bytearray(len(view))
-        dest = memoryview(out)
-        mode_cls, alg = self._mode_cls, self._alg_obj
-        for i in range(count):
-            pos = i * size
-            make(alg, mode_cls(ivs[i * niv:(i + 1) * niv])).update_into(
-                view[pos:pos + size], dest[pos:pos + size])
+        alg = self._alg_obj
+        per_sector = zip(self._sector_modes([ivs[i:i + niv] for i in range(0, len(ivs), niv)]),
+                         range(0, len(view), size))
+        if self.mode == "xts":
+            # XTS has no block slack, so each sector goes straight into place.
+            dest = memoryview(out)
+            for mode, pos in per_sector:
+                make(alg, mode).update_into(view[pos:pos + size], dest[pos:pos + size])
+        else:
+            for mode, pos in per_sector:
+                out[pos:pos + size] = make(alg, mode).update(view[pos:pos + size])
         return out
 
     def _cbc_decrypt(self, view: memoryview, ivs: bytes, count: int) -> bytes:
@@ -263,6 +272,10 @@ class SectorCipher:
                                       view[i * size:(i + 1) * size - niv]))
         return (int.from_bytes(raw, "little") ^ int.from_bytes(prev, "little")).to_bytes(
             len(view), "little")
+
+    def __repr__(self) -> str:
+        # Never the key: a cipher may end up in a log line or a traceback.
+        return f"SectorCipher({self.alg}-{self.mode}, ivgen={self.ivgen})"
 
     def encrypt(self, sector: int, data: bytes | bytearray | memoryview) -> bytes:
         """Ciphertext of whole sectors, the first of which is number ``sector``."""

@@ -144,7 +144,7 @@ class LuksNode(BlockNode):
         raw = bytes(await self.file.read(self.payload + start, end - start))
         if len(raw) < end - start:
             raw += bytes(end - start - len(raw))
-        return await crypt_sectors(self.cipher.decrypt, start // SECTOR, raw)
+        return await crypt_sectors(self.cipher, False, start // SECTOR, raw)
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         start, end = sector_span(offset, length)
@@ -164,7 +164,7 @@ class LuksNode(BlockNode):
                 buf = bytearray(await self._read_sectors(start, end))
                 buf[offset - start:offset - start + len(data)] = data
                 data = buf
-            cipher = await crypt_sectors(self.cipher.encrypt, start // SECTOR, data)
+            cipher = await crypt_sectors(self.cipher, True, start // SECTOR, data)
             self.file.debug_event("write_aio")
             await self.file.write(self.payload + start, cipher, flags)
         finally:

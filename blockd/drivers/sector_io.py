@@ -1,32 +1,33 @@
 """Shared pieces of the drivers that encrypt whole 512-byte sectors (luks, qcow2).
 
-Cipher work runs in worker threads in batches, and writes that must
-read-modify-write a partial sector are kept from interleaving with
-other writes to the same sectors.
+Small requests are ciphered on the event loop, mid-sized ones in a worker
+thread, large ones by helper processes in pieces (see
+:mod:`blockd.crypto.workers`); writes that must read-modify-write a
+partial sector are kept from interleaving with other writes to the same
+sectors.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+
+from blockd.crypto import workers
+from blockd.crypto.cipher import SectorCipher
 
 SECTOR = 512
 #: Requests up to this size are ciphered on the loop: a thread hop costs more.
 INLINE_MAX = 16 << 10
-#: Cipher work is done in batches of this size so one huge request cannot hog a thread.
-BATCH = 1 << 20
-
-CipherFn = Callable[[int, Any], bytes]
 
 
-async def crypt_sectors(fn: CipherFn, sector: int, data: bytes | bytearray | memoryview) -> bytes:
-    """``fn(sector, data)`` over whole sectors, in worker threads for anything but tiny data."""
+async def crypt_sectors(cipher: SectorCipher, encrypt: bool, sector: int,
+                        data: bytes | bytearray | memoryview) -> bytes:
+    """Whole sectors ciphered, the first numbered ``sector``: where depends on the size."""
+    run = cipher.encrypt if encrypt else cipher.decrypt
     if len(data) <= INLINE_MAX:
-        return fn(sector, data)
-    view = memoryview(data)
-    jobs = [asyncio.to_thread(fn, sector + pos // SECTOR, view[pos:pos + BATCH])
-            for pos in range(0, len(view), BATCH)]
-    return b"".join(await asyncio.gather(*jobs))
+        return run(sector, data)
+    if len(data) >= workers.MIN_BYTES:
+        return await workers.crypt_in_helpers(cipher, encrypt, sector, data)
+    return await asyncio.to_thread(run, sector, data)
 
 
 def sector_span(offset: int, length: int) -> tuple[int, int]:

@@ -48,10 +48,10 @@ class SectorData:
         return (guest if self.by_guest else host) // SECTOR
 
     async def decrypt_sectors(self, host: int, guest: int, data: bytes) -> bytes:
-        return await crypt_sectors(self.cipher.decrypt, self._sector(host, guest), data)
+        return await crypt_sectors(self.cipher, False, self._sector(host, guest), data)
 
     async def encrypt_sectors(self, host: int, guest: int, data: bytes) -> bytes:
-        return await crypt_sectors(self.cipher.encrypt, self._sector(host, guest), data)
+        return await crypt_sectors(self.cipher, True, self._sector(host, guest), data)
 
 
 def fde_extent(h: hdr.Header) -> tuple[int, int] | None:

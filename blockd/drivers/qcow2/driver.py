@@ -521,13 +521,16 @@ class Qcow2Node(BlockNode):
             guest = cur - cur % cs
             start = cur - guest
             n = min(len(view) - pos, cs - start)
-            chunk = view[pos:pos + n]
             generation = self._generation
             entry = await self.map.lookup(guest, cur)
-            # A snapshot taken while looking up makes the entry stale: the cluster
+            in_place = self._in_place(entry, start, n)
+            if in_place:
+                run = await self._in_place_run(guest, entry, start + n, len(view) - pos - n, n)
+            # A snapshot taken while looking up makes the entries stale: the clusters
             # may be shared now, so only the locked path (which looks again) is safe.
-            if (self._in_place(entry, start, n) and not self._quiescing
-                    and generation == self._generation):
+            if in_place and not self._quiescing and generation == self._generation:
+                n = run
+                chunk = view[pos:pos + n]
                 self._in_place_writes += 1
                 self._writes_idle.clear()
                 try:
@@ -542,10 +545,30 @@ class Qcow2Node(BlockNode):
                     n = await self._allocate_run(guest, view[pos:])
             else:
                 async with self.image.lock:
-                    await self._allocating_write(guest, start, chunk)
+                    await self._allocating_write(guest, start, view[pos:pos + n])
             pos += n
         if flags & WriteFlags.FUA:
             await self.flush()
+
+    async def _in_place_run(self, guest: int, entry: Entry, end: int, left: int, n: int) -> int:
+        """Bytes from the write's start that go in place as one host-contiguous run.
+
+        The write already covers ``n`` bytes of the cluster at ``guest`` up to
+        its end ``end``; following whole clusters join while they are owned,
+        allocated and next to each other in the file, so a large write costs
+        one data write (and, encrypted, one batch of cipher work), not one
+        per cluster.
+        """
+        cs = self.cs
+        if end != cs or self.map.ext:
+            return n
+        expect, nxt = entry.host + cs, guest + cs
+        while left >= cs:
+            following = await self.map.lookup(nxt)
+            if following.host != expect or not self._in_place(following, 0, cs):
+                break
+            n, left, expect, nxt = n + cs, left - cs, expect + cs, nxt + cs
+        return n
 
     def _batchable(self, entry: Entry) -> bool:
         """A whole-cluster write here may go through :meth:`_allocate_run`."""
