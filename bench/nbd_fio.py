@@ -27,7 +27,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from harness import Daemon  # noqa: E402
+from harness import Daemon, qemu_tool  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -85,11 +85,8 @@ def _image(workdir: str, job: Job) -> str:
     create = ["qemu-img", "create", "-q", "-f", "qcow2", *secret, path, job.size]
     if opts:
         create[5:5] = ["-o", ",".join(opts)]
-    for _ in range(10):  # QEMU 7.2's PBKDF2 calibration flakes on a busy machine
-        done = subprocess.run(create, capture_output=True, text=True)
-        if done.returncode == 0:
-            break
-    else:
+    done = qemu_tool(*create)  # retries QEMU 7.2's flaky PBKDF2 calibration
+    if done.returncode != 0:
         raise RuntimeError(done.stderr)
     if job.prepare == "sparse-l2":
         # One cluster in every L2 table's range, so random reads across the
