@@ -1,10 +1,12 @@
 """The NBD server: sockets and scheduling around the pure wire code in :mod:`.protocol`.
 
 Each connection is an :class:`asyncio.Protocol`.  Handshake options are
-answered as they arrive; transmission requests run as concurrent tasks
-so a slow read does not hold up the requests behind it.  Replies are
-queued whole and the replies finished in one turn of the event loop go
-out in one write, so they never interleave and cost one syscall together.
+answered as they arrive.  A transmission request is served at once
+until it has to wait, and then goes on as a task of its own, so a slow
+read does not hold up the requests behind it while the many that never
+wait (memory file systems) cost no task.  Replies are queued whole and
+the replies finished in one turn of the event loop go out in one write,
+so they never interleave and cost one syscall together.
 A connection stops reading while too many requests or bytes are in
 flight, or while its replies are not being read, which bounds the memory
 and tasks a client can make the server hold; a client that does not
@@ -18,7 +20,7 @@ import asyncio
 import errno
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Coroutine, Generator, Iterator
 
 from blockd.block.node import BlockNode, Status, WriteFlags
 from blockd.nbd import protocol as p
@@ -37,6 +39,8 @@ MAX_PAYLOAD = 32 << 20
 MAX_IN_FLIGHT = 64
 #: Payload bytes (read lengths, write data) a connection may have in flight.
 MAX_IN_FLIGHT_BYTES = 64 << 20
+#: Reply bytes queued in one turn of the event loop before they are sent anyway.
+OUTBOX_MAX = 256 << 10
 #: Seconds a client has from connecting to choosing an export.
 HANDSHAKE_TIMEOUT = 10.0
 #: Reads this long are answered with hole chunks where the image has none.
@@ -163,8 +167,11 @@ class Connection(asyncio.Protocol):
         self.handshake_timer: asyncio.TimerHandle | None = None
         self.closing = False
         self.tasks: set[asyncio.Task[None]] = set()
+        #: :meth:`_process` is running (it is not re-entered).
+        self._processing = False
         #: Replies finished in this turn of the event loop, sent together (see :meth:`_reply`).
         self._outbox: list[bytes | bytearray | memoryview] = []
+        self._outbox_bytes = 0
 
     # ---- connection lifetime ------------------------------------------------
 
@@ -212,10 +219,14 @@ class Connection(asyncio.Protocol):
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._send_replies)
         self._outbox += parts
+        self._outbox_bytes += sum(map(len, parts))
+        if self._outbox_bytes >= OUTBOX_MAX:
+            # Big replies go now: the transport's flow control then sees them.
+            self._send_replies()
 
     def _send_replies(self) -> None:
         if self._outbox:
-            parts, self._outbox = self._outbox, []
+            parts, self._outbox, self._outbox_bytes = self._outbox, [], 0
             self._write(*parts)
 
     # ---- input ---------------------------------------------------------------
@@ -225,7 +236,14 @@ class Connection(asyncio.Protocol):
         self._process()
 
     def _process(self) -> None:
-        """Handle buffered messages until the connection has too much in flight."""
+        """Handle buffered messages until the connection has too much in flight.
+
+        A request served synchronously from :meth:`_request` ends by calling
+        this again; the loop already running here takes the next message.
+        """
+        if self._processing:
+            return
+        self._processing = True
         try:
             while not self.closing and not self.write_paused and not self._busy():
                 event = self.parser.next_event()
@@ -240,6 +258,8 @@ class Connection(asyncio.Protocol):
         except p.ProtocolError as exc:
             log.info("NBD client broke the protocol: %s", exc)
             self.abort()
+        finally:
+            self._processing = False
         self._flow()
 
     def _busy(self) -> bool:
@@ -389,11 +409,18 @@ class Connection(asyncio.Protocol):
             return
         cost = len(req.data) if req.data else min(req.length, MAX_PAYLOAD) \
             if req.cmd == p.Cmd.READ else 0
-        task = asyncio.get_running_loop().create_task(self._serve(req, cost))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
         self.in_flight += 1
         self.in_flight_bytes += cost
+        # Served here until it must wait: most requests on a memory file system never
+        # do, and need no task of their own.  One that waits becomes a task then.
+        serve = self._serve(req, cost)
+        try:
+            waiting = serve.send(None)
+        except StopIteration:
+            return
+        task = asyncio.get_running_loop().create_task(_finish(serve, waiting))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _disconnect(self) -> None:
         if self.tasks:
@@ -521,6 +548,39 @@ class Connection(asyncio.Protocol):
                     extents = [(req.length, extents[0][1])]
             parts.append(p.chunk_block_status(req.handle, cid, extents, i == len(items) - 1))
         self._reply(*parts)
+
+
+class _Started:
+    """Awaiting it finishes a coroutine that was started by hand and is waiting for
+    ``waiting`` (what it yielded): it passes everything on, as ``await`` would have."""
+
+    def __init__(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+        self.coro = coro
+        self.waiting = waiting
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro, waiting = self.coro, self.waiting
+        while True:
+            try:
+                sent = yield waiting
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # noqa: B036 - passed on, cancellation included
+                try:
+                    waiting = coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    waiting = coro.send(sent)
+                except StopIteration:
+                    return
+
+
+async def _finish(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+    """The task that takes over a request that had to wait (see ``Connection._request``)."""
+    await _Started(coro, waiting)
 
 
 def _context_matches(query: str, name: str, opt: int) -> bool:
