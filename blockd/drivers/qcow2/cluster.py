@@ -213,13 +213,16 @@ class Mapping:
     async def write_pending(self) -> None:
         """Store changed L2 entries, then apply the frees that waited for them.
 
-        Eager refcounts: the counts of new clusters are synced before the
-        entries that use them are written, and the entries are synced before
+        Eager refcounts: the counts of new clusters (written here if
+        allocation held them back) are synced before the entries that use
+        them are written, and the entries are synced before
         the counts of clusters they stopped using drop: QEMU's cache
         dependencies.  Lazy refcounts need neither sync.
         """
         rc = self.image.refcounts
         file = self.image.file
+        if rc.held:
+            await rc.write_held()  # the counts of the new clusters the entries use
         if self.pending:
             if not rc.lazy:
                 await file.flush()

@@ -240,7 +240,7 @@ class Qcow2Node(BlockNode):
         """A host cluster for guest cluster ``guest``: identity in an external data file."""
         if self.image.external_data:
             return guest
-        return await self.image.refcounts.alloc(1)
+        return await self.image.refcounts.alloc(1, hold=True)
 
     async def _clean_caches(self, interval: int) -> None:
         """Give back memory of metadata nobody used for a whole interval."""
@@ -567,7 +567,7 @@ class Qcow2Node(BlockNode):
         limit = min(len(view) // cs, (per_table - guest % per_table) // cs, 512)
         count = max(1, await self.map.unallocated_run(guest, limit))
         await self.map.prepare(guest)
-        host = await self.image.refcounts.alloc(count)
+        host = await self.image.refcounts.alloc(count, hold=True)
         self.image.debug_event("write_aio")
         try:
             await self._data_write(host, guest, view[:count * cs])
