@@ -39,6 +39,8 @@ MAX_PAYLOAD = 32 << 20
 MAX_IN_FLIGHT = 64
 #: Payload bytes (read lengths, write data) a connection may have in flight.
 MAX_IN_FLIGHT_BYTES = 64 << 20
+#: The FUA request flag as a plain int: ``int & IntFlag`` builds a flag object, slowly.
+FUA = int(p.CmdFlag.FUA)
 #: Reply bytes queued in one turn of the event loop before they are sent anyway.
 OUTBOX_MAX = 256 << 10
 #: Seconds a client has from connecting to choosing an export.
@@ -468,7 +470,7 @@ class Connection(asyncio.Protocol):
         if cmd == p.Cmd.READ:
             await self._read(req)
         elif cmd == p.Cmd.WRITE:
-            fua = req.flags & p.CmdFlag.FUA or export.writethrough
+            fua = req.flags & FUA or export.writethrough
             await backend.write(req.offset, req.data, WriteFlags.FUA if fua else WriteFlags.NONE)
             self._ok(req)
         elif cmd == p.Cmd.WRITE_ZEROES:
