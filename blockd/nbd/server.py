@@ -212,13 +212,15 @@ class Connection(asyncio.Protocol):
             self.transport.writelines(parts)
 
     def _reply(self, *parts: bytes | bytearray | memoryview) -> None:
-        """Queue one whole reply; the replies of a loop turn leave in one send.
+        """Queue one whole reply, to leave with the others finished meanwhile in one send.
 
-        Requests served from memory finish many per turn: one ``sendmsg`` for
+        Requests served from memory finish many at a time: one ``sendmsg`` for
         all of them instead of one each saves syscalls and wakes the client
-        once, so it sends its next requests as a batch too.
+        once, so it sends its next requests as a batch too.  :meth:`_process`
+        sends what its requests queued when it is done; a reply from elsewhere
+        (a task) goes at the end of this turn of the event loop.
         """
-        if not self._outbox:
+        if not self._outbox and not self._processing:
             asyncio.get_running_loop().call_soon(self._send_replies)
         self._outbox += parts
         self._outbox_bytes += sum(map(len, parts))
@@ -262,6 +264,7 @@ class Connection(asyncio.Protocol):
             self.abort()
         finally:
             self._processing = False
+        self._send_replies()
         self._flow()
 
     def _busy(self) -> bool:
