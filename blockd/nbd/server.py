@@ -39,6 +39,8 @@ MAX_PAYLOAD = 32 << 20
 MAX_IN_FLIGHT = 64
 #: Payload bytes (read lengths, write data) a connection may have in flight.
 MAX_IN_FLIGHT_BYTES = 64 << 20
+#: Commands that change the export's content.
+WRITES = frozenset({p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM})
 #: The FUA request flag as a plain int: ``int & IntFlag`` builds a flag object, slowly.
 FUA = int(p.CmdFlag.FUA)
 #: Reply bytes queued in one turn of the event loop before they are sent anyway.
@@ -467,15 +469,14 @@ class Connection(asyncio.Protocol):
         cmd = req.cmd
         if req.offset + req.length > backend.length():
             raise OSError(errno.EINVAL, "request beyond the end of the export")
-        writes = (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM)
-        if cmd in writes and not export.writable:
+        if cmd in WRITES and not export.writable:
             raise OSError(errno.EPERM, "export is read-only")
         if cmd == p.Cmd.READ:
             await self._read(req)
         elif cmd == p.Cmd.WRITE:
             fua = req.flags & FUA or export.writethrough
             await backend.write(req.offset, req.data, WriteFlags.FUA if fua else WriteFlags.NONE)
-            self._ok(req)
+            self._reply(p.simple_reply(req.handle))  # simple even with structured replies
         elif cmd == p.Cmd.WRITE_ZEROES:
             flags = WriteFlags.NONE
             if not req.flags & p.CmdFlag.NO_HOLE:

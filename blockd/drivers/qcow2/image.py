@@ -48,6 +48,9 @@ class Image:
                  caches: CacheConfig, overlap_mask: int = overlap.CACHED,
                  node_name: str = "", emit: EventSink | None = None) -> None:
         self.file = file
+        #: Tells the file a blkdebug event was reached: its own method, bound once,
+        #: since allocating writes reach several.
+        self.debug_event: Callable[[str], None] = file.debug_event
         self.header = header
         self.cluster_size = header.cluster_size
         #: Serialises metadata changes; data I/O to allocated clusters runs without it.
@@ -73,9 +76,6 @@ class Image:
         self.signaled_corruption = False
         #: A fatal corruption stopped the image: every request fails from now on.
         self.stopped = False
-
-    def debug_event(self, event: str) -> None:
-        self.file.debug_event(event)
 
     def mark_corrupt(self, why: str) -> None:
         """Stop writing to an image found inconsistent, as QEMU does."""
