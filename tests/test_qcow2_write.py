@@ -279,6 +279,31 @@ def test_new_cluster_counts_wait_for_their_l2_entries(tmp_path):
             "read -P 0x62 327780 1000")
 
 
+def test_racing_writers_to_one_new_cluster_allocate_it_once(tmp_path):
+    """Two whole-cluster writes to the same unallocated cluster, each looking it up
+    before the other takes the lock: the second must look again, not allocate twice."""
+    img = str(tmp_path / "r.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", img, "1M")
+
+    async def body() -> None:
+        g, node = await open_qcow2(img)
+        lookup = node.map.lookup
+
+        async def slow_lookup(*args):
+            entry = await lookup(*args)
+            await asyncio.sleep(0)  # the other writer runs before this one goes on
+            return entry
+
+        node.map.lookup = slow_lookup
+        await asyncio.gather(node.write(0, b"a" * 65536), node.write(0, b"b" * 65536))
+        node.map.lookup = lookup
+        assert bytes(await node.read(0, 65536)) in (b"a" * 65536, b"b" * 65536)
+        await g.close_all()
+
+    asyncio.run(body())
+    check_clean(img)
+
+
 def test_model_of_thousands_of_ops(tmp_path):
     """An in-memory model follows 4000 operations; blockd and qemu-img agree with it."""
     size, cs = 4 * MiB, 4096

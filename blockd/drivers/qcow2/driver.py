@@ -523,6 +523,7 @@ class Qcow2Node(BlockNode):
             n = min(len(view) - pos, cs - start)
             chunk = view[pos:pos + n]
             generation = self._generation
+            turns = self.image.lock.turns
             entry = await self.map.lookup(guest, cur)
             # A snapshot taken while looking up makes the entry stale: the cluster
             # may be shared now, so only the locked path (which looks again) is safe.
@@ -538,9 +539,9 @@ class Qcow2Node(BlockNode):
                     if not self._in_place_writes:
                         self._writes_idle.set()
             elif start == 0 and len(view) - pos >= cs and self._batchable(entry):
-                # Taking a free lock does not yield: then ``entry`` is still current.
-                current = not self.image.lock.locked()
                 async with self.image.lock:
+                    # Nobody held the lock since the lookup: ``entry`` is still current.
+                    current = self.image.lock.turns == turns + 1
                     n = await self._allocate_run(guest, view[pos:], current)
             else:
                 async with self.image.lock:
@@ -558,8 +559,8 @@ class Qcow2Node(BlockNode):
         """Write whole, unallocated clusters as one run: one allocation, one data write and
         one L2 update for as many clusters as stay unallocated within the L2 table.
 
-        ``current``: the caller saw the first cluster unallocated and took the
-        lock without yielding since, so it is not looked up again (the common
+        ``current``: the caller saw the first cluster unallocated and nobody
+        held the lock since, so it is not looked up again (the common
         single-cluster case is the cheaper for it).  Returns the bytes written
         (at least one cluster, when the first one still qualifies).
         """
