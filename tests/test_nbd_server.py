@@ -242,3 +242,38 @@ def test_cache_direct_on_a_disk_file_system(tmp_path):
             assert f.read(5000) == b"\x42" * 5000
     finally:
         os.unlink(path)
+
+
+def test_request_that_waits_continues_as_a_task():
+    """A request served inline until it waits is finished by a task: results,
+    exceptions and cancellation reach the coroutine as a plain ``await`` would."""
+    import asyncio
+
+    from blockd.nbd.server import _finish
+
+    async def body(fut: asyncio.Future, log: list) -> None:
+        try:
+            log.append(await fut)
+            await asyncio.sleep(0)
+            log.append(await fut)
+            await asyncio.get_running_loop().create_future()  # waits until cancelled
+        except asyncio.CancelledError:
+            log.append("cancelled")
+            raise
+
+    async def main() -> list:
+        loop = asyncio.get_running_loop()
+        fut, log = loop.create_future(), []
+        coro = body(fut, log)
+        waiting = coro.send(None)
+        assert waiting is fut
+        task = loop.create_task(_finish(coro, waiting))
+        fut.set_result("done")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return log
+
+    assert asyncio.run(main()) == ["done", "done", "cancelled"]

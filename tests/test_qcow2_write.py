@@ -250,6 +250,60 @@ def test_concurrent_writes_allocate_each_cluster_once(tmp_path):
     check_clean(img)
 
 
+def test_new_cluster_counts_wait_for_their_l2_entries(tmp_path):
+    """Eager refcounts: an allocating write raises the count in memory only, and the
+    flush stores it before the L2 entry, so the file never has the entry without it."""
+    img = str(tmp_path / "h.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", img, "8M")
+
+    async def body() -> None:
+        g, node = await open_qcow2(img)
+        rc = node.image.refcounts
+        await node.write(0, b"a" * 65536)
+        await node.write(5 * 65536 + 100, b"b" * 1000)
+        assert rc.held and node.map.pending
+        # Before the flush the file has neither the counts nor the entries; after it, both.
+        for flushed in (False, True):
+            if flushed:
+                await node.flush()
+                assert not rc.held and not node.map.pending
+            out = sh("qemu-img", "check", "-U", "--output=json", img)
+            report = json.loads(out.stdout)
+            assert report.get("corruptions", 0) == report.get("leaks", 0) == 0, out.stdout
+        await node.write(65536, b"c" * 65536)
+        await g.close_all()
+
+    asyncio.run(body())
+    check_clean(img)
+    qemu_io(img, "qcow2", "read -P 0x61 0 64k", "read -P 0x63 64k 64k",
+            "read -P 0x62 327780 1000")
+
+
+def test_racing_writers_to_one_new_cluster_allocate_it_once(tmp_path):
+    """Two whole-cluster writes to the same unallocated cluster, each looking it up
+    before the other takes the lock: the second must look again, not allocate twice."""
+    img = str(tmp_path / "r.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", img, "1M")
+
+    async def body() -> None:
+        g, node = await open_qcow2(img)
+        lookup = node.map.lookup
+
+        async def slow_lookup(*args):
+            entry = await lookup(*args)
+            await asyncio.sleep(0)  # the other writer runs before this one goes on
+            return entry
+
+        node.map.lookup = slow_lookup
+        await asyncio.gather(node.write(0, b"a" * 65536), node.write(0, b"b" * 65536))
+        node.map.lookup = lookup
+        assert bytes(await node.read(0, 65536)) in (b"a" * 65536, b"b" * 65536)
+        await g.close_all()
+
+    asyncio.run(body())
+    check_clean(img)
+
+
 def test_model_of_thousands_of_ops(tmp_path):
     """An in-memory model follows 4000 operations; blockd and qemu-img agree with it."""
     size, cs = 4 * MiB, 4096

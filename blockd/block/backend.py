@@ -51,7 +51,8 @@ class Backend(User):
 
     @property
     def writable(self) -> bool:
-        return bool(self.link.perm & Perm.WRITE) and not self.node.read_only
+        # ``in`` tests the bit without building a new Perm as ``&`` would (every write asks).
+        return Perm.WRITE in self.link.perm and not self.node.read_only
 
     def _check(self, offset: int, length: int, write: bool) -> None:
         if offset < 0 or length < 0 or offset + length > self.node.length():

@@ -1,9 +1,12 @@
 """The NBD server: sockets and scheduling around the pure wire code in :mod:`.protocol`.
 
 Each connection is an :class:`asyncio.Protocol`.  Handshake options are
-answered as they arrive; transmission requests run as concurrent tasks
-so a slow read does not hold up the requests behind it, and each reply
-is written with one ``transport.write`` so replies never interleave.
+answered as they arrive.  A transmission request is served at once
+until it has to wait, and then goes on as a task of its own, so a slow
+read does not hold up the requests behind it while the many that never
+wait (memory file systems) cost no task.  Replies are queued whole and
+the replies finished in one turn of the event loop go out in one write,
+so they never interleave and cost one syscall together.
 A connection stops reading while too many requests or bytes are in
 flight, or while its replies are not being read, which bounds the memory
 and tasks a client can make the server hold; a client that does not
@@ -17,7 +20,7 @@ import asyncio
 import errno
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Coroutine, Generator, Iterator
 
 from blockd.block.node import BlockNode, Status, WriteFlags
 from blockd.nbd import protocol as p
@@ -36,6 +39,12 @@ MAX_PAYLOAD = 32 << 20
 MAX_IN_FLIGHT = 64
 #: Payload bytes (read lengths, write data) a connection may have in flight.
 MAX_IN_FLIGHT_BYTES = 64 << 20
+#: Commands that change the export's content.
+WRITES = frozenset({p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM})
+#: The FUA request flag as a plain int: ``int & IntFlag`` builds a flag object, slowly.
+FUA = int(p.CmdFlag.FUA)
+#: Reply bytes queued in one turn of the event loop before they are sent anyway.
+OUTBOX_MAX = 256 << 10
 #: Seconds a client has from connecting to choosing an export.
 HANDSHAKE_TIMEOUT = 10.0
 #: Reads this long are answered with hole chunks where the image has none.
@@ -162,6 +171,11 @@ class Connection(asyncio.Protocol):
         self.handshake_timer: asyncio.TimerHandle | None = None
         self.closing = False
         self.tasks: set[asyncio.Task[None]] = set()
+        #: :meth:`_process` is running (it is not re-entered).
+        self._processing = False
+        #: Replies finished in this turn of the event loop, sent together (see :meth:`_reply`).
+        self._outbox: list[bytes | bytearray | memoryview] = []
+        self._outbox_bytes = 0
 
     # ---- connection lifetime ------------------------------------------------
 
@@ -199,6 +213,28 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(parts)
 
+    def _reply(self, *parts: bytes | bytearray | memoryview) -> None:
+        """Queue one whole reply, to leave with the others finished meanwhile in one send.
+
+        Requests served from memory finish many at a time: one ``sendmsg`` for
+        all of them instead of one each saves syscalls and wakes the client
+        once, so it sends its next requests as a batch too.  :meth:`_process`
+        sends what its requests queued when it is done; a reply from elsewhere
+        (a task) goes at the end of this turn of the event loop.
+        """
+        if not self._outbox and not self._processing:
+            asyncio.get_running_loop().call_soon(self._send_replies)
+        self._outbox += parts
+        self._outbox_bytes += sum(map(len, parts))
+        if self._outbox_bytes >= OUTBOX_MAX:
+            # Big replies go now: the transport's flow control then sees them.
+            self._send_replies()
+
+    def _send_replies(self) -> None:
+        if self._outbox:
+            parts, self._outbox, self._outbox_bytes = self._outbox, [], 0
+            self._write(*parts)
+
     # ---- input ---------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
@@ -206,7 +242,14 @@ class Connection(asyncio.Protocol):
         self._process()
 
     def _process(self) -> None:
-        """Handle buffered messages until the connection has too much in flight."""
+        """Handle buffered messages until the connection has too much in flight.
+
+        A request served synchronously from :meth:`_request` ends by calling
+        this again; the loop already running here takes the next message.
+        """
+        if self._processing:
+            return
+        self._processing = True
         try:
             while not self.closing and not self.write_paused and not self._busy():
                 event = self.parser.next_event()
@@ -221,6 +264,9 @@ class Connection(asyncio.Protocol):
         except p.ProtocolError as exc:
             log.info("NBD client broke the protocol: %s", exc)
             self.abort()
+        finally:
+            self._processing = False
+        self._send_replies()
         self._flow()
 
     def _busy(self) -> bool:
@@ -370,15 +416,23 @@ class Connection(asyncio.Protocol):
             return
         cost = len(req.data) if req.data else min(req.length, MAX_PAYLOAD) \
             if req.cmd == p.Cmd.READ else 0
-        task = asyncio.get_running_loop().create_task(self._serve(req, cost))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
         self.in_flight += 1
         self.in_flight_bytes += cost
+        # Served here until it must wait: most requests on a memory file system never
+        # do, and need no task of their own.  One that waits becomes a task then.
+        serve = self._serve(req, cost)
+        try:
+            waiting = serve.send(None)
+        except StopIteration:
+            return
+        task = asyncio.get_running_loop().create_task(_finish(serve, waiting))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _disconnect(self) -> None:
         if self.tasks:
             await asyncio.wait(list(self.tasks))
+        self._send_replies()
         if self.transport is not None:
             self.transport.close()
 
@@ -399,15 +453,15 @@ class Connection(asyncio.Protocol):
 
     def _reply_error(self, req: p.Request, error: int, message: str = "") -> None:
         if self.structured and req.cmd in (p.Cmd.READ, p.Cmd.BLOCK_STATUS):
-            self._write(p.chunk_error(req.handle, error, message))
+            self._reply(p.chunk_error(req.handle, error, message))
         else:
-            self._write(p.simple_reply(req.handle, error))
+            self._reply(p.simple_reply(req.handle, error))
 
     def _ok(self, req: p.Request) -> None:
         if self.structured and req.cmd in (p.Cmd.READ, p.Cmd.BLOCK_STATUS):
-            self._write(p.chunk_none(req.handle))
+            self._reply(p.chunk_none(req.handle))
         else:
-            self._write(p.simple_reply(req.handle))
+            self._reply(p.simple_reply(req.handle))
 
     async def _dispatch(self, req: p.Request) -> None:
         export = self.export
@@ -415,15 +469,14 @@ class Connection(asyncio.Protocol):
         cmd = req.cmd
         if req.offset + req.length > backend.length():
             raise OSError(errno.EINVAL, "request beyond the end of the export")
-        writes = (p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM)
-        if cmd in writes and not export.writable:
+        if cmd in WRITES and not export.writable:
             raise OSError(errno.EPERM, "export is read-only")
         if cmd == p.Cmd.READ:
             await self._read(req)
         elif cmd == p.Cmd.WRITE:
-            fua = req.flags & p.CmdFlag.FUA or export.writethrough
+            fua = req.flags & FUA or export.writethrough
             await backend.write(req.offset, req.data, WriteFlags.FUA if fua else WriteFlags.NONE)
-            self._ok(req)
+            self._reply(p.simple_reply(req.handle))  # simple even with structured replies
         elif cmd == p.Cmd.WRITE_ZEROES:
             flags = WriteFlags.NONE
             if not req.flags & p.CmdFlag.NO_HOLE:
@@ -458,11 +511,11 @@ class Connection(asyncio.Protocol):
             raise OSError(errno.EINVAL, "read too large")
         if not self.structured:
             data = await backend.read(req.offset, req.length)
-            self._write(p.simple_reply(req.handle), data)
+            self._reply(p.simple_reply(req.handle), data)
             return
         if req.length < SPARSE_READ_MIN or req.flags & p.CmdFlag.DF:
             data = await backend.read(req.offset, req.length)
-            self._write(p.chunk_offset_data_header(req.handle, req.offset, req.length, True), data)
+            self._reply(p.chunk_offset_data_header(req.handle, req.offset, req.length, True), data)
             return
         parts: list[bytes | bytearray | memoryview] = []
         offset, end = req.offset, req.offset + req.length
@@ -476,7 +529,7 @@ class Connection(asyncio.Protocol):
                 data = await backend.read(offset, n)
                 parts += [p.chunk_offset_data_header(req.handle, offset, n, last), data]
             offset += n
-        self._write(*parts)
+        self._reply(*parts)
 
     async def _block_status(self, req: p.Request) -> None:
         if not self.structured or not self.contexts:
@@ -500,7 +553,40 @@ class Connection(asyncio.Protocol):
                 if extents[0][0] > req.length:
                     extents = [(req.length, extents[0][1])]
             parts.append(p.chunk_block_status(req.handle, cid, extents, i == len(items) - 1))
-        self._write(*parts)
+        self._reply(*parts)
+
+
+class _Started:
+    """Awaiting it finishes a coroutine that was started by hand and is waiting for
+    ``waiting`` (what it yielded): it passes everything on, as ``await`` would have."""
+
+    def __init__(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+        self.coro = coro
+        self.waiting = waiting
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro, waiting = self.coro, self.waiting
+        while True:
+            try:
+                sent = yield waiting
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # noqa: B036 - passed on, cancellation included
+                try:
+                    waiting = coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    waiting = coro.send(sent)
+                except StopIteration:
+                    return
+
+
+async def _finish(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+    """The task that takes over a request that had to wait (see ``Connection._request``)."""
+    await _Started(coro, waiting)
 
 
 def _context_matches(query: str, name: str, opt: int) -> bool:

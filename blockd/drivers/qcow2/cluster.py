@@ -44,7 +44,7 @@ class Kind(enum.Enum):
     COMPRESSED = "compressed"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Entry:
     """One decoded L2 entry (and its subcluster bitmap with extended L2)."""
 
@@ -170,15 +170,15 @@ class Mapping:
         else:
             entry = Entry(struct.unpack_from(">Q", piece, pos)[0], 0, external)
         if not entry.raw & COMPRESSED:
-            if entry.host % self.cs and write_at >= 0:
-                await self._corrupt(-1, f"Data cluster offset {c_hex(entry.host)} unaligned "
-                                        f"(guest offset: {c_hex(write_at)})")
-            if entry.host % self.cs:
+            if entry.raw & OFFSET_MASK & (self.cs - 1):
+                if write_at >= 0:
+                    await self._corrupt(-1, f"Data cluster offset {c_hex(entry.host)} unaligned "
+                                            f"(guest offset: {c_hex(write_at)})")
                 await self._corrupt(-1, f"Cluster allocation offset {c_hex(entry.host)} "
                                         f"unaligned (L2 offset: {c_hex(l2_offset)}, "
                                         f"L2 index: {c_hex(l2i)})")
-            normal = entry.kind(self.cb) == Kind.NORMAL
-            if self.ext and (entry.bitmap >> 32 & entry.bitmap if normal
+            if self.ext and (entry.bitmap >> 32 & entry.bitmap
+                             if entry.kind(self.cb) == Kind.NORMAL
                              else entry.bitmap & ALL_ALLOC):
                 await self._corrupt(-1, f"Invalid cluster entry found (L2 offset: "
                                         f"{c_hex(l2_offset)}, L2 index: {c_hex(l2i)})")
@@ -213,13 +213,16 @@ class Mapping:
     async def write_pending(self) -> None:
         """Store changed L2 entries, then apply the frees that waited for them.
 
-        Eager refcounts: the counts of new clusters are synced before the
-        entries that use them are written, and the entries are synced before
+        Eager refcounts: the counts of new clusters (written here if
+        allocation held them back) are synced before the entries that use
+        them are written, and the entries are synced before
         the counts of clusters they stopped using drop: QEMU's cache
         dependencies.  Lazy refcounts need neither sync.
         """
         rc = self.image.refcounts
         file = self.image.file
+        if rc.held:
+            await rc.write_held()  # the counts of the new clusters the entries use
         if self.pending:
             if not rc.lazy:
                 await file.flush()

@@ -240,7 +240,7 @@ class Qcow2Node(BlockNode):
         """A host cluster for guest cluster ``guest``: identity in an external data file."""
         if self.image.external_data:
             return guest
-        return await self.image.refcounts.alloc(1)
+        return await self.image.refcounts.alloc(1, hold=True)
 
     async def _clean_caches(self, interval: int) -> None:
         """Give back memory of metadata nobody used for a whole interval."""
@@ -522,6 +522,7 @@ class Qcow2Node(BlockNode):
             start = cur - guest
             n = min(len(view) - pos, cs - start)
             generation = self._generation
+            turns = self.image.lock.turns
             entry = await self.map.lookup(guest, cur)
             in_place = self._in_place(entry, start, n)
             if in_place:
@@ -540,14 +541,16 @@ class Qcow2Node(BlockNode):
                     self._in_place_writes -= 1
                     if not self._in_place_writes:
                         self._writes_idle.set()
-            elif start == 0 and len(view) - pos >= 2 * cs and self._batchable(entry):
+            elif start == 0 and len(view) - pos >= cs and self._batchable(entry):
                 async with self.image.lock:
-                    n = await self._allocate_run(guest, view[pos:])
+                    # Nobody held the lock since the lookup: ``entry`` is still current.
+                    current = self.image.lock.turns == turns + 1
+                    n = await self._allocate_run(guest, view[pos:], current)
             else:
                 async with self.image.lock:
                     await self._allocating_write(guest, start, view[pos:pos + n])
             pos += n
-        if flags & WriteFlags.FUA:
+        if WriteFlags.FUA in flags:  # cheaper than ``&``, which builds a new flag value
             await self.flush()
 
     async def _in_place_run(self, guest: int, entry: Entry, end: int, left: int, n: int) -> int:
@@ -575,22 +578,26 @@ class Qcow2Node(BlockNode):
         return (not self.map.ext and self.image.crypto is None and not self.image.external_data
                 and entry.raw == 0)
 
-    async def _allocate_run(self, guest: int, view: memoryview) -> int:
+    async def _allocate_run(self, guest: int, view: memoryview, current: bool = False) -> int:
         """Write whole, unallocated clusters as one run: one allocation, one data write and
         one L2 update for as many clusters as stay unallocated within the L2 table.
 
-        Returns the bytes written (at least one cluster, when the first one still qualifies).
+        ``current``: the caller saw the first cluster unallocated and nobody
+        held the lock since, so it is not looked up again (the common
+        single-cluster case is the cheaper for it).  Returns the bytes written
+        (at least one cluster, when the first one still qualifies).
         """
         cs = self.cs
-        first = await self.map.lookup(guest, guest)
-        if not self._batchable(first):
-            await self._allocating_write(guest, 0, view[:cs])
-            return cs
+        if not current:
+            first = await self.map.lookup(guest, guest)
+            if not self._batchable(first):
+                await self._allocating_write(guest, 0, view[:cs])
+                return cs
         per_table = self.map.l2_entries * cs
         limit = min(len(view) // cs, (per_table - guest % per_table) // cs, 512)
-        count = max(1, await self.map.unallocated_run(guest, limit))
+        count = 1 if limit == 1 else max(1, await self.map.unallocated_run(guest, limit))
         await self.map.prepare(guest)
-        host = await self.image.refcounts.alloc(count)
+        host = await self.image.refcounts.alloc(count, hold=True)
         self.image.debug_event("write_aio")
         try:
             await self._data_write(host, guest, view[:count * cs])

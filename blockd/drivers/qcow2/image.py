@@ -39,6 +39,28 @@ class DataCipher(Protocol):
                               data: bytes) -> bytes: ...
 
 
+class MetadataLock(asyncio.Lock):
+    """The image's metadata lock, counting how often it was taken and given back.
+
+    Every metadata change happens under it, so a caller that reads the
+    count before looking at metadata and finds it just one higher once it
+    holds the lock knows nobody changed anything in between.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.turns = 0
+
+    async def acquire(self) -> bool:
+        await super().acquire()
+        self.turns += 1
+        return True
+
+    def release(self) -> None:
+        self.turns += 1
+        super().release()
+
+
 #: Receives ``BLOCK_IMAGE_CORRUPTED`` data (the daemon's event emitter, or nothing).
 EventSink = Callable[[str, dict[str, Any]], None]
 
@@ -48,10 +70,13 @@ class Image:
                  caches: CacheConfig, overlap_mask: int = overlap.CACHED,
                  node_name: str = "", emit: EventSink | None = None) -> None:
         self.file = file
+        #: Tells the file a blkdebug event was reached: its own method, bound once,
+        #: since allocating writes reach several.
+        self.debug_event: Callable[[str], None] = file.debug_event
         self.header = header
         self.cluster_size = header.cluster_size
         #: Serialises metadata changes; data I/O to allocated clusters runs without it.
-        self.lock = asyncio.Lock()
+        self.lock = MetadataLock()
         self.discard_other = discard_other
         from blockd.drivers.qcow2.refcount import Refcounts
 
@@ -73,9 +98,6 @@ class Image:
         self.signaled_corruption = False
         #: A fatal corruption stopped the image: every request fails from now on.
         self.stopped = False
-
-    def debug_event(self, event: str) -> None:
-        self.file.debug_event(event)
 
     def mark_corrupt(self, why: str) -> None:
         """Stop writing to an image found inconsistent, as QEMU does."""

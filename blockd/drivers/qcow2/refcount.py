@@ -78,6 +78,9 @@ class Refcounts:
         #: (offset, clusters, discard) freed by L2 changes not yet written (see
         #: ``Mapping.write_pending``): the clusters stay in use until then.
         self.deferred_frees: list[tuple[int, int, bool]] = []
+        #: Raised counts of new data clusters held back (eager refcounts): block index ->
+        #: (block, first changed byte, end).  See :meth:`alloc`.
+        self.held: dict[int, tuple[bytearray, int, int]] = {}
 
     async def load(self) -> None:
         h = self.image.header
@@ -108,6 +111,9 @@ class Refcounts:
         if offset == 0:
             return None
         block = self.dirty.get(block_index) or self.blocks.get(block_index)
+        if block is None and block_index in self.held:
+            block = self.held[block_index][0]  # evicted from the cache, not written yet
+            self.blocks.put(block_index, block)
         if block is None:
             self.image.debug_event("refblock_load")
             block = bytearray(await self.image.file.read(offset, self.cluster_size))
@@ -277,8 +283,14 @@ class Refcounts:
         for i in range(old_clusters):
             await self.update(old_offset // cs + i, -1)
 
-    async def alloc(self, count: int) -> int:
-        """Allocate ``count`` contiguous free clusters; returns the host offset."""
+    async def alloc(self, count: int, hold: bool = False) -> int:
+        """Allocate ``count`` contiguous free clusters; returns the host offset.
+
+        ``hold``: only L2 entries waiting in memory will point at the clusters
+        (guest data), so their raised counts may wait in memory too, and
+        ``Mapping.write_pending`` writes them before those entries: an
+        allocating write then costs no refcount write of its own.
+        """
         self.image.debug_event("cluster_alloc")
         while True:
             start = await self._find_free(count)
@@ -292,13 +304,14 @@ class Refcounts:
                     break
             if not created:
                 break
-        await self._raise_run(start, count)
+        await self._raise_run(start, count, hold)
         self.alloc_end = max(self.alloc_end, start + count)
         self.free_hint = start + count
         return start * self.cluster_size
 
-    async def _raise_run(self, first: int, count: int) -> None:
-        """Count one more reference to each cluster of a run: one write per refcount block.
+    async def _raise_run(self, first: int, count: int, hold: bool = False) -> None:
+        """Count one more reference to each cluster of a run: one write per refcount block
+        (none when ``hold``: see :meth:`alloc`).
 
         Only fresh runs come here (every count 0 before), so no count can overflow.
         """
@@ -317,6 +330,13 @@ class Refcounts:
                 c = stop
                 continue
             lo, hi = self._shift_counts(block, indexes, 1)
+            if hold:
+                held = self.held.get(bi)
+                if held is not None:
+                    lo, hi = min(lo, held[1]), max(hi, held[2])
+                self.held[bi] = (block, lo, hi)
+                c = stop
+                continue
             self.image.debug_event("refblock_update_part")
             try:
                 await self.image.write_meta(self.table[bi] + lo, bytes(block[lo:hi]),
@@ -434,6 +454,15 @@ class Refcounts:
             await self.image.write_meta(self.table[bi], bytes(block), overlap.REFCOUNT_BLOCK)
             del self.dirty[bi]
             self.blocks.put(bi, block)
+
+    async def write_held(self) -> None:
+        """Store the counts :meth:`alloc` held back (the changed bytes of each block)."""
+        for bi in sorted(self.held):
+            block, lo, hi = self.held[bi]
+            self.image.debug_event("refblock_update_part")
+            await self.image.write_meta(self.table[bi] + lo, bytes(block[lo:hi]),
+                                        overlap.REFCOUNT_BLOCK)
+            del self.held[bi]
 
     def free_later(self, offset: int, count: int = 1, discard: bool = False) -> None:
         """Free once the L2 change that dropped the clusters is in the file."""
