@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import struct
 from typing import Any, Callable, Iterator
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -211,16 +212,21 @@ class SectorCipher:
             raise QMPError(f"IV generator {ivgen} not supported")
 
     def _ivs(self, sector: int, count: int) -> bytes:
-        """IVs of ``count`` consecutive sectors, concatenated."""
-        niv = self.niv
+        """IVs of ``count`` consecutive sectors, concatenated.
+
+        Each IV is the sector number as a little-endian word (32 bits for
+        ``plain``, 64 for ``plain64`` and ``essiv``) padded with zero words
+        to the cipher's block size, so all of them pack in one call.
+        """
         if self.ivgen == "plain":
-            width, mask = 4, 0xFFFFFFFF
+            code, mask = "I", 0xFFFFFFFF
         else:
-            width, mask = 8, 0xFFFFFFFFFFFFFFFF
-        take = min(width, niv)
-        pad = bytes(niv - take)
-        ivs = b"".join(((s & mask).to_bytes(width, "little")[:take] + pad)
-                       for s in range(sector, sector + count))
+            code, mask = "Q", 0xFFFFFFFFFFFFFFFF
+        per_iv = self.niv // struct.calcsize(code)
+        words = [0] * (count * per_iv)
+        numbers = range(sector, sector + count)
+        words[::per_iv] = numbers if sector + count <= mask else [n & mask for n in numbers]
+        ivs = struct.pack(f"<{len(words)}{code}", *words)
         if self._essiv is not None:
             enc = _create_encryption_ctx(self._essiv, modes.ECB())
             ivs = enc.update(ivs) + enc.finalize()
