@@ -142,3 +142,24 @@ def test_large_io_on_luks_qcow2_matches_qemu(tmp_path):
     check = qemu_tool("qemu-img", "check", "--object", "secret,id=s0,data=pw", "--image-opts",
                       f"driver=qcow2,file.filename={img},encrypt.key-secret=s0")
     assert "No errors were found" in check.stdout, check.stdout + check.stderr
+
+
+def test_helpers_that_cannot_start_are_not_retried(monkeypatch):
+    """A helper that dies before saying it is ready (a broken interpreter path, say)
+    leaves the cipher work in the daemon, without spawning processes per request."""
+    cipher = CIPHERS[0]
+    data = os.urandom(1 << 20)
+    monkeypatch.setattr(workers.sys, "executable", "/bin/false")
+
+    async def body():
+        pool = None
+        for _ in range(20):
+            assert await crypt_sectors(cipher, False, 3, data) == cipher.decrypt(3, data)
+            pool = workers._pool
+            await asyncio.sleep(0.05)
+        spawned = pool.failed, [h.proc for h in pool.helpers]
+        workers.shutdown()
+        return spawned
+
+    failed, helpers = asyncio.run(body())
+    assert failed and not helpers

@@ -232,7 +232,7 @@ class SectorCipher:
             ivs = enc.update(ivs) + enc.finalize()
         return ivs
 
-    def _run(self, sector: int, data: bytes | bytearray | memoryview, encrypt: bool) -> bytes:
+    def _run(self, sector: int, data: bytes | bytearray | memoryview, encrypt: bool) -> bytes | bytearray:
         view = memoryview(data).cast("B")
         size = self.sector_size
         if len(view) % size:
@@ -283,10 +283,10 @@ class SectorCipher:
         # Never the key: a cipher may end up in a log line or a traceback.
         return f"SectorCipher({self.alg}-{self.mode}, ivgen={self.ivgen})"
 
-    def encrypt(self, sector: int, data: bytes | bytearray | memoryview) -> bytes:
+    def encrypt(self, sector: int, data: bytes | bytearray | memoryview) -> bytes | bytearray:
         """Ciphertext of whole sectors, the first of which is number ``sector``."""
         return self._run(sector, data, True)
 
-    def decrypt(self, sector: int, data: bytes | bytearray | memoryview) -> bytes:
+    def decrypt(self, sector: int, data: bytes | bytearray | memoryview) -> bytes | bytearray:
         """Plaintext of whole sectors, the first of which is number ``sector``."""
         return self._run(sector, data, False)

@@ -122,6 +122,7 @@ class _Helper:
         try:
             os.ftruncate(fd, 2 * SLOTS * PIECE)
             self.shared = mmap.mmap(fd, 2 * SLOTS * PIECE)
+            self.view = memoryview(self.shared)
             root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             env = dict(os.environ,
                        PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -134,7 +135,8 @@ class _Helper:
         os.set_blocking(self.out, False)
         loop.add_reader(self.out, self._readable)
         self.free = list(range(SLOTS))
-        self.pending: dict[int, tuple[asyncio.Future, int, int]] = {}
+        #: Request id -> (future, slot, where the result goes).
+        self.pending: dict[int, tuple[asyncio.Future, int, memoryview]] = {}
         self.defined: set[int] = set()
         self.ready = False
         self.alive = True
@@ -157,15 +159,17 @@ class _Helper:
         whole = len(data) - len(data) % REPLY.size
         self._partial = data[whole:]
         for (req,) in REPLY.iter_unpack(data[:whole]):
-            fut, slot, length = self.pending.pop(req)
+            fut, slot, dest = self.pending.pop(req)
             out = (SLOTS + slot) * PIECE
-            result = self.shared[out:out + length]
+            dest[:] = self.view[out:out + len(dest)]
             self.free.append(slot)
             if not fut.done():
-                fut.set_result(result)
+                fut.set_result(True)
 
     def send(self, head: bytes, payload: bytes = b"") -> None:
         """Requests are short and slots bound how many wait, so the pipe never fills."""
+        if not self.alive:
+            return
         try:
             self.proc.stdin.write(head + payload)
             self.proc.stdin.flush()
@@ -173,7 +177,7 @@ class _Helper:
             self.close()
 
     def close(self) -> None:
-        """Stop the helper; whoever waits on it gets None and ciphers in the daemon."""
+        """Stop the helper; whoever waits on it gets False and ciphers in the daemon."""
         if not self.alive:
             return
         self.alive = False
@@ -181,7 +185,7 @@ class _Helper:
             self.loop.remove_reader(self.out)
         for fut, _, _ in self.pending.values():
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(False)
         self.pending.clear()
         try:
             self.proc.stdin.close()
@@ -207,6 +211,10 @@ class HelperPool:
         """True once every helper runs; the first call starts them (without waiting)."""
         if self.helpers and all(h.alive for h in self.helpers):
             return all(h.ready for h in self.helpers)
+        if any(not h.ready for h in self.helpers):
+            # One died before it could start (say, a broken install): no retries
+            # that would spawn processes on every request.
+            self.failed = True
         self.close()
         if not self.failed:
             try:
@@ -231,9 +239,12 @@ class HelperPool:
                 h.defined.discard(cid)
                 h.send(REQUEST.pack(0, cid, FORGET, 0, 0, 0))
 
-    async def run(self, cipher: SectorCipher, op: int, sector: int,
-                  piece: memoryview) -> bytes | None:
-        """One piece through the least busy helper: its result, or None if it died."""
+    async def run(self, cipher: SectorCipher, op: int, sector: int, piece: memoryview,
+                  dest: memoryview) -> bool:
+        """One piece through the least busy helper, its result into ``dest``.
+
+        False if no helper could do it (they died): the caller ciphers it.
+        """
         while True:
             live = [h for h in self.helpers if h.alive and h.free]
             if live or not any(h.alive for h in self.helpers):
@@ -241,18 +252,20 @@ class HelperPool:
             self.slot_freed.clear()
             await self.slot_freed.wait()
         if not live:
-            return None
+            return False
         helper = max(live, key=lambda h: len(h.free))
+        slot = helper.free.pop()
+        helper.view[slot * PIECE:slot * PIECE + len(piece)] = piece
+        self.next_req = (self.next_req + 1) & 0xFFFFFFFF
+        fut = self.loop.create_future()
+        # Registered before sending: a send that finds the helper dead closes it,
+        # which settles every pending piece, this one included.
+        helper.pending[self.next_req] = (fut, slot, dest)
         cid = self._cipher_id(cipher)
         if cid not in helper.defined:
             spec = encode_spec(cipher.spec)
             helper.send(REQUEST.pack(0, cid, DEFINE, 0, 0, len(spec)), spec)
             helper.defined.add(cid)
-        slot = helper.free.pop()
-        helper.shared[slot * PIECE:slot * PIECE + len(piece)] = piece
-        self.next_req = (self.next_req + 1) & 0xFFFFFFFF
-        fut = self.loop.create_future()
-        helper.pending[self.next_req] = (fut, slot, len(piece))
         helper.send(REQUEST.pack(self.next_req, cid, op, sector, slot, len(piece)))
         try:
             return await fut
@@ -270,7 +283,7 @@ _pool: HelperPool | None = None
 
 
 async def crypt_in_helpers(cipher: SectorCipher, encrypt: bool, sector: int,
-                           data: bytes | bytearray | memoryview) -> bytes:
+                           data: bytes | bytearray | memoryview) -> bytes | bytearray:
     """``data`` (whole sectors, the first numbered ``sector``) ciphered, by helpers if ready."""
     global _pool
     loop = asyncio.get_running_loop()
@@ -282,15 +295,20 @@ async def crypt_in_helpers(cipher: SectorCipher, encrypt: bool, sector: int,
     run = cipher.encrypt if encrypt else cipher.decrypt
     view = memoryview(data).cast("B")
     if not pool.ready():
-        return bytes(await asyncio.to_thread(run, sector, view))
+        return await asyncio.to_thread(run, sector, view)
     per = cipher.sector_size
     op = ENCRYPT if encrypt else DECRYPT
-    pieces = [(sector + pos // per, view[pos:pos + PIECE]) for pos in range(0, len(view), PIECE)]
-    results = await asyncio.gather(*(pool.run(cipher, op, s, p) for s, p in pieces))
-    for i, (result, (first, piece)) in enumerate(zip(results, pieces)):
-        if result is None:  # its helper died: cipher it here
-            results[i] = bytes(await asyncio.to_thread(run, first, piece))
-    return b"".join(results)
+    out = bytearray(len(view))
+    dest = memoryview(out)
+    starts = range(0, len(view), PIECE)
+    done = await asyncio.gather(*(pool.run(cipher, op, sector + pos // per,
+                                           view[pos:pos + PIECE], dest[pos:pos + PIECE])
+                                  for pos in starts))
+    for ok, pos in zip(done, starts):
+        if not ok:  # its helper died: cipher it here
+            dest[pos:pos + PIECE] = await asyncio.to_thread(run, sector + pos // per,
+                                                            view[pos:pos + PIECE])
+    return out
 
 
 def shutdown() -> None:

@@ -20,7 +20,7 @@ INLINE_MAX = 16 << 10
 
 
 async def crypt_sectors(cipher: SectorCipher, encrypt: bool, sector: int,
-                        data: bytes | bytearray | memoryview) -> bytes:
+                        data: bytes | bytearray | memoryview) -> bytes | bytearray:
     """Whole sectors ciphered, the first numbered ``sector``: where depends on the size."""
     run = cipher.encrypt if encrypt else cipher.decrypt
     if len(data) <= INLINE_MAX:
