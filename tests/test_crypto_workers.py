@@ -163,3 +163,16 @@ def test_helpers_that_cannot_start_are_not_retried(monkeypatch):
 
     failed, helpers = asyncio.run(body())
     assert failed and not helpers
+
+
+@pytest.mark.parametrize("alg,mode,key_len,ivgen", [
+    ("aes-256", "xts", 64, "plain64"), ("aes-128", "cbc", 16, "essiv"),
+    ("aes-256", "ecb", 32, "plain64"), ("aes-128", "ctr", 16, "plain")])
+def test_crypt_into_writes_what_encrypt_and_decrypt_return(alg, mode, key_len, ivgen):
+    cipher = SectorCipher(alg, mode, os.urandom(key_len), ivgen,
+                          "sha256" if ivgen == "essiv" else None)
+    data = os.urandom(8192)
+    for encrypt in (True, False):
+        buf = bytearray(8192)
+        cipher.crypt_into(9, memoryview(data), encrypt, memoryview(buf))
+        assert buf == (cipher.encrypt(9, data) if encrypt else cipher.decrypt(9, data))

@@ -232,7 +232,11 @@ class SectorCipher:
             ivs = enc.update(ivs) + enc.finalize()
         return ivs
 
-    def _run(self, sector: int, data: bytes | bytearray | memoryview, encrypt: bool) -> bytes | bytearray:
+    def _run(self, sector: int, data: bytes | bytearray | memoryview, encrypt: bool,
+             into: memoryview | None = None) -> bytes | bytearray | memoryview:
+        if into is not None and self.mode != "xts":
+            into[:] = self._run(sector, data, encrypt)
+            return into
         view = memoryview(data).cast("B")
         size = self.sector_size
         if len(view) % size:
@@ -247,7 +251,7 @@ class SectorCipher:
         niv = self.niv
         if not encrypt and self.mode == "cbc":
             return self._cbc_decrypt(view, ivs, count)
-        out = bytearray(len(view))
+        out = bytearray(len(view)) if into is None else into
         alg = self._alg_obj
         per_sector = zip(self._sector_modes([ivs[i:i + niv] for i in range(0, len(ivs), niv)]),
                          range(0, len(view), size))
@@ -290,3 +294,11 @@ class SectorCipher:
     def decrypt(self, sector: int, data: bytes | bytearray | memoryview) -> bytes | bytearray:
         """Plaintext of whole sectors, the first of which is number ``sector``."""
         return self._run(sector, data, False)
+
+    def crypt_into(self, sector: int, data: memoryview, encrypt: bool, into: memoryview) -> None:
+        """Encrypt or decrypt into ``into`` (as long as ``data``, not overlapping it).
+
+        The cipher helpers write straight into shared memory this way; XTS then
+        needs no intermediate buffer at all.
+        """
+        self._run(sector, data, encrypt, into)

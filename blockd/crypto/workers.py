@@ -96,11 +96,9 @@ def serve(inp: BinaryIO, out: BinaryIO, shared: Any) -> None:
         elif op == FORGET:
             ciphers.pop(cid, None)
         else:
-            cipher = ciphers[cid]
-            src = area[slot * PIECE:slot * PIECE + length]
-            result = cipher.encrypt(sector, src) if op == ENCRYPT else cipher.decrypt(sector, src)
             dst = (SLOTS + slot) * PIECE
-            area[dst:dst + length] = result
+            ciphers[cid].crypt_into(sector, area[slot * PIECE:slot * PIECE + length],
+                                    op == ENCRYPT, area[dst:dst + length])
             out.write(REPLY.pack(req))
             out.flush()
 
