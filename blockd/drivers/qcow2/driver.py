@@ -492,17 +492,9 @@ class Qcow2Node(BlockNode):
             n = min(end - offset, cs - start)
             kind = entry.kind(self.image.header.cluster_bits)
             if kind == Kind.NORMAL and not self.map.ext:
-                # Coalesce host-contiguous clusters into one read.
-                host = entry.host + start
-                next_guest, expect = guest + cs, entry.host + cs
-                while offset + n < end:
-                    nxt = await self.map.lookup(next_guest)
-                    if nxt.kind(self.image.header.cluster_bits) != Kind.NORMAL or nxt.host != expect:
-                        break
-                    n += min(end - offset - n, cs)
-                    next_guest, expect = next_guest + cs, expect + cs
+                n = await self._host_run(guest, entry, n, end - offset - n, owned=False)
                 self.image.debug_event("read_aio")
-                parts.append(await self._data_read(host, offset, n))
+                parts.append(await self._data_read(entry.host + start, offset, n))
             else:
                 parts.append(await self._read_in_cluster(guest, entry, start, n))
             offset += n
@@ -526,7 +518,8 @@ class Qcow2Node(BlockNode):
             entry = await self.map.lookup(guest, cur)
             in_place = self._in_place(entry, start, n)
             if in_place:
-                run = await self._in_place_run(guest, entry, start + n, len(view) - pos - n, n)
+                run = n if self.map.ext else \
+                    await self._host_run(guest, entry, n, len(view) - pos - n, owned=True)
             # A snapshot taken while looking up makes the entries stale: the clusters
             # may be shared now, so only the locked path (which looks again) is safe.
             if in_place and not self._quiescing and generation == self._generation:
@@ -553,24 +546,23 @@ class Qcow2Node(BlockNode):
         if WriteFlags.FUA in flags:  # cheaper than ``&``, which builds a new flag value
             await self.flush()
 
-    async def _in_place_run(self, guest: int, entry: Entry, end: int, left: int, n: int) -> int:
-        """Bytes from the write's start that go in place as one host-contiguous run.
+    async def _host_run(self, guest: int, entry: Entry, n: int, left: int, owned: bool) -> int:
+        """``n`` (bytes in the normal cluster at ``guest``) grown by up to ``left`` bytes
+        of the following clusters, while they are normal (and, for ``owned``, not
+        shared) and lie right after it in the file.
 
-        The write already covers ``n`` bytes of the cluster at ``guest`` up to
-        its end ``end``; following whole clusters join while they are owned,
-        allocated and next to each other in the file, so a large write costs
-        one data write (and, encrypted, one batch of cipher work), not one
-        per cluster.
+        A large request then costs one data read or write (and, encrypted,
+        one batch of cipher work), not one per cluster.  Without extended L2.
         """
         cs = self.cs
-        if end != cs or self.map.ext:
-            return n
         expect, nxt = entry.host + cs, guest + cs
-        while left >= cs:
+        while left > 0:
             following = await self.map.lookup(nxt)
-            if following.host != expect or not self._in_place(following, 0, cs):
+            if (following.host != expect or following.kind(self.image.header.cluster_bits)
+                    != Kind.NORMAL or owned and not following.copied):
                 break
-            n, left, expect, nxt = n + cs, left - cs, expect + cs, nxt + cs
+            step = min(left, cs)
+            n, left, expect, nxt = n + step, left - step, expect + cs, nxt + cs
         return n
 
     def _batchable(self, entry: Entry) -> bool:
