@@ -35,9 +35,9 @@ def test_helper_loop_speaks_the_wire_format():
     cipher = CIPHERS[0]
     data = os.urandom(4096)
     spec = workers.encode_spec(cipher.spec)
-    shared = bytearray(2 * workers.SLOTS * workers.PIECE)
-    shared[0:4096] = data
-    shared[3 * workers.PIECE:3 * workers.PIECE + 4096] = data
+    shared = bytearray(workers.AREA)
+    shared[workers.input_at(0):workers.input_at(0) + 4096] = data
+    shared[workers.input_at(3):workers.input_at(3) + 4096] = data
     stream = (workers.REQUEST.pack(0, 7, workers.DEFINE, 0, 0, len(spec)) + spec
               + workers.REQUEST.pack(41, 7, workers.ENCRYPT, 9, 0, 4096)
               + workers.REQUEST.pack(42, 7, workers.DECRYPT, 9, 3, 4096)
@@ -45,7 +45,7 @@ def test_helper_loop_speaks_the_wire_format():
     out = io.BytesIO()
     workers.serve(io.BytesIO(stream), out, shared)
     assert out.getvalue() == workers.HELLO + workers.REPLY.pack(41) + workers.REPLY.pack(42)
-    first, second = (workers.SLOTS + 0) * workers.PIECE, (workers.SLOTS + 3) * workers.PIECE
+    first, second = workers.output_at(0), workers.output_at(3)
     assert shared[first:first + 4096] == cipher.encrypt(9, data)
     assert shared[second:second + 4096] == cipher.decrypt(9, data)
 

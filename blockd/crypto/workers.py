@@ -54,12 +54,24 @@ MIN_BYTES = 64 << 10
 PIECE = 256 << 10
 #: Input slots per helper (as many output slots follow them in the shared area).
 SLOTS = 8
+#: Bytes of one helper's shared area.
+AREA = 2 * SLOTS * PIECE
 
 DECRYPT, ENCRYPT, DEFINE, FORGET = range(4)
 REQUEST = struct.Struct(">IIBQII")
 REPLY = struct.Struct(">I")
 #: A helper's first byte: it has imported everything and takes requests.
 HELLO = b"R"
+
+
+def input_at(slot: int) -> int:
+    """Where input slot ``slot`` starts in the shared area."""
+    return slot * PIECE
+
+
+def output_at(slot: int) -> int:
+    """Where the result of the piece in input slot ``slot`` goes."""
+    return (SLOTS + slot) * PIECE
 
 
 def encode_spec(spec: tuple) -> bytes:
@@ -96,16 +108,16 @@ def serve(inp: BinaryIO, out: BinaryIO, shared: Any) -> None:
         elif op == FORGET:
             ciphers.pop(cid, None)
         else:
-            dst = (SLOTS + slot) * PIECE
-            ciphers[cid].crypt_into(sector, area[slot * PIECE:slot * PIECE + length],
-                                    op == ENCRYPT, area[dst:dst + length])
+            src, dst = input_at(slot), output_at(slot)
+            ciphers[cid].crypt_into(sector, area[src:src + length], op == ENCRYPT,
+                                    area[dst:dst + length])
             out.write(REPLY.pack(req))
             out.flush()
 
 
 def _helper_main() -> None:
     fd = int(sys.argv[1])
-    with mmap.mmap(fd, 2 * SLOTS * PIECE) as shared:
+    with mmap.mmap(fd, AREA) as shared:
         serve(sys.stdin.buffer, sys.stdout.buffer, shared)
 
 
@@ -118,9 +130,8 @@ class _Helper:
         self.loop = loop
         fd = os.memfd_create("blockd-cipher")
         try:
-            os.ftruncate(fd, 2 * SLOTS * PIECE)
-            self.shared = mmap.mmap(fd, 2 * SLOTS * PIECE)
-            self.view = memoryview(self.shared)
+            os.ftruncate(fd, AREA)
+            self.view = memoryview(mmap.mmap(fd, AREA))
             root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             env = dict(os.environ,
                        PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -158,7 +169,7 @@ class _Helper:
         self._partial = data[whole:]
         for (req,) in REPLY.iter_unpack(data[:whole]):
             fut, slot, dest = self.pending.pop(req)
-            out = (SLOTS + slot) * PIECE
+            out = output_at(slot)
             dest[:] = self.view[out:out + len(dest)]
             self.free.append(slot)
             if not fut.done():
@@ -253,7 +264,7 @@ class HelperPool:
             return False
         helper = max(live, key=lambda h: len(h.free))
         slot = helper.free.pop()
-        helper.view[slot * PIECE:slot * PIECE + len(piece)] = piece
+        helper.view[input_at(slot):input_at(slot) + len(piece)] = piece
         self.next_req = (self.next_req + 1) & 0xFFFFFFFF
         fut = self.loop.create_future()
         # Registered before sending: a send that finds the helper dead closes it,
