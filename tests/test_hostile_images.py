@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockd.block.graph import BlockGraph
+from blockd.block.node import BlockNode
 from blockd.crypto import luks
 from blockd.errors import QMPError
 from harness import HAVE_QSD, Daemon, qemu_tool
@@ -223,7 +224,6 @@ INTERESTING = [0, 1, 7, 8, 0x1FF, 0x200, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000
 
 def _metadata_offsets(data: bytes) -> list[int]:
     """Cluster starts of the L1 table, refcount table and first refcount block and L2."""
-    cb = struct.unpack_from(">I", data, 20)[0]
     l1 = struct.unpack_from(">Q", data, 40)[0]
     rt = struct.unpack_from(">Q", data, 48)[0]
     spots = [0, l1, rt]
@@ -295,15 +295,22 @@ def test_random_mutations_in_one_daemon(images, tmp_path):
 
 # ---- parsers in process ---------------------------------------------------------
 
+async def _open(g: BlockGraph, path: str, **opts: object) -> BlockNode | None:
+    """The image as a qcow2 node, or None when the driver refuses it (its QMPError)."""
+    try:
+        return await g.open_node({"driver": "qcow2", "node-name": "q", **opts,
+                                  "file": {"driver": "file", "filename": path}})
+    except QMPError:
+        await g.close_all()
+        return None
+
+
 async def _open_and_read_all(path: str) -> None:
     """Open, read every byte, ask block status of everything, close; only the driver's
     errors (QMPError on open, OSError on I/O) may escape."""
     g = BlockGraph()
-    try:
-        node = await g.open_node({"driver": "qcow2", "node-name": "q", "read-only": True,
-                                  "file": {"driver": "file", "filename": path}})
-    except QMPError:
-        await g.close_all()
+    node = await _open(g, path, **{"read-only": True})
+    if node is None:
         return
     try:
         size = min(node.length(), 64 * MiB)
@@ -325,11 +332,14 @@ async def _open_and_read_all(path: str) -> None:
         await g.close_all()
 
 
-_FUZZ = settings(max_examples=CASES, deadline=None, derandomize=True, database=None,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+def _fuzz(examples: int) -> settings:
+    """Hypothesis settings for these tests: reproducible runs, no example database."""
+    return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
 
 
-@_FUZZ
+@_fuzz(CASES)
 @given(rng=st.randoms(use_true_random=False), which=st.sampled_from(["base", "v2", "ext"]))
 def test_qcow2_parser_fuzz_in_process(images, tmp_path, rng, which):
     """Hypothesis drives the mutations (and shrinks a failing one to its essence)."""
@@ -350,11 +360,8 @@ def test_qcow2_parser_fuzz_in_process(images, tmp_path, rng, which):
 async def _open_and_write(path: str) -> None:
     """Open read-write, write and discard a little, close: again only the driver's errors."""
     g = BlockGraph()
-    try:
-        node = await g.open_node({"driver": "qcow2", "node-name": "q",
-                                  "file": {"driver": "file", "filename": path}})
-    except QMPError:
-        await g.close_all()
+    node = await _open(g, path)
+    if node is None:
         return
     try:
         size = min(node.length(), 8 * MiB)
@@ -372,8 +379,7 @@ async def _open_and_write(path: str) -> None:
         await g.close_all()
 
 
-@settings(max_examples=max(CASES // 2, 1), deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@_fuzz(max(CASES // 2, 1))
 @given(rng=st.randoms(use_true_random=False), which=st.sampled_from(["base", "v2", "ext"]))
 def test_qcow2_writes_to_hostile_images(images, tmp_path, rng, which):
     shutil.copy(images["v2"].replace("v2.qcow2", "back.raw"), tmp_path / "back.raw")
