@@ -31,12 +31,17 @@ def node(name, **opts):
             "file": {"driver": "file", "filename": img, "locking": "off"}, **opts}
 
 
-daemon = iotests.Daemon()
-try:
-    c = daemon.client()
+def export_q0(c):
+    """Node q0 on the image, exported writable over NBD."""
     log(c.cmd("blockdev-add", **node("q0")))
     log(c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": nbd}}))
     log(c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "q0"}, writable=True))
+
+
+daemon = iotests.Daemon()
+try:
+    c = daemon.client()
+    export_q0(c)
     uri = f"nbd+unix:///q0?socket={nbd}"
     log(qemu_io("-f", "raw", "-c", "write -P 0x33 0 4k", uri))
     for event in c.events(0.5):
@@ -61,9 +66,7 @@ log(qemu_img("check", "-r", "all", img))
 daemon = iotests.Daemon()
 try:
     c = daemon.client()
-    log(c.cmd("blockdev-add", **node("q0")))
-    log(c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": nbd}}))
-    log(c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "q0"}, writable=True))
+    export_q0(c)
     log(qemu_io("-f", "raw", "-c", "write -P 0x44 2M 64k", "-c", "read -P 0x44 2M 64k",
                 "-c", "read -P 0x22 1M 64k", f"nbd+unix:///q0?socket={nbd}"))
 finally:
