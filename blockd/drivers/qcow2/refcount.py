@@ -178,10 +178,8 @@ class Refcounts:
                 self.free_hint = cluster_index
             return value
         start, end = set_entry(block, idx, self.order, value)
-        self.image.debug_event("refblock_update_part")
         try:
-            await self.image.write_meta(self.table[bi] + start, bytes(block[start:end]),
-                                        overlap.REFCOUNT_BLOCK)
+            await self._store(bi, block, start, end)
         except OSError:
             # Memory must say what the file says: a count we failed to store is undone.
             set_entry(block, idx, self.order, value - delta)
@@ -337,10 +335,8 @@ class Refcounts:
                 self.held[bi] = (block, lo, hi)
                 c = stop
                 continue
-            self.image.debug_event("refblock_update_part")
             try:
-                await self.image.write_meta(self.table[bi] + lo, bytes(block[lo:hi]),
-                                            overlap.REFCOUNT_BLOCK)
+                await self._store(bi, block, lo, hi)
             except OSError:
                 # Memory must say what the file says (earlier blocks of the run leak).
                 self._shift_counts(block, indexes, -1)
@@ -450,19 +446,21 @@ class Refcounts:
         """Store the counts lazy refcounts kept in memory (whole blocks, one write each)."""
         for bi in sorted(self.dirty):
             block = self.dirty[bi]
-            self.image.debug_event("refblock_update_part")
-            await self.image.write_meta(self.table[bi], bytes(block), overlap.REFCOUNT_BLOCK)
+            await self._store(bi, block, 0, len(block))
             del self.dirty[bi]
             self.blocks.put(bi, block)
 
     async def write_held(self) -> None:
         """Store the counts :meth:`alloc` held back (the changed bytes of each block)."""
         for bi in sorted(self.held):
-            block, lo, hi = self.held[bi]
-            self.image.debug_event("refblock_update_part")
-            await self.image.write_meta(self.table[bi] + lo, bytes(block[lo:hi]),
-                                        overlap.REFCOUNT_BLOCK)
+            await self._store(bi, *self.held[bi])
             del self.held[bi]
+
+    async def _store(self, bi: int, block: bytearray, lo: int, hi: int) -> None:
+        """Write bytes [lo, hi) of refcount block ``bi`` to its place in the file."""
+        self.image.debug_event("refblock_update_part")
+        await self.image.write_meta(self.table[bi] + lo, bytes(block[lo:hi]),
+                                    overlap.REFCOUNT_BLOCK)
 
     def free_later(self, offset: int, count: int = 1, discard: bool = False) -> None:
         """Free once the L2 change that dropped the clusters is in the file."""
