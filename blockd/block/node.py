@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar
 
 from blockd.block.stats import Stats
 from blockd.errors import QMPError
@@ -88,6 +88,28 @@ class Extent:
     status: Status
     offset: int | None = None
     child: "BlockNode | None" = None
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclasses.dataclass(eq=False)
+class Claim:
+    """Room in a protocol node, set aside for a bulk copy to fill by itself.
+
+    ``convert`` writes the data with plain ``pwrite`` calls from its I/O
+    threads, at ``host`` in ``file``; :meth:`commit` then makes those bytes
+    the node's content at the claimed guest offset (a qcow2 node links the
+    clusters into its L2 table), or :meth:`abort` gives the room back when
+    the write failed.  ``length`` may be less than was asked for.
+    """
+
+    file: "BlockNode"
+    host: int
+    length: int
+    commit: Callable[[], Awaitable[None]] = _nothing
+    abort: Callable[[], Awaitable[None]] = _nothing
 
 
 @dataclasses.dataclass(eq=False)
@@ -187,6 +209,15 @@ class BlockNode:
     async def block_status(self, offset: int, length: int) -> Extent:
         """Status of the run starting at ``offset`` (at most ``length`` bytes)."""
         return Extent(length, Status.DATA | Status.ALLOCATED)
+
+    async def claim(self, offset: int, length: int) -> Claim | None:
+        """Set aside where ``[offset, offset + length)`` goes, for a bulk copy to write
+        itself (see :class:`Claim`); ``None`` when the data must go through :meth:`write`.
+
+        Only for a copy into a node nobody else uses meanwhile: until the
+        claim is committed, reads still see the old content.
+        """
+        return None
 
     async def truncate(self, size: int, exact: bool = False,
                        prealloc: str = "off") -> None:

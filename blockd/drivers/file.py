@@ -25,7 +25,7 @@ import struct
 from typing import Any
 
 from blockd.block.graph import BlockGraph, OpenContext
-from blockd.block.node import BlockNode, Extent, Perm, PERM_NAMES, Status, WriteFlags
+from blockd.block.node import BlockNode, Claim, Extent, Perm, PERM_NAMES, Status, WriteFlags
 from blockd.errors import QMPError
 from blockd.paths import os_path
 
@@ -265,11 +265,25 @@ class FileNode(BlockNode):
                 await asyncio.to_thread(self._pwrite, offset + done, memoryview(data)[done:])
         else:
             await asyncio.to_thread(self._pwrite, offset, data)
-        self.write_gen += 1
-        if offset + len(data) > self.size:
-            self.size = offset + len(data)
+        self._wrote(offset, len(data))
         if WriteFlags.FUA in flags:  # cheaper than ``&``, which builds a new flag value
             await self.flush()
+
+    def _wrote(self, offset: int, length: int) -> None:
+        """Account for data written at ``offset``: a later flush must sync it."""
+        self.write_gen += 1
+        if offset + length > self.size:
+            self.size = offset + length
+
+    async def claim(self, offset: int, length: int) -> Claim | None:
+        if self.direct:  # O_DIRECT wants aligned buffers; keep those writes here
+            return None
+        _check_request(offset, length)
+
+        async def commit() -> None:
+            self._wrote(offset, length)
+
+        return Claim(self, offset, length, commit)
 
     def _pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)

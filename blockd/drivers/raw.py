@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from blockd.block.graph import OpenContext
-from blockd.block.node import BlockNode, Extent, Perm, WriteFlags
+from blockd.block.node import BlockNode, Claim, Extent, Perm, WriteFlags
 from blockd.errors import QMPError
 
 
@@ -83,6 +83,9 @@ class RawNode(BlockNode):
     async def block_status(self, offset: int, length: int) -> Extent:
         ext = await self.file.block_status(self.offset + offset, length)
         return Extent(ext.length, ext.status, ext.offset, ext.child)
+
+    async def claim(self, offset: int, length: int) -> Claim | None:
+        return await self.file.claim(self.offset + offset, length)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         if self.offset or self.size is not None:

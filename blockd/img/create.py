@@ -248,11 +248,12 @@ def _allocate_first_block(filename: str, size: int) -> None:
 
 async def create_image(session: Session, filename: str, fmt: str, size: int | None,
                        opts: dict[str, Any], *, unsafe: bool = False,
-                       quiet: bool = True) -> None:
+                       quiet: bool = True, context: str = "") -> None:
     """Create ``filename``, printing the "Formatting" line unless ``quiet``.
 
     Errors in the option syntax stop before that line; the drivers' own
-    checks (cluster size, enum values, secrets) come after it, as in qemu-img.
+    checks (cluster size, enum values, secrets) come after it, as in qemu-img,
+    and are reported after ``filename: `` and ``context``.
     """
     from blockd.drivers import file as file_driver
 
@@ -298,7 +299,7 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
     except QMPError as exc:
         if created:  # a format that failed leaves no half-made file behind
             os.unlink(filename)
-        raise ImgError(f"{filename}: {exc.desc}") from None
+        raise ImgError(f"{filename}: {context}{exc.desc}") from None
 
 
 async def run(args: Args) -> int:

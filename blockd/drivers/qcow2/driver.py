@@ -23,7 +23,7 @@ import os
 from typing import Any, AsyncIterator
 
 from blockd.block.graph import OpenContext
-from blockd.block.node import BlockNode, Extent, Status, WriteFlags
+from blockd.block.node import BlockNode, Claim, Extent, Status, WriteFlags
 from blockd.drivers.qcow2 import bitmaps as qbitmaps
 from blockd.drivers.qcow2 import compress, crypt
 from blockd.drivers.qcow2 import header as hdr
@@ -31,7 +31,8 @@ from blockd.drivers.qcow2 import snapshot as qsnap
 from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cache import cache_config
 from blockd.drivers.qcow2.cluster import (ALL_ALLOC, ALL_ZERO, COPIED, L1_OFFSET_MASK, SUBCLUSTERS,
-                                          ZERO, Entry, Kind, Mapping, compressed_entry)
+                                          OFFSET_MASK, ZERO, Entry, Kind, Mapping,
+                                          compressed_entry)
 from blockd.drivers.qcow2.image import Image
 from blockd.drivers.sector_io import WriteGate, sector_span
 from blockd.errors import QMPError
@@ -585,19 +586,62 @@ class Qcow2Node(BlockNode):
             if not self._batchable(first):
                 await self._allocating_write(guest, 0, view[:cs])
                 return cs
-        per_table = self.map.l2_entries * cs
-        limit = min(len(view) // cs, (per_table - guest % per_table) // cs, 512)
-        count = 1 if limit == 1 else max(1, await self.map.unallocated_run(guest, limit))
-        await self.map.prepare(guest)
-        host = await self.image.refcounts.alloc(count, hold=True)
+        host, count = await self._alloc_run(guest, len(view))
         self.image.debug_event("write_aio")
         try:
             await self._data_write(host, guest, view[:count * cs])
         except OSError:
             await self.image.refcounts.free(host, count)
             raise
-        await self.map.set_run(guest, [(host + i * cs) | COPIED for i in range(count)])
+        await self._link_run(guest, host, count)
         return count * cs
+
+    async def _alloc_run(self, guest: int, length: int) -> tuple[int, int]:
+        """(host offset, count): new host clusters for as many of the ``length // cs``
+        clusters from ``guest`` as stay unallocated within one L2 table (at least one).
+        Called under the image lock; the caller links them with :meth:`_link_run`."""
+        cs = self.cs
+        per_table = self.map.l2_entries * cs
+        limit = min(length // cs, (per_table - guest % per_table) // cs, 512)
+        count = 1 if limit == 1 else max(1, await self.map.unallocated_run(guest, limit))
+        await self.map.prepare(guest)
+        return await self.image.refcounts.alloc(count, hold=True), count
+
+    async def _link_run(self, guest: int, host: int, count: int) -> None:
+        cs = self.cs
+        await self.map.set_run(guest, [(host + i * cs) | COPIED for i in range(count)])
+
+    async def claim(self, offset: int, length: int) -> Claim | None:
+        """Whole unallocated clusters from ``offset``, as one host run that commit links
+        into the L2 table: the :meth:`_allocate_run` path with the data written by the
+        caller.  Anything else (partial, allocated, encrypted, external data, extended
+        L2) is left to :meth:`write`."""
+        self._writable()
+        cs = self.cs
+        if offset % cs or length < cs or self._quiescing:
+            return None
+        async with self.image.lock:
+            if not self._batchable(await self.map.lookup(offset, offset)):
+                return None
+            host, count = await self._alloc_run(offset, length)
+            inner = await self.image.data.claim(host, count * cs)
+            if inner is None or inner.length < count * cs:
+                await self.image.refcounts.free(host, count)
+                return None
+        hit = self.image.metadata.check(host, count * cs)
+        if hit:
+            await self.image.refuse_overlap(host, count * cs, hit)
+
+        async def commit() -> None:
+            await inner.commit()
+            async with self.image.lock:
+                await self._link_run(offset, host, count)
+
+        async def abort() -> None:
+            async with self.image.lock:
+                await self.image.refcounts.free(host, count)
+
+        return Claim(inner.file, host, count * cs, commit, abort)
 
     def _in_place(self, entry: Entry, start: int, n: int) -> bool:
         if entry.kind(self.image.header.cluster_bits) != Kind.NORMAL or not entry.copied:
@@ -870,6 +914,16 @@ class Qcow2Node(BlockNode):
             return await self._data_status(n, status, host)
         # Extend over following clusters of the same kind.
         while offset + n < offset + length:
+            if entry.raw in (0, ZERO) or kind == Kind.NORMAL and not entry.raw & ~(
+                    OFFSET_MASK | COPIED):
+                more = await self.map.run_after(guest + cs, entry.raw,
+                                                -(-(offset + length - guest - cs) // cs))
+                if more:
+                    guest += more * cs
+                    if kind == Kind.NORMAL:
+                        entry = Entry(entry.raw + more * cs)
+                    n = min(length, guest + cs - offset)
+                    continue
             nxt = await self.map.lookup(guest + cs)
             if nxt.kind(cb) != kind or (kind == Kind.NORMAL and nxt.host != entry.host + cs):
                 break
