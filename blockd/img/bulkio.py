@@ -56,18 +56,20 @@ class BulkIO:
         self._reads = _Worker("blockd-reader")
         self._writes = _Worker("blockd-writer")
 
-    async def read(self, file: FileNode, host: int, into: mmap.mmap, start: int, stop: int,
-                   guest: int, scan: Scan) -> Runs:
-        """Fill ``into[start:stop]`` from ``file`` at ``host``; return ``scan``'s zero runs.
+    async def read(self, pieces: list[tuple[FileNode, int, int, int]], into: mmap.mmap,
+                   spans: list[tuple[int, int, int]], scan: Scan) -> list[Runs]:
+        """Fill ``into[start:stop]`` from each ``(file, host, start, stop)`` piece, then
+        return ``scan``'s zero runs of each ``(start, stop, guest)`` span, in one job.
 
-        Bytes past the end of the file read as zeroes, as the file driver's
-        own reads do.  ``OSError`` is raised here, in the caller's task.
+        Bytes past the end of a file read as zeroes, as the file driver's own
+        reads do.  :class:`PieceFailed` says which piece could not be read.
         """
-        return await self._reads.submit(_fill, file.fd, host, into, start, stop, guest, scan)
+        return await self._reads.submit(_fill, [(f.fd, host, a, b) for f, host, a, b in pieces],
+                                        into, spans, scan)
 
     async def write(self, pieces: list[tuple[FileNode, int, memoryview]]) -> None:
         """Write each ``(file, host, data)`` piece, in one job (one thread hand-over);
-        :class:`WriteFailed` says which piece failed."""
+        :class:`PieceFailed` says which piece failed."""
         await self._writes.submit(_drain, [(file.fd, host, data) for file, host, data in pieces])
 
     def close(self) -> None:
@@ -111,21 +113,25 @@ class _Worker:
                 loop.call_soon_threadsafe(_settle, fut, result, None)
 
 
-def _fill(fd: int, offset: int, into: mmap.mmap, start: int, stop: int, guest: int,
-          scan: Scan) -> Runs:
+def _fill(pieces: list[tuple[int, int, int, int]], into: mmap.mmap,
+          spans: list[tuple[int, int, int]], scan: Scan) -> list[Runs]:
     view = memoryview(into)
-    pos = start
-    while pos < stop:
-        got = os.preadv(fd, [view[pos:stop]], offset + pos - start)
-        if got == 0:  # the file ends here
-            view[pos:stop] = bytes(stop - pos)
-            break
-        pos += got
-    return scan(into, start, stop, guest)
+    for i, (fd, offset, start, stop) in enumerate(pieces):
+        pos = start
+        try:
+            while pos < stop:
+                got = os.preadv(fd, [view[pos:stop]], offset + pos - start)
+                if got == 0:  # the file ends here
+                    view[pos:stop] = bytes(stop - pos)
+                    break
+                pos += got
+        except OSError as exc:
+            raise PieceFailed(i, exc) from None
+    return [scan(into, start, stop, guest) for start, stop, guest in spans]
 
 
-class WriteFailed(Exception):
-    """Piece ``index`` of a batched write failed with ``error``."""
+class PieceFailed(Exception):
+    """Piece ``index`` of a batched read or write failed with ``error``."""
 
     def __init__(self, index: int, error: OSError) -> None:
         super().__init__(index, error)
@@ -140,7 +146,7 @@ def _drain(pieces: list[tuple[int, int, memoryview]]) -> None:
                 n = os.pwrite(fd, data, offset)
                 data, offset = data[n:], offset + n
         except OSError as exc:
-            raise WriteFailed(i, exc) from None
+            raise PieceFailed(i, exc) from None
 
 
 def _settle(fut: "asyncio.Future[Any]", result: Any, exc: Exception | None) -> None:

@@ -23,11 +23,17 @@ from typing import Any, Awaitable, Callable
 from blockd.block.backend import is_zero
 from blockd.block.node import BlockNode, Claim, Extent, Status
 from blockd.errors import QMPError
+from blockd.drivers.file import FileNode
 from blockd.img.common import PROG, Args, ImgError, Progress, Session, parse_size
-from blockd.img.bulkio import BulkIO, WriteFailed, host_file
+from blockd.img.bulkio import BulkIO, PieceFailed, host_file
 from blockd.img.snapshot import load_param, parse_param
 
-CHUNK = 2 << 20  # qemu-img's request size: an error then names the same byte
+#: What one copy task reads and places at a time: large, because every hand-over
+#: to and from the I/O threads costs a wake-up.
+CHUNK = 2 << 20
+#: qemu-img's request size: writes are split at its boundaries, so an error
+#: names the byte qemu-img names.
+REQUEST = 2 << 20
 #: Options qemu-img has that would change the result here if silently ignored.
 _UNSUPPORTED = {"salvage": "--salvage"}
 MAX_SPARSE = 16 << 20
@@ -109,34 +115,44 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress) ->
             if plan.compress:
                 await _copy_compressed(src, dst, offset, end, cluster, plan, in_order)
                 pos = end
+            zeros: list[tuple[int, int]] = []            # guest ranges reading as zero
+            spans: list[tuple[int, int, int]] = []       # data: buffer start, stop, guest
+            pieces: list[tuple[FileNode, int, int, int]] = []  # of it, read by the thread
             while pos < end:
                 node, local, left = src.locate(pos)
                 ext = await _status(node, local, min(end - pos, left), plan.top_only)
                 n, status = ext.length, ext.status
                 if plan.top_only and not status & Status.ALLOCATED:
-                    pos += n
-                    continue
-                if status & Status.ZERO and not status & Status.DATA and plan.sparse or \
+                    pass
+                elif status & Status.ZERO and not status & Status.DATA and plan.sparse or \
                         not status & (Status.DATA | Status.ALLOCATED) and plan.sparse:
-                    await in_order(offset)
-                    if not plan.fresh:
-                        await dst.write_zeroes(pos, n)
-                    pos += n
-                    continue
-                at = pos - offset
-                file = host_file(ext.child)
-                try:
+                    zeros.append((pos, n))
+                else:
+                    at = pos - offset
+                    spans.append((at, at + n, pos))
+                    file = host_file(ext.child)
                     if file is not None and ext.offset is not None:
-                        runs = await io.read(file, ext.offset, buf, at, at + n, pos, scan)
+                        pieces.append((file, ext.offset, at, at + n))
                     else:
-                        memoryview(buf)[at:at + n] = await node.read(local, n)
-                        runs = scan(buf, at, at + n, pos)
-                except OSError as exc:
-                    raise ImgError(f"error while reading at byte {pos}: {exc.strerror}") \
-                        from None
-                await in_order(offset)
-                await _place(dst, offset, buf, at, at + n, runs, plan, claims, cluster)
+                        try:
+                            memoryview(buf)[at:at + n] = await node.read(local, n)
+                        except OSError as exc:
+                            raise ImgError(f"error while reading at byte {pos}: "
+                                           f"{exc.strerror}") from None
                 pos += n
+            # One hand-over for the whole chunk: its host reads, then the zero scan.
+            try:
+                runs = await io.read(pieces, buf, spans, scan) if pieces else \
+                    [scan(buf, *span) for span in spans]
+            except PieceFailed as exc:
+                raise ImgError(f"error while reading at byte {offset + pieces[exc.index][2]}: "
+                               f"{exc.error.strerror}") from None
+            await in_order(offset)
+            if not plan.fresh:
+                for zpos, zlen in zeros:
+                    await dst.write_zeroes(zpos, zlen)
+            for (at, stop, _), found in zip(spans, runs):
+                await _place(dst, offset, buf, at, stop, found, plan, claims, cluster)
             placed.setdefault(offset, asyncio.Event()).set()
             await _fill_claims(io, claims)
         finally:
@@ -178,8 +194,10 @@ async def _place(dst: BlockNode, offset: int, buf: mmap.mmap, start: int, stop: 
     view = memoryview(buf)
     pos = start
     for zstart, zend in [*runs, (stop, stop)]:
-        if zstart > pos:
-            await _claim_or_write(dst, offset + pos, view[pos:zstart], claims, cluster)
+        while zstart > pos:
+            cut = min(zstart, pos + REQUEST - (offset + pos) % REQUEST)
+            await _claim_or_write(dst, offset + pos, view[pos:cut], claims, cluster)
+            pos = cut
         if zend > zstart and not plan.fresh:
             try:
                 await dst.write_zeroes(offset + zstart, zend - zstart)
@@ -219,7 +237,7 @@ async def _fill_claims(io: BulkIO, claims: list[tuple[Claim, memoryview, int]]) 
     try:
         await io.write([(host_file(c.file), c.host, data)  # type: ignore[misc]
                         for c, data, _ in claims])
-    except WriteFailed as exc:
+    except PieceFailed as exc:
         raise ImgError(f"error while writing at byte {claims[exc.index][2]}: "
                        f"{exc.error.strerror}") from None
     while claims:
