@@ -15,9 +15,10 @@ with the drivers on the loop.
 
 Callers pass buffers they own and reuse: fresh multi-megabyte buffers,
 allocated by one thread and freed by another, measured a page fault per
-4 KiB.  Callers also queue work ahead (``convert`` runs several copy tasks
-at once), so a thread mostly finds its next job waiting and rarely needs
-a wake-up, which costs tens of microseconds in a virtual machine.
+4 KiB.  Each job covers a whole chunk, because waking a thread (or the
+loop, when a job is done) costs tens of microseconds in a virtual machine;
+callers queue work ahead (``convert`` runs several copy tasks at once) so a
+thread often finds its next job already waiting.
 """
 
 from __future__ import annotations

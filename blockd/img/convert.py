@@ -4,9 +4,9 @@ The sources' block status is walked so zero and unallocated runs are not
 read, and on a fresh target not written either; read data is scanned for
 zero pieces of the ``-S`` size, which are left as holes too.  ``-m``
 requests run concurrently; the bytes themselves move on the I/O threads of
-:mod:`blockd.img.bulkio` wherever source and target keep them in host files.  With ``-c`` every cluster is compressed in a
-worker thread, so clusters compress in parallel while the loop writes
-those already done (``-W`` lets them land out of order; without it they
+:mod:`blockd.img.bulkio` wherever source and target keep them in host
+files.  With ``-c`` every cluster is compressed in a worker thread, so
+clusters compress in parallel while the loop writes those already done (``-W`` lets them land out of order; without it they
 are written in guest order).  With ``-B`` the target gets a backing file
 and only what the sources' top layers hold is copied.
 """
@@ -28,12 +28,9 @@ from blockd.img.common import PROG, Args, ImgError, Progress, Session, parse_siz
 from blockd.img.bulkio import BulkIO, PieceFailed, host_file
 from blockd.img.snapshot import load_param, parse_param
 
-#: What one copy task reads and places at a time: large, because every hand-over
-#: to and from the I/O threads costs a wake-up.
+#: What one copy task reads and places at a time (one hand-over each way to the I/O
+#: threads): qemu-img's request size, so a failed write names the byte qemu-img names.
 CHUNK = 2 << 20
-#: qemu-img's request size: writes are split at its boundaries, so an error
-#: names the byte qemu-img names.
-REQUEST = 2 << 20
 #: Options qemu-img has that would change the result here if silently ignored.
 _UNSUPPORTED = {"salvage": "--salvage"}
 MAX_SPARSE = 16 << 20
@@ -109,57 +106,61 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress) ->
 
     async def copy(offset: int, buf: mmap.mmap) -> None:
         end = min(offset + step, size)
-        pos = offset
         claims: list[tuple[Claim, memoryview, int]] = []
         try:
             if plan.compress:
                 await _copy_compressed(src, dst, offset, end, cluster, plan, in_order)
-                pos = end
-            zeros: list[tuple[int, int]] = []            # guest ranges reading as zero
-            spans: list[tuple[int, int, int]] = []       # data: buffer start, stop, guest
-            pieces: list[tuple[FileNode, int, int, int]] = []  # of it, read by the thread
-            while pos < end:
-                node, local, left = src.locate(pos)
-                ext = await _status(node, local, min(end - pos, left), plan.top_only)
-                n, status = ext.length, ext.status
-                if plan.top_only and not status & Status.ALLOCATED:
-                    pass
-                elif status & Status.ZERO and not status & Status.DATA and plan.sparse or \
-                        not status & (Status.DATA | Status.ALLOCATED) and plan.sparse:
-                    zeros.append((pos, n))
-                else:
-                    at = pos - offset
-                    spans.append((at, at + n, pos))
-                    file = host_file(ext.child)
-                    if file is not None and ext.offset is not None:
-                        pieces.append((file, ext.offset, at, at + n))
-                    else:
-                        try:
-                            memoryview(buf)[at:at + n] = await node.read(local, n)
-                        except OSError as exc:
-                            raise ImgError(f"error while reading at byte {pos}: "
-                                           f"{exc.strerror}") from None
-                pos += n
-            # One hand-over for the whole chunk: its host reads, then the zero scan.
-            try:
-                runs = await io.read(pieces, buf, spans, scan) if pieces else \
-                    [scan(buf, *span) for span in spans]
-            except PieceFailed as exc:
-                raise ImgError(f"error while reading at byte {offset + pieces[exc.index][2]}: "
-                               f"{exc.error.strerror}") from None
-            await in_order(offset)
-            if not plan.fresh:
-                for zpos, zlen in zeros:
-                    await dst.write_zeroes(zpos, zlen)
-            for (at, stop, _), found in zip(spans, runs):
-                await _place(dst, offset, buf, at, stop, found, plan, claims, cluster)
-            placed.setdefault(offset, asyncio.Event()).set()
-            await _fill_claims(io, claims)
+            else:
+                await copy_plain(offset, end, buf, claims)
         finally:
             placed.setdefault(offset, asyncio.Event()).set()
             for claim, _, _ in claims:
                 await claim.abort()
         bar.add(end - offset)
+
+    async def copy_plain(offset: int, end: int, buf: mmap.mmap,
+                         claims: list[tuple[Claim, memoryview, int]]) -> None:
+        zeros: list[tuple[int, int]] = []                   # guest ranges reading as zero
+        spans: list[tuple[int, int, int]] = []              # data: buffer start, stop, guest
+        pieces: list[tuple[FileNode, int, int, int]] = []   # of it, read by the thread
+        pos = offset
+        while pos < end:
+            node, local, left = src.locate(pos)
+            ext = await _status(node, local, min(end - pos, left), plan.top_only)
+            n, status = ext.length, ext.status
+            if plan.top_only and not status & Status.ALLOCATED:
+                pass
+            elif status & Status.ZERO and not status & Status.DATA and plan.sparse or \
+                    not status & (Status.DATA | Status.ALLOCATED) and plan.sparse:
+                zeros.append((pos, n))
+            else:
+                at = pos - offset
+                spans.append((at, at + n, pos))
+                file = host_file(ext.child)
+                if file is not None and ext.offset is not None:
+                    pieces.append((file, ext.offset, at, at + n))
+                else:
+                    try:
+                        memoryview(buf)[at:at + n] = await node.read(local, n)
+                    except OSError as exc:
+                        raise ImgError(f"error while reading at byte {pos}: "
+                                       f"{exc.strerror}") from None
+            pos += n
+        # One hand-over for the whole chunk: its host reads, then the zero scan.
+        try:
+            runs = await io.read(pieces, buf, spans, scan) if pieces else \
+                [scan(buf, *span) for span in spans]
+        except PieceFailed as exc:
+            raise ImgError(f"error while reading at byte {offset + pieces[exc.index][2]}: "
+                           f"{exc.error.strerror}") from None
+        await in_order(offset)
+        if not plan.fresh:
+            for zpos, zlen in zeros:
+                await dst.write_zeroes(zpos, zlen)
+        for (at, stop, _), found in zip(spans, runs):
+            await _place(dst, offset, buf, at, stop, found, plan, claims, cluster)
+        placed.setdefault(offset, asyncio.Event()).set()
+        await _fill_claims(io, claims)
 
     chunks = iter(range(0, size, step))
 
@@ -194,10 +195,8 @@ async def _place(dst: BlockNode, offset: int, buf: mmap.mmap, start: int, stop: 
     view = memoryview(buf)
     pos = start
     for zstart, zend in [*runs, (stop, stop)]:
-        while zstart > pos:
-            cut = min(zstart, pos + REQUEST - (offset + pos) % REQUEST)
-            await _claim_or_write(dst, offset + pos, view[pos:cut], claims, cluster)
-            pos = cut
+        if zstart > pos:
+            await _claim_or_write(dst, offset + pos, view[pos:zstart], claims, cluster)
         if zend > zstart and not plan.fresh:
             try:
                 await dst.write_zeroes(offset + zstart, zend - zstart)

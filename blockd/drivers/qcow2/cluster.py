@@ -188,23 +188,29 @@ class Mapping:
         return entry
 
     async def run_after(self, guest: int, first: int, limit: int) -> int:
-        """How many clusters from ``guest`` on (at most ``limit``, within one table slice)
-        continue the run whose previous entry is ``first``: unallocated or plain zero
-        entries like it, or normal ones at the following host clusters (the COPIED flag
-        may differ).  Standard L2 entries only.
+        """How many clusters from ``guest`` on (at most ``limit``) continue the run whose
+        previous entry is ``first``: unallocated entries within the L2 table (counted by
+        :meth:`unallocated_run`), plain zero entries within one table slice, or normal
+        ones at the following host clusters within one slice (the COPIED flag may
+        differ).  Standard L2 entries only.
 
         One unpack per slice instead of a lookup per cluster: block status of a large
-        image asks this for every run.  Entries that do not continue the run are
-        left for :meth:`lookup`, with its corruption checks.
+        image asks this for every run.  Entries that do not continue the run, and
+        tables at unaligned offsets, are left for :meth:`lookup` and its corruption
+        checks.
         """
         l1i, l2i = self.index(guest)
         l2_offset = self.l1[l1i] & L1_OFFSET_MASK if l1i < len(self.l1) else 0
-        if not l2_offset or l2_offset % self.cs:
+        if l2_offset % self.cs:
+            return 0
+        if first == 0:
+            return await self.unallocated_run(guest, limit)
+        if not l2_offset:
             return 0
         piece, pos = await self._slice(l2_offset, l2i * 8)
         count = min(limit, (len(piece) - pos) // 8, self.l2_entries - l2i)
         entries = struct.unpack_from(f">{count}Q", piece, pos)
-        if first in (0, ZERO):
+        if first == ZERO:
             for n, raw in enumerate(entries):
                 if raw != first:
                     return n
