@@ -24,6 +24,7 @@ import pytest
 
 from blockd.block.graph import BlockGraph
 from blockd.img import convert
+from blockd.img.zeroscan import zero_runs
 from harness import qemu_tool
 
 MIB = 1 << 20
@@ -169,7 +170,7 @@ def test_zero_scan_matches_definition() -> None:
         buf[pre + n:pre + n + post + 1] = rnd.randbytes(post + 1)
         guest = rnd.randrange(0, 4 * gran)
         want = [(a + pre, b + pre) for a, b in _old_zero_runs(bytes(data), guest, gran)]
-        assert convert._zero_runs(buf, pre, pre + n, guest, gran) == want
+        assert zero_runs(buf, pre, pre + n, guest, gran) == want
 
 
 def test_claims(tmp_path: Path) -> None:

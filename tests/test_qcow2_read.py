@@ -288,3 +288,28 @@ def test_external_data_file_images(tmp_path, opts):
              img, str(SIZE))
     qemu_io(img, "qcow2", *DATA_CMDS)
     check_image(tmp_path, img)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16, 32, 64])
+def test_count_used_matches_the_counts(tmp_path, bits: int) -> None:
+    """The used-cluster count behind the metadata-preallocation guess, a block at a time,
+    equals counting the decoded refcounts one by one, and may stop early."""
+    img = str(tmp_path / "t.qcow2")
+    # 512-byte clusters: with 1-bit counts one refcount block covers only 4096
+    # clusters, so the image spans several blocks.
+    qemu_img("create", "-f", "qcow2", "-o", f"cluster_size=512,refcount_bits={bits}", img,
+             "8M")
+    qemu_io(img, "qcow2", "write -P 1 0 3M", "write -P 2 5M 1M")
+
+    async def body() -> None:
+        g, node = await open_qcow2(img, read_only=True)
+        rc = node.image.refcounts
+        counts = await rc.counts(rc.alloc_end)
+        used = sum(1 for c in counts if c)
+        assert rc.alloc_end > rc.entries and used > 8192
+        assert await rc.count_used(rc.alloc_end, 1 << 40) == used
+        assert await rc.count_used(rc.alloc_end - 1, 1 << 40) == used - (counts[-1] != 0)
+        assert used > await rc.count_used(rc.alloc_end, 10) > 10
+        await g.close_all()
+
+    asyncio.run(body())

@@ -10,9 +10,10 @@ sectors.
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
-from blockd.crypto import workers
-from blockd.crypto.cipher import SectorCipher
+if TYPE_CHECKING:  # the cipher code (and ``cryptography``) loads with the first cipher
+    from blockd.crypto.cipher import SectorCipher
 
 SECTOR = 512
 #: Requests up to this size are ciphered on the loop: a thread hop costs more.
@@ -25,6 +26,8 @@ async def crypt_sectors(cipher: SectorCipher, encrypt: bool, sector: int,
     run = cipher.encrypt if encrypt else cipher.decrypt
     if len(data) <= INLINE_MAX:
         return run(sector, data)
+    from blockd.crypto import workers
+
     if len(data) >= workers.MIN_BYTES:
         return await workers.crypt_in_helpers(cipher, encrypt, sector, data)
     return await asyncio.to_thread(run, sector, data)

@@ -1,11 +1,19 @@
-"""I/O threads for bulk copies: data moved with plain syscalls, off the event loop.
+"""Bulk copies off the event loop: data moved by helper processes, with plain syscalls.
 
 Copying an image costs two memory copies per byte: source file into a
-buffer, buffer into the target file.  On the event loop's thread they add
-up, where qemu-img spreads them over its thread pool.  ``BulkIO`` runs
-them, and the zero scan that decides what needs writing, on threads of its
-own: the loop only walks metadata (block status, qcow2 allocation), so the
-copies use every core.
+buffer, buffer into the target file.  ``BulkIO`` runs them, and the zero
+scan that decides what needs writing, in two helper processes
+(:mod:`blockd.img.iochild`), one reading and one writing, so the loop only
+walks metadata (block status, qcow2 allocation) and the copies use every
+core.
+
+Why processes and not threads: a thread must win the GIL back after every
+syscall, and here the loop and the other thread hold it often; a writer
+thread spent about a fifth of its time waiting for it, and the writer is
+the copy's critical path.  The helpers are forked, not started afresh: a
+new interpreter takes tens of milliseconds to boot, a fork about one, and
+the copy buffers, shared anonymous mappings made before the fork, are
+then shared with the helpers without further ado.
 
 Only plain data at a known offset of a host file is handed over: what
 ``block_status`` reports for raw images and unencrypted, uncompressed
@@ -13,29 +21,33 @@ qcow2 clusters, and what a target's :meth:`BlockNode.claim` sets aside.
 Everything else (compressed or encrypted clusters, other protocols) stays
 with the drivers on the loop.
 
-Callers pass buffers they own and reuse: fresh multi-megabyte buffers,
-allocated by one thread and freed by another, measured a page fault per
-4 KiB.  Each job covers a whole chunk, because waking a thread (or the
-loop, when a job is done) costs tens of microseconds in a virtual machine;
-callers queue work ahead (``convert`` runs several copy tasks at once) so a
-thread often finds its next job already waiting.
+One writer, not a pool: two writers to the same file contend for its inode
+lock (profiled on tmpfs: an eighth of the copy's CPU spent spinning on it),
+and qemu-img, too, writes one request at a time unless told ``-W``.  Each
+job covers a whole chunk, because waking a process (or the loop, when a
+job is done) costs tens of microseconds in a virtual machine.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import collections
+import errno
+import itertools
 import mmap
 import os
-import queue
-import threading
-from typing import Any, Callable
+import signal
+import socket
+import sys
+import traceback
+from typing import Any
 
 from blockd.drivers.file import FileNode
+from blockd.img import iochild
+from blockd.img.iochild import PieceFailed, Runs
 
-#: Zero runs in ``buf[start:stop]``, whose first byte is at guest offset ``guest``:
-#: ``scan(buf, start, stop, guest)``.
-Scan = Callable[[mmap.mmap, int, int, int], list[tuple[int, int]]]
-Runs = list[tuple[int, int]]
+__all__ = ["BulkIO", "PieceFailed", "host_file"]
 
 
 def host_file(node: object) -> FileNode | None:
@@ -46,35 +58,41 @@ def host_file(node: object) -> FileNode | None:
 
 
 class BulkIO:
-    """Two threads, one reading into callers' buffers and one writing from them.
+    """Two helper processes, one reading into shared buffers and one writing from them.
 
-    One writer, not a pool: two threads writing the same file contend for
-    its inode lock (profiled: an eighth of the copy's CPU spent spinning on
-    it), and qemu-img, too, writes one request at a time unless told ``-W``.
+    ``buffers`` are page-aligned buffers of ``size`` bytes that the helpers
+    share, one per copy task.  Create it inside the running loop:
+    the helpers hold no descriptors but the ones sent to them later.
     """
 
-    def __init__(self) -> None:
-        self._reads = _Worker("blockd-reader")
-        self._writes = _Worker("blockd-writer")
+    def __init__(self, count: int, size: int) -> None:
+        # Pages are only allocated when first used.
+        self.buffers = [mmap.mmap(-1, size) for _ in range(count)]
+        self._keys = {id(buf): i for i, buf in enumerate(self.buffers)}
+        self._reads = _Channel("reader", self.buffers)
+        self._writes = _Channel("writer", self.buffers)
 
     async def read(self, pieces: list[tuple[FileNode, int, int, int]], into: mmap.mmap,
-                   spans: list[tuple[int, int, int]], scan: Scan) -> list[Runs]:
+                   spans: list[tuple[int, int, int]], gran: int) -> list[Runs]:
         """Fill ``into[start:stop]`` from each ``(file, host, start, stop)`` piece, then
-        return ``scan``'s zero runs of each ``(start, stop, guest)`` span, in one job.
+        return the zero runs (:func:`~blockd.img.zeroscan.zero_runs` at ``gran``) of
+        each ``(start, stop, guest)`` span, in one job.
 
         Bytes past the end of a file read as zeroes, as the file driver's own
         reads do.  :class:`PieceFailed` says which piece could not be read.
         """
-        return await self._reads.submit(_fill, [(f.fd, host, a, b) for f, host, a, b in pieces],
-                                        into, spans, scan)
+        return await self._reads.run(iochild.READ, self._key(into), pieces, spans, gran)
 
-    async def write(self, pieces: list[tuple[FileNode, int, memoryview]]) -> None:
-        """Write each ``(file, host, data)`` piece, in one job (one thread hand-over);
+    async def write(self, buf: mmap.mmap, pieces: list[tuple[FileNode, int, int, int]]) -> None:
+        """Write ``buf[start:stop]`` at ``host`` in ``file`` for each piece, in one job;
         :class:`PieceFailed` says which piece failed."""
-        await self._writes.submit(_drain, [(file.fd, host, data) for file, host, data in pieces])
+        await self._writes.run(iochild.WRITE, self._key(buf), pieces)
+
+    def _key(self, buf: mmap.mmap) -> int:
+        return self._keys[id(buf)]
 
     def close(self) -> None:
-        """Stop the threads once the jobs already submitted are done."""
+        """Stop the helpers once the jobs already sent are done."""
         self._reads.close()
         self._writes.close()
 
@@ -85,115 +103,150 @@ class BulkIO:
         self.close()
 
 
-class _Worker:
-    """A thread running submitted calls in order, each result going back to its task."""
+class _Channel:
+    """One helper process and the socket its jobs and replies go over.
 
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+    The socket is non-blocking on this side: a job that does not fit waits
+    in an outbox, so the loop never blocks on a busy helper (which could be
+    blocked in turn on a reply the loop has not read).
+    """
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> "asyncio.Future[Any]":
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._jobs.put((loop, fut, fn, args))
-        return fut
+    def __init__(self, name: str, buffers: list[mmap.mmap]) -> None:
+        self._loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._pid = os.fork()
+        if self._pid == 0:
+            _helper(ours, theirs, buffers)
+        theirs.close()
+        self.name = name
+        self._sock = ours
+        ours.setblocking(False)
+        self._files: dict[int, tuple[FileNode, int]] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._outbox: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
+        self._inbox = bytearray()
+        self._ids = itertools.count()
+        self._closed = False
+        self._loop.add_reader(ours.fileno(), self._receive)
+
+    def send(self, data: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+        """Queue a message (with descriptors to pass along) for the helper."""
+        if self._closed:
+            raise OSError(errno.EIO, f"the copy's {self.name} helper has stopped")
+        self._outbox.append((memoryview(data), list(fds)))
+        if len(self._outbox) == 1:
+            self._flush()
+
+    async def run(self, kind: bytes, buf: int, pieces: list[tuple[FileNode, int, int, int]],
+                  spans: list[tuple[int, int, int]] = (),  # type: ignore[assignment]
+                  gran: int = 0) -> list[Runs]:
+        """Send one job and wait for its reply."""
+        keyed = [(self._file_key(f), host, a, b) for f, host, a, b in pieces]
+        job = next(self._ids)
+        fut = self._loop.create_future()
+        self._pending[job] = fut
+        self.send(iochild.encode_job(kind, job, buf, keyed, list(spans), gran))
+        return await fut
+
+    def _file_key(self, file: FileNode) -> int:
+        """The key ``file`` has in the helper, sending it the descriptor the first time."""
+        if id(file) not in self._files:
+            key = len(self._files)
+            self.send(iochild.encode_file(key), [file.fd])
+            self._files[id(file)] = (file, key)  # kept, so the id is not reused
+        return self._files[id(file)][1]
+
+    def _flush(self) -> None:
+        while self._outbox:
+            data, fds = self._outbox[0]
+            try:
+                if fds:
+                    sent = self._sock.sendmsg(
+                        [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                else:
+                    sent = self._sock.send(data)
+            except BlockingIOError:
+                self._loop.add_writer(self._sock.fileno(), self._flush)
+                return
+            except OSError as exc:
+                self._stopped(f"is gone ({exc.strerror})")
+                return
+            if sent < len(data):
+                self._outbox[0] = (data[sent:], [])  # descriptors went with the first byte
+            else:
+                self._outbox.popleft()
+        self._loop.remove_writer(self._sock.fileno())
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._stopped(f"is gone ({exc.strerror})")
+                return
+            if not data:
+                self._stopped("exited")
+                return
+            self._inbox += data
+        while len(self._inbox) >= 4:
+            size = int.from_bytes(self._inbox[:4], sys.byteorder)
+            if len(self._inbox) < 4 + size:
+                break
+            body = bytes(self._inbox[4:4 + size])
+            del self._inbox[:4 + size]
+            job, failed, code, runs = iochild.decode_reply(body)
+            fut = self._pending.pop(job)
+            if fut.cancelled():
+                continue
+            if failed >= 0:
+                fut.set_exception(PieceFailed(failed, OSError(code, os.strerror(code))))
+            else:
+                fut.set_result(runs)
+
+    def _stopped(self, why: str) -> None:
+        """The helper is gone: every waiting job fails, saying ``why``."""
+        exc = OSError(errno.EIO, f"the copy's {self.name} helper {why}")
+        self._closed = True
+        self._loop.remove_reader(self._sock.fileno())
+        self._loop.remove_writer(self._sock.fileno())
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
 
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            loop, fut, fn, args = job
-            try:
-                result = fn(*args)
-            except Exception as exc:  # handed to the waiting task, which reports it
-                loop.call_soon_threadsafe(_settle, fut, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, fut, result, None)
+        """Hang up, then wait for the helper: it finishes the jobs it has already
+        received first, so nothing it writes lands after this returns."""
+        if not self._closed:
+            self._stopped("was stopped")
+        self._sock.close()
+        os.waitpid(self._pid, 0)  # the helper exits as soon as it reads the hang-up
 
 
-def _fill(pieces: list[tuple[int, int, int, int]], into: mmap.mmap,
-          spans: list[tuple[int, int, int]], scan: Scan) -> list[Runs]:
-    view = memoryview(into)
-    groups = _adjacent([(fd, host, view[start:stop]) for fd, host, start, stop in pieces])
-    for first, fd, offset, views in groups:
-        i = first
-        try:
-            while views:
-                got = os.preadv(fd, views, offset)
-                if got == 0:  # the file ends here
-                    for rest in views:
-                        rest[:] = bytes(len(rest))
-                    break
-                offset += got
-                i += _advance(views, got)
-        except OSError as exc:
-            raise PieceFailed(i, exc) from None
-    return [scan(into, start, stop, guest) for start, stop, guest in spans]
+def _helper(parent_end: socket.socket, ours: socket.socket, buffers: list[mmap.mmap]) -> None:
+    """Run in a forked helper: serve jobs, then leave without the parent's clean-up.
 
-
-def _adjacent(pieces: list[tuple[int, int, memoryview]]
-              ) -> list[tuple[int, int, int, list[memoryview]]]:
-    """``(index of the first piece, fd, offset, buffers)`` for each run of pieces that
-    follow each other in one file, to move with one ``preadv``/``pwritev``.
-
-    A qcow2 image keeps a chunk's clusters side by side, and every syscall
-    is a point where the thread must win the GIL back from the loop and the
-    other thread: merged, a chunk usually costs one.
+    The child only runs :func:`iochild.serve` (syscalls and the zero scan,
+    imported already), so the state it inherits from other threads, such
+    as locks they held, is never touched.  ``os._exit`` skips atexit
+    handlers and buffered output that belong to the parent.
     """
-    groups: list[tuple[int, int, int, list[memoryview]]] = []
-    end = -1
-    for i, (fd, offset, data) in enumerate(pieces):
-        if groups and groups[-1][1] == fd and offset == end and len(groups[-1][3]) < _IOV_MAX:
-            groups[-1][3].append(data)
-        else:
-            groups.append((i, fd, offset, [data]))
-        end = offset + len(data)
-    return groups
-
-
-def _advance(views: list[memoryview], n: int) -> int:
-    """Drop the first ``n`` bytes from ``views``; returns how many views were used up."""
-    done = 0
-    while views and n >= len(views[0]):
-        n -= len(views.pop(0))
-        done += 1
-    if n:
-        views[0] = views[0][n:]
-    return done
-
-
-#: Buffers per ``preadv``/``pwritev`` call, well under any system's IOV_MAX.
-_IOV_MAX = 64
-
-
-class PieceFailed(Exception):
-    """Piece ``index`` of a batched read or write failed with ``error``."""
-
-    def __init__(self, index: int, error: OSError) -> None:
-        super().__init__(index, error)
-        self.index = index
-        self.error = error
-
-
-def _drain(pieces: list[tuple[int, int, memoryview]]) -> None:
-    for first, fd, offset, views in _adjacent(pieces):
-        i = first
-        try:
-            while views:
-                n = os.pwritev(fd, views, offset)
-                offset += n
-                i += _advance(views, n)
-        except OSError as exc:
-            raise PieceFailed(i, exc) from None
-
-
-def _settle(fut: "asyncio.Future[Any]", result: Any, exc: Exception | None) -> None:
-    if fut.cancelled():
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(result)
+    code = 1
+    try:
+        parent_end.close()
+        fd = ours.detach()
+        # Every other descriptor is the parent's: an inherited end of the other
+        # helper's socket would keep that helper from ever seeing the hang-up.
+        os.closerange(3, fd)
+        os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+        signal.set_wakeup_fd(-1)  # the loop's self-pipe was among them
+        iochild.serve(fd, buffers)
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import getopt
 import importlib
+import os
 import sys
+from typing import Any, Coroutine
 
 from blockd.img.common import PROG, Args, ImgError, UsageError, fail
 
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG} version 7.2.0 (blockd)")
         return 0
     try:
-        return asyncio.run(_dispatch(args[0], args[1:]))
+        return _run(_dispatch(args[0], args[1:]))
     except UsageError as exc:
         return fail(str(exc), usage=True)
     except ImgError as exc:
@@ -133,5 +135,33 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _run(command: Coroutine[Any, Any, int]) -> int:
+    """Run ``command`` on a new event loop.
+
+    Unlike ``asyncio.run``, idle executor threads are not waited for: the
+    loop's close tells them to stop and they end on their own.  Joining
+    them took a tenth of a short command's time.  A command's own tasks
+    are all awaited before it returns, so there is nothing to cancel.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(command)
+    finally:
+        loop.close()
+
+
+def entry() -> None:
+    """The ``blockd-img`` command: :func:`main`, then exit without the interpreter's
+    clean-up, which took 20-25 ms of a short command's 100 (every file is closed
+    by then, and the output is flushed here)."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

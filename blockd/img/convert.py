@@ -14,7 +14,7 @@ and only what the sources' top layers hold is copied.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import mmap
 import sys
 from dataclasses import dataclass
@@ -26,11 +26,21 @@ from blockd.errors import QMPError
 from blockd.drivers.file import FileNode
 from blockd.img.common import PROG, Args, ImgError, Progress, Session, parse_size
 from blockd.img.bulkio import BulkIO, PieceFailed, host_file
+from blockd.img.zeroscan import zero_runs
 from blockd.img.snapshot import load_param, parse_param
 
-#: What one copy task reads and places at a time (one hand-over each way to the I/O
-#: threads): qemu-img's request size, so a failed write names the byte qemu-img names.
-CHUNK = 2 << 20
+#: What one copy task reads and places at a time: one job each way for the I/O helpers,
+#: whose hand-overs and loop steps per chunk are the copy's main overhead.
+CHUNK = 8 << 20
+#: Copy tasks (each with a chunk buffer) at most, whatever ``-m`` says: one chunk
+#: being written, one read and one placed keep the writer busy, and more buffers
+#: cost more than they give (fresh pages to fault in, and to free at the end,
+#: measured 25 ms for 64 MiB in a virtual machine).
+PLAIN_TASKS = 3
+#: qemu-img's request size.  Reads and writes are split at these (guest) boundaries,
+#: which costs no syscalls as pieces that follow each other are merged, so that a
+#: failure names the byte qemu-img names: the start of the failing request.
+REQUEST = 2 << 20
 #: Options qemu-img has that would change the result here if silently ignored.
 _UNSUPPORTED = {"salvage": "--salvage"}
 MAX_SPARSE = 16 << 20
@@ -81,14 +91,16 @@ async def _status(node: BlockNode, offset: int, length: int, top_only: bool) -> 
         cur = cur.backing
 
 
-async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress) -> None:
-    """Copy every chunk of ``src`` into ``dst`` with ``plan.parallel`` tasks.
+async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
+                     io: BulkIO | None) -> None:
+    """Copy every chunk of ``src`` into ``dst`` with up to ``plan.parallel`` tasks.
 
     Each task owns a chunk buffer.  Data held in host files is read into it
-    by the I/O threads (which also find its zero pieces), and written from
+    by ``io``'s helpers (which also find its zero pieces), and written from
     it by them too where the target can :meth:`~BlockNode.claim` room for
     it; the loop only walks metadata and writes what the target's driver
-    must write itself.
+    must write itself.  ``io`` (whose buffers set the number of tasks) may
+    be None only with ``plan.compress``.
     """
     size = src.size
     cluster = dst.cluster_size() or 65536
@@ -97,29 +109,28 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress) ->
     # one before it, so the target is filled in order; the reads still overlap.
     placed: dict[int, asyncio.Event] = {}
 
-    def scan(buf: mmap.mmap, start: int, stop: int, guest: int) -> list[tuple[int, int]]:
-        return _zero_runs(buf, start, stop, guest, plan.sparse) if plan.sparse else []
-
     async def in_order(offset: int) -> None:
         if not plan.out_of_order and offset > 0:
             await placed.setdefault(offset - step, asyncio.Event()).wait()
 
-    async def copy(offset: int, buf: mmap.mmap) -> None:
+    async def copy(offset: int, buf: mmap.mmap | None) -> None:
         end = min(offset + step, size)
-        claims: list[tuple[Claim, memoryview, int]] = []
+        claims: list[tuple[Claim, int, int, int]] = []
         try:
             if plan.compress:
                 await _copy_compressed(src, dst, offset, end, cluster, plan, in_order)
             else:
+                assert buf is not None
                 await copy_plain(offset, end, buf, claims)
         finally:
             placed.setdefault(offset, asyncio.Event()).set()
-            for claim, _, _ in claims:
-                await claim.abort()
+            for claim, *_ in claims:  # only left when the copy failed
+                with contextlib.suppress(OSError):  # that failure is the one to report
+                    await claim.abort()
         bar.add(end - offset)
 
     async def copy_plain(offset: int, end: int, buf: mmap.mmap,
-                         claims: list[tuple[Claim, memoryview, int]]) -> None:
+                         claims: list[tuple[Claim, int, int, int]]) -> None:
         zeros: list[tuple[int, int]] = []                   # guest ranges reading as zero
         spans: list[tuple[int, int, int]] = []              # data: buffer start, stop, guest
         pieces: list[tuple[FileNode, int, int, int]] = []   # of it, read by the thread
@@ -138,7 +149,8 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress) ->
                 spans.append((at, at + n, pos))
                 file = host_file(ext.child)
                 if file is not None and ext.offset is not None:
-                    pieces.append((file, ext.offset, at, at + n))
+                    pieces += [(file, ext.offset + a - at, a, b)
+                               for a, b, _ in _requests(at, at + n, pos)]
                 else:
                     try:
                         memoryview(buf)[at:at + n] = await node.read(local, n)
@@ -148,8 +160,8 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress) ->
             pos += n
         # One hand-over for the whole chunk: its host reads, then the zero scan.
         try:
-            runs = await io.read(pieces, buf, spans, scan) if pieces else \
-                [scan(buf, *span) for span in spans]
+            runs = await io.read(pieces, buf, spans, plan.sparse) if pieces else \
+                [zero_runs(buf, *span, plan.sparse) for span in spans]
         except PieceFailed as exc:
             raise ImgError(f"error while reading at byte {offset + pieces[exc.index][2]}: "
                            f"{exc.error.strerror}") from None
@@ -160,43 +172,40 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress) ->
         for (at, stop, _), found in zip(spans, runs):
             await _place(dst, offset, buf, at, stop, found, plan, claims, cluster)
         placed.setdefault(offset, asyncio.Event()).set()
-        await _fill_claims(io, claims)
+        await _fill_claims(io, buf, claims)
 
     chunks = iter(range(0, size, step))
 
-    async def worker() -> None:
-        # Page-aligned (anonymous mmap): the kernel copies to and from aligned
-        # buffers measurably faster than into a bytearray's odd offset.
-        buf = mmap.mmap(-1, step)
+    async def worker(buf: mmap.mmap | None) -> None:
         for offset in chunks:  # shared: each task takes the next chunk when free
             await copy(offset, buf)
 
-    async with BulkIO() as io:
-        workers = [asyncio.create_task(worker()) for _ in range(plan.parallel)]
-        try:
-            await asyncio.gather(*workers)
-        finally:
-            for w in workers:
-                w.cancel()
-            # Threads may still be using the tasks' buffers until they have stopped.
-            await asyncio.gather(*workers, return_exceptions=True)
+    # The helpers' buffers are page-aligned: the kernel also copies to and from
+    # those measurably faster than into a bytearray's odd offset.
+    buffers = io.buffers if io is not None else [None] * plan.parallel
+    workers = [asyncio.create_task(worker(buf)) for buf in buffers]
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
     await dst.flush()
 
 
 async def _place(dst: BlockNode, offset: int, buf: mmap.mmap, start: int, stop: int,
                  runs: list[tuple[int, int]], plan: Plan,
-                 claims: list[tuple[Claim, memoryview, int]], cluster: int) -> None:
+                 claims: list[tuple[Claim, int, int, int]], cluster: int) -> None:
     """Put ``buf[start:stop]`` (guest bytes from ``offset + start``) into ``dst``, all
     but the zero ``runs`` a fresh target already reads as zero.
 
-    Whole clusters the target can claim go on ``claims``, for the I/O threads
-    to write; the rest is written through the driver here.
+    Whole clusters the target can claim go on ``claims``, for the writer
+    helper to write; the rest is written through the driver here.
     """
-    view = memoryview(buf)
     pos = start
     for zstart, zend in [*runs, (stop, stop)]:
         if zstart > pos:
-            await _claim_or_write(dst, offset + pos, view[pos:zstart], claims, cluster)
+            await _claim_or_write(dst, offset, buf, pos, zstart, claims, cluster)
         if zend > zstart and not plan.fresh:
             try:
                 await dst.write_zeroes(offset + zstart, zend - zstart)
@@ -206,42 +215,61 @@ async def _place(dst: BlockNode, offset: int, buf: mmap.mmap, start: int, stop: 
         pos = zend
 
 
-async def _claim_or_write(dst: BlockNode, guest: int, data: memoryview,
-                          claims: list[tuple[Claim, memoryview, int]], cluster: int) -> None:
-    pos = 0
+async def _claim_or_write(dst: BlockNode, offset: int, buf: mmap.mmap, start: int, stop: int,
+                          claims: list[tuple[Claim, int, int, int]], cluster: int) -> None:
+    """Claim room for ``buf[start:stop]`` (guest bytes from ``offset + start``), or
+    write it through the driver where the target cannot hand out room."""
+    pos = start
     try:
-        while pos < len(data):
-            claim = await dst.claim(guest + pos, len(data) - pos)
+        while pos < stop:
+            claim = await dst.claim(offset + pos, stop - pos)
             if claim is not None and host_file(claim.file) is not None:
-                claims.append((claim, data[pos:pos + claim.length], guest + pos))
+                claims.append((claim, pos, pos + claim.length, offset + pos))
                 pos += claim.length
                 continue
             if claim is not None:
                 await claim.abort()
             # Up to the next cluster boundary, after which a claim may work; from an
             # aligned offset the target cannot claim the rest either.
-            nxt = len(data) if (guest + pos) % cluster == 0 else \
-                min(len(data), pos + cluster - (guest + pos) % cluster)
-            await dst.write(guest + pos, data[pos:nxt])
+            nxt = stop if (offset + pos) % cluster == 0 else \
+                min(stop, pos + cluster - (offset + pos) % cluster)
+            await dst.write(offset + pos, memoryview(buf)[pos:nxt])
             pos = nxt
     except OSError as exc:
-        raise ImgError(f"error while writing at byte {guest + pos}: {exc.strerror}") from None
+        raise ImgError(f"error while writing at byte {offset + pos}: {exc.strerror}") from None
 
 
-async def _fill_claims(io: BulkIO, claims: list[tuple[Claim, memoryview, int]]) -> None:
-    """Write the claimed data in one I/O thread job, then commit the claims in order
-    (each leaves the list when committed; the caller aborts what is left)."""
+async def _fill_claims(io: BulkIO, buf: mmap.mmap,
+                       claims: list[tuple[Claim, int, int, int]]) -> None:
+    """Write the claimed data in one job of the writer helper, then commit the claims
+    in order (each leaves the list when committed; the caller aborts what is left)."""
     if not claims:
         return
+    pieces = []
+    guests = []
+    for claim, start, stop, guest in claims:
+        for a, b, g in _requests(start, stop, guest):
+            pieces.append((host_file(claim.file), claim.host + a - start, a, b))
+            guests.append(g)
     try:
-        await io.write([(host_file(c.file), c.host, data)  # type: ignore[misc]
-                        for c, data, _ in claims])
+        await io.write(buf, pieces)  # type: ignore[arg-type]
     except PieceFailed as exc:
-        raise ImgError(f"error while writing at byte {claims[exc.index][2]}: "
+        raise ImgError(f"error while writing at byte {guests[exc.index]}: "
                        f"{exc.error.strerror}") from None
     while claims:
-        claim, _, _ = claims.pop(0)
+        claim, *_ = claims.pop(0)
         await claim.commit()
+
+
+def _requests(start: int, stop: int, guest: int) -> list[tuple[int, int, int]]:
+    """``buf[start:stop]`` (guest bytes from ``guest``) cut at :data:`REQUEST` boundaries:
+    (start, stop, guest) of each piece."""
+    out = []
+    while start < stop:
+        n = min(stop - start, REQUEST - guest % REQUEST)
+        out.append((start, start + n, guest))
+        start, guest = start + n, guest + n
+    return out
 
 
 async def _read(src: _Source, offset: int, end: int, plan: Plan) -> bytes | None:
@@ -279,50 +307,6 @@ async def _copy_compressed(src: _Source, dst: BlockNode, offset: int, end: int, 
         await dst.write_compressed(offset, data, packed)
     except OSError as exc:
         raise ImgError(f"error while writing at byte {offset}: {exc.strerror}") from None
-
-
-def _zero_runs(buf: mmap.mmap, start: int, stop: int, guest: int, gran: int
-               ) -> list[tuple[int, int]]:
-    """Runs of whole ``gran``-aligned (in guest terms) zero pieces in ``buf[start:stop]``,
-    as indexes into ``buf``; ``buf[start]`` is the guest byte at ``guest``.
-
-    A piece can only be zero if its first and last bytes are: strided slices
-    gather those bytes for every piece in one C call each, so data without
-    zero pieces costs about two bytes per piece, and only candidates cost a
-    Python step and a compare.  A zero run is then extended ``_WIDE`` pieces
-    per compare.  (``mmap.find`` bounded to the piece compares at memcmp
-    speed; ``bytearray.find`` with bounds measured 15 times slower.)
-    """
-    first = start + (-guest) % gran
-    count = (stop - first) // gran
-    if count <= 0:
-        return []
-    end = first + count * gran
-    zeros, wide = _zeros(gran), _zeros(gran * _WIDE)
-    heads = buf[first:end:gran]
-    tails = buf[first + gran - 1:end:gran]
-    runs: list[tuple[int, int]] = []
-    k = heads.find(0)
-    while k >= 0:
-        a = first + k * gran
-        if tails[k] == 0 and buf.find(zeros, a, a + gran) == a:
-            b = a + gran
-            while b + len(wide) <= end and buf.find(wide, b, b + len(wide)) == b:
-                b += len(wide)
-            while b < end and buf.find(zeros, b, b + gran) == b:
-                b += gran
-            runs.append((a, b))
-            k = (b - first) // gran  # the piece at b has data (or is past the end)
-        k = heads.find(0, k + 1)
-    return runs
-
-
-_WIDE = 64
-
-
-@functools.lru_cache(maxsize=8)
-def _zeros(n: int) -> bytes:
-    return bytes(n)
 
 
 def _plan(args: Args) -> Plan:
@@ -386,7 +370,9 @@ async def run(args: Args) -> int:
     no_create = args.has("n")
     keys: dict[str, Any] = {}
     plan.fresh = not no_create or args.has("target-is-zero")
-    async with Session(args.objects) as session:
+    helpers = contextlib.nullcontext() if plan.compress else \
+        BulkIO(min(plan.parallel, PLAIN_TASKS), CHUNK)
+    async with Session(args.objects) as session, helpers as io:
         nodes = [await session.open(name, args.get("f"), force_share=args.has("U"),
                                     image_opts=args.has("image-opts")) for name in sources]
         if snapshot is not None:
@@ -422,7 +408,7 @@ async def run(args: Args) -> int:
             raise ImgError("output file is smaller than input file")
         bar = Progress(args.has("p") and not args.has("q"), src.size)
         try:
-            await copy_image(src, dst, plan, bar)
+            await copy_image(src, dst, plan, bar, io)
         except QMPError as exc:
             raise ImgError(exc.desc) from None
         bar.finish()

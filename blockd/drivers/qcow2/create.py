@@ -13,7 +13,6 @@ from typing import Any
 from blockd.block.graph import BlockGraph
 from blockd.block.node import Perm
 from blockd.block.backend import Backend
-from blockd.drivers.luks import secret_password
 from blockd.drivers.qcow2 import crypt
 from blockd.drivers.qcow2 import header as hdr
 from blockd.errors import QMPError
@@ -147,6 +146,8 @@ async def _set_up_encryption(graph: BlockGraph, node: Any, encrypt: dict[str, An
         await crypt.create_luks(node.image, encrypt, graph.secrets)
         return
     # Legacy AES keeps nothing on disk but the method: the key is the password.
+    from blockd.drivers.luks import secret_password
+
     secret_password(graph.secrets, encrypt.get("key-secret"), "encrypt.")
     node.image.header.crypt_method = hdr.CRYPT_AES
     await node.image.file.write(32, struct.pack(">I", hdr.CRYPT_AES))

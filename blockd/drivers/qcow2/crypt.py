@@ -14,21 +14,25 @@ AES: no extension; the key is the password itself (see
 Both plug into :class:`~blockd.drivers.qcow2.image.DataCipher`; the
 driver hands over host and guest offsets and this module picks the
 sector number its scheme wants.
+
+The ciphers and the LUKS code are imported when an image is encrypted,
+not with the driver: they pull in ``cryptography``, a seventh of
+``blockd-img``'s start-up on plain images.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from blockd.crypto import luks, qcow
-from blockd.crypto.cipher import SectorCipher
-from blockd.drivers.luks import kdf_thread, secret_password
 from blockd.drivers.qcow2 import header as hdr
 from blockd.drivers.qcow2.image import Image
-from blockd.drivers.sector_io import SECTOR, crypt_sectors
 from blockd.errors import QMPError
+
+if TYPE_CHECKING:
+    from blockd.crypto import luks
+    from blockd.crypto.cipher import SectorCipher
 
 _FDE = struct.Struct(">QQ")
 _FORMATS = {hdr.CRYPT_AES: "aes", hdr.CRYPT_LUKS: "luks"}
@@ -41,17 +45,21 @@ class SectorData:
     """A :class:`DataCipher` over a sector cipher, numbering sectors by host or guest offset."""
 
     def __init__(self, cipher: SectorCipher, by_guest: bool) -> None:
+        from blockd.drivers.sector_io import SECTOR, crypt_sectors
+
         self.cipher = cipher
         self.by_guest = by_guest
+        self._sector_size = SECTOR
+        self._crypt = crypt_sectors
 
     def _sector(self, host: int, guest: int) -> int:
-        return (guest if self.by_guest else host) // SECTOR
+        return (guest if self.by_guest else host) // self._sector_size
 
     async def decrypt_sectors(self, host: int, guest: int, data: bytes) -> bytes:
-        return await crypt_sectors(self.cipher, False, self._sector(host, guest), data)
+        return await self._crypt(self.cipher, False, self._sector(host, guest), data)
 
     async def encrypt_sectors(self, host: int, guest: int, data: bytes) -> bytes:
-        return await crypt_sectors(self.cipher, True, self._sector(host, guest), data)
+        return await self._crypt(self.cipher, True, self._sector(host, guest), data)
 
 
 def fde_extent(h: hdr.Header) -> tuple[int, int] | None:
@@ -105,6 +113,8 @@ class Encryption:
 
 async def read_luks_region(image: Image, extent: tuple[int, int]) -> tuple[luks.LuksHeader, bytes]:
     """The LUKS header stored in the image and the bytes of its clusters."""
+    from blockd.crypto import luks
+
     offset, length = extent
     try:
         raw = bytes(await image.file.read(offset, length))
@@ -128,6 +138,9 @@ async def open_encryption(image: Image, encrypt: dict[str, Any] | None, secret: 
     check_options(h, encrypt)
     if h.crypt_method == hdr.CRYPT_NONE:
         return None
+    from blockd.crypto import luks, qcow
+    from blockd.drivers.luks import kdf_thread, secret_password
+
     secret_id = (encrypt or {}).get("key-secret")
     if not unlock and secret_id is None:
         if h.crypt_method == hdr.CRYPT_AES:
@@ -157,6 +170,9 @@ async def create_luks(image: Image, opts: dict[str, Any], secret: SecretFn) -> N
     Called on a just-created (and already resized) image, like QEMU,
     so the key material lands after the L1 table.
     """
+    from blockd.crypto import luks
+    from blockd.drivers.luks import secret_password
+
     password = secret_password(secret, opts.get("key-secret"), _PREFIX)
     create_opts = luks.CreateOptions.from_qapi(opts)
     header, writes = await asyncio.to_thread(luks.create, create_opts, password)
@@ -187,6 +203,8 @@ async def create_luks(image: Image, opts: dict[str, Any], secret: SecretFn) -> N
 async def amend_luks(image: Image, enc: Encryption, opts: dict[str, Any], secret: SecretFn,
                      open_secret: str | None, force: bool) -> None:
     """Add or erase key slots of the LUKS header inside the image."""
+    from blockd.crypto import luks
+
     header, region = await read_luks_region(image, enc.extent)
     writes = await asyncio.to_thread(luks.amend, header, lambda off, n: region[off:off + n],
                                      opts, secret, open_secret, force)

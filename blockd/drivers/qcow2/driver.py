@@ -967,15 +967,9 @@ class Qcow2Node(BlockNode):
             if real is None:
                 self._metadata_prealloc = False
             else:
-                threshold = max(real * 11 // 10, real + 2 * self.cs)
-                rc, used = self.image.refcounts, 0
-                self._metadata_prealloc = False
-                for c in range(rc.alloc_end):
-                    if await rc.get(c):
-                        used += self.cs
-                        if used > threshold:
-                            self._metadata_prealloc = True
-                            break
+                threshold = max(real * 11 // 10, real + 2 * self.cs) // self.cs
+                rc = self.image.refcounts
+                self._metadata_prealloc = await rc.count_used(rc.alloc_end, threshold) > threshold
         return self._metadata_prealloc
 
     async def _unallocated_status(self, offset: int, n: int) -> Extent:

@@ -21,7 +21,7 @@ write then costs no refcount block write at all.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cache import MetadataCache
@@ -139,21 +139,37 @@ class Refcounts:
     async def counts(self, nb: int) -> list[int]:
         """The stored counts of clusters ``0..nb-1``, decoded a block at a time (for check)."""
         out: list[int] = []
-        order, e = self.order, self.entries
-        fmt = {3: "B", 4: "H", 5: "I", 6: "Q"}.get(order)
-        for bi in range(-(-nb // e)):
-            block = await self._block(bi)
-            if block is None:
-                out += [0] * e
-            elif fmt is not None:
-                out += struct.unpack(f">{e}{fmt}", block)
-            else:
-                bits = 1 << order
-                mask = (1 << bits) - 1
-                shifts = range(0, 8, bits)
-                out += [(byte >> sh) & mask for byte in block for sh in shifts]
+        for bi in range(-(-nb // self.entries)):
+            out += self._decode(await self._block(bi))
         del out[nb:]
         return out
+
+    async def count_used(self, nb: int, above: int) -> int:
+        """How many of clusters ``0..nb-1`` have a nonzero count, a block at a time;
+        counting may stop once the number exceeds ``above``."""
+        used = 0
+        e = self.entries
+        for bi in range(-(-nb // e)):
+            counts = self._decode(await self._block(bi))
+            if bi == (nb - 1) // e:
+                counts = counts[:nb - bi * e]
+            used += len(counts) - counts.count(0)
+            if used > above:
+                break
+        return used
+
+    def _decode(self, block: bytearray | None) -> Sequence[int]:
+        """Every count in a refcount block (an absent block counts zero throughout)."""
+        order, e = self.order, self.entries
+        if block is None:
+            return [0] * e
+        fmt = {3: "B", 4: "H", 5: "I", 6: "Q"}.get(order)
+        if fmt is not None:
+            return struct.unpack(f">{e}{fmt}", block)
+        bits = 1 << order
+        mask = (1 << bits) - 1
+        shifts = range(0, 8, bits)
+        return [(byte >> sh) & mask for byte in block for sh in shifts]
 
     async def update(self, cluster_index: int, delta: int) -> int:
         """Change one count; the block is written at once (write-through)."""

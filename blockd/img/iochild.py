@@ -1,0 +1,232 @@
+"""The I/O helper process of :mod:`blockd.img.bulkio`, and the messages it speaks.
+
+A helper is a separate interpreter that copies bytes between files and
+shared buffers.  It exists for the GIL: a thread of the main process must
+win the GIL back after every syscall, and in a copy the event loop and the
+other thread hold it often enough that a writer thread measurably waited
+for it (a fifth of its time, profiled).  A process has a GIL of its own.
+
+The parent sends each file once, as a descriptor (SCM_RIGHTS), then jobs
+that name files and the shared buffers by key; each job gets one reply.  Messages are
+length-prefixed frames on a stream socket.  The encoders and decoders are
+pure functions, apart from the sockets.
+"""
+
+from __future__ import annotations
+
+import array
+import mmap
+import os
+import signal
+import socket
+import struct
+
+from blockd.img.zeroscan import zero_runs
+
+#: Message kinds.
+FILE, READ, WRITE = b"F", b"R", b"W"
+
+_FRAME = struct.Struct("=I")        # length of what follows
+_HEAD = struct.Struct("=cQ")        # kind, file key or job id
+_JOB = struct.Struct("=iIII")       # buffer key, zero-scan granularity, pieces, spans
+_PIECE = struct.Struct("=iqQQ")     # file key, file offset, start, stop in the buffer
+_SPAN = struct.Struct("=QQQ")       # start, stop in the buffer, guest offset
+_REPLY = struct.Struct("=QiiI")     # job, failed piece (-1 if none), errno, spans
+_COUNT = struct.Struct("=I")
+_RUN = struct.Struct("=QQ")
+
+Piece = tuple[int, int, int, int]   # file key, file offset, start, stop
+Span = tuple[int, int, int]         # start, stop, guest offset
+Runs = list[tuple[int, int]]
+
+
+def frame(body: bytes) -> bytes:
+    """``body`` with its length in front."""
+    return _FRAME.pack(len(body)) + body
+
+
+def encode_file(key: int) -> bytes:
+    """Register the descriptor sent alongside as file ``key``."""
+    return frame(_HEAD.pack(FILE, key))
+
+
+def encode_job(kind: bytes, job: int, buf: int, pieces: list[Piece],
+               spans: list[Span] = (), gran: int = 0) -> bytes:  # type: ignore[assignment]
+    """A READ (fill ``pieces`` of buffer ``buf`` from files, then find the zero runs of
+    each span) or WRITE (write ``pieces`` of the buffer to files) job."""
+    parts = [_HEAD.pack(kind, job), _JOB.pack(buf, gran, len(pieces), len(spans))]
+    parts += [_PIECE.pack(*p) for p in pieces]
+    parts += [_SPAN.pack(*s) for s in spans]
+    return frame(b"".join(parts))
+
+
+def decode_job(body: bytes) -> tuple[bytes, int, int, int, list[Piece], list[Span]]:
+    """(kind, job, buffer, granularity, pieces, spans) of a job's frame body."""
+    kind, job = _HEAD.unpack_from(body)
+    buf, gran, npieces, nspans = _JOB.unpack_from(body, _HEAD.size)
+    at = _HEAD.size + _JOB.size
+    pieces = [_PIECE.unpack_from(body, at + i * _PIECE.size) for i in range(npieces)]
+    at += npieces * _PIECE.size
+    spans = [_SPAN.unpack_from(body, at + i * _SPAN.size) for i in range(nspans)]
+    return kind, job, buf, gran, pieces, spans  # type: ignore[return-value]
+
+
+def encode_reply(job: int, failed: int, errno: int, runs: list[Runs]) -> bytes:
+    """A job's outcome: the index of the piece that failed (-1 if none) with its errno,
+    and for reads each span's zero runs."""
+    parts = [_REPLY.pack(job, failed, errno, len(runs))]
+    for found in runs:
+        parts.append(_COUNT.pack(len(found)))
+        parts += [_RUN.pack(a, b) for a, b in found]
+    return frame(b"".join(parts))
+
+
+def decode_reply(body: bytes) -> tuple[int, int, int, list[Runs]]:
+    """(job, failed piece or -1, errno, zero runs per span) of a reply's frame body."""
+    job, failed, errno, nspans = _REPLY.unpack_from(body)
+    at = _REPLY.size
+    runs: list[Runs] = []
+    for _ in range(nspans):
+        (count,) = _COUNT.unpack_from(body, at)
+        at += _COUNT.size
+        runs.append([_RUN.unpack_from(body, at + i * _RUN.size) for i in range(count)])
+        at += count * _RUN.size
+    return job, failed, errno, runs
+
+
+def adjacent(pieces: list[tuple[int, int, memoryview]]
+             ) -> list[tuple[int, int, int, list[memoryview]]]:
+    """``(index of the first piece, fd, offset, buffers)`` for each run of pieces that
+    follow each other in one file, to move with one ``preadv``/``pwritev``: a qcow2
+    image keeps a chunk's clusters side by side, so a chunk usually costs one call."""
+    groups: list[tuple[int, int, int, list[memoryview]]] = []
+    end = -1
+    for i, (fd, offset, data) in enumerate(pieces):
+        if groups and groups[-1][1] == fd and offset == end and len(groups[-1][3]) < _IOV_MAX:
+            groups[-1][3].append(data)
+        else:
+            groups.append((i, fd, offset, [data]))
+        end = offset + len(data)
+    return groups
+
+
+#: Buffers per ``preadv``/``pwritev`` call, well under any system's IOV_MAX.
+_IOV_MAX = 64
+
+
+class PieceFailed(Exception):
+    """Piece ``index`` of a job failed with ``error``."""
+
+    def __init__(self, index: int, error: OSError) -> None:
+        super().__init__(index, error)
+        self.index = index
+        self.error = error
+
+
+def fill(pieces: list[tuple[int, int, memoryview]]) -> None:
+    """Read each ``(fd, offset, buffer)`` piece; bytes past the end of a file read as
+    zeroes, as the file driver's own reads do."""
+    for first, fd, offset, views in adjacent(pieces):
+        i = first
+        try:
+            while views:
+                got = os.preadv(fd, views, offset)
+                if got == 0:  # the file ends here
+                    for rest in views:
+                        rest[:] = bytes(len(rest))
+                    break
+                offset += got
+                i += _advance(views, got)
+        except OSError as exc:
+            raise PieceFailed(i, exc) from None
+
+
+def drain(pieces: list[tuple[int, int, memoryview]]) -> None:
+    """Write each ``(fd, offset, data)`` piece."""
+    for first, fd, offset, views in adjacent(pieces):
+        i = first
+        try:
+            while views:
+                n = os.pwritev(fd, views, offset)
+                offset += n
+                i += _advance(views, n)
+        except OSError as exc:
+            raise PieceFailed(i, exc) from None
+
+
+def _advance(views: list[memoryview], n: int) -> int:
+    """Drop the first ``n`` bytes from ``views``; returns how many views were used up."""
+    done = 0
+    while views and n >= len(views[0]):
+        n -= len(views.pop(0))
+        done += 1
+    if n:
+        views[0] = views[0][n:]
+    return done
+
+
+class _Helper:
+    """The helper's side: registered files and buffers, and the jobs run on them."""
+
+    def __init__(self, sock: socket.socket, buffers: list[mmap.mmap]) -> None:
+        self.sock = sock
+        self.files: dict[int, int] = {}
+        self.buffers = buffers
+
+    def serve(self) -> None:
+        while (got := self._receive()) is not None:
+            body, fds = got
+            kind, key = _HEAD.unpack_from(body)
+            if kind == FILE:
+                self.files[key] = fds[0]
+            else:
+                self.sock.sendall(self._run(body))
+
+    def _run(self, body: bytes) -> bytes:
+        kind, job, key, gran, pieces, spans = decode_job(body)
+        buf = self.buffers[key]
+        view = memoryview(buf)
+        work = [(self.files[f], offset, view[a:b]) for f, offset, a, b in pieces]
+        try:
+            (fill if kind == READ else drain)(work)
+        except PieceFailed as exc:
+            return encode_reply(job, exc.index, exc.error.errno or 0, [])
+        finally:
+            del work
+            view.release()
+        return encode_reply(job, -1, 0, [zero_runs(buf, a, b, guest, gran)
+                                         for a, b, guest in spans])
+
+    def _receive(self) -> tuple[bytes, list[int]] | None:
+        """The next frame body and the descriptors sent with it, or None at the end."""
+        fds = array.array("i")
+        head = b""
+        while len(head) < _FRAME.size:
+            data, anc, _, _ = self.sock.recvmsg(_FRAME.size - len(head),
+                                                socket.CMSG_SPACE(fds.itemsize * 4))
+            if not data:
+                return None
+            head += data
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        (size,) = _FRAME.unpack(head)
+        body = bytearray(size)
+        view = memoryview(body)
+        got = 0
+        while got < size:
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                return None
+            got += n
+        return bytes(body), list(fds)
+
+
+def serve(fd: int, buffers: list[mmap.mmap]) -> None:
+    """Serve jobs on socket ``fd`` until the parent hangs up (the helper's entry point);
+    jobs name ``buffers`` by index."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    try:
+        _Helper(socket.socket(fileno=fd), buffers).serve()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the parent hung up while jobs were in flight: it no longer wants them

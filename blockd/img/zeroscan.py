@@ -1,0 +1,58 @@
+"""Finding the zero pieces of a buffer, so a copy can leave them as holes.
+
+Stdlib only: the I/O helper processes of :mod:`blockd.img.bulkio` import
+this module without the rest of blockd.
+"""
+
+from __future__ import annotations
+
+import functools
+import mmap
+
+
+def zero_runs(buf: mmap.mmap, start: int, stop: int, guest: int, gran: int
+              ) -> list[tuple[int, int]]:
+    """Runs of whole ``gran``-aligned (in guest terms) zero pieces in ``buf[start:stop]``,
+    as indexes into ``buf``; ``buf[start]`` is the guest byte at ``guest``.  A
+    ``gran`` of 0 (``-S 0``) finds none.
+
+    A piece can only be zero if its first and last bytes are: strided slices
+    gather those bytes for every piece in one C call each, so data without
+    zero pieces costs about two bytes per piece, and only candidates cost a
+    Python step and a compare.  A zero run is then extended ``_WIDE`` pieces
+    per compare.  (``mmap.find`` bounded to the piece compares at memcmp
+    speed; ``bytearray.find`` with bounds measured 15 times slower.)
+    """
+    if gran <= 0:
+        return []
+    first = start + (-guest) % gran
+    count = (stop - first) // gran
+    if count <= 0:
+        return []
+    end = first + count * gran
+    zeros, wide = _zeros(gran), _zeros(gran * _WIDE)
+    heads = buf[first:end:gran]
+    tails = buf[first + gran - 1:end:gran]
+    runs: list[tuple[int, int]] = []
+    k = heads.find(0)
+    while k >= 0:
+        a = first + k * gran
+        if tails[k] == 0 and buf.find(zeros, a, a + gran) == a:
+            b = a + gran
+            while b + len(wide) <= end and buf.find(wide, b, b + len(wide)) == b:
+                b += len(wide)
+            while b < end and buf.find(zeros, b, b + gran) == b:
+                b += gran
+            runs.append((a, b))
+            k = (b - first) // gran  # the piece at b has data (or is past the end)
+        k = heads.find(0, k + 1)
+    return runs
+
+
+#: Pieces compared at once while a zero run lasts.
+_WIDE = 64
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros(n: int) -> bytes:
+    return bytes(n)

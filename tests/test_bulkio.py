@@ -1,0 +1,116 @@
+"""The copy helpers of ``blockd-img convert``: their messages, their jobs, their failures.
+
+The helpers are real forked processes working on real files; a helper
+that dies must turn into an error for the waiting copy, not a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from blockd.block.graph import BlockGraph
+from blockd.img import iochild
+from blockd.img.bulkio import BulkIO, PieceFailed
+
+KIB = 1024
+
+
+def test_job_and_reply_round_trip() -> None:
+    pieces = [(0, 1 << 40, 0, 4096), (3, 7, 4096, 8192)]
+    spans = [(0, 8192, 1 << 33)]
+    body = iochild.encode_job(iochild.READ, 9, 2, pieces, spans, 512)[4:]
+    assert iochild.decode_job(body) == (iochild.READ, 9, 2, 512, pieces, spans)
+    reply = iochild.encode_reply(9, -1, 0, [[(0, 512), (4096, 8192)], []])
+    assert int.from_bytes(reply[:4], sys.byteorder) == len(reply) - 4
+    assert iochild.decode_reply(reply[4:]) == (9, -1, 0, [[(0, 512), (4096, 8192)], []])
+
+
+def test_adjacent_pieces_merge() -> None:
+    a, b, c = memoryview(bytearray(4)), memoryview(bytearray(4)), memoryview(bytearray(4))
+    groups = iochild.adjacent([(5, 100, a), (5, 104, b), (5, 200, c), (6, 204, a)])
+    assert [(first, fd, off, len(views)) for first, fd, off, views in groups] == \
+        [(0, 5, 100, 2), (2, 5, 200, 1), (3, 6, 204, 1)]
+
+
+async def _files(tmp_path: Path) -> tuple[BlockGraph, object, object]:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    data = bytearray(os.urandom(64 * KIB))
+    data[16 * KIB:24 * KIB] = bytes(8 * KIB)          # a zero run inside the data
+    src.write_bytes(bytes(data))
+    dst.write_bytes(b"")
+    graph = BlockGraph()
+    s = await graph.open_node({"driver": "file", "node-name": "s", "filename": str(src),
+                               "read-only": True})
+    d = await graph.open_node({"driver": "file", "node-name": "d", "filename": str(dst)})
+    return graph, s, d
+
+
+def test_read_scan_write(tmp_path: Path) -> None:
+    async def go() -> None:
+        graph, s, d = await _files(tmp_path)
+        async with BulkIO(1, 128 * KIB) as io:
+            buf = io.buffers[0]
+            # Two pieces that follow each other in the file (one preadv), and one
+            # reaching past its end, whose missing part reads as zeroes.
+            runs = await io.read([(s, 0, 0, 32 * KIB), (s, 32 * KIB, 32 * KIB, 64 * KIB),
+                                  (s, 60 * KIB, 64 * KIB, 72 * KIB)], buf,
+                                 [(0, 72 * KIB, 0)], 4 * KIB)
+            assert runs == [[(16 * KIB, 24 * KIB), (68 * KIB, 72 * KIB)]]
+            await io.write(buf, [(d, 0, 0, 16 * KIB), (d, 24 * KIB, 24 * KIB, 68 * KIB)])
+        await graph.close_all()
+
+    asyncio.run(go())
+    want = (tmp_path / "src").read_bytes()
+    assert (tmp_path / "dst").read_bytes() == want + want[60 * KIB:]
+
+
+def test_failed_piece_is_named(tmp_path: Path) -> None:
+    async def go() -> None:
+        graph, s, d = await _files(tmp_path)
+        async with BulkIO(1, 64 * KIB) as io:
+            buf = io.buffers[0]
+            # The source is open read-only: writing to it fails at the second piece.
+            with pytest.raises(PieceFailed) as err:
+                await io.write(buf, [(d, 0, 0, 4 * KIB), (s, 0, 0, 4 * KIB)])
+            assert err.value.index == 1 and err.value.error.strerror == os.strerror(9)
+            # The helper is still there for the next job.
+            await io.write(buf, [(d, 0, 0, 4 * KIB)])
+        await graph.close_all()
+
+    asyncio.run(go())
+
+
+def test_dead_helper_fails_the_copy(tmp_path: Path) -> None:
+    async def go() -> None:
+        graph, s, d = await _files(tmp_path)
+        io = BulkIO(1, 64 * KIB)
+        buf = io.buffers[0]
+        await io.write(buf, [(d, 0, 0, 4 * KIB)])
+        os.kill(io._writes._pid, signal.SIGKILL)
+        with pytest.raises(OSError, match="writer helper"):
+            await asyncio.wait_for(io.write(buf, [(d, 0, 0, 4 * KIB)]), 10)
+        await asyncio.wait_for(asyncio.to_thread(io.close), 10)
+        await graph.close_all()
+
+    asyncio.run(go())
+
+
+def test_helpers_hold_only_their_own_socket(tmp_path: Path) -> None:
+    """A helper keeping the other helper's socket open would hang ``close``."""
+    async def go() -> None:
+        io = BulkIO(1, 4 * KIB)
+        buf = io.buffers[0]
+        await io.read([], buf, [], 0)  # both helpers have started serving
+        await io.write(buf, [])
+        for pid in (io._reads._pid, io._writes._pid):
+            fds = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+            assert len([fd for fd in fds if fd > 2]) == 1, fds
+        await asyncio.wait_for(asyncio.to_thread(io.close), 10)
+
+    asyncio.run(go())
