@@ -3,11 +3,13 @@
 
 Usage: python3 bench/img_convert.py [--size-mib N] [--runs N] [--only TEXT]
 
+Each line reads best / median.
+
 The input is a raw image of compressible text-like data with a third of
-it zeroes.  Each case runs both tools ``--runs`` times, in turn, and keeps each one's
-best wall-clock time (start-up included, since users pay it too) and the
-CPU time (user + system) of that run: on a shared machine the CPU time is
-the steadier figure.
+it zeroes.  Each case runs both tools ``--runs`` times, in turn, and reports
+each one's best and median wall-clock time (start-up included, since users
+pay it too) and CPU time (user + system).  Each output is deleted right
+after its run, so every run finds the machine's memory in the same state.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,25 +50,30 @@ def _cpu() -> float:
 
 
 def _timed(cmd: list[str], out: str) -> tuple[float, float]:
-    """(wall-clock seconds, CPU seconds) of one run writing ``out``."""
-    if os.path.exists(out):
-        os.unlink(out)
+    """(wall-clock seconds, CPU seconds) of one run writing ``out``, then deleted."""
     c, t = _cpu(), time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
-    return time.perf_counter() - t, _cpu() - c
+    result = time.perf_counter() - t, _cpu() - c
+    os.unlink(out)
+    return result
 
 
 def _duel(qemu: list[str], ours: list[str], work: str, runs: int
-          ) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Best (wall, CPU) of each tool, the two run in turn (alternating which goes
-    first) so that a slow phase of the machine hits both alike."""
-    best = {"q": (float("inf"), 0.0), "b": (float("inf"), 0.0)}
+          ) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) of every run of each tool, the two run in turn (alternating which
+    goes first) so that a slow phase of the machine hits both alike."""
+    results: dict[str, list[tuple[float, float]]] = {"q": [], "b": []}
     for i in range(runs):
         order = [("q", qemu), ("b", ours)]
         for key, cmd in order if i % 2 == 0 else order[::-1]:
-            result = _timed(cmd, os.path.join(work, key))
-            best[key] = min(best[key], result)
-    return best["q"], best["b"]
+            results[key].append(_timed(cmd, os.path.join(work, key)))
+    return results
+
+
+def _summary(runs: list[tuple[float, float]]) -> tuple[float, float, float, float]:
+    """Best and median wall-clock time, best and median CPU time."""
+    walls, cpus = [r[0] for r in runs], [r[1] for r in runs]
+    return min(walls), statistics.median(walls), min(cpus), statistics.median(cpus)
 
 
 def main() -> int:
@@ -89,12 +97,16 @@ def main() -> int:
             if args.only not in name:
                 continue
             src = sources[fmt]
-            (q, qc), (b, bc) = _duel(
+            results = _duel(
                 ["qemu-img", "convert", "-f", fmt, *flags, src, os.path.join(work, "q")],
                 [sys.executable, "-m", "blockd.img.cli", "convert", "-f", fmt, *flags, src,
                  os.path.join(work, "b")], work, args.runs)
-            print(f"{name:26s} qemu-img {q:6.2f} s ({qc:5.2f} s CPU)  blockd-img {b:6.2f} s "
-                  f"({bc:5.2f} s CPU)  speed ratio {q / b:4.2f} (CPU {qc / bc:4.2f})", flush=True)
+            q, qm, qc, qcm = _summary(results["q"])
+            b, bm, bc, bcm = _summary(results["b"])
+            print(f"{name:26s} qemu-img {q:5.2f} s / {qm:5.2f} s ({qc:5.2f} / {qcm:5.2f} s CPU)"
+                  f"  blockd-img {b:5.2f} s / {bm:5.2f} s ({bc:5.2f} / {bcm:5.2f} s CPU)"
+                  f"  speed ratio {q / b:4.2f} / {qm / bm:4.2f} (CPU {qc / bc:4.2f} / "
+                  f"{qcm / bcm:4.2f})", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -1,9 +1,9 @@
-"""``convert``'s threaded copy: I/O threads, target claims, zero scan, L2 flush merging.
+"""``convert``'s bulk copy: helper processes, target claims, zero scan, L2 flush merging.
 
 Each case converts with qemu-img and blockd-img from the same source and
 asserts the same guest content, the same allocation map (qemu-img map
 JSON, host offsets included, so claims allocate clusters in qemu-img's
-order) and a clean ``qemu-img check``; errors from the threads must read
+order) and a clean ``qemu-img check``; errors from the helpers must read
 as qemu-img's.
 """
 
@@ -107,8 +107,8 @@ def test_qcow2_chain_source(src: Path) -> None:
 
 
 @pytest.mark.parametrize("flags", [["-O", "qcow2"], ["-n", "-O", "raw"]])
-def test_write_error_in_thread_reads_as_qemu_img(src: Path, flags: list[str]) -> None:
-    """A write the I/O thread cannot finish (file size limit) fails the whole convert,
+def test_write_error_in_helper_reads_as_qemu_img(src: Path, flags: list[str]) -> None:
+    """A write the writer helper cannot finish (file size limit) fails the whole convert,
     with qemu-img's message and status, and the daemon's copy stops there."""
     d = src.parent
     for name in ("q.out", "b.out"):

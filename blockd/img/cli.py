@@ -13,7 +13,6 @@ import getopt
 import importlib
 import os
 import sys
-from typing import Any, Coroutine
 
 from blockd.img.common import PROG, Args, ImgError, UsageError, fail
 
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG} version 7.2.0 (blockd)")
         return 0
     try:
-        return _run(_dispatch(args[0], args[1:]))
+        return asyncio.run(_dispatch(args[0], args[1:]))
     except UsageError as exc:
         return fail(str(exc), usage=True)
     except ImgError as exc:
@@ -133,21 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         return fail(exc.strerror or str(exc))
     except KeyboardInterrupt:
         return 130
-
-
-def _run(command: Coroutine[Any, Any, int]) -> int:
-    """Run ``command`` on a new event loop.
-
-    Unlike ``asyncio.run``, idle executor threads are not waited for: the
-    loop's close tells them to stop and they end on their own.  Joining
-    them took a tenth of a short command's time.  A command's own tasks
-    are all awaited before it returns, so there is nothing to cancel.
-    """
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(command)
-    finally:
-        loop.close()
 
 
 def entry() -> None:
