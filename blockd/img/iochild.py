@@ -1,15 +1,15 @@
 """The I/O helper process of :mod:`blockd.img.bulkio`, and the messages it speaks.
 
-A helper is a separate interpreter that copies bytes between files and
-shared buffers.  It exists for the GIL: a thread of the main process must
+A helper is a forked process that copies bytes between files and shared
+buffers.  It exists for the GIL: a thread of the main process must
 win the GIL back after every syscall, and in a copy the event loop and the
 other thread hold it often enough that a writer thread measurably waited
 for it (a fifth of its time, profiled).  A process has a GIL of its own.
 
 The parent sends each file once, as a descriptor (SCM_RIGHTS), then jobs
-that name files and the shared buffers by key; each job gets one reply.  Messages are
-length-prefixed frames on a stream socket.  The encoders and decoders are
-pure functions, apart from the sockets.
+that name files and the shared buffers by key; each job gets one reply.
+Messages are length-prefixed frames on a stream socket.  The encoders and
+decoders are pure functions, apart from the sockets.
 """
 
 from __future__ import annotations

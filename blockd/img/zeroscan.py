@@ -1,7 +1,7 @@
 """Finding the zero pieces of a buffer, so a copy can leave them as holes.
 
-Stdlib only: the I/O helper processes of :mod:`blockd.img.bulkio` import
-this module without the rest of blockd.
+The reader helper of :mod:`blockd.img.bulkio` runs it on what it has just
+read; ``convert`` runs it on data its drivers read on the loop.
 """
 
 from __future__ import annotations
