@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockd.block.graph import BlockGraph
-from blockd.block.node import BlockNode
+from blockd.block.node import BlockNode, Extent, Status
 from blockd.errors import QMPError
 from blockd.objects import ObjectStore
 
@@ -263,3 +263,23 @@ class Progress:
         """Leave the progress line (after a failure, without drawing 100% again)."""
         if self.enabled:
             print()
+
+
+async def chain_status(node: BlockNode, offset: int, length: int,
+                       top_only: bool = False) -> Extent:
+    """Status of the run at ``offset`` through the backing chain (of the top layer only
+    with ``top_only``): what the guest sees there, and which layer holds it.
+
+    Unallocated runs are asked of the backing file, cut to its length; past
+    its end they read as zeroes.
+    """
+    cur = node
+    while True:
+        ext = await cur.block_status(offset, length)
+        length = ext.length
+        if ext.status & Status.ALLOCATED or top_only or cur.backing is None:
+            return ext
+        if offset >= cur.backing.length():
+            return Extent(length, Status.ZERO)
+        length = min(length, cur.backing.length() - offset)
+        cur = cur.backing

@@ -12,7 +12,8 @@ import sys
 from typing import Callable
 
 from blockd.block.node import BlockNode, Status
-from blockd.img.common import PROG, Args, ImgError, Progress, Session, UsageError
+from blockd.img.common import (PROG, Args, ImgError, Progress, Session, UsageError,
+                               chain_status)
 
 CHUNK = 2 << 20
 #: What ``-s`` requires to be equal, besides the content.
@@ -34,21 +35,6 @@ def _mismatch(a: bytes, b: bytes, base: int) -> int | None:
     return (base + first) // 512 * 512
 
 
-async def _status(node: BlockNode, offset: int, length: int) -> tuple[int, Status]:
-    """Run length and status at ``offset`` through the whole backing chain."""
-    cur: BlockNode | None = node
-    while cur is not None:
-        ext = await cur.block_status(offset, length)
-        length = ext.length
-        if ext.status & Status.ALLOCATED or cur.backing is None:
-            return length, ext.status
-        if offset >= cur.backing.length():
-            return length, Status.ZERO
-        length = min(length, cur.backing.length() - offset)
-        cur = cur.backing
-    raise AssertionError("unreachable")
-
-
 def _zero(status: Status) -> bool:
     return bool(status & Status.ZERO) and not status & Status.DATA \
         or not status & Status.ALLOCATED and not status & Status.DATA
@@ -63,9 +49,9 @@ async def compare_nodes(a: BlockNode, b: BlockNode, strict: bool, bar: Progress,
     common = min(a.length(), b.length())
     offset = 0
     while offset < common:
-        na, sa = await _status(a, offset, min(CHUNK, common - offset))
-        nb, sb = await _status(b, offset, min(CHUNK, common - offset))
-        n = min(na, nb)
+        ea = await chain_status(a, offset, min(CHUNK, common - offset))
+        eb = await chain_status(b, offset, min(CHUNK, common - offset))
+        n, sa, sb = min(ea.length, eb.length), ea.status, eb.status
         if strict and sa & _STRICT != sb & _STRICT:
             return f"Strict mode: Offset {offset} block status mismatch!"
         if not (_zero(sa) and _zero(sb)):
@@ -78,8 +64,9 @@ async def compare_nodes(a: BlockNode, b: BlockNode, strict: bool, bar: Progress,
     if a.length() != b.length():
         say("Warning: Image size mismatch!")
     while offset < longer.length():
-        n, status = await _status(longer, offset, min(CHUNK, longer.length() - offset))
-        if not _zero(status):
+        ext = await chain_status(longer, offset, min(CHUNK, longer.length() - offset))
+        n = ext.length
+        if not _zero(ext.status):
             data = bytes(await longer.read(offset, n))
             at = _mismatch(data, bytes(n), offset)
             if at is not None:

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from blockd.block.backend import is_zero
-from blockd.block.node import BlockNode, Claim, Extent, Status
+from blockd.block.node import BlockNode, Claim, Status
 from blockd.errors import QMPError
 from blockd.drivers.file import FileNode
-from blockd.img.common import PROG, Args, ImgError, Progress, Session, parse_size
+from blockd.img.common import (PROG, Args, ImgError, Progress, Session, chain_status,
+                               parse_size)
 from blockd.img.bulkio import BulkIO, PieceFailed, host_file
 from blockd.img.zeroscan import zero_runs
 from blockd.img.snapshot import load_param, parse_param
@@ -78,20 +79,6 @@ class _Source:
         raise AssertionError("offset before the first source")
 
 
-async def _status(node: BlockNode, offset: int, length: int, top_only: bool) -> Extent:
-    """Status through the backing chain (or of the top layer only)."""
-    cur = node
-    while True:
-        ext = await cur.block_status(offset, length)
-        length = ext.length
-        if ext.status & Status.ALLOCATED or top_only or cur.backing is None:
-            return ext
-        if offset >= cur.backing.length():
-            return Extent(length, Status.ZERO)
-        length = min(length, cur.backing.length() - offset)
-        cur = cur.backing
-
-
 async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
                      io: BulkIO | None) -> None:
     """Copy every chunk of ``src`` into ``dst`` with up to ``plan.parallel`` tasks.
@@ -138,7 +125,7 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
         pos = offset
         while pos < end:
             node, local, left = src.locate(pos)
-            ext = await _status(node, local, min(end - pos, left), plan.top_only)
+            ext = await chain_status(node, local, min(end - pos, left), plan.top_only)
             n, status = ext.length, ext.status
             if plan.top_only and not status & Status.ALLOCATED:
                 pass
@@ -280,7 +267,7 @@ async def _read(src: _Source, offset: int, end: int, plan: Plan) -> bytes | None
     any_data = False
     while pos < end:
         node, local, left = src.locate(pos)
-        ext = await _status(node, local, min(end - pos, left), plan.top_only)
+        ext = await chain_status(node, local, min(end - pos, left), plan.top_only)
         n, status = ext.length, ext.status
         if status & Status.DATA or status & Status.ALLOCATED and not status & Status.ZERO:
             any_data = True

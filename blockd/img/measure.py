@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from blockd.block.node import BlockNode, Status
-from blockd.img.common import Args, ImgError, Session, json_pretty, parse_size
+from blockd.img.common import Args, ImgError, Session, chain_status, json_pretty, parse_size
 from blockd.img.snapshot import load_param, parse_param
 
 #: The largest L1 table QEMU opens (32 MiB), which bounds the virtual size.
@@ -56,26 +56,13 @@ async def _data_bytes(node: BlockNode, cluster_size: int) -> int:
     required = 0
     offset = 0
     while offset < size:
-        ext = await _chain_status(node, offset, size - offset)
-        n = ext[0]
-        if ext[1] & Status.DATA and not ext[1] & Status.ZERO:
+        ext = await chain_status(node, offset, size - offset)
+        n = ext.length
+        if ext.status & Status.DATA and not ext.status & Status.ZERO:
             n = _round_up(offset + n, cluster_size) - offset
             required += offset % cluster_size + n
         offset += n
     return required
-
-
-async def _chain_status(node: BlockNode, offset: int, length: int) -> tuple[int, Status]:
-    cur = node
-    while True:
-        ext = await cur.block_status(offset, length)
-        if ext.status & Status.ALLOCATED or cur.backing is None:
-            return ext.length, ext.status
-        length = ext.length
-        if offset >= cur.backing.length():
-            return length, Status.ZERO
-        length = min(length, cur.backing.length() - offset)
-        cur = cur.backing
 
 
 def _bitmaps_size(node: BlockNode, cluster_size: int) -> int:
