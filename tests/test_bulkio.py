@@ -31,6 +31,19 @@ def test_job_and_reply_round_trip() -> None:
     assert iochild.decode_reply(reply[4:]) == (9, -1, 0, [[(0, 512), (4096, 8192)], []])
 
 
+def test_frames_split_across_arrivals() -> None:
+    """Replies come off the socket in arbitrary pieces: whole frames are taken, and a
+    partial one waits for the rest."""
+    one, two = iochild.encode_reply(1, -1, 0, []), iochild.encode_reply(2, 0, 28, [])
+    inbox = bytearray(one + two[:5])
+    assert [iochild.decode_reply(b)[0] for b in iochild.take_frames(inbox)] == [1]
+    assert inbox == two[:5]
+    assert iochild.take_frames(inbox) == []
+    inbox += two[5:]
+    assert [iochild.decode_reply(b) for b in iochild.take_frames(inbox)] == [(2, 0, 28, [])]
+    assert inbox == bytearray()
+
+
 def test_adjacent_pieces_merge() -> None:
     a, b, c = memoryview(bytearray(4)), memoryview(bytearray(4)), memoryview(bytearray(4))
     groups = iochild.adjacent([(5, 100, a), (5, 104, b), (5, 200, c), (6, 204, a)])

@@ -41,7 +41,7 @@ import signal
 import socket
 import sys
 import traceback
-from typing import Any
+from typing import Any, Sequence
 
 from blockd.drivers.file import FileNode
 from blockd.img import iochild
@@ -131,7 +131,7 @@ class _Channel:
         self._closed = False
         self._loop.add_reader(ours.fileno(), self._receive)
 
-    def send(self, data: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+    def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Queue a message (with descriptors to pass along) for the helper."""
         if self._closed:
             raise OSError(errno.EIO, f"the copy's {self.name} helper has stopped")
@@ -140,14 +140,13 @@ class _Channel:
             self._flush()
 
     async def run(self, kind: bytes, buf: int, pieces: list[tuple[FileNode, int, int, int]],
-                  spans: list[tuple[int, int, int]] = (),  # type: ignore[assignment]
-                  gran: int = 0) -> list[Runs]:
+                  spans: Sequence[tuple[int, int, int]] = (), gran: int = 0) -> list[Runs]:
         """Send one job and wait for its reply."""
         keyed = [(self._file_key(f), host, a, b) for f, host, a, b in pieces]
         job = next(self._ids)
         fut = self._loop.create_future()
         self._pending[job] = fut
-        self.send(iochild.encode_job(kind, job, buf, keyed, list(spans), gran))
+        self.send(iochild.encode_job(kind, job, buf, keyed, spans, gran))
         return await fut
 
     def _file_key(self, file: FileNode) -> int:
@@ -192,12 +191,7 @@ class _Channel:
                 self._stopped("exited")
                 return
             self._inbox += data
-        while len(self._inbox) >= 4:
-            size = int.from_bytes(self._inbox[:4], sys.byteorder)
-            if len(self._inbox) < 4 + size:
-                break
-            body = bytes(self._inbox[4:4 + size])
-            del self._inbox[:4 + size]
+        for body in iochild.take_frames(self._inbox):
             job, failed, code, runs = iochild.decode_reply(body)
             fut = self._pending.pop(job)
             if fut.cancelled():

@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import struct
+from typing import Sequence
 
 from blockd.img.zeroscan import zero_runs
 
@@ -45,13 +46,28 @@ def frame(body: bytes) -> bytes:
     return _FRAME.pack(len(body)) + body
 
 
+def take_frames(inbox: bytearray) -> list[bytes]:
+    """The bodies of the whole frames at the start of ``inbox``, which loses them (a
+    partial frame at the end stays for the bytes still to come)."""
+    bodies = []
+    at = 0
+    while len(inbox) - at >= _FRAME.size:
+        (size,) = _FRAME.unpack_from(inbox, at)
+        if len(inbox) - at - _FRAME.size < size:
+            break
+        bodies.append(bytes(inbox[at + _FRAME.size:at + _FRAME.size + size]))
+        at += _FRAME.size + size
+    del inbox[:at]
+    return bodies
+
+
 def encode_file(key: int) -> bytes:
     """Register the descriptor sent alongside as file ``key``."""
     return frame(_HEAD.pack(FILE, key))
 
 
-def encode_job(kind: bytes, job: int, buf: int, pieces: list[Piece],
-               spans: list[Span] = (), gran: int = 0) -> bytes:  # type: ignore[assignment]
+def encode_job(kind: bytes, job: int, buf: int, pieces: Sequence[Piece],
+               spans: Sequence[Span] = (), gran: int = 0) -> bytes:
     """A READ (fill ``pieces`` of buffer ``buf`` from files, then find the zero runs of
     each span) or WRITE (write ``pieces`` of the buffer to files) job."""
     parts = [_HEAD.pack(kind, job), _JOB.pack(buf, gran, len(pieces), len(spans))]
@@ -123,31 +139,22 @@ class PieceFailed(Exception):
         self.error = error
 
 
-def fill(pieces: list[tuple[int, int, memoryview]]) -> None:
-    """Read each ``(fd, offset, buffer)`` piece; bytes past the end of a file read as
-    zeroes, as the file driver's own reads do."""
+def move(pieces: list[tuple[int, int, memoryview]], reading: bool) -> None:
+    """Read into (``reading``) or write from each ``(fd, offset, buffer)`` piece.
+
+    Bytes past the end of a file read as zeroes, as the file driver's own
+    reads do.
+    """
+    call = os.preadv if reading else os.pwritev
     for first, fd, offset, views in adjacent(pieces):
         i = first
         try:
             while views:
-                got = os.preadv(fd, views, offset)
-                if got == 0:  # the file ends here
+                n = call(fd, views, offset)
+                if n == 0 and reading:  # the file ends here
                     for rest in views:
                         rest[:] = bytes(len(rest))
                     break
-                offset += got
-                i += _advance(views, got)
-        except OSError as exc:
-            raise PieceFailed(i, exc) from None
-
-
-def drain(pieces: list[tuple[int, int, memoryview]]) -> None:
-    """Write each ``(fd, offset, data)`` piece."""
-    for first, fd, offset, views in adjacent(pieces):
-        i = first
-        try:
-            while views:
-                n = os.pwritev(fd, views, offset)
                 offset += n
                 i += _advance(views, n)
         except OSError as exc:
@@ -188,7 +195,7 @@ class _Helper:
         view = memoryview(buf)
         work = [(self.files[f], offset, view[a:b]) for f, offset, a, b in pieces]
         try:
-            (fill if kind == READ else drain)(work)
+            move(work, kind == READ)
         except PieceFailed as exc:
             return encode_reply(job, exc.index, exc.error.errno or 0, [])
         finally:
