@@ -98,8 +98,8 @@ async def _nothing() -> None:
 class Claim:
     """Room in a protocol node, set aside for a bulk copy to fill by itself.
 
-    ``convert`` writes the data with plain ``pwrite`` calls from its I/O
-    threads, at ``host`` in ``file``; :meth:`commit` then makes those bytes
+    ``convert`` writes the data with plain ``pwrite`` calls from its writer
+    helper, at ``host`` in ``file``; :meth:`commit` then makes those bytes
     the node's content at the claimed guest offset (a qcow2 node links the
     clusters into its L2 table), or :meth:`abort` gives the room back when
     the write failed.  ``length`` may be less than was asked for.
