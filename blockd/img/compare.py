@@ -35,7 +35,7 @@ def _mismatch(a: bytes, b: bytes, base: int) -> int | None:
     return (base + first) // 512 * 512
 
 
-def _zero(status: Status) -> bool:
+def _zero(status: int) -> bool:
     return bool(status & Status.ZERO) and not status & Status.DATA \
         or not status & Status.ALLOCATED and not status & Status.DATA
 

@@ -187,6 +187,11 @@ class Mapping:
                                         f"{c_hex(l2_offset)}, L2 index: {c_hex(l2i)})")
         return entry
 
+    def left_in_slice(self, guest: int) -> int:
+        """Entries from ``guest``'s to the end of its L2 table slice."""
+        per_slice = self.slice_size // self.entry_size
+        return per_slice - (guest >> self.cb) % per_slice
+
     async def run_after(self, guest: int, first: int, limit: int) -> int:
         """How many clusters from ``guest`` on (at most ``limit``) continue the run whose
         previous entry is ``first``: unallocated entries within the L2 table (counted by

@@ -912,12 +912,19 @@ class Qcow2Node(BlockNode):
             if host is None:
                 return Extent(n, status)
             return await self._data_status(n, status, host)
-        # Extend over following clusters of the same kind.
-        while offset + n < offset + length:
-            if entry.raw in (0, ZERO) or kind == Kind.NORMAL and not entry.raw & ~(
-                    OFFSET_MASK | COPIED):
-                more = await self.map.run_after(guest + cs, entry.raw,
-                                                -(-(offset + length - guest - cs) // cs))
+        # Extend over following clusters of the same kind: whole slices of entries
+        # at a time where run_after can tell, entry by entry (through lookup's
+        # checks) where it cannot.
+        first = entry
+        stopped = False  # run_after met an entry that does not continue the run
+        while n < length:
+            if not stopped and (entry.raw in (0, ZERO) or kind == Kind.NORMAL and not
+                                entry.raw & ~(OFFSET_MASK | COPIED)):
+                limit = -(-(offset + length - guest - cs) // cs)
+                more = await self.map.run_after(guest + cs, entry.raw, limit)
+                # Fewer than the rest of the slice: the entry after the run does
+                # not continue it, so asking again would only find that out anew.
+                stopped = more < min(limit, self.map.left_in_slice(guest + cs))
                 if more:
                     guest += more * cs
                     if kind == Kind.NORMAL:
@@ -929,9 +936,9 @@ class Qcow2Node(BlockNode):
                 break
             guest += cs
             entry = nxt
+            stopped = False
             n = min(length, guest + cs - offset)
         if kind == Kind.NORMAL:
-            first = await self.map.lookup(offset - offset % cs)
             return await self._data_status(n, Status.DATA | Status.ALLOCATED,
                                            first.host + offset % cs)
         if kind == Kind.COMPRESSED:
@@ -940,7 +947,7 @@ class Qcow2Node(BlockNode):
             return Extent(n, Status.ZERO | Status.ALLOCATED)
         return await self._unallocated_status(offset, n)
 
-    async def _data_status(self, n: int, status: Status, host: int) -> Extent:
+    async def _data_status(self, n: int, status: int, host: int) -> Extent:
         """Status of allocated data: with metadata preallocation the file's holes read as zero.
 
         Encrypted data has no offset to show: the file does not hold the guest's bytes.
