@@ -14,7 +14,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
 fi
 
-PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
+PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]' \
+    --config-settings editable_mode=compat
 
 status=0
 python3 -m pytest -q tests || status=$?
