@@ -64,6 +64,33 @@ async def _status_map(node, size: int, grain: int) -> list[tuple[bool, bool]]:
     return out
 
 
+def _per_grain(extents, grain: int) -> list[tuple[int, int | None]]:
+    """(status bits, host offset or None) for every grain the extents cover."""
+    out: list[tuple[int, int | None]] = []
+    for ext in extents:
+        assert ext.length > 0 and ext.length % grain == 0
+        out += [(ext.status, None if ext.offset is None else ext.offset + k * grain)
+                for k in range(ext.length // grain)]
+    return out
+
+
+async def _extents_agree(node, size: int, grain: int) -> None:
+    """``extents`` (a slice at a time) says what ``block_status`` (a run at a time) says,
+    for the whole image and for unaligned windows of it."""
+    runs = []
+    off = 0
+    while off < size:
+        runs.append(await node.block_status(off, size - off))
+        off += runs[-1].length
+    whole = _per_grain(runs, grain)
+    assert _per_grain(await node.extents(0, size), grain) == whole
+    step = 3 * MiB + 7 * 512  # windows that start and end inside clusters and slices
+    for off in range(0, size, step):
+        n = min(step, size - off)
+        got = _per_grain(await node.extents(off, n), grain)
+        assert got == whole[off // grain:(off + n) // grain]
+
+
 def _qemu_map(img: str, size: int, grain: int) -> list[tuple[bool, bool]]:
     out: list[tuple[bool, bool]] = []
     for ext in json.loads(qemu_img("map", "--output=json", img)):
@@ -77,6 +104,7 @@ def check_image(tmp_path, img: str, size: int = SIZE, **opts) -> None:
         try:
             data = await _read_all(node, size)
             status = await _status_map(node, size, 512)
+            await _extents_agree(node, size, 512)
             return data, status, node.format_specific(), node.cluster_size()
         finally:
             await g.close_all()

@@ -215,6 +215,20 @@ class BlockNode:
         """Status of the run starting at ``offset`` (at most ``length`` bytes)."""
         return Extent(length, Status.DATA | Status.ALLOCATED)
 
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """:meth:`block_status` of the whole range: consecutive extents covering it.
+
+        A bulk copy asks for a chunk at a time; drivers that can walk their
+        metadata faster than one call per run override this.
+        """
+        out = []
+        end = offset + length
+        while offset < end:
+            ext = await self.block_status(offset, end - offset)
+            out.append(ext)
+            offset += ext.length
+        return out
+
     async def claim(self, offset: int, length: int) -> Claim | None:
         """Set aside where ``[offset, offset + length)`` goes, for a bulk copy to write
         itself (see :class:`Claim`); ``None`` when the data must go through :meth:`write`.

@@ -265,6 +265,24 @@ class Progress:
             print()
 
 
+async def chain_extents(node: BlockNode, offset: int, length: int,
+                        top_only: bool = False) -> list[Extent]:
+    """:func:`chain_status` of a whole range, as consecutive extents: the top layer's
+    :meth:`~BlockNode.extents` in one call, the backing chain asked only where
+    the top layer leaves the content to it."""
+    out = []
+    for ext in await node.extents(offset, length):
+        end = offset + ext.length
+        if ext.status & Status.ALLOCATED or top_only or node.backing is None:
+            out.append(ext)
+            offset = end
+        while offset < end:
+            sub = await chain_status(node, offset, end - offset, top_only)
+            out.append(sub)
+            offset += sub.length
+    return out
+
+
 async def chain_status(node: BlockNode, offset: int, length: int,
                        top_only: bool = False) -> Extent:
     """Status of the run at ``offset`` through the backing chain (of the top layer only

@@ -25,8 +25,8 @@ from blockd.block.backend import is_zero
 from blockd.block.node import BlockNode, Claim, Status
 from blockd.errors import QMPError
 from blockd.drivers.file import FileNode
-from blockd.img.common import (PROG, Args, ImgError, Progress, Session, chain_status,
-                               parse_size)
+from blockd.img.common import (PROG, Args, ImgError, Progress, Session, chain_extents,
+                               chain_status, parse_size)
 from blockd.img.bulkio import BulkIO, PieceFailed, host_file
 from blockd.img.zeroscan import zero_runs
 from blockd.img.snapshot import load_param, parse_param
@@ -123,29 +123,30 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
         spans: list[tuple[int, int, int]] = []              # data: buffer start, stop, guest
         pieces: list[tuple[FileNode, int, int, int]] = []   # of it, read by the reader helper
         pos = offset
-        while pos < end:
+        while pos < end:  # a chunk may span sources
             node, local, left = src.locate(pos)
-            ext = await chain_status(node, local, min(end - pos, left), plan.top_only)
-            n, status = ext.length, ext.status
-            if plan.top_only and not status & Status.ALLOCATED:
-                pass
-            elif status & Status.ZERO and not status & Status.DATA and plan.sparse or \
-                    not status & (Status.DATA | Status.ALLOCATED) and plan.sparse:
-                zeros.append((pos, n))
-            else:
-                at = pos - offset
-                spans.append((at, at + n, pos))
-                file = host_file(ext.child)
-                if file is not None and ext.offset is not None:
-                    pieces += [(file, ext.offset + a - at, a, b)
-                               for a, b, _ in _requests(at, at + n, pos)]
+            for ext in await chain_extents(node, local, min(end - pos, left), plan.top_only):
+                n, status = ext.length, ext.status
+                if plan.top_only and not status & Status.ALLOCATED:
+                    pass
+                elif status & Status.ZERO and not status & Status.DATA and plan.sparse or \
+                        not status & (Status.DATA | Status.ALLOCATED) and plan.sparse:
+                    zeros.append((pos, n))
                 else:
-                    try:
-                        memoryview(buf)[at:at + n] = await node.read(local, n)
-                    except OSError as exc:
-                        raise ImgError(f"error while reading at byte {pos}: "
-                                       f"{exc.strerror}") from None
-            pos += n
+                    at = pos - offset
+                    spans.append((at, at + n, pos))
+                    file = host_file(ext.child)
+                    if file is not None and ext.offset is not None:
+                        pieces += [(file, ext.offset + a - at, a, b)
+                                   for a, b, _ in _requests(at, at + n, pos)]
+                    else:
+                        try:
+                            memoryview(buf)[at:at + n] = await node.read(local, n)
+                        except OSError as exc:
+                            raise ImgError(f"error while reading at byte {pos}: "
+                                           f"{exc.strerror}") from None
+                pos += n
+                local += n
         # One hand-over for the whole chunk: its host reads, then the zero scan.
         try:
             runs = await io.read(pieces, buf, spans, plan.sparse) if pieces else \
