@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from blockd.drivers.qcow2 import header as hdr
 from blockd.drivers.qcow2.image import Image
+from blockd.drivers.sector_io import SECTOR, crypt_sectors
 from blockd.errors import QMPError
 
 if TYPE_CHECKING:
@@ -45,21 +46,17 @@ class SectorData:
     """A :class:`DataCipher` over a sector cipher, numbering sectors by host or guest offset."""
 
     def __init__(self, cipher: SectorCipher, by_guest: bool) -> None:
-        from blockd.drivers.sector_io import SECTOR, crypt_sectors
-
         self.cipher = cipher
         self.by_guest = by_guest
-        self._sector_size = SECTOR
-        self._crypt = crypt_sectors
 
     def _sector(self, host: int, guest: int) -> int:
-        return (guest if self.by_guest else host) // self._sector_size
+        return (guest if self.by_guest else host) // SECTOR
 
     async def decrypt_sectors(self, host: int, guest: int, data: bytes) -> bytes:
-        return await self._crypt(self.cipher, False, self._sector(host, guest), data)
+        return await crypt_sectors(self.cipher, False, self._sector(host, guest), data)
 
     async def encrypt_sectors(self, host: int, guest: int, data: bytes) -> bytes:
-        return await self._crypt(self.cipher, True, self._sector(host, guest), data)
+        return await crypt_sectors(self.cipher, True, self._sector(host, guest), data)
 
 
 def fde_extent(h: hdr.Header) -> tuple[int, int] | None:
