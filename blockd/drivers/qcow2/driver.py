@@ -977,36 +977,25 @@ class Qcow2Node(BlockNode):
         return out
 
     async def _slice_run(self, offset: int, length: int) -> Extent | None:
-        """The run at ``offset`` (at most ``length`` bytes) when its entries are plain:
-        unallocated, zero, or data at following host clusters of aligned offsets.
-        Runs of data and zero clusters end with their L2 slice.  None where
+        """The run at ``offset`` (at most ``length`` bytes) when its entry is plain:
+        unallocated, zero, or data at an aligned offset.  :meth:`~Mapping.run_after`
+        extends it, a slice's entries in one unpack.  None where
         :meth:`block_status` must decide."""
         cs, within = self.cs, offset % self.cs
         guest = offset - within
-        entries = await self.map.raw_entries(guest, -(-(within + length) // cs))
-        if entries is None:
+        first = await self.map.raw_entry(guest)
+        if first is None:
             return None
-        first = entries[0]
         host = first & OFFSET_MASK
-        if first & ~(OFFSET_MASK | COPIED | ZERO) or host % cs:
-            return None  # compressed, reserved bits or unaligned: lookup's checks
-        n = 1
-        if first & ZERO:  # zero clusters, with or without room kept, whatever their offsets
-            while n < len(entries) and entries[n] & ZERO and not entries[n] & ~(
-                    OFFSET_MASK | COPIED | ZERO) and not (entries[n] & OFFSET_MASK) % cs:
-                n += 1
-            return Extent(min(length, n * cs - within), Status.ZERO | Status.ALLOCATED)
+        if first & ~(OFFSET_MASK | COPIED | ZERO) or host % cs or first == COPIED:
+            return None  # compressed, reserved bits, unaligned or COPIED alone: lookup's
+        n = 1 + await self.map.run_after(guest + cs, first, -(-(within + length) // cs) - 1)
+        size = min(length, n * cs - within)
+        if first & ZERO:  # zero clusters, with or without room kept
+            return Extent(size, Status.ZERO | Status.ALLOCATED)
         if host:
-            want = host
-            while n < len(entries) and entries[n] & ~COPIED == (want := want + cs):
-                n += 1
-            return Extent(min(length, n * cs - within), Status.DATA | Status.ALLOCATED,
-                          host + within, self.image.data)
-        if first:
-            return None  # COPIED without an offset: left to lookup
-        # Unallocated: counted across slices to the end of the table, in C.
-        n = await self.map.unallocated_run(guest, -(-(within + length) // cs))
-        return await self._unallocated_status(offset, min(length, n * cs - within))
+            return Extent(size, Status.DATA | Status.ALLOCATED, host + within, self.image.data)
+        return await self._unallocated_status(offset, size)
 
     async def _data_status(self, n: int, status: int, host: int) -> Extent:
         """Status of allocated data: with metadata preallocation the file's holes read as zero.
