@@ -237,8 +237,9 @@ async def _fill_claims(io: BulkIO, buf: mmap.mmap,
     pieces = []
     guests = []
     for claim, start, stop, guest in claims:
+        file = host_file(claim.file)
         for a, b, g in _requests(start, stop, guest):
-            pieces.append((host_file(claim.file), claim.host + a - start, a, b))
+            pieces.append((file, claim.host + a - start, a, b))
             guests.append(g)
     try:
         await io.write(buf, pieces)  # type: ignore[arg-type]
