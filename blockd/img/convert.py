@@ -3,9 +3,9 @@
 The sources' block status is walked so zero and unallocated runs are not
 read, and on a fresh target not written either; read data is scanned for
 zero pieces of the ``-S`` size, which are left as holes too.  Several chunks
-are in flight at once; the bytes themselves move in the helper processes of
-:mod:`blockd.img.bulkio` wherever source and target keep them in host
-files.  With ``-c`` every cluster is compressed in a worker thread (``-m``
+are in flight at once; wherever source and target keep the bytes in host
+files, they are read with plain syscalls and written by the helper process
+of :mod:`blockd.img.bulkio`.  With ``-c`` every cluster is compressed in a worker thread (``-m``
 at a time), so clusters compress in parallel while the loop writes those
 already done (``-W`` lets them land out of order; without it they are
 written in guest order).  With ``-B`` the target gets a backing file and
@@ -31,7 +31,7 @@ from blockd.img.bulkio import BulkIO, PieceFailed, host_file
 from blockd.img.zeroscan import zero_runs
 from blockd.img.snapshot import load_param, parse_param
 
-#: What one copy task reads and places at a time: one job each way for the I/O helpers,
+#: What one copy task reads and places at a time: one job for the writer helper,
 #: whose hand-overs and loop steps per chunk are the copy's main overhead.
 CHUNK = 8 << 20
 #: Copy tasks (each with a chunk buffer) at most, whatever ``-m`` says: one chunk
@@ -84,10 +84,10 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
     """Copy every chunk of ``src`` into ``dst`` with up to ``plan.parallel`` tasks.
 
     Each task owns a chunk buffer.  Data held in host files is read into it
-    by ``io``'s helpers (which also find its zero pieces), and written from
-    it by them too where the target can :meth:`~BlockNode.claim` room for
-    it; the loop only walks metadata and writes what the target's driver
-    must write itself.  ``io`` (whose buffers set the number of tasks) may
+    through ``io`` (on the loop where the page cache holds it), scanned for
+    zero pieces, and written from it by ``io``'s writer helper where the
+    target can :meth:`~BlockNode.claim` room for it; the loop writes only
+    what the target's driver must write itself.  ``io`` (whose buffers set the number of tasks) may
     be None only with ``plan.compress``.
     """
     size = src.size
@@ -121,7 +121,7 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
                          claims: list[tuple[Claim, int, int, int]]) -> None:
         zeros: list[tuple[int, int]] = []                   # guest ranges reading as zero
         spans: list[tuple[int, int, int]] = []              # data: buffer start, stop, guest
-        pieces: list[tuple[FileNode, int, int, int]] = []   # of it, read by the reader helper
+        pieces: list[tuple[FileNode, int, int, int]] = []   # of it, read through io
         pos = offset
         while pos < end:  # a chunk may span sources
             node, local, left = src.locate(pos)
@@ -147,13 +147,13 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
                                            f"{exc.strerror}") from None
                 pos += n
                 local += n
-        # One hand-over for the whole chunk: its host reads, then the zero scan.
         try:
-            runs = await io.read(pieces, buf, spans, plan.sparse) if pieces else \
-                [zero_runs(buf, *span, plan.sparse) for span in spans]
+            if pieces:
+                await io.read(pieces, buf)
         except PieceFailed as exc:
             raise ImgError(f"error while reading at byte {offset + pieces[exc.index][2]}: "
                            f"{exc.error.strerror}") from None
+        runs = [zero_runs(buf, *span, plan.sparse) for span in spans]
         await in_order(offset)
         if not plan.fresh:
             for zpos, zlen in zeros:

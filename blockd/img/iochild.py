@@ -22,23 +22,16 @@ import socket
 import struct
 from typing import Sequence
 
-from blockd.img.zeroscan import zero_runs
-
 #: Message kinds.
 FILE, READ, WRITE = b"F", b"R", b"W"
 
 _FRAME = struct.Struct("=I")        # length of what follows
 _HEAD = struct.Struct("=cQ")        # kind, file key or job id
-_JOB = struct.Struct("=iIII")       # buffer key, zero-scan granularity, pieces, spans
+_JOB = struct.Struct("=iI")         # buffer key, pieces
 _PIECE = struct.Struct("=iqQQ")     # file key, file offset, start, stop in the buffer
-_SPAN = struct.Struct("=QQQ")       # start, stop in the buffer, guest offset
-_REPLY = struct.Struct("=QiiI")     # job, failed piece (-1 if none), errno, spans
-_COUNT = struct.Struct("=I")
-_RUN = struct.Struct("=QQ")
+_REPLY = struct.Struct("=Qii")      # job, failed piece (-1 if none), errno
 
 Piece = tuple[int, int, int, int]   # file key, file offset, start, stop
-Span = tuple[int, int, int]         # start, stop, guest offset
-Runs = list[tuple[int, int]]
 
 
 def frame(body: bytes) -> bytes:
@@ -66,48 +59,31 @@ def encode_file(key: int) -> bytes:
     return frame(_HEAD.pack(FILE, key))
 
 
-def encode_job(kind: bytes, job: int, buf: int, pieces: Sequence[Piece],
-               spans: Sequence[Span] = (), gran: int = 0) -> bytes:
-    """A READ (fill ``pieces`` of buffer ``buf`` from files, then find the zero runs of
-    each span) or WRITE (write ``pieces`` of the buffer to files) job."""
-    parts = [_HEAD.pack(kind, job), _JOB.pack(buf, gran, len(pieces), len(spans))]
+def encode_job(kind: bytes, job: int, buf: int, pieces: Sequence[Piece]) -> bytes:
+    """A READ (fill ``pieces`` of buffer ``buf`` from files) or WRITE (write ``pieces``
+    of the buffer to files) job."""
+    parts = [_HEAD.pack(kind, job), _JOB.pack(buf, len(pieces))]
     parts += [_PIECE.pack(*p) for p in pieces]
-    parts += [_SPAN.pack(*s) for s in spans]
     return frame(b"".join(parts))
 
 
-def decode_job(body: bytes) -> tuple[bytes, int, int, int, list[Piece], list[Span]]:
-    """(kind, job, buffer, granularity, pieces, spans) of a job's frame body."""
+def decode_job(body: bytes) -> tuple[bytes, int, int, list[Piece]]:
+    """(kind, job, buffer, pieces) of a job's frame body."""
     kind, job = _HEAD.unpack_from(body)
-    buf, gran, npieces, nspans = _JOB.unpack_from(body, _HEAD.size)
+    buf, npieces = _JOB.unpack_from(body, _HEAD.size)
     at = _HEAD.size + _JOB.size
     pieces = [_PIECE.unpack_from(body, at + i * _PIECE.size) for i in range(npieces)]
-    at += npieces * _PIECE.size
-    spans = [_SPAN.unpack_from(body, at + i * _SPAN.size) for i in range(nspans)]
-    return kind, job, buf, gran, pieces, spans  # type: ignore[return-value]
+    return kind, job, buf, pieces  # type: ignore[return-value]
 
 
-def encode_reply(job: int, failed: int, errno: int, runs: list[Runs]) -> bytes:
-    """A job's outcome: the index of the piece that failed (-1 if none) with its errno,
-    and for reads each span's zero runs."""
-    parts = [_REPLY.pack(job, failed, errno, len(runs))]
-    for found in runs:
-        parts.append(_COUNT.pack(len(found)))
-        parts += [_RUN.pack(a, b) for a, b in found]
-    return frame(b"".join(parts))
+def encode_reply(job: int, failed: int, errno: int) -> bytes:
+    """A job's outcome: the index of the piece that failed (-1 if none) with its errno."""
+    return frame(_REPLY.pack(job, failed, errno))
 
 
-def decode_reply(body: bytes) -> tuple[int, int, int, list[Runs]]:
-    """(job, failed piece or -1, errno, zero runs per span) of a reply's frame body."""
-    job, failed, errno, nspans = _REPLY.unpack_from(body)
-    at = _REPLY.size
-    runs: list[Runs] = []
-    for _ in range(nspans):
-        (count,) = _COUNT.unpack_from(body, at)
-        at += _COUNT.size
-        runs.append([_RUN.unpack_from(body, at + i * _RUN.size) for i in range(count)])
-        at += count * _RUN.size
-    return job, failed, errno, runs
+def decode_reply(body: bytes) -> tuple[int, int, int]:
+    """(job, failed piece or -1, errno) of a reply's frame body."""
+    return _REPLY.unpack(body)  # type: ignore[return-value]
 
 
 def adjacent(pieces: list[tuple[int, int, memoryview]]
@@ -145,20 +121,28 @@ def move(pieces: list[tuple[int, int, memoryview]], reading: bool) -> None:
     Bytes past the end of a file read as zeroes, as the file driver's own
     reads do.
     """
-    call = os.preadv if reading else os.pwritev
     for first, fd, offset, views in adjacent(pieces):
-        i = first
-        try:
-            while views:
-                n = call(fd, views, offset)
-                if n == 0 and reading:  # the file ends here
-                    for rest in views:
-                        rest[:] = bytes(len(rest))
-                    break
-                offset += n
-                i += _advance(views, n)
-        except OSError as exc:
-            raise PieceFailed(i, exc) from None
+        move_group(first, fd, offset, views, reading)
+
+
+def move_group(first: int, fd: int, offset: int, views: list[memoryview], reading: bool,
+               flags: int = 0) -> None:
+    """Move one group of :func:`adjacent` (which uses up ``views``), ``preadv``/``pwritev``
+    ``flags`` given; :class:`PieceFailed` names the piece that failed, counting
+    from ``first``."""
+    call = os.preadv if reading else os.pwritev
+    i = first
+    try:
+        while views:
+            n = call(fd, views, offset, flags)
+            if n == 0 and reading:  # the file ends here
+                for rest in views:
+                    rest[:] = bytes(len(rest))
+                break
+            offset += n
+            i += _advance(views, n)
+    except OSError as exc:
+        raise PieceFailed(i, exc) from None
 
 
 def _advance(views: list[memoryview], n: int) -> int:
@@ -190,19 +174,17 @@ class _Helper:
                 self.sock.sendall(self._run(body))
 
     def _run(self, body: bytes) -> bytes:
-        kind, job, key, gran, pieces, spans = decode_job(body)
-        buf = self.buffers[key]
-        view = memoryview(buf)
+        kind, job, key, pieces = decode_job(body)
+        view = memoryview(self.buffers[key])
         work = [(self.files[f], offset, view[a:b]) for f, offset, a, b in pieces]
         try:
             move(work, kind == READ)
         except PieceFailed as exc:
-            return encode_reply(job, exc.index, exc.error.errno or 0, [])
+            return encode_reply(job, exc.index, exc.error.errno or 0)
         finally:
             del work
             view.release()
-        return encode_reply(job, -1, 0, [zero_runs(buf, a, b, guest, gran)
-                                         for a, b, guest in spans])
+        return encode_reply(job, -1, 0)
 
     def _receive(self) -> tuple[bytes, list[int]] | None:
         """The next frame body and the descriptors sent with it, or None at the end."""

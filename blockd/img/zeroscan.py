@@ -1,7 +1,7 @@
 """Finding the zero pieces of a buffer, so a copy can leave them as holes.
 
-The reader helper of :mod:`blockd.img.bulkio` runs it on what it has just
-read; ``convert`` runs it on data its drivers read on the loop.
+``convert`` runs it on every chunk it has read, before deciding what to
+write.
 """
 
 from __future__ import annotations
