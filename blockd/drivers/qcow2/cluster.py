@@ -187,17 +187,19 @@ class Mapping:
                                         f"{c_hex(l2_offset)}, L2 index: {c_hex(l2i)})")
         return entry
 
-    async def raw_entry(self, guest: int) -> int | None:
-        """The raw standard entry for ``guest`` (zero without an L2 table), or None for
-        a table at an unaligned offset (left to :meth:`lookup` to report)."""
+    async def slice_entries(self, guest: int, limit: int) -> tuple[int, ...] | None:
+        """The raw standard entries from ``guest``'s on, at most ``limit``, to the end of
+        its table slice (all zero to the end of the table where it has none); None
+        for a table at an unaligned offset (left to :meth:`lookup` to report)."""
         l1i, l2i = self.index(guest)
         l2_offset = self.l1[l1i] & L1_OFFSET_MASK if l1i < len(self.l1) else 0
         if not l2_offset:
-            return 0
+            return (0,) * min(limit, self.l2_entries - l2i)
         if l2_offset % self.cs:
             return None
         piece, pos = await self._slice(l2_offset, l2i * 8)
-        return struct.unpack_from(">Q", piece, pos)[0]
+        count = min(limit, (len(piece) - pos) // 8, self.l2_entries - l2i)
+        return struct.unpack_from(f">{count}Q", piece, pos)
 
     def left_in_slice(self, guest: int) -> int:
         """Entries from ``guest``'s to the end of its L2 table slice."""

@@ -949,7 +949,8 @@ class Qcow2Node(BlockNode):
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """Block status of a range, a table slice at a time: one unpack of the slice's
-        entries instead of a :meth:`block_status` call (several lookups) per run.
+        entries and one pass over them instead of a :meth:`block_status` call
+        (several lookups) per run.
 
         Only plain entries of standard L2 tables of a plain image are taken this
         way; any other entry (compressed, or one :meth:`~Mapping.lookup` would
@@ -963,39 +964,61 @@ class Qcow2Node(BlockNode):
         out: list[Extent] = []
         end = offset + length
         while offset < end:
-            ext = await self._slice_run(offset, end - offset)
-            if ext is None:
-                ext = await self.block_status(offset, end - offset)
-            last = out[-1] if out else None
-            if last is not None and last.status == ext.status and last.child is ext.child \
-                    and (last.offset is None) == (ext.offset is None) \
-                    and (last.offset is None or last.offset + last.length == ext.offset):
-                last.length += ext.length  # a run that went on into the next slice
-            else:
-                out.append(ext)
-            offset += ext.length
+            got = await self._slice_extents(offset, end - offset)
+            if not got:
+                got = [await self.block_status(offset, end - offset)]
+            for ext in got:
+                last = out[-1] if out else None
+                if last is not None and last.status == ext.status and last.child is ext.child \
+                        and (last.offset is None) == (ext.offset is None) \
+                        and (last.offset is None or last.offset + last.length == ext.offset):
+                    last.length += ext.length  # a run that went on into the next slice
+                else:
+                    out.append(ext)
+                offset += ext.length
         return out
 
-    async def _slice_run(self, offset: int, length: int) -> Extent | None:
-        """The run at ``offset`` (at most ``length`` bytes) when its entry is plain:
-        unallocated, zero, or data at an aligned offset.  :meth:`~Mapping.run_after`
-        extends it, a slice's entries in one unpack.  None where
-        :meth:`block_status` must decide."""
+    async def _slice_extents(self, offset: int, length: int) -> list[Extent] | None:
+        """The runs from ``offset`` (at most ``length`` bytes) to the end of its table
+        slice, as long as their entries are plain: unallocated, zero, or data at
+        following aligned host clusters.  They stop before the first entry
+        :meth:`block_status` must decide (None or empty if that is the first)."""
         cs, within = self.cs, offset % self.cs
         guest = offset - within
-        first = await self.map.raw_entry(guest)
-        if first is None:
+        entries = await self.map.slice_entries(guest, -(-(within + length) // cs))
+        if entries is None:
             return None
-        host = first & OFFSET_MASK
-        if first & ~(OFFSET_MASK | COPIED | ZERO) or host % cs or first == COPIED:
-            return None  # compressed, reserved bits, unaligned or COPIED alone: lookup's
-        n = 1 + await self.map.run_after(guest + cs, first, -(-(within + length) // cs) - 1)
-        size = min(length, n * cs - within)
-        if first & ZERO:  # zero clusters, with or without room kept
-            return Extent(size, Status.ZERO | Status.ALLOCATED)
-        if host:
-            return Extent(size, Status.DATA | Status.ALLOCATED, host + within, self.image.data)
-        return await self._unallocated_status(offset, size)
+        out: list[Extent] = []
+        end = offset + length
+        pos, i, count = offset, 0, len(entries)
+        while i < count:
+            first = entries[i]
+            host = first & OFFSET_MASK
+            if first & ~(OFFSET_MASK | COPIED | ZERO) or host % cs or first == COPIED:
+                break  # compressed, reserved bits, unaligned or COPIED alone: lookup's
+            j = i + 1
+            if first in (0, ZERO):
+                while j < count and entries[j] == first:
+                    j += 1
+            else:
+                want = (first & ~COPIED) + cs
+                while j < count and entries[j] & ~COPIED == want:
+                    j += 1
+                    want += cs
+            stop = min(end, guest + j * cs)
+            if first & ZERO:  # zero clusters, with or without room kept
+                ext = Extent(stop - pos, Status.ZERO | Status.ALLOCATED)
+            elif host:
+                ext = Extent(stop - pos, Status.DATA | Status.ALLOCATED,
+                             host + pos - (guest + i * cs), self.image.data)
+            else:
+                ext = await self._unallocated_status(pos, stop - pos)
+                if ext.length < stop - pos:  # the backing file's status changes here
+                    out.append(ext)
+                    break
+            out.append(ext)
+            pos, i = stop, j
+        return out
 
     async def _data_status(self, n: int, status: int, host: int) -> Extent:
         """Status of allocated data: with metadata preallocation the file's holes read as zero.
