@@ -19,9 +19,10 @@ def zero_runs(buf: mmap.mmap, start: int, stop: int, guest: int, gran: int
     A piece can only be zero if its first and last bytes are: strided slices
     gather those bytes for every piece in one C call each, so data without
     zero pieces costs about two bytes per piece, and only candidates cost a
-    Python step and a compare.  A zero run is then extended ``_WIDE`` pieces
-    per compare.  (``mmap.find`` bounded to the piece compares at memcmp
-    speed; ``bytearray.find`` with bounds measured 15 times slower.)
+    Python step and a compare.  A zero run is then extended ``_WIDE`` bytes
+    per compare, and its last few pieces in halving steps.  (``mmap.find``
+    bounded to the piece compares at memcmp speed; ``bytearray.find`` with
+    bounds measured 15 times slower.)
     """
     if gran <= 0:
         return []
@@ -30,7 +31,9 @@ def zero_runs(buf: mmap.mmap, start: int, stop: int, guest: int, gran: int
     if count <= 0:
         return []
     end = first + count * gran
-    zeros, wide = _zeros(gran), _zeros(gran * _WIDE)
+    zeros = _zeros(gran)
+    # Pieces per compare while a zero run lasts: a power of two, about _WIDE bytes.
+    wide = 1 << (max(1, _WIDE // gran).bit_length() - 1)
     heads = buf[first:end:gran]
     tails = buf[first + gran - 1:end:gran]
     runs: list[tuple[int, int]] = []
@@ -39,20 +42,24 @@ def zero_runs(buf: mmap.mmap, start: int, stop: int, guest: int, gran: int
         a = first + k * gran
         if tails[k] == 0 and buf.find(zeros, a, a + gran) == a:
             b = a + gran
-            while b + len(wide) <= end and buf.find(wide, b, b + len(wide)) == b:
-                b += len(wide)
-            while b < end and buf.find(zeros, b, b + gran) == b:
-                b += gran
+            step = wide * gran
+            while b + step <= end and buf.find(_zeros(step), b, b + step) == b:
+                b += step
+            # Fewer than ``wide`` zero pieces are left: one compare per halving.
+            while step > gran:
+                step //= 2
+                if b + step <= end and buf.find(_zeros(step), b, b + step) == b:
+                    b += step
             runs.append((a, b))
             k = (b - first) // gran  # the piece at b has data (or is past the end)
         k = heads.find(0, k + 1)
     return runs
 
 
-#: Pieces compared at once while a zero run lasts.
-_WIDE = 64
+#: Bytes compared at once while a zero run lasts (at least one piece).
+_WIDE = 256 << 10
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)
 def _zeros(n: int) -> bytes:
     return bytes(n)
