@@ -126,7 +126,6 @@ def _read_here(pieces: list[tuple[FileNode, int, int, int]], into: mmap.mmap) ->
     A file on a memory file system is read plainly, any other with
     ``RWF_NOWAIT``, which fails (possibly after a short read) where a page
     is not cached: that group of pieces is then left whole to the helper.
-    Files opened with ``O_DIRECT`` go to the helper too.
     """
     left: list[int] = []
     view = memoryview(into)

@@ -5,11 +5,11 @@ read, and on a fresh target not written either; read data is scanned for
 zero pieces of the ``-S`` size, which are left as holes too.  Several chunks
 are in flight at once; wherever source and target keep the bytes in host
 files, they are read with plain syscalls and written by the helper process
-of :mod:`blockd.img.bulkio`.  With ``-c`` every cluster is compressed in a worker thread (``-m``
-at a time), so clusters compress in parallel while the loop writes those
-already done (``-W`` lets them land out of order; without it they are
-written in guest order).  With ``-B`` the target gets a backing file and
-only what the sources' top layers hold is copied.
+of :mod:`blockd.img.bulkio`.  With ``-c`` every cluster is compressed in a
+worker thread (``-m`` at a time), so clusters compress in parallel while
+the loop writes those already done (``-W`` lets them land out of order;
+without it they are written in guest order).  With ``-B`` the target gets a
+backing file and only what the sources' top layers hold is copied.
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
     through ``io`` (on the loop where the page cache holds it), scanned for
     zero pieces, and written from it by ``io``'s writer helper where the
     target can :meth:`~BlockNode.claim` room for it; the loop writes only
-    what the target's driver must write itself.  ``io`` (whose buffers set the number of tasks) may
-    be None only with ``plan.compress``.
+    what the target's driver must write itself.  ``io`` (whose buffers set
+    the number of tasks) may be None only with ``plan.compress``.
     """
     size = src.size
     cluster = dst.cluster_size() or 65536
