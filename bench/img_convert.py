@@ -12,7 +12,9 @@ pay it too) and CPU time (user + system).  Each output is deleted right
 after its run.  ``--settle`` waits that many seconds after each run: on the
 virtual machine this was measured on, memory freed by deleting a 2 GiB
 output goes back to the host in the background, and runs back to back
-(the default) meet that work; the README gives figures both ways.
+(the default) meet that work; the README gives figures both ways.  Run it
+with nothing else in ``/dev/shm``: with a few more GB of files there both
+tools were slower and noisier (figures in the README).
 """
 
 from __future__ import annotations
