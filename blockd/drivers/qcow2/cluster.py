@@ -110,6 +110,23 @@ class L2Cache(MetadataCache):
             self.drop_where(lambda k: key <= k < key + self.cluster_size)
 
 
+def continuing(entries: tuple[int, ...], start: int, first: int, cs: int) -> int:
+    """How many of ``entries`` from index ``start`` on continue the run whose previous
+    entry is ``first`` (standard L2 entries): the same unallocated or plain zero
+    entry, or normal entries at the following host clusters (the COPIED flag may
+    differ)."""
+    j = start
+    if first in (0, ZERO):
+        while j < len(entries) and entries[j] == first:
+            j += 1
+    else:
+        want = (first & ~COPIED) + cs
+        while j < len(entries) and entries[j] & ~COPIED == want:
+            j += 1
+            want += cs
+    return j - start
+
+
 class Mapping:
     """L1 in memory, L2 through the cache; entries written through to the file."""
 
@@ -218,28 +235,14 @@ class Mapping:
         tables at unaligned offsets, are left for :meth:`lookup` and its corruption
         checks.
         """
-        l1i, l2i = self.index(guest)
-        l2_offset = self.l1[l1i] & L1_OFFSET_MASK if l1i < len(self.l1) else 0
-        if l2_offset % self.cs:
+        # An unallocated run is counted by unallocated_run, across slices: one entry
+        # is enough here to learn whether the table is aligned.
+        entries = await self.slice_entries(guest, 1 if first == 0 else limit)
+        if entries is None:
             return 0
         if first == 0:
             return await self.unallocated_run(guest, limit)
-        if not l2_offset:
-            return 0
-        piece, pos = await self._slice(l2_offset, l2i * 8)
-        count = min(limit, (len(piece) - pos) // 8, self.l2_entries - l2i)
-        entries = struct.unpack_from(f">{count}Q", piece, pos)
-        if first == ZERO:
-            for n, raw in enumerate(entries):
-                if raw != first:
-                    return n
-            return count
-        want = (first & ~COPIED) + self.cs
-        for n, raw in enumerate(entries):
-            if raw & ~COPIED != want:
-                return n
-            want += self.cs
-        return count
+        return continuing(entries, 0, first, self.cs)
 
     async def _corrupt(self, offset: int, msg: str) -> None:
         await self.image.signal_corruption(True, offset, -1, msg)

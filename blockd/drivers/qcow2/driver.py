@@ -32,7 +32,7 @@ from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cache import cache_config
 from blockd.drivers.qcow2.cluster import (ALL_ALLOC, ALL_ZERO, COPIED, L1_OFFSET_MASK, SUBCLUSTERS,
                                           OFFSET_MASK, ZERO, Entry, Kind, Mapping,
-                                          compressed_entry)
+                                          compressed_entry, continuing)
 from blockd.drivers.qcow2.image import Image
 from blockd.drivers.sector_io import WriteGate, sector_span
 from blockd.errors import QMPError
@@ -996,15 +996,7 @@ class Qcow2Node(BlockNode):
             host = first & OFFSET_MASK
             if first & ~(OFFSET_MASK | COPIED | ZERO) or host % cs or first == COPIED:
                 break  # compressed, reserved bits, unaligned or COPIED alone: lookup's
-            j = i + 1
-            if first in (0, ZERO):
-                while j < count and entries[j] == first:
-                    j += 1
-            else:
-                want = (first & ~COPIED) + cs
-                while j < count and entries[j] & ~COPIED == want:
-                    j += 1
-                    want += cs
+            j = i + 1 + continuing(entries, i + 1, first, cs)
             stop = min(end, guest + j * cs)
             if first & ZERO:  # zero clusters, with or without room kept
                 ext = Extent(stop - pos, Status.ZERO | Status.ALLOCATED)
