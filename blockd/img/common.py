@@ -277,7 +277,7 @@ async def chain_extents(node: BlockNode, offset: int, length: int,
             out.append(ext)
             offset = end
         while offset < end:
-            sub = await chain_status(node, offset, end - offset, top_only)
+            sub = await _below(node, offset, end - offset)
             out.append(sub)
             offset += sub.length
     return out
@@ -291,13 +291,16 @@ async def chain_status(node: BlockNode, offset: int, length: int,
     Unallocated runs are asked of the backing file, cut to its length; past
     its end they read as zeroes.
     """
-    cur = node
-    while True:
-        ext = await cur.block_status(offset, length)
-        length = ext.length
-        if ext.status & Status.ALLOCATED or top_only or cur.backing is None:
-            return ext
-        if offset >= cur.backing.length():
-            return Extent(length, Status.ZERO)
-        length = min(length, cur.backing.length() - offset)
-        cur = cur.backing
+    ext = await node.block_status(offset, length)
+    if ext.status & Status.ALLOCATED or top_only or node.backing is None:
+        return ext
+    return await _below(node, offset, ext.length)
+
+
+async def _below(node: BlockNode, offset: int, length: int) -> Extent:
+    """:func:`chain_status` of a run ``node`` leaves unallocated, from its backing file on."""
+    backing = node.backing
+    assert backing is not None
+    if offset >= backing.length():
+        return Extent(length, Status.ZERO)
+    return await chain_status(backing, offset, min(length, backing.length() - offset))
