@@ -23,14 +23,7 @@ def _node(daemon: Daemon, name: str) -> BlockNode:
 
 
 def _find(daemon: Daemon, node_name: str, name: str) -> tuple[BlockNode, DirtyBitmap]:
-    """Look a bitmap up by node and name, with the texts of QEMU's bitmap lookup."""
-    node = daemon.graph.nodes.get(node_name)
-    if node is None:
-        raise QMPError(f"Node '{node_name}' not found")
-    bitmap = node.bitmaps.get(name)
-    if bitmap is None:
-        raise QMPError(f"Dirty bitmap '{name}' not found")
-    return node, bitmap
+    return daemon.graph.dirty_bitmap(node_name, name)
 
 
 def default_granularity(node: BlockNode) -> int:
