@@ -77,8 +77,11 @@ class Schema:
     def __init__(self, root: pathlib.Path = SCHEMA_DIR) -> None:
         self.types: dict[str, dict[str, Any]] = {}
         self.commands: dict[str, dict[str, Any]] = {}
+        #: Event name -> the schema of its ``data`` (introspection only).
+        self.events: dict[str, dict[str, Any]] = {}
         resources = []
-        for sub, table in (("types", self.types), ("commands", self.commands)):
+        for sub, table in (("types", self.types), ("commands", self.commands),
+                           ("events", self.events)):
             for path in sorted((root / sub).glob("*.json")):
                 doc = json.loads(path.read_text())
                 doc.setdefault("$id", f"{BASE_URI}{sub}/{path.name}")
