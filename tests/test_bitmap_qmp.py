@@ -371,14 +371,14 @@ def test_writes_over_nbd_hash_and_map_like_qemu(tmp_path):
 
 
 def _other_node_map(tmp_path, qsd: bool) -> list:
-    """Writes dirty a bitmap of n1; an export of n0 serves it, named by node and name."""
+    """Writes dirty a bitmap of n1; an export of n0, larger, serves it by node and name."""
     work = tmp_path / ("qsd" if qsd else "blockd")
     work.mkdir()
     nbd = str(work / "nbd.sock")
     with Daemon(str(work / "qmp.sock"), qsd=qsd) as d:
         c = d.client()
-        for node in ("n0", "n1"):
-            c.cmd("blockdev-add", driver="null-co", **{"node-name": node}, size=4 << 20)
+        for node, size in (("n0", 4 << 20), ("n1", 3 << 20)):
+            c.cmd("blockdev-add", driver="null-co", **{"node-name": node}, size=size)
         c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": nbd}})
         c.cmd("block-dirty-bitmap-add", node="n1", name="b", granularity=4096)
         c.cmd("block-export-add", type="nbd", id="w", **{"node-name": "n1"}, writable=True)
