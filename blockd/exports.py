@@ -47,14 +47,9 @@ class Export:
         self.bitmaps: dict[str, Any] = {}
         if self.writable and self.node.read_only:
             raise QMPError("Cannot export read-only node as writable")
-        for bname in options.get("bitmaps", []):
-            bitmap = find_bitmap(self.node, bname)
-            if bitmap is None:
-                raise QMPError(f"Bitmap '{bname}' is not found")
-            bitmap.check_usable(readonly=False)
-            if not self.writable and not self.node.read_only and bitmap.enabled:
-                raise QMPError(f"Enabled bitmap '{bname}' incompatible with readonly export")
-            self.bitmaps[bname] = bitmap
+        for entry in options.get("bitmaps", []):
+            bitmap = self._bitmap(entry)
+            self.bitmaps[bitmap.name] = bitmap
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else Perm(0))
         self.backend = Backend(daemon.graph, self.node, EXPORT_USER, perm,
                                Perm.all() & ~Perm.RESIZE)
@@ -62,6 +57,25 @@ class Export:
             bitmap.busy = True
         self.connections: set[Any] = set()
         self.shutting_down = False
+
+    def _bitmap(self, entry: str | dict[str, str]) -> Any:
+        """One ``BlockDirtyBitmapOrStr``, checked as QEMU does.
+
+        A plain name is looked up on the exported node and the nodes it reads
+        through; ``{"node", "name"}`` names any node's bitmap, and QEMU then
+        skips the check that a read-only export's bitmap is not recording.
+        That check comes before the busy one, as in QEMU.
+        """
+        if isinstance(entry, dict):
+            _, bitmap = self.daemon.graph.dirty_bitmap(entry["node"], entry["name"])
+        else:
+            bitmap = find_bitmap(self.node, entry)
+            if bitmap is None:
+                raise QMPError(f"Bitmap '{entry}' is not found")
+            if not self.writable and not self.node.read_only and bitmap.enabled:
+                raise QMPError(f"Enabled bitmap '{entry}' incompatible with readonly export")
+        bitmap.check_usable(readonly=False)
+        return bitmap
 
     def info(self) -> dict[str, Any]:
         """``BlockExportInfo`` for query-block-exports."""

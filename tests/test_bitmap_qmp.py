@@ -278,6 +278,39 @@ def test_export_refuses_enabled_and_busy_bitmaps(tmp_path):
     _check(tmp_path, EXPORT_CHECKS)
 
 
+def _export(export_id: str, node: str, bitmaps: list, **opts) -> str:
+    return _cmd("block-export-add", type="nbd", id=export_id, name=export_id,
+                **{"node-name": node}, bitmaps=bitmaps, **opts)
+
+
+# QEMU 7.2's BlockDirtyBitmapOrStr: a {"node", "name"} object names any node's bitmap
+# (libvirt's form) and skips the check that a read-only export's bitmap is disabled.
+EXPORT_OBJECTS = NODES + [
+    _cmd("nbd-server-start", addr={"type": "unix", "data": {"path": "TMP/nbd.sock"}}),
+    _cmd("block-dirty-bitmap-add", node="n0", name="on"),
+    _cmd("block-dirty-bitmap-add", node="n1", name="other"),
+    _cmd("block-dirty-bitmap-add", node="n1", name="off", disabled=True),
+    _export("o0", "n0", [{"node": "n1", "name": "other"}]),
+    _export("o1", "n0", [{"node": "n0", "name": "on"}]),
+    _export("o2", "ro", [{"node": "n1", "name": "off"}], writable=False),
+    _export("x0", "n0", [{"node": "nosuch", "name": "on"}]),
+    _export("x1", "n0", [{"node": "n1", "name": "nosuch"}]),
+    _export("x2", "n0", [{"node": "n1"}]),
+    _export("x3", "n0", [{"node": "n1", "name": "off", "x": 1}]),
+    _export("x4", "n0", [5]),
+    _export("x5", "n0", ["on", {"node": "n0", "name": "on"}]),
+    _export("x6", "n0", [{"node": "n1", "name": "off"}, "off"]),
+    _export("w0", "n0", ["on", {"node": "n1", "name": "off"}], writable=True),
+    _cmd("block-dirty-bitmap-remove", node="n1", name="off"),
+    _cmd("query-block-exports"),
+    Q,
+]
+
+
+def test_export_bitmaps_by_node_and_name(tmp_path):
+    _check(tmp_path, EXPORT_OBJECTS)
+
+
 WRITES = ["write 0 1", "write 1000 100", "write 4095 2", "write 70k 1k", "write -z 3M 1536",
           "write 5M 2M", "discard 9M 64k", "write 16M 1536"]
 
@@ -335,6 +368,36 @@ def test_writes_over_nbd_hash_and_map_like_qemu(tmp_path):
     for i, (e, a) in enumerate(zip(expected, actual)):
         assert a == e, f"item {i}"
     assert len(actual) == len(expected)
+
+
+def _other_node_map(tmp_path, qsd: bool) -> list:
+    """Writes dirty a bitmap of n1; an export of n0, larger, serves it by node and name."""
+    work = tmp_path / ("qsd" if qsd else "blockd")
+    work.mkdir()
+    nbd = str(work / "nbd.sock")
+    with Daemon(str(work / "qmp.sock"), qsd=qsd) as d:
+        c = d.client()
+        for node, size in (("n0", 4 << 20), ("n1", 3 << 20)):
+            c.cmd("blockdev-add", driver="null-co", **{"node-name": node}, size=size)
+        c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": nbd}})
+        c.cmd("block-dirty-bitmap-add", node="n1", name="b", granularity=4096)
+        c.cmd("block-export-add", type="nbd", id="w", **{"node-name": "n1"}, writable=True)
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write 8k 1", "-c", "write 1M 70k",
+                        f"nbd+unix:///n1?socket={nbd}"], check=True, capture_output=True)
+        out = [c.cmd("block-export-add", type="nbd", id="r", **{"node-name": "n0"},
+                     bitmaps=[{"node": "n1", "name": "b"}])]
+        url = f"nbd+unix:///n0?socket={nbd}"
+        out += [subprocess.run(["nbdinfo", *opt, url], capture_output=True, text=True,
+                               check=True).stdout.replace(str(work), "TMP")
+                for opt in (["--map=qemu:dirty-bitmap:b"], [])]
+        out.append(c.cmd("block-dirty-bitmap-remove", node="n1", name="b"))
+    return out
+
+
+def test_export_serves_another_nodes_bitmap_over_nbd(tmp_path):
+    expected = _other_node_map(tmp_path, qsd=True)
+    assert "dirty" in expected[1]
+    assert _other_node_map(tmp_path, qsd=False) == expected
 
 
 def _torn_image(work) -> None:

@@ -96,14 +96,17 @@ def test_marking_edges():
     assert bm.count() == 0 and bm.extents(0, bm.size) == [(bm.size, False)]
 
 
-def test_extents_limit_and_size_clamp():
+def test_extents_limit_and_past_the_end():
+    """Past its size a bitmap reads clean (an export may serve a smaller node's bitmap)."""
     bm = DirtyBitmap("b", 1 << 20, 65536)
     for i in range(0, 16, 2):
         bm.mark(i * 65536, 1)
     assert bm.extents(0, 1 << 20, limit=3) == [(65536, True), (65536, False), (65536, True)]
     assert bm.extents(100, 65536) == [(65436, True), (100, False)]
-    assert bm.extents((1 << 20) - 10, 100) == [(10, False)]
-    assert bm.extents(1 << 20, 4096) == []
+    assert bm.extents((1 << 20) - 10, 100) == [(100, False)]
+    assert bm.extents(1 << 20, 4096) == [(4096, False)]
+    assert bm.extents((14 << 16) + 1, 4 << 16) == [(65535, True), ((3 << 16) + 1, False)]
+    assert bm.extents(15 << 16, 2 << 16, limit=1) == [(2 << 16, False)]
 
 
 def test_runs_cross_whole_bytes():

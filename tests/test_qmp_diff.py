@@ -85,6 +85,8 @@ PROTOCOL = [
     '{"execute":"query-version","id":1} junk {"execute":"query-version","id":2}',
     '[' * 1100 + ']' * 1100,
     '{"execute":"query-version","arguments":{"x":1}}',
+    # Gone in 7.0 (blockdev-reopen replaced it).
+    '{"execute":"x-blockdev-reopen","arguments":{"driver":"raw","node-name":"n"}}',
     '{"execute":"quit","id":"bye"}',
 ]
 

@@ -31,6 +31,19 @@ from blockd.qmp.schema import load
     ("object-add", {"qom-type": "nosuch", "id": "a"}, "Parameter 'qom-type' does not accept value 'nosuch'"),
     ("object-add", {"qom-type": "secret", "id": "a", "data": "x", "bogus": 1},
      "Parameter 'bogus' is unexpected"),
+    # Only what blockd runs is accepted (and introspected): no other export, address or action.
+    ("block-export-add", {"type": "fuse", "id": "e", "node-name": "n"},
+     "Parameter 'type' does not accept value 'fuse'"),
+    ("nbd-server-start", {"addr": {"type": "vsock", "data": {"cid": "1", "port": "2"}}},
+     "Parameter 'type' does not accept value 'vsock'"),
+    ("transaction", {"actions": [{"type": "blockdev-backup", "data": {}}]},
+     "Parameter 'type' does not accept value 'blockdev-backup'"),
+    ("transaction", {"actions": [{"type": "abort"}]}, "Parameter 'actions[0].data' is missing"),
+    # An alternate's type error names the member alone, 'null' inside a list.
+    ("blockdev-add", {"driver": "raw", "file": {"driver": "raw", "file": 5}},
+     "Invalid parameter type for 'file', expected: BlockdevRef"),
+    ("block-export-add", {"type": "nbd", "id": "e", "node-name": "n", "bitmaps": [5]},
+     "Invalid parameter type for 'null', expected: BlockDirtyBitmapOrStr"),
 ])
 def test_messages(command, args, message):
     with pytest.raises(QMPError) as info:

@@ -158,8 +158,9 @@ class DirtyBitmap:
                 limit: int | None = None) -> list[tuple[int, bool]]:
         """Runs of ``(length, dirty)`` covering ``[offset, offset + length)`` in bytes.
 
-        The range is cut at the bitmap's size; ``limit`` caps the number of
-        extents (NBD replies have a maximum).
+        Past the bitmap's size the range reads clean, as QEMU reports it: an
+        export may serve another node's bitmap, smaller than itself.
+        ``limit`` caps the number of extents (NBD replies have a maximum).
         """
         end = min(offset + length, self.size)
         out: list[tuple[int, bool]] = []
@@ -172,6 +173,12 @@ class DirtyBitmap:
             n = min(end, stop << self.shift) - pos
             out.append((n, dirty))
             pos += n
+        if pos >= end and pos < offset + length:
+            rest = offset + length - pos
+            if out and not out[-1][1]:
+                out[-1] = (out[-1][0] + rest, False)
+            elif limit is None or len(out) < limit:
+                out.append((rest, False))
         return out
 
     # ---- storage ------------------------------------------------------------------

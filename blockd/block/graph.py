@@ -140,6 +140,16 @@ class BlockGraph:
             raise QMPError(f"Cannot find device='' nor node-name='{node_name}'")
         return node
 
+    def dirty_bitmap(self, node_name: str, name: str) -> tuple[BlockNode, Any]:
+        """A bitmap named by node and name, with the texts of QEMU's bitmap lookup."""
+        node = self.nodes.get(node_name)
+        if node is None:
+            raise QMPError(f"Node '{node_name}' not found")
+        bitmap = node.bitmaps.get(name)
+        if bitmap is None:
+            raise QMPError(f"Dirty bitmap '{name}' not found")
+        return node, bitmap
+
     def find(self, node_name: str) -> BlockNode:
         """Find a node as commands taking ``node-name`` do."""
         node = self.nodes.get(node_name)

@@ -23,14 +23,7 @@ def _node(daemon: Daemon, name: str) -> BlockNode:
 
 
 def _find(daemon: Daemon, node_name: str, name: str) -> tuple[BlockNode, DirtyBitmap]:
-    """Look a bitmap up by node and name, with the texts of QEMU's bitmap lookup."""
-    node = daemon.graph.nodes.get(node_name)
-    if node is None:
-        raise QMPError(f"Node '{node_name}' not found")
-    bitmap = node.bitmaps.get(name)
-    if bitmap is None:
-        raise QMPError(f"Dirty bitmap '{name}' not found")
-    return node, bitmap
+    return daemon.graph.dirty_bitmap(node_name, name)
 
 
 def default_granularity(node: BlockNode) -> int:
@@ -173,14 +166,6 @@ Undo = Callable[[], Awaitable[None] | None]
 #: Finishes an action once every action has succeeded.
 Commit = Callable[[], Awaitable[None]]
 
-#: The transaction actions blockd implements (QEMU's backup and external snapshot
-#: ones are not).
-_TX_KINDS = {"abort", "block-dirty-bitmap-add", "block-dirty-bitmap-remove",
-             "block-dirty-bitmap-clear", "block-dirty-bitmap-enable",
-             "block-dirty-bitmap-disable", "block-dirty-bitmap-merge",
-             "blockdev-snapshot-internal-sync"}
-
-
 async def _nothing() -> None:
     pass
 
@@ -244,9 +229,9 @@ async def transaction(daemon: Daemon, args: dict[str, Any]) -> dict:
     undos: list[Undo] = []
     commits: list[Commit] = []
     try:
+        # TransactionActionKind lists only the actions below (not QEMU's backup and
+        # external snapshot ones), so others never get here.
         for action in args["actions"]:
-            if action["type"] not in _TX_KINDS:
-                raise QMPError(f"Action '{action['type']}' is not supported by blockd")
             undo, commit = await _tx_action(daemon, action["type"], action["data"], grouped)
             undos.append(undo)
             commits.append(commit)

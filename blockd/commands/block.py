@@ -107,13 +107,6 @@ async def blockdev_reopen(daemon: Daemon, args: dict[str, Any]) -> dict:
     return {}
 
 
-@command("x-blockdev-reopen")
-async def x_blockdev_reopen(daemon: Daemon, args: dict[str, Any]) -> dict:
-    """The pre-7.0 name; one node's options, not a list."""
-    await reopen(daemon, [args])
-    return {}
-
-
 async def reopen(daemon: Daemon, entries: list[dict[str, Any]]) -> None:
     """Reopen several nodes atomically: all prepare, then all commit or all abort."""
     graph = daemon.graph

@@ -77,8 +77,11 @@ class Schema:
     def __init__(self, root: pathlib.Path = SCHEMA_DIR) -> None:
         self.types: dict[str, dict[str, Any]] = {}
         self.commands: dict[str, dict[str, Any]] = {}
+        #: Event name -> the schema of its ``data`` (introspection only).
+        self.events: dict[str, dict[str, Any]] = {}
         resources = []
-        for sub, table in (("types", self.types), ("commands", self.commands)):
+        for sub, table in (("types", self.types), ("commands", self.commands),
+                           ("events", self.events)):
             for path in sorted((root / sub).glob("*.json")):
                 doc = json.loads(path.read_text())
                 doc.setdefault("$id", f"{BASE_URI}{sub}/{path.name}")
@@ -143,7 +146,7 @@ class _Walker:
         node, base = self.schema.resolve(node, base)
         short = leaf if leaf is not None else (path if path and not path.endswith("]") else "null")
         if "oneOf" in node:
-            self._alternate(node, value, path, base)
+            self._alternate(node, value, path, base, short)
             return
         stype = node.get("type")
         if stype is None:
@@ -168,16 +171,18 @@ class _Walker:
             if not low <= value <= high:
                 raise QMPError(f"Parameter '{short}' expects {cname}")
 
-    def _alternate(self, node: dict[str, Any], value: Any, path: str, base: str) -> None:
+    def _alternate(self, node: dict[str, Any], value: Any, path: str, base: str,
+                   short: str) -> None:
+        """QEMU names an alternate's type error by the member name alone (``null`` in a list)."""
         for branch in node["oneOf"]:
             target, tbase = self.schema.resolve(branch, base)
             stype = target.get("type")
             if stype is None and "oneOf" in target:
                 continue
             if stype is not None and _matches_type(stype, value):
-                self.walk(target, value, path, tbase, path.rpartition(".")[2] or None)
+                self.walk(target, value, path, tbase, short)
                 return
-        raise QMPError(f"Invalid parameter type for '{path}', expected: {node.get('title', 'value')}")
+        raise QMPError(f"Invalid parameter type for '{short}', expected: {node.get('title', 'value')}")
 
     def _members(self, node: dict[str, Any], value: dict[str, Any], base: str
                  ) -> Iterator[tuple[str, dict[str, Any], str, bool]]:
