@@ -48,7 +48,7 @@ class NbdNode(BlockNode):
 
     def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
         super().__init__(node_name, options, read_only)
-        self.server: dict[str, Any] = options["server"]
+        self.server: dict[str, Any] = options.get("server", {})
         self.export: str | None = options.get("export")
         self.context = options.get("x-dirty-bitmap")
         self.reconnect_delay = options.get("reconnect-delay", 0)
@@ -66,6 +66,9 @@ class NbdNode(BlockNode):
 
     async def open(self, ctx: OpenContext) -> None:
         opts = self.options
+        if not self.server:
+            # --image-opts may leave it out; QMP's schema already requires it.
+            raise QMPError("NBD server address missing")
         kind = self.server["type"]
         if kind not in ("unix", "inet"):
             raise QMPError(f"blockd's NBD client cannot connect to '{kind}' addresses")
@@ -90,7 +93,7 @@ class NbdNode(BlockNode):
             except HandshakeError as exc:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise QMPError(str(exc)) from None
+                    raise QMPError(str(exc), hint=exc.hint) from None
                 await asyncio.sleep(min(pause, left))
                 pause = min(pause * 2, _RETRY_MAX)
         try:
@@ -328,9 +331,12 @@ class NbdNode(BlockNode):
             return Extent(length, Status.ZERO | Status.ALLOCATED)
         if info.context_id is None:
             return Extent(length, Status.DATA | Status.ALLOCATED, offset, self)
+        # Asked from the block holding ``offset``, as QEMU's block layer aligns it.
         align = self._alignment()
-        ask = min(length, info.size - offset, _align_down(_INT_MAX, align))
-        reply = await self._request(p.Cmd.BLOCK_STATUS, offset, ask, p.CmdFlag.REQ_ONE)
+        start = _align_down(offset, align)
+        end = min(-(-(offset + length) // align) * align, info.size)
+        ask = min(end - start, _align_down(_INT_MAX, align))
+        reply = await self._request(p.Cmd.BLOCK_STATUS, start, ask, p.CmdFlag.REQ_ONE)
         n, flags = reply.extent
         if not n:
             raise _eio()
@@ -340,7 +346,9 @@ class NbdNode(BlockNode):
                 n = _align_down(n, info.min_block)
             else:
                 n, flags = info.min_block, 0
-        n = min(n, ask)
+        n = min(min(n, ask) - (offset - start), length)
+        if n <= 0:
+            raise _eio()
         if self.context == "qemu:allocation-depth" and flags > 2:
             flags = 2
         status = Status.NONE if flags & p.STATE_HOLE else Status.DATA
@@ -369,6 +377,16 @@ class NbdNode(BlockNode):
             name = f"nbd://{server['host']}:{server['port']}"
             return name + (f"/{export}" if export is not None else "")
         return None
+
+    def full_options(self) -> dict[str, Any]:
+        """QEMU builds ``json:`` names from its flattened options: ``server.path``..."""
+        opts: dict[str, Any] = {"driver": self.driver}
+        for key, value in self.server.items():
+            opts[f"server.{key}"] = value
+        for key in self.strong_options[1:]:
+            if key in self.options:
+                opts[key] = self.options[key]
+        return opts
 
     def has_info(self) -> bool:
         return False

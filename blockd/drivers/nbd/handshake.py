@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import socket
 from typing import Any
 
@@ -22,7 +23,12 @@ MAX_BUFFER = 32 << 20
 
 
 class HandshakeError(Exception):
-    """The connection or the negotiation failed; the message is QEMU's."""
+    """The connection or the negotiation failed; the message is QEMU's, the hint
+    what the server said about it."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 @dataclasses.dataclass
@@ -96,8 +102,10 @@ async def open_socket(server: dict[str, Any]) -> tuple[asyncio.StreamReader, asy
         raise HandshakeError(f"address resolution failed for {address_text(server)}: "
                              f"{exc.strerror}") from None
     except OSError as exc:
-        raise HandshakeError(f"Failed to connect to '{address_text(server)}': "
-                             f"{exc.strerror}") from None
+        # asyncio words its own text around the errno; QEMU prints strerror().
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise HandshakeError(f"Failed to connect to '{address_text(server)}': {reason}") \
+            from None
 
 
 def _reply_error(reply: p.OptionReply) -> HandshakeError:
@@ -112,8 +120,9 @@ def _reply_error(reply: p.OptionReply) -> HandshakeError:
         p.Rep.ERR_SHUTDOWN: f"Server shutting down before option {option}",
         p.Rep.ERR_BLOCK_SIZE_REQD: f"Server requires INFO_BLOCK_SIZE for option {option}",
     }
-    return HandshakeError(messages.get(reply.reply, f"Unknown error code when asking for "
-                                                   f"option {option}"))
+    message = messages.get(reply.reply, f"Unknown error code when asking for option {option}")
+    said = reply.data.decode(errors="replace")
+    return HandshakeError(message, f"server reported: {said}" if said else "")
 
 
 async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
