@@ -170,7 +170,7 @@ def test_blockdev_add_replies_match_qsd(tmp_path):
     port = str(free_port())
     image = tmp_path / "a.raw"
     make_image(image)
-    sock = tmp_path / "nbd.sock"
+    sock, ro = tmp_path / "nbd.sock", tmp_path / "ro.sock"
     ov = tmp_path / "ov.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", uri(sock, "exp"),
                     "-F", "raw", str(ov), "4M"], check=True)
@@ -196,6 +196,15 @@ def test_blockdev_add_replies_match_qsd(tmp_path):
                           "server": {"type": "inet", "host": "127.0.0.1", "port": port, "ipv4": True}}),
         ("blockdev-add", {"driver": "nbd", "node-name": "n11",
                           "server": {"type": "inet", "host": "127.0.0.1", "port": port}}),
+        # A read-only export: refused read-write, taken read-only with auto-read-only.
+        ("blockdev-add", {**_nbd_node(ro), "node-name": "o0"}),
+        ("blockdev-add", {**_nbd_node(ro), "node-name": "o1", "auto-read-only": True}),
+        ("blockdev-add", {**_nbd_node(ro), "node-name": "o2", "read-only": True}),
+        ("blockdev-reopen", {"options": [{**_nbd_node(ro), "node-name": "o2", "read-only": False}]}),
+        ("blockdev-reopen", {"options": [{**_nbd_node(ro), "node-name": "o2", "export": "x",
+                                          "read-only": True}]}),
+        ("block-resize", {"node-name": "o2", "size": 1 << 20}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r0", "file": "o1"}),
         # A qcow2 overlay on an nbd node, by reference and inline.
         ("blockdev-add", {"driver": "qcow2", "node-name": "q0", "backing": "n1",
                           "file": {"driver": "file", "filename": str(ov)}}),
@@ -215,6 +224,8 @@ def test_blockdev_add_replies_match_qsd(tmp_path):
         ("query-named-block-nodes", {}),
     ]
     with serve("qemu-nbd", image, sock, tmp_path), \
+            Server(str(ro), "qemu-nbd", "-r", "-t", "-e", "8", "-f", "raw", "-k", str(ro), "-x", "exp",
+                   str(image)), \
             Server(str(tmp_path / "tcp.pid"), "qemu-nbd", "-t", "-e", "8", "-f", "raw", "-b", "127.0.0.1",
                    "-p", port, "--pid-file", str(tmp_path / "tcp.pid"), str(image)):
         with Daemon(str(tmp_path / "qsd.qmp"), qsd=True) as qsd:
@@ -230,6 +241,20 @@ def _masked(reply: dict) -> dict:
     text = json.dumps(reply)
     import re
     return json.loads(re.sub(r'#block\d+', '#block', text))
+
+
+def test_open_timeout_waits_for_the_server(tmp_path):
+    image = tmp_path / "a.raw"
+    make_image(image)
+    sock = tmp_path / "nbd.sock"
+    with Daemon(str(tmp_path / "blockd.qmp")) as d:
+        c = d.client()
+        c.send(json.dumps({"execute": "blockdev-add",
+                           "arguments": _nbd_node(sock, **{"open-timeout": 120})}))
+        with serve("qemu-nbd", image, sock, tmp_path):
+            assert c.recv(timeout=120) == {"return": {}}
+            nodes = c.cmd("query-named-block-nodes", flat=True)["return"]
+            assert nodes[0]["image"]["virtual-size"] == 4 << 20
 
 
 def test_reexported_node_reads_and_writes_reach_the_file(tmp_path):
