@@ -42,10 +42,21 @@ class _Pending:
         self.cmd = cmd
         self.offset = offset
         self.length = length
-        self.buf = bytearray(length) if cmd == p.Cmd.READ else None
+        #: A read's data: the payload itself when one chunk carries all of it (no
+        #: copy), else a buffer the chunks are copied into.
+        self.buf: bytes | bytearray | None = None
         self.error = 0
         self.extent: tuple[int, int] | None = None
         self.future = future
+
+    def place(self, start: int, data: bytes) -> None:
+        """Put a chunk's bytes (``data``) at ``start`` within the request."""
+        if self.buf is None and start == 0 and len(data) == self.length:
+            self.buf = data
+            return
+        if type(self.buf) is not bytearray:
+            self.buf = bytearray(self.buf) if self.buf is not None else bytearray(self.length)
+        self.buf[start:start + len(data)] = data
 
 
 class Connection:
@@ -142,8 +153,8 @@ class Connection:
                 raise p.ProtocolError("simple reply when structured reply chunk was expected")
             if ev.error:
                 req.error = p.errno_from_wire(ev.error)
-            elif req.buf is not None:
-                req.buf[:] = ev.data
+            elif req.cmd == p.Cmd.READ:
+                req.buf = ev.data
             self._finish(ev.handle, req)
             return
         if not self.info.structured:
@@ -163,18 +174,18 @@ class Connection:
                 raise p.ProtocolError("server sent structured error chunk with error = 0")
             if not req.error:
                 req.error = p.errno_from_wire(error)
-        elif kind == p.Chunk.OFFSET_DATA and req.buf is not None:
+        elif kind == p.Chunk.OFFSET_DATA and req.cmd == p.Cmd.READ:
             offset, data = p.parse_offset_data(ev.payload)
             start = offset - req.offset
             if start < 0 or start + len(data) > req.length:
                 raise p.ProtocolError("server sent chunk exceeding requested region")
-            req.buf[start:start + len(data)] = data
-        elif kind == p.Chunk.OFFSET_HOLE and req.buf is not None:
+            req.place(start, data)
+        elif kind == p.Chunk.OFFSET_HOLE and req.cmd == p.Cmd.READ:
             offset, length = p.parse_offset_hole(ev.payload)
             start = offset - req.offset
             if not length or start < 0 or start + length > req.length:
                 raise p.ProtocolError("server sent chunk exceeding requested region")
-            req.buf[start:start + length] = bytes(length)
+            req.place(start, bytes(length))
         elif kind == p.Chunk.BLOCK_STATUS and req.cmd == p.Cmd.BLOCK_STATUS:
             cid, extents = p.parse_block_status(ev.payload)
             if cid != self.info.context_id:
@@ -190,6 +201,8 @@ class Connection:
         if req.cmd == p.Cmd.BLOCK_STATUS and not req.error and req.extent is None:
             raise p.ProtocolError("no block status extent in the reply")
         del self._pending[handle]
+        if req.cmd == p.Cmd.READ and req.buf is None:
+            req.buf = bytes(req.length)
         if not req.future.done():
             req.future.set_result(None)
 

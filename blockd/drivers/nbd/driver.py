@@ -229,19 +229,19 @@ class NbdNode(BlockNode):
         data = await self._read_aligned(start, end - start)
         return memoryview(data)[offset - start:offset - start + length]
 
-    async def _read_aligned(self, offset: int, length: int) -> bytearray:
+    async def _read_aligned(self, offset: int, length: int) -> bytes | bytearray:
         size = self.info.size
         within = max(0, min(length, size - offset))
         step = self._max_transfer()
         if within <= step:
-            buf = (await self._request(p.Cmd.READ, offset, within)).buf if within else bytearray()
+            buf = (await self._request(p.Cmd.READ, offset, within)).buf if within else b""
         else:
             parts = await asyncio.gather(*(
                 self._request(p.Cmd.READ, pos, min(step, offset + within - pos))
                 for pos in range(offset, offset + within, step)))
-            buf = bytearray().join(part.buf for part in parts)
+            buf = b"".join(part.buf for part in parts)
         if within < length:
-            buf += bytes(length - within)
+            buf = bytes(buf) + bytes(length - within)
         return buf
 
     def _write_flags(self, flags: WriteFlags) -> tuple[int, bool]:
@@ -275,7 +275,7 @@ class NbdNode(BlockNode):
         start = _align_down(offset, align)
         end = -(-(offset + len(data)) // align) * align
         async with self._rmw:
-            buf = await self._read_aligned(start, end - start)
+            buf = bytearray(await self._read_aligned(start, end - start))
             buf[offset - start:offset - start + len(data)] = data
             await self.write(start, buf, flags)
 
