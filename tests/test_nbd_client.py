@@ -369,3 +369,45 @@ def test_disconnect_fails_requests_then_reconnects(tmp_path):
                 time.sleep(0.5)
     finally:
         server.stop()
+
+
+def test_qcow2_stored_on_an_nbd_export(tmp_path):
+    """A qcow2 image read and written through the nbd driver: its metadata travels over
+    NBD.  blockd-img and qemu-img agree on it, and the file stays clean."""
+    image = tmp_path / "q.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
+    qemu_io(str(image), "write -P 0x5a 1M 256k", "write -z 3M 64k", fmt="qcow2")
+    # An export cannot grow: room for new clusters must be there already.
+    os.truncate(image, 16 << 20)
+    sock, out = tmp_path / "nbd.sock", tmp_path / "out.sock"
+    qcow2_on_nbd = f"driver=qcow2,file.driver=nbd,file.server.type=unix,file.server.path={sock},file.export=exp"
+    with serve("qemu-nbd", image, sock, tmp_path):
+        for cmd in (["info"], ["map", "--output=json"], ["map"], ["check"], ["check", "--output=json"]):
+            same(tmp_path, *cmd, "--image-opts", qcow2_on_nbd)
+        with Daemon(str(tmp_path / "blockd.qmp")) as d:
+            c = d.client()
+            assert c.cmd("blockdev-add", driver="qcow2", **{"node-name": "q0"},
+                         file=_nbd_node(sock, "n0")) == {"return": {}}
+            assert c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(out)}}) == {"return": {}}
+            assert c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "q0"},
+                         writable=True) == {"return": {}}
+            r = qemu_io(uri(out, "q0"), "read -P 0x5a 1M 256k", "write -P 0x6b 5M 300k",
+                        "write -z 1M 64k", "flush")
+            assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
+            assert c.cmd("block-export-del", id="e0") == {"return": {}}
+            assert c.cmd("blockdev-del", **{"node-name": "q0"}) == {"return": {}}
+    assert qemu_img("check", str(image)).returncode == 0
+    r = qemu_io(str(image), "read -P 0x6b 5M 300k", "read -P 0 1M 64k", "read -P 0x5a 1088k 192k",
+                fmt="qcow2")
+    assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout
+
+
+@pytest.mark.skipif(not HAVE_NBDKIT, reason="nbdkit missing")
+def test_convert_into_an_nbd_target(tmp_path):
+    image = tmp_path / "a.raw"
+    make_image(image)
+    sock = tmp_path / "nbd.sock"
+    with Server(str(sock), "nbdkit", "-f", "-U", str(sock), "memory", "4M"):
+        same(tmp_path, "convert", "-n", "-f", "raw", str(image), "--target-image-opts", opts(sock, None))
+        assert qemu_img("compare", "-f", "raw", "-F", "raw", str(image),
+                        f"nbd+unix://?socket={sock}").returncode == 0
