@@ -411,3 +411,35 @@ def test_convert_into_an_nbd_target(tmp_path):
         same(tmp_path, "convert", "-n", "-f", "raw", str(image), "--target-image-opts", opts(sock, None))
         assert qemu_img("compare", "-f", "raw", "-F", "raw", str(image),
                         f"nbd+unix://?socket={sock}").returncode == 0
+
+
+@pytest.mark.parametrize("greeting", [b"", b"NBDMAGIC", b"NOTMAGIC" + bytes(10),
+                                      b"NBDMAGICNOTOPTS!" + bytes(2)])
+def test_bad_greetings_match_qemu_img(greeting, tmp_path):
+    """A server that is not an NBD server: qemu-img's messages, no hang."""
+    import threading
+
+    sock = tmp_path / "bad.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock))
+    listener.listen(8)
+    listener.settimeout(0.1)
+    done = threading.Event()
+
+    def answer() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                conn.sendall(greeting)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        same(tmp_path, "info", "--image-opts", opts(sock))
+    finally:
+        done.set()
+        thread.join(30)
+        listener.close()

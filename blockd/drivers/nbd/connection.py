@@ -132,6 +132,8 @@ class Connection:
             self._fail(ConnectionLost(f"Protocol error: {exc}", fatal=True))
         except OSError as exc:
             self._fail(ConnectionLost(f"Connection closed: {exc.strerror}"))
+        except Exception as exc:  # a reply this client cannot make sense of
+            self._fail(ConnectionLost(f"Protocol error: {exc}", fatal=True))
 
     def _fail(self, exc: ConnectionLost) -> None:
         if self.lost is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import time
 from typing import Any
 
@@ -119,6 +120,10 @@ class NbdNode(BlockNode):
         context = self.context if self.context is not None else p.BASE_ALLOCATION
         try:
             info, parser = await negotiate(reader, writer, self.export or "", context)
+        except OSError as exc:
+            writer.close()
+            raise HandshakeError(f"Failed to read option reply: {os.strerror(exc.errno)}"
+                                 if exc.errno else str(exc)) from None
         except BaseException:
             writer.close()
             raise

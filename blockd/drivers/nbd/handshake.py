@@ -79,6 +79,32 @@ class _Stream:
         return ev
 
 
+#: What an oldstyle server sends after NBDMAGIC.
+_OLDSTYLE_MAGIC = 0x00420281861253
+
+
+async def _read_exactly(s: _Stream, n: int, what: str) -> bytes:
+    try:
+        return await s.reader.readexactly(n)
+    except asyncio.IncompleteReadError:
+        raise HandshakeError(f"Failed to read {what}: Unexpected end-of-file before all "
+                             "data were read") from None
+
+
+async def _check_magics(s: _Stream) -> None:
+    """The greeting's two magics, checked with QEMU's messages before the parser sees them."""
+    initial = await _read_exactly(s, 8, "initial magic")
+    if int.from_bytes(initial, "big") != p.NBDMAGIC:
+        raise HandshakeError(f"Bad initial magic received: 0x{int.from_bytes(initial, 'big'):x}")
+    server = await _read_exactly(s, 8, "server magic")
+    magic = int.from_bytes(server, "big")
+    if magic == _OLDSTYLE_MAGIC:
+        raise HandshakeError("Server uses the oldstyle handshake, which blockd does not speak")
+    if magic != p.IHAVEOPT:
+        raise HandshakeError(f"Bad server magic received: 0x{magic:x}")
+    s.parser.receive_data(initial + server)
+
+
 def address_text(server: dict[str, Any]) -> str:
     """How QEMU names a server address in connection errors."""
     if server["type"] == "unix":
@@ -132,6 +158,7 @@ async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     ``context`` is the metadata context to ask for (``None``: none).
     """
     s = _Stream(reader, writer)
+    await _check_magics(s)
     greeting = await s.event()
     if not greeting.flags & p.HandshakeFlag.FIXED_NEWSTYLE:
         raise HandshakeError("Server does not support the fixed newstyle handshake")
