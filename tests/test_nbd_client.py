@@ -59,32 +59,43 @@ def daemon_args(image: Path, sock: Path, *, writable: bool = False) -> list[str]
             "--export", f"type=nbd,id=e0,node-name=r0,name=exp,writable={'on' if writable else 'off'}"]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
-def serve(kind: str, image: Path, sock: Path, tmp: Path) -> Iterator[str | None]:
-    """Serve ``image`` as ``kind``; yields the export name (None: the default one)."""
+def serve(kind: str, image: Path, sock: Path, tmp: Path) -> Iterator[str]:
+    """Serve ``image`` as ``kind``; yields the ``--image-opts`` that open it."""
     if kind == "qemu-nbd":
         with Server(str(sock), "qemu-nbd", "-t", "-e", "8", "-f", "raw", "-k", str(sock),
                     "-x", "exp", str(image)):
-            yield "exp"
+            yield opts(sock)
+    elif kind == "qemu-nbd-tcp":
+        port, pidfile = str(free_port()), tmp / "qemu-nbd.pid"
+        with Server(str(pidfile), "qemu-nbd", "-t", "-e", "8", "-f", "raw", "-b", "127.0.0.1",
+                    "-p", port, "--pid-file", str(pidfile), "-x", "exp", str(image)):
+            yield f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=exp"
     elif kind in ("qsd", "blockd"):
         with Daemon(str(tmp / f"{kind}.qmp"), *daemon_args(image, sock), qsd=kind == "qsd"):
             deadline = time.monotonic() + 30
             while not sock.exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            yield "exp"
+            yield opts(sock)
     elif kind == "nbdkit-file":
         with Server(str(sock), "nbdkit", "-f", "-U", str(sock), "file", f"file={image}"):
-            yield None
+            yield opts(sock, None)
     else:  # nbdkit-memory, filled with the image's bytes through the client
         with Server(str(sock), "nbdkit", "-f", "-U", str(sock), "memory", "4M"):
             out = subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw",
                                   str(image), f"nbd+unix://?socket={sock}"],
                                  capture_output=True, text=True)
             assert out.returncode == 0, out.stderr
-            yield None
+            yield opts(sock, None)
 
 
-SOURCES = ["qemu-nbd", "qsd", "blockd"] + (["nbdkit-file", "nbdkit-memory"] if HAVE_NBDKIT else [])
+SOURCES = ["qemu-nbd", "qemu-nbd-tcp", "qsd", "blockd"] + (["nbdkit-file", "nbdkit-memory"] if HAVE_NBDKIT else [])
 
 
 @pytest.mark.parametrize("kind", SOURCES)
@@ -92,8 +103,7 @@ def test_img_commands_match_qemu_img(kind, tmp_path):
     image = tmp_path / "a.raw"
     make_image(image)
     sock = tmp_path / "nbd.sock"
-    with serve(kind, image, sock, tmp_path) as export:
-        o = opts(sock, export)
+    with serve(kind, image, sock, tmp_path) as o:
         for cmd in (["info"], ["info", "--output=json"], ["map"], ["map", "--output=json"],
                     ["compare", "--image-opts", o, f"driver=file,filename={image}"]):
             args = [*cmd, "--image-opts", o] if cmd[0] != "compare" else cmd
@@ -149,12 +159,6 @@ def test_dirty_bitmap_shows_through_map_as_qemu_does(tmp_path):
 
 
 # ---- the daemon ---------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _nbd_node(sock: Path, name: str = "n0", **extra) -> dict:
     return {"driver": "nbd", "node-name": name, "server": {"type": "unix", "path": str(sock)},
@@ -443,3 +447,32 @@ def test_bad_greetings_match_qemu_img(greeting, tmp_path):
         done.set()
         thread.join(30)
         listener.close()
+
+
+@pytest.mark.skipif(not HAVE_NBDKIT, reason="nbdkit missing")
+def test_sixteen_requests_in_flight(tmp_path):
+    """Requests go out without waiting for earlier replies, at most 16 at a time (QEMU's
+    number); the server's log shows how many were outstanding at once."""
+    import asyncio
+
+    from blockd.block.graph import BlockGraph
+
+    sock, log = tmp_path / "nbd.sock", tmp_path / "nbdkit.log"
+    with Server(str(sock), "nbdkit", "-f", "-U", str(sock), "--filter=log", "--filter=delay",
+                "memory", "4M", "delay-read=100ms", f"logfile={log}"):
+        async def body() -> None:
+            g = BlockGraph()
+            node = await g.open_node({"driver": "nbd", "node-name": "n",
+                                      "server": {"type": "unix", "path": str(sock)}})
+            datas = await asyncio.gather(*(node.read(i << 16, 1 << 16) for i in range(40)))
+            assert all(bytes(d) == bytes(1 << 16) for d in datas)
+            await g.close_all()
+        asyncio.run(body())
+    outstanding = most = 0
+    for line in log.read_text().splitlines():
+        if " Read id=" in line:
+            outstanding += 1
+        elif "...Read id=" in line:
+            outstanding -= 1
+        most = max(most, outstanding)
+    assert most == 16
