@@ -154,10 +154,10 @@ class Err(enum.IntEnum):
 
 
 #: Wire error values as host errno values; anything unknown reads as EINVAL (QEMU's rule).
-_ERRNO_FROM_WIRE = {Err.EPERM: errno.EPERM, Err.EIO: errno.EIO, Err.ENOMEM: errno.ENOMEM,
-                    Err.EINVAL: errno.EINVAL, Err.ENOSPC: errno.ENOSPC,
-                    Err.EOVERFLOW: errno.EOVERFLOW, Err.ENOTSUP: errno.ENOTSUP,
-                    Err.ESHUTDOWN: errno.ESHUTDOWN}
+_ERRNO_FROM_WIRE: dict[int, int] = {
+    Err.EPERM: errno.EPERM, Err.EIO: errno.EIO, Err.ENOMEM: errno.ENOMEM,
+    Err.EINVAL: errno.EINVAL, Err.ENOSPC: errno.ENOSPC, Err.EOVERFLOW: errno.EOVERFLOW,
+    Err.ENOTSUP: errno.ENOTSUP, Err.ESHUTDOWN: errno.ESHUTDOWN}
 
 
 def errno_from_wire(error: int) -> int:
@@ -166,11 +166,11 @@ def errno_from_wire(error: int) -> int:
 
 
 #: The names QEMU gives options in its client's error messages.
-OPT_NAMES = {Opt.EXPORT_NAME: "export name", Opt.ABORT: "abort", Opt.LIST: "list",
-             Opt.PEEK_EXPORT: "peek export", Opt.STARTTLS: "starttls", Opt.INFO: "info",
-             Opt.GO: "go", Opt.STRUCTURED_REPLY: "structured reply",
-             Opt.LIST_META_CONTEXT: "list meta context",
-             Opt.SET_META_CONTEXT: "set meta context", Opt.EXTENDED_HEADERS: "extended headers"}
+OPT_NAMES: dict[int, str] = {
+    Opt.EXPORT_NAME: "export name", Opt.ABORT: "abort", Opt.LIST: "list",
+    Opt.PEEK_EXPORT: "peek export", Opt.STARTTLS: "starttls", Opt.INFO: "info", Opt.GO: "go",
+    Opt.STRUCTURED_REPLY: "structured reply", Opt.LIST_META_CONTEXT: "list meta context",
+    Opt.SET_META_CONTEXT: "set meta context", Opt.EXTENDED_HEADERS: "extended headers"}
 
 
 def option_name(option: int) -> str:

@@ -137,7 +137,7 @@ async def open_socket(server: dict[str, Any]) -> tuple[asyncio.StreamReader, asy
 def _reply_error(reply: p.OptionReply) -> HandshakeError:
     """QEMU's message for an error answer to an option (the server's text is only a hint)."""
     option = f"{reply.option} ({p.option_name(reply.option)})"
-    messages = {
+    messages: dict[int, str] = {
         p.Rep.ERR_POLICY: f"Denied by server for option {option}",
         p.Rep.ERR_INVALID: f"Invalid parameters for option {option}",
         p.Rep.ERR_PLATFORM: f"Server lacks support for option {option}",
