@@ -8,7 +8,8 @@ handshake is spoken (as QEMU does); all integers are big-endian.
 
 Two parsers exist: :class:`ServerParser` reads what a client sends (the
 server uses it) and :class:`ClientParser` reads what a server sends
-(tests use it to talk to the server without an external client).
+(the ``nbd`` client driver uses it, and so do tests that talk to the
+server without an external client).
 """
 
 from __future__ import annotations
