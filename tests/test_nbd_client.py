@@ -476,3 +476,25 @@ def test_sixteen_requests_in_flight(tmp_path):
             outstanding -= 1
         most = max(most, outstanding)
     assert most == 16
+
+
+@pytest.mark.parametrize("kind", ["qsd", "blockd"])
+def test_allocation_depth_through_x_dirty_bitmap(kind, tmp_path):
+    """``x-dirty-bitmap=qemu:allocation-depth``: depths above 2 count as 2, as in QEMU."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "4M"], check=True)
+    qemu_io(str(base), "write -P 1 0 1M", fmt="qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                    str(top)], check=True)
+    qemu_io(str(top), "write -P 2 512k 1M", fmt="qcow2")
+    sock = tmp_path / "nbd.sock"
+    with Daemon(str(tmp_path / "d.qmp"), "--blockdev",
+                f"driver=qcow2,node-name=t,file.driver=file,file.filename={top}",
+                "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                "--export", "type=nbd,id=e,node-name=t,name=exp,allocation-depth=on",
+                qsd=kind == "qsd"):
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        same(tmp_path, "map", "--output=json", "--image-opts",
+             opts(sock, **{"x-dirty-bitmap": "qemu:allocation-depth"}))
