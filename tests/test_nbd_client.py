@@ -59,6 +59,13 @@ def daemon_args(image: Path, sock: Path, *, writable: bool = False) -> list[str]
             "--export", f"type=nbd,id=e0,node-name=r0,name=exp,writable={'on' if writable else 'off'}"]
 
 
+def wait_for(path: Path) -> None:
+    """A daemon's NBD socket appears after its monitor's: wait for it too."""
+    deadline = time.monotonic() + 30
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,9 +86,7 @@ def serve(kind: str, image: Path, sock: Path, tmp: Path) -> Iterator[str]:
             yield f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=exp"
     elif kind in ("qsd", "blockd"):
         with Daemon(str(tmp / f"{kind}.qmp"), *daemon_args(image, sock), qsd=kind == "qsd"):
-            deadline = time.monotonic() + 30
-            while not sock.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for(sock)
             yield opts(sock)
     elif kind == "nbdkit-file":
         with Server(str(sock), "nbdkit", "-f", "-U", str(sock), "file", f"file={image}"):
@@ -493,8 +498,6 @@ def test_allocation_depth_through_x_dirty_bitmap(kind, tmp_path):
                 "--nbd-server", f"addr.type=unix,addr.path={sock}",
                 "--export", "type=nbd,id=e,node-name=t,name=exp,allocation-depth=on",
                 qsd=kind == "qsd"):
-        deadline = time.monotonic() + 30
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(sock)
         same(tmp_path, "map", "--output=json", "--image-opts",
              opts(sock, **{"x-dirty-bitmap": "qemu:allocation-depth"}))
