@@ -60,7 +60,7 @@ def daemon_args(image: Path, sock: Path, *, writable: bool = False) -> list[str]
 
 
 def wait_for(path: Path) -> None:
-    """A daemon's NBD socket appears after its monitor's: wait for it too."""
+    """Wait (generously) until a daemon's NBD socket exists."""
     deadline = time.monotonic() + 30
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
