@@ -501,3 +501,18 @@ def test_allocation_depth_through_x_dirty_bitmap(kind, tmp_path):
         wait_for(sock)
         same(tmp_path, "map", "--output=json", "--image-opts",
              opts(sock, **{"x-dirty-bitmap": "qemu:allocation-depth"}))
+
+
+@pytest.mark.skipif(not HAVE_NBDKIT, reason="nbdkit missing")
+def test_export_size_not_a_sector_multiple(tmp_path):
+    """QEMU counts whole sectors: a 1000-byte export is 1024 bytes, the tail zeroes."""
+    sock = tmp_path / "nbd.sock"
+    with Server(str(sock), "nbdkit", "-f", "-U", str(sock), "memory", "1000"):
+        assert qemu_io(f"nbd+unix://?socket={sock}", "write -P 0x41 0 1000").returncode == 0
+        o = opts(sock, None)
+        for cmd in (["info"], ["map", "--output=json"], ["map"]):
+            same(tmp_path, *cmd, "--image-opts", o)
+        same(tmp_path, "convert", "-O", "raw", "--image-opts", o, str(tmp_path / "b.raw"))
+        assert qemu_img("convert", "-O", "raw", "--image-opts", o, str(tmp_path / "q.raw")).returncode == 0
+        assert (tmp_path / "b.raw").read_bytes() == (tmp_path / "q.raw").read_bytes() == \
+            b"\x41" * 1000 + bytes(24)
