@@ -345,7 +345,8 @@ def _qemu_io_via_blockd(tmp_path: Path, o: str, cmd: str) -> str:
 
 def test_disconnect_fails_requests_then_reconnects(tmp_path):
     """Without reconnect-delay a lost server means EIO at once; a reconnect happens in
-    the background.  With a delay, a request waits for the server to return."""
+    the background.  With a delay, a request waits for the server to return, for as
+    long as the delay allows."""
     image = tmp_path / "a.raw"
     make_image(image)
     sock, out = tmp_path / "nbd.sock", tmp_path / "out.sock"
@@ -356,13 +357,15 @@ def test_disconnect_fails_requests_then_reconnects(tmp_path):
             c = d.client()
             assert c.cmd("blockdev-add", **_nbd_node(sock)) == {"return": {}}
             assert c.cmd("blockdev-add", **_nbd_node(sock, "n1", **{"reconnect-delay": 60})) == {"return": {}}
+            assert c.cmd("blockdev-add", **_nbd_node(sock, "n2", **{"reconnect-delay": 1})) == {"return": {}}
             assert c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(out)}}) == {"return": {}}
-            for n in ("n0", "n1"):
+            for n in ("n0", "n1", "n2"):
                 assert c.cmd("block-export-add", type="nbd", id=n, **{"node-name": n},
                              writable=True) == {"return": {}}
             server.stop()
-            r = qemu_io(uri(out, "n0"), "read -P 0x11 0 4k")
-            assert "Input/output error" in r.stdout + r.stderr
+            for n in ("n0", "n2"):  # n2 gives up once its second has passed
+                r = qemu_io(uri(out, n), "read -P 0x11 0 4k")
+                assert "Input/output error" in r.stdout + r.stderr
             # n1 waits: its read is answered once the server is back.
             waiting = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "read -P 0x22 1M 4k",
                                         uri(out, "n1")], stdout=subprocess.PIPE, text=True)
