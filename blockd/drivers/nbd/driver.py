@@ -71,6 +71,9 @@ class NbdNode(BlockNode):
             # --image-opts may leave it out; QMP's schema already requires it.
             raise QMPError("NBD server address missing")
         kind = self.server["type"]
+        if kind == "fd":
+            # qemu-storage-daemon's words: it has no monitor file descriptors either.
+            raise QMPError("only QEMU supports file descriptor passing")
         if kind not in ("unix", "inet"):
             raise QMPError(f"blockd's NBD client cannot connect to '{kind}' addresses")
         if "tls-creds" in opts:
