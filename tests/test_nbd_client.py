@@ -520,3 +520,17 @@ def test_export_size_not_a_sector_multiple(tmp_path):
         assert qemu_img("convert", "-O", "raw", "--image-opts", o, str(tmp_path / "q.raw")).returncode == 0
         assert (tmp_path / "b.raw").read_bytes() == (tmp_path / "q.raw").read_bytes() == \
             b"\x41" * 1000 + bytes(24)
+
+
+def test_open_timeout_bounds_a_silent_server(tmp_path):
+    """A server that accepts and never speaks: open-timeout ends the wait."""
+    sock = tmp_path / "silent.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock))
+    listener.listen(8)
+    try:
+        with Daemon(str(tmp_path / "blockd.qmp")) as d:
+            reply = d.client().cmd("blockdev-add", **_nbd_node(sock, **{"open-timeout": 1}))
+            assert reply["error"]["desc"] == f"Failed to connect to '{sock}': Connection timed out"
+    finally:
+        listener.close()

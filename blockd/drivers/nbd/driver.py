@@ -21,8 +21,8 @@ from typing import Any
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Extent, Status, WriteFlags
 from blockd.drivers.nbd.connection import Connection, ConnectionLost
-from blockd.drivers.nbd.handshake import (MAX_BUFFER, HandshakeError, negotiate,
-                                          open_socket)
+from blockd.drivers.nbd.handshake import (MAX_BUFFER, HandshakeError, address_text,
+                                          negotiate, open_socket)
 from blockd.errors import QMPError
 from blockd.nbd import protocol as p
 
@@ -92,8 +92,16 @@ class NbdNode(BlockNode):
         pause = _RETRY_FIRST
         while True:
             try:
-                self.conn = await self._connect()
+                if timeout:
+                    # The timeout also bounds a server that accepts and then says nothing.
+                    left = max(deadline - time.monotonic(), 0.001)
+                    self.conn = await asyncio.wait_for(self._connect(), left)
+                else:
+                    self.conn = await self._connect()
                 break
+            except TimeoutError:
+                raise QMPError(f"Failed to connect to '{address_text(self.server)}': "
+                               "Connection timed out") from None
             except HandshakeError as exc:
                 left = deadline - time.monotonic()
                 if left <= 0:
