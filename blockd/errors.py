@@ -10,12 +10,17 @@ from __future__ import annotations
 
 
 class QMPError(Exception):
-    """A failure to report to the client as ``{"error": {class, desc}}``."""
+    """A failure to report to the client as ``{"error": {class, desc}}``.
 
-    def __init__(self, desc: str, cls: str = "GenericError") -> None:
+    ``hint`` is QEMU's extra line for humans: QMP replies leave it out,
+    ``blockd-img`` prints it after the message as ``qemu-img`` does.
+    """
+
+    def __init__(self, desc: str, cls: str = "GenericError", hint: str = "") -> None:
         super().__init__(desc)
         self.desc = desc
         self.cls = cls
+        self.hint = hint
 
     def __str__(self) -> str:
         return self.desc

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -174,3 +175,37 @@ class Client:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class Server:
+    """An NBD server process (qemu-nbd, nbdkit...): ready once ``sock_path`` exists
+    (its unix socket, or a pid file it writes after listening)."""
+
+    def __init__(self, sock_path: str, *argv: str) -> None:
+        self.sock_path = sock_path
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock_path):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{argv[0]} exited: {self.proc.stderr.read().decode()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{argv[0]} did not create its socket")
+            time.sleep(0.02)
+        if stat.S_ISSOCK(os.stat(sock_path).st_mode):
+            connect_unix(sock_path).close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        if os.path.exists(self.sock_path):
+            os.unlink(self.sock_path)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -75,3 +75,18 @@ def test_client_parser_reads_every_reply_kind():
 def test_export_name_reply_padding():
     assert len(p.export_name_reply(1, 1, no_zeroes=False)) == 134
     assert len(p.export_name_reply(1, 1, no_zeroes=True)) == 10
+
+
+def test_client_side_checks():
+    """Wire errors as errno (unknown ones are EINVAL) and the block size checks, in QEMU's words."""
+    import errno
+    assert p.errno_from_wire(p.Err.ENOSPC) == errno.ENOSPC
+    assert p.errno_from_wire(p.Err.ESHUTDOWN) == errno.ESHUTDOWN
+    assert p.errno_from_wire(999) == errno.EINVAL
+    assert p.check_block_sizes(512, 4096, 1 << 25, 1 << 20) is None
+    assert p.check_block_sizes(3, 4096, 1 << 25, 1 << 20) == "server minimum block size 3 is not a power of two"
+    assert p.check_block_sizes(4096, 512, 1 << 25, 1 << 20) == "server preferred block size 512 is not valid"
+    assert p.check_block_sizes(4096, 4096, 512, 1 << 20) == "server maximum block size 512 is not valid"
+    assert p.check_block_sizes(4096, 4096, 65536, 1000) == \
+        "export size 1000 is not multiple of minimum block size 4096"
+    assert p.option_name(p.Opt.GO) == "go" and p.option_name(77) == "<unknown>"

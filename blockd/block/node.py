@@ -148,6 +148,10 @@ class BlockNode:
     is_filter: ClassVar[bool] = False
     #: Protocol drivers (file, null-co) own the storage.
     is_protocol: ClassVar[bool] = False
+    #: Formats that can have a backing file: a run they leave unallocated with no
+    #: backing file reads as zeroes (QEMU's ``supports_backing``); elsewhere its
+    #: content is unknown.
+    supports_backing: ClassVar[bool] = False
     #: Options that change what the node shows; any of them set means the
     #: node's name is a ``json:{...}`` description rather than a file name.
     strong_options: ClassVar[tuple[str, ...]] = ()

@@ -79,7 +79,8 @@ def block_device_info(node: BlockNode, flat: bool) -> dict[str, Any]:
     backing_name = node.backing_filename()
     if backing_name:
         info["backing_file"] = backing_name
-    info["backing_file_depth"] = chain_depth(node)
+    # QEMU stops walking the chain for flat output before it counts a layer.
+    info["backing_file_depth"] = 0 if flat else chain_depth(node)
     info["encrypted"] = node.encrypted()
     info["detect_zeroes"] = node.options.get("detect-zeroes", "off")
     for key in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"):

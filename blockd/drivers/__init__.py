@@ -19,6 +19,7 @@ _DRIVERS: dict[str, str] = {
     "blkdebug": "blockd.drivers.blkdebug:BlkdebugNode",
     "qcow2": "blockd.drivers.qcow2.driver:Qcow2Node",
     "luks": "blockd.drivers.luks:LuksNode",
+    "nbd": "blockd.drivers.nbd.driver:NbdNode",
 }
 
 

@@ -94,7 +94,8 @@ class RawNode(BlockNode):
         await self.file.truncate(size, exact, prealloc)
 
     def has_info(self) -> bool:
-        return True
+        # QEMU's raw driver answers image-info questions by asking its file.
+        return self.file.has_info()
 
     def allocated_file_size(self) -> int | None:
         return self.file.allocated_file_size()

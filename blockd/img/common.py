@@ -160,8 +160,8 @@ class Session:
         try:
             return await self.graph.open_node(options)
         except QMPError as exc:
-            raise ImgError(f"Could not open '{filename}': {exc.desc}" if wrap else exc.desc) \
-                from None
+            message = f"Could not open '{filename}': {exc.desc}" if wrap else exc.desc
+            raise ImgError(message + (f"\n{exc.hint}" if exc.hint else "")) from None
 
     async def close(self) -> None:
         await self.graph.close_all()

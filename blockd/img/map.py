@@ -17,7 +17,8 @@ async def _layer_status(node: BlockNode, offset: int, length: int
         length = ext.length
         if ext.status & Status.ALLOCATED or cur.backing is None:
             present = bool(ext.status & Status.ALLOCATED)
-            return length, depth, ext.status if present else Status.ZERO, \
+            unknown = Status.ZERO if cur.supports_backing else Status.NONE
+            return length, depth, ext.status if present else unknown, \
                 ext.offset if present else None, cur
         if offset >= cur.backing.length():
             return length, depth, Status.ZERO, None, cur

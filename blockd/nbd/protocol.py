@@ -8,13 +8,15 @@ handshake is spoken (as QEMU does); all integers are big-endian.
 
 Two parsers exist: :class:`ServerParser` reads what a client sends (the
 server uses it) and :class:`ClientParser` reads what a server sends
-(tests use it to talk to the server without an external client).
+(the ``nbd`` client driver uses it, and so do tests that talk to the
+server without an external client).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import enum
 import struct
 from typing import Iterable, Iterator
@@ -150,6 +152,47 @@ class Err(enum.IntEnum):
     EOVERFLOW = 75
     ENOTSUP = 95
     ESHUTDOWN = 108
+
+
+#: Wire error values as host errno values; anything unknown reads as EINVAL (QEMU's rule).
+_ERRNO_FROM_WIRE: dict[int, int] = {
+    Err.EPERM: errno.EPERM, Err.EIO: errno.EIO, Err.ENOMEM: errno.ENOMEM,
+    Err.EINVAL: errno.EINVAL, Err.ENOSPC: errno.ENOSPC, Err.EOVERFLOW: errno.EOVERFLOW,
+    Err.ENOTSUP: errno.ENOTSUP, Err.ESHUTDOWN: errno.ESHUTDOWN}
+
+
+def errno_from_wire(error: int) -> int:
+    """The host errno a client reports for a server's error value."""
+    return _ERRNO_FROM_WIRE.get(error, errno.EINVAL)
+
+
+#: The names QEMU gives options in its client's error messages.
+OPT_NAMES: dict[int, str] = {
+    Opt.EXPORT_NAME: "export name", Opt.ABORT: "abort", Opt.LIST: "list",
+    Opt.PEEK_EXPORT: "peek export", Opt.STARTTLS: "starttls", Opt.INFO: "info", Opt.GO: "go",
+    Opt.STRUCTURED_REPLY: "structured reply", Opt.LIST_META_CONTEXT: "list meta context",
+    Opt.SET_META_CONTEXT: "set meta context", Opt.EXTENDED_HEADERS: "extended headers"}
+
+
+def option_name(option: int) -> str:
+    return OPT_NAMES.get(option, "<unknown>")
+
+
+def check_block_sizes(minimum: int, preferred: int, maximum: int, size: int) -> str | None:
+    """Why an ``NBD_INFO_BLOCK_SIZE`` answer is unusable (QEMU's words), or ``None``.
+
+    A client aligns and splits its requests by these numbers, so nonsense
+    here must stop the connection rather than be guessed around.
+    """
+    if not minimum or minimum & (minimum - 1):
+        return f"server minimum block size {minimum} is not a power of two"
+    if not preferred or preferred & (preferred - 1) or preferred < minimum:
+        return f"server preferred block size {preferred} is not valid"
+    if maximum < minimum:
+        return f"server maximum block size {maximum} is not valid"
+    if size % minimum:
+        return f"export size {size} is not multiple of minimum block size {minimum}"
+    return None
 
 
 #: ``base:allocation`` extent flags.

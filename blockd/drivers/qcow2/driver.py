@@ -63,6 +63,7 @@ def probe_format(head: bytes) -> str:
 class Qcow2Node(BlockNode):
     driver = "qcow2"
     is_format = True
+    supports_backing = True
 
     def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
         super().__init__(node_name, options, read_only)
