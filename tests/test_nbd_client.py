@@ -200,7 +200,6 @@ def test_blockdev_add_replies_match_qsd(tmp_path):
         ("blockdev-add", _nbd_node(sock, "n6", **{"x-dirty-bitmap": "qemu:dirty-bitmap:b0"})),
         ("blockdev-add", _nbd_node(sock, "n7", **{"reconnect-delay": -1})),
         ("blockdev-add", {"driver": "nbd", "node-name": "n8", "export": "exp"}),
-        ("blockdev-add", {"driver": "nbd", "node-name": "n8", "server": {"type": "fd", "str": "3"}}),
         ("blockdev-add", _nbd_node(sock, "n9", server={"type": "unix", "path": str(sock), "x": 1})),
         ("blockdev-add", {"driver": "nbd", "node-name": "n10", "export": "exp",
                           "server": {"type": "inet", "host": "127.0.0.1", "port": port, "ipv4": True}}),

@@ -134,6 +134,10 @@ SAME_ANSWER = [
     "blockdev-add/arg-type/*node-name",
     "blockdev-add/arg-type/*driver",
     "blockdev-add/arg-type/driver/^null-co",
+    "blockdev-add/arg-type/+nbd",
+    "blockdev-add/arg-type/+nbd/x-dirty-bitmap",
+    "blockdev-add/arg-type/+nbd/reconnect-delay",
+    "blockdev-add/arg-type/+nbd/open-timeout",
     "blockdev-reopen/arg-type/options/+qcow2/file",
     "blockdev-create/arg-type/options/+qcow2/extended-l2",
     "blockdev-create/arg-type/options/+file/extent-size-hint",
@@ -177,7 +181,6 @@ SAME_ANSWER = [
 
 #: Things qsd has and blockd does not: blockd must say no.
 BLOCKD_SAYS_NO = [
-    "blockdev-add/arg-type/+nbd",
     "blockdev-add/arg-type/+rbd/encrypt",
     "blockdev-add/arg-type/+nvme",
     "blockdev-add/arg-type/+file/$dynamic-auto-read-only",
