@@ -89,16 +89,20 @@ def typed_options(options: dict[str, Any]) -> dict[str, Any]:
 
     schema = load()
     options = typed(schema, schema.types["BlockdevOptions"], options)
-    _check_keys(schema, options)
-    schema.validate_type("BlockdevOptions", options)
+    _check_node(schema, options)
     return options
 
 
-def _check_keys(schema: Any, options: dict[str, Any]) -> None:
-    """QEMU's refusal of options a driver does not take, node by node."""
+def _check_node(schema: Any, options: dict[str, Any]) -> None:
+    """QEMU's refusal of options a driver does not take, and of a node without the
+    storage its driver needs, node by node."""
     driver = options.get("driver")
     if not isinstance(driver, str) or driver not in schema.types["BlockdevDriver"]["enum"]:
         return
+    if driver in _KEEP_FILENAME and not options.get("filename"):
+        raise QMPError(f"The '{driver}' block driver requires a file name")
+    if driver == "blkdebug" and options.get("image") is None:
+        raise QMPError('A block device must be specified for "image"')
     union = schema.types["BlockdevOptions"]
     known = set(union["properties"])
     for clause in union["allOf"]:
@@ -111,7 +115,7 @@ def _check_keys(schema: Any, options: dict[str, Any]) -> None:
                 raise QMPError(f"Block protocol '{driver}' doesn't support the option '{key}'")
             raise QMPError(f"Block format '{driver}' does not support the option '{key}'")
         if isinstance(value, dict):
-            _check_keys(schema, value)
+            _check_node(schema, value)
 
 
 # ---- options of one node ----------------------------------------------------
@@ -153,30 +157,38 @@ def _node(name: str | None, reference: str | None, flat: dict[str, Any],
         _parse_filename(driver, name, flat)
     children: dict[str, Any] = {}
     if driver == "blkdebug":
-        image = _child(flat.pop("x-image", None), flat, "image", typed)
+        image = _child(flat.pop("x-image", None), flat, "image", True, typed)
         if image is not None:
             children["image"] = image
     if not protocol:
-        file = _child(name, flat, "file", typed)
+        file = _child(name, flat, "file", True, typed)
         if file is not None:
             children["file"] = file
         elif driver is None:
             raise QMPError("Must specify either driver or file")
         else:
             raise QMPError('A block device must be specified for "file"')
+        # Other children given by options are read the same way (a backing image's
+        # format is probed, a data file's storage is a host file unless it says).
+        for key, is_protocol in (("backing", False), ("data-file", True)):
+            if flat.get(key, "") is not None:
+                child = _child(None, flat, key, is_protocol, typed)
+                if child is not None:
+                    children[key] = child
     out = _nest(flat)
     out.update(children)
     return typed_options(out) if typed and protocol else out
 
 
-def _child(name: str | None, flat: dict[str, Any], key: str, typed: bool) -> Any:
-    """The storage child ``key`` of a node: from a name, ``key.*`` options or a reference."""
+def _child(name: str | None, flat: dict[str, Any], key: str, protocol: bool,
+           typed: bool) -> Any:
+    """The child ``key`` of a node: from a name, ``key.*`` options or a reference."""
     prefix = key + "."
     sub = {k[len(prefix):]: flat.pop(k) for k in [k for k in flat if k.startswith(prefix)]}
     reference = flat.pop(key, None)
     if name is None and reference is None and not sub:
         return None
-    return _node(name, reference, sub, protocol=True, typed=typed)
+    return _node(name, reference, sub, protocol=protocol, typed=typed)
 
 
 def _find_protocol(name: str) -> str:

@@ -159,6 +159,21 @@ def read_file_head(path: str) -> bytes:
         raise QMPError(f"Could not open '{path}': {exc.strerror}") from None
 
 
+async def fill_drivers(graph: Any, options: dict[str, Any], name: str | None) -> bool:
+    """Probe the format of every image in ``options`` that names none, as QEMU does when
+    opening: the top one (named ``name``), and children such as ``backing`` given by
+    their storage only.  Whether the top one was probed."""
+    probed = "driver" not in options
+    if probed:
+        if options.get("file") is None:
+            raise QMPError("Must specify either driver or file")
+        options["driver"] = await probe_file_child(graph, options["file"], name)
+    for value in options.values():
+        if isinstance(value, dict) and ("driver" in value or value.get("file") is not None):
+            await fill_drivers(graph, value, None)
+    return probed
+
+
 async def probe_file_child(graph: Any, file: str | dict[str, Any], name: str | None) -> str:
     """The format of the image whose storage ``file`` (a ``BlockdevRef``) describes.
 

@@ -12,7 +12,7 @@ from typing import Any
 from blockd.block.filename import image_options, typed_options
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode, Extent, Status
-from blockd.block.probe import probe_file_child
+from blockd.block.probe import fill_drivers
 from blockd.errors import QMPError
 from blockd.objects import ObjectStore
 
@@ -102,6 +102,11 @@ _RAW_PROBE_WARNING = (
     "         Specify the 'raw' format explicitly to remove the restrictions.")
 
 
+def _probe_name(filename: str) -> str | None:
+    """The name probing sees: dmg goes by it; QEMU has none for a ``json:`` name."""
+    return None if filename.startswith("json:") else filename
+
+
 def _image_opts(text: str) -> dict[str, Any]:
     """``--image-opts`` options: keyval syntax (its errors stand alone, as qemu-img's)."""
     from blockd.keyval import parse as parse_keyval
@@ -140,11 +145,10 @@ class Session:
         try:
             if not image_opts:
                 options = image_options(filename, {"driver": fmt} if fmt else None)
-            if "driver" not in options:
-                options["driver"] = await self._probe(options,
-                                                      None if image_opts else filename)
-                if options["driver"] == "raw" and not read_only and not image_opts:
-                    print(_RAW_PROBE_WARNING.format(filename), file=sys.stderr)
+            probed = await fill_drivers(self.graph, options,
+                                        None if image_opts else _probe_name(filename))
+            if probed and options["driver"] == "raw" and not read_only and not image_opts:
+                print(_RAW_PROBE_WARNING.format(filename), file=sys.stderr)
             if image_opts or filename.startswith("json:"):
                 options = typed_options(options)
             options.setdefault("node-name", f"img{len(self.graph.nodes)}")
@@ -162,16 +166,10 @@ class Session:
         as probing finds it."""
         try:
             options = image_options(filename)
-            return options.get("driver") or await self._probe(options, filename)
+            await fill_drivers(self.graph, options, _probe_name(filename))
         except QMPError as exc:
             raise ImgError(exc.desc) from None
-
-    async def _probe(self, options: dict[str, Any], filename: str | None) -> str:
-        if options.get("file") is None:
-            raise QMPError("Must specify either driver or file")
-        # dmg goes by the name, which QEMU has not for json: names and option sets.
-        name = None if filename is None or filename.startswith("json:") else filename
-        return await probe_file_child(self.graph, options["file"], name)
+        return options["driver"]
 
     async def close(self) -> None:
         await self.graph.close_all()

@@ -147,8 +147,8 @@ def formatting_line(filename: str, fmt: str, opts: dict[str, Any]) -> str:
     parts = []
     for o in all_opts(fmt):
         value = opts.get(o.name, o.default)
-        if value is not None:
-            parts.append(f"{o.name}={value}")
+        if value is not None:  # commas doubled, as QEMU prints option values
+            parts.append(f"{o.name}={str(value).replace(',', ',,')}")
     return f"Formatting '{filename}', fmt={fmt} " + " ".join(parts)
 
 

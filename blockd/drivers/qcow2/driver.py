@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator
 from blockd.block.filename import backing_path, image_options, typed_options
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Claim, Extent, Status, WriteFlags
-from blockd.block.probe import probe_file_child
+from blockd.block.probe import fill_drivers
 from blockd.drivers.qcow2 import bitmaps as qbitmaps
 from blockd.drivers.qcow2 import compress, crypt
 from blockd.drivers.qcow2 import header as hdr
@@ -289,8 +289,13 @@ class Qcow2Node(BlockNode):
             return
         if not h.backing_file:
             return
+        # Relative names are in the directory of the storage under any filters (QEMU's
+        # bdrv_dirname), so blkdebug::top.qcow2 finds its backing file next to top.qcow2.
+        storage = self.image.file
+        while storage.file is not None:
+            storage = storage.file
         try:
-            path = backing_path(self.image.file.filename(), h.backing_file)
+            path = backing_path(storage.filename(), h.backing_file)
             options = image_options(path, {"driver": h.backing_format}
                                     if h.backing_format else None)
         except QMPError as exc:
@@ -301,9 +306,7 @@ class Qcow2Node(BlockNode):
             raise QMPError(f"Could not open backing file: Backing chain loops back to '{path}'")
         token = _BACKING_CHAIN.set(chain)
         try:
-            if "driver" not in options:
-                options["driver"] = await probe_file_child(
-                    ctx.graph, options.get("file"), None if path.startswith("json:") else path)
+            await fill_drivers(ctx.graph, options, None if path.startswith("json:") else path)
             if path.startswith("json:"):
                 options = typed_options(options)
             await ctx.open_child(options, "backing")
