@@ -64,8 +64,27 @@ def test_names_read_as_qemu_img_reads_them(d: Path, view: list[str], name: str) 
 
 @pytest.mark.parametrize("name", ["file:top.qcow2", "blkdebug::top.qcow2",
                                   'json:{"file.filename":"top.qcow2"}'])
-def test_map_names_the_file(d: Path, name: str) -> None:
-    same(d, "map", name)
+@pytest.mark.parametrize("cmd", [["map"], ["measure", "-O", "qcow2"], ["snapshot", "-l"],
+                                 ["check", "--output=json"], ["compare", "top.qcow2"]],
+                         ids=" ".join)
+def test_other_subcommands(d: Path, cmd: list[str], name: str) -> None:
+    same(d, *cmd, name)
+
+
+def test_rebase_onto_named_backing(d: Path) -> None:
+    """A json: backing name is stored as given and read back as qemu-img reads it."""
+    qemu_img("create", "-q", "-f", "qcow2", "b2.qcow2", "4M", cwd=d)
+    qemu_io("qcow2", d / "b2.qcow2", "write -P 0x55 0 64k")
+    new = 'json:{"driver":"qcow2","file.filename":"b2.qcow2"}'
+    for tool in ("q", "b"):
+        shutil.copy(d / "top.qcow2", d / f"{tool}.qcow2")
+        res = (qemu_img if tool == "q" else blockd_img)("rebase", "-F", "qcow2", "-b", new,
+                                                        f"{tool}.qcow2", cwd=d)
+        assert (res.returncode if tool == "q" else res[2]) == 0, res
+    assert qemu_img("compare", "q.qcow2", "b.qcow2", cwd=d).returncode == 0
+    for view in VIEWS:
+        same(d, *view, "b.qcow2")
+    same(d, "rebase", "-F", "qcow2", "-b", "foo:x", "b.qcow2")
 
 
 ERRORS = [
@@ -79,6 +98,7 @@ ERRORS = [
     'json:{"driver":"nosuch","file.filename":"top.qcow2"}',
     'json:{"driver":"blkdebug"}', 'json:{"file.driver":"file"}', 'json:{"driver":"file"}',
     'json:{"driver":"qcow2","file":{"driver":"blkdebug"}}',
+    'json:{"file":{}}', 'json:{"file":5}', 'json:{"driver":"raw","file":{}}', 'json:{"driver":5}',
     "foo:bar", "nbd+foo://localhost:1", "file:nbd:x", "blkdebug:foo", "blkdebug:",
     "null-co://x",
     # NBD names qemu-img refuses before connecting anywhere
@@ -100,6 +120,8 @@ def test_format_option_is_checked(d: Path) -> None:
     same(d, "info", "-f", "file", "r.raw")
     same(d, "info", "-f", "raw", "file:r.raw")
     same(d, "info", "null-co://")
+    same(d, "info", "-f", "blkdebug", "top.qcow2")
+    same(d, "info", "-f", "qcow2", "blkdebug:bd.conf:top.qcow2")
 
 
 def test_convert_between_names(d: Path) -> None:

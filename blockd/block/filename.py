@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import urllib.parse
 from typing import Any
 
 from blockd.errors import QMPError
@@ -40,7 +39,7 @@ _KEEP_FILENAME = frozenset({"file", "host_device", "host_cdrom"})
 NBD_DEFAULT_PORT = 10809
 _EXPORT_OPT = ":exportname="
 #: Characters RFC 3986 allows in a URI (QEMU's parser refuses any other).
-_URI_CHARS = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=:@/?#\[\]]*\Z")
+_URI_CHARS = r"[A-Za-z0-9\-._~%!$&'()*+,;=:@/?#\[\]]*\Z"
 
 
 def has_protocol(name: str) -> bool:
@@ -136,6 +135,8 @@ def _node(name: str | None, reference: str | None, flat: dict[str, Any],
         name = None
         typed = True
     driver = flat.get("driver")
+    if not isinstance(driver, str):
+        driver = None  # QEMU reads only a string here
     if driver is not None:
         from blockd.drivers import qemu_driver_names
 
@@ -186,6 +187,8 @@ def _child(name: str | None, flat: dict[str, Any], key: str, protocol: bool,
     prefix = key + "."
     sub = {k[len(prefix):]: flat.pop(k) for k in [k for k in flat if k.startswith(prefix)]}
     reference = flat.pop(key, None)
+    if not isinstance(reference, str):
+        reference = None  # only a string names a node; QEMU ignores anything else here
     if name is None and reference is None and not sub:
         return None
     return _node(name, reference, sub, protocol=protocol, typed=typed)
@@ -260,7 +263,9 @@ def _parse_nbd(name: str, flat: dict[str, Any]) -> None:
 
 
 def _nbd_uri(name: str) -> tuple[dict[str, str], str | None]:
-    if not _URI_CHARS.match(name):
+    import urllib.parse
+
+    if not re.match(_URI_CHARS, name):
         raise ValueError(name)
     scheme, _, rest = name.partition("://")
     if scheme not in ("nbd", "nbd+tcp", "nbd+unix"):
@@ -288,6 +293,8 @@ def _nbd_uri(name: str) -> tuple[dict[str, str], str | None]:
 
 def _uri_server(netloc: str) -> tuple[str, int | None]:
     """Host (unescaped, IPv6 brackets dropped) and port of a URI's authority."""
+    import urllib.parse
+
     m = re.fullmatch(r"(\[[^\]]*\]|[^:\[\]]*)(?::(\d*))?", netloc)
     if m is None:
         raise ValueError(netloc)
