@@ -283,3 +283,22 @@ def test_nbd_options() -> None:
             want["export"] = export
         assert image_options(name) == {"file": want}, name
         assert image_options(name, {"driver": "nbd"}) == want, name
+
+
+@pytest.mark.skipif("nbd" not in driver_names(), reason="this build has no nbd driver")
+def test_nbd_probed_over_one_connection(d: Path) -> None:
+    """qemu-nbd without --persistent serves one client: probing must not cost a second."""
+    sock = d / "one.sock"
+    proc = subprocess.Popen(["qemu-nbd", "-x", "exp", "-f", "raw", "-r", "-k", str(sock),
+                             str(d / "base.qcow2")])
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out, err, code = blockd_img("info", "--output=json", f"nbd+unix:///exp?socket={sock}",
+                                    cwd=d)
+        assert code == 0, err
+        assert json.loads(out)["format"] == "qcow2"
+    finally:
+        proc.terminate()
+        proc.wait(15)

@@ -179,13 +179,6 @@ class BlockGraph:
             name = self._implicit_name()
         else:
             self.check_new_name(name)
-        if "driver" not in options:
-            # Only options from image names and --image-opts lack it: QEMU probes then.
-            if options.get("file") is None:
-                raise QMPError("Must specify either driver or file")
-            from blockd.block.probe import probe_file_child
-
-            options["driver"] = await probe_file_child(self, options["file"], None)
         cls = driver_class(options["driver"])
         read_only = bool(options.get("read-only", False))
         node = cls(name, options, read_only)

@@ -14,6 +14,9 @@ from __future__ import annotations
 import struct
 from typing import Any, Callable
 
+from blockd.block.filename import typed_options
+from blockd.block.graph import BlockGraph, inherited_options
+from blockd.block.node import BlockNode
 from blockd.errors import QMPError
 
 #: Bytes QEMU reads for probing (``BLOCK_PROBE_BUF_SIZE``).
@@ -159,7 +162,36 @@ def read_file_head(path: str) -> bytes:
         raise QMPError(f"Could not open '{path}': {exc.strerror}") from None
 
 
-async def fill_drivers(graph: Any, options: dict[str, Any], name: str | None) -> bool:
+async def open_image(graph: BlockGraph, options: dict[str, Any], name: str | None, *,
+                     typed: bool = False,
+                     probed: Callable[[str], None] | None = None) -> BlockNode:
+    """Open the image ``options`` describe, probing its format when they name none.
+
+    Storage other than a host file is opened once, as the format node will
+    have it, read for probing and handed over by name, as QEMU's
+    ``bdrv_open_inherit`` does: an NBD server may take a single connection.
+    ``typed``: the options may hold strings for other types (``json:``,
+    ``--image-opts``), converted once every driver is known.  ``probed`` is
+    told the format found, before the image opens.
+    """
+    file = options.get("file")
+    storage = None
+    if "driver" not in options and isinstance(file, dict) and file.get("driver") != "file":
+        parent = BlockNode("", options, bool(options.get("read-only")))
+        storage = await graph.open_node(inherited_options(parent, dict(file), "file"),
+                                        implicit=True)
+        options = {**options, "file": storage.node_name}
+    try:
+        if await fill_drivers(graph, options, name) and probed is not None:
+            probed(options["driver"])
+        return await graph.open_node(typed_options(options) if typed else options)
+    except BaseException:
+        if storage is not None and not storage.parents:
+            await graph.delete_node(storage)
+        raise
+
+
+async def fill_drivers(graph: BlockGraph, options: dict[str, Any], name: str | None) -> bool:
     """Probe the format of every image in ``options`` that names none, as QEMU does when
     opening: the top one (named ``name``), and children such as ``backing`` given by
     their storage only.  Whether the top one was probed."""
@@ -174,7 +206,7 @@ async def fill_drivers(graph: Any, options: dict[str, Any], name: str | None) ->
     return probed
 
 
-async def probe_file_child(graph: Any, file: str | dict[str, Any], name: str | None) -> str:
+async def probe_file_child(graph: BlockGraph, file: str | dict[str, Any], name: str | None) -> str:
     """The format of the image whose storage ``file`` (a ``BlockdevRef``) describes.
 
     A host file is read directly; other storage (blkdebug, nbd...) is
@@ -192,7 +224,7 @@ async def probe_file_child(graph: Any, file: str | dict[str, Any], name: str | N
         await graph.delete_node(node)
 
 
-async def _probe_node(node: Any, name: str | None) -> str:
+async def _probe_node(node: BlockNode, name: str | None) -> str:
     length = min(node.length(), PROBE_SIZE)
     try:
         head = bytes(await node.read(0, length)) if length else b""

@@ -9,10 +9,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockd.block.filename import image_options, typed_options
+from blockd.block.filename import image_options
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode, Extent, Status
-from blockd.block.probe import fill_drivers
+from blockd.block.probe import fill_drivers, open_image
 from blockd.errors import QMPError
 from blockd.objects import ObjectStore
 
@@ -145,18 +145,20 @@ class Session:
         try:
             if not image_opts:
                 options = image_options(filename, {"driver": fmt} if fmt else None)
-            probed = await fill_drivers(self.graph, options,
-                                        None if image_opts else _probe_name(filename))
-            if probed and options["driver"] == "raw" and not read_only and not image_opts:
-                print(_RAW_PROBE_WARNING.format(filename), file=sys.stderr)
-            if image_opts or filename.startswith("json:"):
-                options = typed_options(options)
             options.setdefault("node-name", f"img{len(self.graph.nodes)}")
             options["read-only"] = read_only
             if force_share:
                 options["force-share"] = True
             options.update(extra or {})
-            return await self.graph.open_node(options)
+
+            def probed(fmt: str) -> None:
+                if fmt == "raw" and not read_only and not image_opts:
+                    print(_RAW_PROBE_WARNING.format(filename), file=sys.stderr)
+
+            return await open_image(self.graph, options,
+                                    None if image_opts else _probe_name(filename),
+                                    typed=image_opts or filename.startswith("json:"),
+                                    probed=probed)
         except QMPError as exc:
             raise ImgError(f"Could not open '{filename}': {exc.desc}" if wrap else exc.desc) \
                 from None
