@@ -122,6 +122,11 @@ def test_format_option_is_checked(d: Path) -> None:
     same(d, "info", "null-co://")
     same(d, "info", "-f", "blkdebug", "top.qcow2")
     same(d, "info", "-f", "qcow2", "blkdebug:bd.conf:top.qcow2")
+    # --image-opts are read by the same rules
+    for opts in ("filename=r.raw", "driver=raw,file.driver=blkdebug,file.image.filename=r.raw",
+                 "driver=blkdebug", "file.driver=blkdebug,file.image.filename=top.qcow2",
+                 "driver=qcow2,file.filename=top.qcow2,foo=1"):
+        same(d, "info", "--image-opts", opts)
 
 
 def test_convert_between_names(d: Path) -> None:

@@ -48,12 +48,16 @@ def has_protocol(name: str) -> bool:
     return name[m.end():m.end() + 1] == ":"
 
 
-def image_options(name: str | None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+def image_options(name: str | None, options: dict[str, Any] | None = None, *,
+                  typed: bool = False) -> dict[str, Any]:
     """Options for opening the image ``name`` as qemu-img does, on top of ``options``
-    (``driver`` from ``-f``...).  A format's storage is its ``file`` child; without a
-    ``driver`` the format is left to probing.  Storage children from a ``json:`` name
-    are typed already, so that probing can open them."""
-    return _node(name, None, dict(options or {}), protocol=False, typed=False)
+    (``driver`` from ``-f``, or all of ``--image-opts``; nested or dotted).  A format's
+    storage is its ``file`` child; without a ``driver`` the format is left to probing.
+    Storage children given as strings (``typed``, and ``json:`` names) are converted
+    to their types already, so that probing can open them."""
+    flat: dict[str, Any] = {}
+    _flatten(options or {}, "", flat)
+    return _node(name, None, flat, protocol=False, typed=typed)
 
 
 def backing_path(image: str, backing: str) -> str:

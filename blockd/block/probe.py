@@ -151,6 +151,12 @@ def probe(head: bytes, name: str | None) -> str:
     return best
 
 
+def probe_name(filename: str) -> str | None:
+    """The name probing sees for an image named ``filename``: QEMU has none for a
+    ``json:`` name (its options say what the image is)."""
+    return None if filename.startswith("json:") else filename
+
+
 def read_file_head(path: str) -> bytes:
     """The probe bytes of a host file, with QEMU's error when it cannot be opened."""
     from blockd.paths import os_path
@@ -176,10 +182,11 @@ async def open_image(graph: BlockGraph, options: dict[str, Any], name: str | Non
     """
     file = options.get("file")
     storage = None
-    if "driver" not in options and isinstance(file, dict) and file.get("driver") != "file":
+    if "driver" not in options and isinstance(file, dict) and \
+            file.get("driver") not in (None, "file"):
         parent = BlockNode("", options, bool(options.get("read-only")))
-        storage = await graph.open_node(inherited_options(parent, dict(file), "file"),
-                                        implicit=True)
+        file = typed_options(dict(file)) if typed else dict(file)
+        storage = await graph.open_node(inherited_options(parent, file, "file"), implicit=True)
         options = {**options, "file": storage.node_name}
     try:
         if await fill_drivers(graph, options, name) and probed is not None:

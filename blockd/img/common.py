@@ -12,7 +12,7 @@ from typing import Any
 from blockd.block.filename import image_options
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode, Extent, Status
-from blockd.block.probe import fill_drivers, open_image
+from blockd.block.probe import fill_drivers, open_image, probe_name
 from blockd.errors import QMPError
 from blockd.objects import ObjectStore
 
@@ -85,16 +85,6 @@ def size_to_str(value: int) -> str:
     return f"{value / (1 << (i * 10)):0.3g} {suffixes[i]}"
 
 
-def _default_drivers(options: dict[str, Any]) -> None:
-    """Fill in what ``--image-opts`` may leave out: a file child is a ``file`` node (the
-    format is probed from it when opening)."""
-    file = options.get("file")
-    if isinstance(file, dict):
-        file.setdefault("driver", "file")
-    if "driver" not in options and "filename" in options:
-        options["driver"] = "file"
-
-
 _RAW_PROBE_WARNING = (
     "WARNING: Image format was not specified for '{}' and probing guessed raw.\n"
     "         Automatically detecting the format is dangerous for raw images, write operations "
@@ -102,21 +92,14 @@ _RAW_PROBE_WARNING = (
     "         Specify the 'raw' format explicitly to remove the restrictions.")
 
 
-def _probe_name(filename: str) -> str | None:
-    """The name probing sees: dmg goes by it; QEMU has none for a ``json:`` name."""
-    return None if filename.startswith("json:") else filename
-
-
 def _image_opts(text: str) -> dict[str, Any]:
     """``--image-opts`` options: keyval syntax (its errors stand alone, as qemu-img's)."""
     from blockd.keyval import parse as parse_keyval
 
     try:
-        options = parse_keyval(text, None)
+        return parse_keyval(text, None)
     except QMPError as exc:
         raise ImgError(exc.desc) from None
-    _default_drivers(options)
-    return options
 
 
 class Session:
@@ -140,11 +123,9 @@ class Session:
         """Open an image named as qemu-img names it: a file, a ``json:``/protocol name
         (:mod:`blockd.block.filename`) or ``--image-opts`` options; the format is
         probed when not given."""
-        if image_opts:
-            options = _image_opts(filename)
+        given = _image_opts(filename) if image_opts else {"driver": fmt} if fmt else None
         try:
-            if not image_opts:
-                options = image_options(filename, {"driver": fmt} if fmt else None)
+            options = image_options(None if image_opts else filename, given, typed=image_opts)
             options.setdefault("node-name", f"img{len(self.graph.nodes)}")
             options["read-only"] = read_only
             if force_share:
@@ -156,7 +137,7 @@ class Session:
                     print(_RAW_PROBE_WARNING.format(filename), file=sys.stderr)
 
             return await open_image(self.graph, options,
-                                    None if image_opts else _probe_name(filename),
+                                    None if image_opts else probe_name(filename),
                                     typed=image_opts or filename.startswith("json:"),
                                     probed=probed)
         except QMPError as exc:
@@ -168,7 +149,7 @@ class Session:
         as probing finds it."""
         try:
             options = image_options(filename)
-            await fill_drivers(self.graph, options, _probe_name(filename))
+            await fill_drivers(self.graph, options, probe_name(filename))
         except QMPError as exc:
             raise ImgError(exc.desc) from None
         return options["driver"]

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator
 from blockd.block.filename import backing_path, image_options, typed_options
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Claim, Extent, Status, WriteFlags
-from blockd.block.probe import fill_drivers
+from blockd.block.probe import fill_drivers, probe_name
 from blockd.drivers.qcow2 import bitmaps as qbitmaps
 from blockd.drivers.qcow2 import compress, crypt
 from blockd.drivers.qcow2 import header as hdr
@@ -306,7 +306,7 @@ class Qcow2Node(BlockNode):
             raise QMPError(f"Could not open backing file: Backing chain loops back to '{path}'")
         token = _BACKING_CHAIN.set(chain)
         try:
-            await fill_drivers(ctx.graph, options, None if path.startswith("json:") else path)
+            await fill_drivers(ctx.graph, options, probe_name(path))
             if path.startswith("json:"):
                 options = typed_options(options)
             await ctx.open_child(options, "backing")
