@@ -210,8 +210,8 @@ def _find_protocol(name: str) -> str:
 
 def _parse_filename(driver: str, name: str, flat: dict[str, Any]) -> None:
     """The driver's own reading of a name given with it (QEMU's ``bdrv_parse_filename``)."""
-    if driver in ("file", "host_device", "host_cdrom"):
-        _strip_prefix(name, f"{'file' if driver == 'file' else driver}:", flat)
+    if driver in _KEEP_FILENAME:
+        _strip_prefix(name, f"{driver}:", flat)
     elif driver == "nbd":
         _parse_nbd(name, flat)
     elif driver == "blkdebug":
