@@ -54,17 +54,30 @@ def parse(text: str, implied_key: str | None = None) -> dict[str, Any]:
                 raise QMPError(f"Expected '=' after parameter '{part}'")
         if not _KEY.match(key) or ".." in key or key.startswith(".") or key.endswith("."):
             raise QMPError(f"Invalid parameter '{key}'")
-        node = root
-        segments = key.split(".")
-        for seg in segments[:-1]:
-            child = node.setdefault(seg, {})
-            if not isinstance(child, dict):
-                raise QMPError(f"Parameters '{key}' used inconsistently")
-            node = child
-        if isinstance(node.get(segments[-1]), dict):
-            raise QMPError(f"Parameters '{key}' used inconsistently")
-        node[segments[-1]] = value
+        _put(root, key, value)
     return _lists(root)
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """Nested options from dotted keys (``file.filename``), lists from numeric keys:
+    QEMU's flattened options (``json:`` names) as QMP shapes them."""
+    root: dict[str, Any] = {}
+    for key, value in flat.items():
+        _put(root, key, value)
+    return _lists(root)
+
+
+def _put(root: dict[str, Any], key: str, value: Any) -> None:
+    node = root
+    segments = key.split(".")
+    for seg in segments[:-1]:
+        child = node.setdefault(seg, {})
+        if not isinstance(child, dict):
+            raise QMPError(f"Parameters '{key}' used inconsistently")
+        node = child
+    if isinstance(node.get(segments[-1]), dict):
+        raise QMPError(f"Parameters '{key}' used inconsistently")
+    node[segments[-1]] = value
 
 
 def _lists(node: Any) -> Any:

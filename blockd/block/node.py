@@ -347,6 +347,8 @@ class BlockNode:
             if key in self.options:
                 opts[key] = self.options[key]
         for role, link in self.children.items():
+            if role == "backing" and "backing" not in self.options:
+                continue  # the image's own backing link: QEMU names it only if overridden
             opts[role] = link.child.full_options()
         return opts
 

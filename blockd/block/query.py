@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from blockd.block.filename import has_protocol
 from blockd.block.node import BlockNode
 from blockd.block.stats import Stats
 from blockd.errors import QMPError
@@ -49,7 +50,9 @@ def image_info(node: BlockNode, flat: bool) -> dict[str, Any]:
     backing_name = node.backing_filename()
     if backing_name:
         info["backing-filename"] = backing_name
-        full = node.backing.filename() if node.backing is not None else None
+        # QEMU makes a relative name absolute; json: and protocol names stand as they are.
+        full = backing_name if has_protocol(backing_name) else \
+            node.backing.filename() if node.backing is not None else None
         if full:
             info["full-backing-filename"] = full
         fmt = node.backing_format()

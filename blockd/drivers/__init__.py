@@ -6,7 +6,9 @@ so that starting the daemon does not load every driver.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import json
 
 from blockd.block.node import BlockNode
 from blockd.errors import QMPError
@@ -27,10 +29,26 @@ def driver_names() -> list[str]:
     return list(_DRIVERS)
 
 
+@functools.cache
+def qemu_driver_names() -> frozenset[str]:
+    """Every driver QEMU 7.2 knows, from the schema (``x-qemu-enum`` of BlockdevDriver)."""
+    from blockd.qmp.schema import SCHEMA_DIR
+
+    with open(SCHEMA_DIR / "types" / "BlockdevDriver.json") as f:
+        return frozenset(json.load(f)["x-qemu-enum"])
+
+
+def unsupported(name: str) -> QMPError:
+    """The refusal of a driver QEMU has and blockd lacks: never a guess such as raw."""
+    return QMPError(f"Driver '{name}' is not supported by blockd")
+
+
 def driver_class(name: str) -> type[BlockNode]:
     """The node class for ``driver`` (schema validation has vetted the name)."""
     target = _DRIVERS.get(name)
     if target is None:
+        if name in qemu_driver_names():
+            raise unsupported(name)
         raise QMPError(f"Parameter 'driver' does not accept value '{name}'")
     module, _, attr = target.partition(":")
     try:

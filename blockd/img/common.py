@@ -9,8 +9,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockd.block.filename import image_options
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode, Extent, Status
+from blockd.block.probe import fill_drivers, open_image, probe_name
 from blockd.errors import QMPError
 from blockd.objects import ObjectStore
 
@@ -83,37 +85,21 @@ def size_to_str(value: int) -> str:
     return f"{value / (1 << (i * 10)):0.3g} {suffixes[i]}"
 
 
-def probe_format(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
-    except OSError as exc:
-        raise ImgError(f"Could not open '{path}': Could not open '{path}': "
-                       f"{exc.strerror}") from None
-    if magic[:4] == b"QFI\xfb":
-        return "qcow2"
-    if magic == b"LUKS\xba\xbe":
-        return "luks"
-    return "raw"
-
-
-def _default_drivers(options: dict[str, Any]) -> None:
-    """Fill in what ``--image-opts`` may leave out: a file child is a ``file`` node, and the
-    format is probed from it."""
-    file = options.get("file")
-    if isinstance(file, dict):
-        file.setdefault("driver", "file")
-        if "driver" not in options and "filename" in file:
-            options["driver"] = probe_format(file["filename"])
-    if "driver" not in options and "filename" in options:
-        options["driver"] = "file"
-
-
 _RAW_PROBE_WARNING = (
     "WARNING: Image format was not specified for '{}' and probing guessed raw.\n"
     "         Automatically detecting the format is dangerous for raw images, write operations "
     "on block 0 will be restricted.\n"
     "         Specify the 'raw' format explicitly to remove the restrictions.")
+
+
+def _image_opts(text: str) -> dict[str, Any]:
+    """``--image-opts`` options: keyval syntax (its errors stand alone, as qemu-img's)."""
+    from blockd.keyval import parse as parse_keyval
+
+    try:
+        return parse_keyval(text, None)
+    except QMPError as exc:
+        raise ImgError(exc.desc) from None
 
 
 class Session:
@@ -134,34 +120,39 @@ class Session:
     async def open(self, filename: str, fmt: str | None, *, read_only: bool = True,
                    force_share: bool = False, image_opts: bool = False,
                    extra: dict[str, Any] | None = None, wrap: bool = True) -> BlockNode:
-        if image_opts:
-            from blockd.keyval import parse as parse_keyval
-            from blockd.keyval import typed
-            from blockd.qmp.schema import Schema
-
-            schema = Schema()
-            try:
-                options = typed(schema, schema.commands["blockdev-add"],
-                                parse_keyval(filename, None))
-            except QMPError as exc:
-                raise ImgError(exc.desc) from None
-            _default_drivers(options)
-        else:
-            if fmt is None:
-                fmt = probe_format(filename)
-                if fmt == "raw" and not read_only:
-                    print(_RAW_PROBE_WARNING.format(filename), file=sys.stderr)
-            options = {"driver": fmt, "file": {"driver": "file", "filename": filename}}
-        options.setdefault("node-name", f"img{len(self.graph.nodes)}")
-        options["read-only"] = read_only
-        if force_share:
-            options["force-share"] = True
-        options.update(extra or {})
+        """Open an image named as qemu-img names it: a file, a ``json:``/protocol name
+        (:mod:`blockd.block.filename`) or ``--image-opts`` options; the format is
+        probed when not given."""
+        given = _image_opts(filename) if image_opts else {"driver": fmt} if fmt else None
         try:
-            return await self.graph.open_node(options)
+            options = image_options(None if image_opts else filename, given, typed=image_opts)
+            options.setdefault("node-name", f"img{len(self.graph.nodes)}")
+            options["read-only"] = read_only
+            if force_share:
+                options["force-share"] = True
+            options.update(extra or {})
+
+            def probed(fmt: str) -> None:
+                if fmt == "raw" and not read_only and not image_opts:
+                    print(_RAW_PROBE_WARNING.format(filename), file=sys.stderr)
+
+            return await open_image(self.graph, options,
+                                    None if image_opts else probe_name(filename),
+                                    typed=image_opts or filename.startswith("json:"),
+                                    probed=probed)
         except QMPError as exc:
             message = f"Could not open '{filename}': {exc.desc}" if wrap else exc.desc
             raise ImgError(message + (f"\n{exc.hint}" if exc.hint else "")) from None
+
+    async def detect(self, filename: str) -> str:
+        """The format of the image ``filename`` names: as a ``json:`` name gives it, else
+        as probing finds it."""
+        try:
+            options = image_options(filename)
+            await fill_drivers(self.graph, options, probe_name(filename))
+        except QMPError as exc:
+            raise ImgError(exc.desc) from None
+        return options["driver"]
 
     async def close(self) -> None:
         await self.graph.close_all()

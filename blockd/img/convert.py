@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from blockd.block.backend import is_zero
+from blockd.block.filename import create_path
 from blockd.block.node import BlockNode, Claim, Status
 from blockd.errors import QMPError
 from blockd.drivers.file import FileNode
@@ -352,6 +353,11 @@ async def run(args: Args) -> int:
         src = _Source(nodes)
         if args.has("bitmaps"):
             _check_bitmaps(nodes[0], args.has("skip-broken-bitmaps"))
+        if not no_create:
+            try:
+                create_path(target)  # only a host file can be created, as qemu-img checks
+            except QMPError as exc:
+                raise ImgError(exc.desc) from None
         if plan.compress and out_fmt != "qcow2":
             raise ImgError("Compression not supported for this file format")
         if not no_create:

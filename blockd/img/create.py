@@ -13,8 +13,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from blockd.block.filename import backing_path, create_path
 from blockd.errors import QMPError
-from blockd.img.common import Args, ImgError, Session, UsageError, parse_size, probe_format
+from blockd.img.common import Args, ImgError, Session, UsageError, parse_size
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,8 @@ def formatting_line(filename: str, fmt: str, opts: dict[str, Any]) -> str:
     parts = []
     for o in all_opts(fmt):
         value = opts.get(o.name, o.default)
-        if value is not None:
-            parts.append(f"{o.name}={value}")
+        if value is not None:  # commas doubled, as QEMU prints option values
+            parts.append(f"{o.name}={str(value).replace(',', ',,')}")
     return f"Formatting '{filename}', fmt={fmt} " + " ".join(parts)
 
 
@@ -217,11 +218,16 @@ async def _backing_size(session: Session, filename: str, opts: dict[str, Any],
         return size
     if unsafe and size is not None:
         return size
-    path = backing if os.path.isabs(backing) else \
-        os.path.join(os.path.dirname(filename), backing)
+    try:
+        path = backing_path(filename, backing)
+    except QMPError as exc:
+        raise ImgError(f"{filename}: {exc.desc}") from None
     fmt = opts.get("backing_fmt")
     if fmt is None:
-        detected = probe_format(path) if os.path.exists(path) else "raw"
+        try:
+            detected = await session.detect(path)
+        except ImgError as exc:
+            raise ImgError(f"{filename}: {exc}\nCould not open backing image.") from None
         raise ImgError(f"{filename}: Backing file specified without backing format\n"
                        f"Detected format of {detected}.", newline=False)
     try:
@@ -259,6 +265,10 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
 
     if fmt not in FORMATS:
         raise ImgError(f"{filename}: Unknown file format '{fmt}'")
+    try:
+        path = create_path(filename)
+    except QMPError as exc:
+        raise ImgError(f"{filename}: {exc.desc}") from None
     opts = dict(opts)
     if "size" in opts:
         if size is not None:
@@ -269,7 +279,7 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
         raise ImgError(f"{filename}: Image creation needs a size parameter")
     if not quiet:
         print(formatting_line(filename, fmt, {**opts, "size": size}), flush=True)
-    file_opts: dict[str, Any] = {"driver": "file", "filename": filename, "size": 0}
+    file_opts: dict[str, Any] = {"driver": "file", "filename": path, "size": 0}
     created = False
     try:
         if fmt == "raw":
@@ -279,7 +289,7 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
             file_opts.update(size=size, preallocation=prealloc)
             await file_driver.create(session.graph, file_opts)
             if prealloc == "off" and size:
-                _allocate_first_block(filename, size)
+                _allocate_first_block(path, size)
             return
         size = -(-size // 512) * 512  # format drivers work in whole sectors
         options = _qcow2_options(opts, size) if fmt == "qcow2" else _luks_options(opts, size)
@@ -290,7 +300,7 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
             await file_driver.create(session.graph, {"driver": "file", "filename": data,
                                                      "size": 0})
             options["data-file"] = {"driver": "file", "filename": data}
-        options["file"] = {"driver": "file", "filename": filename}
+        options["file"] = {"driver": "file", "filename": path}
         if fmt == "qcow2":
             from blockd.drivers.qcow2.create import create
         else:
@@ -298,7 +308,7 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
         await create(session.graph, options)
     except QMPError as exc:
         if created:  # a format that failed leaves no half-made file behind
-            os.unlink(filename)
+            os.unlink(path)
         raise ImgError(f"{filename}: {context}{exc.desc}") from None
 
 

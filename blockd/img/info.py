@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from blockd.block.filename import has_protocol
 from blockd.block.node import BlockNode
 from blockd.block.query import image_info
 from blockd.img.common import Args, Session, UsageError, human_dump, json_pretty, size_to_str
@@ -47,7 +48,11 @@ async def info(session: Session, filename: str, fmt: str | None, output: str,
                backing_chain: bool, force_share: bool, image_opts: bool) -> str:
     session.graph.no_io = True  # described only: encrypted images need no key
     node = await session.open(filename, fmt, force_share=force_share, image_opts=image_opts)
-    chain = [(node, node.filename() if image_opts else filename)]
+    # QEMU shows the name the node makes of itself; for a format on a file named plainly
+    # that is the name as given.
+    plain = not image_opts and not has_protocol(filename) and node.is_format and \
+        node.file is not None and node.file.driver == "file"
+    chain = [(node, filename if plain else node.filename())]
     if backing_chain:
         cur = node
         while cur.backing is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from blockd.block.filename import has_protocol
 from blockd.block.node import BlockNode, Status
 from blockd.img.common import PROG, Args, ImgError, Session, UsageError, parse_size
 
@@ -108,8 +109,9 @@ async def run(args: Args) -> int:
             await _picture(node, args.get("picture") or "")
             return 0
         entries = await map_entries(node, start, end)
-        # The top layer is named as the user gave it; backing layers by their node filename.
-        if not args.has("image-opts"):
+        # The top layer is named as the user gave a plain file name; backing layers, and
+        # images named by json: or a protocol, by their node filename.
+        if not args.has("image-opts") and not has_protocol(args.rest[0]):
             for e in entries:
                 if e["depth"] == 0:
                     e["file"] = args.rest[0]

@@ -11,9 +11,9 @@ backing file.
 
 from __future__ import annotations
 
-import os
-
+from blockd.block.filename import backing_path
 from blockd.block.node import BlockNode, Status
+from blockd.errors import QMPError
 from blockd.img.common import Args, ImgError, Progress, Session, UsageError
 
 CHUNK = 2 << 20
@@ -84,10 +84,10 @@ async def run(args: Args) -> int:
         if not unsafe:
             new = None
             if out_base:
-                path = out_base
-                if not os.path.isabs(path):
-                    path = os.path.join(os.path.dirname(top.file.filename() if top.file
-                                                        else filename), path)
+                try:
+                    path = backing_path(top.filename(), out_base)
+                except QMPError as exc:
+                    raise ImgError(f"Could not resolve backing filename: {exc.desc}") from None
                 try:
                     new = await session.open(path, out_fmt, force_share=args.has("U"),
                                              wrap=False)

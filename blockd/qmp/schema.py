@@ -163,6 +163,10 @@ class _Walker:
                 for i, item in enumerate(value):
                     self.walk(items, item, f"{path}[{i}]", base, "null")
         elif "enum" in node and value not in node["enum"]:
+            if value in node.get("x-qemu-enum", ()):
+                from blockd.drivers import unsupported
+
+                raise unsupported(value)
             raise QMPError(f"Parameter '{short}' does not accept value '{value}'")
         elif "const" in node and value != node["const"]:
             raise QMPError(f"Parameter '{short}' does not accept value '{value}'")

@@ -22,8 +22,10 @@ import logging
 import os
 from typing import Any, AsyncIterator
 
+from blockd.block.filename import backing_path, image_options, typed_options
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Claim, Extent, Status, WriteFlags
+from blockd.block.probe import fill_drivers, probe_name
 from blockd.drivers.qcow2 import bitmaps as qbitmaps
 from blockd.drivers.qcow2 import compress, crypt
 from blockd.drivers.qcow2 import header as hdr
@@ -53,11 +55,6 @@ def _file_id(path: str) -> tuple[int, int] | None:
     except (OSError, ValueError):
         return None
     return st.st_dev, st.st_ino
-
-
-def probe_format(head: bytes) -> str:
-    """What a backing file is when the image does not say: qcow2 by magic, else raw."""
-    return "qcow2" if head[:4] == b"QFI\xfb" else "raw"
 
 
 class Qcow2Node(BlockNode):
@@ -293,25 +290,27 @@ class Qcow2Node(BlockNode):
             return
         if not h.backing_file:
             return
-        path = h.backing_file
-        if not os.path.isabs(path) and not path.startswith("json:"):
-            path = os.path.join(os.path.dirname(self.image.file.filename()), path)
+        # Relative names are in the directory of the storage under any filters (QEMU's
+        # bdrv_dirname), so blkdebug::top.qcow2 finds its backing file next to top.qcow2.
+        storage = self.image.file
+        while storage.file is not None:
+            storage = storage.file
+        try:
+            path = backing_path(storage.filename(), h.backing_file)
+            options = image_options(path, {"driver": h.backing_format}
+                                    if h.backing_format else None)
+        except QMPError as exc:
+            raise QMPError(f"Could not open backing file: {exc.desc}") from None
         chain = _BACKING_CHAIN.get() | {_file_id(self.image.file.filename())}
         if _file_id(path) in chain - {None}:
             # QEMU would open the chain forever; a file naming itself is refused.
             raise QMPError(f"Could not open backing file: Backing chain loops back to '{path}'")
-        fmt = h.backing_format
-        if fmt is None:
-            try:
-                with open(path, "rb") as f:
-                    fmt = probe_format(f.read(4))
-            except OSError as exc:
-                raise QMPError(f"Could not open backing file: Could not open '{path}': "
-                               f"{exc.strerror}") from None
         token = _BACKING_CHAIN.set(chain)
         try:
-            await ctx.open_child({"driver": fmt, "file": {"driver": "file", "filename": path}},
-                                 "backing")
+            await fill_drivers(ctx.graph, options, probe_name(path))
+            if path.startswith("json:"):
+                options = typed_options(options)
+            await ctx.open_child(options, "backing")
         except QMPError as exc:
             raise QMPError(f"Could not open backing file: {exc.desc}") from None
         finally:
