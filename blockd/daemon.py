@@ -33,6 +33,10 @@ class Daemon:
         self._sinks: list[EventSink] = []
         #: Set when a client ran ``quit`` or a signal arrived; the main loop waits on it.
         self.quit_requested = asyncio.Event()
+        #: Set once the whole command line is applied.  Monitors greet clients before
+        #: that (as qemu-storage-daemon's do) but run no request until it is set, so a
+        #: client never sees a half-configured daemon and ``quit`` is never lost.
+        self.started = asyncio.Event()
 
     def request_quit(self) -> None:
         self.quit_requested.set()

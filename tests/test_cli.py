@@ -12,7 +12,7 @@ import pytest
 
 from blockd.errors import QMPError
 from blockd.keyval import parse
-from harness import ROOT, Daemon
+from harness import HAVE_QSD, ROOT, WAIT, Daemon, qemu_tool
 
 
 def _run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -76,7 +76,7 @@ def test_options_build_a_graph_and_sigterm_shuts_down(tmp_path):
         assert [e["id"] for e in exports] == ["exp0"]
         assert int(pidfile.read_text()) == d.proc.pid
         d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(15) == 0
+        assert d.proc.wait(WAIT) == 0
         assert not pidfile.exists()
     finally:
         d.stop()
@@ -92,7 +92,37 @@ def test_qmp_shortcut_and_daemonize(tmp_path):
         assert sock.exists() and oct(sock.stat().st_mode & 0o777) == "0o600"
     finally:
         os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT
     while pidfile.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not pidfile.exists()
+
+
+@pytest.mark.skipif(not HAVE_QSD, reason="needs qemu-storage-daemon")
+@pytest.mark.parametrize("qsd", [True, False], ids=["qsd", "blockd"])
+def test_monitor_serves_only_after_the_command_line(tmp_path, qsd):
+    """A monitor given first greets at once but answers only once every option is applied.
+
+    A LUKS image whose key takes a while to derive keeps start-up busy after the
+    monitor exists; ``quit`` sent meanwhile must still end the daemon.
+    """
+    image = str(tmp_path / "slow.luks")
+    made = qemu_tool("qemu-img", "create", "-q", "-f", "luks", "--object", "secret,id=s0,data=pw",
+                     "-o", "key-secret=s0,iter-time=1000", image, "1M")
+    assert made.returncode == 0, made.stderr
+    nbd = tmp_path / "nbd.sock"
+    d = Daemon(str(tmp_path / "qmp.sock"), "--object", "secret,id=s0,data=pw",
+               "--blockdev", f"driver=file,node-name=f0,filename={image}",
+               "--blockdev", "driver=luks,node-name=l0,file=f0,key-secret=s0",
+               "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+               "--export", "type=nbd,id=e0,node-name=l0", qsd=qsd, monitor_first=True)
+    try:
+        c = d.client(negotiate=False)
+        assert "QMP" in c.greeting
+        c.send('{"execute": "qmp_capabilities"}')
+        assert c.recv() == {"return": {}}
+        assert nbd.exists()
+        c.send('{"execute": "quit"}')
+        assert d.proc.wait(WAIT) == 0
+    finally:
+        d.stop()

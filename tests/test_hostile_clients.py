@@ -26,7 +26,7 @@ import pytest
 
 from blockd.nbd import protocol as p
 from blockd.nbd import server as nbd_server
-from harness import HAVE_QSD, Daemon, connect_unix, qemu_tool
+from harness import HAVE_QSD, WAIT, Daemon, connect_unix, qemu_tool
 
 MiB = 1 << 20
 
@@ -47,7 +47,7 @@ def _rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _wait_fds(pid: int, baseline: int, timeout: float = 10.0) -> int:
+def _wait_fds(pid: int, baseline: int, timeout: float = WAIT) -> int:
     """Descriptor count once closes have settled (or the last count seen)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -78,7 +78,7 @@ def served(tmp_path):
 
 def _connect(nbd: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
+    s.settimeout(WAIT)
     s.connect(nbd)
     return s
 
@@ -113,7 +113,7 @@ def _simple_reply(s: socket.socket, n: int = 0) -> tuple[int, int, bytes]:
     return error, handle, _recv_exact(s, n) if not error else b""
 
 
-def _closed(s: socket.socket, timeout: float = 5.0) -> bool:
+def _closed(s: socket.socket, timeout: float = WAIT) -> bool:
     """Whether the server closed the connection (EOF or reset) within ``timeout``."""
     s.settimeout(timeout)
     try:
@@ -273,7 +273,7 @@ def test_max_connections(tmp_path):
         first.sendall(p.request(p.Cmd.DISC, 1))
         assert _closed(first)
         first.close()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + WAIT
         while True:  # the slot frees once the server has seen the disconnect
             try:
                 again = _negotiate(nbd, "a")
@@ -302,7 +302,7 @@ def test_qmp_client_limit(tmp_path):
         # The first 64 get a greeting; the rest are closed without one.
         greeted = 0
         for s in socks:
-            s.settimeout(5)
+            s.settimeout(WAIT)
             try:
                 greeted += s.recv(1).startswith(b"{")
             except (ConnectionResetError, socket.timeout):

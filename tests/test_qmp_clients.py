@@ -71,8 +71,9 @@ def test_many_clients_and_events_broadcast(daemon, tmp_path):
     clients[0].cmd("blockdev-create", **{"job-id": "j1", "options": {
         "driver": "file", "filename": str(tmp_path / "b.raw"), "size": 4096}})
     for c in clients:
-        seen = [e["data"]["status"] for e in c.events(0.5) if e.get("event") == "JOB_STATUS_CHANGE"]
-        assert "concluded" in seen
+        seen = c.events_until(lambda e: e["event"] == "JOB_STATUS_CHANGE"
+                              and e["data"]["status"] == "concluded")
+        assert seen[-1]["data"] == {"id": "j1", "status": "concluded"}
 
 
 def test_bad_clients_do_not_harm_others(daemon):
