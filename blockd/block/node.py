@@ -146,7 +146,7 @@ class BlockNode:
     #: Format drivers interpret their ``file`` child; filters pass through.
     is_format: ClassVar[bool] = False
     is_filter: ClassVar[bool] = False
-    #: Protocol drivers (file, null-co) own the storage.
+    #: Protocol drivers (file, null-co, blkdebug) are opened by their own name, not probed.
     is_protocol: ClassVar[bool] = False
     #: Options that change what the node shows; any of them set means the
     #: node's name is a ``json:{...}`` description rather than a file name.
