@@ -12,7 +12,7 @@ from typing import Callable
 import pytest
 
 from blockd.nbd import protocol as p
-from harness import Daemon
+from harness import WAIT, Daemon
 
 
 def uri(sock: str, name: str) -> str:
@@ -277,3 +277,105 @@ def test_request_that_waits_continues_as_a_task():
         return log
 
     assert asyncio.run(main()) == ["done", "done", "cancelled"]
+
+
+class _Wire:
+    """A raw NBD client socket with the protocol module's parser, one event at a time."""
+
+    def __init__(self, nbd: str) -> None:
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(WAIT)
+        self.s.connect(nbd)
+        self.parser = p.ClientParser()
+        self.pending: list = []
+
+    def event(self):
+        """The next event, or "closed" once the server hung up."""
+        while not self.pending:
+            self.pending.extend(self.parser.events())
+            if self.pending:
+                break
+            try:
+                data = self.s.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                return "closed"
+            self.parser.receive_data(data)
+        return self.pending.pop(0)
+
+    def go(self, name: str, structured: bool) -> int:
+        """Handshake to transmission; returns the export's transmission flags."""
+        self.s.sendall(p.client_flags())
+        if structured:
+            self.s.sendall(p.option_request(p.Opt.STRUCTURED_REPLY))
+            assert self.event().reply == p.Rep.ACK
+        self.s.sendall(p.option_request(p.Opt.GO, p.info_request_data(name)))
+        flags = 0
+        while (reply := self.event()).reply != p.Rep.ACK:
+            kind, value = p.parse_rep_info(reply.data)
+            if kind == p.Info.EXPORT:
+                flags = value[1]
+        self.parser.start_transmission()
+        return flags
+
+
+def _edge_session(tmp_path, qsd: bool) -> list:
+    """What a client sees at the protocol's edges: long unknown names, unknown client
+    flags, flags per reply mode, requests with flags their command does not take."""
+    work = tmp_path / ("qsd" if qsd else "blockd")
+    work.mkdir()
+    nbd = str(work / "nbd.sock")
+    seen: list = []
+    with Daemon(str(work / "qmp.sock"), "--blockdev", "driver=null-co,node-name=n0,size=1048576",
+                "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+                "--export", "type=nbd,id=e0,node-name=n0,name=n0", qsd=qsd,
+                stderr=subprocess.DEVNULL):
+        for length in (79, 80, 4095, 4096):
+            for opt in (p.Opt.GO, p.Opt.INFO):
+                c = _Wire(nbd)
+                c.event()
+                c.s.sendall(p.client_flags() + p.option_request(opt, p.info_request_data("x" * length)))
+                reply = c.event()
+                seen.append((length, opt, reply.reply, reply.data))
+                c.s.close()
+        for flags in (p.ClientFlag.FIXED_NEWSTYLE | 4, p.ClientFlag.FIXED_NEWSTYLE | 1 << 31):
+            c = _Wire(nbd)
+            c.event()
+            c.s.sendall(p.client_flags(flags) + p.option_request(p.Opt.GO, p.info_request_data("n0")))
+            seen.append(("client flags", flags, c.event()))
+            c.s.close()
+        for structured in (False, True):
+            c = _Wire(nbd)
+            c.event()
+            seen.append(("transmission flags", structured, c.go("n0", structured)))
+            for cmd, flags in ((p.Cmd.READ, p.CmdFlag.DF), (p.Cmd.READ, p.CmdFlag.REQ_ONE),
+                               (p.Cmd.READ, 1 << 7), (p.Cmd.FLUSH, p.CmdFlag.FUA),
+                               (p.Cmd.FLUSH, 1 << 9)):
+                length = 512 if cmd == p.Cmd.READ else 0
+                if length:
+                    c.parser.expect_read(1, length)
+                c.s.sendall(p.request(cmd, 1, 0, length, flags))
+                reply = c.event()
+                if isinstance(reply, p.StructuredChunk):
+                    answer = (reply.type, p.parse_error_chunk(reply.payload)[:2]
+                              if reply.type & 0x8000 else b"")
+                    while not reply.done:
+                        reply = c.event()
+                else:
+                    answer = ("simple", reply.error)
+                seen.append((structured, cmd, flags, answer))
+            c.s.close()
+    return seen
+
+
+@pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason="needs qsd")
+def test_protocol_edges_match_qsd(tmp_path):
+    theirs = _edge_session(tmp_path, qsd=True)
+    ours = _edge_session(tmp_path, qsd=False)
+    assert ours == theirs
+    unknown = [entry for entry in ours if entry[0] == 4096]
+    assert unknown and all(e[2] == p.Rep.ERR_UNKNOWN for e in unknown)
+    assert [e[2] for e in ours if e[0] == "client flags"] == ["closed", "closed"]
+    df = {e[1]: bool(e[2] & p.TransmissionFlag.SEND_DF) for e in ours if e[0] == "transmission flags"}
+    assert df == {False: False, True: True}

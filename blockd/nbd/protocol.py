@@ -194,6 +194,20 @@ def _string(text: str) -> bytes:
     return data
 
 
+def _message(text: str) -> bytes:
+    """A message for humans, cut to what the protocol allows (at a character boundary):
+    it may quote what a client sent, and must never fail the reply."""
+    return text.encode()[:MAX_STRING].decode(errors="ignore").encode()
+
+
+def quoted_name(name: str) -> str:
+    """An export name as error messages quote it: at most 80 bytes, then "...", as QEMU."""
+    raw = name.encode()
+    if len(raw) < 80:
+        return name
+    return raw[:80].decode(errors="ignore") + "..."
+
+
 # ---- handshake: server to client ---------------------------------------------------
 
 def greeting(flags: int = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES) -> bytes:
@@ -210,7 +224,7 @@ def rep_ack(option: int) -> bytes:
 
 def rep_error(option: int, reply: int, message: str = "") -> bytes:
     """An error reply; the optional message is for humans (clients log it)."""
-    return option_reply(option, reply, _string(message))
+    return option_reply(option, reply, _message(message))
 
 
 def rep_server(option: int, name: str, details: str = "") -> bytes:
@@ -400,7 +414,7 @@ def chunk_block_status(handle: int, context_id: int, extents: Iterable[tuple[int
 def chunk_error(handle: int, error: int, message: str = "", offset: int | None = None,
                 done: bool = True) -> bytes:
     """An ERROR chunk, or ERROR_OFFSET when ``offset`` names where a read failed."""
-    text = _string(message)
+    text = _message(message)
     body = _U32.pack(error) + _U16.pack(len(text)) + text
     kind = Chunk.ERROR
     if offset is not None:

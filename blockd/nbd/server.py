@@ -56,6 +56,11 @@ CONTEXT_BASE = 0
 CONTEXT_DEPTH = 1
 CONTEXT_BITMAP = 2
 QEMU_DEPTH = "qemu:allocation-depth"
+#: Command names in messages, as QEMU words them.
+_CMD_NAMES = {p.Cmd.READ: "read", p.Cmd.WRITE: "write", p.Cmd.DISC: "disconnect",
+              p.Cmd.FLUSH: "flush", p.Cmd.TRIM: "trim", p.Cmd.CACHE: "cache",
+              p.Cmd.WRITE_ZEROES: "write zeroes", p.Cmd.BLOCK_STATUS: "block status",
+              p.Cmd.RESIZE: "resize"}
 QEMU_BITMAP = "qemu:dirty-bitmap:"
 
 _ERRNO_TO_NBD = {
@@ -293,16 +298,20 @@ class Connection(asyncio.Protocol):
     def _client_flags(self, flags: int) -> None:
         if not flags & p.ClientFlag.FIXED_NEWSTYLE:
             raise p.ProtocolError("client does not speak fixed newstyle")
-        if flags & ~(p.ClientFlag.FIXED_NEWSTYLE | p.ClientFlag.NO_ZEROES):
-            raise p.ProtocolError("unknown client flags")
+        # int(): ``~`` on an IntFlag keeps only the members it knows, so the mask was 0.
+        if flags & ~int(p.ClientFlag.FIXED_NEWSTYLE | p.ClientFlag.NO_ZEROES):
+            raise p.ProtocolError(f"unknown client flags 0x{flags:x}")
         self.no_zeroes = bool(flags & p.ClientFlag.NO_ZEROES)
 
     # ---- handshake -------------------------------------------------------------
 
     def _transmission_flags(self, export: "Export") -> int:
         f = p.TransmissionFlag
-        flags = (f.HAS_FLAGS | f.SEND_FLUSH | f.SEND_FUA | f.SEND_DF | f.CAN_MULTI_CONN
-                 | f.SEND_CACHE)
+        flags = f.HAS_FLAGS | f.SEND_FLUSH | f.SEND_FUA | f.SEND_CACHE
+        if self.structured:  # DF means something only to structured reads
+            flags |= f.SEND_DF
+        if self.server.max_connections != 1:  # one connection at a time cannot be multi
+            flags |= f.CAN_MULTI_CONN
         if export.writable:
             flags |= f.SEND_TRIM | f.SEND_WRITE_ZEROES | f.SEND_FAST_ZERO
         else:
@@ -358,7 +367,7 @@ class Connection(asyncio.Protocol):
         name, infos = p.parse_info_request(data)
         export = self._find(name)
         if export is None:
-            self._write(p.rep_error(opt, p.Rep.ERR_UNKNOWN, f"export '{name}' not present"))
+            self._write(p.rep_error(opt, p.Rep.ERR_UNKNOWN, f"export '{p.quoted_name(name)}' not present"))
             return
         if p.Info.NAME in infos:
             self._write(p.rep_info_name(opt, export.name))
@@ -393,7 +402,7 @@ class Connection(asyncio.Protocol):
         name, queries = p.parse_meta_context_request(data)
         export = self._find(name)
         if export is None:
-            self._write(p.rep_error(opt, p.Rep.ERR_UNKNOWN, f"export '{name}' not present"))
+            self._write(p.rep_error(opt, p.Rep.ERR_UNKNOWN, f"export '{p.quoted_name(name)}' not present"))
             return
         chosen: dict[int, tuple[int, Any]] = {}
         for cid, cname, arg in self._available_contexts(export):
@@ -452,7 +461,8 @@ class Connection(asyncio.Protocol):
             self._process()
 
     def _reply_error(self, req: p.Request, error: int, message: str = "") -> None:
-        if self.structured and req.cmd in (p.Cmd.READ, p.Cmd.BLOCK_STATUS):
+        # With structured replies every error is a chunk (with its message), as in QEMU.
+        if self.structured:
             self._reply(p.chunk_error(req.handle, error, message))
         else:
             self._reply(p.simple_reply(req.handle, error))
@@ -471,6 +481,9 @@ class Connection(asyncio.Protocol):
             raise OSError(errno.EINVAL, "request beyond the end of the export")
         if cmd in WRITES and not export.writable:
             raise OSError(errno.EPERM, "export is read-only")
+        if req.flags & ~self._valid_flags(cmd):
+            raise OSError(errno.EINVAL, f"unsupported flags for command "
+                                        f"{_CMD_NAMES.get(cmd, '<unknown>')} (got 0x{req.flags:x})")
         if cmd == p.Cmd.READ:
             await self._read(req)
         elif cmd == p.Cmd.WRITE:
@@ -504,6 +517,17 @@ class Connection(asyncio.Protocol):
             await self._block_status(req)
         else:
             raise OSError(errno.EINVAL, "unknown command")
+
+    def _valid_flags(self, cmd: int) -> int:
+        """Flags a command may carry; anything else is EINVAL, as in QEMU."""
+        valid = FUA
+        if cmd == p.Cmd.READ and self.structured:
+            valid |= p.CmdFlag.DF
+        elif cmd == p.Cmd.WRITE_ZEROES:
+            valid |= p.CmdFlag.NO_HOLE | p.CmdFlag.FAST_ZERO
+        elif cmd == p.Cmd.BLOCK_STATUS:
+            valid |= p.CmdFlag.REQ_ONE
+        return int(valid)
 
     async def _read(self, req: p.Request) -> None:
         backend = self.export.backend
