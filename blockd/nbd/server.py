@@ -20,6 +20,8 @@ import asyncio
 import errno
 import logging
 import os
+import socket
+import stat
 from typing import TYPE_CHECKING, Any, Coroutine, Generator, Iterator
 
 from blockd.block.node import BlockNode, Status, WriteFlags
@@ -45,6 +47,11 @@ WRITES = frozenset({p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM})
 FUA = int(p.CmdFlag.FUA)
 #: Reply bytes queued in one turn of the event loop before they are sent anyway.
 OUTBOX_MAX = 256 << 10
+#: Connections an NBD server takes at once unless ``max-connections`` says otherwise:
+#: QEMU 7.2's stable releases cap them so (CVE-2024-7409); 0 lifts the cap.
+DEFAULT_MAX_CONNECTIONS = 100
+#: Clients the kernel queues for a listener that is not accepting.
+LISTEN_BACKLOG = 128
 #: Seconds a client has from connecting to choosing an export.
 HANDSHAKE_TIMEOUT = 10.0
 #: Reads this long are answered with hole chunks where the image has none.
@@ -116,12 +123,20 @@ async def depth_extents(node: BlockNode, offset: int, length: int) -> list[tuple
 
 
 class NBDServer:
-    """Listeners and the exports they serve (``nbd-server-start``)."""
+    """Listeners and the exports they serve (``nbd-server-start``).
 
-    def __init__(self, daemon: "Daemon", max_connections: int = 0) -> None:
+    At ``max_connections`` clients the listeners stop accepting, as QEMU's
+    do: a further client waits in the socket's backlog, unanswered, until
+    a connection ends, and holds nothing of the daemon's meanwhile.
+    """
+
+    def __init__(self, daemon: "Daemon", max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self.daemon = daemon
+        #: 0 is no limit.
         self.max_connections = max_connections
-        self.servers: list[asyncio.AbstractServer] = []
+        self.listeners: list[socket.socket] = []
+        self.accepting = False
+        self.stopped = False
         self.connections: set[Connection] = set()
         self.unix_path: str | None = None
 
@@ -130,23 +145,90 @@ class NBDServer:
 
     async def listen_unix(self, path: str) -> None:
         """Listen on a unix socket created with mode 0600 (only our user connects)."""
-        loop = asyncio.get_running_loop()
+        target = os_path(path)
+        try:
+            if stat.S_ISSOCK(os.stat(target).st_mode):
+                os.unlink(target)  # a stale socket of an earlier run
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            server = await loop.create_unix_server(lambda: Connection(self), os_path(path))
+            sock.bind(target)
+        except OSError:
+            sock.close()
+            raise
         finally:
             os.umask(old)
         self.unix_path = path
-        self.servers.append(server)
+        self._listen(sock)
 
     async def listen_inet(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        self.servers.append(await loop.create_server(lambda: Connection(self), host, port,
-                                                     reuse_address=True))
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+            except OSError:
+                sock.close()
+                raise
+            self._listen(sock)
+
+    def _listen(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        sock.listen(LISTEN_BACKLOG)
+        self.listeners.append(sock)
+        if self.accepting:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+        self.update_accepting()
+
+    def update_accepting(self) -> None:
+        """Watch the listeners for clients exactly while a connection slot is free."""
+        want = not self.stopped and (not self.max_connections
+                                     or len(self.connections) < self.max_connections)
+        if want == self.accepting:
+            return
+        self.accepting = want
+        loop = asyncio.get_running_loop()
+        for sock in self.listeners:
+            if want:
+                loop.add_reader(sock.fileno(), self._accept, sock)
+            else:
+                loop.remove_reader(sock.fileno())
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # out of descriptors, say: the client stays queued
+            log.warning("NBD server could not accept a client: %s", exc.strerror)
+            return
+        sock.setblocking(False)
+        conn = Connection(self)
+        # Counted from the accept on, so a burst of clients cannot overshoot the limit.
+        self.connections.add(conn)
+        self.update_accepting()
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(lambda: conn, sock))
+
+        def started(task: asyncio.Task[Any]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                sock.close()
+                conn.connection_lost(None)  # frees the slot
+
+        task.add_done_callback(started)
 
     async def stop(self) -> None:
-        for server in self.servers:
-            server.close()
+        self.stopped = True
+        self.update_accepting()
+        for sock in self.listeners:
+            sock.close()
         for conn in list(self.connections):
             conn.abort()
         if self.unix_path is not None:
@@ -186,11 +268,6 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        limit = self.server.max_connections
-        if limit and len(self.server.connections) >= limit:
-            transport.close()
-            return
-        self.server.connections.add(self)
         self.handshake_timer = asyncio.get_running_loop().call_later(
             HANDSHAKE_TIMEOUT, self._handshake_expired)
         transport.write(p.greeting())
@@ -205,6 +282,7 @@ class Connection(asyncio.Protocol):
         if self.handshake_timer is not None:
             self.handshake_timer.cancel()
         self.server.connections.discard(self)
+        self.server.update_accepting()
         if self.export is not None:
             self.export.connections.discard(self)
         for task in self.tasks:
