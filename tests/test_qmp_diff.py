@@ -35,13 +35,30 @@ def _normalise(line: bytes, tmp: str) -> str:
     return text.replace(tmp, "TMP")
 
 
+#: Sent after a session: an invalid byte ends whatever JSON is pending, then a command
+#: whose reply marks the end of the output.  Both daemons get it, so its replies are
+#: compared too; it makes the session's tail independent of how fast replies come.
+SYNC = b'\n\xff\n{"execute":"query-version","id":"sync"}\n'
+
+
 def _session(daemon: Daemon, writes: list[bytes | str], tmp: str) -> list[str]:
     client = daemon.client(negotiate=False)
     out = [_normalise(json.dumps(client.greeting).encode(), tmp)]
     for data in writes:
         client.send(data)
         out += [_normalise(line, tmp) for line in client.lines_until_quiet(0.25)]
-    return out
+    try:
+        client.send(SYNC)
+    except OSError:
+        return out  # the session ended the connection (quit)
+    while True:
+        try:
+            line = client.recv_line()
+        except (EOFError, ConnectionResetError):
+            return out
+        out.append(_normalise(line, tmp))
+        if b'"id": "sync"' in line:
+            return out
 
 
 def _both(tmp_path, writes, setup=None) -> tuple[list[str], list[str]]:
