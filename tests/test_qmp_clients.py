@@ -119,3 +119,25 @@ def test_qmp_shell(daemon):
     assert '"package": "blockd' in out
     assert '{"name": "s0", "type": "child<secret>"}' in out
     assert "abc" not in out.replace("data=abc", "")
+
+
+def test_host_errors_are_not_internal_errors(monkeypatch):
+    """An OSError no handler expected reaches the client as its text, never as
+    "Internal error" (in process: no command is known to leak one today)."""
+    import dataclasses
+    import errno
+
+    from blockd.daemon import Daemon as State
+    from blockd.qmp.dispatch import Dispatcher, Request, SessionState
+
+    async def failing(daemon, args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    async def body() -> dict:
+        dispatcher = Dispatcher(State())
+        cmd = dispatcher.commands["query-version"]
+        dispatcher.commands["query-version"] = dataclasses.replace(cmd, handler=failing)
+        return await dispatcher.run(Request("query-version", {}, False, True, 7), SessionState())
+
+    assert asyncio.run(body()) == {"id": 7, "error": {"class": "GenericError",
+                                                      "desc": "Input/output error"}}
