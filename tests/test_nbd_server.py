@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 from typing import Callable
 
@@ -379,3 +380,77 @@ def test_protocol_edges_match_qsd(tmp_path):
     assert [e[2] for e in ours if e[0] == "client flags"] == ["closed", "closed"]
     df = {e[1]: bool(e[2] & p.TransmissionFlag.SEND_DF) for e in ours if e[0] == "transmission flags"}
     assert df == {False: False, True: True}
+
+
+def _q(raw: bytes) -> bytes:
+    """A length-prefixed string as option payloads carry them, whatever its bytes."""
+    return struct.pack(">I", len(raw)) + raw
+
+
+_SR = p.option_request(p.Opt.STRUCTURED_REPLY)
+#: Malformed or unusual handshake options; each case is sent after the client flags.
+OPTION_CASES = {
+    "go-name-4097": p.option_request(p.Opt.GO, _q(b"x" * 4097) + b"\0\0"),
+    "go-name-past-end": p.option_request(p.Opt.GO, struct.pack(">I", 100) + b"n0"),
+    "go-no-count": p.option_request(p.Opt.GO, _q(b"n0")),
+    "go-short-requests": p.option_request(p.Opt.GO, _q(b"n0") + b"\0\2\0\1"),
+    "go-trailing": p.option_request(p.Opt.GO, p.info_request_data("n0") + b"zz"),
+    "info-trailing": p.option_request(p.Opt.INFO, p.info_request_data("n0") + b"z"),
+    "go-nul": p.option_request(p.Opt.GO, _q(b"n0\0x") + b"\0\0"),
+    "go-not-utf8": p.option_request(p.Opt.GO, _q(b"\xff\xfe") + b"\0\0"),
+    "go-not-utf8-long": p.option_request(p.Opt.GO, _q(b"\xc3" * 100) + b"\0\0"),
+    "list-data": p.option_request(p.Opt.LIST, b"x"),
+    "structured-data": p.option_request(p.Opt.STRUCTURED_REPLY, b"x"),
+    "structured-twice": _SR + _SR,
+    "starttls": p.option_request(p.Opt.STARTTLS),
+    "starttls-data": p.option_request(p.Opt.STARTTLS, b"x"),
+    "peek-export": p.option_request(p.Opt.PEEK_EXPORT),
+    "unknown": p.option_request(99),
+    "set-meta-unstructured": p.option_request(
+        p.Opt.SET_META_CONTEXT, p.meta_context_data("n0", [p.BASE_ALLOCATION])),
+    "list-meta-unstructured": p.option_request(p.Opt.LIST_META_CONTEXT, _q(b"n0") + bytes(4)),
+    "meta-long-query": _SR + p.option_request(
+        p.Opt.SET_META_CONTEXT, _q(b"n0") + struct.pack(">I", 2) + _q(b"a" * 5000)
+        + _q(b"base:allocation")),
+    "meta-nul-query": _SR + p.option_request(
+        p.Opt.SET_META_CONTEXT, _q(b"n0") + struct.pack(">I", 1) + _q(b"base:\0allocation")),
+    "meta-unknown-export-first": _SR + p.option_request(p.Opt.SET_META_CONTEXT, _q(b"zz") + b"\xff"),
+    "meta-no-count": _SR + p.option_request(p.Opt.LIST_META_CONTEXT, _q(b"n0") + b"\0"),
+    "meta-count-too-big": _SR + p.option_request(
+        p.Opt.LIST_META_CONTEXT, _q(b"n0") + struct.pack(">I", 3) + _q(b"base:allocation")),
+    "meta-name-nul": _SR + p.option_request(p.Opt.LIST_META_CONTEXT, _q(b"n\0") + bytes(4)),
+    "meta-name-4097": _SR + p.option_request(p.Opt.LIST_META_CONTEXT, _q(b"x" * 4097) + bytes(4)),
+    "meta-long-unknown": _SR + p.option_request(p.Opt.LIST_META_CONTEXT, _q(b"y" * 4000) + bytes(4)),
+}
+
+
+def _option_replies(tmp_path, qsd: bool) -> dict:
+    """Every option reply each case gets; NBD_OPT_ABORT ends each case, so the server's
+    hang-up, not a timeout, says that everything has come."""
+    work = tmp_path / ("qsd" if qsd else "blockd")
+    work.mkdir()
+    nbd = str(work / "nbd.sock")
+    seen = {}
+    with Daemon(str(work / "qmp.sock"), "--blockdev", "driver=null-co,node-name=n0,size=1048576",
+                "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+                "--export", "type=nbd,id=e0,node-name=n0,name=n0", qsd=qsd,
+                stderr=subprocess.DEVNULL):
+        for case, payload in OPTION_CASES.items():
+            c = _Wire(nbd)
+            c.event()
+            c.s.sendall(p.client_flags() + payload + p.option_request(p.Opt.ABORT))
+            replies = []
+            while (reply := c.event()) != "closed":
+                replies.append((reply.option, reply.reply, reply.data))
+            seen[case] = replies
+            c.s.close()
+    return seen
+
+
+@pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason="needs qsd")
+def test_option_errors_match_qsd(tmp_path):
+    theirs = _option_replies(tmp_path, qsd=True)
+    ours = _option_replies(tmp_path, qsd=False)
+    for case in OPTION_CASES:
+        assert ours[case] == theirs[case], case
+    assert ours["go-name-4097"][0][1:] == (p.Rep.ERR_INVALID, b"Invalid name length: 4097")

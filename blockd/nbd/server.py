@@ -406,16 +406,17 @@ class Connection(asyncio.Protocol):
                 self.closing = True
                 self.transport.close()
             elif opt == p.Opt.LIST:
-                if req.data:
-                    raise p.InvalidOption("NBD_OPT_LIST takes no data")
+                p.no_payload(req.data, opt)
                 for exp in self.server.exports().values():
                     self._write(p.rep_server(opt, exp.name, exp.description or ""))
                 self._write(p.rep_ack(opt))
             elif opt in (p.Opt.INFO, p.Opt.GO):
                 self._opt_info(opt, req.data)
+            elif opt == p.Opt.STARTTLS:
+                p.no_payload(req.data, opt)
+                self._write(p.rep_error(opt, p.Rep.ERR_POLICY, "TLS not configured"))
             elif opt == p.Opt.STRUCTURED_REPLY:
-                if req.data:
-                    raise p.InvalidOption("NBD_OPT_STRUCTURED_REPLY takes no data")
+                p.no_payload(req.data, opt)
                 if self.structured:
                     raise p.InvalidOption("structured reply already negotiated")
                 self.structured = True
@@ -423,7 +424,8 @@ class Connection(asyncio.Protocol):
             elif opt in (p.Opt.LIST_META_CONTEXT, p.Opt.SET_META_CONTEXT):
                 self._opt_meta_context(opt, req.data)
             else:
-                self._write(p.rep_error(opt, p.Rep.ERR_UNSUP, f"Unsupported option {opt}"))
+                self._write(p.rep_error(opt, p.Rep.ERR_UNSUP,
+                                        f"Unsupported option {opt} ({p.opt_name(opt)})"))
         except p.InvalidOption as exc:
             self._write(p.rep_error(opt, p.Rep.ERR_INVALID, str(exc)))
 
@@ -442,7 +444,7 @@ class Connection(asyncio.Protocol):
         self._enter_transmission(export)
 
     def _opt_info(self, opt: int, data: bytes) -> None:
-        name, infos = p.parse_info_request(data)
+        name, infos = p.parse_info_request(data, opt)
         export = self._find(name)
         if export is None:
             self._write(p.rep_error(opt, p.Rep.ERR_UNKNOWN, f"export '{p.quoted_name(name)}' not present"))
@@ -475,13 +477,16 @@ class Connection(asyncio.Protocol):
             yield CONTEXT_BITMAP + i, QEMU_BITMAP + name, bitmap
 
     def _opt_meta_context(self, opt: int, data: bytes) -> None:
-        if not self.structured:
-            raise p.InvalidOption("structured replies must be negotiated first")
-        name, queries = p.parse_meta_context_request(data)
+        if opt == p.Opt.SET_META_CONTEXT and not self.structured:
+            raise p.InvalidOption(f"request option '{p.opt_name(opt)}' when structured reply "
+                                  "is not negotiated")
+        # The export is looked up before the queries are read, as in QEMU.
+        name = p.meta_context_name(data, opt)
         export = self._find(name)
         if export is None:
             self._write(p.rep_error(opt, p.Rep.ERR_UNKNOWN, f"export '{p.quoted_name(name)}' not present"))
             return
+        queries = p.meta_context_queries(data, opt)
         chosen: dict[int, tuple[int, Any]] = {}
         for cid, cname, arg in self._available_contexts(export):
             listing_all = opt == p.Opt.LIST_META_CONTEXT and not queries
