@@ -454,3 +454,63 @@ def test_option_errors_match_qsd(tmp_path):
     for case in OPTION_CASES:
         assert ours[case] == theirs[case], case
     assert ours["go-name-4097"][0][1:] == (p.Rep.ERR_INVALID, b"Invalid name length: 4097")
+
+
+#: Requests at the edges: (command, flags, offset, length), on a 1 MiB export.
+REQUEST_CASES = [
+    (p.Cmd.READ, 0, 1 << 20, 512), (p.Cmd.READ, 0, (1 << 20) - 256, 512),
+    (p.Cmd.READ, 0, 0, 33 << 20), (p.Cmd.READ, 0, 0, 0), (p.Cmd.CACHE, 0, 0, 33 << 20),
+    (p.Cmd.WRITE, 0, 0, 512), (p.Cmd.WRITE, 0, 1 << 20, 512),
+    (p.Cmd.WRITE_ZEROES, 0, 0, 4096), (p.Cmd.WRITE_ZEROES, 0, 1 << 20, 4096),
+    (p.Cmd.WRITE_ZEROES, p.CmdFlag.FAST_ZERO, 0, 4096),
+    (p.Cmd.TRIM, 0, 0, 4096), (p.Cmd.TRIM, 0, 1 << 20, 4096),
+    (p.Cmd.FLUSH, 0, 0, 0), (p.Cmd.FLUSH, 0, 5, 5),
+    (p.Cmd.CACHE, 0, 0, 4096), (p.Cmd.CACHE, 0, 1 << 20, 4096),
+    (p.Cmd.BLOCK_STATUS, 0, 0, 4096), (p.Cmd.BLOCK_STATUS, 0, 0, 0),
+    (p.Cmd.RESIZE, 0, 0, 0), (77, 0, 0, 0), (77, 1 << 9, 0, 0),
+]
+
+
+def _request_replies(tmp_path, qsd: bool) -> list:
+    """The reply to each request case on a read-only and a writable null-co export, with
+    and without structured replies (errors carry QEMU's messages in error chunks)."""
+    work = tmp_path / ("qsd" if qsd else "blockd")
+    work.mkdir()
+    nbd = str(work / "nbd.sock")
+    seen = []
+    with Daemon(str(work / "qmp.sock"), "--blockdev", "driver=null-co,node-name=n0,size=1048576",
+                "--blockdev", "driver=null-co,node-name=n1,size=1048576",
+                "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+                "--export", "type=nbd,id=e0,node-name=n0,name=ro",
+                "--export", "type=nbd,id=e1,node-name=n1,name=rw,writable=on", qsd=qsd,
+                stderr=subprocess.DEVNULL):
+        for name in ("ro", "rw"):
+            for structured in (False, True):
+                c = _Wire(nbd)
+                c.event()
+                c.go(name, structured)
+                for cmd, flags, offset, length in REQUEST_CASES:
+                    if cmd == p.Cmd.READ:
+                        c.parser.expect_read(1, length)
+                    data = bytes(length) if cmd == p.Cmd.WRITE else b""
+                    c.s.sendall(p.request(cmd, 1, offset, length, flags, data))
+                    reply = c.event()
+                    if isinstance(reply, p.StructuredChunk):
+                        answer = (reply.type, p.parse_error_chunk(reply.payload)[:2]
+                                  if reply.type & 0x8000 else b"")
+                        while not reply.done:
+                            reply = c.event()
+                    else:
+                        answer = ("simple", reply.error)
+                    seen.append((name, structured, cmd, flags, offset, length, answer))
+                c.s.close()
+    return seen
+
+
+@pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason="needs qsd")
+def test_request_errors_match_qsd(tmp_path):
+    theirs = _request_replies(tmp_path, qsd=True)
+    ours = _request_replies(tmp_path, qsd=False)
+    for mine, qsds in zip(ours, theirs):
+        assert mine == qsds
+    assert len(ours) == len(theirs) == 4 * len(REQUEST_CASES)

@@ -68,6 +68,14 @@ _CMD_NAMES = {p.Cmd.READ: "read", p.Cmd.WRITE: "write", p.Cmd.DISC: "disconnect"
               p.Cmd.FLUSH: "flush", p.Cmd.TRIM: "trim", p.Cmd.CACHE: "cache",
               p.Cmd.WRITE_ZEROES: "write zeroes", p.Cmd.BLOCK_STATUS: "block status",
               p.Cmd.RESIZE: "resize"}
+#: Commands this server runs (a 7.2 server knows no RESIZE).
+_SERVED = frozenset({p.Cmd.READ, p.Cmd.WRITE, p.Cmd.FLUSH, p.Cmd.TRIM, p.Cmd.CACHE,
+                     p.Cmd.WRITE_ZEROES, p.Cmd.BLOCK_STATUS})
+#: QEMU's message when the block layer fails a command.
+_FAILED = {p.Cmd.READ: "reading from file failed", p.Cmd.WRITE: "writing to file failed",
+           p.Cmd.WRITE_ZEROES: "writing to file failed", p.Cmd.FLUSH: "flush failed",
+           p.Cmd.TRIM: "discard failed", p.Cmd.CACHE: "caching data failed",
+           p.Cmd.BLOCK_STATUS: "can't get block status"}
 QEMU_BITMAP = "qemu:dirty-bitmap:"
 
 _ERRNO_TO_NBD = {
@@ -530,9 +538,13 @@ class Connection(asyncio.Protocol):
 
     async def _serve(self, req: p.Request, cost: int) -> None:
         try:
-            await self._dispatch(req)
+            refusal = self._refusal(req)
+            if refusal is None:
+                await self._dispatch(req)
+            else:
+                self._reply_error(req, p.Err.EINVAL, refusal)
         except OSError as exc:
-            self._reply_error(req, nbd_error(exc), exc.strerror or "")
+            self._reply_error(req, nbd_error(exc), _FAILED.get(req.cmd, exc.strerror or ""))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -556,17 +568,33 @@ class Connection(asyncio.Protocol):
         else:
             self._reply(p.simple_reply(req.handle))
 
+    def _refusal(self, req: p.Request) -> str | None:
+        """Why a request is refused (EINVAL) before it runs, in QEMU's words and order."""
+        cmd, export = req.cmd, self.export
+        if req.length > MAX_PAYLOAD and cmd in (p.Cmd.READ, p.Cmd.CACHE):
+            return f"len ({req.length} ) is larger than max len ({MAX_PAYLOAD})"
+        if cmd in WRITES and not export.writable:
+            return "Export is read-only"
+        size = export.backend.length()
+        if req.offset > size or req.length > size - req.offset:
+            return f"operation past EOF; From: {req.offset}, Len: {req.length}, Size: {size}"
+        if req.flags & ~self._valid_flags(cmd):
+            return (f"unsupported flags for command {_CMD_NAMES.get(cmd, '<unknown>')} "
+                    f"(got 0x{req.flags:x})")
+        if cmd == p.Cmd.BLOCK_STATUS:
+            if not req.length:
+                return "need non-zero length"
+            if not self.contexts:
+                return "CMD_BLOCK_STATUS not negotiated"
+        elif cmd not in _SERVED:
+            return f"invalid request type ({cmd}) received"
+        return None
+
     async def _dispatch(self, req: p.Request) -> None:
+        """Run a request :meth:`_refusal` let through."""
         export = self.export
         backend = export.backend
         cmd = req.cmd
-        if req.offset + req.length > backend.length():
-            raise OSError(errno.EINVAL, "request beyond the end of the export")
-        if cmd in WRITES and not export.writable:
-            raise OSError(errno.EPERM, "export is read-only")
-        if req.flags & ~self._valid_flags(cmd):
-            raise OSError(errno.EINVAL, f"unsupported flags for command "
-                                        f"{_CMD_NAMES.get(cmd, '<unknown>')} (got 0x{req.flags:x})")
         if cmd == p.Cmd.READ:
             await self._read(req)
         elif cmd == p.Cmd.WRITE:
@@ -596,10 +624,8 @@ class Connection(asyncio.Protocol):
             for off in range(req.offset, req.offset + req.length, MAX_PAYLOAD):
                 await backend.read(off, min(MAX_PAYLOAD, req.offset + req.length - off))
             self._ok(req)
-        elif cmd == p.Cmd.BLOCK_STATUS:
-            await self._block_status(req)
         else:
-            raise OSError(errno.EINVAL, "unknown command")
+            await self._block_status(req)
 
     def _valid_flags(self, cmd: int) -> int:
         """Flags a command may carry; anything else is EINVAL, as in QEMU."""
@@ -614,11 +640,12 @@ class Connection(asyncio.Protocol):
 
     async def _read(self, req: p.Request) -> None:
         backend = self.export.backend
-        if req.length > MAX_PAYLOAD:
-            raise OSError(errno.EINVAL, "read too large")
         if not self.structured:
             data = await backend.read(req.offset, req.length)
             self._reply(p.simple_reply(req.handle), data)
+            return
+        if not req.length:
+            self._reply(p.chunk_none(req.handle))
             return
         if req.length < SPARSE_READ_MIN or req.flags & p.CmdFlag.DF:
             data = await backend.read(req.offset, req.length)
@@ -639,10 +666,6 @@ class Connection(asyncio.Protocol):
         self._reply(*parts)
 
     async def _block_status(self, req: p.Request) -> None:
-        if not self.structured or not self.contexts:
-            raise OSError(errno.EINVAL, "no metadata context negotiated")
-        if req.length == 0:
-            raise OSError(errno.EINVAL, "empty block status request")
         node = self.export.node
         one = bool(req.flags & p.CmdFlag.REQ_ONE)
         parts = []
