@@ -331,7 +331,10 @@ def test_nbd_handshake_timeout(tmp_path, monkeypatch):
         exports: dict = {}
 
     async def body() -> bool:
-        server = nbd_server.NBDServer(NoDaemon())  # type: ignore[arg-type]
+        daemon = NoDaemon()
+        daemon.started = asyncio.Event()
+        daemon.started.set()
+        server = nbd_server.NBDServer(daemon)  # type: ignore[arg-type]
         path = str(tmp_path / "n.sock")
         await server.listen_unix(path)
         reader, writer = await asyncio.open_unix_connection(path)

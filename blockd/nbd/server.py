@@ -135,7 +135,9 @@ class NBDServer:
 
     At ``max_connections`` clients the listeners stop accepting, as QEMU's
     do: a further client waits in the socket's backlog, unanswered, until
-    a connection ends, and holds nothing of the daemon's meanwhile.
+    a connection ends, and holds nothing of the daemon's meanwhile.  Until
+    the command line is applied they do not accept either, so a client
+    finds the exports the command line makes.
     """
 
     def __init__(self, daemon: "Daemon", max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
@@ -197,8 +199,8 @@ class NBDServer:
 
     def update_accepting(self) -> None:
         """Watch the listeners for clients exactly while a connection slot is free."""
-        want = not self.stopped and (not self.max_connections
-                                     or len(self.connections) < self.max_connections)
+        want = (self.daemon.started.is_set() and not self.stopped
+                and (not self.max_connections or len(self.connections) < self.max_connections))
         if want == self.accepting:
             return
         self.accepting = want
