@@ -154,6 +154,11 @@ class Client:
     def recv(self, timeout: float = WAIT) -> dict[str, Any]:
         return json.loads(self.recv_line(timeout))
 
+    def reply_lines(self, quiet: float = 0.3) -> list[bytes]:
+        """The lines a complete request brings: the first waited for as long as any
+        reply, then whatever follows it until ``quiet``."""
+        return [self.recv_line(), *self.lines_until_quiet(quiet)]
+
     def lines_until_quiet(self, quiet: float = 0.3) -> list[bytes]:
         """Every line that arrives until nothing comes for ``quiet`` seconds."""
         out = []
