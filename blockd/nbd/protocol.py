@@ -228,6 +228,10 @@ def rep_error(option: int, reply: int, message: str = "") -> bytes:
     return option_reply(option, reply, _message(message))
 
 
+def rep_unknown_export(option: int, name: str) -> bytes:
+    return rep_error(option, Rep.ERR_UNKNOWN, f"export '{quoted_name(name)}' not present")
+
+
 def rep_server(option: int, name: str, details: str = "") -> bytes:
     """One export in an ``NBD_OPT_LIST`` answer."""
     raw = _string(name)

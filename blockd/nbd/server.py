@@ -63,6 +63,7 @@ CONTEXT_BASE = 0
 CONTEXT_DEPTH = 1
 CONTEXT_BITMAP = 2
 QEMU_DEPTH = "qemu:allocation-depth"
+QEMU_BITMAP = "qemu:dirty-bitmap:"
 #: Command names in messages, as QEMU words them.
 _CMD_NAMES = {p.Cmd.READ: "read", p.Cmd.WRITE: "write", p.Cmd.DISC: "disconnect",
               p.Cmd.FLUSH: "flush", p.Cmd.TRIM: "trim", p.Cmd.CACHE: "cache",
@@ -76,7 +77,6 @@ _FAILED = {p.Cmd.READ: "reading from file failed", p.Cmd.WRITE: "writing to file
            p.Cmd.WRITE_ZEROES: "writing to file failed", p.Cmd.FLUSH: "flush failed",
            p.Cmd.TRIM: "discard failed", p.Cmd.CACHE: "caching data failed",
            p.Cmd.BLOCK_STATUS: "can't get block status"}
-QEMU_BITMAP = "qemu:dirty-bitmap:"
 
 _ERRNO_TO_NBD = {
     errno.EPERM: p.Err.EPERM, errno.EROFS: p.Err.EPERM, errno.EIO: p.Err.EIO,
@@ -457,7 +457,7 @@ class Connection(asyncio.Protocol):
         name, infos = p.parse_info_request(data, opt)
         export = self._find(name)
         if export is None:
-            self._write(p.rep_error(opt, p.Rep.ERR_UNKNOWN, f"export '{p.quoted_name(name)}' not present"))
+            self._write(p.rep_unknown_export(opt, name))
             return
         if p.Info.NAME in infos:
             self._write(p.rep_info_name(opt, export.name))
@@ -494,7 +494,7 @@ class Connection(asyncio.Protocol):
         name = p.meta_context_name(data, opt)
         export = self._find(name)
         if export is None:
-            self._write(p.rep_error(opt, p.Rep.ERR_UNKNOWN, f"export '{p.quoted_name(name)}' not present"))
+            self._write(p.rep_unknown_export(opt, name))
             return
         queries = p.meta_context_queries(data, opt)
         chosen: dict[int, tuple[int, Any]] = {}
