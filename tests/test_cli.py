@@ -16,7 +16,7 @@ from blockd.nbd import protocol as p
 from harness import HAVE_QSD, ROOT, WAIT, Daemon, connect_unix, qemu_tool
 
 
-def _run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "blockd", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -230,7 +230,7 @@ def test_malformed_traffic_does_not_stop_good_clients(served, tmp_path):
         for i in range(6):
             cmds += ["-c", f"write -P {i + 1} {i}M 1M", "-c", f"read -P {i + 1} {i}M 1M"]
         out = subprocess.run(["qemu-io", "-f", "raw", *cmds, uri(nbd, "w")],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=WAIT)
         results["nbd"] = (out.returncode, out.stdout + out.stderr)
 
     def qmp_worker() -> None:
@@ -243,7 +243,7 @@ def test_malformed_traffic_does_not_stop_good_clients(served, tmp_path):
         t.start()
     stalled = _hostile_nbd(nbd) + _hostile_qmp(daemon.sock_path)
     for t in workers:
-        t.join(60)
+        t.join(WAIT)
     code, output = results["nbd"]
     assert code == 0 and "Pattern verification failed" not in output, output
     assert results["qmp"] is True
@@ -340,7 +340,7 @@ def test_nbd_handshake_timeout(tmp_path, monkeypatch):
         reader, writer = await asyncio.open_unix_connection(path)
         await reader.readexactly(18)
         writer.write(p.client_flags())
-        closed = await asyncio.wait_for(reader.read(), 5) == b""
+        closed = await asyncio.wait_for(reader.read(), WAIT) == b""
         writer.close()
         await server.stop()
         return closed and not server.connections

@@ -20,7 +20,7 @@ def uri(sock: str, name: str) -> str:
     return f"nbd+unix:///{name}?socket={sock}"
 
 
-def run(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def run(*cmd: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -163,7 +163,7 @@ def test_fio_nbd_engine_verifies(served, tmp_path):
     daemon, nbd, image = served
     out = run("fio", "--name=v", "--ioengine=nbd", f"--uri={uri(nbd, 'r0')}", "--rw=randwrite",
               "--bs=4k", "--size=2M", "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0",
-              "--output-format=json", timeout=120)
+              "--output-format=json", timeout=2 * WAIT)
     assert out.returncode == 0, out.stderr
     job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0 and job["write"]["io_bytes"] >= 2 << 20

@@ -13,7 +13,7 @@ import pytest
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from harness import Daemon
+from harness import WAIT, Daemon
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_bad_clients_do_not_harm_others(daemon):
 
     t = threading.Thread(target=work)
     t.start()
-    t.join(30)
+    t.join(WAIT)
     assert done == [True]
     for s in (flood, stall):
         s.close()
@@ -115,7 +115,7 @@ def test_qmp_shell(daemon):
         pytest.skip("qmp-shell not installed")
     script = "query-version\nobject-add qom-type=secret id=s0 data=abc\nqom-list path=/objects\n"
     out = subprocess.run([shell, daemon.sock_path], input=script, capture_output=True,
-                         text=True, timeout=30).stdout
+                         text=True, timeout=WAIT).stdout
     assert '"package": "blockd' in out
     assert '{"name": "s0", "type": "child<secret>"}' in out
     assert "abc" not in out.replace("data=abc", "")

@@ -707,7 +707,7 @@ def test_differential_pretty(qsd: tuple[Monitor, str]) -> None:
 def test_differential_end_of_input(text: str) -> None:
     """QEMU flushes its parser at the end of a JSON command-line option."""
     assert QSD is not None
-    proc = subprocess.run([QSD, "--blockdev", text], capture_output=True, timeout=30)
+    proc = subprocess.run([QSD, "--blockdev", text], capture_output=True, timeout=WAIT)
     prefix = f"qemu-storage-daemon: --blockdev {text}: "
     stderr = proc.stderr.decode()
     assert proc.returncode != 0 and stderr.startswith(prefix)
