@@ -226,6 +226,7 @@ async def run(options: list[tuple[str, str | None]], ready_fd: int | None = None
                 f.write(f"{os.getpid()}\n")
         except OSError as exc:
             _fail(f"cannot create PID file: {exc.strerror}")
+    daemon.finish_startup()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, daemon.request_quit)

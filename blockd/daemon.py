@@ -33,6 +33,17 @@ class Daemon:
         self._sinks: list[EventSink] = []
         #: Set when a client ran ``quit`` or a signal arrived; the main loop waits on it.
         self.quit_requested = asyncio.Event()
+        #: Set once the whole command line is applied.  Monitors greet clients before
+        #: that (as qemu-storage-daemon's do) but run no request until it is set, and
+        #: the NBD server accepts no client, so nobody sees a half-configured daemon
+        #: and ``quit`` is never lost.
+        self.started = asyncio.Event()
+
+    def finish_startup(self) -> None:
+        """The command line is applied: monitors answer and the NBD server greets."""
+        self.started.set()
+        if self.nbd is not None:
+            self.nbd.update_accepting()
 
     def request_quit(self) -> None:
         self.quit_requested.set()

@@ -20,7 +20,7 @@ try:
     log(c.cmd("blockdev-add", driver="file", **{"node-name": "f0"}, filename=img))
     log(c.cmd("blockdev-create", **{"job-id": "create"},
               options={"driver": "qcow2", "file": "f0", "size": 64 << 20, "cluster-size": 65536}))
-    for event in c.events(1.0):
+    for event in c.events_until(lambda e: e["data"].get("status") == "concluded"):
         log(event["data"])
     log(c.cmd("job-dismiss", id="create"))
     log(c.cmd("blockdev-add", driver="qcow2", **{"node-name": "q0"}, file="f0"))

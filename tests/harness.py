@@ -29,6 +29,10 @@ HAVE_QSD = shutil.which("qemu-storage-daemon") is not None
 CALIBRATION_FLAKE = "Unable to get accurate CPU usage"
 CALIBRATION_TRIES = 200
 
+#: Seconds any wait for a daemon (start, reply, event, exit) may take.  Generous: the
+#: suite runs on busy 2-core machines where a reply can take many seconds.
+WAIT = 120.0
+
 
 def qemu_tool(*argv: str, cwd: Any = None) -> subprocess.CompletedProcess:
     """Run a QEMU tool, again while it fails only through its PBKDF2 calibration."""
@@ -52,16 +56,17 @@ class Daemon:
     """A daemon process with a QMP monitor on a unix socket."""
 
     def __init__(self, sock_path: str, *args: str, qsd: bool = False, pretty: bool = False,
-                 stderr: Any = None) -> None:
+                 stderr: Any = None, monitor_first: bool = False) -> None:
         self.sock_path = sock_path
         cmd = ["qemu-storage-daemon"] if qsd else [sys.executable, "-m", "blockd.cli"]
-        monitor = "chardev=m" + (",pretty=on" if pretty else "")
-        # The monitor comes last: its socket appearing means every other option is applied.
-        cmd += [*args, "--chardev", f"socket,id=m,path={sock_path},server=on,wait=off",
-                "--monitor", monitor]
+        monitor = ["--chardev", f"socket,id=m,path={sock_path},server=on,wait=off",
+                   "--monitor", "chardev=m" + (",pretty=on" if pretty else "")]
+        # The monitor normally comes last: its socket appearing means every other option
+        # is applied.  monitor_first puts it before them, to test start-up itself.
+        cmd += [*monitor, *args] if monitor_first else [*args, *monitor]
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=stderr)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + WAIT
         while not os.path.exists(sock_path):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}")
@@ -73,7 +78,7 @@ class Daemon:
 
     def client(self, negotiate: bool = True) -> "Client":
         # The socket file appears at bind(), a moment before listen(): retry briefly.
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + WAIT
         while True:
             try:
                 c = Client(self.sock_path)
@@ -93,7 +98,7 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(15)
+                self.proc.wait(WAIT)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -106,7 +111,7 @@ class Daemon:
         self.stop()
 
 
-def connect_unix(path: str, timeout: float = 10.0) -> socket.socket:
+def connect_unix(path: str, timeout: float = WAIT) -> socket.socket:
     """Connect, retrying while the socket exists but is not listening yet.
 
     A daemon binds (the path appears) a moment before it listens; on a busy
@@ -136,7 +141,7 @@ class Client:
     def send(self, data: bytes | str) -> None:
         self.sock.sendall(data.encode() if isinstance(data, str) else data)
 
-    def recv_line(self, timeout: float = 10.0) -> bytes:
+    def recv_line(self, timeout: float = WAIT) -> bytes:
         """One reply line, including its CRLF."""
         self.sock.settimeout(timeout)
         while b"\n" not in self.buf:
@@ -147,8 +152,13 @@ class Client:
         line, _, self.buf = self.buf.partition(b"\n")
         return line + b"\n"
 
-    def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+    def recv(self, timeout: float = WAIT) -> dict[str, Any]:
         return json.loads(self.recv_line(timeout))
+
+    def reply_lines(self, quiet: float = 0.3) -> list[bytes]:
+        """The lines a complete request brings: the first waited for as long as any
+        reply, then whatever follows it until ``quiet``."""
+        return [self.recv_line(), *self.lines_until_quiet(quiet)]
 
     def lines_until_quiet(self, quiet: float = 0.3) -> list[bytes]:
         """Every line that arrives until nothing comes for ``quiet`` seconds."""
@@ -169,6 +179,16 @@ class Client:
             reply = self.recv()
             if "event" not in reply:
                 return reply
+
+    def events_until(self, done: Callable[[dict[str, Any]], bool],
+                     timeout: float = WAIT) -> list[dict[str, Any]]:
+        """Events as they come, up to and including the first for which ``done`` holds."""
+        out: list[dict[str, Any]] = []
+        while not out or not done(out[-1]):
+            msg = self.recv(timeout)
+            if "event" in msg:
+                out.append(msg)
+        return out
 
     def events(self, timeout: float = 0.3) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.lines_until_quiet(timeout)]

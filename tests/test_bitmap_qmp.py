@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from harness import HAVE_QSD, Daemon
+from harness import HAVE_QSD, WAIT, Daemon
 from test_qmp_diff import _normalise
 
 pytestmark = pytest.mark.skipif(not HAVE_QSD, reason="qemu-storage-daemon not installed")
@@ -457,7 +457,7 @@ def _persistent_tx_session(tmp_path, qsd: bool) -> list:
         node = c.cmd("query-named-block-nodes")["return"][0]
         out += [node["dirty-bitmaps"], node["image"]["format-specific"]["data"]["bitmaps"]]
         c.cmd("quit")
-        d.proc.wait(10)
+        d.proc.wait(WAIT)
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", img],
                                      capture_output=True, text=True, check=True).stdout)
     # Sorted: QEMU keeps surviving directory entries in place and appends the

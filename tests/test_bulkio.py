@@ -21,6 +21,7 @@ import pytest
 from blockd.block.graph import BlockGraph
 from blockd.img import iochild
 from blockd.img.bulkio import BulkIO, PieceFailed
+from harness import WAIT
 
 KIB = 1024
 
@@ -162,8 +163,8 @@ def test_dead_helper_fails_the_copy(tmp_path: Path) -> None:
         await io.write(buf, [(d, 0, 0, 4 * KIB)])
         os.kill(io._writes._pid, signal.SIGKILL)
         with pytest.raises(OSError, match="writer helper"):
-            await asyncio.wait_for(io.write(buf, [(d, 0, 0, 4 * KIB)]), 10)
-        await asyncio.wait_for(asyncio.to_thread(io.close), 10)
+            await asyncio.wait_for(io.write(buf, [(d, 0, 0, 4 * KIB)]), WAIT)
+        await asyncio.wait_for(asyncio.to_thread(io.close), WAIT)
         await graph.close_all()
 
     asyncio.run(go())
@@ -182,7 +183,7 @@ def test_helpers_hold_only_their_own_socket(tmp_path: Path) -> None:
         for pid, held in ((io._reads._pid, 2), (io._writes._pid, 1)):
             fds = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
             assert len([fd for fd in fds if fd > 2]) == held, fds
-        await asyncio.wait_for(asyncio.to_thread(io.close), 10)
+        await asyncio.wait_for(asyncio.to_thread(io.close), WAIT)
         await graph.close_all()
 
     asyncio.run(go())

@@ -12,10 +12,11 @@ import pytest
 
 from blockd.errors import QMPError
 from blockd.keyval import parse
-from harness import ROOT, Daemon
+from blockd.nbd import protocol as p
+from harness import HAVE_QSD, ROOT, WAIT, Daemon, connect_unix, qemu_tool
 
 
-def _run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "blockd", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -76,7 +77,7 @@ def test_options_build_a_graph_and_sigterm_shuts_down(tmp_path):
         assert [e["id"] for e in exports] == ["exp0"]
         assert int(pidfile.read_text()) == d.proc.pid
         d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(15) == 0
+        assert d.proc.wait(WAIT) == 0
         assert not pidfile.exists()
     finally:
         d.stop()
@@ -92,7 +93,61 @@ def test_qmp_shortcut_and_daemonize(tmp_path):
         assert sock.exists() and oct(sock.stat().st_mode & 0o777) == "0o600"
     finally:
         os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + WAIT
     while pidfile.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not pidfile.exists()
+
+
+def _go_reply(sock) -> int:
+    """The final reply type of the NBD_OPT_GO a client sent (after the greeting)."""
+    parser = p.ClientParser()
+    while True:
+        for event in parser.events():
+            if isinstance(event, p.OptionReply) and event.reply != p.Rep.INFO:
+                return event.reply
+        data = sock.recv(65536)
+        assert data, "the NBD server hung up"
+        parser.receive_data(data)
+
+
+@pytest.mark.skipif(not HAVE_QSD, reason="needs qemu-storage-daemon")
+@pytest.mark.parametrize("qsd", [True, False], ids=["qsd", "blockd"])
+def test_monitor_serves_only_after_the_command_line(tmp_path, qsd):
+    """A monitor given first greets at once but answers only once every option is applied;
+    the NBD server, given early too, lets no client in before its export exists.
+
+    A LUKS image whose key takes a while to derive keeps start-up busy after both
+    sockets exist; ``quit`` sent meanwhile must still end the daemon.
+    """
+    image = str(tmp_path / "slow.luks")
+    made = qemu_tool("qemu-img", "create", "-q", "-f", "luks", "--object", "secret,id=s0,data=pw",
+                     "-o", "key-secret=s0,iter-time=1000", image, "1M")
+    assert made.returncode == 0, made.stderr
+    nbd = tmp_path / "nbd.sock"
+    d = Daemon(str(tmp_path / "qmp.sock"), "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+               "--object", "secret,id=s0,data=pw",
+               "--blockdev", f"driver=file,node-name=f0,filename={image}",
+               "--blockdev", "driver=luks,node-name=l0,file=f0,key-secret=s0",
+               "--export", "type=nbd,id=e0,node-name=l0", qsd=qsd, monitor_first=True,
+               stderr=subprocess.DEVNULL)
+    try:
+        c = d.client(negotiate=False)
+        assert "QMP" in c.greeting
+        deadline = time.monotonic() + WAIT
+        while not nbd.exists():
+            assert time.monotonic() < deadline and d.proc.poll() is None
+            time.sleep(0.02)
+        client = connect_unix(str(nbd))
+        client.settimeout(WAIT)
+        # Sent at once, before any greeting: answered before the export exists, it fails.
+        client.sendall(p.client_flags() + p.option_request(p.Opt.GO, p.info_request_data("l0")))
+        c.send('{"execute": "qmp_capabilities"}')
+        assert c.recv() == {"return": {}}
+        assert [e["id"] for e in c.cmd("query-block-exports")["return"]] == ["e0"]
+        assert _go_reply(client) == p.Rep.ACK
+        client.close()
+        c.send('{"execute": "quit"}')
+        assert d.proc.wait(WAIT) == 0
+    finally:
+        d.stop()

@@ -13,6 +13,7 @@ import pytest
 from blockd.crypto import workers
 from blockd.crypto.cipher import SectorCipher
 from blockd.drivers.sector_io import crypt_sectors
+from harness import WAIT
 
 CIPHERS = [
     SectorCipher("aes-256", "xts", bytes(range(64))),
@@ -22,7 +23,7 @@ CIPHERS = [
 
 
 async def _wait_ready() -> workers.HelperPool:
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + WAIT
     while not workers._pool.ready():
         assert time.monotonic() < deadline, "cipher helpers did not start"
         await asyncio.sleep(0.02)

@@ -9,7 +9,7 @@ import pytest
 
 from blockd.block.graph import BlockGraph
 from blockd.errors import QMPError
-from harness import HAVE_QSD, Daemon, past_calibration, qemu_tool
+from harness import HAVE_QSD, WAIT, Daemon, past_calibration, qemu_tool
 
 SECRETS = {"s0": b"pw", "s1": b"other"}
 
@@ -198,9 +198,10 @@ def create_session(tmp_path, qsd):
             r = c.cmd("blockdev-create", **{"job-id": job}, options={
                 "driver": "luks", "file": "f0", "size": 1 << 20, **extra})
             assert r == {"return": {}}, r
-            for _ in range(300):
+            deadline = time.monotonic() + WAIT
+            while True:
                 jobs = {j["id"]: j for j in c.cmd("query-jobs")["return"]}
-                if jobs[job]["status"] == "concluded":
+                if jobs[job]["status"] == "concluded" or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
             results.append(jobs[job])

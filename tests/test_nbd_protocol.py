@@ -45,10 +45,24 @@ def test_bad_magic_and_oversized_payloads_are_protocol_errors():
 
 
 def test_malformed_option_payload_is_invalid_not_fatal():
-    with pytest.raises(p.InvalidOption):
+    with pytest.raises(p.InvalidOption, match="^Inconsistent lengths in option go$"):
         p.parse_info_request(b"\x00\x00\x00\x09abc")
-    with pytest.raises(p.InvalidOption):
-        p.parse_meta_context_request(p.meta_context_data("x", ["base:allocation"]) + b"junk")
+    with pytest.raises(p.InvalidOption, match="^option 'info' has unexpected length$"):
+        p.parse_info_request(p.info_request_data("x") + b"junk", p.Opt.INFO)
+    with pytest.raises(p.InvalidOption, match="^Inconsistent lengths in option set meta context$"):
+        p.meta_context_queries(p.meta_context_data("x", ["base:allocation"])[:-1],
+                               p.Opt.SET_META_CONTEXT)
+
+
+def test_error_messages_fit_and_quote_names_as_qemu():
+    """Messages quoting what a client sent are cut, never raised on."""
+    name = "x" * 4096
+    reply = p.rep_error(p.Opt.GO, p.Rep.ERR_UNKNOWN, f"export '{name}' not present")
+    assert len(reply) == 20 + p.MAX_STRING
+    assert p.quoted_name(name) == "x" * 80 + "..."
+    assert p.quoted_name("x" * 79) == "x" * 79
+    odd = p.meta_context_name(b"\x00\x00\x00\x02\xff\xfe", p.Opt.GO)
+    assert p.rep_error(p.Opt.GO, p.Rep.ERR_UNKNOWN, odd).endswith(b"\xff\xfe")
 
 
 def test_client_parser_reads_every_reply_kind():

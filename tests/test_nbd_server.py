@@ -6,20 +6,21 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 from typing import Callable
 
 import pytest
 
 from blockd.nbd import protocol as p
-from harness import Daemon
+from harness import WAIT, Daemon
 
 
 def uri(sock: str, name: str) -> str:
     return f"nbd+unix:///{name}?socket={sock}"
 
 
-def run(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def run(*cmd: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -162,7 +163,7 @@ def test_fio_nbd_engine_verifies(served, tmp_path):
     daemon, nbd, image = served
     out = run("fio", "--name=v", "--ioengine=nbd", f"--uri={uri(nbd, 'r0')}", "--rw=randwrite",
               "--bs=4k", "--size=2M", "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0",
-              "--output-format=json", timeout=120)
+              "--output-format=json", timeout=2 * WAIT)
     assert out.returncode == 0, out.stderr
     job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0 and job["write"]["io_bytes"] >= 2 << 20
@@ -277,3 +278,239 @@ def test_request_that_waits_continues_as_a_task():
         return log
 
     assert asyncio.run(main()) == ["done", "done", "cancelled"]
+
+
+class _Wire:
+    """A raw NBD client socket with the protocol module's parser, one event at a time."""
+
+    def __init__(self, nbd: str) -> None:
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(WAIT)
+        self.s.connect(nbd)
+        self.parser = p.ClientParser()
+        self.pending: list = []
+
+    def event(self):
+        """The next event, or "closed" once the server hung up."""
+        while not self.pending:
+            self.pending.extend(self.parser.events())
+            if self.pending:
+                break
+            try:
+                data = self.s.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                return "closed"
+            self.parser.receive_data(data)
+        return self.pending.pop(0)
+
+    def go(self, name: str, structured: bool) -> int:
+        """Handshake to transmission; returns the export's transmission flags."""
+        self.s.sendall(p.client_flags())
+        if structured:
+            self.s.sendall(p.option_request(p.Opt.STRUCTURED_REPLY))
+            assert self.event().reply == p.Rep.ACK
+        self.s.sendall(p.option_request(p.Opt.GO, p.info_request_data(name)))
+        flags = 0
+        while (reply := self.event()).reply != p.Rep.ACK:
+            kind, value = p.parse_rep_info(reply.data)
+            if kind == p.Info.EXPORT:
+                flags = value[1]
+        self.parser.start_transmission()
+        return flags
+
+
+def _edge_session(tmp_path, qsd: bool) -> list:
+    """What a client sees at the protocol's edges: long unknown names, unknown client
+    flags, flags per reply mode, requests with flags their command does not take."""
+    work = tmp_path / ("qsd" if qsd else "blockd")
+    work.mkdir()
+    nbd = str(work / "nbd.sock")
+    seen: list = []
+    with Daemon(str(work / "qmp.sock"), "--blockdev", "driver=null-co,node-name=n0,size=1048576",
+                "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+                "--export", "type=nbd,id=e0,node-name=n0,name=n0", qsd=qsd,
+                stderr=subprocess.DEVNULL):
+        for length in (79, 80, 4095, 4096):
+            for opt in (p.Opt.GO, p.Opt.INFO):
+                c = _Wire(nbd)
+                c.event()
+                c.s.sendall(p.client_flags() + p.option_request(opt, p.info_request_data("x" * length)))
+                reply = c.event()
+                seen.append((length, opt, reply.reply, reply.data))
+                c.s.close()
+        for flags in (p.ClientFlag.FIXED_NEWSTYLE | 4, p.ClientFlag.FIXED_NEWSTYLE | 1 << 31):
+            c = _Wire(nbd)
+            c.event()
+            c.s.sendall(p.client_flags(flags) + p.option_request(p.Opt.GO, p.info_request_data("n0")))
+            seen.append(("client flags", flags, c.event()))
+            c.s.close()
+        for structured in (False, True):
+            c = _Wire(nbd)
+            c.event()
+            seen.append(("transmission flags", structured, c.go("n0", structured)))
+            for cmd, flags in ((p.Cmd.READ, p.CmdFlag.DF), (p.Cmd.READ, p.CmdFlag.REQ_ONE),
+                               (p.Cmd.READ, 1 << 7), (p.Cmd.FLUSH, p.CmdFlag.FUA),
+                               (p.Cmd.FLUSH, 1 << 9)):
+                length = 512 if cmd == p.Cmd.READ else 0
+                if length:
+                    c.parser.expect_read(1, length)
+                c.s.sendall(p.request(cmd, 1, 0, length, flags))
+                reply = c.event()
+                if isinstance(reply, p.StructuredChunk):
+                    answer = (reply.type, p.parse_error_chunk(reply.payload)[:2]
+                              if reply.type & 0x8000 else b"")
+                    while not reply.done:
+                        reply = c.event()
+                else:
+                    answer = ("simple", reply.error)
+                seen.append((structured, cmd, flags, answer))
+            c.s.close()
+    return seen
+
+
+@pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason="needs qsd")
+def test_protocol_edges_match_qsd(tmp_path):
+    theirs = _edge_session(tmp_path, qsd=True)
+    ours = _edge_session(tmp_path, qsd=False)
+    assert ours == theirs
+    unknown = [entry for entry in ours if entry[0] == 4096]
+    assert unknown and all(e[2] == p.Rep.ERR_UNKNOWN for e in unknown)
+    assert [e[2] for e in ours if e[0] == "client flags"] == ["closed", "closed"]
+    df = {e[1]: bool(e[2] & p.TransmissionFlag.SEND_DF) for e in ours if e[0] == "transmission flags"}
+    assert df == {False: False, True: True}
+
+
+def _q(raw: bytes) -> bytes:
+    """A length-prefixed string as option payloads carry them, whatever its bytes."""
+    return struct.pack(">I", len(raw)) + raw
+
+
+_SR = p.option_request(p.Opt.STRUCTURED_REPLY)
+#: Malformed or unusual handshake options; each case is sent after the client flags.
+OPTION_CASES = {
+    "go-name-4097": p.option_request(p.Opt.GO, _q(b"x" * 4097) + b"\0\0"),
+    "go-name-past-end": p.option_request(p.Opt.GO, struct.pack(">I", 100) + b"n0"),
+    "go-no-count": p.option_request(p.Opt.GO, _q(b"n0")),
+    "go-short-requests": p.option_request(p.Opt.GO, _q(b"n0") + b"\0\2\0\1"),
+    "go-trailing": p.option_request(p.Opt.GO, p.info_request_data("n0") + b"zz"),
+    "info-trailing": p.option_request(p.Opt.INFO, p.info_request_data("n0") + b"z"),
+    "go-nul": p.option_request(p.Opt.GO, _q(b"n0\0x") + b"\0\0"),
+    "go-not-utf8": p.option_request(p.Opt.GO, _q(b"\xff\xfe") + b"\0\0"),
+    "go-not-utf8-long": p.option_request(p.Opt.GO, _q(b"\xc3" * 100) + b"\0\0"),
+    "list-data": p.option_request(p.Opt.LIST, b"x"),
+    "structured-data": p.option_request(p.Opt.STRUCTURED_REPLY, b"x"),
+    "structured-twice": _SR + _SR,
+    "starttls": p.option_request(p.Opt.STARTTLS),
+    "starttls-data": p.option_request(p.Opt.STARTTLS, b"x"),
+    "peek-export": p.option_request(p.Opt.PEEK_EXPORT),
+    "unknown": p.option_request(99),
+    "set-meta-unstructured": p.option_request(
+        p.Opt.SET_META_CONTEXT, p.meta_context_data("n0", [p.BASE_ALLOCATION])),
+    "list-meta-unstructured": p.option_request(p.Opt.LIST_META_CONTEXT, _q(b"n0") + bytes(4)),
+    "meta-long-query": _SR + p.option_request(
+        p.Opt.SET_META_CONTEXT, _q(b"n0") + struct.pack(">I", 2) + _q(b"a" * 5000)
+        + _q(b"base:allocation")),
+    "meta-nul-query": _SR + p.option_request(
+        p.Opt.SET_META_CONTEXT, _q(b"n0") + struct.pack(">I", 1) + _q(b"base:\0allocation")),
+    "meta-unknown-export-first": _SR + p.option_request(p.Opt.SET_META_CONTEXT, _q(b"zz") + b"\xff"),
+    "meta-no-count": _SR + p.option_request(p.Opt.LIST_META_CONTEXT, _q(b"n0") + b"\0"),
+    "meta-count-too-big": _SR + p.option_request(
+        p.Opt.LIST_META_CONTEXT, _q(b"n0") + struct.pack(">I", 3) + _q(b"base:allocation")),
+    "meta-name-nul": _SR + p.option_request(p.Opt.LIST_META_CONTEXT, _q(b"n\0") + bytes(4)),
+    "meta-name-4097": _SR + p.option_request(p.Opt.LIST_META_CONTEXT, _q(b"x" * 4097) + bytes(4)),
+    "meta-long-unknown": _SR + p.option_request(p.Opt.LIST_META_CONTEXT, _q(b"y" * 4000) + bytes(4)),
+}
+
+
+def _option_replies(tmp_path, qsd: bool) -> dict:
+    """Every option reply each case gets; NBD_OPT_ABORT ends each case, so the server's
+    hang-up, not a timeout, says that everything has come."""
+    work = tmp_path / ("qsd" if qsd else "blockd")
+    work.mkdir()
+    nbd = str(work / "nbd.sock")
+    seen = {}
+    with Daemon(str(work / "qmp.sock"), "--blockdev", "driver=null-co,node-name=n0,size=1048576",
+                "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+                "--export", "type=nbd,id=e0,node-name=n0,name=n0", qsd=qsd,
+                stderr=subprocess.DEVNULL):
+        for case, payload in OPTION_CASES.items():
+            c = _Wire(nbd)
+            c.event()
+            c.s.sendall(p.client_flags() + payload + p.option_request(p.Opt.ABORT))
+            replies = []
+            while (reply := c.event()) != "closed":
+                replies.append((reply.option, reply.reply, reply.data))
+            seen[case] = replies
+            c.s.close()
+    return seen
+
+
+@pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason="needs qsd")
+def test_option_errors_match_qsd(tmp_path):
+    theirs = _option_replies(tmp_path, qsd=True)
+    ours = _option_replies(tmp_path, qsd=False)
+    for case in OPTION_CASES:
+        assert ours[case] == theirs[case], case
+    assert ours["go-name-4097"][0][1:] == (p.Rep.ERR_INVALID, b"Invalid name length: 4097")
+
+
+#: Requests at the edges: (command, flags, offset, length), on a 1 MiB export.
+REQUEST_CASES = [
+    (p.Cmd.READ, 0, 1 << 20, 512), (p.Cmd.READ, 0, (1 << 20) - 256, 512),
+    (p.Cmd.READ, 0, 0, 33 << 20), (p.Cmd.READ, 0, 0, 0), (p.Cmd.CACHE, 0, 0, 33 << 20),
+    (p.Cmd.WRITE, 0, 0, 512), (p.Cmd.WRITE, 0, 1 << 20, 512),
+    (p.Cmd.WRITE_ZEROES, 0, 0, 4096), (p.Cmd.WRITE_ZEROES, 0, 1 << 20, 4096),
+    (p.Cmd.WRITE_ZEROES, p.CmdFlag.FAST_ZERO, 0, 4096),
+    (p.Cmd.TRIM, 0, 0, 4096), (p.Cmd.TRIM, 0, 1 << 20, 4096),
+    (p.Cmd.FLUSH, 0, 0, 0), (p.Cmd.FLUSH, 0, 5, 5),
+    (p.Cmd.CACHE, 0, 0, 4096), (p.Cmd.CACHE, 0, 1 << 20, 4096),
+    (p.Cmd.BLOCK_STATUS, 0, 0, 4096), (p.Cmd.BLOCK_STATUS, 0, 0, 0),
+    (p.Cmd.RESIZE, 0, 0, 0), (77, 0, 0, 0), (77, 1 << 9, 0, 0),
+]
+
+
+def _request_replies(tmp_path, qsd: bool) -> list:
+    """The reply to each request case on a read-only and a writable null-co export, with
+    and without structured replies (errors carry QEMU's messages in error chunks)."""
+    work = tmp_path / ("qsd" if qsd else "blockd")
+    work.mkdir()
+    nbd = str(work / "nbd.sock")
+    seen = []
+    with Daemon(str(work / "qmp.sock"), "--blockdev", "driver=null-co,node-name=n0,size=1048576",
+                "--blockdev", "driver=null-co,node-name=n1,size=1048576",
+                "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+                "--export", "type=nbd,id=e0,node-name=n0,name=ro",
+                "--export", "type=nbd,id=e1,node-name=n1,name=rw,writable=on", qsd=qsd,
+                stderr=subprocess.DEVNULL):
+        for name in ("ro", "rw"):
+            for structured in (False, True):
+                c = _Wire(nbd)
+                c.event()
+                c.go(name, structured)
+                for cmd, flags, offset, length in REQUEST_CASES:
+                    if cmd == p.Cmd.READ:
+                        c.parser.expect_read(1, length)
+                    data = bytes(length) if cmd == p.Cmd.WRITE else b""
+                    c.s.sendall(p.request(cmd, 1, offset, length, flags, data))
+                    reply = c.event()
+                    if isinstance(reply, p.StructuredChunk):
+                        answer = (reply.type, p.parse_error_chunk(reply.payload)[:2]
+                                  if reply.type & 0x8000 else b"")
+                        while not reply.done:
+                            reply = c.event()
+                    else:
+                        answer = ("simple", reply.error)
+                    seen.append((name, structured, cmd, flags, offset, length, answer))
+                c.s.close()
+    return seen
+
+
+@pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason="needs qsd")
+def test_request_errors_match_qsd(tmp_path):
+    theirs = _request_replies(tmp_path, qsd=True)
+    ours = _request_replies(tmp_path, qsd=False)
+    for mine, qsds in zip(ours, theirs):
+        assert mine == qsds
+    assert len(ours) == len(theirs) == 4 * len(REQUEST_CASES)

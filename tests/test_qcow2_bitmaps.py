@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from harness import HAVE_QSD, Daemon
+from harness import HAVE_QSD, WAIT, Daemon
 
 pytestmark = pytest.mark.skipif(not HAVE_QSD, reason="qemu-storage-daemon not installed")
 
@@ -28,7 +28,7 @@ def _write_session(tmp_path, img: str, qsd: bool) -> str:
         sha = c.cmd("x-debug-block-dirty-bitmap-sha256", node="q0", name="p1")["return"]["sha256"]
         c.cmd("block-export-del", id="e")
         c.cmd("quit")
-        d.proc.wait(10)
+        d.proc.wait(WAIT)
     return sha
 
 

@@ -25,7 +25,7 @@ import time
 import pytest
 
 from blockd.nbd import protocol as p
-from harness import ROOT, Daemon
+from harness import ROOT, WAIT, Daemon
 
 SIZE = 32 << 20
 BLOCK = 64 << 10
@@ -137,7 +137,7 @@ def test_kill_during_writes(tmp_path, seed):
     os.kill(dm.proc.pid, signal.SIGKILL)
     dm.proc.wait()
     stop.set()
-    worker.join(10)
+    worker.join(WAIT)
     client.sock.close()
     dm.stop()
 

@@ -12,7 +12,7 @@ import pytest
 from blockd.block.graph import BlockGraph
 from blockd.drivers.qcow2.create import create as qcow2_create
 from blockd.errors import QMPError
-from harness import HAVE_QSD, Daemon, past_calibration, qemu_tool
+from harness import HAVE_QSD, WAIT, Daemon, past_calibration, qemu_tool
 
 SECRETS = {"s0": b"pw", "s1": b"other", "bad": b"wrong"}
 
@@ -357,7 +357,7 @@ def _session(sock, qsd, luks, aes, plain, raw):
             if "error" in r:
                 out.append(r)
                 return
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + WAIT
             while True:
                 jobs = c.cmd("query-jobs")["return"]
                 if jobs[0]["status"] == "concluded" or time.monotonic() > deadline:

@@ -285,3 +285,50 @@ def test_reopen_without_lazy_refcounts_stores_the_counts(tmp_path):
         await g.close_all()
 
     asyncio.run(body())
+
+
+def read_only_session(tmp: str, img: str, qsd: bool, file_read_only: bool) -> dict:
+    """Reads through a read-only qcow2 node (over a file node of either mode) of an image
+    with a bad L2 entry for cluster 0."""
+    d = os.path.join(tmp, ("qsd" if qsd else "blockd") + ("-ro" if file_read_only else "-rw"))
+    os.makedirs(d)
+    local = os.path.join(d, "img.qcow2")
+    shutil.copy(img, local)
+    out: dict = {}
+    with Daemon(os.path.join(d, "qmp.sock"), qsd=qsd) as dm:
+        c = dm.client()
+        out["file"] = c.cmd("blockdev-add", driver="file", filename=local,
+                            **{"node-name": "f0", "read-only": file_read_only})
+        out["add"] = c.cmd("blockdev-add", driver="qcow2", file="f0",
+                           **{"node-name": "d0", "read-only": True})
+        c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": d + "/nbd.sock"}})
+        c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "d0"})
+        io = sh("qemu-io", "-r", "-f", "raw", "-c", "read -P 1 0 4k", "-c", "read -P 2 1M 4k",
+                "-c", "read -P 1 0 4k", f"nbd+unix:///d0?socket={d}/nbd.sock")
+        out["io"] = [line for line in (io.stdout + io.stderr).splitlines()
+                     if "ops/sec" not in line]
+        out["events"] = [{k: v for k, v in e.items() if k != "timestamp"} for e in drain(c)]
+        out["query"] = [n["node-name"] for n in c.cmd("query-named-block-nodes")["return"]]
+        out["del"] = c.cmd("blockdev-del", **{"node-name": "d0"})
+    with open(local, "rb") as f:
+        out["bytes"] = f.read()
+    return out
+
+
+@pytest.mark.parametrize("file_read_only", [False, True], ids=["rw-file", "ro-file"])
+def test_read_only_node_reports_corruption_without_writing(tmp_path, file_read_only):
+    """A read-only qcow2 node only fails the request that meets a corrupt entry: the event
+    says fatal=false, the image is left byte for byte, healthy clusters stay readable and
+    queries about all nodes still answer (as in qsd)."""
+    img = str(tmp_path / "base.qcow2")
+    make_image(img)
+    poke(img, *CASES["l2-unaligned"](*tables(img)))
+    with open(img, "rb") as f:
+        before = f.read()
+    theirs = read_only_session(str(tmp_path), img, True, file_read_only)
+    ours = read_only_session(str(tmp_path), img, False, file_read_only)
+    assert ours == theirs
+    assert ours["bytes"] == before
+    assert ours["io"][1] == "read 4096/4096 bytes at offset 1048576"
+    assert [e["data"]["fatal"] for e in ours["events"]] == [False]
+    assert ours["query"] == ["d0", "f0"]

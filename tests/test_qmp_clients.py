@@ -13,7 +13,7 @@ import pytest
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from harness import Daemon
+from harness import WAIT, Daemon
 
 
 @pytest.fixture
@@ -71,8 +71,9 @@ def test_many_clients_and_events_broadcast(daemon, tmp_path):
     clients[0].cmd("blockdev-create", **{"job-id": "j1", "options": {
         "driver": "file", "filename": str(tmp_path / "b.raw"), "size": 4096}})
     for c in clients:
-        seen = [e["data"]["status"] for e in c.events(0.5) if e.get("event") == "JOB_STATUS_CHANGE"]
-        assert "concluded" in seen
+        seen = c.events_until(lambda e: e["event"] == "JOB_STATUS_CHANGE"
+                              and e["data"]["status"] == "concluded")
+        assert seen[-1]["data"] == {"id": "j1", "status": "concluded"}
 
 
 def test_bad_clients_do_not_harm_others(daemon):
@@ -101,7 +102,7 @@ def test_bad_clients_do_not_harm_others(daemon):
 
     t = threading.Thread(target=work)
     t.start()
-    t.join(30)
+    t.join(WAIT)
     assert done == [True]
     for s in (flood, stall):
         s.close()
@@ -114,7 +115,29 @@ def test_qmp_shell(daemon):
         pytest.skip("qmp-shell not installed")
     script = "query-version\nobject-add qom-type=secret id=s0 data=abc\nqom-list path=/objects\n"
     out = subprocess.run([shell, daemon.sock_path], input=script, capture_output=True,
-                         text=True, timeout=30).stdout
+                         text=True, timeout=WAIT).stdout
     assert '"package": "blockd' in out
     assert '{"name": "s0", "type": "child<secret>"}' in out
     assert "abc" not in out.replace("data=abc", "")
+
+
+def test_host_errors_are_not_internal_errors(monkeypatch):
+    """An OSError no handler expected reaches the client as its text, never as
+    "Internal error" (in process: no command is known to leak one today)."""
+    import dataclasses
+    import errno
+
+    from blockd.daemon import Daemon as State
+    from blockd.qmp.dispatch import Dispatcher, Request, SessionState
+
+    async def failing(daemon, args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    async def body() -> dict:
+        dispatcher = Dispatcher(State())
+        cmd = dispatcher.commands["query-version"]
+        dispatcher.commands["query-version"] = dataclasses.replace(cmd, handler=failing)
+        return await dispatcher.run(Request("query-version", {}, False, True, 7), SessionState())
+
+    assert asyncio.run(body()) == {"id": 7, "error": {"class": "GenericError",
+                                                      "desc": "Input/output error"}}

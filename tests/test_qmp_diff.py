@@ -35,13 +35,30 @@ def _normalise(line: bytes, tmp: str) -> str:
     return text.replace(tmp, "TMP")
 
 
+#: Sent after a session: an invalid byte ends whatever JSON is pending, then a command
+#: whose reply marks the end of the output.  Both daemons get it, so its replies are
+#: compared too; it makes the session's tail independent of how fast replies come.
+SYNC = b'\n\xff\n{"execute":"query-version","id":"sync"}\n'
+
+
 def _session(daemon: Daemon, writes: list[bytes | str], tmp: str) -> list[str]:
     client = daemon.client(negotiate=False)
     out = [_normalise(json.dumps(client.greeting).encode(), tmp)]
     for data in writes:
         client.send(data)
         out += [_normalise(line, tmp) for line in client.lines_until_quiet(0.25)]
-    return out
+    try:
+        client.send(SYNC)
+    except OSError:
+        return out  # the session ended the connection (quit)
+    while True:
+        try:
+            line = client.recv_line()
+        except (EOFError, ConnectionResetError):
+            return out
+        out.append(_normalise(line, tmp))
+        if b'"id": "sync"' in line:
+            return out
 
 
 def _both(tmp_path, writes, setup=None) -> tuple[list[str], list[str]]:
@@ -230,6 +247,43 @@ RAW_BLOCK = [w.replace('"qcow2"', '"raw"') for w in BLOCK] + [
 def test_raw_graph_session_matches_qsd(tmp_path):
     expected, actual = _both(tmp_path, RAW_BLOCK, _images)
     assert actual == expected
+
+
+def _add(args: str) -> str:
+    return '{"execute":"blockdev-add","arguments":{%s}}' % args
+
+
+_RAW_FILE = '"file":{"driver":"file","filename":"TMP/a.raw"'
+#: Options QEMU refuses with its own words: files without a size, empty cache objects,
+#: pr-manager ids, raw windows.
+OPTION_ERRORS = [NEG] + [_add(a) for a in [
+    '"driver":"file","node-name":"a","filename":"/proc/self/mem"',
+    '"driver":"file","node-name":"a","filename":"/proc/self/status","read-only":true',
+    '"driver":"file","node-name":"a","filename":"TMP/a.raw","cache":{}',
+    '"driver":"raw","node-name":"a","cache":{},' + _RAW_FILE + '}',
+    '"driver":"raw","node-name":"a",' + _RAW_FILE + ',"cache":{}}',
+    '"driver":"raw","node-name":"a","cache":{"direct":false},' + _RAW_FILE + ',"cache":{}}',
+    '"driver":"raw","node-name":"a","cache":{},"file":{"driver":"file","filename":"/nonexist"}',
+    '"driver":"null-co","node-name":"a","cache":{}',
+    '"driver":"blkdebug","node-name":"a","cache":{},"image":{"driver":"null-co"}',
+    '"driver":"file","node-name":"a","filename":"TMP/a.raw","pr-manager":"s"',
+    '"driver":"file","node-name":"a","filename":"/nonexist","pr-manager":"s0"',
+    '"driver":"raw","node-name":"a","offset":-1,' + _RAW_FILE + '}',
+    '"driver":"raw","node-name":"a","size":-512,"offset":-1,' + _RAW_FILE + '}',
+    '"driver":"raw","node-name":"a","offset":-1,"file":"nosuch"',
+    '"driver":"raw","node-name":"a","size":1000,' + _RAW_FILE + '}',
+    '"driver":"raw","node-name":"a","offset":2097152,"size":512,' + _RAW_FILE + '}',
+    '"driver":"raw","node-name":"a","offset":512,"size":1048576,' + _RAW_FILE + '}',
+]]
+OPTION_ERRORS.insert(10, '{"execute":"object-add","arguments":{"qom-type":"secret","id":"s0",'
+                         '"data":"x"}}')
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
+def test_option_errors_match_qsd(tmp_path):
+    expected, actual = _both(tmp_path, OPTION_ERRORS, _images)
+    assert actual == expected
+    assert not any("Internal error" in line for line in actual)
 
 
 NBD = [

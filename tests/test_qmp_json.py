@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from blockd.qmp.json import JSONStreamer, encode, qdict_keys
+from harness import WAIT
 
 Message = tuple[object | None, str | None]
 PE = "JSON parse error, "
@@ -475,7 +476,7 @@ class Monitor:
 
     def __init__(self, path: Path, pretty: bool) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(30)
+        self.sock.settimeout(WAIT)
         self.sock.connect(str(path))
         self.pretty = pretty
         self.buf = b""
@@ -515,7 +516,7 @@ def qsd(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Monito
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     mon = None
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + WAIT
         while not path.exists():
             assert proc.poll() is None and time.monotonic() < deadline, "qemu-storage-daemon did not start"
             time.sleep(0.01)
@@ -706,7 +707,7 @@ def test_differential_pretty(qsd: tuple[Monitor, str]) -> None:
 def test_differential_end_of_input(text: str) -> None:
     """QEMU flushes its parser at the end of a JSON command-line option."""
     assert QSD is not None
-    proc = subprocess.run([QSD, "--blockdev", text], capture_output=True, timeout=30)
+    proc = subprocess.run([QSD, "--blockdev", text], capture_output=True, timeout=WAIT)
     prefix = f"qemu-storage-daemon: --blockdev {text}: "
     stderr = proc.stderr.decode()
     assert proc.returncode != 0 and stderr.startswith(prefix)

@@ -49,7 +49,7 @@ def inherited_options(parent: BlockNode, opts: dict[str, Any], role: str) -> dic
     discard should reach them.  Backing files are opened read-only.
     """
     cache = parent.options.get("cache")
-    if cache:
+    if cache and opts.get("cache") != {}:  # an empty one is refused once the child opened
         opts["cache"] = {**cache, **opts.get("cache", {})}
     if role == "backing":
         opts.setdefault("read-only", True)
@@ -62,6 +62,13 @@ def inherited_options(parent: BlockNode, opts: dict[str, Any], role: str) -> dic
             opts.setdefault("read-only", True)
     opts.setdefault("discard", "unmap")
     return opts
+
+
+def unsupported_option(node: BlockNode, key: str) -> str:
+    """QEMU's words for an option the driver left unconsumed (protocols say "doesn't")."""
+    if node.is_protocol:
+        return f"Block protocol '{node.driver}' doesn't support the option '{key}'"
+    return f"Block format '{node.driver}' does not support the option '{key}'"
 
 
 class OpenContext:
@@ -198,6 +205,12 @@ class BlockGraph:
         except BaseException:
             await self._detach_all(node, ctx.created)
             raise
+        if options.get("cache") == {}:
+            # An empty object is an option no driver consumes: QEMU refuses it once the
+            # node (children included) opened.
+            await node.close()
+            await self._detach_all(node, ctx.created)
+            raise QMPError(unsupported_option(node, "cache"))
         self.nodes[name] = node
         if implicit or options.get("node-name") is None:
             self.implicit.add(name)

@@ -146,7 +146,7 @@ class BlockNode:
     #: Format drivers interpret their ``file`` child; filters pass through.
     is_format: ClassVar[bool] = False
     is_filter: ClassVar[bool] = False
-    #: Protocol drivers (file, null-co) own the storage.
+    #: Protocol drivers (file, null-co, blkdebug) are opened by their own name, not probed.
     is_protocol: ClassVar[bool] = False
     #: Formats that can have a backing file: a run they leave unallocated with no
     #: backing file reads as zeroes (QEMU's ``supports_backing``); elsewhere its

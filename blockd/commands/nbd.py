@@ -8,7 +8,7 @@ from typing import Any
 from blockd.daemon import Daemon
 from blockd.errors import QMPError
 from blockd.exports import Export
-from blockd.nbd.server import NBDServer
+from blockd.nbd.server import DEFAULT_MAX_CONNECTIONS, NBDServer
 from blockd.qmp.registry import command
 
 _EXPORT_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
@@ -23,7 +23,7 @@ async def nbd_server_start(daemon: Daemon, args: dict[str, Any]) -> dict:
     if "tls-authz" in args:
         raise QMPError("'tls-authz' is not supported without 'tls-creds'")
     addr = args["addr"]
-    server = NBDServer(daemon, args.get("max-connections", 0))
+    server = NBDServer(daemon, args.get("max-connections", DEFAULT_MAX_CONNECTIONS))
     data = addr["data"]
     try:
         if addr["type"] == "unix":

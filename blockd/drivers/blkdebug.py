@@ -33,7 +33,7 @@ import os
 import re
 from typing import Any
 
-from blockd.block.graph import OpenContext
+from blockd.block.graph import OpenContext, unsupported_option
 from blockd.block.node import BlockNode, Extent, Perm, WriteFlags
 from blockd.errors import QMPError
 from blockd.qmp.json import qdict_keys
@@ -250,6 +250,8 @@ def _spans(offset: int, length: int, limit: int) -> list[tuple[int, int]]:
 class BlkdebugNode(BlockNode):
     driver = "blkdebug"
     is_filter = True
+    #: A protocol in QEMU's terms (opened by its own name), though it stores nothing.
+    is_protocol = True
     strong_options = ("config", "align", "max-transfer", "opt-write-zero", "max-write-zero",
                       "opt-discard", "max-discard")
 
@@ -284,7 +286,7 @@ class BlkdebugNode(BlockNode):
         # An empty list leaves its key unconsumed; QEMU complains about it last.
         for key in LIST_OPTIONS:
             if opts.get(key) == []:
-                raise QMPError(f"Block protocol 'blkdebug' doesn't support the option '{key}'")
+                raise QMPError(unsupported_option(self, key))
 
     def _set_limits(self) -> None:
         """Check the alignment overrides against each other as QEMU does."""

@@ -152,6 +152,16 @@ class FileNode(BlockNode):
 
     async def open(self, ctx: OpenContext) -> None:
         opts = self.options
+        pr_manager = opts.get("pr-manager")
+        if pr_manager is not None:
+            # blockd has no pr-manager objects: the id names nothing, or another kind.
+            try:
+                ctx.secret(pr_manager)
+            except QMPError:
+                raise QMPError(f"No persistent reservation manager with id '{pr_manager}'") \
+                    from None
+            raise QMPError(f"Object with id '{pr_manager}' is not a persistent reservation "
+                           "manager")
         if opts.get("aio") == "native" and not opts.get("cache", {}).get("direct"):
             raise QMPError("aio=native was specified, but it requires cache.direct=on, "
                            "which was not specified.")
@@ -193,7 +203,11 @@ class FileNode(BlockNode):
             raise _open_error(self.path, exc) from None
 
     def _query_size(self) -> int:
-        return os.lseek(self.fd, 0, os.SEEK_END)
+        """The size from ``lseek``; files that have none (``/proc`` files) cannot be opened."""
+        try:
+            return os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError as exc:
+            raise QMPError(f"Could not refresh total sector count: {exc.strerror}") from None
 
     async def close(self) -> None:
         if self.fd >= 0:

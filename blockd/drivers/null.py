@@ -7,6 +7,7 @@ measure blockd itself (QMP, NBD, the graph) rather than storage.
 from __future__ import annotations
 
 import asyncio
+import errno
 from typing import Any
 
 from blockd.block.graph import OpenContext
@@ -44,6 +45,9 @@ class NullNode(BlockNode):
 
     async def write_zeroes(self, offset: int, length: int,
                            flags: WriteFlags = WriteFlags.NONE) -> None:
+        if flags & WriteFlags.NO_FALLBACK:
+            # QEMU's null drivers have no zeroing of their own, so a fast one fails.
+            raise OSError(errno.ENOTSUP, "Operation not supported")
         await self._delay()
 
     async def flush(self) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Claim, Extent, Perm, WriteFlags
 from blockd.errors import QMPError
+from blockd.qmp.json import qdict_keys
 
 
 class RawNode(BlockNode):
@@ -27,29 +28,21 @@ class RawNode(BlockNode):
         self.size: int | None = None
 
     async def open(self, ctx: OpenContext) -> None:
-        self._set_window(self.options, None)
+        # QEMU opens a format's file child before reading the format's own options.
         await ctx.open_child(self.options["file"], "file")
+        self.offset, self.size = _window(self.options)
         self._check_window(self.file.length())
-
-    def _set_window(self, options: dict[str, Any], _: Any) -> None:
-        offset, size = options.get("offset", 0), options.get("size")
-        if offset < 0:
-            raise QMPError("offset cannot be negative")
-        if size is not None and size < 0:
-            raise QMPError("size cannot be negative")
-        self.offset, self.size = offset, size
 
     def _check_window(self, file_len: int) -> None:
         if self.offset > file_len:
-            raise QMPError("The sum of offset (%d) and size (0) has to be smaller or equal "
-                           "to the  actual size of the containing file (%d)"
-                           % (self.offset, file_len))
+            raise QMPError(f"Offset ({self.offset}) cannot be greater than size of the "
+                           f"containing file ({file_len})")
         if self.size is not None and self.offset + self.size > file_len:
             raise QMPError("The sum of offset (%d) and size (%d) has to be smaller or equal "
                            "to the  actual size of the containing file (%d)"
                            % (self.offset, self.size, file_len))
         if self.size is not None and self.size % 512:
-            raise QMPError("Specified size is not a multiple of 512")
+            raise QMPError("Specified size is not multiple of 512")
 
     def child_perm(self, role: str) -> tuple[Perm, Perm]:
         perm, shared = self.cumulative_perm, self.cumulative_shared
@@ -101,11 +94,16 @@ class RawNode(BlockNode):
         return self.file.allocated_file_size()
 
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
-        offset, size = options.get("offset", 0), options.get("size")
-        if offset < 0 or (size is not None and size < 0):
-            self._set_window(options, None)  # raises with QEMU's text
-        return (offset, size)
+        return _window(options)
 
     async def reopen_commit(self, state: Any, options: dict[str, Any], read_only: bool) -> None:
         self.offset, self.size = state
         await super().reopen_commit(state, options, read_only)
+
+
+def _window(options: dict[str, Any]) -> tuple[int, int | None]:
+    """``offset`` and ``size``; QemuOpts refuses a negative one, the first in QDict order."""
+    for key in qdict_keys(options):
+        if key in ("offset", "size") and options[key] < 0:
+            raise QMPError(f"Parameter '{key}' expects a non-negative number below 2^64")
+    return options.get("offset", 0), options.get("size")

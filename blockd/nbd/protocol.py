@@ -237,6 +237,21 @@ def _string(text: str) -> bytes:
     return data
 
 
+def _message(text: str) -> bytes:
+    """A message for humans, cut to what the protocol allows: it may quote what a client
+    sent (bytes that are not UTF-8 included, see ``_Reader.text``), and must never
+    fail the reply."""
+    return text.encode(errors="surrogateescape")[:MAX_STRING]
+
+
+def quoted_name(name: str) -> str:
+    """An export name as error messages quote it: at most 80 bytes, then "...", as QEMU."""
+    raw = name.encode(errors="surrogateescape")
+    if len(raw) < 80:
+        return name
+    return raw[:80].decode(errors="surrogateescape") + "..."
+
+
 # ---- handshake: server to client ---------------------------------------------------
 
 def greeting(flags: int = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES) -> bytes:
@@ -253,7 +268,11 @@ def rep_ack(option: int) -> bytes:
 
 def rep_error(option: int, reply: int, message: str = "") -> bytes:
     """An error reply; the optional message is for humans (clients log it)."""
-    return option_reply(option, reply, _string(message))
+    return option_reply(option, reply, _message(message))
+
+
+def rep_unknown_export(option: int, name: str) -> bytes:
+    return rep_error(option, Rep.ERR_UNKNOWN, f"export '{quoted_name(name)}' not present")
 
 
 def rep_server(option: int, name: str, details: str = "") -> bytes:
@@ -317,16 +336,30 @@ def meta_context_data(name: str, queries: Iterable[str] = ()) -> bytes:
 
 # ---- option payload parsers --------------------------------------------------------
 
-class _Reader:
-    """Bounds-checked reads from one option payload; malformed means InvalidOption."""
+#: Option names in messages, as QEMU 7.2 words them (it names no others).
+_OPT_NAMES = {Opt.EXPORT_NAME: "export name", Opt.ABORT: "abort", Opt.LIST: "list",
+              Opt.STARTTLS: "starttls", Opt.INFO: "info", Opt.GO: "go",
+              Opt.STRUCTURED_REPLY: "structured reply",
+              Opt.LIST_META_CONTEXT: "list meta context",
+              Opt.SET_META_CONTEXT: "set meta context"}
 
-    def __init__(self, data: bytes) -> None:
+
+def opt_name(option: int) -> str:
+    return _OPT_NAMES.get(option, "<unknown>")
+
+
+class _Reader:
+    """Bounds-checked reads from one option payload; malformed means InvalidOption,
+    with QEMU's words for the option being read."""
+
+    def __init__(self, data: bytes, option: int = 0) -> None:
         self.data = data
         self.pos = 0
+        self.option = option
 
     def take(self, n: int) -> bytes:
         if n > len(self.data) - self.pos:
-            raise InvalidOption("option payload is too short")
+            raise InvalidOption(f"Inconsistent lengths in option {opt_name(self.option)}")
         chunk = self.data[self.pos:self.pos + n]
         self.pos += n
         return chunk
@@ -337,7 +370,23 @@ class _Reader:
     def u32(self) -> int:
         return _U32.unpack(self.take(4))[0]
 
+    def name(self) -> str:
+        """An export name: its length (at most 4096), then its bytes."""
+        length = self.u32()
+        if length > MAX_STRING:
+            raise InvalidOption(f"Invalid name length: {length}")
+        return self.text(length)
+
+    def text(self, length: int) -> str:
+        """A client's string.  Bytes that are not UTF-8 are kept (surrogate escapes):
+        such a name matches no export and is quoted back as sent, as QEMU does."""
+        raw = self.take(length)
+        if b"\0" in raw:
+            raise InvalidOption(f"Unexpected embedded NUL in option {opt_name(self.option)}")
+        return raw.decode(errors="surrogateescape")
+
     def string(self, length: int) -> str:
+        """A server's string (client side): UTF-8 within the protocol's limit."""
         if length > MAX_STRING:
             raise InvalidOption("string is too long")
         try:
@@ -347,27 +396,43 @@ class _Reader:
 
     def end(self) -> None:
         if self.pos != len(self.data):
-            raise InvalidOption("option payload has trailing bytes")
+            raise InvalidOption(f"option '{opt_name(self.option)}' has unexpected length")
 
 
-def parse_info_request(data: bytes) -> tuple[str, list[int]]:
+def no_payload(data: bytes, option: int) -> None:
+    """Options that take no data refuse some with QEMU's words."""
+    _Reader(data, option).end()
+
+
+def parse_info_request(data: bytes, option: int = Opt.GO) -> tuple[str, list[int]]:
     """Export name and requested info types of ``NBD_OPT_INFO`` / ``NBD_OPT_GO``."""
-    r = _Reader(data)
-    name = r.string(r.u32())
+    r = _Reader(data, option)
+    name = r.name()
     count = r.u16()
     infos = [r.u16() for _ in range(count)]
     r.end()
     return name, infos
 
 
-def parse_meta_context_request(data: bytes) -> tuple[str, list[str]]:
-    """Export name and context queries of the meta-context options."""
-    r = _Reader(data)
-    name = r.string(r.u32())
-    count = r.u32()
-    queries = [r.string(r.u32()) for _ in range(count)]
-    r.end()
-    return name, queries
+def meta_context_name(data: bytes, option: int) -> str:
+    """The export name of a meta-context option: looked up before the queries are read."""
+    return _Reader(data, option).name()
+
+
+def meta_context_queries(data: bytes, option: int) -> list[str]:
+    """The queries after the export name.  As in QEMU 7.2, a query longer than the
+    protocol's strings is skipped.  Bytes after the last query are ignored (QEMU 7.2
+    leaves them in the stream, to be misread as the next option's header)."""
+    r = _Reader(data, option)
+    r.name()
+    queries = []
+    for _ in range(r.u32()):
+        length = r.u32()
+        if length > MAX_STRING:
+            r.take(length)
+        else:
+            queries.append(r.text(length))
+    return queries
 
 
 # ---- option reply payload parsers (client side) ------------------------------------
@@ -443,7 +508,7 @@ def chunk_block_status(handle: int, context_id: int, extents: Iterable[tuple[int
 def chunk_error(handle: int, error: int, message: str = "", offset: int | None = None,
                 done: bool = True) -> bytes:
     """An ERROR chunk, or ERROR_OFFSET when ``offset`` names where a read failed."""
-    text = _string(message)
+    text = _message(message)
     body = _U32.pack(error) + _U16.pack(len(text)) + text
     kind = Chunk.ERROR
     if offset is not None:

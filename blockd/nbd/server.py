@@ -20,6 +20,8 @@ import asyncio
 import errno
 import logging
 import os
+import socket
+import stat
 from typing import TYPE_CHECKING, Any, Coroutine, Generator, Iterator
 
 from blockd.block.node import BlockNode, Status, WriteFlags
@@ -45,6 +47,11 @@ WRITES = frozenset({p.Cmd.WRITE, p.Cmd.WRITE_ZEROES, p.Cmd.TRIM})
 FUA = int(p.CmdFlag.FUA)
 #: Reply bytes queued in one turn of the event loop before they are sent anyway.
 OUTBOX_MAX = 256 << 10
+#: Connections an NBD server takes at once unless ``max-connections`` says otherwise:
+#: QEMU 7.2's stable releases cap them so (CVE-2024-7409); 0 lifts the cap.
+DEFAULT_MAX_CONNECTIONS = 100
+#: Clients the kernel queues for a listener that is not accepting.
+LISTEN_BACKLOG = 128
 #: Seconds a client has from connecting to choosing an export.
 HANDSHAKE_TIMEOUT = 10.0
 #: Reads this long are answered with hole chunks where the image has none.
@@ -57,6 +64,19 @@ CONTEXT_DEPTH = 1
 CONTEXT_BITMAP = 2
 QEMU_DEPTH = "qemu:allocation-depth"
 QEMU_BITMAP = "qemu:dirty-bitmap:"
+#: Command names in messages, as QEMU words them.
+_CMD_NAMES = {p.Cmd.READ: "read", p.Cmd.WRITE: "write", p.Cmd.DISC: "disconnect",
+              p.Cmd.FLUSH: "flush", p.Cmd.TRIM: "trim", p.Cmd.CACHE: "cache",
+              p.Cmd.WRITE_ZEROES: "write zeroes", p.Cmd.BLOCK_STATUS: "block status",
+              p.Cmd.RESIZE: "resize"}
+#: Commands this server runs (a 7.2 server knows no RESIZE).
+_SERVED = frozenset({p.Cmd.READ, p.Cmd.WRITE, p.Cmd.FLUSH, p.Cmd.TRIM, p.Cmd.CACHE,
+                     p.Cmd.WRITE_ZEROES, p.Cmd.BLOCK_STATUS})
+#: QEMU's message when the block layer fails a command.
+_FAILED = {p.Cmd.READ: "reading from file failed", p.Cmd.WRITE: "writing to file failed",
+           p.Cmd.WRITE_ZEROES: "writing to file failed", p.Cmd.FLUSH: "flush failed",
+           p.Cmd.TRIM: "discard failed", p.Cmd.CACHE: "caching data failed",
+           p.Cmd.BLOCK_STATUS: "can't get block status"}
 
 _ERRNO_TO_NBD = {
     errno.EPERM: p.Err.EPERM, errno.EROFS: p.Err.EPERM, errno.EIO: p.Err.EIO,
@@ -111,12 +131,22 @@ async def depth_extents(node: BlockNode, offset: int, length: int) -> list[tuple
 
 
 class NBDServer:
-    """Listeners and the exports they serve (``nbd-server-start``)."""
+    """Listeners and the exports they serve (``nbd-server-start``).
 
-    def __init__(self, daemon: "Daemon", max_connections: int = 0) -> None:
+    At ``max_connections`` clients the listeners stop accepting, as QEMU's
+    do: a further client waits in the socket's backlog, unanswered, until
+    a connection ends, and holds nothing of the daemon's meanwhile.  Until
+    the command line is applied they do not accept either, so a client
+    finds the exports the command line makes.
+    """
+
+    def __init__(self, daemon: "Daemon", max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self.daemon = daemon
+        #: 0 is no limit.
         self.max_connections = max_connections
-        self.servers: list[asyncio.AbstractServer] = []
+        self.listeners: list[socket.socket] = []
+        self.accepting = False
+        self.stopped = False
         self.connections: set[Connection] = set()
         self.unix_path: str | None = None
 
@@ -125,23 +155,90 @@ class NBDServer:
 
     async def listen_unix(self, path: str) -> None:
         """Listen on a unix socket created with mode 0600 (only our user connects)."""
-        loop = asyncio.get_running_loop()
+        target = os_path(path)
+        try:
+            if stat.S_ISSOCK(os.stat(target).st_mode):
+                os.unlink(target)  # a stale socket of an earlier run
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            server = await loop.create_unix_server(lambda: Connection(self), os_path(path))
+            sock.bind(target)
+        except OSError:
+            sock.close()
+            raise
         finally:
             os.umask(old)
         self.unix_path = path
-        self.servers.append(server)
+        self._listen(sock)
 
     async def listen_inet(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        self.servers.append(await loop.create_server(lambda: Connection(self), host, port,
-                                                     reuse_address=True))
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+            except OSError:
+                sock.close()
+                raise
+            self._listen(sock)
+
+    def _listen(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        sock.listen(LISTEN_BACKLOG)
+        self.listeners.append(sock)
+        if self.accepting:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
+        self.update_accepting()
+
+    def update_accepting(self) -> None:
+        """Watch the listeners for clients exactly while a connection slot is free."""
+        want = (self.daemon.started.is_set() and not self.stopped
+                and (not self.max_connections or len(self.connections) < self.max_connections))
+        if want == self.accepting:
+            return
+        self.accepting = want
+        loop = asyncio.get_running_loop()
+        for sock in self.listeners:
+            if want:
+                loop.add_reader(sock.fileno(), self._accept, sock)
+            else:
+                loop.remove_reader(sock.fileno())
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # out of descriptors, say: the client stays queued
+            log.warning("NBD server could not accept a client: %s", exc.strerror)
+            return
+        sock.setblocking(False)
+        conn = Connection(self)
+        # Counted from the accept on, so a burst of clients cannot overshoot the limit.
+        self.connections.add(conn)
+        self.update_accepting()
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(lambda: conn, sock))
+
+        def started(task: asyncio.Task[Any]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                sock.close()
+                conn.connection_lost(None)  # frees the slot
+
+        task.add_done_callback(started)
 
     async def stop(self) -> None:
-        for server in self.servers:
-            server.close()
+        self.stopped = True
+        self.update_accepting()
+        for sock in self.listeners:
+            sock.close()
         for conn in list(self.connections):
             conn.abort()
         if self.unix_path is not None:
@@ -181,11 +278,6 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        limit = self.server.max_connections
-        if limit and len(self.server.connections) >= limit:
-            transport.close()
-            return
-        self.server.connections.add(self)
         self.handshake_timer = asyncio.get_running_loop().call_later(
             HANDSHAKE_TIMEOUT, self._handshake_expired)
         transport.write(p.greeting())
@@ -200,6 +292,7 @@ class Connection(asyncio.Protocol):
         if self.handshake_timer is not None:
             self.handshake_timer.cancel()
         self.server.connections.discard(self)
+        self.server.update_accepting()
         if self.export is not None:
             self.export.connections.discard(self)
         for task in self.tasks:
@@ -293,16 +386,20 @@ class Connection(asyncio.Protocol):
     def _client_flags(self, flags: int) -> None:
         if not flags & p.ClientFlag.FIXED_NEWSTYLE:
             raise p.ProtocolError("client does not speak fixed newstyle")
-        if flags & ~(p.ClientFlag.FIXED_NEWSTYLE | p.ClientFlag.NO_ZEROES):
-            raise p.ProtocolError("unknown client flags")
+        # int(): ``~`` on an IntFlag keeps only the members it knows, so the mask was 0.
+        if flags & ~int(p.ClientFlag.FIXED_NEWSTYLE | p.ClientFlag.NO_ZEROES):
+            raise p.ProtocolError(f"unknown client flags 0x{flags:x}")
         self.no_zeroes = bool(flags & p.ClientFlag.NO_ZEROES)
 
     # ---- handshake -------------------------------------------------------------
 
     def _transmission_flags(self, export: "Export") -> int:
         f = p.TransmissionFlag
-        flags = (f.HAS_FLAGS | f.SEND_FLUSH | f.SEND_FUA | f.SEND_DF | f.CAN_MULTI_CONN
-                 | f.SEND_CACHE)
+        flags = f.HAS_FLAGS | f.SEND_FLUSH | f.SEND_FUA | f.SEND_CACHE
+        if self.structured:  # DF means something only to structured reads
+            flags |= f.SEND_DF
+        if self.server.max_connections != 1:  # one connection at a time cannot be multi
+            flags |= f.CAN_MULTI_CONN
         if export.writable:
             flags |= f.SEND_TRIM | f.SEND_WRITE_ZEROES | f.SEND_FAST_ZERO
         else:
@@ -319,16 +416,17 @@ class Connection(asyncio.Protocol):
                 self.closing = True
                 self.transport.close()
             elif opt == p.Opt.LIST:
-                if req.data:
-                    raise p.InvalidOption("NBD_OPT_LIST takes no data")
+                p.no_payload(req.data, opt)
                 for exp in self.server.exports().values():
                     self._write(p.rep_server(opt, exp.name, exp.description or ""))
                 self._write(p.rep_ack(opt))
             elif opt in (p.Opt.INFO, p.Opt.GO):
                 self._opt_info(opt, req.data)
+            elif opt == p.Opt.STARTTLS:
+                p.no_payload(req.data, opt)
+                self._write(p.rep_error(opt, p.Rep.ERR_POLICY, "TLS not configured"))
             elif opt == p.Opt.STRUCTURED_REPLY:
-                if req.data:
-                    raise p.InvalidOption("NBD_OPT_STRUCTURED_REPLY takes no data")
+                p.no_payload(req.data, opt)
                 if self.structured:
                     raise p.InvalidOption("structured reply already negotiated")
                 self.structured = True
@@ -336,7 +434,8 @@ class Connection(asyncio.Protocol):
             elif opt in (p.Opt.LIST_META_CONTEXT, p.Opt.SET_META_CONTEXT):
                 self._opt_meta_context(opt, req.data)
             else:
-                self._write(p.rep_error(opt, p.Rep.ERR_UNSUP, f"Unsupported option {opt}"))
+                self._write(p.rep_error(opt, p.Rep.ERR_UNSUP,
+                                        f"Unsupported option {opt} ({p.opt_name(opt)})"))
         except p.InvalidOption as exc:
             self._write(p.rep_error(opt, p.Rep.ERR_INVALID, str(exc)))
 
@@ -355,10 +454,10 @@ class Connection(asyncio.Protocol):
         self._enter_transmission(export)
 
     def _opt_info(self, opt: int, data: bytes) -> None:
-        name, infos = p.parse_info_request(data)
+        name, infos = p.parse_info_request(data, opt)
         export = self._find(name)
         if export is None:
-            self._write(p.rep_error(opt, p.Rep.ERR_UNKNOWN, f"export '{name}' not present"))
+            self._write(p.rep_unknown_export(opt, name))
             return
         if p.Info.NAME in infos:
             self._write(p.rep_info_name(opt, export.name))
@@ -388,13 +487,16 @@ class Connection(asyncio.Protocol):
             yield CONTEXT_BITMAP + i, QEMU_BITMAP + name, bitmap
 
     def _opt_meta_context(self, opt: int, data: bytes) -> None:
-        if not self.structured:
-            raise p.InvalidOption("structured replies must be negotiated first")
-        name, queries = p.parse_meta_context_request(data)
+        if opt == p.Opt.SET_META_CONTEXT and not self.structured:
+            raise p.InvalidOption(f"request option '{p.opt_name(opt)}' when structured reply "
+                                  "is not negotiated")
+        # The export is looked up before the queries are read, as in QEMU.
+        name = p.meta_context_name(data, opt)
         export = self._find(name)
         if export is None:
-            self._write(p.rep_error(opt, p.Rep.ERR_UNKNOWN, f"export '{name}' not present"))
+            self._write(p.rep_unknown_export(opt, name))
             return
+        queries = p.meta_context_queries(data, opt)
         chosen: dict[int, tuple[int, Any]] = {}
         for cid, cname, arg in self._available_contexts(export):
             listing_all = opt == p.Opt.LIST_META_CONTEXT and not queries
@@ -438,9 +540,13 @@ class Connection(asyncio.Protocol):
 
     async def _serve(self, req: p.Request, cost: int) -> None:
         try:
-            await self._dispatch(req)
+            refusal = self._refusal(req)
+            if refusal is None:
+                await self._dispatch(req)
+            else:
+                self._reply_error(req, p.Err.EINVAL, refusal)
         except OSError as exc:
-            self._reply_error(req, nbd_error(exc), exc.strerror or "")
+            self._reply_error(req, nbd_error(exc), _FAILED.get(req.cmd, exc.strerror or ""))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -452,7 +558,8 @@ class Connection(asyncio.Protocol):
             self._process()
 
     def _reply_error(self, req: p.Request, error: int, message: str = "") -> None:
-        if self.structured and req.cmd in (p.Cmd.READ, p.Cmd.BLOCK_STATUS):
+        # With structured replies every error is a chunk (with its message), as in QEMU.
+        if self.structured:
             self._reply(p.chunk_error(req.handle, error, message))
         else:
             self._reply(p.simple_reply(req.handle, error))
@@ -463,14 +570,33 @@ class Connection(asyncio.Protocol):
         else:
             self._reply(p.simple_reply(req.handle))
 
+    def _refusal(self, req: p.Request) -> str | None:
+        """Why a request is refused (EINVAL) before it runs, in QEMU's words and order."""
+        cmd, export = req.cmd, self.export
+        if req.length > MAX_PAYLOAD and cmd in (p.Cmd.READ, p.Cmd.CACHE):
+            return f"len ({req.length} ) is larger than max len ({MAX_PAYLOAD})"
+        if cmd in WRITES and not export.writable:
+            return "Export is read-only"
+        size = export.backend.length()
+        if req.offset > size or req.length > size - req.offset:
+            return f"operation past EOF; From: {req.offset}, Len: {req.length}, Size: {size}"
+        if req.flags & ~self._valid_flags(cmd):
+            return (f"unsupported flags for command {_CMD_NAMES.get(cmd, '<unknown>')} "
+                    f"(got 0x{req.flags:x})")
+        if cmd == p.Cmd.BLOCK_STATUS:
+            if not req.length:
+                return "need non-zero length"
+            if not self.contexts:
+                return "CMD_BLOCK_STATUS not negotiated"
+        elif cmd not in _SERVED:
+            return f"invalid request type ({cmd}) received"
+        return None
+
     async def _dispatch(self, req: p.Request) -> None:
+        """Run a request :meth:`_refusal` let through."""
         export = self.export
         backend = export.backend
         cmd = req.cmd
-        if req.offset + req.length > backend.length():
-            raise OSError(errno.EINVAL, "request beyond the end of the export")
-        if cmd in WRITES and not export.writable:
-            raise OSError(errno.EPERM, "export is read-only")
         if cmd == p.Cmd.READ:
             await self._read(req)
         elif cmd == p.Cmd.WRITE:
@@ -500,18 +626,28 @@ class Connection(asyncio.Protocol):
             for off in range(req.offset, req.offset + req.length, MAX_PAYLOAD):
                 await backend.read(off, min(MAX_PAYLOAD, req.offset + req.length - off))
             self._ok(req)
-        elif cmd == p.Cmd.BLOCK_STATUS:
-            await self._block_status(req)
         else:
-            raise OSError(errno.EINVAL, "unknown command")
+            await self._block_status(req)
+
+    def _valid_flags(self, cmd: int) -> int:
+        """Flags a command may carry; anything else is EINVAL, as in QEMU."""
+        valid = FUA
+        if cmd == p.Cmd.READ and self.structured:
+            valid |= p.CmdFlag.DF
+        elif cmd == p.Cmd.WRITE_ZEROES:
+            valid |= p.CmdFlag.NO_HOLE | p.CmdFlag.FAST_ZERO
+        elif cmd == p.Cmd.BLOCK_STATUS:
+            valid |= p.CmdFlag.REQ_ONE
+        return int(valid)
 
     async def _read(self, req: p.Request) -> None:
         backend = self.export.backend
-        if req.length > MAX_PAYLOAD:
-            raise OSError(errno.EINVAL, "read too large")
         if not self.structured:
             data = await backend.read(req.offset, req.length)
             self._reply(p.simple_reply(req.handle), data)
+            return
+        if not req.length:
+            self._reply(p.chunk_none(req.handle))
             return
         if req.length < SPARSE_READ_MIN or req.flags & p.CmdFlag.DF:
             data = await backend.read(req.offset, req.length)
@@ -532,10 +668,6 @@ class Connection(asyncio.Protocol):
         self._reply(*parts)
 
     async def _block_status(self, req: p.Request) -> None:
-        if not self.structured or not self.contexts:
-            raise OSError(errno.EINVAL, "no metadata context negotiated")
-        if req.length == 0:
-            raise OSError(errno.EINVAL, "empty block status request")
         node = self.export.node
         one = bool(req.flags & p.CmdFlag.REQ_ONE)
         parts = []

@@ -121,6 +121,11 @@ class Dispatcher:
             return error_reply(exc.desc, exc.cls, has_id=req.has_id, id=req.id)
         except (KeyboardInterrupt, SystemExit, asyncio.CancelledError):
             raise
+        except OSError as exc:
+            # The host said no where no handler expected it: still the host's answer,
+            # so the client gets its text, never "Internal error" (the log keeps where).
+            log.warning("command %s failed", req.name, exc_info=True)
+            return error_reply(exc.strerror or str(exc), has_id=req.has_id, id=req.id)
         except BaseException as exc:  # a bug must not take the daemon down
             # BaseException: Rust extensions (cryptography) raise their panics as one.
             log.exception("command %s failed", req.name)

@@ -171,7 +171,8 @@ class ClientSession(asyncio.Protocol):
             self.dispatcher.daemon.request_quit()
 
     async def _work(self) -> None:
-        """Run in-band requests one after another, in arrival order."""
+        """Run in-band requests one after another, in arrival order, once start-up is done."""
+        await self.dispatcher.daemon.started.wait()
         while not self.closed:
             if not self.queue:
                 self.wakeup.clear()

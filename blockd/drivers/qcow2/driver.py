@@ -105,7 +105,7 @@ class Qcow2Node(BlockNode):
         caches = cache_config(opts, h)
         self.image = Image(file, h, opts.get("pass-discard-other", False), caches,
                            overlap.parse_option(opts.get("overlap-check")), self.node_name,
-                           ctx.graph.emit)
+                           ctx.graph.emit, lambda: not self.read_only)
         self.map = Mapping(self.image, caches)
         self.encryption = await crypt.open_encryption(
             self.image, opts.get("encrypt"), ctx.secret, not ctx.graph.no_io)

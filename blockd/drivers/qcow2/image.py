@@ -68,8 +68,11 @@ EventSink = Callable[[str, dict[str, Any]], None]
 class Image:
     def __init__(self, file: BlockNode, header: hdr.Header, discard_other: bool,
                  caches: CacheConfig, overlap_mask: int = overlap.CACHED,
-                 node_name: str = "", emit: EventSink | None = None) -> None:
+                 node_name: str = "", emit: EventSink | None = None,
+                 writable: Callable[[], bool] = lambda: True) -> None:
         self.file = file
+        #: Whether the node is open read-write now (it may be reopened either way).
+        self.writable = writable
         #: Tells the file a blkdebug event was reached: its own method, bound once,
         #: since allocating writes reach several.
         self.debug_event: Callable[[str], None] = file.debug_event
@@ -110,8 +113,11 @@ class Image:
 
         Only the first report goes out, so a guest hammering a broken
         cluster cannot flood the monitor; a fatal one still gets through
-        after non-fatal ones, as in QEMU.
+        after non-fatal ones, as in QEMU.  On a read-only node nothing is
+        fatal, as in QEMU: a read-only open writes nothing, and only the
+        request that met the corruption fails.
         """
+        fatal = fatal and self.writable()
         if self.signaled_corruption and (not fatal or self.corrupt):
             return
         if fatal:
