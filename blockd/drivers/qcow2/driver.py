@@ -128,7 +128,9 @@ class Qcow2Node(BlockNode):
         await self.image.metadata.load_snapshots()
         if opts.get("snapshot") is not None:
             await self._load_snapshot(opts["snapshot"])
-        if h.incompatible_features & hdr.INCOMPAT_DIRTY and not self.read_only:
+        # blockd-img check -r repairs a dirty image itself, as qemu-img check -r does.
+        if h.incompatible_features & hdr.INCOMPAT_DIRTY and not self.read_only \
+                and not opts.get("x-repair"):
             await self._repair_dirty()
         # The runtime option overrides what the image was created with, as in QEMU.
         self.image.refcounts.lazy = not self.read_only and opts.get(

@@ -53,6 +53,20 @@ def set_entry(block: bytearray, index: int, order: int, value: int) -> tuple[int
     return index * width, (index + 1) * width
 
 
+def encode_block(counts: Sequence[int], order: int, cluster_size: int) -> bytes:
+    """A refcount block holding ``counts`` (zero past their end): the inverse of ``_decode``."""
+    e = cluster_size * 8 >> order
+    values = list(counts[:e]) + [0] * (e - len(counts[:e]))
+    fmt = {3: "B", 4: "H", 5: "I", 6: "Q"}.get(order)
+    if fmt is not None:
+        return struct.pack(f">{e}{fmt}", *values)
+    block = bytearray(cluster_size)
+    for i, value in enumerate(values):
+        if value:
+            set_entry(block, i, order, value)
+    return bytes(block)
+
+
 class Refcounts:
     """The image's refcount structure, cached in memory and written through."""
 
@@ -92,6 +106,19 @@ class Refcounts:
         self.last_used = max((i for i, e in enumerate(self.table) if e), default=-1)
         for entry in self.table[:self.last_used + 1]:
             self.image.metadata.add(entry & ~0x1FF & ((1 << 63) - 1), overlap.REFCOUNT_BLOCK)
+
+    async def adopt(self, table_offset: int, table_clusters: int) -> None:
+        """Switch to a refcount structure written from scratch (check's rebuild); the
+        caller has already pointed the header in the file at the new table."""
+        for entry in self.table[:self.last_used + 1]:
+            self.image.metadata.remove(entry & ~0x1FF & ((1 << 63) - 1), overlap.REFCOUNT_BLOCK)
+        self.blocks.clear()
+        self.dirty.clear()
+        self.held.clear()
+        self.image.header.refcount_table_offset = table_offset
+        self.image.header.refcount_table_clusters = table_clusters
+        await self.load()
+        self.free_hint = 0
 
     def _set_table(self, index: int, offset: int) -> None:
         """Record a table entry in memory (the caller writes it) and in the metadata map."""
