@@ -53,19 +53,22 @@ def exit_code(res: Any) -> int:
 
 
 def _failed(res: Any) -> str | None:
-    """qemu-img's "Check failed" line, when the check itself failed or met internal errors."""
+    """qemu-img's "Check failed" lines, when the check itself failed or met internal errors."""
     if res.error:
-        return f"{PROG}: Check failed: {os.strerror(res.error)}"
+        why = f"{PROG}: {res.failure}\n" if getattr(res, "failure", "") else ""
+        return f"{why}{PROG}: Check failed: {os.strerror(res.error)}"
     if res.check_errors:
         return f"{PROG}: Check failed"
     return None
 
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 async def _run_check(node: Any, fix: int) -> Any:
-    res = await node.check(fix)
-    for message in res.messages:
-        print(message, file=sys.stderr)
-    return res
+    """The driver's check, its messages on stderr as they come (between corruption reports)."""
+    return await node.check(fix, _say)
 
 
 async def check(session: Session, filename: str, fmt: str | None, output: str,

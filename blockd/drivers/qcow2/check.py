@@ -19,7 +19,7 @@ import dataclasses
 import errno
 import os
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from blockd.drivers.qcow2 import crypt, overlap
 from blockd.drivers.qcow2 import header as hdr
@@ -50,7 +50,17 @@ class CheckResult:
     compressed_clusters: int = 0
     #: An errno where the check itself failed (qemu-img: "Check failed: ...").
     error: int = 0
+    #: What failed, for qemu-img's line before "Check failed" (empty: no such line).
+    failure: str = ""
     messages: list[str] = dataclasses.field(default_factory=list)
+    #: Called with each message as it is found, so they interleave with other
+    #: output (corruption reports) in QEMU's order.
+    sink: Callable[[str], None] | None = dataclasses.field(default=None, repr=False)
+
+    def say(self, message: str) -> None:
+        self.messages.append(message)
+        if self.sink is not None:
+            self.sink(message)
 
     def as_dict(self) -> dict[str, Any]:
         """The members ``qemu-img check --output=json`` prints: counters only when non-zero."""
@@ -102,7 +112,7 @@ class _Walker:
         if length <= 0:
             return
         if offset + length - self.file.length() >= self.cs:
-            self.res.messages.append(
+            self.res.say(
                 f"ERROR: counting reference for region exceeding the end of the file by one "
                 f"cluster or more: offset 0x{offset:x} size 0x{length:x}")
             self.res.corruptions += 1
@@ -113,8 +123,8 @@ class _Walker:
             refs.extend([0] * (last + 1 - len(refs)))
         for c in range(first, last + 1):
             if refs[c] == self.max_ref:
-                self.res.messages.append(f"ERROR: overflow cluster offset=0x{c * self.cs:x}")
-                self.res.messages.append(
+                self.res.say(f"ERROR: overflow cluster offset=0x{c * self.cs:x}")
+                self.res.say(
                     "Use qemu-img amend to increase the refcount entry width or qemu-img "
                     "convert to create a clean copy if the image cannot be opened for writing")
                 self.res.corruptions += 1
@@ -130,14 +140,14 @@ class _Walker:
         raw = await self.file.read(l1_offset, l1_size * 8)
         for entry in struct.unpack(f">{l1_size}Q", raw):
             if entry & L1_RESERVED:
-                self.res.messages.append(f"ERROR found L1 entry with reserved bits set: {entry:x}")
+                self.res.say(f"ERROR found L1 entry with reserved bits set: {entry:x}")
                 self.res.corruptions += 1
             l2 = entry & L1_OFFSET_MASK
             if not l2:
                 continue
             self.inc(l2, self.cs, "L2 table")
             if l2 % self.cs:
-                self.res.messages.append(f"ERROR l2_offset={l2:x}: Table is not cluster aligned; "
+                self.res.say(f"ERROR l2_offset={l2:x}: Table is not cluster aligned; "
                                          "L1 entry corrupted")
                 self.res.corruptions += 1
             await self.walk_l2(l2, active)
@@ -177,23 +187,23 @@ class _Walker:
         ext = self.node.map.ext
         external = self.image.external_data
         if not entry & COMPRESSED and entry & L2_STD_RESERVED:
-            res.messages.append(f"ERROR found l2 entry with reserved bits set: {entry:x}")
+            res.say(f"ERROR found l2 entry with reserved bits set: {entry:x}")
             res.corruptions += 1
         if entry & COMPRESSED:
             x = 62 - (self.cb - 8)
             coffset = entry & ((1 << x) - 1)
             if entry & COPIED:
-                res.messages.append(f"ERROR: coffset=0x{coffset:x}: copied flag must never be "
+                res.say(f"ERROR: coffset=0x{coffset:x}: copied flag must never be "
                                     "set for compressed clusters")
                 entry &= ~COPIED
                 res.corruptions += 1
             if external:
-                res.messages.append(f"ERROR compressed cluster {i} with data file, "
+                res.say(f"ERROR compressed cluster {i} with data file, "
                                     f"entry=0x{entry:x}")
                 res.corruptions += 1
                 return
             if bitmap:
-                res.messages.append(f"ERROR compressed cluster {i} with non-zero subcluster "
+                res.say(f"ERROR compressed cluster {i} with non-zero subcluster "
                                     f"allocation bitmap, entry=0x{entry:x}")
                 res.corruptions += 1
                 return
@@ -208,20 +218,20 @@ class _Walker:
         zero_flag = bool(entry & 1) and not ext
         if not host and not (external and entry & COPIED and not zero_flag):
             if ext and bitmap & ALL_ALLOC:
-                res.messages.append("ERROR: Unallocated cluster has non-zero subcluster "
+                res.say("ERROR: Unallocated cluster has non-zero subcluster "
                                     "allocation map")
                 res.corruptions += 1
             return
         # Normal and preallocated-zero clusters both hold their cluster.
         if (bitmap >> 32) & bitmap:
             res.corruptions += 1
-            res.messages.append(f"ERROR offset={host:x}: Allocated cluster has corrupted "
+            res.say(f"ERROR offset={host:x}: Allocated cluster has corrupted "
                                 "subcluster allocation bitmap")
         if host % cs:
             res.corruptions += 1
             if not (bitmap & ALL_ALLOC if ext else not zero_flag):
                 fixing = bool(self.fix & FIX_ERRORS)
-                res.messages.append(f"{'Repairing' if fixing else 'ERROR'} offset={host:x}: "
+                res.say(f"{'Repairing' if fixing else 'ERROR'} offset={host:x}: "
                                     "Preallocated cluster is not properly aligned; "
                                     "L2 entry corrupted.")
                 if fixing:
@@ -233,7 +243,7 @@ class _Walker:
                                                     else overlap.INACTIVE_L2)
                         await self.file.flush()
                     except OSError as exc:
-                        res.messages.append("ERROR: Failed to overwrite L2 table entry: "
+                        res.say("ERROR: Failed to overwrite L2 table entry: "
                                             f"{os.strerror(exc.errno or errno.EIO)}")
                         res.check_errors += 1
                     else:
@@ -242,7 +252,7 @@ class _Walker:
                         res.corruptions_fixed += 1
                         return
             else:
-                res.messages.append(f"ERROR offset={host:x}: Data cluster is not properly "
+                res.say(f"ERROR offset={host:x}: Data cluster is not properly "
                                     "aligned; L2 entry corrupted.")
         if active:
             res.allocated_clusters += 1
@@ -258,13 +268,13 @@ class _Walker:
             return
         for sn in self.image.snapshots:
             if sn.l1_table_offset % self.cs:
-                self.res.messages.append(
+                self.res.say(
                     f"ERROR snapshot {sn.id} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: "
                     "L1 table is not cluster aligned; snapshot table entry corrupted")
                 self.res.corruptions += 1
                 continue
             if sn.l1_size > MAX_L1_SIZE:
-                self.res.messages.append(
+                self.res.say(
                     f"ERROR snapshot {sn.id} ({sn.name}) l1_size={sn.l1_size:#x}: "
                     "L1 table is too large; snapshot table entry corrupted")
                 self.res.corruptions += 1
@@ -298,13 +308,13 @@ class _Walker:
         res = self.res
         for i, entry in enumerate(self.image.refcounts.table):
             if entry & REFT_RESERVED:
-                res.messages.append(f"ERROR refcount table entry {i} has reserved bits set")
+                res.say(f"ERROR refcount table entry {i} has reserved bits set")
                 res.corruptions += 1
                 rebuild = True
                 continue
             off = entry & OFFSET_MASK
             if off % self.cs:
-                res.messages.append(f"ERROR refcount block {i} is not cluster aligned; "
+                res.say(f"ERROR refcount block {i} is not cluster aligned; "
                                     "refcount table entry corrupted")
                 res.corruptions += 1
                 rebuild = True
@@ -312,7 +322,7 @@ class _Walker:
             c = off // self.cs
             if c >= len(self.refs):
                 fixing = bool(self.fix & FIX_ERRORS)
-                res.messages.append(f"{'Repairing' if fixing else 'ERROR'} refcount block {i} "
+                res.say(f"{'Repairing' if fixing else 'ERROR'} refcount block {i} "
                                     "is outside image")
                 if fixing:
                     try:
@@ -320,7 +330,7 @@ class _Walker:
                     except OSError as exc:
                         res.corruptions += 1
                         rebuild = True
-                        res.messages.append("ERROR could not resize image: "
+                        res.say("ERROR could not resize image: "
                                             f"{os.strerror(exc.errno or errno.EIO)}")
                         continue
                     self.refs.extend([0] * (-(-self.file.length() // self.cs) - len(self.refs)))
@@ -332,7 +342,7 @@ class _Walker:
             if off:
                 self.inc(off, self.cs, "refcount block")
                 if self.refs[c] != 1:
-                    res.messages.append(f"ERROR refcount block {i} refcount={self.refs[c]}")
+                    res.say(f"ERROR refcount block {i} refcount={self.refs[c]}")
                     res.corruptions += 1
                     rebuild = True
         return rebuild
@@ -373,6 +383,18 @@ async def cluster_kinds(node: "Qcow2Node") -> list[str]:
     return kinds
 
 
+async def _stored(rc: Any, n: int) -> list[int | None]:
+    """The stored counts of clusters ``0..n-1``; None where the refcount block cannot be read."""
+    out: list[int | None] = []
+    for bi in range(-(-n // rc.entries)):
+        try:
+            out += await rc.block_counts(bi)
+        except OSError:
+            out += [None] * rc.entries
+    del out[n:]
+    return out
+
+
 async def _compare(w: _Walker, res: CheckResult, fix: int) -> tuple[bool, int]:
     """Stored counts against computed ones, fixing what ``fix`` allows.
 
@@ -381,21 +403,25 @@ async def _compare(w: _Walker, res: CheckResult, fix: int) -> tuple[bool, int]:
     """
     rc = w.image.refcounts
     refs = w.refs
-    counts = await rc.counts(len(refs))
+    counts = await _stored(rc, len(refs))
     rebuild, highest = False, 0
     for c in range(len(refs) - 1, -1, -1):
-        if counts[c] or refs[c]:
+        if counts[c] is not None and (counts[c] or refs[c]):
             highest = c
             break
     for c in [c for c, (a, b) in enumerate(zip(counts, refs)) if a != b]:
         stored, computed = counts[c], refs[c]
+        if stored is None:
+            res.say(f"Can't get refcount for cluster {c}: {os.strerror(errno.EIO)}")
+            res.check_errors += 1
+            continue
         fixing = False
         if stored == 0:
             rebuild = True
         else:
             fixing = bool(fix & FIX_LEAKS if stored > computed else fix & FIX_ERRORS)
         word = "Repairing" if fixing else ("ERROR" if stored < computed else "Leaked")
-        res.messages.append(f"{word} cluster {c} refcount={stored} reference={computed}")
+        res.say(f"{word} cluster {c} refcount={stored} reference={computed}")
         if fixing:
             try:
                 await rc.update(c, computed - stored)
@@ -464,7 +490,8 @@ async def _write_refblocks(w: _Walker, first: int, end: int, table: list[int]) -
                 table.extend([0] * (-(-(bi + 1) * 8 // cs) * cs // 8 - len(table)))
                 grown = True
             offset = table[bi] = cluster * cs
-        await image.write_meta(offset, encode_block(refs[start:start + e], order, cs), 0)
+        await _step("ERROR writing refblock",
+                    image.write_meta(offset, encode_block(refs[start:start + e], order, cs), 0))
         c = start + e
     return grown
 
@@ -482,13 +509,34 @@ async def _rebuild(w: _Walker) -> None:
         if not await _write_refblocks(w, first, first + clusters, table):
             break
     offset = first * cs
-    await image.write_meta(offset, struct.pack(f">{len(table)}Q", *table), 0)
-    await image.file.write(48, struct.pack(">QI", offset, clusters))
-    await image.file.flush()
+    await _step("ERROR writing reftable",
+                image.write_meta(offset, struct.pack(f">{len(table)}Q", *table), 0))
+    await _step("ERROR setting reftable", _write_header_table(image, offset, clusters))
     await image.refcounts.adopt(offset, clusters)
 
 
-async def check(node: "Qcow2Node", fix: int = 0) -> CheckResult:
+async def _write_header_table(image: Any, offset: int, clusters: int) -> None:
+    await image.file.write(48, struct.pack(">QI", offset, clusters))
+    await image.file.flush()
+
+
+class _RebuildError(Exception):
+    """A rebuild step failed: ``what`` is QEMU's prefix for the error line."""
+
+    def __init__(self, what: str, errno_: int) -> None:
+        super().__init__(what)
+        self.what, self.errno = what, errno_
+
+
+async def _step(what: str, io: Awaitable[None]) -> None:
+    try:
+        await io
+    except OSError as exc:
+        raise _RebuildError(what, exc.errno or errno.EIO) from None
+
+
+async def check(node: "Qcow2Node", fix: int = 0,
+                sink: Callable[[str], None] | None = None) -> CheckResult:
     """Walk the image, compare counts, optionally repair: QEMU 7.2's qcow2_check_refcounts,
     with its numbers and messages.  ``error`` is set where QEMU's check fails outright."""
     image = node.image
@@ -498,14 +546,15 @@ async def check(node: "Qcow2Node", fix: int = 0) -> CheckResult:
         # Repairs are written through, as QEMU's are: lazy refcounts would set the dirty bit.
         lazy, rc.lazy = rc.lazy, False
         try:
-            return await _check_locked(node, fix)
+            return await _check_locked(node, fix, sink)
         finally:
             rc.lazy = lazy
 
 
-async def _check_locked(node: "Qcow2Node", fix: int) -> CheckResult:
+async def _check_locked(node: "Qcow2Node", fix: int,
+                        sink: Callable[[str], None] | None) -> CheckResult:
     image = node.image
-    res = CheckResult(total_clusters=-(-image.header.size // image.cluster_size))
+    res = CheckResult(total_clusters=-(-image.header.size // image.cluster_size), sink=sink)
     w = _Walker(node, res, fix)
     rebuild = await walk(w)
     before = dataclasses.replace(res)
@@ -513,12 +562,12 @@ async def _check_locked(node: "Qcow2Node", fix: int) -> CheckResult:
     rebuild = rebuild or found
     if rebuild and fix & FIX_ERRORS:
         old = dataclasses.replace(res)
-        res.messages.append("Rebuilding refcount structure")
+        res.say("Rebuilding refcount structure")
         try:
             await _rebuild(w)
-        except OSError as exc:
-            res.check_errors += 1
-            res.error = exc.errno or errno.EIO
+        except _RebuildError as exc:
+            res.error = exc.errno
+            res.failure = f"{exc.what}: {os.strerror(exc.errno)}"
             return res
         res.corruptions = res.leaks = 0
         w = _Walker(node, res)
@@ -526,17 +575,17 @@ async def _check_locked(node: "Qcow2Node", fix: int) -> CheckResult:
         fresh_leaks = 0
         if fix & FIX_LEAKS:
             # The old structure is leaked now; only leaks the rebuild made count.
-            scratch = CheckResult(messages=res.messages)
+            scratch = CheckResult(messages=res.messages, sink=res.sink)
             still, highest = await _compare(w, scratch, FIX_LEAKS)
             if still:
-                res.messages.append("ERROR rebuilt refcount structure is still broken")
+                res.say("ERROR rebuilt refcount structure is still broken")
             fresh_leaks = scratch.leaks
         res.corruptions_fixed += max(0, old.corruptions - res.corruptions)
         res.leaks_fixed += max(0, old.leaks - res.leaks)
         res.leaks += fresh_leaks
     elif fix:
         if rebuild:
-            res.messages.append("ERROR need to rebuild refcount structures")
+            res.say("ERROR need to rebuild refcount structures")
             res.check_errors += 1
             res.error = errno.EIO
             return res
@@ -544,7 +593,7 @@ async def _check_locked(node: "Qcow2Node", fix: int) -> CheckResult:
             messages = res.messages
             res = dataclasses.replace(before, messages=messages)
             _, highest = await _compare(w, res, fix)
-    counts = await image.refcounts.counts(len(w.refs))
+    counts = await _stored(image.refcounts, len(w.refs))
     await _check_copied(node, res, fix, counts)
     res.image_end_offset = (highest + 1) * image.cluster_size
     if fix and not res.corruptions and not res.check_errors:
@@ -553,27 +602,34 @@ async def _check_locked(node: "Qcow2Node", fix: int) -> CheckResult:
 
 
 async def _check_copied(node: "Qcow2Node", res: CheckResult, fix: int,
-                        counts: list[int]) -> None:
+                        counts: list[int | None]) -> None:
     """``COPIED`` must be set exactly where the count is one (active tables only).
 
-    ``counts`` are the stored counts of the clusters inside the file.
+    ``counts`` are the stored counts of the clusters inside the file; a count
+    that cannot be read is skipped without a word, as QEMU does (the
+    comparison already reported it).
     """
     m = node.map
     rc = node.image.refcounts
     cs = node.image.cluster_size
 
-    async def count_of(c: int) -> int:
-        return counts[c] if c < len(counts) else await rc.get(c)
+    async def count_of(c: int) -> int | None:
+        if c < len(counts):
+            return counts[c]
+        try:
+            return await rc.get(c)
+        except OSError:
+            return None
 
     for i, entry in enumerate(list(m.l1)):
         l2 = entry & L1_OFFSET_MASK
         if not l2:
             continue
         count = await count_of(l2 // cs)
-        if (count == 1) != bool(entry & COPIED):
+        if count is not None and (count == 1) != bool(entry & COPIED):
             word = "Repairing" if fix & FIX_ERRORS else "ERROR"
-            res.messages.append(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} "
-                                f"l1_entry={entry:x} refcount={count}")
+            res.say(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} "
+                    f"l1_entry={entry:x} refcount={count}")
             if fix & FIX_ERRORS:
                 await m.set_l1(i, (entry | COPIED) if count == 1 else (entry & ~COPIED))
                 res.corruptions_fixed += 1
@@ -588,12 +644,12 @@ async def _check_copied(node: "Qcow2Node", res: CheckResult, fix: int,
             if e & COMPRESSED or not host:
                 continue
             c = host // cs
-            count = counts[c] if c < len(counts) else await rc.get(c)
-            if (count == 1) != bool(e & COPIED):
+            count = await count_of(c)
+            if count is not None and (count == 1) != bool(e & COPIED):
                 pos = index * step * 8
                 word = "Repairing" if fix & FIX_ERRORS else "ERROR"
-                res.messages.append(f"{word} OFLAG_COPIED data cluster: l2_entry={e:x} "
-                                    f"refcount={count}")
+                res.say(f"{word} OFLAG_COPIED data cluster: l2_entry={e:x} "
+                        f"refcount={count}")
                 if fix & FIX_ERRORS:
                     fixed = (e | COPIED) if count == 1 else (e & ~COPIED)
                     data = struct.pack(">Q", fixed)

@@ -20,7 +20,7 @@ import contextvars
 import errno
 import logging
 import os
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Claim, Extent, Status, WriteFlags
@@ -264,8 +264,8 @@ class Qcow2Node(BlockNode):
         await self.image.write_features()
         await self.image.file.flush()
 
-    async def check(self, fix: int = 0) -> Any:
-        """``qemu-img check`` for this image (see :mod:`.check`).
+    async def check(self, fix: int = 0, sink: Callable[[str], None] | None = None) -> Any:
+        """``qemu-img check`` for this image (see :mod:`.check`); ``sink`` gets each message.
 
         A full repair that leaves no corruption clears the corrupt bit, so
         the image can be opened read-write again.
@@ -275,7 +275,7 @@ class Qcow2Node(BlockNode):
         if not self.read_only:
             async with self.image.lock:
                 await self.map.write_pending()  # the check reads tables from the file
-        res = await check(self, fix)
+        res = await check(self, fix, sink)
         h = self.image.header
         if (fix & FIX_ERRORS and h.incompatible_features & hdr.INCOMPAT_CORRUPT
                 and not res.corruptions and not res.check_errors):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cache import MetadataCache
+from blockd.drivers.qcow2.cluster import c_hex
 
 if TYPE_CHECKING:
     from blockd.drivers.qcow2.image import Image
@@ -132,11 +133,18 @@ class Refcounts:
             self.last_used -= 1
 
     async def _block(self, block_index: int) -> bytearray | None:
+
         if block_index >= len(self.table):
             return None
         offset = self.table[block_index] & ~0x1FF & ((1 << 63) - 1)
         if offset == 0:
             return None
+        if offset % self.cluster_size:
+            # Fatal only where the image can be written, as in QEMU.
+            await self.image.signal_corruption(
+                not self.image.file.read_only, -1, -1,
+                f"Refblock offset {offset:#x} unaligned (reftable index: {c_hex(block_index)})")
+            raise OSError(5, "Input/output error")
         block = self.dirty.get(block_index) or self.blocks.get(block_index)
         if block is None and block_index in self.held:
             block = self.held[block_index][0]  # evicted from the cache, not written yet
@@ -164,12 +172,16 @@ class Refcounts:
         return get_entry(block, cluster_index % self.entries, self.order)
 
     async def counts(self, nb: int) -> list[int]:
-        """The stored counts of clusters ``0..nb-1``, decoded a block at a time (for check)."""
+        """The stored counts of clusters ``0..nb-1``, decoded a block at a time."""
         out: list[int] = []
         for bi in range(-(-nb // self.entries)):
-            out += self._decode(await self._block(bi))
+            out += await self.block_counts(bi)
         del out[nb:]
         return out
+
+    async def block_counts(self, block_index: int) -> Sequence[int]:
+        """Every stored count in one refcount block's range, decoded at once (for check)."""
+        return self._decode(await self._block(block_index))
 
     async def count_used(self, nb: int, above: int) -> int:
         """How many of clusters ``0..nb-1`` have a nonzero count, a block at a time;
