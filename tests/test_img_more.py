@@ -451,3 +451,31 @@ def test_convert_sparse_qcow2_target(tmp_path, sparse):
     assert [{k: v for k, v in e.items() if k != "offset"}
             for e in map_json(d / "b.qcow2")] == strip
     assert qemu_img("compare", "q.qcow2", "b.qcow2", cwd=d).returncode == 0
+
+
+def test_info_many_bitmaps(tmp_path):
+    """``info`` of an image with 64 bitmaps (lists of flags: scalars in lists) prints what
+    qemu-img prints; the human dump once recursed into each flag's characters."""
+    from test_img import same
+
+    img = tmp_path / "bm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "64M")
+    for i in range(64):
+        args = ["bitmap", "--add", str(img), f"b{i}"] + (["--disable"] if i % 3 else [])
+        assert qemu_img(*args).returncode == 0
+    same(tmp_path, "info", "bm.qcow2")
+    same(tmp_path, "info", "--output=json", "bm.qcow2")
+
+
+def test_human_dump_deep_nesting():
+    """Nesting deeper than Python's recursion limit still prints, in QEMU's layout."""
+    from blockd.img.common import human_dump
+
+    top = node = {}
+    for _ in range(3000):
+        node["a-b"] = [{}]
+        node = node["a-b"][0]
+    lines = human_dump(top, 1)
+    assert len(lines) == 6000 and lines[:2] == ["    a b:", "        [0]:"]
+    assert human_dump({"x": [1, [True, "s"]], "y": {}}, 0) == [
+        "x:", "    [0]: 1", "    [1]:", "        [0]: true", "        [1]: s", "y:"]
