@@ -479,3 +479,44 @@ def test_human_dump_deep_nesting():
     assert len(lines) == 6000 and lines[:2] == ["    a b:", "        [0]:"]
     assert human_dump({"x": [1, [True, "s"]], "y": {}}, 0) == [
         "x:", "    [0]: 1", "    [1]:", "        [0]: true", "        [1]: s", "y:"]
+
+
+# Sizes no image can have: every tool refuses them at once, with qemu-img's words, and
+# allocates nothing for them first (1E once built a 2^31-entry L1 table in memory).
+L1_LIMIT = {512: 1 << 35, 4096: 1 << 41, 65536: 1 << 51, 2 << 20: 1 << 61}
+HUGE = [
+    "create -f qcow2 X 1E", "create -f qcow2 X 9223372036854775296",
+    "create -f qcow2 X 9223372035781033984", "create -f qcow2 X 9223372035781034496",
+    "create -f qcow2 X 8E", "create -f qcow2 -o size=1E X",
+    "create -f qcow2 -o preallocation=metadata X 1E",
+    "create -f qcow2 -o extended_l2=on X 1125899906843136",
+    "measure --size 8E -O qcow2", "measure --size 1E -O qcow2",
+    "measure --size 2251799813685760 -O qcow2",
+    "resize Y 1E", "resize Y +1E", "resize Y 9223372036854775296", "resize Y 8E",
+    "resize Y 17E", "resize -f raw R 9223372036854775296",
+    "amend -o size=1E Y", "amend -o size=9223372036854775296 Y",
+    "convert --image-opts driver=null-co,size=1152921504606846976 -O qcow2 X",
+    "info --image-opts driver=null-co,size=9223372036854775296",
+] + [f"create -f qcow2 -o cluster_size={cs} X {size + add}"
+     for cs, size in L1_LIMIT.items() for add in (0, 512)]
+
+
+@pytest.mark.parametrize("line", HUGE)
+def test_huge_sizes(tmp_path, line):
+    for name in ("q", "b"):
+        qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / f"{name}-y.qcow2"), "1M")
+        qemu_img("create", "-q", "-f", "raw", str(tmp_path / f"{name}-r.raw"), "1M")
+    names = {"X": "x.qcow2", "Y": "y.qcow2", "R": "r.raw"}
+    for name in ("q", "b"):
+        args = [f"{name}-{names[a]}" if a in names else a for a in line.split()]
+        if name == "q":
+            q = qemu_img(*args, cwd=tmp_path)
+        else:
+            b = blockd_img(*args, cwd=tmp_path)
+    assert b == (q.stdout.replace("q-", "b-"),
+                 q.stderr.replace("qemu-img", "blockd-img").replace("q-", "b-"), q.returncode)
+    for suffix in ("x.qcow2", "y.qcow2"):  # same files left behind, same sizes recorded
+        qf, bf = tmp_path / f"q-{suffix}", tmp_path / f"b-{suffix}"
+        assert qf.exists() == bf.exists()
+        if qf.exists():
+            assert info(qf)["virtual-size"] == info(bf)["virtual-size"]

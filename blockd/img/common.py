@@ -59,8 +59,9 @@ class Args:
         return fmt
 
 
-def parse_size(text: str) -> int:
-    """qemu-img sizes: a number with an optional k/M/G/T/P/E suffix (binary)."""
+def parse_size(text: str, limit: int = (1 << 63) - 1) -> int:
+    """qemu-img sizes: a number with an optional k/M/G/T/P/E suffix (binary), at most
+    ``limit``."""
     m = re.fullmatch(r"(\d+(?:\.\d*)?)([bkmgtpeBKMGTPE]?)", text)
     if not m:
         raise ImgError("Invalid image size specified. You may use k, M, G, T, P or E suffixes "
@@ -68,8 +69,8 @@ def parse_size(text: str) -> int:
                        "and exabytes.")
     value = float(m.group(1)) * _SUFFIXES[m.group(2).lower()] if "." in m.group(1) \
         else int(m.group(1)) * _SUFFIXES[m.group(2).lower()]
-    if value > (1 << 63) - 1:
-        raise ImgError("Image size must be less than 8 EiB!")
+    if value > limit:
+        raise ImgError(f"Invalid image size specified. Must be between 0 and {limit}.")
     return int(value)
 
 

@@ -23,7 +23,7 @@ import os
 from typing import Any, AsyncIterator, Callable
 
 from blockd.block.graph import OpenContext
-from blockd.block.node import BlockNode, Claim, Extent, Status, WriteFlags
+from blockd.block.node import BlockNode, Claim, Extent, Status, WriteFlags, check_length
 from blockd.drivers.qcow2 import bitmaps as qbitmaps
 from blockd.drivers.qcow2 import compress, crypt
 from blockd.drivers.qcow2 import header as hdr
@@ -1057,6 +1057,7 @@ class Qcow2Node(BlockNode):
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         self._writable()
+        check_length(size)
         if size % 512:
             raise OSError(errno.EINVAL, "The new size must be a multiple of 512")
         h = self.image.header
