@@ -520,3 +520,36 @@ def test_huge_sizes(tmp_path, line):
         assert qf.exists() == bf.exists()
         if qf.exists():
             assert info(qf)["virtual-size"] == info(bf)["virtual-size"]
+
+
+def _name_features(img: Path, bits: list[int], table: list[tuple[int, int, str]]) -> None:
+    """Replace the image's feature name table with ``table`` and set incompatible ``bits``."""
+    data = bytearray(img.read_bytes()[:65536])
+    pos = struct.unpack_from(">I", data, 100)[0]
+    while True:
+        kind, length = struct.unpack_from(">II", data, pos)
+        assert kind, "no feature name table"
+        if kind == 0x6803F857:
+            body = b"".join(bytes([t, b]) + n.encode().ljust(46, b"\0") for t, b, n in table)
+            rest = data[pos + 8 + (length + 7 & ~7):]
+            data[pos:] = struct.pack(">II", kind, len(body)) + body + rest
+            break
+        pos += 8 + (length + 7 & ~7)
+    features = struct.unpack_from(">Q", data, 72)[0]
+    struct.pack_into(">Q", data, 72, features | sum(1 << b for b in bits))
+    with open(img, "r+b") as f:
+        f.write(bytes(data[:65536]))
+
+
+@pytest.mark.parametrize("args", ["info", "check", "check -r all", "info --output=json"])
+def test_unsupported_features_named_from_the_table(tmp_path, args):
+    """Unknown incompatible bits are named as the image's own feature table names them,
+    in the table's order, the unnamed rest as a hex mask."""
+    from test_img import same
+
+    img = tmp_path / "f.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
+    _name_features(img, [10, 12, 40], [(0, 12, "twelve"), (1, 10, "compat ten"),
+                                       (0, 10, "ten"), (0, 11, "unset")])
+    assert "twelve, ten, Unknown incompatible feature: 10000000000" in \
+        same(tmp_path, *args.split(), "f.qcow2")[1]
