@@ -2,15 +2,19 @@
 
 The walk counts references from the header, the active L1/L2 tables,
 internal snapshots' tables, the snapshot table, the refcount table and
-blocks, persistent bitmaps and the LUKS header of an encrypted image;
-then compares with the stored counts.
-A stored count above the computed one is a leak (harmless), below it a
-corruption (a cluster could be handed out twice).  Messages and the
-numbers in the result are those ``qemu-img check`` prints for the same
-image, so scripts can compare the two.
+blocks, the LUKS header of an encrypted image and persistent bitmaps (in
+QEMU's order, which is the order of the messages), then compares with
+the stored counts.  A stored count above the computed one is a leak
+(harmless), below it a corruption (a cluster could be handed out twice).
+Messages, numbers and the repair flow are those of QEMU 7.2's
+``qemu-img check``, so scripts can compare the two.
 
 Repair ``leaks`` lowers leaked counts; ``all`` also raises counts that
-are too low and fixes ``COPIED`` flags that disagree with the counts.
+are too low, zeroes misaligned preallocated L2 entries and fixes
+``COPIED`` flags.  A used cluster whose stored count is zero, or a broken
+refcount block, cannot be repaired in place (the count may have no block
+to live in): ``all`` then writes a new refcount structure from the
+computed counts and frees the old one as a leak; ``leaks`` fails.
 """
 
 from __future__ import annotations
@@ -148,7 +152,7 @@ class _Walker:
             self.inc(l2, self.cs, "L2 table")
             if l2 % self.cs:
                 self.res.say(f"ERROR l2_offset={l2:x}: Table is not cluster aligned; "
-                                         "L1 entry corrupted")
+                             "L1 entry corrupted")
                 self.res.corruptions += 1
             await self.walk_l2(l2, active)
 
@@ -194,17 +198,17 @@ class _Walker:
             coffset = entry & ((1 << x) - 1)
             if entry & COPIED:
                 res.say(f"ERROR: coffset=0x{coffset:x}: copied flag must never be "
-                                    "set for compressed clusters")
+                        "set for compressed clusters")
                 entry &= ~COPIED
                 res.corruptions += 1
             if external:
                 res.say(f"ERROR compressed cluster {i} with data file, "
-                                    f"entry=0x{entry:x}")
+                        f"entry=0x{entry:x}")
                 res.corruptions += 1
                 return
             if bitmap:
                 res.say(f"ERROR compressed cluster {i} with non-zero subcluster "
-                                    f"allocation bitmap, entry=0x{entry:x}")
+                        f"allocation bitmap, entry=0x{entry:x}")
                 res.corruptions += 1
                 return
             sectors = ((entry >> x) & ((1 << (self.cb - 8)) - 1)) + 1
@@ -219,21 +223,21 @@ class _Walker:
         if not host and not (external and entry & COPIED and not zero_flag):
             if ext and bitmap & ALL_ALLOC:
                 res.say("ERROR: Unallocated cluster has non-zero subcluster "
-                                    "allocation map")
+                        "allocation map")
                 res.corruptions += 1
             return
         # Normal and preallocated-zero clusters both hold their cluster.
         if (bitmap >> 32) & bitmap:
             res.corruptions += 1
             res.say(f"ERROR offset={host:x}: Allocated cluster has corrupted "
-                                "subcluster allocation bitmap")
+                    "subcluster allocation bitmap")
         if host % cs:
             res.corruptions += 1
             if not (bitmap & ALL_ALLOC if ext else not zero_flag):
                 fixing = bool(self.fix & FIX_ERRORS)
                 res.say(f"{'Repairing' if fixing else 'ERROR'} offset={host:x}: "
-                                    "Preallocated cluster is not properly aligned; "
-                                    "L2 entry corrupted.")
+                        "Preallocated cluster is not properly aligned; "
+                        "L2 entry corrupted.")
                 if fixing:
                     size = 16 if ext else 8
                     new = struct.pack(">QQ", 0, bitmap) if ext else struct.pack(">Q", 1)
@@ -244,7 +248,7 @@ class _Walker:
                         await self.file.flush()
                     except OSError as exc:
                         res.say("ERROR: Failed to overwrite L2 table entry: "
-                                            f"{os.strerror(exc.errno or errno.EIO)}")
+                                f"{os.strerror(exc.errno or errno.EIO)}")
                         res.check_errors += 1
                     else:
                         self.node.map.cache.drop(l2_offset)
@@ -253,7 +257,7 @@ class _Walker:
                         return
             else:
                 res.say(f"ERROR offset={host:x}: Data cluster is not properly "
-                                    "aligned; L2 entry corrupted.")
+                        "aligned; L2 entry corrupted.")
         if active:
             res.allocated_clusters += 1
             if self.next_contiguous and host != self.next_contiguous:
@@ -315,7 +319,7 @@ class _Walker:
             off = entry & OFFSET_MASK
             if off % self.cs:
                 res.say(f"ERROR refcount block {i} is not cluster aligned; "
-                                    "refcount table entry corrupted")
+                        "refcount table entry corrupted")
                 res.corruptions += 1
                 rebuild = True
                 continue
@@ -323,7 +327,7 @@ class _Walker:
             if c >= len(self.refs):
                 fixing = bool(self.fix & FIX_ERRORS)
                 res.say(f"{'Repairing' if fixing else 'ERROR'} refcount block {i} "
-                                    "is outside image")
+                        "is outside image")
                 if fixing:
                     try:
                         await self.file.truncate(off + self.cs)
@@ -331,7 +335,7 @@ class _Walker:
                         res.corruptions += 1
                         rebuild = True
                         res.say("ERROR could not resize image: "
-                                            f"{os.strerror(exc.errno or errno.EIO)}")
+                                f"{os.strerror(exc.errno or errno.EIO)}")
                         continue
                     self.refs.extend([0] * (-(-self.file.length() // self.cs) - len(self.refs)))
                     res.corruptions_fixed += 1
