@@ -553,3 +553,14 @@ def test_unsupported_features_named_from_the_table(tmp_path, args):
                                        (0, 10, "ten"), (0, 11, "unset")])
     assert "twelve, ten, Unknown incompatible feature: 10000000000" in \
         same(tmp_path, *args.split(), "f.qcow2")[1]
+
+
+@pytest.mark.parametrize("opt", ["refcount-cache-size=1152921504606846976",
+                                 "cache-size=9223372036854775807",
+                                 "l2-cache-size=1152921504606846976,l2-cache-entry-size=512"])
+def test_huge_cache_sizes(tmp_path, opt):
+    """Cache sizes past what QEMU counts are refused at open, with its message."""
+    from test_img import same
+
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "c.qcow2"), "1M")
+    same(tmp_path, "info", "--image-opts", f"driver=qcow2,file.filename=c.qcow2,{opt}")
