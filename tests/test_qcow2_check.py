@@ -243,7 +243,65 @@ def _rebuild_1bit(tmp_path) -> str:
     return img
 
 
+def _snapshots(tmp_path) -> str:
+    img = _written(tmp_path, writes=("write -P 1 0 64k",))
+    sh("qemu-img", "snapshot", "-c", "s1", img)
+    sh("qemu-img", "snapshot", "-c", "s2", img)
+    return img
+
+
+def _snapshot_entry(img: str, index: int) -> int:
+    """Offset of snapshot table entry ``index``."""
+    nb, pos = _peek(img, 60, ">IQ")
+    for _ in range(index):
+        id_len, name_len = _peek(img, pos + 12, ">HH")
+        extra, = _peek(img, pos + 36, ">I")
+        pos += 40 + extra + id_len + name_len
+        pos += -pos % 8
+    return pos
+
+
+def _snapshot_edit(index: int, offset: int, fmt: str, value: Any, add: bool = False):
+    def make(tmp_path) -> str:
+        img = _snapshots(tmp_path)
+        pos = _snapshot_entry(img, index) + offset
+        _poke(img, pos, fmt, value + (_peek(img, pos, fmt)[0] if add else 0))
+        return img
+    return make
+
+
+def _snapshot_incomplete(tmp_path) -> str:
+    """A v3 entry with 8 bytes of extra data instead of at least 16 (no disk size)."""
+    img = _snapshots(tmp_path)
+    pos = _snapshot_entry(img, 0)
+    id_len, name_len = _peek(img, pos + 12, ">HH")
+    extra, = _peek(img, pos + 36, ">I")
+    with open(img, "r+b") as f:
+        f.seek(pos)
+        entry = bytearray(f.read(40 + extra + id_len + name_len))
+        names = entry[40 + extra:]
+        struct.pack_into(">I", entry, 36, 8)
+        shrunk = bytes(entry[:48]) + bytes(names)
+        rest_start = _snapshot_entry(img, 1)
+        f.seek(rest_start)
+        rest = f.read(_snapshot_entry(img, 2) - rest_start)
+        f.seek(pos)
+        f.write(shrunk + bytes(-len(shrunk) % 8) + rest)
+    return img
+
+
+def _too_many_snapshots(tmp_path) -> str:
+    img = _snapshots(tmp_path)
+    _poke(img, 60, ">I", 70000)
+    return img
+
+
 BROKEN = {
+    "snapshot-extra-data-too-big": _snapshot_edit(1, 36, ">I", 2000),
+    "snapshot-l1-unaligned": _snapshot_edit(0, 0, ">Q", 512, add=True),
+    "snapshot-l1-too-big": _snapshot_edit(1, 8, ">I", 0x400001),
+    "snapshot-incomplete": _snapshot_incomplete,
+    "too-many-snapshots": _too_many_snapshots,
     "lazy-dirty": _lazy_dirty,
     "refblock-count-2": _refblock_count(2),
     "refblock-count-0": _refblock_count(0),

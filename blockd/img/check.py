@@ -55,7 +55,8 @@ def exit_code(res: Any) -> int:
 def _failed(res: Any) -> str | None:
     """qemu-img's "Check failed" lines, when the check itself failed or met internal errors."""
     if res.error:
-        why = f"{PROG}: {res.failure}\n" if getattr(res, "failure", "") else ""
+        failure = getattr(res, "failure", "").format(prog=PROG)
+        why = f"{PROG}: {failure}\n" if failure else ""
         return f"{why}{PROG}: Check failed: {os.strerror(res.error)}"
     if res.check_errors:
         return f"{PROG}: Check failed"
@@ -80,7 +81,7 @@ async def check(session: Session, filename: str, fmt: str | None, output: str,
     # Repairing opens even a corrupt-marked image read-write, as qemu-img check -r does.
     node = await session.open(filename, fmt, read_only=repair is None, force_share=force_share,
                               image_opts=image_opts,
-                              extra={"x-repair": True} if repair is not None else None)
+                              extra={"x-check": True, "x-repair": repair is not None})
     if not hasattr(node, "check"):
         print(f"{PROG}: This image format does not support checks", file=sys.stderr)
         return "", 63, None

@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from blockd.drivers.qcow2 import crypt, overlap
 from blockd.drivers.qcow2 import header as hdr
+from blockd.drivers.qcow2 import snapshot as qsnap
 from blockd.drivers.qcow2.cluster import COMPRESSED, COPIED, L1_OFFSET_MASK, OFFSET_MASK
 from blockd.drivers.qcow2.refcount import encode_block
 from blockd.drivers.qcow2.snapshot import MAX_L1_SIZE
+from blockd.errors import QMPError
 
 if TYPE_CHECKING:
     from blockd.drivers.qcow2.driver import Qcow2Node
@@ -539,6 +541,99 @@ async def _step(what: str, io: Awaitable[None]) -> None:
         raise _RebuildError(what, exc.errno or errno.EIO) from None
 
 
+async def _read_snapshots(node: "Qcow2Node", res: CheckResult, fix: int) -> bool:
+    """Read the snapshot table afresh, as QEMU's check does (an open for checking skips
+    it, so a broken table can be repaired); False when it cannot be read.
+
+    ``-r all`` drops what cannot be kept: snapshots past QEMU's limits (their
+    clusters then leak, which the refcount check repairs) and extra data
+    past 1024 bytes; the table is written anew after the refcount check.
+    """
+    image = node.image
+    h = image.header
+    repair = bool(fix & FIX_ERRORS)
+    nb, offset = struct.unpack(">IQ", bytes(await image.file.read(60, 12)))
+    reduced, dropped = 0, False
+    if nb > qsnap.MAX_SNAPSHOTS and repair:
+        res.say(f"Discarding {nb - qsnap.MAX_SNAPSHOTS} overhanging snapshots")
+        reduced, nb = nb - qsnap.MAX_SNAPSHOTS, qsnap.MAX_SNAPSHOTS
+    try:
+        hdr.validate_table(h, offset, nb, hdr.SNAPSHOT_HEADER_SIZE,
+                           hdr.SNAPSHOT_HEADER_SIZE * qsnap.MAX_SNAPSHOTS, "snapshot table")
+    except QMPError as exc:
+        res.check_errors += 1
+        res.error = errno.EFBIG if exc.desc.endswith("too large") else errno.EINVAL
+        res.failure = f"ERROR {exc.desc}"
+        if nb > qsnap.MAX_SNAPSHOTS:
+            res.failure += (f"\nYou can force-remove all {nb - qsnap.MAX_SNAPSHOTS} "
+                            "overhanging snapshots with {prog} check -r all")
+        return False
+    raw, extra_sizes, pos, length = bytearray(), [], offset, 0
+    for i in range(nb):
+        pos += -pos % 8
+        length += -length % 8
+        head = bytearray(bytes(await image.file.read(pos, 40)).ljust(40, b"\0"))
+        id_len, name_len = struct.unpack_from(">HH", head, 12)
+        extra_len, = struct.unpack_from(">I", head, 36)
+        pos += 40
+        kept = extra_len
+        if extra_len > qsnap.MAX_EXTRA:
+            if not repair:
+                res.check_errors += 1
+                res.error = errno.EFBIG
+                res.failure = ("ERROR failed to read the snapshot table: Too much extra metadata "
+                               f"in snapshot table entry {i}\nYou can force-remove this extra "
+                               "metadata with {prog} check -r all")
+                return False
+            res.say(f"Discarding too much extra metadata in snapshot table entry {i} "
+                    f"({extra_len} > {qsnap.MAX_EXTRA})")
+            dropped, kept = True, qsnap.MAX_EXTRA
+        rest = bytes(await image.file.read(pos, kept)).ljust(kept, b"\0")
+        pos += extra_len
+        names = bytes(await image.file.read(pos, id_len + name_len)).ljust(id_len + name_len,
+                                                                           b"\0")
+        pos += id_len + name_len
+        # QEMU keeps both as C strings: whatever follows a NUL is lost on rewriting.
+        ident, name = (part.split(b"\0")[0] for part in (names[:id_len], names[id_len:]))
+        length += 40 + kept + id_len + name_len
+        if length > qsnap.MAX_TABLE_SIZE or pos - offset > 0x7FFFFFFF:
+            if not repair:
+                res.check_errors += 1
+                res.error = errno.EFBIG
+                res.failure = ("ERROR failed to read the snapshot table: Snapshot table is too "
+                               f"big\nYou can force-remove all {nb - i} overhanging snapshots "
+                               "with {prog} check -r all")
+                return False
+            res.say(f"Discarding {nb - i} overhanging snapshots (snapshot table is too big)")
+            reduced += nb - i
+            nb = i
+            break
+        struct.pack_into(">HH", head, 12, len(ident), len(name))
+        struct.pack_into(">I", head, 36, kept)
+        entry = bytes(head) + rest + ident + name
+        raw += entry + bytes(-len(entry) % 8)
+        extra_sizes.append(kept)
+    snaps = qsnap.parse_table(bytes(raw), nb, h.size)
+    res.corruptions += reduced + dropped
+    if reduced:
+        # Leaks the dropped snapshots' clusters, which the refcount check repairs.
+        await image.file.write(60, struct.pack(">I", nb))
+        await image.file.flush()
+        res.corruptions_fixed += reduced
+        res.corruptions -= reduced
+    if h.version >= 3:
+        for i, size in enumerate(extra_sizes):
+            if size < 16:
+                res.corruptions += 1
+                res.say(f"{'Repairing' if repair else 'ERROR'} snapshot table entry {i} "
+                        "is incomplete")
+    h.nb_snapshots, h.snapshots_offset = nb, offset
+    image.snapshots = snaps
+    image.snapshot_table_size = pos - offset if nb else 0
+    await image.metadata.load_snapshots()
+    return True
+
+
 async def check(node: "Qcow2Node", fix: int = 0,
                 sink: Callable[[str], None] | None = None) -> CheckResult:
     """Walk the image, compare counts, optionally repair: QEMU 7.2's qcow2_check_refcounts,
@@ -557,6 +652,35 @@ async def check(node: "Qcow2Node", fix: int = 0,
 
 async def _check_locked(node: "Qcow2Node", fix: int,
                         sink: Callable[[str], None] | None) -> CheckResult:
+    """The snapshot table first, then the refcounts; then the table is rewritten if it
+    had to be repaired (QEMU's qcow2_co_check_locked)."""
+    image = node.image
+    snap = CheckResult(sink=sink)
+    if not await _read_snapshots(node, snap, fix):
+        return snap
+    res = await _check_refcounts(node, fix, sink)
+    if snap.corruptions and fix & FIX_ERRORS and not res.error:
+        try:
+            await qsnap.write_table(image, image.snapshots, discard=True)
+        except OSError as exc:
+            snap.check_errors += 1
+            snap.error = exc.errno or errno.EIO  # the check fails as a whole, as in QEMU
+            snap.say(f"ERROR failed to update snapshot table: {os.strerror(snap.error)}")
+        else:
+            snap.corruptions_fixed += snap.corruptions
+            snap.corruptions = 0
+    for counter in ("check_errors", "corruptions", "leaks", "corruptions_fixed", "leaks_fixed"):
+        setattr(res, counter, getattr(res, counter) + getattr(snap, counter))
+    res.error = res.error or snap.error
+    res.messages[:0] = snap.messages
+    if fix and not res.corruptions and not res.check_errors and not res.error:
+        await image.mark_clean()
+    return res
+
+
+async def _check_refcounts(node: "Qcow2Node", fix: int,
+                           sink: Callable[[str], None] | None) -> CheckResult:
+    """QEMU's qcow2_check_refcounts."""
     image = node.image
     res = CheckResult(total_clusters=-(-image.header.size // image.cluster_size), sink=sink)
     w = _Walker(node, res, fix)
@@ -600,8 +724,6 @@ async def _check_locked(node: "Qcow2Node", fix: int,
     counts = await _stored(image.refcounts, len(w.refs))
     await _check_copied(node, res, fix, counts)
     res.image_end_offset = (highest + 1) * image.cluster_size
-    if fix and not res.corruptions and not res.check_errors:
-        await image.mark_clean()
     return res
 
 

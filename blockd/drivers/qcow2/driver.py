@@ -97,10 +97,10 @@ class Qcow2Node(BlockNode):
         head = bytes(await file.read(0, min(file.length(), 65536)))
         # A repair (blockd-img check -r) is the one writer a corrupt image admits.
         may_be_corrupt = self.read_only or bool(opts.get("x-repair"))
-        h = hdr.parse(head, may_be_corrupt)
+        h = hdr.parse(head, may_be_corrupt, bool(opts.get("x-check")))
         if h.cluster_size > len(head) and file.length() > len(head):
             head = bytes(await file.read(0, min(file.length(), h.cluster_size)))
-            h = hdr.parse(head, may_be_corrupt)
+            h = hdr.parse(head, may_be_corrupt, bool(opts.get("x-check")))
         if opts.get("lazy-refcounts") and h.version < 3:
             raise QMPError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
                            "compatibility level")
@@ -124,7 +124,8 @@ class Qcow2Node(BlockNode):
         except OSError as exc:
             raise QMPError("Could not initialize refcount handling: "
                            f"{os.strerror(exc.errno or errno.EIO)}") from None
-        self.image.snapshots = await qsnap.load(self.image)
+        # A check reads the table itself, so that it can repair it (QEMU's check mode).
+        self.image.snapshots = [] if opts.get("x-check") else await qsnap.load(self.image)
         await self.image.metadata.load_snapshots()
         if opts.get("snapshot") is not None:
             await self._load_snapshot(opts["snapshot"])

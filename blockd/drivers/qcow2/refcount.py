@@ -534,10 +534,11 @@ class Refcounts:
                 image.discard_other = saved
             self.deferred_frees.pop(0)
 
-    async def free(self, offset: int, count: int = 1) -> None:
-        """Drop one reference from each of ``count`` clusters at ``offset``."""
+    async def free(self, offset: int, count: int = 1, discard: bool = False) -> None:
+        """Drop one reference from each of ``count`` clusters at ``offset`` (``discard``:
+        what becomes free is discarded whatever pass-discard-other says)."""
         first = offset // self.cluster_size
         for c in range(first, first + count):
             if await self.update(c, -1) == 0:
                 self.image.debug_event("cluster_free")
-                await self.image.discard_host(c * self.cluster_size, self.cluster_size)
+                await self.image.discard_host(c * self.cluster_size, self.cluster_size, discard)
