@@ -296,7 +296,15 @@ def _too_many_snapshots(tmp_path) -> str:
     return img
 
 
+def _snapshot_count_max(tmp_path) -> str:
+    """2^32 - 1 snapshots in a table of zeroes: QEMU's counters (C ints) wrap on repair."""
+    img = _written(tmp_path, writes=("write -P 1 0 64k",))
+    _poke(img, 60, ">IQ", 0xFFFFFFFF, 0x10000)
+    return img
+
+
 BROKEN = {
+    "snapshot-count-max": _snapshot_count_max,
     "snapshot-extra-data-too-big": _snapshot_edit(1, 36, ">I", 2000),
     "snapshot-l1-unaligned": _snapshot_edit(0, 0, ">Q", 512, add=True),
     "snapshot-l1-too-big": _snapshot_edit(1, 8, ">I", 0x400001),

@@ -568,11 +568,23 @@ async def _read_snapshots(node: "Qcow2Node", res: CheckResult, fix: int) -> bool
             res.failure += (f"\nYou can force-remove all {nb - qsnap.MAX_SNAPSHOTS} "
                             "overhanging snapshots with {prog} check -r all")
         return False
+    # One read for the whole table as far as it can be (entries are small and many).
+    end = image.file.length()
+    window = bytes(await image.file.read(offset, max(0, min(end - offset,
+                                                            qsnap.MAX_TABLE_SIZE + 8))))
+
+    async def read(at: int, n: int) -> bytes:
+        if at - offset + n <= len(window):
+            return window[at - offset:at - offset + n]
+        if at >= end:
+            return bytes(n)
+        return bytes(await image.file.read(at, n)).ljust(n, b"\0")
+
     raw, extra_sizes, pos, length = bytearray(), [], offset, 0
     for i in range(nb):
         pos += -pos % 8
         length += -length % 8
-        head = bytearray(bytes(await image.file.read(pos, 40)).ljust(40, b"\0"))
+        head = bytearray(await read(pos, 40))
         id_len, name_len = struct.unpack_from(">HH", head, 12)
         extra_len, = struct.unpack_from(">I", head, 36)
         pos += 40
@@ -588,10 +600,9 @@ async def _read_snapshots(node: "Qcow2Node", res: CheckResult, fix: int) -> bool
             res.say(f"Discarding too much extra metadata in snapshot table entry {i} "
                     f"({extra_len} > {qsnap.MAX_EXTRA})")
             dropped, kept = True, qsnap.MAX_EXTRA
-        rest = bytes(await image.file.read(pos, kept)).ljust(kept, b"\0")
+        rest = await read(pos, kept)
         pos += extra_len
-        names = bytes(await image.file.read(pos, id_len + name_len)).ljust(id_len + name_len,
-                                                                           b"\0")
+        names = await read(pos, id_len + name_len)
         pos += id_len + name_len
         # QEMU keeps both as C strings: whatever follows a NUL is lost on rewriting.
         ident, name = (part.split(b"\0")[0] for part in (names[:id_len], names[id_len:]))
@@ -670,7 +681,9 @@ async def _check_locked(node: "Qcow2Node", fix: int,
             snap.corruptions_fixed += snap.corruptions
             snap.corruptions = 0
     for counter in ("check_errors", "corruptions", "leaks", "corruptions_fixed", "leaks_fixed"):
-        setattr(res, counter, getattr(res, counter) + getattr(snap, counter))
+        total = getattr(res, counter) + getattr(snap, counter)
+        # QEMU's counters are C ints: billions of dropped snapshots wrap around.
+        setattr(res, counter, (total + (1 << 31)) % (1 << 32) - (1 << 31))
     res.error = res.error or snap.error
     res.messages[:0] = snap.messages
     if fix and not res.corruptions and not res.check_errors and not res.error:
