@@ -26,6 +26,11 @@ class QMPError(Exception):
         return self.desc
 
 
+class TooLarge(QMPError):
+    """A size the format cannot address (QEMU's EFBIG): ``qemu-img create`` reports it as
+    "The image size is too large for file format ..." instead of the driver's words."""
+
+
 class CommandNotFound(QMPError):
     def __init__(self, desc: str) -> None:
         super().__init__(desc, "CommandNotFound")

@@ -451,3 +451,116 @@ def test_convert_sparse_qcow2_target(tmp_path, sparse):
     assert [{k: v for k, v in e.items() if k != "offset"}
             for e in map_json(d / "b.qcow2")] == strip
     assert qemu_img("compare", "q.qcow2", "b.qcow2", cwd=d).returncode == 0
+
+
+def test_info_many_bitmaps(tmp_path):
+    """``info`` of an image with 64 bitmaps (lists of flags: scalars in lists) prints what
+    qemu-img prints; the human dump once recursed into each flag's characters."""
+    from test_img import same
+
+    img = tmp_path / "bm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "64M")
+    for i in range(64):
+        args = ["bitmap", "--add", str(img), f"b{i}"] + (["--disable"] if i % 3 else [])
+        assert qemu_img(*args).returncode == 0
+    same(tmp_path, "info", "bm.qcow2")
+    same(tmp_path, "info", "--output=json", "bm.qcow2")
+
+
+def test_human_dump_deep_nesting():
+    """Nesting deeper than Python's recursion limit still prints, in QEMU's layout."""
+    from blockd.img.common import human_dump
+
+    top = node = {}
+    for _ in range(3000):
+        node["a-b"] = [{}]
+        node = node["a-b"][0]
+    lines = human_dump(top, 1)
+    assert len(lines) == 6000 and lines[:2] == ["    a b:", "        [0]:"]
+    assert human_dump({"x": [1, [True, "s"]], "y": {}}, 0) == [
+        "x:", "    [0]: 1", "    [1]:", "        [0]: true", "        [1]: s", "y:"]
+
+
+# Sizes no image can have: every tool refuses them at once, with qemu-img's words, and
+# allocates nothing for them first (1E once built a 2^31-entry L1 table in memory).
+L1_LIMIT = {512: 1 << 35, 4096: 1 << 41, 65536: 1 << 51, 2 << 20: 1 << 61}
+HUGE = [
+    "create -f qcow2 X 1E", "create -f qcow2 X 9223372036854775296",
+    "create -f qcow2 X 9223372035781033984", "create -f qcow2 X 9223372035781034496",
+    "create -f qcow2 X 8E", "create -f qcow2 -o size=1E X",
+    "create -f qcow2 -o preallocation=metadata X 1E",
+    "create -f qcow2 -o extended_l2=on X 1125899906843136",
+    "measure --size 8E -O qcow2", "measure --size 1E -O qcow2",
+    "measure --size 2251799813685760 -O qcow2",
+    "resize Y 1E", "resize Y +1E", "resize Y 9223372036854775296", "resize Y 8E",
+    "resize Y 17E", "resize -f raw R 9223372036854775296",
+    "amend -o size=1E Y", "amend -o size=9223372036854775296 Y",
+    "convert --image-opts driver=null-co,size=1152921504606846976 -O qcow2 X",
+    "info --image-opts driver=null-co,size=9223372036854775296",
+] + [f"create -f qcow2 -o cluster_size={cs} X {size + add}"
+     for cs, size in L1_LIMIT.items() for add in (0, 512)]
+
+
+@pytest.mark.parametrize("line", HUGE)
+def test_huge_sizes(tmp_path, line):
+    for name in ("q", "b"):
+        qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / f"{name}-y.qcow2"), "1M")
+        qemu_img("create", "-q", "-f", "raw", str(tmp_path / f"{name}-r.raw"), "1M")
+    names = {"X": "x.qcow2", "Y": "y.qcow2", "R": "r.raw"}
+    for name in ("q", "b"):
+        args = [f"{name}-{names[a]}" if a in names else a for a in line.split()]
+        if name == "q":
+            q = qemu_img(*args, cwd=tmp_path)
+        else:
+            b = blockd_img(*args, cwd=tmp_path)
+    assert b == (q.stdout.replace("q-", "b-"),
+                 q.stderr.replace("qemu-img", "blockd-img").replace("q-", "b-"), q.returncode)
+    for suffix in ("x.qcow2", "y.qcow2"):  # same files left behind, same sizes recorded
+        qf, bf = tmp_path / f"q-{suffix}", tmp_path / f"b-{suffix}"
+        assert qf.exists() == bf.exists()
+        if qf.exists():
+            assert info(qf)["virtual-size"] == info(bf)["virtual-size"]
+
+
+def _name_features(img: Path, bits: list[int], table: list[tuple[int, int, str]]) -> None:
+    """Replace the image's feature name table with ``table`` and set incompatible ``bits``."""
+    data = bytearray(img.read_bytes()[:65536])
+    pos = struct.unpack_from(">I", data, 100)[0]
+    while True:
+        kind, length = struct.unpack_from(">II", data, pos)
+        assert kind, "no feature name table"
+        if kind == 0x6803F857:
+            body = b"".join(bytes([t, b]) + n.encode().ljust(46, b"\0") for t, b, n in table)
+            rest = data[pos + 8 + (length + 7 & ~7):]
+            data[pos:] = struct.pack(">II", kind, len(body)) + body + rest
+            break
+        pos += 8 + (length + 7 & ~7)
+    features = struct.unpack_from(">Q", data, 72)[0]
+    struct.pack_into(">Q", data, 72, features | sum(1 << b for b in bits))
+    with open(img, "r+b") as f:
+        f.write(bytes(data[:65536]))
+
+
+@pytest.mark.parametrize("args", ["info", "check", "check -r all", "info --output=json"])
+def test_unsupported_features_named_from_the_table(tmp_path, args):
+    """Unknown incompatible bits are named as the image's own feature table names them,
+    in the table's order, the unnamed rest as a hex mask."""
+    from test_img import same
+
+    img = tmp_path / "f.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
+    _name_features(img, [10, 12, 40], [(0, 12, "twelve"), (1, 10, "compat ten"),
+                                       (0, 10, "ten"), (0, 11, "unset")])
+    assert "twelve, ten, Unknown incompatible feature: 10000000000" in \
+        same(tmp_path, *args.split(), "f.qcow2")[1]
+
+
+@pytest.mark.parametrize("opt", ["refcount-cache-size=1152921504606846976",
+                                 "cache-size=9223372036854775807",
+                                 "l2-cache-size=1152921504606846976,l2-cache-entry-size=512"])
+def test_huge_cache_sizes(tmp_path, opt):
+    """Cache sizes past what QEMU counts are refused at open, with its message."""
+    from test_img import same
+
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "c.qcow2"), "1M")
+    same(tmp_path, "info", "--image-opts", f"driver=qcow2,file.filename=c.qcow2,{opt}")

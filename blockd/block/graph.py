@@ -14,7 +14,7 @@ import random
 import re
 from typing import Any, Callable, Iterator
 
-from blockd.block.node import BlockNode, ChildLink, Perm, perm_names
+from blockd.block.node import MAX_LENGTH, BlockNode, ChildLink, Perm, perm_names
 from blockd.errors import QMPError
 
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*\Z")
@@ -202,6 +202,9 @@ class BlockGraph:
         ctx = OpenContext(self, node)
         try:
             await node.open(ctx)
+            if node.length() > MAX_LENGTH:  # QEMU refuses what its block layer cannot address
+                await node.close()
+                raise QMPError("Could not refresh total sector count: File too large")
         except BaseException:
             await self._detach_all(node, ctx.created)
             raise

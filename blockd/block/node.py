@@ -134,6 +134,16 @@ class ChildLink:
     shared: Perm = Perm.all()
 
 
+#: The largest length QEMU's block layer handles (INT64_MAX rounded down to 1 GiB).
+MAX_LENGTH = (1 << 63) - (1 << 30)
+
+
+def check_length(size: int) -> None:
+    """QEMU's bound on any truncate, checked before a driver allocates anything for it."""
+    if size > MAX_LENGTH:
+        raise QMPError(f"offset({size}) exceeds maximum({MAX_LENGTH})")
+
+
 class BlockNode:
     """Base class of every driver's nodes.
 

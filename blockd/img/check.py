@@ -7,6 +7,7 @@ without one get qemu-img's "does not support checks" and exit status 63.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -51,32 +52,54 @@ def exit_code(res: Any) -> int:
     return 0
 
 
+def _failed(res: Any) -> str | None:
+    """qemu-img's "Check failed" lines, when the check itself failed or met internal errors."""
+    if res.error:
+        failure = getattr(res, "failure", "").format(prog=PROG)
+        why = f"{PROG}: {failure}\n" if failure else ""
+        return f"{why}{PROG}: Check failed: {os.strerror(res.error)}"
+    if res.check_errors:
+        return f"{PROG}: Check failed"
+    return None
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def _run_check(node: Any, fix: int) -> Any:
+    """The driver's check, its messages on stderr as they come (between corruption reports)."""
+    return await node.check(fix, _say)
+
+
 async def check(session: Session, filename: str, fmt: str | None, output: str,
-                repair: str | None, force_share: bool, image_opts: bool) -> tuple[str, int]:
+                repair: str | None, force_share: bool,
+                image_opts: bool) -> tuple[str, int, str | None]:
+    """The report, the exit status and the "Check failed" line to print after the report."""
     if repair is not None and repair not in FIX:
         raise UsageError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}")
     # Repairing opens even a corrupt-marked image read-write, as qemu-img check -r does.
     node = await session.open(filename, fmt, read_only=repair is None, force_share=force_share,
                               image_opts=image_opts,
-                              extra={"x-repair": True} if repair is not None else None)
+                              extra={"x-check": True, "x-repair": repair is not None})
     if not hasattr(node, "check"):
         print(f"{PROG}: This image format does not support checks", file=sys.stderr)
-        return "", 63
-    res = await node.check(FIX[repair] if repair else 0)
-    for message in res.messages:
-        print(message, file=sys.stderr)
+        return "", 63, None
+    res = await _run_check(node, FIX[repair] if repair else 0)
     prefix = ""
-    if res.leaks_fixed or res.corruptions_fixed:
+    if not res.error and (res.leaks_fixed or res.corruptions_fixed):
         prefix = ("The following inconsistencies were found and repaired:\n\n"
                   f"    {res.leaks_fixed} leaked clusters\n"
                   f"    {res.corruptions_fixed} corruptions\n\n"
                   "Double checking the fixed image now...\n")
-        res = await node.check(0)
-        for message in res.messages:
-            print(message, file=sys.stderr)
+        fixed = res.leaks_fixed, res.corruptions_fixed
+        res = await _run_check(node, 0)
+        res.leaks_fixed, res.corruptions_fixed = fixed  # the report keeps what was repaired
     if output == "json":
         prefix = ""
-    return prefix + _report(res, filename, node.driver, output), exit_code(res)
+    text = "" if res.error else prefix + _report(res, filename, node.driver, output)
+    failed = _failed(res)
+    return text, 1 if failed else exit_code(res), failed
 
 
 async def run(args: Args) -> int:
@@ -85,8 +108,10 @@ async def run(args: Args) -> int:
         raise UsageError("Expecting one image file name")
     output = args.output()
     async with Session(args.objects) as session:
-        text, code = await check(session, args.rest[0], args.get("f"), output, args.get("r"),
-                                 args.has("U"), args.has("image-opts"))
+        text, code, failed = await check(session, args.rest[0], args.get("f"), output,
+                                         args.get("r"), args.has("U"), args.has("image-opts"))
     if not args.has("q"):
         print(text, end="")
+    if failed:
+        print(failed, file=sys.stderr)
     return code

@@ -61,8 +61,9 @@ class Args:
         return fmt
 
 
-def parse_size(text: str) -> int:
-    """qemu-img sizes: a number with an optional k/M/G/T/P/E suffix (binary)."""
+def parse_size(text: str, limit: int = (1 << 63) - 1) -> int:
+    """qemu-img sizes: a number with an optional k/M/G/T/P/E suffix (binary), at most
+    ``limit``."""
     m = re.fullmatch(r"(\d+(?:\.\d*)?)([bkmgtpeBKMGTPE]?)", text)
     if not m:
         raise ImgError("Invalid image size specified. You may use k, M, G, T, P or E suffixes "
@@ -70,8 +71,8 @@ def parse_size(text: str) -> int:
                        "and exabytes.")
     value = float(m.group(1)) * _SUFFIXES[m.group(2).lower()] if "." in m.group(1) \
         else int(m.group(1)) * _SUFFIXES[m.group(2).lower()]
-    if value > (1 << 63) - 1:
-        raise ImgError("Image size must be less than 8 EiB!")
+    if value > limit:
+        raise ImgError(f"Invalid image size specified. Must be between 0 and {limit}.")
     return int(value)
 
 
@@ -165,24 +166,32 @@ class Session:
 
 
 def human_dump(value: Any, indent: int) -> list[str]:
-    """QEMU's indented dump of nested data (``Format specific information``)."""
+    """QEMU's indented dump of nested data (``Format specific information``).
+
+    A scalar in a list goes on its index's line (``[0]: auto``).  The walk keeps
+    its own stack (of lines still to print and containers still to open), so no
+    depth of nesting can exhaust Python's.
+    """
     from blockd.qmp.json import qdict_keys
 
-    pad = " " * (indent * 4)
-    lines = []
-    if isinstance(value, dict):
-        for key in qdict_keys(value):
-            item = value[key]
-            name = key.replace("-", " ")
+    lines: list[str] = []
+    stack: list[tuple[str, Any, int]] = [("", value, indent)]
+    while stack:
+        line, node, level = stack.pop()
+        if line:
+            lines.append(line)
+        if not isinstance(node, (dict, list)):
+            continue
+        pad = " " * (level * 4)
+        if isinstance(node, dict):
+            items = [(f"{pad}{key.replace('-', ' ')}:", node[key]) for key in qdict_keys(node)]
+        else:
+            items = [(f"{pad}[{i}]:", item) for i, item in enumerate(node)]
+        for label, item in reversed(items):  # pushed last to first: popped in order
             if isinstance(item, (dict, list)):
-                lines.append(f"{pad}{name}:")
-                lines += human_dump(item, indent + 1)
+                stack.append((label, item, level + 1))
             else:
-                lines.append(f"{pad}{name}: {_scalar(item)}")
-    else:
-        for i, item in enumerate(value):
-            lines.append(f"{pad}[{i}]:")
-            lines += human_dump(item, indent + 1)
+                stack.append((f"{label} {_scalar(item)}", None, 0))
     return lines
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockd.block.filename import backing_path, create_path
-from blockd.errors import QMPError
+from blockd.errors import QMPError, TooLarge
 from blockd.img.common import Args, ImgError, Session, UsageError, parse_size
 
 
@@ -254,12 +254,14 @@ def _allocate_first_block(filename: str, size: int) -> None:
 
 async def create_image(session: Session, filename: str, fmt: str, size: int | None,
                        opts: dict[str, Any], *, unsafe: bool = False,
-                       quiet: bool = True, context: str = "") -> None:
+                       quiet: bool = True, context: str = "",
+                       name_too_large: bool = False) -> None:
     """Create ``filename``, printing the "Formatting" line unless ``quiet``.
 
     Errors in the option syntax stop before that line; the drivers' own
     checks (cluster size, enum values, secrets) come after it, as in qemu-img,
-    and are reported after ``filename: `` and ``context``.
+    and are reported after ``filename: `` and ``context``.  ``name_too_large``:
+    a size the format cannot address is reported as ``qemu-img create`` does.
     """
     from blockd.drivers import file as file_driver
 
@@ -309,6 +311,10 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
     except QMPError as exc:
         if created:  # a format that failed leaves no half-made file behind
             os.unlink(path)
+        if name_too_large and isinstance(exc, TooLarge):
+            hint = " (try using a larger cluster size)" if fmt == "qcow2" else ""
+            raise ImgError(f"{filename}: The image size is too large for file format "
+                           f"'{fmt}'{hint}") from None
         raise ImgError(f"{filename}: {context}{exc.desc}") from None
 
 
@@ -335,5 +341,5 @@ async def run(args: Args) -> int:
         opts["backing_fmt"] = args.get("F")
     async with Session(args.objects) as session:
         await create_image(session, filename, fmt, size, opts, unsafe=args.has("u"),
-                           quiet=args.has("q"))
+                           quiet=args.has("q"), name_too_large=True)
     return 0

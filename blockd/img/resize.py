@@ -6,6 +6,7 @@ applies to the grown part only, so it is refused when shrinking.
 
 from __future__ import annotations
 
+from blockd.block.node import check_length
 from blockd.errors import QMPError
 from blockd.img.common import PROG, Args, ImgError, Session, UsageError, parse_size
 
@@ -16,11 +17,15 @@ def _parse_delta(text: str) -> tuple[str, int]:
     """('+'|'-'|'', bytes) from a size operand."""
     sign = text[0] if text[:1] in ("+", "-") else ""
     try:
-        return sign, parse_size(text[len(sign):])
+        amount = parse_size(text[len(sign):], limit=1 << 128)  # range checked below
     except ImgError:
         raise ImgError("Parameter 'size' expects a non-negative number below 2^64\n"
                        "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, "
                        "peta-\nand exabytes, respectively.") from None
+    if amount >= 1 << 64:
+        raise ImgError(f"Value '{text[len(sign):]}' is out of range for parameter 'size'")
+    # qemu-img reads the option back as a signed 64-bit number.
+    return sign, amount - (1 << 64) if amount >= 1 << 63 else amount
 
 
 async def run(args: Args) -> int:
@@ -49,6 +54,7 @@ async def run(args: Args) -> int:
                            "the shrunken image's end. Before performing such an operation, make "
                            "sure there is no important data there.")
         try:
+            check_length(size)
             await node.truncate(size, exact=False, prealloc=prealloc)
         except OSError as exc:
             raise ImgError(exc.strerror or str(exc)) from None

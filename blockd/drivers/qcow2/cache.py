@@ -22,6 +22,7 @@ DEFAULT_L2_CACHE_MAX = 32 << 20
 #: Minimum entries QEMU keeps in each cache.
 MIN_L2_ENTRIES = 2
 MIN_REFCOUNT_CLUSTERS = 4
+INT_MAX = (1 << 31) - 1
 DEFAULT_CLEAN_INTERVAL = 600
 
 
@@ -74,11 +75,17 @@ def cache_config(options: dict[str, Any], h: Header) -> CacheConfig:
     if entry_size < 512 or entry_size > cs or entry_size & (entry_size - 1):
         raise QMPError(f"L2 cache entry size must be a power of two between 512 and the "
                        f"cluster size ({cs})")
+    # QEMU counts cache entries in an int.
+    l2_entries = max(MIN_L2_ENTRIES, l2 // entry_size)
+    if l2_entries > INT_MAX:
+        raise QMPError("L2 cache size too big")
+    refcount_clusters = max(MIN_REFCOUNT_CLUSTERS, refcount // cs)
+    if refcount_clusters > INT_MAX:
+        raise QMPError("Refcount cache size too big")
     interval = options.get("cache-clean-interval", DEFAULT_CLEAN_INTERVAL)
     if interval < 0 or interval > 0xFFFFFFFF:
         raise QMPError("Cache clean interval too big")
-    return CacheConfig(max(MIN_L2_ENTRIES, l2 // entry_size), entry_size,
-                       max(MIN_REFCOUNT_CLUSTERS, refcount // cs), interval)
+    return CacheConfig(l2_entries, entry_size, refcount_clusters, interval)
 
 
 class MetadataCache:

@@ -21,6 +21,11 @@ from typing import TYPE_CHECKING
 
 from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cache import CacheConfig, MetadataCache
+from blockd.drivers.qcow2.header import MAX_L1_SIZE
+from blockd.errors import TooLarge
+
+#: QEMU's limit on L1 tables (32 MiB).
+MAX_L1_ENTRIES = MAX_L1_SIZE // 8
 
 if TYPE_CHECKING:
     from blockd.drivers.qcow2.image import Image
@@ -409,9 +414,11 @@ class Mapping:
 
     async def grow_l1(self, min_size: int) -> None:
         """Move the L1 table to a bigger place (QEMU grows by half again)."""
+        if min_size > MAX_L1_ENTRIES:  # before anything is allocated for it
+            raise TooLarge("Failed to grow the L1 table: File too large")
         h = self.image.header
         new_size = max(min_size, (len(self.l1) * 3 + 1) // 2) if len(self.l1) else min_size
-        new_size = max(new_size, min_size)
+        new_size = min(max(new_size, min_size), MAX_L1_ENTRIES)
         self.image.debug_event("l1_grow_alloc_table")
         clusters = -(-(new_size * 8) // self.cs)
         new_offset = await self.image.refcounts.alloc(clusters)

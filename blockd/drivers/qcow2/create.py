@@ -125,7 +125,10 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
         if options.get("data-file-raw") and prealloc == "off":
             prealloc = "metadata"  # every cluster maps to its place in the raw data file
         try:
-            await node.truncate(options["size"], prealloc=prealloc)
+            try:
+                await node.truncate(options["size"], prealloc=prealloc)
+            except QMPError as exc:
+                raise type(exc)(f"Could not resize image: {exc.desc}") from None
             encrypt = options.get("encrypt")
             if encrypt is not None:
                 await _set_up_encryption(graph, node, encrypt)

@@ -20,11 +20,11 @@ import contextvars
 import errno
 import logging
 import os
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from blockd.block.filename import backing_path, image_options, typed_options
 from blockd.block.graph import OpenContext
-from blockd.block.node import BlockNode, Claim, Extent, Status, WriteFlags
+from blockd.block.node import BlockNode, Claim, Extent, Status, WriteFlags, check_length
 from blockd.block.probe import fill_drivers, probe_name
 from blockd.drivers.qcow2 import bitmaps as qbitmaps
 from blockd.drivers.qcow2 import compress, crypt
@@ -95,10 +95,10 @@ class Qcow2Node(BlockNode):
         head = bytes(await file.read(0, min(file.length(), 65536)))
         # A repair (blockd-img check -r) is the one writer a corrupt image admits.
         may_be_corrupt = self.read_only or bool(opts.get("x-repair"))
-        h = hdr.parse(head, may_be_corrupt)
+        h = hdr.parse(head, may_be_corrupt, bool(opts.get("x-check")))
         if h.cluster_size > len(head) and file.length() > len(head):
             head = bytes(await file.read(0, min(file.length(), h.cluster_size)))
-            h = hdr.parse(head, may_be_corrupt)
+            h = hdr.parse(head, may_be_corrupt, bool(opts.get("x-check")))
         if opts.get("lazy-refcounts") and h.version < 3:
             raise QMPError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
                            "compatibility level")
@@ -122,11 +122,14 @@ class Qcow2Node(BlockNode):
         except OSError as exc:
             raise QMPError("Could not initialize refcount handling: "
                            f"{os.strerror(exc.errno or errno.EIO)}") from None
-        self.image.snapshots = await qsnap.load(self.image)
+        # A check reads the table itself, so that it can repair it (QEMU's check mode).
+        self.image.snapshots = [] if opts.get("x-check") else await qsnap.load(self.image)
         await self.image.metadata.load_snapshots()
         if opts.get("snapshot") is not None:
             await self._load_snapshot(opts["snapshot"])
-        if h.incompatible_features & hdr.INCOMPAT_DIRTY and not self.read_only:
+        # blockd-img check -r repairs a dirty image itself, as qemu-img check -r does.
+        if h.incompatible_features & hdr.INCOMPAT_DIRTY and not self.read_only \
+                and not opts.get("x-repair"):
             await self._repair_dirty()
         # The runtime option overrides what the image was created with, as in QEMU.
         self.image.refcounts.lazy = not self.read_only and opts.get(
@@ -260,8 +263,8 @@ class Qcow2Node(BlockNode):
         await self.image.write_features()
         await self.image.file.flush()
 
-    async def check(self, fix: int = 0) -> Any:
-        """``qemu-img check`` for this image (see :mod:`.check`).
+    async def check(self, fix: int = 0, sink: Callable[[str], None] | None = None) -> Any:
+        """``qemu-img check`` for this image (see :mod:`.check`); ``sink`` gets each message.
 
         A full repair that leaves no corruption clears the corrupt bit, so
         the image can be opened read-write again.
@@ -271,7 +274,7 @@ class Qcow2Node(BlockNode):
         if not self.read_only:
             async with self.image.lock:
                 await self.map.write_pending()  # the check reads tables from the file
-        res = await check(self, fix)
+        res = await check(self, fix, sink)
         h = self.image.header
         if (fix & FIX_ERRORS and h.incompatible_features & hdr.INCOMPAT_CORRUPT
                 and not res.corruptions and not res.check_errors):
@@ -1055,6 +1058,7 @@ class Qcow2Node(BlockNode):
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         self._writable()
+        check_length(size)
         if size % 512:
             raise OSError(errno.EINVAL, "The new size must be a multiple of 512")
         h = self.image.header

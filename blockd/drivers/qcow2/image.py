@@ -190,9 +190,9 @@ class Image:
         await self.write_features()
         await self.file.flush()
 
-    async def discard_host(self, offset: int, length: int) -> None:
-        """Give a freed cluster back to the file system (pass-discard-other)."""
-        if self.discard_other:
+    async def discard_host(self, offset: int, length: int, always: bool = False) -> None:
+        """Give a freed cluster back to the file system (pass-discard-other, or ``always``)."""
+        if self.discard_other or always:
             try:
                 await self.file.discard(offset, length)
             except OSError:

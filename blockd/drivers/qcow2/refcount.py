@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cache import MetadataCache
+from blockd.drivers.qcow2.cluster import c_hex
 
 if TYPE_CHECKING:
     from blockd.drivers.qcow2.image import Image
@@ -51,6 +52,20 @@ def set_entry(block: bytearray, index: int, order: int, value: int) -> tuple[int
     width = 1 << (order - 3)
     block[index * width:(index + 1) * width] = value.to_bytes(width, "big")
     return index * width, (index + 1) * width
+
+
+def encode_block(counts: Sequence[int], order: int, cluster_size: int) -> bytes:
+    """A refcount block holding ``counts`` (zero past their end): the inverse of ``_decode``."""
+    e = cluster_size * 8 >> order
+    values = list(counts[:e]) + [0] * (e - len(counts[:e]))
+    fmt = {3: "B", 4: "H", 5: "I", 6: "Q"}.get(order)
+    if fmt is not None:
+        return struct.pack(f">{e}{fmt}", *values)
+    block = bytearray(cluster_size)
+    for i, value in enumerate(values):
+        if value:
+            set_entry(block, i, order, value)
+    return bytes(block)
 
 
 class Refcounts:
@@ -93,6 +108,19 @@ class Refcounts:
         for entry in self.table[:self.last_used + 1]:
             self.image.metadata.add(entry & ~0x1FF & ((1 << 63) - 1), overlap.REFCOUNT_BLOCK)
 
+    async def adopt(self, table_offset: int, table_clusters: int) -> None:
+        """Switch to a refcount structure written from scratch (check's rebuild); the
+        caller has already pointed the header in the file at the new table."""
+        for entry in self.table[:self.last_used + 1]:
+            self.image.metadata.remove(entry & ~0x1FF & ((1 << 63) - 1), overlap.REFCOUNT_BLOCK)
+        self.blocks.clear()
+        self.dirty.clear()
+        self.held.clear()
+        self.image.header.refcount_table_offset = table_offset
+        self.image.header.refcount_table_clusters = table_clusters
+        await self.load()
+        self.free_hint = 0
+
     def _set_table(self, index: int, offset: int) -> None:
         """Record a table entry in memory (the caller writes it) and in the metadata map."""
         self.image.metadata.remove(self.table[index] & ~0x1FF & ((1 << 63) - 1),
@@ -105,11 +133,18 @@ class Refcounts:
             self.last_used -= 1
 
     async def _block(self, block_index: int) -> bytearray | None:
+
         if block_index >= len(self.table):
             return None
         offset = self.table[block_index] & ~0x1FF & ((1 << 63) - 1)
         if offset == 0:
             return None
+        if offset % self.cluster_size:
+            # Fatal only where the image can be written, as in QEMU.
+            await self.image.signal_corruption(
+                not self.image.file.read_only, -1, -1,
+                f"Refblock offset {offset:#x} unaligned (reftable index: {c_hex(block_index)})")
+            raise OSError(5, "Input/output error")
         block = self.dirty.get(block_index) or self.blocks.get(block_index)
         if block is None and block_index in self.held:
             block = self.held[block_index][0]  # evicted from the cache, not written yet
@@ -137,12 +172,16 @@ class Refcounts:
         return get_entry(block, cluster_index % self.entries, self.order)
 
     async def counts(self, nb: int) -> list[int]:
-        """The stored counts of clusters ``0..nb-1``, decoded a block at a time (for check)."""
+        """The stored counts of clusters ``0..nb-1``, decoded a block at a time."""
         out: list[int] = []
         for bi in range(-(-nb // self.entries)):
-            out += self._decode(await self._block(bi))
+            out += await self.block_counts(bi)
         del out[nb:]
         return out
+
+    async def block_counts(self, block_index: int) -> Sequence[int]:
+        """Every stored count in one refcount block's range, decoded at once (for check)."""
+        return self._decode(await self._block(block_index))
 
     async def count_used(self, nb: int, above: int) -> int:
         """How many of clusters ``0..nb-1`` have a nonzero count, a block at a time;
@@ -495,10 +534,11 @@ class Refcounts:
                 image.discard_other = saved
             self.deferred_frees.pop(0)
 
-    async def free(self, offset: int, count: int = 1) -> None:
-        """Drop one reference from each of ``count`` clusters at ``offset``."""
+    async def free(self, offset: int, count: int = 1, discard: bool = False) -> None:
+        """Drop one reference from each of ``count`` clusters at ``offset`` (``discard``:
+        what becomes free is discarded whatever pass-discard-other says)."""
         first = offset // self.cluster_size
         for c in range(first, first + count):
             if await self.update(c, -1) == 0:
                 self.image.debug_event("cluster_free")
-                await self.image.discard_host(c * self.cluster_size, self.cluster_size)
+                await self.image.discard_host(c * self.cluster_size, self.cluster_size, discard)

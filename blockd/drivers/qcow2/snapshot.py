@@ -177,8 +177,9 @@ def now_img() -> tuple[int, int, int]:
     return us // 1_000_000, us % 1_000_000 * 1000, 0
 
 
-async def write_table(image: "Image", snaps: list[Snapshot]) -> None:
-    """Store ``snaps`` in new clusters, point the header at them, free the old table."""
+async def write_table(image: "Image", snaps: list[Snapshot], discard: bool = False) -> None:
+    """Store ``snaps`` in new clusters, point the header at them, free the old table
+    (discarding it when ``discard``)."""
     h = image.header
     cs = image.cluster_size
     raw = b"".join(sn.encode() for sn in snaps)
@@ -189,10 +190,12 @@ async def write_table(image: "Image", snaps: list[Snapshot]) -> None:
     if snaps:
         offset = await image.refcounts.alloc(-(-len(raw) // cs))
         try:
-            await image.file.write(offset, raw)
+            # Fresh clusters: any live metadata there means the refcounts are broken.
+            await image.write_meta(offset, raw, 0)
             await image.file.flush()
         except OSError:
-            await image.refcounts.free(offset, -(-len(raw) // cs))
+            if not image.stopped:  # a fatal corruption stops every write, as in QEMU
+                await image.refcounts.free(offset, -(-len(raw) // cs))
             raise
     try:
         await image.file.write(60, struct.pack(">IQ", len(snaps), offset))
@@ -205,7 +208,7 @@ async def write_table(image: "Image", snaps: list[Snapshot]) -> None:
     image.snapshots = list(snaps)
     image.snapshot_table_size = len(raw)
     if old_size:
-        await image.refcounts.free(old_off, -(-old_size // cs))
+        await image.refcounts.free(old_off, -(-old_size // cs), discard)
 
 
 def validate_l1(image: "Image", sn: Snapshot) -> None:
