@@ -8,6 +8,7 @@ entry is the point (zero flags, subcluster bits), the same raw L2 entries.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -208,3 +209,67 @@ def test_small_zero_write_makes_a_zero_cluster(tmp_path):
     _qemu_io_over_nbd(tmp_path, b, False, ["write -z 0 4k"])
     assert l2_entries(b) == {0: (1, 0)}
     assert_same_image(b, q, entries=True)
+
+
+# ---- convert ---------------------------------------------------------------------------
+
+def _convert_sources(d: Path) -> None:
+    """base.qcow2 (8 MiB of 0xaa), short.qcow2 and odd.qcow2 (1 MiB and 1000 KiB of it),
+    top.qcow2 over base.qcow2 and the standalone s.qcow2, each with data equal to the
+    backing file's, other data, zero clusters, unallocated runs and zero data."""
+    _base(d)
+    for name, size in (("short.qcow2", "1M"), ("odd.qcow2", "1000k")):
+        qemu_img("create", "-q", "-f", "qcow2", str(d / name), size)
+        qemu_io("qcow2", d / name, f"write -P 0xaa 0 {size}")
+    cmds = ["write -P 0xaa 0 128k", "write -P 0xcc 1M 64k", "write -z 512k 64k",
+            "write -z 2M 128k", "write -P 0 3M 64k", "write -P 0xcc 3500k 4k"]
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+             str(d / "top.qcow2"), "4M", cwd=d)
+    qemu_img("create", "-q", "-f", "qcow2", str(d / "s.qcow2"), "4M")
+    for name in ("top.qcow2", "s.qcow2"):
+        qemu_io("qcow2", d / name, *cmds)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("backing", ["base.qcow2", "short.qcow2", "odd.qcow2"])
+@pytest.mark.parametrize("source", ["top.qcow2", "s.qcow2"])
+def test_convert_with_backing_file(tmp_path, source, backing, compress):
+    """-B: what the source's top layer leaves to its backing file stays unallocated,
+    what it holds as zeroes becomes zero clusters up to the end of the new backing
+    file, and a source without backing file reads as zeroes where it is unallocated
+    (the new backing file must not show through there)."""
+    _convert_sources(tmp_path)
+    args = ["convert", *(["-c"] if compress else []), "-O", "qcow2", "-B", backing, "-F", "qcow2",
+            source]
+    res = qemu_img(*args, "q.qcow2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert blockd_img(*args, "b.qcow2", cwd=tmp_path) == ("", "", 0)
+    assert_same_image(tmp_path / "b.qcow2", tmp_path / "q.qcow2", offsets=not compress)
+    if source == "s.qcow2" or backing == "base.qcow2":  # else the backing files differ
+        assert qemu_img("compare", source, "b.qcow2", cwd=tmp_path).returncode == 0
+
+
+SECRET_OBJ = ["--object", "secret,id=s0,data=abc"]
+
+
+@pytest.mark.parametrize("prealloc", ["metadata", "falloc", "full"])
+def test_convert_into_preallocated_encrypted_image(tmp_path, prealloc):
+    """Preallocated clusters of an encrypted image do not read as zeroes (the file's
+    zeroes are deciphered), so zeroes are written there, as qemu-img does."""
+    src = tmp_path / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(src), "4M")
+    qemu_io("qcow2", src, "write -P 0x11 64k 128k", "write -P 0x22 1M 64k", "write -z 2M 64k",
+            "write -P 0 3M 64k")
+    opts = f"encrypt.format=luks,encrypt.key-secret=s0,preallocation={prealloc},encrypt.iter-time=10"
+    res = qemu_img("convert", *SECRET_OBJ, "-O", "qcow2", "-o", opts, "src.qcow2", "q.qcow2",
+                   cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert blockd_img("convert", *SECRET_OBJ, "-O", "qcow2", "-o", opts, "src.qcow2", "b.qcow2",
+                      cwd=tmp_path)[2] == 0
+    opened = {n: f"driver=qcow2,file.filename={n},encrypt.key-secret=s0" for n in ("q.qcow2", "b.qcow2")}
+    res = qemu_img("compare", *SECRET_OBJ, "--image-opts", "driver=qcow2,file.filename=src.qcow2",
+                   opened["b.qcow2"], cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    maps = [qemu_img("map", *SECRET_OBJ, "--output=json", "--image-opts", opened[n],
+                     cwd=tmp_path).stdout for n in ("q.qcow2", "b.qcow2")]
+    assert json.loads(maps[1]) == json.loads(maps[0])

@@ -99,6 +99,9 @@ class RawNode(BlockNode):
     def allocated_file_size(self) -> int | None:
         return self.file.allocated_file_size()
 
+    def has_zero_init(self) -> bool:
+        return self.file.has_zero_init()
+
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
         offset, size = options.get("offset", 0), options.get("size")
         if offset < 0 or (size is not None and size < 0):

@@ -1363,6 +1363,16 @@ class Qcow2Node(BlockNode):
     def encrypted(self) -> bool:
         return self.encryption is not None
 
+    def has_zero_init(self) -> bool:
+        """QEMU's rule: without a backing file, an image whose tables were not
+        preallocated (no first L2 table) reads as zeroes; a preallocated one only
+        unencrypted, as far as its data file does (its clusters read the file)."""
+        if self.backing is not None:
+            return False
+        if not (self.map.l1 and self.map.l1[0]):
+            return True
+        return self.encryption is None and self.image.data.has_zero_init()
+
     def _key_secret(self) -> str | None:
         return (self.options.get("encrypt") or {}).get("key-secret")
 
