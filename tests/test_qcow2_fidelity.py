@@ -273,3 +273,26 @@ def test_convert_into_preallocated_encrypted_image(tmp_path, prealloc):
     maps = [qemu_img("map", *SECRET_OBJ, "--output=json", "--image-opts", opened[n],
                      cwd=tmp_path).stdout for n in ("q.qcow2", "b.qcow2")]
     assert json.loads(maps[1]) == json.loads(maps[0])
+
+
+# ---- rebase ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opts", ["", "extended_l2=on"])
+@pytest.mark.parametrize("old,new", [("short", "base"), ("base", "short"), ("short", ""),
+                                     ("short", "odd")])
+def test_rebase_across_backing_file_ends(tmp_path, opts, old, new):
+    """Past the old backing file's end its content is zeroes: where the new one differs
+    there, zero clusters are written, not data (qemu-img's map)."""
+    _base(tmp_path)
+    for name, size, pattern in (("short.qcow2", "1000k", "0xaa"), ("odd.qcow2", "2500k", "0xdd")):
+        qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / name), size)
+        qemu_io("qcow2", tmp_path / name, f"write -P {pattern} 0 {size}")
+    for name in ("q.qcow2", "b.qcow2"):
+        qemu_img("create", "-q", "-f", "qcow2", "-o", opts or "compat=1.1", "-b", f"{old}.qcow2",
+                 "-F", "qcow2", name, "4M", cwd=tmp_path)
+        qemu_io("qcow2", tmp_path / name, "write -P 0xcc 1M 64k", "write -z 3M 64k")
+    args = ["rebase", "-b", f"{new}.qcow2", "-F", "qcow2"] if new else ["rebase", "-b", ""]
+    res = qemu_img(*args, "q.qcow2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert blockd_img(*args, "b.qcow2", cwd=tmp_path) == ("", "", 0)
+    assert_same_image(tmp_path / "b.qcow2", tmp_path / "q.qcow2", entries=True)
