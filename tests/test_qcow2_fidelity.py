@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness import HAVE_QSD, Daemon
-from test_img import blockd_img, map_json, qemu_img, qemu_io
+from test_img import blockd_img, map_json, qemu_img, qemu_io, same
 
 needs_qsd = pytest.mark.skipif(not HAVE_QSD, reason="qemu-storage-daemon not installed")
 
@@ -296,3 +296,63 @@ def test_rebase_across_backing_file_ends(tmp_path, opts, old, new):
     assert res.returncode == 0, res.stderr
     assert blockd_img(*args, "b.qcow2", cwd=tmp_path) == ("", "", 0)
     assert_same_image(tmp_path / "b.qcow2", tmp_path / "q.qcow2", entries=True)
+
+
+# ---- measure ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """v3.qcow2 with bitmaps blockd-img added (every granularity spelling), v2.qcow2, and
+    x.luks; only read by the tests, so made once."""
+    d = tmp_path_factory.mktemp("measure")
+    qemu_img("create", "-q", "-f", "qcow2", str(d / "v3.qcow2"), "100M")
+    qemu_io("qcow2", d / "v3.qcow2", "write -P 1 0 3M", "write -P 2 50M 64k")
+    for i, args in enumerate([["--granularity", "512"], ["--granularity=2M"], ["-g", "64k"],
+                              []]):
+        assert blockd_img("bitmap", "--add", *args, "v3.qcow2", f"bitmap{i}" * (i + 1),
+                          cwd=d)[2] == 0
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(d / "v2.qcow2"), "100M")
+    res = qemu_img("create", "-q", "-f", "luks", *SECRET_OBJ, "-o", "key-secret=s0,iter-time=10",
+                   str(d / "x.luks"), "20M")
+    assert res.returncode == 0, res.stderr
+    return d
+
+
+LUKS_OPEN = ["--image-opts", "driver=luks,file.filename=x.luks,key-secret=s0"]
+MEASURE = [
+    ["-O", "qcow2", "v3.qcow2"], ["--output=json", "-O", "qcow2", "v3.qcow2"],
+    ["-O", "qcow2", "-o", "cluster_size=2M", "v3.qcow2"],
+    ["-O", "qcow2", "-o", "cluster_size=512", "v3.qcow2"],
+    ["-O", "qcow2", "-o", "compat=0.10", "v3.qcow2"], ["-O", "qcow2", "v2.qcow2"],
+    ["--output=json", "-O", "qcow2", "v2.qcow2"],
+    ["-O", "luks", *SECRET_OBJ, "-o", "key-secret=s0,iter-time=10", "v3.qcow2"],
+    ["-O", "luks", *SECRET_OBJ, "-o", "key-secret=s0,iter-time=10", "--size", "10G"],
+    ["-O", "luks", *SECRET_OBJ, "-o", "key-secret=s0,iter-time=10,cipher-alg=aes-128", "--size",
+     "1G"],
+    ["-O", "luks", *SECRET_OBJ, "-o", "key-secret=s0,iter-time=10,cipher-alg=aes-128,"
+     "cipher-mode=cbc,ivgen-alg=essiv", "--size", "1G"],
+    ["-O", "luks", *SECRET_OBJ, "-o", "key-secret=s0,iter-time=10,cipher-alg=twofish-256",
+     "--size", "1G"],
+    ["-O", "qcow2", *SECRET_OBJ, "-o", "encrypt.format=luks,encrypt.key-secret=s0,"
+     "encrypt.iter-time=10", "v3.qcow2"],
+    ["-O", "qcow2", *SECRET_OBJ, "-o", "encrypt.format=luks,encrypt.key-secret=s0,"
+     "encrypt.iter-time=10,cluster_size=2M", "--size", "1G"],
+    ["-O", "qcow2", *SECRET_OBJ, *LUKS_OPEN],
+    ["-O", "luks", *SECRET_OBJ, "-o", "key-secret=s0,iter-time=10", *LUKS_OPEN],
+    ["-O", "raw", *SECRET_OBJ, *LUKS_OPEN],
+    # refused as qemu-img refuses them
+    ["-O", "luks", "--size", "1G"],
+    ["-O", "qcow2", "-o", "encrypt.format=luks", "--size", "1G"],
+    ["-O", "luks", *SECRET_OBJ, "-o", "key-secret=nosuch", "--size", "1G"],
+    ["-O", "qcow2", *SECRET_OBJ, "-o", "encrypt.format=luks,encrypt.key-secret=s0,"
+     "encrypt.cipher-alg=bogus", "--size", "1G"],
+    ["-O", "luks", *SECRET_OBJ, "-o", "key-secret=s0,cipher-alg=des,cipher-mode=cbc", "--size",
+     "1G"],
+]
+
+
+@pytest.mark.parametrize("args", MEASURE, ids=lambda a: " ".join(a).replace(SECRET_OBJ[1], "s0"))
+def test_measure_as_qemu_img(measured, args):
+    """Bitmaps counted only when both sides could store them (qcow2 v3), LUKS header
+    room for luks targets and LUKS-encrypted qcow2 targets, LUKS sources read."""
+    same(measured, "measure", *args)

@@ -42,6 +42,8 @@ _CRYPTO = [
     ("hash-alg", "str", "Name of encryption hash algorithm"),
     ("iter-time", "num", "Time to spend in PBKDF in milliseconds"),
 ]
+#: The LUKS creation options, by their QAPI names.
+CRYPTO_OPTIONS = tuple(name for name, _, _ in _CRYPTO)
 
 #: Each format's own options, in the order the "Formatting" line prints them.
 FORMATS: dict[str, list[Opt]] = {
