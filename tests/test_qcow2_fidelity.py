@@ -223,9 +223,10 @@ def _convert_sources(d: Path) -> None:
         qemu_io("qcow2", d / name, f"write -P 0xaa 0 {size}")
     cmds = ["write -P 0xaa 0 128k", "write -P 0xcc 1M 64k", "write -z 512k 64k",
             "write -z 2M 128k", "write -P 0 3M 64k", "write -P 0xcc 3500k 4k"]
+    # The size ends inside a cluster: qemu-img -c copies that cluster whole.
     qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-             str(d / "top.qcow2"), "4M", cwd=d)
-    qemu_img("create", "-q", "-f", "qcow2", str(d / "s.qcow2"), "4M")
+             str(d / "top.qcow2"), "4128k", cwd=d)
+    qemu_img("create", "-q", "-f", "qcow2", str(d / "s.qcow2"), "4128k")
     for name in ("top.qcow2", "s.qcow2"):
         qemu_io("qcow2", d / name, *cmds)
 

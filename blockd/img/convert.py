@@ -316,12 +316,13 @@ async def _copy_compressed(src: _Source, dst: BlockNode, offset: int, end: int, 
 
     With -B a cluster the source's top layer leaves to its backing file (or
     holds as zeroes) in one run is not read: qemu-img decides by the run at
-    the cluster's start, and copies a cluster of several runs whole.
+    the cluster's start, and copies a cluster of several runs (or the short
+    last one) whole.
     """
     if plan.top_only:
         node, local, left = src.locate(offset)
         ext = await node.block_status(local, min(end - offset, left))
-        whole = ext.length >= end - offset and not (
+        whole = end - offset == cluster and ext.length >= cluster and not (
             plan.backing_end is not None and offset < plan.backing_end < end)
         kind = _backed_run(node, local, ext, offset, plan) if whole else "data"
         if kind != "data":
