@@ -357,3 +357,14 @@ def test_measure_as_qemu_img(measured, args):
     """Bitmaps counted only when both sides could store them (qcow2 v3), LUKS header
     room for luks targets and LUKS-encrypted qcow2 targets, LUKS sources read."""
     same(measured, "measure", *args)
+
+
+@pytest.mark.parametrize("args", [
+    ["-f", "luks", "-o", "key-secret=s0,cipher-alg=bogus"],
+    ["-f", "luks", "-o", "key-secret=s0,hash-alg=nope"],
+    ["-f", "luks", "-o", "cipher-mode=nope"],
+    ["-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.cipher-alg=bogus"],
+])
+def test_create_refuses_unknown_crypto_names(tmp_path, args):
+    """Names outside QEMU's enums get its message (were a KeyError, or another text)."""
+    same(tmp_path, "create", "-q", *SECRET_OBJ, *args, "t.img", "1M")

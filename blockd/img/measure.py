@@ -86,11 +86,9 @@ def luks_header_bytes(opts: dict[str, Any], prefix: str, secret: Callable[[str],
     the key secret included, though no key is derived."""
     from blockd.crypto import luks
     from blockd.drivers.luks import secret_password
-    from blockd.img.create import CRYPTO_OPTIONS
-    from blockd.qmp.schema import load
+    from blockd.img.create import luks_qapi
 
-    qapi = {name: opts[prefix + name] for name in CRYPTO_OPTIONS if prefix + name in opts}
-    load().validate_type("QCryptoBlockCreateOptionsLUKS", qapi)
+    qapi = luks_qapi(opts, prefix)
     secret_password(secret, qapi.get("key-secret"), prefix)
     return luks.payload_bytes(luks.CreateOptions.from_qapi(qapi))
 
