@@ -368,3 +368,49 @@ def test_measure_as_qemu_img(measured, args):
 def test_create_refuses_unknown_crypto_names(tmp_path, args):
     """Names outside QEMU's enums get its message (were a KeyError, or another text)."""
     same(tmp_path, "create", "-q", *SECRET_OBJ, *args, "t.img", "1M")
+
+
+# ---- bitmap directory order ---------------------------------------------------------
+
+def _bitmap_list(path: Path) -> list[tuple[str, list[str], int]]:
+    info = json.loads(qemu_img("info", "--output=json", str(path)).stdout)
+    return [(b["name"], b["flags"], b["granularity"])
+            for b in info["format-specific"]["data"].get("bitmaps", [])]
+
+
+def test_bitmap_directory_order_across_runs(tmp_path):
+    """Bitmaps already stored keep their place in the directory, new ones follow (each
+    run rewrote it in the reverse order)."""
+    steps = [["--add"], ["--add"], ["--add", "--granularity", "8k"], ["--remove"], ["--add"],
+             ["--disable"], ["--clear"], ["--add"]]
+    names = ["bm1", "bm2", "bm3", "bm2", "bm4", "bm1", "bm3", "bm5"]
+    for name in ("q.qcow2", "b.qcow2"):
+        qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / name), "100M")
+    for step, bitmap in zip(steps, names):
+        assert qemu_img("bitmap", *step, "q.qcow2", bitmap, cwd=tmp_path).returncode == 0
+        assert blockd_img("bitmap", *step, "b.qcow2", bitmap, cwd=tmp_path)[2] == 0
+    assert _bitmap_list(tmp_path / "b.qcow2") == _bitmap_list(tmp_path / "q.qcow2")
+    assert qemu_img("check", str(tmp_path / "b.qcow2")).returncode == 0
+
+
+@needs_qsd
+def test_bitmap_directory_order_after_a_session(tmp_path):
+    """Bitmaps added in one session go after the stored ones, newest first, as qsd
+    writes them."""
+    for name in ("q.qcow2", "b.qcow2"):
+        qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / name), "10M")
+        for bitmap in ("x", "y", "z"):
+            qemu_img("bitmap", "--add", str(tmp_path / name), bitmap)
+    for name, qsd in (("q.qcow2", True), ("b.qcow2", False)):
+        with Daemon(str(tmp_path / "qmp.sock"), "--blockdev",
+                    f"driver=qcow2,node-name=d,file.driver=file,"
+                    f"file.filename={tmp_path / name}", qsd=qsd) as daemon:
+            client = daemon.client()
+            for bitmap in ("a", "b"):
+                assert client.cmd("block-dirty-bitmap-add", node="d", name=bitmap,
+                                  persistent=True) == {"return": {}}
+            assert client.cmd("block-dirty-bitmap-remove", node="d", name="y") == \
+                {"return": {}}
+            assert client.cmd("block-dirty-bitmap-add", node="d", name="c",
+                              persistent=True) == {"return": {}}
+    assert _bitmap_list(tmp_path / "b.qcow2") == _bitmap_list(tmp_path / "q.qcow2")

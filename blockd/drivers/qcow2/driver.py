@@ -338,9 +338,13 @@ class Qcow2Node(BlockNode):
             log.warning("Lost persistent bitmaps of node '%s': it was never writable",
                         self.node_name)
 
-    async def _store_bitmaps(self, in_use: bool) -> None:
+    async def _store_bitmaps(self, in_use: bool, stored_only: bool = False) -> None:
+        """Write the persistent bitmaps (``stored_only``: only those already in the file)."""
         # Newest first on disk, as QEMU writes them.
         persistent = [bm for bm in self.bitmaps.values() if bm.persistent and not bm.inconsistent]
+        if stored_only:
+            names = {e.name for e in self.stored_bitmaps}
+            persistent = [bm for bm in persistent if bm.name in names]
         keep = {bm.name for bm in self.bitmaps.values() if bm.inconsistent}
         if persistent or self.stored_bitmaps:
             async with self.image.lock:
@@ -387,8 +391,9 @@ class Qcow2Node(BlockNode):
         qbitmaps.check_storable(self.image, name, granularity, count)
 
     async def remove_stored_bitmap(self, name: str) -> None:
+        # QEMU drops the one entry; bitmaps added since are stored at close, after the rest.
         if any(e.name == name for e in self.stored_bitmaps):
-            await self._store_bitmaps(in_use=True)
+            await self._store_bitmaps(in_use=True, stored_only=True)
 
     # ---- helpers ----------------------------------------------------------------
 
