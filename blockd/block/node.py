@@ -403,6 +403,12 @@ class BlockNode:
     def encrypted(self) -> bool:
         return False
 
+    def has_zero_init(self) -> bool:
+        """Whether a newly created node reads as zeroes wherever nothing was written
+        (QEMU's ``has_zero_init``): ``convert`` then need not write zeroes.  False
+        unless the driver knows better."""
+        return False
+
     def allocated_file_size(self) -> int | None:
         """Bytes the storage really uses (``actual-size``)."""
         f = self.file

@@ -472,13 +472,9 @@ def _luks_cipher_name(alg: str) -> str:
     return family
 
 
-def create(opts: CreateOptions, password: bytes) -> tuple[LuksHeader, list[tuple[int, bytes]]]:
-    """A new volume with ``password`` in slot 0.
-
-    Returns the header and the writes that store it (key material, then
-    header); the payload starts at ``header.payload_bytes``.  CPU-heavy
-    (PBKDF2 calibration): call from a worker thread.
-    """
+def _new_header(opts: CreateOptions) -> LuksHeader:
+    """The header of a new volume with ``opts``: key slots laid out, none in use, no
+    key yet.  Refuses options QEMU refuses (not ciphers only this build lacks)."""
     name = _luks_cipher_name(opts.cipher_alg)
     mode_spec = f"{opts.cipher_mode}-{opts.ivgen_alg}"
     if opts.ivgen_hash_alg is not None:
@@ -487,11 +483,33 @@ def create(opts: CreateOptions, password: bytes) -> tuple[LuksHeader, list[tuple
         cc.essiv_cipher(opts.cipher_alg, opts.ivgen_hash_alg)
     key_bytes = cc.key_length(opts.cipher_alg, opts.cipher_mode)
     header = LuksHeader(name, mode_spec, opts.hash_alg, 0, key_bytes, bytes(DIGEST_LEN),
-                        os.urandom(SALT_LEN), 0, str(uuidlib.uuid4()), [])
+                        bytes(SALT_LEN), 0, "", [])
     header.cipher_alg, header.cipher_mode = opts.cipher_alg, opts.cipher_mode
     header.ivgen_alg, header.ivgen_hash_alg = opts.ivgen_alg, opts.ivgen_hash_alg
     header.hash_alg = opts.hash_alg
-    master_key = os.urandom(key_bytes)
+    split = header.split_sectors(STRIPES)
+    header.slots = [KeySlot(SLOT_DISABLED, 0, bytes(SALT_LEN), HEADER_SECTORS + i * split,
+                            STRIPES) for i in range(NUM_SLOTS)]
+    header.payload_offset = HEADER_SECTORS + NUM_SLOTS * split
+    return header
+
+
+def payload_bytes(opts: CreateOptions) -> int:
+    """Where the payload of a new volume with ``opts`` starts: the header region's size
+    (``measure`` counts it)."""
+    return _new_header(opts).payload_bytes
+
+
+def create(opts: CreateOptions, password: bytes) -> tuple[LuksHeader, list[tuple[int, bytes]]]:
+    """A new volume with ``password`` in slot 0.
+
+    Returns the header and the writes that store it (key material, then
+    header); the payload starts at ``header.payload_bytes``.  CPU-heavy
+    (PBKDF2 calibration): call from a worker thread.
+    """
+    header = _new_header(opts)
+    header.mk_salt, header.uuid = os.urandom(SALT_LEN), str(uuidlib.uuid4())
+    master_key = os.urandom(header.key_bytes)
     payload_cipher(header, master_key)  # refuses ciphers this build cannot run
     per_sec = count_iters(opts.hash_alg, master_key, header.mk_salt, DIGEST_LEN,
                           _window(opts.iter_time))
@@ -499,10 +517,6 @@ def create(opts: CreateOptions, password: bytes) -> tuple[LuksHeader, list[tuple
     header.mk_iterations = max(iters, MIN_MASTER_ITERS)
     header.mk_digest = pbkdf2(opts.hash_alg, master_key, header.mk_salt,
                               header.mk_iterations, DIGEST_LEN)
-    split = header.split_sectors(STRIPES)
-    header.slots = [KeySlot(SLOT_DISABLED, 0, bytes(SALT_LEN), HEADER_SECTORS + i * split,
-                            STRIPES) for i in range(NUM_SLOTS)]
-    header.payload_offset = HEADER_SECTORS + NUM_SLOTS * split
     material = store_key(header, 0, password, master_key, opts.iter_time)
     return header, [(header.slots[0].key_offset * SECTOR, material), (0, header.encode())]
 

@@ -442,6 +442,10 @@ class FileNode(BlockNode):
     def allocated_file_size(self) -> int | None:
         return os.fstat(self.fd).st_blocks * 512
 
+    def has_zero_init(self) -> bool:
+        """A new regular file is a hole; a block device holds whatever it held."""
+        return not self.is_block_device
+
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
         for key in ("filename", "locking", "aio"):
             if options.get(key) != self.options.get(key) and key in options | self.options:

@@ -93,6 +93,9 @@ class RawNode(BlockNode):
     def allocated_file_size(self) -> int | None:
         return self.file.allocated_file_size()
 
+    def has_zero_init(self) -> bool:
+        return self.file.has_zero_init()
+
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
         return _window(options)
 

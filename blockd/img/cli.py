@@ -44,7 +44,8 @@ Supported formats: raw qcow2 luks
 COMMANDS: dict[str, tuple[str, str, list[str]]] = {
     "amend": ("amend", "ho:f:t:pq", ["help", "object=", "image-opts", "force"]),
     "bitmap": ("bitmap", "hb:f:F:g:", ["help", "object=", "image-opts", "add", "remove",
-                                       "clear", "enable", "disable", "merge="]),
+                                       "clear", "enable", "disable", "merge=", "granularity=",
+                                       "source-file=", "source-format="]),
     "check": ("check", "hf:r:T:qU", ["help", "format=", "repair=", "object=", "image-opts",
                                       "force-share", "output="]),
     "commit": ("commit", "f:ht:b:dpqr:", ["help", "object=", "image-opts"]),
@@ -67,7 +68,8 @@ COMMANDS: dict[str, tuple[str, str, list[str]]] = {
 }
 
 #: Long spellings that mean the same as a short option.
-_ALIASES = {"format": "f", "repair": "r", "force-share": "U"}
+_ALIASES = {"format": "f", "repair": "r", "force-share": "U", "granularity": "g",
+            "source-file": "b", "source-format": "F"}
 
 
 def parse(args: list[str], short: str, long: list[str]) -> Args:

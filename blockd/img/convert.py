@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable
 
 from blockd.block.backend import is_zero
 from blockd.block.filename import create_path
-from blockd.block.node import BlockNode, Claim, Status
+from blockd.block.node import BlockNode, Claim, Extent, Status, WriteFlags
 from blockd.errors import QMPError
 from blockd.drivers.file import FileNode
 from blockd.img.common import (PROG, Args, ImgError, Progress, Session, chain_extents,
@@ -46,6 +46,8 @@ PLAIN_TASKS = 3
 #: Options qemu-img has that would change the result here if silently ignored.
 _UNSUPPORTED = {"salvage": "--salvage"}
 MAX_SPARSE = 16 << 20
+#: Zeroes are written as qemu-img writes them: the target may drop what it held there.
+UNMAP = WriteFlags.MAY_UNMAP
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Plan:
     fresh: bool = True        # the target reads as zeroes before we start
     sparse: int = 4096        # zero detection granularity; 0 writes everything
     top_only: bool = False    # -B: leave what the sources do not hold to the backing file
+    backing_end: int | None = None  # -B: the target's backing file's length
 
 
 class _Source:
@@ -125,12 +128,17 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
         pos = offset
         while pos < end:  # a chunk may span sources
             node, local, left = src.locate(pos)
-            for ext in await chain_extents(node, local, min(end - pos, left), plan.top_only):
+            exts = await chain_extents(node, local, min(end - pos, left), plan.top_only)
+            if plan.top_only:
+                exts = _cut(exts, pos, plan.backing_end)
+            for ext in exts:
                 n, status = ext.length, ext.status
-                if plan.top_only and not status & Status.ALLOCATED:
+                kind = _backed_run(node, local, ext, pos, plan) if plan.top_only else ""
+                if kind == "backing":
                     pass
-                elif status & Status.ZERO and not status & Status.DATA and plan.sparse or \
-                        not status & (Status.DATA | Status.ALLOCATED) and plan.sparse:
+                elif kind == "zero" and plan.sparse or not kind and plan.sparse and (
+                        status & Status.ZERO and not status & Status.DATA
+                        or not status & (Status.DATA | Status.ALLOCATED)):
                     zeros.append((pos, n))
                 else:
                     at = pos - offset
@@ -156,7 +164,7 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
         await in_order(offset)
         if not plan.fresh:
             for zpos, zlen in zeros:
-                await dst.write_zeroes(zpos, zlen)
+                await dst.write_zeroes(zpos, zlen, UNMAP)
         for (at, stop, _), found in zip(spans, runs):
             await _place(dst, offset, buf, at, stop, found, plan, claims, cluster)
         placed.setdefault(offset, asyncio.Event()).set()
@@ -196,7 +204,7 @@ async def _place(dst: BlockNode, offset: int, buf: mmap.mmap, start: int, stop: 
             await _claim_or_write(dst, offset, buf, pos, zstart, claims, cluster)
         if zend > zstart and not plan.fresh:
             try:
-                await dst.write_zeroes(offset + zstart, zend - zstart)
+                await dst.write_zeroes(offset + zstart, zend - zstart, UNMAP)
             except OSError as exc:
                 raise ImgError(f"error while writing at byte {offset + zstart}: "
                                f"{exc.strerror}") from None
@@ -245,6 +253,45 @@ async def _fill_claims(io: BulkIO, buf: mmap.mmap,
         await claim.commit()
 
 
+def _cut(exts: list[Extent], pos: int, at: int | None) -> list[Extent]:
+    """``exts`` (consecutive from ``pos`` on) with the one spanning ``at`` cut in two
+    there, as qemu-img cuts its runs at the end of the target's backing file."""
+    if at is None:
+        return exts
+    out = []
+    for ext in exts:
+        if pos < at < pos + ext.length:
+            head = at - pos
+            out.append(Extent(head, ext.status, ext.offset, ext.child))
+            out.append(Extent(ext.length - head, ext.status,
+                              None if ext.offset is None else ext.offset + head, ext.child))
+        else:
+            out.append(ext)
+        pos += ext.length
+    return out
+
+
+def _backed_run(node: BlockNode, offset: int, ext: Extent, pos: int, plan: Plan) -> str:
+    """What qemu-img does with a run of a source's top layer (``ext`` at ``offset`` in
+    ``node``, ``pos`` in the sources) when the target has a backing file: "data" to
+    copy, "zero" to write as zeroes, "backing" to leave to the target's backing file.
+
+    Only the top layer's own status counts: where it holds nothing, the source
+    reads as zeroes if it has no backing file (or past its end), and is left to
+    the target's backing file elsewhere.  Zeroes from the end of the target's
+    backing file on are left unwritten: the target reads as zeroes there anyway.
+    """
+    if ext.status & Status.ALLOCATED:
+        kind = "zero" if ext.status & Status.ZERO else "data"
+    elif node.backing is None or offset >= node.backing.length():
+        kind = "zero"
+    else:
+        return "backing"
+    if kind == "zero" and plan.backing_end is not None and pos >= plan.backing_end:
+        return "backing"
+    return kind
+
+
 async def _read(src: _Source, offset: int, end: int, plan: Plan) -> bytes | None:
     """Guest bytes of [offset, end), or None when the sources say it is all zero."""
     parts = []
@@ -266,12 +313,29 @@ async def _read(src: _Source, offset: int, end: int, plan: Plan) -> bytes | None
 
 async def _copy_compressed(src: _Source, dst: BlockNode, offset: int, end: int, cluster: int,
                            plan: Plan, in_order: Callable[[int], Awaitable[None]]) -> None:
-    """One cluster, compressed in a worker thread; a short last cluster is padded."""
+    """One cluster, compressed in a worker thread; a short last cluster is padded.
+
+    With -B a cluster the source's top layer leaves to its backing file (or
+    holds as zeroes) in one run is not read: qemu-img decides by the run at
+    the cluster's start, and copies a cluster of several runs (or the short
+    last one) whole.
+    """
+    if plan.top_only:
+        node, local, left = src.locate(offset)
+        ext = await node.block_status(local, min(end - offset, left))
+        whole = end - offset == cluster and ext.length >= cluster and not (
+            plan.backing_end is not None and offset < plan.backing_end < end)
+        kind = _backed_run(node, local, ext, offset, plan) if whole else "data"
+        if kind != "data":
+            await in_order(offset)
+            if kind == "zero":
+                await dst.write_zeroes(offset, end - offset, UNMAP)
+            return
     data = await _read(src, offset, end, plan)
     if data is None or is_zero(data):
         await in_order(offset)
         if not plan.fresh:
-            await dst.write_zeroes(offset, end - offset)
+            await dst.write_zeroes(offset, end - offset, UNMAP)
         return
     data += bytes(cluster - len(data))
     packed = await dst.compress_cluster(data)
@@ -371,15 +435,16 @@ async def run(args: Args) -> int:
                 if args.has("F"):
                     opts["backing_fmt"] = args.get("F")
                 plan.top_only = True
-                plan.fresh = False  # the backing file shows through unwritten parts
             await create_image(session, target, out_fmt, src.size, opts,
                                context=f"error while converting {out_fmt}: ")
             keys = _key_secrets(opts)
         dst = await session.open(target, None if args.has("target-image-opts") else out_fmt,
                                  read_only=False, image_opts=args.has("target-image-opts"),
                                  extra=keys)
-        if dst.driver == "luks" and not args.has("target-is-zero"):
-            plan.fresh = False  # unwritten LUKS payload reads as noise, not zeroes
+        if not args.has("target-is-zero") and not dst.has_zero_init():
+            plan.fresh = False  # what is not written does not read as zeroes
+        if plan.top_only and dst.backing is not None:
+            plan.backing_end = dst.backing.length()
         if args.has("bitmaps") and not _stores_bitmaps(dst):
             raise ImgError(f"Format driver '{out_fmt}' does not support bitmaps")
         if no_create and dst.length() < src.size:

@@ -44,6 +44,16 @@ _CRYPTO = [
     ("iter-time", "num", "Time to spend in PBKDF in milliseconds"),
 ]
 
+
+def luks_qapi(opts: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The LUKS creation options among ``-o`` ones (named with ``prefix``), by their QAPI
+    names; values outside QEMU's enums are refused with its message."""
+    from blockd.qmp.schema import load
+
+    out = {name: opts[prefix + name] for name, _, _ in _CRYPTO if prefix + name in opts}
+    load().validate_type("QCryptoBlockCreateOptionsLUKS", out)
+    return out
+
 #: Each format's own options, in the order the "Formatting" line prints them.
 FORMATS: dict[str, list[Opt]] = {
     "raw": [_SIZE],
@@ -187,6 +197,7 @@ def _qcow2_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
                                         ("zlib", "zstd"))
     if "data_file_raw" in opts:
         out["data-file-raw"] = _bool(opts["data_file_raw"])
+    luks_qapi(opts, "encrypt.")
     encrypt = {k[8:]: v for k, v in opts.items() if k.startswith("encrypt.")}
     if _bool(opts.get("encryption")):
         encrypt.setdefault("format", "aes")
@@ -196,10 +207,7 @@ def _qcow2_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
 
 
 def _luks_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"driver": "luks", "size": size}
-    for name, _, _ in _CRYPTO:
-        if name in opts:
-            out[name] = opts[name]
+    out: dict[str, Any] = {"driver": "luks", "size": size, **luks_qapi(opts, "")}
     if "key-secret" not in out:
         raise QMPError("Parameter 'key-secret' is required for cipher")
     if "preallocation" in opts:

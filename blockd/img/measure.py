@@ -8,9 +8,10 @@ clusters only where the source has data, as qemu-img does.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from blockd.block.node import BlockNode, Status
+from blockd.errors import QMPError
 from blockd.img.common import Args, ImgError, Session, chain_status, json_pretty, parse_size
 from blockd.img.snapshot import load_param, parse_param
 
@@ -79,8 +80,21 @@ def _bitmaps_size(node: BlockNode, cluster_size: int) -> int:
     return total + _round_up(directory, cluster_size)
 
 
+def luks_header_bytes(opts: dict[str, Any], prefix: str, secret: Callable[[str], bytes]) -> int:
+    """Size of the LUKS header a new volume with the ``-o`` options (named with
+    ``prefix``) gets; the options are checked as qemu-img's measure checks them,
+    the key secret included, though no key is derived."""
+    from blockd.crypto import luks
+    from blockd.drivers.luks import secret_password
+    from blockd.img.create import luks_qapi
+
+    qapi = luks_qapi(opts, prefix)
+    secret_password(secret, qapi.get("key-secret"), prefix)
+    return luks.payload_bytes(luks.CreateOptions.from_qapi(qapi))
+
+
 async def measure(fmt: str, opts: dict[str, Any], size: int | None,
-                  node: BlockNode | None) -> dict[str, int]:
+                  node: BlockNode | None, secret: Callable[[str], bytes]) -> dict[str, int]:
     """MeasureInfo for ``node`` (or an empty image of ``size``) converted to ``fmt``."""
     if node is not None:
         size = node.length()
@@ -88,6 +102,10 @@ async def measure(fmt: str, opts: dict[str, Any], size: int | None,
     if fmt == "raw":
         required = size if node is not None else _round_up(size, 512)
         return {"required": required, "fully-allocated": required}
+    if fmt == "luks":
+        # Every payload sector is written encrypted, allocated or not.
+        total = luks_header_bytes(opts, "", secret) + size
+        return {"required": total, "fully-allocated": total}
     if fmt != "qcow2":
         raise ImgError(f"Format driver '{fmt}' does not support size measurement")
     cs = opts.get("cluster_size", 65536)
@@ -101,6 +119,9 @@ async def measure(fmt: str, opts: dict[str, Any], size: int | None,
     if ext_l2 and cs < 16384:
         raise ImgError("Extended L2 entries are only supported with cluster sizes of at least "
                        "16384 bytes")
+    luks_bytes = 0
+    if opts.get("encrypt.format") == "luks":
+        luks_bytes = _round_up(luks_header_bytes(opts, "encrypt.", secret), cs)
     virtual = _round_up(size, cs)
     l2_tables = -(-(virtual // cs) // (cs // (16 if ext_l2 else 8)))
     if l2_tables * 8 > MAX_L1_BYTES:
@@ -113,9 +134,11 @@ async def measure(fmt: str, opts: dict[str, Any], size: int | None,
         required = await _data_bytes(node, cs)
     if opts.get("preallocation") in ("full", "falloc"):
         required = virtual
-    full = qcow2_full_size(virtual, cs, bits.bit_length() - 1, ext_l2)
+    full = luks_bytes + qcow2_full_size(virtual, cs, bits.bit_length() - 1, ext_l2)
     info = {"required": full - virtual + required, "fully-allocated": full}
-    if version >= 3 and node is not None and node.driver == "qcow2":
+    # Bitmaps are shown when both images could store them: qcow2 v3 on each side.
+    if version >= 3 and node is not None and node.driver == "qcow2" \
+            and node.format_specific()["data"]["compat"] == "1.1":
         info = {"bitmaps": _bitmaps_size(node, cs), **info}
     return info
 
@@ -154,6 +177,9 @@ async def run(args: Args) -> int:
                                       image_opts=args.has("image-opts"))
             if snapshot is not None:
                 await load_param(node, snapshot)
-        info = await measure(fmt, opts, size, node)
+        try:
+            info = await measure(fmt, opts, size, node, session.graph.secrets)
+        except QMPError as exc:
+            raise ImgError(exc.desc) from None
     print(json_pretty(info) + "\n" if output == "json" else human_text(info), end="")
     return 0

@@ -48,17 +48,28 @@ async def _copy_differences(top: BlockNode, old: BlockNode | None, new: BlockNod
     cs = top.cluster_size() or 65536
     # As qemu-img: each pass over a range the image does not hold counts the same share.
     share = 100 / (size // min(size, CHUNK)) if size else 100.0
+    old_end = old.length() if old is not None else 0
+    new_end = new.length() if new is not None else 0
     offset = 0
     while offset < size:
         n, allocated = await _run(top, offset, min(CHUNK, size - offset))
         if not allocated:
+            # As qemu-img, each backing file is read up to its end and no further.
+            for end in (old_end, new_end):
+                if offset < end:
+                    n = min(n, end - offset)
             a = await _read(old, offset, n)
             b = await _read(new, offset, n)
             if a != b:
-                # Whole clusters: the image allocates them whole anyway.
+                # Whole clusters: the image allocates them whole anyway.  Past the
+                # old backing file's end its content is zeroes, written as such.
                 for pos in range(0, n, cs):
                     piece = a[pos:pos + cs]
-                    if piece != b[pos:pos + cs]:
+                    if piece == b[pos:pos + cs]:
+                        continue
+                    if offset >= old_end:
+                        await top.write_zeroes(offset + pos, len(piece))
+                    else:
                         await top.write(offset + pos, piece)
             bar.add_percent(share)
         offset += n

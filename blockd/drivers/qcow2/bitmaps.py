@@ -218,6 +218,8 @@ async def store(image: "Image", bitmaps: list[DirtyBitmap], in_use: bool,
 
     ``in_use`` stays set while the image remains open read-write.  Entries
     named in ``keep`` (inconsistent bitmaps nobody removed) stay as they are.
+    As in QEMU, bitmaps already in the directory keep their place there and
+    new ones follow, newest first (their data is written in the given order).
     """
     cs = image.cluster_size
     h = image.header
@@ -226,12 +228,11 @@ async def store(image: "Image", bitmaps: list[DirtyBitmap], in_use: bool,
     except QMPError as exc:
         # Valid at open, so something overwrote it since: an I/O failure of this store.
         raise OSError(errno.EIO, exc.desc) from None
-    kept = [e for e in old if e.name in keep]
     # The old clusters are freed only once the header points at the new
     # directory: a crash in between leaks them instead of leaving a header
     # that points at clusters already reused.
     old_directory = directory_location(image)
-    entries = list(kept)
+    written: dict[str, DirEntry] = {}
     for bm in bitmaps:
         data = bytes(bm.bits)
         table = []
@@ -247,7 +248,10 @@ async def store(image: "Image", bitmaps: list[DirtyBitmap], in_use: bool,
         t_off = await image.refcounts.alloc(-(-len(raw) // cs))
         await image.write_meta(t_off, raw, 0)
         flags = (FLAG_AUTO if bm.enabled else 0) | (FLAG_IN_USE if in_use else 0)
-        entries.append(DirEntry(t_off, len(table), flags, bm.shift, bm.name))
+        written[bm.name] = DirEntry(t_off, len(table), flags, bm.shift, bm.name)
+    entries = [e if e.name in keep else written.pop(e.name) for e in old
+               if e.name in keep or e.name in written]
+    entries += written.values()
     if entries:
         directory = b"".join(e.encode() for e in entries)
         d_off = await image.refcounts.alloc(-(-len(directory) // cs))

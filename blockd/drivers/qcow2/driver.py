@@ -341,9 +341,13 @@ class Qcow2Node(BlockNode):
             log.warning("Lost persistent bitmaps of node '%s': it was never writable",
                         self.node_name)
 
-    async def _store_bitmaps(self, in_use: bool) -> None:
+    async def _store_bitmaps(self, in_use: bool, stored_only: bool = False) -> None:
+        """Write the persistent bitmaps (``stored_only``: only those already in the file)."""
         # Newest first on disk, as QEMU writes them.
         persistent = [bm for bm in self.bitmaps.values() if bm.persistent and not bm.inconsistent]
+        if stored_only:
+            names = {e.name for e in self.stored_bitmaps}
+            persistent = [bm for bm in persistent if bm.name in names]
         keep = {bm.name for bm in self.bitmaps.values() if bm.inconsistent}
         if persistent or self.stored_bitmaps:
             async with self.image.lock:
@@ -390,8 +394,9 @@ class Qcow2Node(BlockNode):
         qbitmaps.check_storable(self.image, name, granularity, count)
 
     async def remove_stored_bitmap(self, name: str) -> None:
+        # QEMU drops the one entry; bitmaps added since are stored at close, after the rest.
         if any(e.name == name for e in self.stored_bitmaps):
-            await self._store_bitmaps(in_use=True)
+            await self._store_bitmaps(in_use=True, stored_only=True)
 
     # ---- helpers ----------------------------------------------------------------
 
@@ -803,47 +808,145 @@ class Qcow2Node(BlockNode):
 
     async def write_zeroes(self, offset: int, length: int,
                            flags: WriteFlags = WriteFlags.NONE) -> None:
+        """Zero a range as QEMU's block layer and qcow2 driver do together.
+
+        The range is cut at subcluster boundaries into an unaligned head,
+        an aligned middle and an unaligned tail; each piece becomes zero
+        (sub)clusters where :meth:`_zero_piece` can, and is written as
+        zeroes otherwise, so the resulting L2 entries are QEMU's.
+        """
         self._writable()
         if self.data_raw:
             # The data file must stay a faithful raw image: zeroes are really written.
             for pos in range(offset, offset + length, 1 << 20):
                 await self.write(pos, bytes(min(1 << 20, offset + length - pos)))
             return
-        cs = self.cs
+        if self.image.header.version < 3 and flags & WriteFlags.NO_FALLBACK:
+            raise OSError(errno.ENOTSUP, "Operation not supported")  # v2 has no zero flag
+        sc = self._zero_granularity()
+        unmap = bool(flags & WriteFlags.MAY_UNMAP)
         end = offset + length
-        head_end = min(end, -(-offset // cs) * cs)
-        tail_start = max(head_end, end - end % cs) if end != self.length() else end
-        if end == self.length() and end % cs:
-            tail_start = end  # the last, partial cluster can be zeroed whole
-        partial = [(offset, head_end - offset)] if offset % cs else []
-        full_start = offset if not offset % cs else head_end
-        if tail_start < end:
-            partial.append((tail_start, end - tail_start))
-        if self.image.header.version < 3:
-            partial = [(offset, length)]
-            full_start = tail_start = offset
-        if partial and flags & WriteFlags.NO_FALLBACK:
-            raise OSError(errno.ENOTSUP, "Operation not supported")
-        for off, n in partial:
-            if n > 0:
-                await self.write(off, bytes(n))
-        if tail_start > full_start:
-            async with self.image.lock:
-                for guest in range(full_start, tail_start, cs):
-                    await self._zero_cluster(guest, bool(flags & WriteFlags.MAY_UNMAP))
+        pos = offset
+        while pos < end:
+            if pos % sc:
+                n = min(end - pos, sc - pos % sc)
+            elif end % sc and end - pos > sc:
+                n = end - end % sc - pos
+            else:
+                n = end - pos
+            if not await self._zero_piece(pos, n, unmap):
+                if flags & WriteFlags.NO_FALLBACK:
+                    raise OSError(errno.ENOTSUP, "Operation not supported")
+                for p in range(pos, pos + n, 1 << 20):
+                    await self.write(p, bytes(min(1 << 20, pos + n - p)))
+            pos += n
         if flags & WriteFlags.FUA:
             await self.flush()
 
+    def _zero_granularity(self) -> int:
+        """The unit zero flags cover: a subcluster with extended L2, else a cluster."""
+        return self.cs // SUBCLUSTERS if self.map.ext else self.cs
+
+    async def _zero_piece(self, offset: int, length: int, unmap: bool) -> bool:
+        """Zero flags for one piece of :meth:`write_zeroes`; False where data must be written.
+
+        A piece smaller than a subcluster still becomes a zero subcluster
+        when the rest of it reads as zeroes already and it holds no data of
+        its own (unallocated or zero), as QEMU decides.
+        """
+        sc = self._zero_granularity()
+        head = offset % sc
+        tail = 0 if offset + length == self.length() else -(offset + length) % sc
+        if head or tail:
+            if not (await self._reads_zero(offset - head, head)
+                    and await self._reads_zero(offset + length, tail)):
+                return False
+            offset -= head
+            async with self.image.lock:
+                # A write may have come in since the check: look again, under the lock.
+                guest = offset - offset % self.cs
+                entry = await self.map.lookup(guest)
+                kind = entry.kind(self.image.header.cluster_bits)
+                if self.map.ext:
+                    ok = self._sub_state(entry, kind, (offset - guest) // sc) in (
+                        "zero", "unallocated")
+                else:
+                    ok = kind in (Kind.UNALLOCATED, Kind.ZERO_PLAIN, Kind.ZERO_ALLOC)
+                return ok and await self._zeroize(offset, sc, unmap)
+        async with self.image.lock:
+            return await self._zeroize(offset, length, unmap)
+
+    async def _reads_zero(self, offset: int, length: int) -> bool:
+        """Whether the whole chain reads ``length`` bytes at ``offset`` as zeroes, by block
+        status (no data is read).  Clamped to the image's end."""
+        end = min(offset + length, self.length())
+        while offset < end:
+            ext = await self.block_status(offset, end - offset)
+            if not ext.status & Status.ZERO or not ext.length:
+                return False
+            offset += ext.length
+        return True
+
+    async def _zeroize(self, offset: int, length: int, unmap: bool) -> bool:
+        """Make a range read as zeroes through L2 entries alone (under the image lock).
+
+        ``offset`` is subcluster aligned, and so is the end unless it is at
+        or past the image's end.  Partial clusters (extended L2) get zero
+        bits for the subclusters covered; whole clusters become zero
+        clusters, keeping their host cluster unless ``unmap``.  A v2 image
+        has no zero flag: without a backing file its clusters are unmapped
+        instead; with one (or where a compressed cluster would have to be
+        split) nothing is done and False returned.
+        """
+        cs = self.cs
+        end = offset + length
+        if self.image.header.version < 3:
+            if self.backing is not None:
+                return False
+            for guest in range(offset, end, cs):
+                await self._discard_cluster(guest, pass_down=False)
+            return True
+        head_end = min(end, -(-offset // cs) * cs)
+        tail_start = end if end >= self.length() else max(head_end, end - end % cs)
+        if head_end > offset and not await self._zero_subclusters(offset, head_end - offset):
+            return False
+        for guest in range(head_end, tail_start, cs):
+            await self._zero_cluster(guest, unmap)
+        if tail_start < end and not await self._zero_subclusters(tail_start, end - tail_start):
+            return False
+        return True
+
+    async def _zero_subclusters(self, offset: int, length: int) -> bool:
+        """Set the zero bits (and clear the allocation bits) of the subclusters of one
+        cluster that ``[offset, offset + length)`` covers; False for a compressed cluster,
+        which cannot be zeroed in part."""
+        cs, sc = self.cs, self.cs // SUBCLUSTERS
+        guest = offset - offset % cs
+        entry = await self.map.lookup(guest)
+        if entry.kind(self.image.header.cluster_bits) == Kind.COMPRESSED:
+            return False
+        first = (offset - guest) // sc
+        mask = _sub_mask(first, first + -(-length // sc) - 1)
+        bitmap = (entry.bitmap | mask << 32) & ~mask
+        if bitmap != entry.bitmap:
+            await self.map.set(guest, Entry(entry.raw, bitmap))
+        return True
+
     async def _zero_cluster(self, guest: int, unmap: bool) -> None:
+        """A zero cluster at ``guest``: the entry keeps its host cluster (even a shared
+        one) unless ``unmap`` lets it go; a compressed cluster is always let go."""
         entry = await self.map.lookup(guest)
         kind = entry.kind(self.image.header.cluster_bits)
-        keep = (not unmap and entry.copied and kind in (Kind.NORMAL, Kind.ZERO_ALLOC))
+        drop = kind == Kind.COMPRESSED or unmap and kind in (Kind.NORMAL, Kind.ZERO_ALLOC)
+        raw = 0 if drop else entry.raw
         if self.map.ext:
-            new = Entry(entry.host | COPIED if keep else 0, ALL_ZERO)
+            new = Entry(raw, ALL_ZERO)
         else:
-            new = Entry(entry.host | COPIED | ZERO if keep else ZERO)
+            new = Entry(raw | ZERO)
+        if new.raw == entry.raw and new.bitmap == entry.bitmap:
+            return
         await self.map.set(guest, new)
-        if not keep:
+        if drop:
             await self._release(entry, kind)
 
     async def discard(self, offset: int, length: int) -> None:
@@ -862,23 +965,29 @@ class Qcow2Node(BlockNode):
             return
         async with self.image.lock:
             for guest in range(first, last, cs):
-                entry = await self.map.lookup(guest)
-                kind = entry.kind(self.image.header.cluster_bits)
-                # With a backing file the cluster must read as zeroes afterwards, so it
-                # becomes a zero cluster (v2 has none: the backing file shows through).
-                if self.backing is not None or kind != Kind.UNALLOCATED:
-                    if self.map.ext:
-                        new = Entry(0, ALL_ZERO)
-                    else:
-                        new = Entry(ZERO if self.image.header.version >= 3 else 0)
-                else:
-                    new = Entry(0)
-                if new == Entry(entry.raw & ~COPIED if not entry.host else entry.raw,
-                                entry.bitmap):
-                    continue
-                await self.map.set(guest, new)
-                await self._release(entry, kind, bool(
-                    self.options.get("pass-discard-request", True) and entry.host))
+                await self._discard_cluster(
+                    guest, self.options.get("pass-discard-request", True))
+
+    async def _discard_cluster(self, guest: int, pass_down: bool) -> None:
+        """Unmap one cluster so it reads as zeroes (under the image lock).
+
+        With a backing file it becomes a zero cluster (v2 has none: the
+        backing file shows through).  ``pass_down`` gives the freed space
+        to the file (``pass-discard-request``).
+        """
+        entry = await self.map.lookup(guest)
+        kind = entry.kind(self.image.header.cluster_bits)
+        if self.backing is not None or kind != Kind.UNALLOCATED:
+            if self.map.ext:
+                new = Entry(0, ALL_ZERO)
+            else:
+                new = Entry(ZERO if self.image.header.version >= 3 else 0)
+        else:
+            new = Entry(0)
+        if new == Entry(entry.raw & ~COPIED if not entry.host else entry.raw, entry.bitmap):
+            return
+        await self.map.set(guest, new)
+        await self._release(entry, kind, pass_down and bool(entry.host))
 
     async def flush(self) -> None:
         self._live()
@@ -1067,8 +1176,13 @@ class Qcow2Node(BlockNode):
             raise QMPError("Can't resize a v2 image which has snapshots")
         cs = self.cs
         async with self.image.lock:
-            if size < h.size:
-                for guest in range(-(-size // cs) * cs, h.size, cs):
+            old = h.size
+            # Where a backing file would show through the grown part, QEMU zeroes it.
+            zero_new = size > old and self.backing is not None and self.backing.length() > old
+            if zero_new and h.version < 3:
+                raise QMPError("Failed to zero out new clusters: Operation not supported")
+            if size < old:
+                for guest in range(-(-size // cs) * cs, old, cs):
                     entry = await self.map.lookup(guest)
                     kind = entry.kind(h.cluster_bits)
                     if kind != Kind.UNALLOCATED or entry.bitmap:
@@ -1089,14 +1203,31 @@ class Qcow2Node(BlockNode):
                 need = -(-size // (cs * self.map.l2_entries))
                 if need > len(self.map.l1):
                     await self.map.grow_l1(need)
-            if self.data_raw:
-                await self.image.data.truncate(size, exact=True)
+                if self.data_raw and prealloc == "off":
+                    prealloc = "metadata"  # the raw data file must map cluster for cluster
+            if prealloc == "off":
+                if self.image.external_data:
+                    await self.image.data.truncate(size, exact=exact)
+            elif size > old:
+                await self._preallocate(prealloc, old, size)
+            if zero_new and (prealloc in ("off", "metadata") or self.image.external_data):
+                await self._zero_grown(old, size)
             h.size = size
             await self.image.file.write(24, size.to_bytes(8, "big"))
-            if prealloc in ("metadata", "falloc", "full") and size > 0:
-                await self._preallocate(prealloc)
             await self.map.write_pending()
         await self.image.file.flush()
+
+    async def _zero_grown(self, old: int, size: int) -> None:
+        """Make the grown part ``[old, size)`` read as zeroes, not as the backing file:
+        zero (sub)clusters from the first boundary on, zeroes written before it."""
+        sc = self._zero_granularity()
+        zero_start = -(-old // sc) * sc
+        if size > zero_start and not await self._zeroize(zero_start, size - zero_start, False):
+            raise QMPError("Failed to zero out new clusters: Operation not supported")
+        if zero_start > old:
+            cs = self.cs
+            n = min(zero_start, size) - old
+            await self._allocating_write(old - old % cs, old % cs, memoryview(bytes(n)))
 
     async def _cut_tail(self) -> None:
         """Shorten the file to its last used cluster, as QEMU does after shrinking."""
@@ -1110,23 +1241,62 @@ class Qcow2Node(BlockNode):
             rc.alloc_end = last + 1
             rc.free_hint = min(rc.free_hint, last + 1)
 
-    async def _preallocate(self, mode: str) -> None:
-        """Allocate every cluster (metadata: mapping only; falloc/full: the file too)."""
+    async def _preallocate(self, mode: str, old: int, size: int) -> None:
+        """Allocate the clusters of the grown part ``[old, size)`` as QEMU does (metadata:
+        the mapping only; falloc/full: the file's room too).
+
+        Clusters already allocated and private stay, except that falloc and full
+        give every cluster from ``old`` on new room.  A new cluster holding
+        ``old`` gets the bytes before it copied (from the image, or its backing
+        file) and zeroes after them.  With an external data file only the
+        mapping is made here; the data file is grown, with the mode, to the end
+        of the last (sub)cluster mapped.
+        """
         cs = self.cs
+        cb = self.image.header.cluster_bits
+        external = self.image.external_data
+        replace = mode in ("falloc", "full") and not external
         runs: list[list[int]] = []  # [host, length] of newly mapped data, merged
-        for guest in range(0, self.length(), cs):
+        last: tuple[int, int] | None = None  # host and guest offset of the last cluster mapped
+        for guest in range(old - old % cs, size, cs):
             entry = await self.map.lookup(guest)
-            if entry.kind(self.image.header.cluster_bits) != Kind.UNALLOCATED:
+            kind = entry.kind(cb)
+            if kind == Kind.NORMAL and entry.copied and not replace:
                 continue
+            head = max(0, old - guest)
+            if not head and kind != Kind.UNALLOCATED and not replace:
+                continue
+            content = await self._read_in_cluster(guest, entry, 0, head) if head else b""
+            await self.map.prepare(guest)
             host = await self._alloc_data(guest)
-            bitmap = ALL_ALLOC if self.map.ext else 0
-            await self.map.set(guest, Entry(host | COPIED, bitmap))
-            if runs and runs[-1][0] + runs[-1][1] == host:
+            bitmap = 0
+            if self.map.ext:
+                # Preallocation maps room without saying its subclusters hold data:
+                # they still read from the backing file, or as zeroes (falloc and
+                # full without a data file do say so, the room being zeroed).
+                bitmap = entry.bitmap if kind == Kind.UNALLOCATED and not replace else ALL_ALLOC
+            if head:
+                await self._data_write(host, guest, content + bytes(cs - head))
+            elif runs and runs[-1][0] + runs[-1][1] == host:
                 runs[-1][1] += cs
             else:
                 runs.append([host, cs])
+            await self.map.set(guest, Entry(host | COPIED, bitmap))
+            if kind != Kind.UNALLOCATED:
+                await self._release(entry, kind)
+            last = (host, guest)
         data = self.image.data
-        end = self.length() if self.image.external_data else self.image.refcounts.alloc_end * cs
+        # The file must hold what was mapped: up to the image's end in the last
+        # cluster, rounded up to a subcluster with extended L2 entries.
+        gran = self._zero_granularity()
+        host, guest = last or ((size if external else 0), size)
+        end = host + -(-(size - guest) // gran) * gran
+        if external:
+            if data.length() < end:
+                await data.truncate(end, prealloc="off" if mode == "metadata" else mode)
+            return
+        if mode != "metadata":
+            end = self.image.refcounts.alloc_end * cs
         if data.length() < end:
             await data.truncate(end, exact=True, prealloc="off")
         if mode == "metadata":
@@ -1201,6 +1371,16 @@ class Qcow2Node(BlockNode):
 
     def encrypted(self) -> bool:
         return self.encryption is not None
+
+    def has_zero_init(self) -> bool:
+        """QEMU's rule: without a backing file, an image whose tables were not
+        preallocated (no first L2 table) reads as zeroes; a preallocated one only
+        unencrypted, as far as its data file does (its clusters read the file)."""
+        if self.backing is not None:
+            return False
+        if not (self.map.l1 and self.map.l1[0]):
+            return True
+        return self.encryption is None and self.image.data.has_zero_init()
 
     def _key_secret(self) -> str | None:
         return (self.options.get("encrypt") or {}).get("key-secret")
