@@ -170,7 +170,8 @@ def read_file_head(path: str) -> bytes:
 
 async def open_image(graph: BlockGraph, options: dict[str, Any], name: str | None, *,
                      typed: bool = False,
-                     probed: Callable[[str], None] | None = None) -> BlockNode:
+                     probed: Callable[[str], None] | None = None,
+                     extra: dict[str, Any] | None = None) -> BlockNode:
     """Open the image ``options`` describe, probing its format when they name none.
 
     Storage other than a host file is opened once, as the format node will
@@ -178,7 +179,8 @@ async def open_image(graph: BlockGraph, options: dict[str, Any], name: str | Non
     ``bdrv_open_inherit`` does: an NBD server may take a single connection.
     ``typed``: the options may hold strings for other types (``json:``,
     ``--image-opts``), converted once every driver is known.  ``probed`` is
-    told the format found, before the image opens.
+    told the format found, before the image opens.  ``extra``: blockd's own open
+    modes (``x-check``), added after the user's options are checked.
     """
     file = options.get("file")
     storage = None
@@ -191,7 +193,8 @@ async def open_image(graph: BlockGraph, options: dict[str, Any], name: str | Non
     try:
         if await fill_drivers(graph, options, name) and probed is not None:
             probed(options["driver"])
-        return await graph.open_node(typed_options(options) if typed else options)
+        return await graph.open_node({**(typed_options(options) if typed else options),
+                                      **(extra or {})})
     except BaseException:
         if storage is not None and not storage.parents:
             await graph.delete_node(storage)

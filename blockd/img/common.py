@@ -131,7 +131,6 @@ class Session:
             options["read-only"] = read_only
             if force_share:
                 options["force-share"] = True
-            options.update(extra or {})
 
             def probed(fmt: str) -> None:
                 if fmt == "raw" and not read_only and not image_opts:
@@ -140,7 +139,7 @@ class Session:
             return await open_image(self.graph, options,
                                     None if image_opts else probe_name(filename),
                                     typed=image_opts or filename.startswith("json:"),
-                                    probed=probed)
+                                    probed=probed, extra=extra)
         except QMPError as exc:
             message = f"Could not open '{filename}': {exc.desc}" if wrap else exc.desc
             raise ImgError(message + (f"\n{exc.hint}" if exc.hint else "")) from None
