@@ -316,7 +316,8 @@ def _key_secrets(opts: dict[str, Any]) -> dict[str, Any]:
 async def run(args: Args) -> int:
     """``convert [-c] [-p] [-q] [-n] [-W] [-m N] [-S size] [-f fmt] [-O fmt] [-o opts]
     [-B backing [-F fmt]] [-U] filename [filename2 ...] output_filename``."""
-    from blockd.img.create import create_image, help_text, parse_opts, wants_help
+    from blockd.img.create import (add_backing_options, create_image, help_text, parse_opts,
+                                   wants_help)
 
     out_fmt = args.get("O", "raw") or "raw"
     text = ",".join(args.o)
@@ -356,16 +357,14 @@ async def run(args: Args) -> int:
             raise ImgError("Compression not supported for this file format")
         if not no_create:
             opts = parse_opts(out_fmt, text)
-            if plan.compress and (opts.get("encryption") or opts.get("encrypt.format")):
-                raise ImgError("Compression and encryption not supported at the same time")
-            if args.has("B"):
-                if out_fmt == "raw":
-                    raise ImgError(f"Backing file not supported for file format '{out_fmt}'")
-                opts["backing_file"] = args.get("B")
-                if args.has("F"):
-                    opts["backing_fmt"] = args.get("F")
+            add_backing_options(out_fmt, opts, args.get("B"), args.get("F"))
+            if "backing_file" in opts:
+                if "backing_fmt" not in opts:
+                    raise ImgError("Use of backing file requires explicit backing format")
                 plan.top_only = True
                 plan.fresh = False  # the backing file shows through unwritten parts
+            if plan.compress and (opts.get("encryption") or opts.get("encrypt.format")):
+                raise ImgError("Compression and encryption not supported at the same time")
             await create_image(session, target, out_fmt, src.size, opts,
                                context=f"error while converting {out_fmt}: ")
             keys = _key_secrets(opts)

@@ -211,10 +211,13 @@ async def _backing_size(session: Session, filename: str, opts: dict[str, Any],
                         size: int | None, unsafe: bool) -> int | None:
     """Check the backing file as qemu-img does; its size when none was given."""
     backing = opts.get("backing_file")
-    if not backing:
-        if "backing_fmt" in opts:
-            raise ImgError(f"{filename}: Backing format cannot be used without backing file")
+    if backing is None:  # a lone backing format is the driver's to refuse
         return size
+    if backing == filename:  # compared as strings, as qemu-img does
+        raise ImgError(f"{filename}: Error: Trying to create an image with the same filename "
+                       "as the backing file")
+    if not backing:
+        raise ImgError(f"{filename}: Expected backing file name, got empty string")
     if unsafe and size is not None:
         return size
     path = backing if os.path.isabs(backing) else \
@@ -302,6 +305,21 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
         raise ImgError(f"{filename}: {context}{exc.desc}") from None
 
 
+def add_backing_options(fmt: str, opts: dict[str, Any], backing: str | None,
+                        backing_fmt: str | None) -> None:
+    """``-b``/``-B`` and ``-F`` as the ``backing_file``/``backing_fmt`` options they stand for,
+    refused where the format has no such option."""
+    names = {o.name for o in all_opts(fmt)}
+    if backing is not None:
+        if "backing_file" not in names:
+            raise ImgError(f"Backing file not supported for file format '{fmt}'")
+        opts["backing_file"] = backing
+    if backing_fmt is not None:
+        if "backing_fmt" not in names:
+            raise ImgError(f"Backing file format not supported for file format '{fmt}'")
+        opts["backing_fmt"] = backing_fmt
+
+
 async def run(args: Args) -> int:
     """``create [-q] [-f fmt] [-b backing [-F fmt]] [-u] [-o options] filename [size]``."""
     fmt = args.get("f", "raw")
@@ -317,12 +335,9 @@ async def run(args: Args) -> int:
         raise UsageError("Unexpected argument: " + args.rest[2])
     try:
         opts = parse_opts(fmt, text)
+        add_backing_options(fmt, opts, args.get("b"), args.get("F"))
     except ImgError as exc:
         raise ImgError(f"{filename}: {exc}") from None
-    if args.has("b"):
-        opts["backing_file"] = args.get("b")
-    if args.has("F"):
-        opts["backing_fmt"] = args.get("F")
     async with Session(args.objects) as session:
         await create_image(session, filename, fmt, size, opts, unsafe=args.has("u"),
                            quiet=args.has("q"))

@@ -1,0 +1,70 @@
+"""blockd-img accepts what qemu-img 7.2 accepts and refuses what it refuses (issue 19).
+
+Each case runs both tools on the same command line and compares stdout,
+stderr (``qemu-img`` read as ``blockd-img``), the exit status and the files
+left behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from test_img import blockd_img, d, needs_qcow2, qemu_img, same  # noqa: F401 (fixture)
+from test_img import test_create as create_case
+
+pytestmark = needs_qcow2
+
+BACKING_CREATE = [
+    "-f raw -b base.qcow2 x 1M", "-f raw -b '' x 1M", "-f raw -F raw x 1M",
+    "-f qcow2 -F raw x 1M", "-f qcow2 -b base.qcow2 x", "-f qcow2 -b '' x 1M",
+    "-f qcow2 -b '' x", "-f qcow2 -b '' -F qcow2 x 1M",
+    "-f qcow2 -o backing_file=,backing_fmt=qcow2 x 1M", "-f qcow2 -o backing_file= x 1M",
+    "-f qcow2 -b x x", "-f qcow2 -u -b x -F qcow2 x 1M", "-f qcow2 -b x -o size=1x x",
+    "-f qcow2 -o backing_file=x,cluster_size=3 x",
+]
+
+
+@pytest.mark.parametrize("args", BACKING_CREATE)
+def test_create_backing_checks(d, args):
+    """``-b`` without ``-F``, ``-b ''``, a backing file named as the image: qemu-img's refusals."""
+    create_case(d, args)
+
+
+def _convert_same(d: Path, args: list[str]) -> None:
+    """Both tools convert to a target of their own; same output, same target content."""
+    q = qemu_img("convert", *[a if a != "T" else "q.out" for a in args], cwd=d)
+    b = blockd_img("convert", *[a if a != "T" else "b.out" for a in args], cwd=d)
+    assert b == (q.stdout, q.stderr.replace("qemu-img", "blockd-img").replace("q.out", "b.out"),
+                 q.returncode)
+    assert (d / "q.out").exists() == (d / "b.out").exists()
+    if q.returncode == 0:
+        assert qemu_img("compare", str(d / "q.out"), str(d / "b.out")).returncode == 0
+        qi = qemu_img("info", str(d / "q.out")).stdout.replace("q.out", "b.out")
+        bi = qemu_img("info", str(d / "b.out")).stdout
+        assert [ln for ln in qi.splitlines() if "disk size" not in ln] == \
+            [ln for ln in bi.splitlines() if "disk size" not in ln]
+
+
+@pytest.mark.parametrize("args", [
+    "-O qcow2 -B base.qcow2", "-O qcow2 -B ''", "-O qcow2 -o backing_file=base.qcow2",
+    "-O raw -B base.qcow2", "-O raw -F qcow2", "-O qcow2 -F qcow2", "-O qcow2 -o backing_fmt=qcow2",
+    "-c -O qcow2 -B base.qcow2 -o encryption=on",
+    "-O qcow2 -o backing_file=base.qcow2,backing_fmt=qcow2", "-O qcow2 -B base.qcow2 -F qcow2"])
+def test_convert_backing_checks(d, args):
+    _convert_same(d, [a if a != "''" else "" for a in args.split()] + ["top.qcow2", "T"])
+
+
+@pytest.mark.parametrize("args", ["-b base.qcow2", "-u -b base.qcow2", "-b '' -F qcow2",
+                                  "-u -b ''"])
+def test_rebase_backing_checks(d, args):
+    for name in ("q.qcow2", "b.qcow2"):
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(d / name))
+    argv = [a if a != "''" else "" for a in args.split()]
+    q = qemu_img("rebase", *argv, "q.qcow2", cwd=d)
+    b = blockd_img("rebase", *argv, "b.qcow2", cwd=d)
+    assert b == (q.stdout, q.stderr.replace("qemu-img", "blockd-img"), q.returncode)
+    assert qemu_img("info", str(d / "q.qcow2")).stdout.replace("q.qcow2", "b.qcow2") \
+        .split("disk size")[0] == qemu_img("info", str(d / "b.qcow2")).stdout.split("disk size")[0]
