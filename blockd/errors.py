@@ -12,10 +12,17 @@ from __future__ import annotations
 class QMPError(Exception):
     """A failure to report to the client as ``{"error": {class, desc}}``."""
 
-    def __init__(self, desc: str, cls: str = "GenericError") -> None:
+    def __init__(self, desc: str, cls: str = "GenericError", hint: str = "") -> None:
         super().__init__(desc)
         self.desc = desc
         self.cls = cls
+        #: QEMU's error hint: a line that command-line tools print after the message
+        #: and that QMP replies leave out.
+        self.hint = hint
+
+    def human(self) -> str:
+        """The message as ``qemu-img`` prints it: the hint on a line of its own."""
+        return f"{self.desc}\n{self.hint}" if self.hint else self.desc
 
     def __str__(self) -> str:
         return self.desc

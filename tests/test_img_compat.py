@@ -8,6 +8,8 @@ left behind.
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,41 @@ def test_rebase_backing_checks(d, args):
     assert b == (q.stdout, q.stderr.replace("qemu-img", "blockd-img"), q.returncode)
     assert qemu_img("info", str(d / "q.qcow2")).stdout.replace("q.qcow2", "b.qcow2") \
         .split("disk size")[0] == qemu_img("info", str(d / "b.qcow2")).stdout.split("disk size")[0]
+
+
+@pytest.fixture
+def locked(d):
+    """``lk.qcow2`` (backing ``base.qcow2``) held open read-write by qemu-io."""
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(d / "lk.qcow2"))
+    proc = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 600000", "lk.qcow2"], cwd=d,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    # Watched in /proc/locks: polling with a tool would hold locks qemu-io may trip on.
+    try:
+        # The same locks seen twice in a row: qemu-io has taken them all.
+        inode = f":{os.stat(d / 'lk.qcow2').st_ino} "
+        deadline = time.monotonic() + 60
+        before: list[str] = []
+        while True:
+            now = [ln for ln in Path("/proc/locks").read_text().splitlines() if inode in ln]
+            if now and now == before:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "qemu-io took no locks"
+            before = now
+            time.sleep(0.2)
+        yield d
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.parametrize("args", [
+    "info lk.qcow2", "check lk.qcow2", "map --output=json lk.qcow2", "convert -O raw lk.qcow2 o",
+    "compare lk.qcow2 base.qcow2", "resize lk.qcow2 2M", "snapshot -l lk.qcow2",
+    "amend -o lazy_refcounts=on lk.qcow2", "commit lk.qcow2", "rebase -u -b '' lk.qcow2",
+    "measure -O qcow2 lk.qcow2", "bitmap --add lk.qcow2 b0", "create -f qcow2 lk.qcow2 1M",
+    "create -f raw lk.qcow2 1M", "convert -O raw base.qcow2 lk.qcow2",
+    "convert -n -O qcow2 base.qcow2 lk.qcow2"])
+def test_lock_errors(locked, args):
+    """qemu's second line, ``Is another process using the image [...]?``, follows the error."""
+    _, err, _ = same(locked, *[a if a != "''" else "" for a in args.split()])
+    assert "Is another process using the image [lk.qcow2]?\n" in err

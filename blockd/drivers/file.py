@@ -98,10 +98,11 @@ class LockBytes:
     def check(self, perm: Perm, shared: Perm) -> None:
         """Raise QEMU's error if another process forbids ``perm`` or uses what we don't share."""
         for i, (bit, name) in enumerate(PERM_NAMES.items()):
+            hint = f"Is another process using the image [{self.path}]?"
             if perm & bit and self._locked_by_other(_SHARED_BASE + i):
-                raise QMPError(f'Failed to get "{name}" lock')
+                raise QMPError(f'Failed to get "{name}" lock', hint=hint)
             if not shared & bit and self._locked_by_other(_PERM_BASE + i):
-                raise QMPError(f'Failed to get shared "{name}" lock')
+                raise QMPError(f'Failed to get shared "{name}" lock', hint=hint)
 
     def apply(self, perm: Perm, shared: Perm) -> None:
         want = set()
@@ -492,8 +493,10 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
         raise QMPError(f"Could not create '{path}': {exc.strerror}") from None
     try:
         locks = LockBytes(fd, path)
-        locks.check(Perm.WRITE | Perm.RESIZE, Perm(0))
-        locks.apply(Perm.WRITE | Perm.RESIZE, Perm(0))
+        # As QEMU: others may go on reading and writing, not resizing.
+        shared = Perm.all() & ~Perm.RESIZE
+        locks.check(Perm.WRITE | Perm.RESIZE, shared)
+        locks.apply(Perm.WRITE | Perm.RESIZE, shared)
         try:
             await asyncio.to_thread(os.ftruncate, fd, 0)
             await asyncio.to_thread(_resize_file, fd, 0, size, prealloc)

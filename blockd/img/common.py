@@ -160,7 +160,8 @@ class Session:
         try:
             return await self.graph.open_node(options)
         except QMPError as exc:
-            raise ImgError(f"Could not open '{filename}': {exc.desc}" if wrap else exc.desc) \
+            message = exc.human()
+            raise ImgError(f"Could not open '{filename}': {message}" if wrap else message) \
                 from None
 
     async def close(self) -> None:

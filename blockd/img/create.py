@@ -302,7 +302,7 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
     except QMPError as exc:
         if created:  # a format that failed leaves no half-made file behind
             os.unlink(filename)
-        raise ImgError(f"{filename}: {context}{exc.desc}") from None
+        raise ImgError(f"{filename}: {context}{exc.human()}") from None
 
 
 def add_backing_options(fmt: str, opts: dict[str, Any], backing: str | None,

@@ -312,7 +312,7 @@ class Qcow2Node(BlockNode):
             await ctx.open_child({"driver": fmt, "file": {"driver": "file", "filename": path}},
                                  "backing")
         except QMPError as exc:
-            raise QMPError(f"Could not open backing file: {exc.desc}") from None
+            raise QMPError(f"Could not open backing file: {exc.desc}", hint=exc.hint) from None
         finally:
             _BACKING_CHAIN.reset(token)
 
