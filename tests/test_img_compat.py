@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from test_img import blockd_img, d, needs_qcow2, qemu_img, same  # noqa: F401 (f
 from test_img import test_create as create_case
 
 pytestmark = needs_qcow2
+ROOT = Path(__file__).parent.parent
 
 BACKING_CREATE = [
     "-f raw -b base.qcow2 x 1M", "-f raw -b '' x 1M", "-f raw -F raw x 1M",
@@ -108,3 +110,24 @@ def test_lock_errors(locked, args):
     """qemu's second line, ``Is another process using the image [...]?``, follows the error."""
     _, err, _ = same(locked, *[a if a != "''" else "" for a in args.split()])
     assert "Is another process using the image [lk.qcow2]?\n" in err
+
+
+@pytest.mark.parametrize("args", ["info nonexist", "bogus", "info --output=xml base.qcow2",
+                                  "create -f qcow2 -b base.qcow2 x 1M",
+                                  "convert -S 100 base.qcow2 o", "compare base.qcow2 top.qcow2"])
+def test_named_qemu_img(d, args):
+    """Run through a symlink named ``qemu-img``, the messages say ``qemu-img`` as qemu-img's do;
+    through one named ``blockd-img``, ``blockd-img``."""
+    bindir = d / "bin"
+    bindir.mkdir()
+    script = bindir / "blockd-img"
+    script.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+                      "from blockd.img.cli import entry\nentry()\n")
+    script.chmod(0o755)
+    (bindir / "qemu-img").symlink_to("blockd-img")
+    q = qemu_img(*args.split(), cwd=d)
+    for name in ("qemu-img", "blockd-img"):
+        b = subprocess.run([str(bindir / name), *args.split()], capture_output=True, text=True,
+                           cwd=d)
+        assert (b.stdout, b.stderr, b.returncode) == \
+            (q.stdout, q.stderr.replace("qemu-img", name), q.returncode)

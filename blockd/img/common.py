@@ -14,7 +14,10 @@ from blockd.block.node import BlockNode, Extent, Status
 from blockd.errors import QMPError
 from blockd.objects import ObjectStore
 
-PROG = "blockd-img"
+#: The name in messages: ``qemu-img`` when run under that name (a symlink or wrapper
+#: standing in for it), so scripts and filters written for qemu-img's output match.
+PROG = "qemu-img" if os.path.basename(sys.argv[0] if sys.argv else "") == "qemu-img" \
+    else "blockd-img"
 
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
              "p": 1 << 50, "e": 1 << 60}
