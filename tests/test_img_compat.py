@@ -131,3 +131,22 @@ def test_named_qemu_img(d, args):
                            cwd=d)
         assert (b.stdout, b.stderr, b.returncode) == \
             (q.stdout, q.stderr.replace("qemu-img", name), q.returncode)
+
+
+@pytest.mark.parametrize("args", [
+    "info --image-opts driver=qcow2,file.filename=dfi.qcow2,data-file.filename=df.raw",
+    "compare --image-opts driver=qcow2,file.filename=dfi.qcow2,data-file.filename=df.raw "
+    "driver=qcow2,file.filename=dfi.qcow2",
+    "compare --image-opts driver=qcow2,file.filename=top.qcow2,backing.file.filename=base.qcow2 "
+    "file.filename=base.qcow2",
+    "compare --image-opts file.filename=top.qcow2,backing.driver=qcow2,"
+    "backing.file.filename=base.qcow2 file.filename=base.qcow2",
+    "map --output=json --image-opts file.filename=top.qcow2,backing.file.filename=base.qcow2",
+    "convert --image-opts -O raw file.filename=dfi.qcow2,data-file.filename=df.raw o.raw",
+    "info --image-opts driver=qcow2,file.aio=threads"])
+def test_image_opts_children_without_driver(d, args):
+    """A child given by its filename (or its ``file`` child) needs no ``driver``, at any depth."""
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=df.raw", "dfi.qcow2", "1M", cwd=d)
+    subprocess.run(["qemu-io", "-c", "write -P 3 0 64k", str(d / "dfi.qcow2")], check=True,
+                   capture_output=True)
+    same(d, *args.split())

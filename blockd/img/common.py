@@ -101,14 +101,23 @@ def probe_format(path: str) -> str:
 
 
 def _default_drivers(options: dict[str, Any]) -> None:
-    """Fill in what ``--image-opts`` may leave out: a file child is a ``file`` node, and the
-    format is probed from it."""
+    """Fill in what ``--image-opts`` may leave out, at every level (``file``, ``backing``,
+    ``data-file``...): a node given by a ``filename`` is a ``file`` node, one given by
+    its ``file`` child has its format probed from it.  Dictionaries that name neither
+    (``cache``, ``encrypt``) are options, not nodes, and are left alone."""
+    for key, value in options.items():
+        if isinstance(value, dict):
+            if key in ("backing", "data-file") and not {"driver", "filename", "file"} & {*value}:
+                # qemu-img merges these with the name the image header gives; not done here.
+                raise ImgError(f"Options for '{key}' need its file name here ('{key}.filename' "
+                               f"or '{key}.file.filename')")
+            _default_drivers(value)
+    if "driver" in options:
+        return
     file = options.get("file")
-    if isinstance(file, dict):
-        file.setdefault("driver", "file")
-        if "driver" not in options and "filename" in file:
-            options["driver"] = probe_format(file["filename"])
-    if "driver" not in options and "filename" in options:
+    if isinstance(file, dict) and "filename" in file:
+        options["driver"] = probe_format(file["filename"])
+    elif "filename" in options:
         options["driver"] = "file"
 
 
