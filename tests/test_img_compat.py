@@ -147,6 +147,6 @@ def test_named_qemu_img(d, args):
 def test_image_opts_children_without_driver(d, args):
     """A child given by its filename (or its ``file`` child) needs no ``driver``, at any depth."""
     qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=df.raw", "dfi.qcow2", "1M", cwd=d)
-    subprocess.run(["qemu-io", "-c", "write -P 3 0 64k", str(d / "dfi.qcow2")], check=True,
-                   capture_output=True)
+    subprocess.run(["qemu-io", "-c", "write -P 3 0 64k", "dfi.qcow2"], check=True,
+                   capture_output=True, cwd=d)
     same(d, *args.split())
