@@ -174,3 +174,20 @@ def test_convert_encrypted_quietly(tmp_path, fmt):
                            text=True, cwd=tmp_path, env=env)
         assert (b.stdout, b.stderr, b.returncode) == (q.stdout, q.stderr, q.returncode)
         assert (tmp_path / "q.raw").read_bytes() == (tmp_path / "b.raw").read_bytes()
+
+
+@pytest.mark.parametrize("args", [
+    "convert -p -O raw r2.raw T", "convert -p -O qcow2 r2.raw T", "convert -p -O raw base.qcow2 T",
+    "convert -p -O qcow2 -S 0 r2.raw T", "convert -p -q -O raw r2.raw T",
+    "convert -p -c -O qcow2 r2.raw T", "compare -p r2.raw r2.raw", "compare -p r.raw r2.raw",
+    "compare -p -s r.raw r2.raw"])
+def test_progress_through_a_pipe(d, args):
+    """``-p`` draws through a pipe too, exactly as qemu-img does for these images (where
+    the steps fall depends on each tool's block status runs, the same for raw images)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    q = qemu_img(*args.replace("T", "q.out").split(), cwd=d)
+    b = subprocess.run([sys.executable, "-m", "blockd.img.cli",
+                        *args.replace("T", "b.out").split()], capture_output=True, text=True,
+                       cwd=d, env=env)
+    assert (b.stdout, b.stderr, b.returncode) == (q.stdout, q.stderr, q.returncode)
+    assert "(0.00/100%)" in b.stdout or "-q" in args

@@ -228,18 +228,11 @@ def fail(message: str, usage: bool = False, newline: bool = True) -> int:
     return 1
 
 
-def is_tty() -> bool:
-    try:
-        return os.isatty(sys.stdout.fileno())
-    except (OSError, ValueError):  # a captured or closed stdout is no terminal
-        return False
-
-
 class Progress:
-    """qemu-img's ``-p`` percentage, redrawn in place; silent when stdout is not a terminal."""
+    """qemu-img's ``-p`` percentage, redrawn in place (through a pipe too, as qemu-img draws it)."""
 
     def __init__(self, enabled: bool, total: int, step: float = 1.0) -> None:
-        self.enabled = enabled and is_tty()
+        self.enabled = enabled
         self.total = max(1, total)
         self.step = step
         self.done = 0

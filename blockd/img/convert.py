@@ -105,7 +105,9 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
         claims: list[tuple[Claim, int, int, int]] = []
         try:
             if plan.compress:
-                await _copy_compressed(src, dst, offset, end, cluster, plan, in_order)
+                copied = await _copy_compressed(src, dst, offset, end, cluster, plan, in_order)
+                if copied:  # zero clusters are no work qemu-img counts
+                    bar.add(copied)
             else:
                 assert buf is not None
                 await copy_plain(offset, end, buf, claims)
@@ -114,7 +116,6 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
             for claim, *_ in claims:  # only left when the copy failed
                 with contextlib.suppress(OSError):  # that failure is the one to report
                     await claim.abort()
-        bar.add(end - offset)
 
     async def copy_plain(offset: int, end: int, buf: mmap.mmap,
                          claims: list[tuple[Claim, int, int, int]]) -> None:
@@ -128,8 +129,7 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
                 n, status = ext.length, ext.status
                 if plan.top_only and not status & Status.ALLOCATED:
                     pass
-                elif status & Status.ZERO and not status & Status.DATA and plan.sparse or \
-                        not status & (Status.DATA | Status.ALLOCATED) and plan.sparse:
+                elif _reads_as_zero(status, plan):
                     zeros.append((pos, n))
                 else:
                     at = pos - offset
@@ -158,6 +158,7 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
                 await dst.write_zeroes(zpos, zlen)
         for (at, stop, _), found in zip(spans, runs):
             await _place(dst, offset, buf, at, stop, found, plan, claims, cluster)
+            bar.add(stop - at)  # as qemu-img counts: each run of data once placed
         placed.setdefault(offset, asyncio.Event()).set()
         await _fill_claims(io, buf, claims)
 
@@ -178,6 +179,32 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
             w.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
     await dst.flush()
+
+
+def _reads_as_zero(status: Status, plan: Plan) -> bool:
+    """A run left to the target's zeroes rather than read and written: reading as zero
+    counts, whether or not the source keeps it allocated, as in qemu-img (with ``-S 0``,
+    every run is written)."""
+    return bool(plan.sparse) and bool(status & Status.ZERO
+                                      or not status & (Status.DATA | Status.ALLOCATED))
+
+
+async def data_bytes(src: _Source, plan: Plan, granule: int) -> int:
+    """The bytes the copy will read and write: what ``-p`` counts, as qemu-img counts it
+    (zero runs, and with ``-B`` runs left to the backing file, are not work), in whole
+    ``granule``s (compressed clusters are written whole)."""
+    total = 0
+    end = 0  # of the last granule counted
+    for start, node in src.parts:
+        pos = start
+        for ext in await chain_extents(node, 0, node.length(), plan.top_only):
+            if (ext.status & Status.ALLOCATED or not plan.top_only) \
+                    and not _reads_as_zero(ext.status, plan):
+                first = max(end, pos // granule * granule)
+                end = min(src.size, -(-(pos + ext.length) // granule) * granule)
+                total += max(0, end - first)
+            pos += ext.length
+    return total
 
 
 async def _place(dst: BlockNode, offset: int, buf: mmap.mmap, start: int, stop: int,
@@ -264,14 +291,15 @@ async def _read(src: _Source, offset: int, end: int, plan: Plan) -> bytes | None
 
 
 async def _copy_compressed(src: _Source, dst: BlockNode, offset: int, end: int, cluster: int,
-                           plan: Plan, in_order: Callable[[int], Awaitable[None]]) -> None:
-    """One cluster, compressed in a worker thread; a short last cluster is padded."""
+                           plan: Plan, in_order: Callable[[int], Awaitable[None]]) -> int:
+    """One cluster, compressed in a worker thread; a short last cluster is padded.
+    The bytes written as data (0 for a cluster of zeroes)."""
     data = await _read(src, offset, end, plan)
     if data is None or is_zero(data):
         await in_order(offset)
         if not plan.fresh:
             await dst.write_zeroes(offset, end - offset)
-        return
+        return 0
     data += bytes(cluster - len(data))
     packed = await dst.compress_cluster(data)
     await in_order(offset)
@@ -279,6 +307,7 @@ async def _copy_compressed(src: _Source, dst: BlockNode, offset: int, end: int, 
         await dst.write_compressed(offset, data, packed)
     except OSError as exc:
         raise ImgError(f"error while writing at byte {offset}: {exc.strerror}") from None
+    return end - offset
 
 
 def _plan(args: Args) -> Plan:
@@ -377,7 +406,9 @@ async def run(args: Args) -> int:
             raise ImgError(f"Format driver '{out_fmt}' does not support bitmaps")
         if no_create and dst.length() < src.size:
             raise ImgError("output file is smaller than input file")
-        bar = Progress(args.has("p") and not args.has("q"), src.size)
+        progress = args.has("p") and not args.has("q")
+        granule = (dst.cluster_size() or 65536) if plan.compress else 1
+        bar = Progress(progress, await data_bytes(src, plan, granule) if progress else src.size)
         try:
             await copy_image(src, dst, plan, bar, io)
         except QMPError as exc:
