@@ -191,3 +191,34 @@ def test_progress_through_a_pipe(d, args):
                        cwd=d, env=env)
     assert (b.stdout, b.stderr, b.returncode) == (q.stdout, q.stderr, q.returncode)
     assert "(0.00/100%)" in b.stdout or "-q" in args
+
+
+def _qemu_io(d: Path, image: str, *cmds: str) -> None:
+    args = ["qemu-io"]
+    for c in cmds:
+        args += ["-c", c]
+    subprocess.run(args + [image], check=True, capture_output=True, cwd=d)
+
+
+@pytest.mark.parametrize("output", ["--output=json", "--output=human"])
+@pytest.mark.parametrize("create,writes", [
+    ("preallocation=metadata", ["write -P 1 0 64k", "write -z 0 128k", "write -z 256k 64k"]),
+    ("cluster_size=4k", ["write -P 1 0 1M", "write -z 0 128k", "write -z 256k 4k"]),
+    ("cluster_size=4k", ["write -P 1 0 1M", "write -z 512k 8k", "write -P 2 520k 4k"])])
+def test_map_zero_clusters_keep_offset(d, output, create, writes):
+    """Zero clusters that keep their host clusters show where those are, as in qemu-img."""
+    qemu_img("create", "-q", "-f", "qcow2", "-o", create, "z.qcow2", "1M", cwd=d)
+    _qemu_io(d, "z.qcow2", *writes)
+    same(d, "map", output, "z.qcow2")
+    # Such clusters read as zeroes whatever their host clusters hold, written in full too.
+    assert blockd_img("convert", "-S", "0", "-O", "raw", "z.qcow2", "z.raw", cwd=d)[2] == 0
+    assert qemu_img("compare", "z.qcow2", "z.raw", cwd=d).returncode == 0
+
+
+@pytest.mark.parametrize("size", [10001, 5000, 4096, 12289])
+@pytest.mark.parametrize("opts", [",file.cache.direct=on", ""])
+def test_map_raw_tail(d, size, opts):
+    """A raw file ending in a partial block, with and without O_DIRECT: the same runs."""
+    (d / "odd.raw").write_bytes(os.urandom(size))
+    same(d, "map", "--output=json", "--image-opts",
+         f"driver=raw,file.driver=file,file.filename=odd.raw{opts}")

@@ -390,9 +390,15 @@ class FileNode(BlockNode):
         self.flushed_gen = max(self.flushed_gen, gen)
 
     async def block_status(self, offset: int, length: int) -> Extent:
-        """Data or hole, from ``SEEK_DATA``/``SEEK_HOLE``."""
+        """Data or hole, from ``SEEK_DATA``/``SEEK_HOLE``.
+
+        With ``O_DIRECT`` data that ends in a partial block at the end of the file
+        goes on to the block's end, as in QEMU (whose requests are whole blocks then).
+        """
         start, end = self.data_extent
         if start <= offset < end:
+            if self.direct and end == self.size:
+                end = self._aligned_span(offset, end - offset)[1]
             return Extent(min(length, end - offset), Status.DATA | Status.ALLOCATED, offset, self)
         try:
             data = os.lseek(self.fd, offset, os.SEEK_DATA)
@@ -404,6 +410,8 @@ class FileNode(BlockNode):
             return Extent(min(length, data - offset), Status.ZERO | Status.ALLOCATED, offset, self)
         hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
         self.data_extent = (offset, hole)
+        if self.direct and hole == self.size:
+            hole = self._aligned_span(offset, hole - offset)[1]
         return Extent(min(length, hole - offset), Status.DATA | Status.ALLOCATED, offset, self)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:

@@ -135,7 +135,9 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
                     at = pos - offset
                     spans.append((at, at + n, pos))
                     file = host_file(ext.child)
-                    if file is not None and ext.offset is not None:
+                    # Zero runs (with -S 0) may sit on host clusters holding anything.
+                    if file is not None and ext.offset is not None and \
+                            not status & Status.ZERO:
                         pieces.append((file, ext.offset, at, at + n))
                     else:
                         try:

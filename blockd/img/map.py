@@ -75,7 +75,7 @@ def human_text(entries: list[dict[str, Any]]) -> tuple[str, str | None]:
         if e["data"] and "offset" not in e:
             return "\n".join(out) + "\n", "File contains external, encrypted or compressed " \
                 "clusters."
-        if e["data"]:
+        if e["data"] and not e["zero"]:  # data known to read as zero is not listed
             out.append(f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}"
                        f"{e['file']}")
     return "\n".join(out) + "\n", None

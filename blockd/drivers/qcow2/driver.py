@@ -908,9 +908,11 @@ class Qcow2Node(BlockNode):
                       "unallocated": None}[state]
             if status is None:
                 return await self._unallocated_status(offset, n)
-            host = entry.host + offset - guest if state == "data" else None
+            host = entry.host + offset - guest if entry.host else None
             if host is None:
                 return Extent(n, status)
+            if state == "zero":  # room kept for zeroes: its place is shown, as QEMU shows it
+                return self._zero_alloc_status(n, host)
             return await self._data_status(n, status, host)
         # Extend over following clusters of the same kind: whole slices of entries
         # at a time where run_after can tell, entry by entry (through lookup's
@@ -932,7 +934,8 @@ class Qcow2Node(BlockNode):
                     n = min(length, guest + cs - offset)
                     continue
             nxt = await self.map.lookup(guest + cs)
-            if nxt.kind(cb) != kind or (kind == Kind.NORMAL and nxt.host != entry.host + cs):
+            if nxt.kind(cb) != kind or (kind in (Kind.NORMAL, Kind.ZERO_ALLOC)
+                                        and nxt.host != entry.host + cs):
                 break
             guest += cs
             entry = nxt
@@ -943,9 +946,18 @@ class Qcow2Node(BlockNode):
                                            first.host + offset % cs)
         if kind == Kind.COMPRESSED:
             return Extent(n, Status.DATA | Status.ALLOCATED)
-        if kind in (Kind.ZERO_PLAIN, Kind.ZERO_ALLOC):
+        if kind == Kind.ZERO_ALLOC:
+            return self._zero_alloc_status(n, first.host + offset % cs)
+        if kind == Kind.ZERO_PLAIN:
             return Extent(n, Status.ZERO | Status.ALLOCATED)
         return await self._unallocated_status(offset, n)
+
+    def _zero_alloc_status(self, n: int, host: int) -> Extent:
+        """Zero clusters that keep their host clusters: QEMU reports where they are
+        (though the file there need not hold zeroes), except for encrypted images."""
+        if self.encryption is not None:
+            return Extent(n, Status.ZERO | Status.ALLOCATED)
+        return Extent(n, Status.ZERO | Status.ALLOCATED, host, self.image.data)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """Block status of a range, a table slice at a time: one unpack of the slice's
@@ -998,7 +1010,9 @@ class Qcow2Node(BlockNode):
                 break  # compressed, reserved bits, unaligned or COPIED alone: lookup's
             j = i + 1 + continuing(entries, i + 1, first, cs)
             stop = min(end, guest + j * cs)
-            if first & ZERO:  # zero clusters, with or without room kept
+            if first & ZERO and host:  # zero clusters that keep their room
+                ext = self._zero_alloc_status(stop - pos, host + pos - (guest + i * cs))
+            elif first & ZERO:
                 ext = Extent(stop - pos, Status.ZERO | Status.ALLOCATED)
             elif host:
                 ext = Extent(stop - pos, Status.DATA | Status.ALLOCATED,
