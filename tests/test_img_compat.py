@@ -222,3 +222,36 @@ def test_map_raw_tail(d, size, opts):
     (d / "odd.raw").write_bytes(os.urandom(size))
     same(d, "map", "--output=json", "--image-opts",
          f"driver=raw,file.driver=file,file.filename=odd.raw{opts}")
+
+
+OPTION_LISTS = [
+    "create -f qcow2 -o backing_file=a,,b,backing_fmt=raw x 1M",
+    "create -f qcow2 -o backing_file=b,,1.qcow2,backing_fmt=qcow2 x",
+    "create -f qcow2 -o backing_file=b,,1.qcow2,,,backing_fmt=qcow2 x",
+    "create -f qcow2 -o help,,x x", "create -f qcow2 -o backing_fmt=qcow2,,help x",
+    "create -f qcow2 -o cluster_size=4k,help x 1M", "create -f qcow2 -o ?,x x",
+    "create -f qcow2 -o cluster_size=4k,, x 1M", "create -f qcow2 -o cluster_size=4k,,,, x 1M",
+    "create -f qcow2 -o '' x 1M", "create -f qcow2 -o cluster_size=4k -o ,help x 1M",
+    "amend -o ,help base.qcow2", "convert -o cluster_size=4k, r2.raw x",
+    "convert -o ,, r2.raw x", "convert -O qcow2 -o help r2.raw x", "convert -O qcow2 -o help",
+    "convert -O qcow2 -o help r2.raw", "convert -O qcow2 -o backing_file=b,,1.qcow2,"
+    "backing_fmt=qcow2 r2.raw x", "measure -O qcow2 -o help --size 1M",
+    "measure -O qcow2 -o help r2.raw", "measure -o help --size 1M",
+    "measure -O qcow2 -o bogus=1 --size 1M", "measure -O qcow2 -o cluster_size=x --size 1M"]
+
+
+@pytest.mark.parametrize("args", OPTION_LISTS)
+def test_option_lists(d, args):
+    """``,,`` escapes, ``help`` among other options, malformed lists: as qemu-img has them."""
+    qemu_img("create", "-q", "-f", "qcow2", "b,1.qcow2", "1M", cwd=d)
+    argv = [a if a != "''" else "" for a in args.split()]
+    q = qemu_img(*argv, cwd=d)
+    made = (d / "x").exists()
+    if made:
+        info_q = qemu_img("info", "x", cwd=d).stdout.split("disk size")[0]
+        os.unlink(d / "x")
+    b = blockd_img(*argv, cwd=d)
+    assert b == (q.stdout, q.stderr.replace("qemu-img", "blockd-img"), q.returncode)
+    assert (d / "x").exists() == made
+    if made:
+        assert qemu_img("info", "x", cwd=d).stdout.split("disk size")[0] == info_q

@@ -70,6 +70,13 @@ COMMANDS: dict[str, tuple[str, str, list[str]]] = {
 _ALIASES = {"format": "f", "repair": "r", "force-share": "U"}
 
 
+def valid_option_list(text: str) -> bool:
+    """qemu-img's check of each ``-o``: not empty, no leading comma, and no lone comma at
+    the end (an even run of them is escaped commas)."""
+    trailing = len(text) - len(text.rstrip(","))
+    return bool(text) and not text.startswith(",") and trailing % 2 == 0
+
+
 def parse(args: list[str], short: str, long: list[str]) -> Args:
     """GNU getopt with qemu-img's error texts; repeatable ``--object`` and ``-o`` collected."""
     try:
@@ -89,6 +96,8 @@ def parse(args: list[str], short: str, long: list[str]) -> Args:
         if key == "object":
             out.objects.append(value)
         elif key == "o":
+            if not valid_option_list(value):
+                raise ImgError(f"Invalid option list: {value}")
             out.o.append(value)
         else:
             out.opts[key] = value

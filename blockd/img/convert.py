@@ -352,8 +352,8 @@ async def run(args: Args) -> int:
 
     out_fmt = args.get("O", "raw") or "raw"
     text = ",".join(args.o)
-    if wants_help(text):
-        print(help_text(out_fmt, with_protocol=False), end="")
+    if wants_help(text):  # with the protocol's options once a target is named
+        print(help_text(out_fmt, with_protocol=len(args.rest) >= 2), end="")
         return 0
     for name, what in _UNSUPPORTED.items():
         if args.has(name):

@@ -10,6 +10,7 @@ format has a table of those options, and the values are turned into a
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,8 +99,28 @@ def help_text(fmt: str, with_protocol: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_opts(text: str) -> list[str]:
+    """``-o`` text as ``name`` or ``name=value`` items: a comma ends an item, except
+    that ``,,`` inside a value stands for one comma."""
+    items = []
+    pos = 0
+    while pos <= len(text):
+        m = re.compile(r"[^=,]*").match(text, pos)
+        assert m is not None
+        pos = m.end()
+        if text[pos:pos + 1] != "=":
+            items.append(m.group())
+            pos += 1
+            continue
+        value = re.compile(r"(?:[^,]|,,)*").match(text, pos + 1)
+        assert value is not None
+        items.append(f"{m.group()}={value.group().replace(',,', ',')}")
+        pos = value.end() + 1
+    return items
+
+
 def wants_help(text: str) -> bool:
-    return any(item in ("help", "?") for item in text.split(","))
+    return any(item in ("help", "?") for item in split_opts(text))
 
 
 def parse_opts(fmt: str, text: str) -> dict[str, Any]:
@@ -108,7 +129,7 @@ def parse_opts(fmt: str, text: str) -> dict[str, Any]:
         raise ImgError(f"Unknown file format '{fmt}'")
     table = {o.name: o for o in all_opts(fmt)}
     out: dict[str, Any] = {}
-    for item in filter(None, text.split(",")):
+    for item in filter(None, split_opts(text)):
         key, _, value = item.partition("=")
         opt = table.get(key)
         if opt is None:
@@ -146,8 +167,8 @@ def formatting_line(filename: str, fmt: str, opts: dict[str, Any]) -> str:
     parts = []
     for o in all_opts(fmt):
         value = opts.get(o.name, o.default)
-        if value is not None:
-            parts.append(f"{o.name}={value}")
+        if value is not None:  # commas doubled, as qemu-img prints option values
+            parts.append(f"{o.name}={str(value).replace(',', ',,')}")
     return f"Formatting '{filename}', fmt={fmt} " + " ".join(parts)
 
 
