@@ -7,6 +7,7 @@ left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -255,3 +256,24 @@ def test_option_lists(d, args):
     assert (d / "x").exists() == made
     if made:
         assert qemu_img("info", "x", cwd=d).stdout.split("disk size")[0] == info_q
+
+
+@pytest.mark.parametrize("flags", [[], ["-W"], ["-o", "cluster_size=4k"]])
+def test_zstd_both_ways(tmp_path, flags):
+    """zstd-compressed qcow2: blockd-img's read back by qemu-img, qemu-img's by blockd-img."""
+    d = tmp_path
+    qemu_img("create", "-q", "-f", "raw", "src.raw", "4M", cwd=d)
+    _qemu_io(d, "src.raw", "write -P 7 0 1M", "write -P 9 2M 100k", "write -P 3 3000k 5k")
+    opts = ["-o", "compression_type=zstd"]
+    assert qemu_img("convert", "-c", *flags, "-O", "qcow2", *opts, "src.raw", "q.qcow2",
+                    cwd=d).returncode == 0
+    assert blockd_img("convert", "-c", *flags, "-O", "qcow2", *opts, "src.raw", "b.qcow2",
+                      cwd=d) == ("", "", 0)
+    check = qemu_img("check", "--output=json", "b.qcow2", cwd=d)
+    assert check.returncode == 0 and json.loads(check.stdout).get("compressed-clusters", 0) > 0
+    assert "compression type: zstd" in qemu_img("info", "b.qcow2", cwd=d).stdout
+    assert qemu_img("compare", "src.raw", "b.qcow2", cwd=d).returncode == 0
+    for args in (["compare", "src.raw", "q.qcow2"], ["map", "--output=json", "q.qcow2"],
+                 ["convert", "-O", "raw", "q.qcow2", "o.raw"]):
+        same(d, *args)
+    assert (d / "o.raw").read_bytes() == (d / "src.raw").read_bytes()
