@@ -277,3 +277,24 @@ def test_zstd_both_ways(tmp_path, flags):
                  ["convert", "-O", "raw", "q.qcow2", "o.raw"]):
         same(d, *args)
     assert (d / "o.raw").read_bytes() == (d / "src.raw").read_bytes()
+
+
+@pytest.mark.parametrize("image", ["loop.qcow2", "l2.qcow2", "miss.qcow2", "t3.qcow2",
+                                   "./t3.qcow2", "ABS/t3.qcow2"])
+@pytest.mark.parametrize("flags", ["", "--output=json", "--backing-chain",
+                                   "--backing-chain --output=json"])
+def test_info_chains(d, image, flags):
+    """Each image described alone, as qemu-img opens it: a missing backing file is no
+    error, and a chain looping back is refused with qemu-img's message."""
+    def create(name: str, backing: str) -> None:
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "qcow2", name, "1M",
+                 cwd=d)
+    qemu_img("create", "-q", "-f", "qcow2", "loop.qcow2", "1M", cwd=d)
+    qemu_img("rebase", "-u", "-b", "loop.qcow2", "-F", "qcow2", "loop.qcow2", cwd=d)
+    create("l1.qcow2", "l2.qcow2")
+    create("l2.qcow2", "l1.qcow2")
+    create("miss.qcow2", "nonexist.qcow2")
+    create("t3.qcow2", "top.qcow2")
+    _, err, code = same(d, "info", *flags.split(), image.replace("ABS", str(d)))
+    if "loop" in image or image == "l2.qcow2":
+        assert code == (1 if "chain" in flags else 0)
