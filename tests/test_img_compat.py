@@ -298,3 +298,38 @@ def test_info_chains(d, image, flags):
     _, err, code = same(d, "info", *flags.split(), image.replace("ABS", str(d)))
     if "loop" in image or image == "l2.qcow2":
         assert code == (1 if "chain" in flags else 0)
+
+
+@pytest.mark.parametrize("args", [
+    "create -f qcow2 -b /dev/null -F raw x", "create -f qcow2 -b /dev/null -F raw x 1M",
+    "create -f qcow2 -b /dev/null x 1M", "convert -O qcow2 -B /dev/null -F raw top.qcow2 x",
+    "rebase -b /dev/null -F raw T", "rebase -u -b /dev/null -F raw T", "info N",
+    "info --backing-chain N", "map --output=json N", "convert -O raw N x", "compare N top.qcow2",
+    "check N", "info -f raw /dev/null", "map --output=json -f raw /dev/null"])
+def test_dev_null_backing(d, args):
+    """``/dev/null`` as a backing file is an empty raw image (QEMU's ``host_device``)."""
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "/dev/null", "-F", "raw", "n.qcow2", "1M",
+             cwd=d)
+    _qemu_io(d, "n.qcow2", "write -P 1 0 64k")
+    argv = args.replace("N", "n.qcow2").split()
+    results = []
+    for tool, name in ((qemu_img, "q"), (blockd_img, "b")):
+        subprocess.run(["cp", "top.qcow2", f"{name}.qcow2"], check=True, cwd=d)
+        (d / "x").unlink(missing_ok=True)
+        out = tool(*[a.replace("T", f"{name}.qcow2") for a in argv], cwd=d)
+        if tool is qemu_img:
+            out = (out.stdout, out.stderr.replace("qemu-img", "blockd-img"), out.returncode)
+        files = [qemu_img("info", f, cwd=d).stdout.split("disk size")[0]
+                 for f in ("x", f"{name}.qcow2") if (d / f).exists()]
+        results.append((out[0].replace("q.qcow2", "b.qcow2"), out[1], out[2],
+                        [f.replace("q.qcow2", "b.qcow2") for f in files]))
+    assert results[1] == results[0]
+
+
+@pytest.mark.parametrize("args", ["map --output=json e.raw", "map --output=json e.qcow2",
+                                  "map e.qcow2", "map --output=json --start-offset=64M base.qcow2",
+                                  "map --output=json --max-length=0 base.qcow2"])
+def test_map_empty(d, args):
+    qemu_img("create", "-q", "-f", "raw", "e.raw", "0", cwd=d)
+    qemu_img("create", "-q", "-f", "qcow2", "e.qcow2", "0", cwd=d)
+    same(d, *args.split())

@@ -162,8 +162,7 @@ class FileNode(BlockNode):
             st = os.fstat(self.fd)
             if stat.S_ISDIR(st.st_mode):
                 raise QMPError(f"'{self.path}' is not a file")
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-                raise QMPError(f"'file' driver requires '{self.path}' to be a regular file")
+            self._check_kind(st.st_mode)
             # Opened non-blocking so a FIFO cannot hang the daemon; files do not need it.
             os.set_blocking(self.fd, True)
             self.is_block_device = stat.S_ISBLK(st.st_mode)
@@ -176,6 +175,10 @@ class FileNode(BlockNode):
             os.close(self.fd)
             self.fd = -1
             raise
+
+    def _check_kind(self, mode: int) -> None:
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise QMPError(f"'file' driver requires '{self.path}' to be a regular file")
 
     def _open_fd(self, read_only: bool) -> int:
         flags = os.O_CLOEXEC | os.O_NONBLOCK | (os.O_RDONLY if read_only else os.O_RDWR)
@@ -512,3 +515,25 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
             raise QMPError(f"Could not resize file: {exc.strerror}") from None
     finally:
         os.close(fd)
+
+
+class HostDeviceNode(FileNode):
+    """QEMU's ``host_device``: a character or block device, which is what QEMU opens
+    a file name naming one with (``/dev/null`` as an empty backing file, say)."""
+
+    driver = "host_device"
+
+    def _check_kind(self, mode: int) -> None:
+        if not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+            raise QMPError(f"'host_device' driver requires '{self.path}' to be either a "
+                           "character or block device")
+
+
+def protocol_for(path: str) -> str:
+    """The protocol driver QEMU picks for a plain file name: ``host_device`` for a
+    character or block device, else ``file``."""
+    try:
+        mode = os.stat(os_path(path)).st_mode
+    except (OSError, ValueError):
+        return "file"
+    return "host_device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "file"

@@ -163,7 +163,10 @@ class Session:
                 fmt = probe_format(filename)
                 if fmt == "raw" and not read_only:
                     print(_RAW_PROBE_WARNING.format(filename), file=sys.stderr)
-            options = {"driver": fmt, "file": {"driver": "file", "filename": filename}}
+            from blockd.drivers.file import protocol_for
+
+            options = {"driver": fmt, "file": {"driver": protocol_for(filename),
+                                               "filename": filename}}
         options.setdefault("node-name", f"img{len(self.graph.nodes)}")
         options["read-only"] = read_only
         if force_share:

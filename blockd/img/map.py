@@ -48,6 +48,9 @@ async def map_entries(node: BlockNode, start: int = 0, end: int | None = None
         else:
             entries.append(e)
         offset += n
+    if not entries:  # qemu-img describes an empty range by one empty run
+        entries.append({"start": start, "length": 0, "depth": 0, "present": False,
+                        "zero": False, "data": False, "file": node.filename()})
     return entries
 
 

@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator
 
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Claim, Extent, Status, WriteFlags
+from blockd.drivers.file import protocol_for
 from blockd.drivers.qcow2 import bitmaps as qbitmaps
 from blockd.drivers.qcow2 import compress, crypt
 from blockd.drivers.qcow2 import header as hdr
@@ -309,8 +310,8 @@ class Qcow2Node(BlockNode):
                                f"{exc.strerror}") from None
         token = _BACKING_CHAIN.set(chain)
         try:
-            await ctx.open_child({"driver": fmt, "file": {"driver": "file", "filename": path}},
-                                 "backing")
+            await ctx.open_child({"driver": fmt, "file": {"driver": protocol_for(path),
+                                                          "filename": path}}, "backing")
         except QMPError as exc:
             raise QMPError(f"Could not open backing file: {exc.desc}", hint=exc.hint) from None
         finally:
