@@ -333,3 +333,22 @@ def test_map_empty(d, args):
     qemu_img("create", "-q", "-f", "raw", "e.raw", "0", cwd=d)
     qemu_img("create", "-q", "-f", "qcow2", "e.qcow2", "0", cwd=d)
     same(d, *args.split())
+
+
+@pytest.mark.parametrize("flags", ["", "--salvage", "--salvage -q", "--salvage -O qcow2",
+                                   "--salvage -c -O qcow2", "-c -O qcow2",
+                                   "--salvage -O qcow2 -S 0", "--salvage -m 1"])
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_convert_salvage(d, flags, fmt):
+    """Read errors injected by blkdebug: refused, or with --salvage zeroes and qemu-img's
+    warnings (none with -q); the same output image either way."""
+    (d / "bd.conf").write_text('[inject-error]\nevent = "read_aio"\nerrno = "5"\n'
+                               'sector = "100"\n')
+    qemu_img("create", "-q", "-f", fmt, "src", "1M", cwd=d)
+    _qemu_io(d, "src", "write -P 5 0 1M")
+    image = f"driver={fmt},file.driver=blkdebug,file.config=bd.conf,file.image.filename=src"
+    q = qemu_img("convert", *flags.split(), "--image-opts", image, "q.out", cwd=d)
+    b = blockd_img("convert", *flags.split(), "--image-opts", image, "b.out", cwd=d)
+    assert b == (q.stdout, q.stderr.replace("qemu-img", "blockd-img"), q.returncode)
+    if q.returncode == 0:
+        assert qemu_img("compare", "q.out", "b.out", cwd=d).returncode == 0

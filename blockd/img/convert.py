@@ -42,8 +42,6 @@ CHUNK = 2 << 20
 #: being written, one read and one placed keep the writer busy, and more buffers
 #: cost more than they give (fresh pages to fault in, and to free at the end).
 PLAIN_TASKS = 3
-#: Options qemu-img has that would change the result here if silently ignored.
-_UNSUPPORTED = {"salvage": "--salvage"}
 MAX_SPARSE = 16 << 20
 
 
@@ -57,6 +55,8 @@ class Plan:
     fresh: bool = True        # the target reads as zeroes before we start
     sparse: int = 4096        # zero detection granularity; 0 writes everything
     top_only: bool = False    # -B: leave what the sources do not hold to the backing file
+    salvage: bool = False     # --salvage: sectors that cannot be read are copied as zeroes
+    quiet: bool = False       # -q: --salvage's warnings left out
 
 
 class _Source:
@@ -136,15 +136,13 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
                     spans.append((at, at + n, pos))
                     file = host_file(ext.child)
                     # Zero runs (with -S 0) may sit on host clusters holding anything.
+                    # Salvaging reads go through the driver, sector by sector on failure.
                     if file is not None and ext.offset is not None and \
-                            not status & Status.ZERO:
+                            not status & Status.ZERO and not plan.salvage:
                         pieces.append((file, ext.offset, at, at + n))
                     else:
-                        try:
-                            memoryview(buf)[at:at + n] = await node.read(local, n)
-                        except OSError as exc:
-                            raise ImgError(f"error while reading at byte {pos}: "
-                                           f"{exc.strerror}") from None
+                        memoryview(buf)[at:at + n] = await _read_run(node, local, n, pos,
+                                                                     plan)
                 pos += n
                 local += n
         try:
@@ -284,12 +282,33 @@ async def _read(src: _Source, offset: int, end: int, plan: Plan) -> bytes | None
         n, status = ext.length, ext.status
         if status & Status.DATA or status & Status.ALLOCATED and not status & Status.ZERO:
             any_data = True
-        try:
-            parts.append(bytes(await node.read(local, n)))
-        except OSError as exc:
-            raise ImgError(f"error while reading at byte {pos}: {exc.strerror}") from None
+        parts.append(bytes(await _read_run(node, local, n, pos, plan)))
         pos += n
     return b"".join(parts) if any_data else None
+
+
+async def _read_run(node: BlockNode, local: int, n: int, pos: int,
+                    plan: Plan) -> bytes | bytearray | memoryview:
+    """``n`` bytes of ``node`` at ``local`` (``pos`` in the sources laid end to end).
+
+    With ``--salvage`` a failed read is done again a sector at a time, and each
+    sector that still fails reads as zeroes, with qemu-img's warning.
+    """
+    try:
+        return await node.read(local, n)
+    except OSError as exc:
+        if not plan.salvage:
+            raise ImgError(f"error while reading at byte {pos}: {exc.strerror}") from None
+    out = bytearray(n)
+    for at in range(0, n, 512):
+        size = min(512, n - at)
+        try:
+            out[at:at + size] = await node.read(local + at, size)
+        except OSError as exc:
+            if not plan.quiet:
+                print(f"{PROG}: warning: error while reading offset {local + at}: "
+                      f"{exc.strerror}", file=sys.stderr)
+    return out
 
 
 async def _copy_compressed(src: _Source, dst: BlockNode, offset: int, end: int, cluster: int,
@@ -313,7 +332,8 @@ async def _copy_compressed(src: _Source, dst: BlockNode, offset: int, end: int, 
 
 
 def _plan(args: Args) -> Plan:
-    plan = Plan(compress=args.has("c"), out_of_order=args.has("W"))
+    plan = Plan(compress=args.has("c"), out_of_order=args.has("W"), salvage=args.has("salvage"),
+                quiet=args.has("q"))
     try:
         plan.parallel = int(args.get("m", "8") or "")
     except ValueError:
@@ -355,9 +375,6 @@ async def run(args: Args) -> int:
     if wants_help(text):  # with the protocol's options once a target is named
         print(help_text(out_fmt, with_protocol=len(args.rest) >= 2), end="")
         return 0
-    for name, what in _UNSUPPORTED.items():
-        if args.has(name):
-            raise ImgError(f"{what} is not supported by {PROG} yet")
     snapshot = parse_param(args.get("l") or "") if args.has("l") else None
     plan = _plan(args)
     if args.has("skip-broken-bitmaps") and not args.has("bitmaps"):
