@@ -55,7 +55,8 @@ def _convert_same(d: Path, args: list[str]) -> None:
 
 @pytest.mark.parametrize("args", [
     "-O qcow2 -B base.qcow2", "-O qcow2 -B ''", "-O qcow2 -o backing_file=base.qcow2",
-    "-O raw -B base.qcow2", "-O raw -F qcow2", "-O qcow2 -F qcow2", "-O qcow2 -o backing_fmt=qcow2",
+    "-O raw -B base.qcow2", "-O raw -F qcow2", "-O qcow2 -F qcow2",
+    "-O qcow2 -o backing_fmt=qcow2",
     "-c -O qcow2 -B base.qcow2 -o encryption=on",
     "-O qcow2 -o backing_file=base.qcow2,backing_fmt=qcow2", "-O qcow2 -B base.qcow2 -F qcow2"])
 def test_convert_backing_checks(d, args):

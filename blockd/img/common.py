@@ -232,7 +232,7 @@ def fail(message: str, usage: bool = False, newline: bool = True) -> int:
 
 
 class Progress:
-    """qemu-img's ``-p`` percentage, redrawn in place (through a pipe too, as qemu-img draws it)."""
+    """qemu-img's ``-p`` percentage, redrawn in place (through a pipe too, as qemu-img does)."""
 
     def __init__(self, enabled: bool, total: int, step: float = 1.0) -> None:
         self.enabled = enabled

@@ -181,7 +181,7 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
     await dst.flush()
 
 
-def _reads_as_zero(status: Status, plan: Plan) -> bool:
+def _reads_as_zero(status: int, plan: Plan) -> bool:
     """A run left to the target's zeroes rather than read and written: reading as zero
     counts, whether or not the source keeps it allocated, as in qemu-img (with ``-S 0``,
     every run is written)."""
