@@ -206,7 +206,10 @@ def _qemu_io(d: Path, image: str, *cmds: str) -> None:
 @pytest.mark.parametrize("create,writes", [
     ("preallocation=metadata", ["write -P 1 0 64k", "write -z 0 128k", "write -z 256k 64k"]),
     ("cluster_size=4k", ["write -P 1 0 1M", "write -z 0 128k", "write -z 256k 4k"]),
-    ("cluster_size=4k", ["write -P 1 0 1M", "write -z 512k 8k", "write -P 2 520k 4k"])])
+    ("cluster_size=4k", ["write -P 1 0 1M", "write -z 512k 8k", "write -P 2 520k 4k"]),
+    ("preallocation=metadata,extended_l2=on",
+     ["write -P 1 0 64k", "write -z 0 128k", "write -z 256k 4k"]),
+    ("extended_l2=on", ["write -P 1 0 4k", "write -z 8k 4k", "write -P 2 70k 2k"])])
 def test_map_zero_clusters_keep_offset(d, output, create, writes):
     """Zero clusters that keep their host clusters show where those are, as in qemu-img."""
     qemu_img("create", "-q", "-f", "qcow2", "-o", create, "z.qcow2", "1M", cwd=d)

@@ -17,8 +17,7 @@ async def _layer_status(node: BlockNode, offset: int, length: int
         length = ext.length
         if ext.status & Status.ALLOCATED or cur.backing is None:
             present = bool(ext.status & Status.ALLOCATED)
-            return length, depth, ext.status if present else Status.ZERO, \
-                ext.offset if present else None, cur
+            return length, depth, ext.status if present else Status.ZERO, ext.offset, cur
         if offset >= cur.backing.length():
             return length, depth, Status.ZERO, None, cur
         length = min(length, cur.backing.length() - offset)

@@ -907,9 +907,12 @@ class Qcow2Node(BlockNode):
             n = min(length, guest + j * sc - offset)
             status = {"data": Status.DATA | Status.ALLOCATED, "zero": Status.ZERO | Status.ALLOCATED,
                       "unallocated": None}[state]
-            if status is None:
-                return await self._unallocated_status(offset, n)
             host = entry.host + offset - guest if entry.host else None
+            if status is None:
+                if host is not None and self.backing is None and self.encryption is None:
+                    # Room kept for it: QEMU shows where, and it reads as zeroes.
+                    return Extent(n, Status.ZERO, host, self.image.data)
+                return await self._unallocated_status(offset, n)
             if host is None:
                 return Extent(n, status)
             if state == "zero":  # room kept for zeroes: its place is shown, as QEMU shows it
