@@ -22,6 +22,10 @@ class QMPError(Exception):
         self.cls = cls
         self.hint = hint
 
+    def human(self) -> str:
+        """The message as ``qemu-img`` prints it: the hint on a line of its own."""
+        return f"{self.desc}\n{self.hint}" if self.hint else self.desc
+
     def __str__(self) -> str:
         return self.desc
 

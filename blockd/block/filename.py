@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from typing import Any
 
 from blockd.errors import QMPError
+from blockd.paths import os_path
 
 #: QEMU 7.2's protocol prefixes and the drivers they choose.
 PROTOCOLS = {
@@ -200,7 +202,7 @@ def _child(name: str | None, flat: dict[str, Any], key: str, protocol: bool,
 
 def _find_protocol(name: str) -> str:
     if not has_protocol(name):
-        return "file"
+        return _plain_protocol(name)
     protocol = name.partition(":")[0][:127]
     driver = PROTOCOLS.get(protocol)
     if driver is None:
@@ -426,3 +428,14 @@ def _path_combine(base: str, name: str) -> str:
     start = base.index(":") + 1 if has_protocol(base) else 0
     slash = base.rfind("/") + 1
     return base[:max(start, slash)] + name
+
+
+def _plain_protocol(path: str) -> str:
+    """The protocol driver QEMU picks for a plain file name: ``host_device`` for a
+    character or block device, else ``file``."""
+    try:
+        mode = os.stat(os_path(path)).st_mode
+    except (OSError, ValueError):
+        return "file"
+    return "host_device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "file"
+

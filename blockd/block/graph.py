@@ -196,6 +196,8 @@ class BlockGraph:
             name = self._implicit_name()
         else:
             self.check_new_name(name)
+        if "driver" not in options:  # QMP's schema requires it; option strings may not give it
+            raise QMPError("Must specify either driver or file")
         cls = driver_class(options["driver"])
         read_only = bool(options.get("read-only", False))
         node = cls(name, options, read_only)

@@ -39,6 +39,7 @@ import asyncio
 import json
 import mmap
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -93,9 +94,17 @@ def _read_exactly(stream: BinaryIO, n: int) -> bytes | None:
 
 
 def serve(inp: BinaryIO, out: BinaryIO, shared: Any) -> None:
-    """The helper's loop: requests in, results into ``shared``, until ``inp`` closes."""
+    """The helper's loop: requests in, results into ``shared``, until ``inp`` closes
+    or ``out`` does (the daemon is done: replies it no longer reads are not errors)."""
+    with memoryview(shared) as area:
+        try:
+            _serve(inp, out, area)
+        except BrokenPipeError:
+            pass
+
+
+def _serve(inp: BinaryIO, out: BinaryIO, area: memoryview) -> None:
     ciphers: dict[int, SectorCipher] = {}
-    area = memoryview(shared)
     out.write(HELLO)
     out.flush()
     while (head := _read_exactly(inp, REQUEST.size)) is not None:
@@ -116,9 +125,15 @@ def serve(inp: BinaryIO, out: BinaryIO, shared: Any) -> None:
 
 
 def _helper_main() -> None:
+    # An interrupt at the terminal reaches the whole process group; the daemon
+    # decides, and the helper ends when the daemon closes its input.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     fd = int(sys.argv[1])
     with mmap.mmap(fd, AREA) as shared:
         serve(sys.stdin.buffer, sys.stdout.buffer, shared)
+    # Without the interpreter's clean-up, which would flush replies into a pipe
+    # nobody reads any more.
+    os._exit(0)
 
 
 # ---- the daemon's side -------------------------------------------------------------

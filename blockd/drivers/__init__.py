@@ -15,6 +15,7 @@ from blockd.errors import QMPError
 
 _DRIVERS: dict[str, str] = {
     "file": "blockd.drivers.file:FileNode",
+    "host_device": "blockd.drivers.file:HostDeviceNode",
     "raw": "blockd.drivers.raw:RawNode",
     "null-co": "blockd.drivers.null:NullNode",
     "null-aio": "blockd.drivers.null:NullNode",

@@ -514,7 +514,10 @@ class BlkdebugNode(BlockNode):
 
     async def block_status(self, offset: int, length: int) -> Extent:
         await self._check(offset, length, "block-status")
-        return await self.image.block_status(offset, length)
+        ext = await self.image.block_status(offset, length)
+        # The run is named as this node's, not the file's: reads must come through
+        # here (where errors are injected), never straight from the host file.
+        return Extent(ext.length, ext.status, ext.offset, self)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         await self.image.truncate(size, exact, prealloc)

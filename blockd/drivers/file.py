@@ -98,10 +98,11 @@ class LockBytes:
     def check(self, perm: Perm, shared: Perm) -> None:
         """Raise QEMU's error if another process forbids ``perm`` or uses what we don't share."""
         for i, (bit, name) in enumerate(PERM_NAMES.items()):
+            hint = f"Is another process using the image [{self.path}]?"
             if perm & bit and self._locked_by_other(_SHARED_BASE + i):
-                raise QMPError(f'Failed to get "{name}" lock')
+                raise QMPError(f'Failed to get "{name}" lock', hint=hint)
             if not shared & bit and self._locked_by_other(_PERM_BASE + i):
-                raise QMPError(f'Failed to get shared "{name}" lock')
+                raise QMPError(f'Failed to get shared "{name}" lock', hint=hint)
 
     def apply(self, perm: Perm, shared: Perm) -> None:
         want = set()
@@ -171,8 +172,7 @@ class FileNode(BlockNode):
             st = os.fstat(self.fd)
             if stat.S_ISDIR(st.st_mode):
                 raise QMPError(f"'{self.path}' is not a file")
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-                raise QMPError(f"'file' driver requires '{self.path}' to be a regular file")
+            self._check_kind(st.st_mode)
             # Opened non-blocking so a FIFO cannot hang the daemon; files do not need it.
             os.set_blocking(self.fd, True)
             self.is_block_device = stat.S_ISBLK(st.st_mode)
@@ -185,6 +185,10 @@ class FileNode(BlockNode):
             os.close(self.fd)
             self.fd = -1
             raise
+
+    def _check_kind(self, mode: int) -> None:
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise QMPError(f"'file' driver requires '{self.path}' to be a regular file")
 
     def _open_fd(self, read_only: bool) -> int:
         flags = os.O_CLOEXEC | os.O_NONBLOCK | (os.O_RDONLY if read_only else os.O_RDWR)
@@ -403,9 +407,15 @@ class FileNode(BlockNode):
         self.flushed_gen = max(self.flushed_gen, gen)
 
     async def block_status(self, offset: int, length: int) -> Extent:
-        """Data or hole, from ``SEEK_DATA``/``SEEK_HOLE``."""
+        """Data or hole, from ``SEEK_DATA``/``SEEK_HOLE``.
+
+        With ``O_DIRECT`` data that ends in a partial block at the end of the file
+        goes on to the block's end, as in QEMU (whose requests are whole blocks then).
+        """
         start, end = self.data_extent
         if start <= offset < end:
+            if self.direct and end == self.size:
+                end = self._aligned_span(offset, end - offset)[1]
             return Extent(min(length, end - offset), Status.DATA | Status.ALLOCATED, offset, self)
         try:
             data = os.lseek(self.fd, offset, os.SEEK_DATA)
@@ -417,6 +427,8 @@ class FileNode(BlockNode):
             return Extent(min(length, data - offset), Status.ZERO | Status.ALLOCATED, offset, self)
         hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
         self.data_extent = (offset, hole)
+        if self.direct and hole == self.size:
+            hole = self._aligned_span(offset, hole - offset)[1]
         return Extent(min(length, hole - offset), Status.DATA | Status.ALLOCATED, offset, self)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
@@ -510,8 +522,10 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
         raise QMPError(f"Could not create '{path}': {exc.strerror}") from None
     try:
         locks = LockBytes(fd, path)
-        locks.check(Perm.WRITE | Perm.RESIZE, Perm(0))
-        locks.apply(Perm.WRITE | Perm.RESIZE, Perm(0))
+        # As QEMU: others may go on reading and writing, not resizing.
+        shared = Perm.all() & ~Perm.RESIZE
+        locks.check(Perm.WRITE | Perm.RESIZE, shared)
+        locks.apply(Perm.WRITE | Perm.RESIZE, shared)
         try:
             await asyncio.to_thread(os.ftruncate, fd, 0)
             await asyncio.to_thread(_resize_file, fd, 0, size, prealloc)
@@ -519,3 +533,15 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
             raise QMPError(f"Could not resize file: {exc.strerror}") from None
     finally:
         os.close(fd)
+
+
+class HostDeviceNode(FileNode):
+    """QEMU's ``host_device``: a character or block device, which is what QEMU opens
+    a file name naming one with (``/dev/null`` as an empty backing file, say)."""
+
+    driver = "host_device"
+
+    def _check_kind(self, mode: int) -> None:
+        if not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+            raise QMPError(f"'host_device' driver requires '{self.path}' to be either a "
+                           "character or block device")

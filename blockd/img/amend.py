@@ -14,7 +14,7 @@ from typing import Any
 from blockd.drivers.qcow2.amend import BACKING_REFUSED, amend_options
 from blockd.errors import QMPError
 from blockd.img.common import PROG, Args, ImgError, Progress, Session, UsageError, fail
-from blockd.img.create import FORMATS, Opt, _convert
+from blockd.img.create import FORMATS, Opt, _convert, split_opts
 
 _KEYSLOT = [
     Opt("iter-time", "num", "Time to spend in PBKDF in milliseconds"),
@@ -48,7 +48,7 @@ def parse(fmt: str, text: str) -> dict[str, Any]:
     """``-o`` text -> typed values; creation-only options are refused with a hint."""
     table = {o.name: o for o in AMEND[fmt]}
     out: dict[str, Any] = {}
-    for item in filter(None, text.split(",")):
+    for item in filter(None, split_opts(text)):
         key, _, value = item.partition("=")
         opt = table.get(key)
         if opt is None:
@@ -81,7 +81,7 @@ async def run(args: Args) -> int:
     if not args.o:
         raise UsageError("Must specify options (-o)")
     fmt = args.get("f")
-    wants_help = any(item in ("help", "?") for item in text.split(","))
+    wants_help = any(item in ("help", "?") for item in split_opts(text))
     if fmt and wants_help:
         print(help_text(fmt), end="")
         return 0

@@ -72,6 +72,13 @@ _ALIASES = {"format": "f", "repair": "r", "force-share": "U", "granularity": "g"
             "source-file": "b", "source-format": "F"}
 
 
+def valid_option_list(text: str) -> bool:
+    """qemu-img's check of each ``-o``: not empty, no leading comma, and no lone comma at
+    the end (an even run of them is escaped commas)."""
+    trailing = len(text) - len(text.rstrip(","))
+    return bool(text) and not text.startswith(",") and trailing % 2 == 0
+
+
 def parse(args: list[str], short: str, long: list[str]) -> Args:
     """GNU getopt with qemu-img's error texts; repeatable ``--object`` and ``-o`` collected."""
     try:
@@ -91,6 +98,8 @@ def parse(args: list[str], short: str, long: list[str]) -> Args:
         if key == "object":
             out.objects.append(value)
         elif key == "o":
+            if not valid_option_list(value):
+                raise ImgError(f"Invalid option list: {value}")
             out.o.append(value)
         else:
             out.opts[key] = value

@@ -16,7 +16,10 @@ from blockd.block.probe import fill_drivers, open_image, probe_name
 from blockd.errors import QMPError
 from blockd.objects import ObjectStore
 
-PROG = "blockd-img"
+#: The name in messages: ``qemu-img`` when run under that name (a symlink or wrapper
+#: standing in for it), so scripts and filters written for qemu-img's output match.
+PROG = "qemu-img" if os.path.basename(sys.argv[0] if sys.argv else "") == "qemu-img" \
+    else "blockd-img"
 
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
              "p": 1 << 50, "e": 1 << 60}
@@ -141,8 +144,9 @@ class Session:
                                     typed=image_opts or filename.startswith("json:"),
                                     probed=probed, extra=extra)
         except QMPError as exc:
-            message = f"Could not open '{filename}': {exc.desc}" if wrap else exc.desc
-            raise ImgError(message + (f"\n{exc.hint}" if exc.hint else "")) from None
+            message = exc.human()
+            raise ImgError(f"Could not open '{filename}': {message}" if wrap else message) \
+                from None
 
     async def detect(self, filename: str) -> str:
         """The format of the image ``filename`` names: as a ``json:`` name gives it, else
@@ -214,18 +218,11 @@ def fail(message: str, usage: bool = False, newline: bool = True) -> int:
     return 1
 
 
-def is_tty() -> bool:
-    try:
-        return os.isatty(sys.stdout.fileno())
-    except (OSError, ValueError):  # a captured or closed stdout is no terminal
-        return False
-
-
 class Progress:
-    """qemu-img's ``-p`` percentage, redrawn in place; silent when stdout is not a terminal."""
+    """qemu-img's ``-p`` percentage, redrawn in place (through a pipe too, as qemu-img does)."""
 
     def __init__(self, enabled: bool, total: int, step: float = 1.0) -> None:
-        self.enabled = enabled and is_tty()
+        self.enabled = enabled
         self.total = max(1, total)
         self.step = step
         self.done = 0

@@ -91,17 +91,19 @@ async def run(args: Args) -> int:
             opts = {"force_share": args.has("U"), "image_opts": args.has("image-opts")}
             a = await session.open(args.rest[0], args.get("f"), **opts)
             b = await session.open(args.rest[1], args.get("F"), **opts)
+            # qemu-img ends the progress line after the verdict, without drawing 100% again.
+            bar = Progress(args.has("p") and not quiet, max(a.length(), b.length()), step=2.0)
             if a.length() != b.length() and args.has("s"):
                 say("Strict mode: Image size mismatch!")
+                bar.end_line()
                 return 1
-            bar = Progress(args.has("p") and not quiet, max(a.length(), b.length()))
             message = await compare_nodes(a, b, args.has("s"), bar, say)
-            bar.finish()
+            say(message or "Images are identical.")
+            bar.end_line()
     except ImgError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"{PROG}: Error while reading: {exc.strerror}", file=sys.stderr)
         return 2
-    say(message or "Images are identical.")
     return 1 if message else 0

@@ -43,8 +43,6 @@ CHUNK = 2 << 20
 #: being written, one read and one placed keep the writer busy, and more buffers
 #: cost more than they give (fresh pages to fault in, and to free at the end).
 PLAIN_TASKS = 3
-#: Options qemu-img has that would change the result here if silently ignored.
-_UNSUPPORTED = {"salvage": "--salvage"}
 MAX_SPARSE = 16 << 20
 #: Zeroes are written as qemu-img writes them: the target may drop what it held there.
 UNMAP = WriteFlags.MAY_UNMAP
@@ -61,6 +59,8 @@ class Plan:
     sparse: int = 4096        # zero detection granularity; 0 writes everything
     top_only: bool = False    # -B: leave what the sources do not hold to the backing file
     backing_end: int | None = None  # -B: the target's backing file's length
+    salvage: bool = False     # --salvage: sectors that cannot be read are copied as zeroes
+    quiet: bool = False       # -q: --salvage's warnings left out
 
 
 class _Source:
@@ -109,7 +109,9 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
         claims: list[tuple[Claim, int, int, int]] = []
         try:
             if plan.compress:
-                await _copy_compressed(src, dst, offset, end, cluster, plan, in_order)
+                copied = await _copy_compressed(src, dst, offset, end, cluster, plan, in_order)
+                if copied:  # zero clusters are no work qemu-img counts
+                    bar.add(copied)
             else:
                 assert buf is not None
                 await copy_plain(offset, end, buf, claims)
@@ -118,7 +120,6 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
             for claim, *_ in claims:  # only left when the copy failed
                 with contextlib.suppress(OSError):  # that failure is the one to report
                     await claim.abort()
-        bar.add(end - offset)
 
     async def copy_plain(offset: int, end: int, buf: mmap.mmap,
                          claims: list[tuple[Claim, int, int, int]]) -> None:
@@ -136,22 +137,20 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
                 kind = _backed_run(node, local, ext, pos, plan) if plan.top_only else ""
                 if kind == "backing":
                     pass
-                elif kind == "zero" and plan.sparse or not kind and plan.sparse and (
-                        status & Status.ZERO and not status & Status.DATA
-                        or not status & (Status.DATA | Status.ALLOCATED)):
+                elif kind == "zero" and plan.sparse or not kind and _reads_as_zero(status, plan):
                     zeros.append((pos, n))
                 else:
                     at = pos - offset
                     spans.append((at, at + n, pos))
                     file = host_file(ext.child)
-                    if file is not None and ext.offset is not None:
+                    # Zero runs (with -S 0) may sit on host clusters holding anything.
+                    # Salvaging reads go through the driver, sector by sector on failure.
+                    if file is not None and ext.offset is not None and \
+                            not status & Status.ZERO and not plan.salvage:
                         pieces.append((file, ext.offset, at, at + n))
                     else:
-                        try:
-                            memoryview(buf)[at:at + n] = await node.read(local, n)
-                        except OSError as exc:
-                            raise ImgError(f"error while reading at byte {pos}: "
-                                           f"{exc.strerror}") from None
+                        memoryview(buf)[at:at + n] = await _read_run(node, local, n, pos,
+                                                                     plan)
                 pos += n
                 local += n
         try:
@@ -167,6 +166,7 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
                 await dst.write_zeroes(zpos, zlen, UNMAP)
         for (at, stop, _), found in zip(spans, runs):
             await _place(dst, offset, buf, at, stop, found, plan, claims, cluster)
+            bar.add(stop - at)  # as qemu-img counts: each run of data once placed
         placed.setdefault(offset, asyncio.Event()).set()
         await _fill_claims(io, buf, claims)
 
@@ -187,6 +187,32 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
             w.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
     await dst.flush()
+
+
+def _reads_as_zero(status: int, plan: Plan) -> bool:
+    """A run left to the target's zeroes rather than read and written: reading as zero
+    counts, whether or not the source keeps it allocated, as in qemu-img (with ``-S 0``,
+    every run is written)."""
+    return bool(plan.sparse) and bool(status & Status.ZERO
+                                      or not status & (Status.DATA | Status.ALLOCATED))
+
+
+async def data_bytes(src: _Source, plan: Plan, granule: int) -> int:
+    """The bytes the copy will read and write: what ``-p`` counts, as qemu-img counts it
+    (zero runs, and with ``-B`` runs left to the backing file, are not work), in whole
+    ``granule``s (compressed clusters are written whole)."""
+    total = 0
+    end = 0  # of the last granule counted
+    for start, node in src.parts:
+        pos = start
+        for ext in await chain_extents(node, 0, node.length(), plan.top_only):
+            if (ext.status & Status.ALLOCATED or not plan.top_only) \
+                    and not _reads_as_zero(ext.status, plan):
+                first = max(end, pos // granule * granule)
+                end = min(src.size, -(-(pos + ext.length) // granule) * granule)
+                total += max(0, end - first)
+            pos += ext.length
+    return total
 
 
 async def _place(dst: BlockNode, offset: int, buf: mmap.mmap, start: int, stop: int,
@@ -303,17 +329,39 @@ async def _read(src: _Source, offset: int, end: int, plan: Plan) -> bytes | None
         n, status = ext.length, ext.status
         if status & Status.DATA or status & Status.ALLOCATED and not status & Status.ZERO:
             any_data = True
-        try:
-            parts.append(bytes(await node.read(local, n)))
-        except OSError as exc:
-            raise ImgError(f"error while reading at byte {pos}: {exc.strerror}") from None
+        parts.append(bytes(await _read_run(node, local, n, pos, plan)))
         pos += n
     return b"".join(parts) if any_data else None
 
 
+async def _read_run(node: BlockNode, local: int, n: int, pos: int,
+                    plan: Plan) -> bytes | bytearray | memoryview:
+    """``n`` bytes of ``node`` at ``local`` (``pos`` in the sources laid end to end).
+
+    With ``--salvage`` a failed read is done again a sector at a time, and each
+    sector that still fails reads as zeroes, with qemu-img's warning.
+    """
+    try:
+        return await node.read(local, n)
+    except OSError as exc:
+        if not plan.salvage:
+            raise ImgError(f"error while reading at byte {pos}: {exc.strerror}") from None
+    out = bytearray(n)
+    for at in range(0, n, 512):
+        size = min(512, n - at)
+        try:
+            out[at:at + size] = await node.read(local + at, size)
+        except OSError as exc:
+            if not plan.quiet:
+                print(f"{PROG}: warning: error while reading offset {local + at}: "
+                      f"{exc.strerror}", file=sys.stderr)
+    return out
+
+
 async def _copy_compressed(src: _Source, dst: BlockNode, offset: int, end: int, cluster: int,
-                           plan: Plan, in_order: Callable[[int], Awaitable[None]]) -> None:
+                           plan: Plan, in_order: Callable[[int], Awaitable[None]]) -> int:
     """One cluster, compressed in a worker thread; a short last cluster is padded.
+    The bytes written as data (0 for a cluster of zeroes).
 
     With -B a cluster the source's top layer leaves to its backing file (or
     holds as zeroes) in one run is not read: qemu-img decides by the run at
@@ -330,13 +378,13 @@ async def _copy_compressed(src: _Source, dst: BlockNode, offset: int, end: int, 
             await in_order(offset)
             if kind == "zero":
                 await dst.write_zeroes(offset, end - offset, UNMAP)
-            return
+            return 0
     data = await _read(src, offset, end, plan)
     if data is None or is_zero(data):
         await in_order(offset)
         if not plan.fresh:
             await dst.write_zeroes(offset, end - offset, UNMAP)
-        return
+        return 0
     data += bytes(cluster - len(data))
     packed = await dst.compress_cluster(data)
     await in_order(offset)
@@ -344,10 +392,12 @@ async def _copy_compressed(src: _Source, dst: BlockNode, offset: int, end: int, 
         await dst.write_compressed(offset, data, packed)
     except OSError as exc:
         raise ImgError(f"error while writing at byte {offset}: {exc.strerror}") from None
+    return end - offset
 
 
 def _plan(args: Args) -> Plan:
-    plan = Plan(compress=args.has("c"), out_of_order=args.has("W"))
+    plan = Plan(compress=args.has("c"), out_of_order=args.has("W"), salvage=args.has("salvage"),
+                quiet=args.has("q"))
     try:
         plan.parallel = int(args.get("m", "8") or "")
     except ValueError:
@@ -381,16 +431,14 @@ def _key_secrets(opts: dict[str, Any]) -> dict[str, Any]:
 async def run(args: Args) -> int:
     """``convert [-c] [-p] [-q] [-n] [-W] [-m N] [-S size] [-f fmt] [-O fmt] [-o opts]
     [-B backing [-F fmt]] [-U] filename [filename2 ...] output_filename``."""
-    from blockd.img.create import create_image, help_text, parse_opts, wants_help
+    from blockd.img.create import (add_backing_options, create_image, help_text, parse_opts,
+                                   wants_help)
 
     out_fmt = args.get("O", "raw") or "raw"
     text = ",".join(args.o)
-    if wants_help(text):
-        print(help_text(out_fmt, with_protocol=False), end="")
+    if wants_help(text):  # with the protocol's options once a target is named
+        print(help_text(out_fmt, with_protocol=len(args.rest) >= 2), end="")
         return 0
-    for name, what in _UNSUPPORTED.items():
-        if args.has(name):
-            raise ImgError(f"{what} is not supported by {PROG} yet")
     snapshot = parse_param(args.get("l") or "") if args.has("l") else None
     plan = _plan(args)
     if args.has("skip-broken-bitmaps") and not args.has("bitmaps"):
@@ -426,15 +474,13 @@ async def run(args: Args) -> int:
             raise ImgError("Compression not supported for this file format")
         if not no_create:
             opts = parse_opts(out_fmt, text)
+            add_backing_options(out_fmt, opts, args.get("B"), args.get("F"))
+            if "backing_file" in opts:
+                if "backing_fmt" not in opts:
+                    raise ImgError("Use of backing file requires explicit backing format")
+                plan.top_only = True
             if plan.compress and (opts.get("encryption") or opts.get("encrypt.format")):
                 raise ImgError("Compression and encryption not supported at the same time")
-            if args.has("B"):
-                if out_fmt == "raw":
-                    raise ImgError(f"Backing file not supported for file format '{out_fmt}'")
-                opts["backing_file"] = args.get("B")
-                if args.has("F"):
-                    opts["backing_fmt"] = args.get("F")
-                plan.top_only = True
             await create_image(session, target, out_fmt, src.size, opts,
                                context=f"error while converting {out_fmt}: ")
             keys = _key_secrets(opts)
@@ -449,7 +495,9 @@ async def run(args: Args) -> int:
             raise ImgError(f"Format driver '{out_fmt}' does not support bitmaps")
         if no_create and dst.length() < src.size:
             raise ImgError("output file is smaller than input file")
-        bar = Progress(args.has("p") and not args.has("q"), src.size)
+        progress = args.has("p") and not args.has("q")
+        granule = (dst.cluster_size() or 65536) if plan.compress else 1
+        bar = Progress(progress, await data_bytes(src, plan, granule) if progress else src.size)
         try:
             await copy_image(src, dst, plan, bar, io)
         except QMPError as exc:

@@ -10,6 +10,7 @@ format has a table of those options, and the values are turned into a
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,8 +110,28 @@ def help_text(fmt: str, with_protocol: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_opts(text: str) -> list[str]:
+    """``-o`` text as ``name`` or ``name=value`` items: a comma ends an item, except
+    that ``,,`` inside a value stands for one comma."""
+    items = []
+    pos = 0
+    while pos <= len(text):
+        m = re.compile(r"[^=,]*").match(text, pos)
+        assert m is not None
+        pos = m.end()
+        if text[pos:pos + 1] != "=":
+            items.append(m.group())
+            pos += 1
+            continue
+        value = re.compile(r"(?:[^,]|,,)*").match(text, pos + 1)
+        assert value is not None
+        items.append(f"{m.group()}={value.group().replace(',,', ',')}")
+        pos = value.end() + 1
+    return items
+
+
 def wants_help(text: str) -> bool:
-    return any(item in ("help", "?") for item in text.split(","))
+    return any(item in ("help", "?") for item in split_opts(text))
 
 
 def parse_opts(fmt: str, text: str) -> dict[str, Any]:
@@ -119,7 +140,7 @@ def parse_opts(fmt: str, text: str) -> dict[str, Any]:
         raise ImgError(f"Unknown file format '{fmt}'")
     table = {o.name: o for o in all_opts(fmt)}
     out: dict[str, Any] = {}
-    for item in filter(None, text.split(",")):
+    for item in filter(None, split_opts(text)):
         key, _, value = item.partition("=")
         opt = table.get(key)
         if opt is None:
@@ -220,10 +241,13 @@ async def _backing_size(session: Session, filename: str, opts: dict[str, Any],
                         size: int | None, unsafe: bool) -> int | None:
     """Check the backing file as qemu-img does; its size when none was given."""
     backing = opts.get("backing_file")
-    if not backing:
-        if "backing_fmt" in opts:
-            raise ImgError(f"{filename}: Backing format cannot be used without backing file")
+    if backing is None:  # a lone backing format is the driver's to refuse
         return size
+    if backing == filename:  # compared as strings, as qemu-img does
+        raise ImgError(f"{filename}: Error: Trying to create an image with the same filename "
+                       "as the backing file")
+    if not backing:
+        raise ImgError(f"{filename}: Expected backing file name, got empty string")
     if unsafe and size is not None:
         return size
     try:
@@ -323,7 +347,22 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
             hint = " (try using a larger cluster size)" if fmt == "qcow2" else ""
             raise ImgError(f"{filename}: The image size is too large for file format "
                            f"'{fmt}'{hint}") from None
-        raise ImgError(f"{filename}: {context}{exc.desc}") from None
+        raise ImgError(f"{filename}: {context}{exc.human()}") from None
+
+
+def add_backing_options(fmt: str, opts: dict[str, Any], backing: str | None,
+                        backing_fmt: str | None) -> None:
+    """``-b``/``-B`` and ``-F`` as the ``backing_file``/``backing_fmt`` options they stand for,
+    refused where the format has no such option."""
+    names = {o.name for o in all_opts(fmt)}
+    if backing is not None:
+        if "backing_file" not in names:
+            raise ImgError(f"Backing file not supported for file format '{fmt}'")
+        opts["backing_file"] = backing
+    if backing_fmt is not None:
+        if "backing_fmt" not in names:
+            raise ImgError(f"Backing file format not supported for file format '{fmt}'")
+        opts["backing_fmt"] = backing_fmt
 
 
 async def run(args: Args) -> int:
@@ -341,12 +380,9 @@ async def run(args: Args) -> int:
         raise UsageError("Unexpected argument: " + args.rest[2])
     try:
         opts = parse_opts(fmt, text)
+        add_backing_options(fmt, opts, args.get("b"), args.get("F"))
     except ImgError as exc:
         raise ImgError(f"{filename}: {exc}") from None
-    if args.has("b"):
-        opts["backing_file"] = args.get("b")
-    if args.has("F"):
-        opts["backing_fmt"] = args.get("F")
     async with Session(args.objects) as session:
         await create_image(session, filename, fmt, size, opts, unsafe=args.has("u"),
                            quiet=args.has("q"), name_too_large=True)

@@ -19,8 +19,7 @@ async def _layer_status(node: BlockNode, offset: int, length: int
         if ext.status & Status.ALLOCATED or cur.backing is None:
             present = bool(ext.status & Status.ALLOCATED)
             unknown = Status.ZERO if cur.supports_backing else Status.NONE
-            return length, depth, ext.status if present else unknown, \
-                ext.offset if present else None, cur
+            return length, depth, ext.status if present else unknown, ext.offset, cur
         if offset >= cur.backing.length():
             return length, depth, Status.ZERO, None, cur
         length = min(length, cur.backing.length() - offset)
@@ -50,6 +49,9 @@ async def map_entries(node: BlockNode, start: int = 0, end: int | None = None
         else:
             entries.append(e)
         offset += n
+    if not entries:  # qemu-img describes an empty range by one empty run
+        entries.append({"start": start, "length": 0, "depth": 0, "present": False,
+                        "zero": False, "data": False, "file": node.filename()})
     return entries
 
 
@@ -77,7 +79,7 @@ def human_text(entries: list[dict[str, Any]]) -> tuple[str, str | None]:
         if e["data"] and "offset" not in e:
             return "\n".join(out) + "\n", "File contains external, encrypted or compressed " \
                 "clusters."
-        if e["data"]:
+        if e["data"] and not e["zero"]:  # data known to read as zero is not listed
             out.append(f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}"
                        f"{e['file']}")
     return "\n".join(out) + "\n", None

@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 from blockd.block.node import BlockNode, Status
 from blockd.errors import QMPError
-from blockd.img.common import Args, ImgError, Session, chain_status, json_pretty, parse_size
+from blockd.img.common import (PROG, Args, ImgError, Session, chain_status, json_pretty,
+                               parse_size)
 from blockd.img.snapshot import load_param, parse_param
 
 #: The largest L1 table QEMU opens (32 MiB), which bounds the virtual size.
@@ -153,13 +154,10 @@ def human_text(info: dict[str, int]) -> str:
 
 async def run(args: Args) -> int:
     """``measure [--output=ofmt] [-O fmt] [-o opts] [--size N | [-f fmt] filename]``."""
-    from blockd.img.create import help_text, parse_opts, wants_help
+    from blockd.img.create import FORMATS, parse_opts
 
     fmt = args.get("O", "raw") or "raw"
-    text = ",".join(args.o)
-    if wants_help(text):
-        print(help_text(fmt, with_protocol=False), end="")
-        return 0
+    text = ",".join(args.o)  # qemu-img's measure lists no options: "help" is refused
     output = args.output()
     snapshot = parse_param(args.get("l") or "") if args.has("l") else None
     if args.has("size") and args.rest:
@@ -169,7 +167,12 @@ async def run(args: Args) -> int:
     size = None
     if args.has("size"):
         size = parse_size(args.get("size") or "")
-    opts = parse_opts(fmt, text)
+    try:
+        opts = parse_opts(fmt, text)
+    except ImgError as exc:
+        if fmt not in FORMATS:
+            raise
+        raise ImgError(f"{exc}\n{PROG}: Invalid options for file format '{fmt}'") from None
     async with Session(args.objects) as session:
         node = None
         if args.rest:

@@ -315,7 +315,7 @@ class Qcow2Node(BlockNode):
                 options = typed_options(options)
             await ctx.open_child(options, "backing")
         except QMPError as exc:
-            raise QMPError(f"Could not open backing file: {exc.desc}") from None
+            raise QMPError(f"Could not open backing file: {exc.desc}", hint=exc.hint) from None
         finally:
             _BACKING_CHAIN.reset(token)
 
@@ -1018,11 +1018,16 @@ class Qcow2Node(BlockNode):
             n = min(length, guest + j * sc - offset)
             status = {"data": Status.DATA | Status.ALLOCATED, "zero": Status.ZERO | Status.ALLOCATED,
                       "unallocated": None}[state]
+            host = entry.host + offset - guest if entry.host else None
             if status is None:
+                if host is not None and self.backing is None and self.encryption is None:
+                    # Room kept for it: QEMU shows where, and it reads as zeroes.
+                    return Extent(n, Status.ZERO, host, self.image.data)
                 return await self._unallocated_status(offset, n)
-            host = entry.host + offset - guest if state == "data" else None
             if host is None:
                 return Extent(n, status)
+            if state == "zero":  # room kept for zeroes: its place is shown, as QEMU shows it
+                return self._zero_alloc_status(n, host)
             return await self._data_status(n, status, host)
         # Extend over following clusters of the same kind: whole slices of entries
         # at a time where run_after can tell, entry by entry (through lookup's
@@ -1044,7 +1049,8 @@ class Qcow2Node(BlockNode):
                     n = min(length, guest + cs - offset)
                     continue
             nxt = await self.map.lookup(guest + cs)
-            if nxt.kind(cb) != kind or (kind == Kind.NORMAL and nxt.host != entry.host + cs):
+            if nxt.kind(cb) != kind or (kind in (Kind.NORMAL, Kind.ZERO_ALLOC)
+                                        and nxt.host != entry.host + cs):
                 break
             guest += cs
             entry = nxt
@@ -1055,9 +1061,18 @@ class Qcow2Node(BlockNode):
                                            first.host + offset % cs)
         if kind == Kind.COMPRESSED:
             return Extent(n, Status.DATA | Status.ALLOCATED)
-        if kind in (Kind.ZERO_PLAIN, Kind.ZERO_ALLOC):
+        if kind == Kind.ZERO_ALLOC:
+            return self._zero_alloc_status(n, first.host + offset % cs)
+        if kind == Kind.ZERO_PLAIN:
             return Extent(n, Status.ZERO | Status.ALLOCATED)
         return await self._unallocated_status(offset, n)
+
+    def _zero_alloc_status(self, n: int, host: int) -> Extent:
+        """Zero clusters that keep their host clusters: QEMU reports where they are
+        (though the file there need not hold zeroes), except for encrypted images."""
+        if self.encryption is not None:
+            return Extent(n, Status.ZERO | Status.ALLOCATED)
+        return Extent(n, Status.ZERO | Status.ALLOCATED, host, self.image.data)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """Block status of a range, a table slice at a time: one unpack of the slice's
@@ -1110,7 +1125,9 @@ class Qcow2Node(BlockNode):
                 break  # compressed, reserved bits, unaligned or COPIED alone: lookup's
             j = i + 1 + continuing(entries, i + 1, first, cs)
             stop = min(end, guest + j * cs)
-            if first & ZERO:  # zero clusters, with or without room kept
+            if first & ZERO and host:  # zero clusters that keep their room
+                ext = self._zero_alloc_status(stop - pos, host + pos - (guest + i * cs))
+            elif first & ZERO:
                 ext = Extent(stop - pos, Status.ZERO | Status.ALLOCATED)
             elif host:
                 ext = Extent(stop - pos, Status.DATA | Status.ALLOCATED,
