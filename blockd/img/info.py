@@ -71,7 +71,7 @@ async def info(session: Session, filename: str, fmt: str | None, output: str,
         seen.add(name)
         node = await session.open(name, infos[-1].get("backing-filename-format"),
                                   force_share=force_share, extra={"backing": None})
-        infos.append(_image_info(node, name))
+        infos.append(_image_info(node, node.filename()))
     if output == "json":
         return json_pretty(infos if backing_chain else infos[0]) + "\n"
     return "\n".join(info_text(i) for i in infos)

@@ -18,8 +18,12 @@ async def _layer_status(node: BlockNode, offset: int, length: int
         length = ext.length
         if ext.status & Status.ALLOCATED or cur.backing is None:
             present = bool(ext.status & Status.ALLOCATED)
-            unknown = Status.ZERO if cur.supports_backing else Status.NONE
-            return length, depth, ext.status if present else unknown, ext.offset, cur
+            status = ext.status if present else \
+                Status.ZERO if cur.supports_backing else Status.NONE
+            # qemu-img shows a host offset wherever the run reads as data or as zeroes,
+            # a zero subcluster left unallocated inside an allocated cluster included.
+            return length, depth, status, \
+                ext.offset if status & (Status.DATA | Status.ZERO) else None, cur
         if offset >= cur.backing.length():
             return length, depth, Status.ZERO, None, cur
         length = min(length, cur.backing.length() - offset)
