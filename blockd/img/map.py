@@ -49,6 +49,9 @@ async def map_entries(node: BlockNode, start: int = 0, end: int | None = None
         else:
             entries.append(e)
         offset += n
+    if not entries:  # qemu-img still shows the (empty) run it started with
+        entries.append({"start": start, "length": 0, "depth": 0, "present": False,
+                        "zero": False, "data": False})
     return entries
 
 
@@ -76,7 +79,7 @@ def human_text(entries: list[dict[str, Any]]) -> tuple[str, str | None]:
         if e["data"] and "offset" not in e:
             return "\n".join(out) + "\n", "File contains external, encrypted or compressed " \
                 "clusters."
-        if e["data"]:
+        if e["data"] and not e["zero"]:
             out.append(f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}"
                        f"{e['file']}")
     return "\n".join(out) + "\n", None
