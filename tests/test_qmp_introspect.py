@@ -147,6 +147,8 @@ SAME_ANSWER = [
     "blockdev-add/arg-type/driver/^vpc",
     "blockdev-create/arg-type/options/+vpc/force-size",
     "blockdev-create/arg-type/options/+vpc/subformat/^fixed",
+    "blockdev-add/arg-type/+vdi/file",
+    "blockdev-create/arg-type/options/+vdi/preallocation/^metadata",
     "block-dirty-bitmap-add/arg-type/persistent",
     "block-dirty-bitmap-add/arg-type/disabled",
     "block-dirty-bitmap-merge/arg-type/bitmaps/node",

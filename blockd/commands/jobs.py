@@ -17,6 +17,7 @@ _CREATORS = {
     "qcow2": "blockd.drivers.qcow2.create:create",
     "luks": "blockd.drivers.luks:create",
     "vpc": "blockd.drivers.vpc.create:create",
+    "vdi": "blockd.drivers.vdi.create:create",
 }
 
 

@@ -21,6 +21,7 @@ _DRIVERS: dict[str, str] = {
     "luks": "blockd.drivers.luks:LuksNode",
     "nbd": "blockd.drivers.nbd.driver:NbdNode",
     "vpc": "blockd.drivers.vpc.driver:VpcNode",
+    "vdi": "blockd.drivers.vdi.driver:VdiNode",
 }
 
 

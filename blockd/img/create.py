@@ -77,6 +77,7 @@ FORMATS: dict[str, list[Opt]] = {
                                   "specified, rather than using the nearest CHS-based "
                                   "calculation"),
     ],
+    "vdi": [_SIZE, Opt("static", "bool", "VDI static (pre-allocated) image", "off")],
 }
 # The encrypt.* entries above were built in _CRYPTO's order; qemu-img prints
 # key-secret right after format, which that order already gives.
@@ -232,11 +233,19 @@ def _vpc_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
     return out
 
 
+def _vdi_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"driver": "vdi", "size": size}
+    if _bool(opts.get("static")):
+        out["preallocation"] = "metadata"
+    return out
+
+
 #: The formats whose ``-o preallocation`` goes to the (empty) file they are written on.
-_BUILDERS = {"qcow2": _qcow2_options, "luks": _luks_options, "vpc": _vpc_options}
+_BUILDERS = {"qcow2": _qcow2_options, "luks": _luks_options, "vpc": _vpc_options,
+             "vdi": _vdi_options}
 _CREATORS = {"qcow2": "blockd.drivers.qcow2.create", "luks": "blockd.drivers.luks",
-             "vpc": "blockd.drivers.vpc.create"}
-_FILE_PREALLOC = ("vpc",)
+             "vpc": "blockd.drivers.vpc.create", "vdi": "blockd.drivers.vdi.create"}
+_FILE_PREALLOC = ("vpc", "vdi")
 
 
 def _file_prealloc(value: str) -> str:
