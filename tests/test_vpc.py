@@ -134,6 +134,70 @@ def test_empty_and_big_sparse(tmp_path):
             same(tmp_path, *cmd, "-f", "vpc", image.name)
 
 
+@pytest.mark.parametrize("app", [b"win ", b"d2v ", b"tap\0", b"CTXS", b"qem2", b"vpc ",
+                                 b"qemu", b"vs  "])
+@pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
+def test_creator_app_decides_size(tmp_path, app, subformat):
+    """Hyper-V, Disk2vhd, XenServer... images are sized by current_size, the rest by CHS."""
+    image = tmp_path / "a.vhd"
+    assert qemu_img("create", "-q", "-f", "vpc", "-o", f"subformat={subformat}", str(image),
+                    "11M").returncode == 0
+    qemu_io("vpc", str(image), "write -P 3 10M 1M")
+    data = image.read_bytes()
+    at = [0, len(data) - 512] if subformat == "dynamic" else [len(data) - 512]
+    for off in at:
+        data = _patch(data, off + 28, ">I", int.from_bytes(app, "big"), off)
+        # A current_size below the geometry's, so the two rules differ.
+        data = _patch(data, off + 48, ">Q", 10 * MiB + 4096, off)
+    image.write_bytes(data)
+    check_views(tmp_path, "vpc", "a.vhd")
+
+
+def test_max_geometry_uses_current_size(tmp_path):
+    image = tmp_path / "a.vhd"
+    assert qemu_img("create", "-q", "-f", "vpc", "-o", "force_size=on", str(image),
+                    "11M").returncode == 0
+    data = _patch(image.read_bytes(), 28, ">I", int.from_bytes(b"vpc ", "big"), 0)
+    image.write_bytes(data)
+    same(tmp_path, "info", "--output=json", "-f", "vpc", "a.vhd")
+
+
+@pytest.mark.parametrize("fmt,opts,ext", [("vpc", "subformat=dynamic", "vhd"),
+                                          ("vpc", "subformat=fixed", "vhd"),
+                                          ("vdi", "static=off", "vdi"),
+                                          ("vdi", "static=on", "vdi")])
+def test_parallel_writes_through_nbd(tmp_path, fmt, opts, ext):
+    """qemu-img convert with many requests in flight, out of order, into a blockd export:
+    concurrent allocations must leave a consistent image with the source's content."""
+    src = tmp_path / "src.raw"
+    assert qemu_img("create", "-q", "-f", "raw", str(src), "40M").returncode == 0
+    qemu_io("raw", str(src), *WRITES, "write -P 0x5a 20M 15M", "write -P 0x5b 36M 3M")
+    image = tmp_path / f"t.{ext}"
+    assert qemu_img("create", "-q", "-f", fmt, "-o", opts, str(image), "40M").returncode == 0
+    daemon, uri = serve(tmp_path, fmt, image, writable=True)
+    try:
+        r = qemu_img("convert", "-n", "-W", "-m", "16", "-f", "raw", "-O", "raw", str(src), uri)
+        assert r.returncode == 0, r.stderr
+    finally:
+        daemon.stop()
+    r = qemu_img("compare", "-f", "raw", "-F", fmt, str(src), str(image))
+    assert r.returncode == 0, r.stdout + r.stderr
+    if fmt == "vdi":
+        assert qemu_img("check", "-f", "vdi", str(image)).returncode == 0
+
+
+def test_differencing_refused(tmp_path):
+    """QEMU opens a differencing disk as if it had no parent; blockd says it cannot."""
+    image = tmp_path / "a.vhd"
+    assert qemu_img("create", "-q", "-f", "vpc", str(image), "11M").returncode == 0
+    data = image.read_bytes()
+    for off in (0, len(data) - 512):
+        data = _patch(data, off + 60, ">I", 4, off)
+    image.write_bytes(data)
+    out, err, code = blockd_img("info", "-f", "vpc", "a.vhd", cwd=tmp_path)
+    assert code == 1 and "Unsupported VHD disk type 4" in err, err
+
+
 def test_probe():
     from blockd.drivers.vpc import probe
 
@@ -247,32 +311,35 @@ def test_blockdev_create(tmp_path):
 # ---- hostile images -----------------------------------------------------------------------
 
 
-def _patch(data: bytes, off: int, fmt: str, value: int, refooter: bool) -> bytes:
+def _patch(data: bytes, off: int, fmt: str, value: int, footer: int | None) -> bytes:
+    """``value`` packed at ``off``; the checksum of the footer at offset ``footer`` (if any)
+    made right again, so the field itself is what is judged."""
     buf = bytearray(data)
     struct.pack_into(fmt, buf, off, value)
-    if refooter:  # keep the footer checksum right so the field itself is what is judged
-        buf[64:68] = bytes(4)
-        struct.pack_into(">I", buf, 64, ~sum(buf[:512]) & 0xFFFFFFFF)
+    if footer is not None:
+        at = footer
+        buf[at + 64:at + 68] = bytes(4)
+        struct.pack_into(">I", buf, at + 64, ~sum(buf[at:at + 512]) & 0xFFFFFFFF)
     return bytes(buf)
 
 
 HOSTILE = {
-    "checksum": (64, ">I", 1, False),
-    "block size 0": (512 + 32, ">I", 0, False),
-    "block size odd": (512 + 32, ">I", 3 << 20, False),
-    "block size 256": (512 + 32, ">I", 256, False),
-    "bat entries huge": (512 + 28, ">I", 0x7FFFFFFF, False),
-    "bat entries negative": (512 + 28, ">I", 0x80000001, False),
-    "bat entries too few": (512 + 28, ">I", 1, False),
-    "bat offset past end": (512 + 16, ">Q", 1 << 40, False),
-    "bat offset wraps": (512 + 16, ">Q", 0xFFFFFFFFFFFFFF00, False),
-    "header offset past end": (16, ">Q", 1 << 40, True),
-    "header offset wraps": (16, ">Q", 0xFFFFFFFFFFFFFF00, True),
-    "huge current size": (48, ">Q", 1 << 62, True),
-    "max geometry": (56, ">I", 0xFFFF10FF, True),
-    "huge geometry": (56, ">I", 0xFFFFFFFF, True),
-    "bat entry past end": (1536, ">I", 0x7FFFFFFF, False),
-    "magic": (512, ">Q", 0, False),
+    "checksum": (64, ">I", 1, None),
+    "block size 0": (512 + 32, ">I", 0, None),
+    "block size odd": (512 + 32, ">I", 3 << 20, None),
+    "block size 256": (512 + 32, ">I", 256, None),
+    "bat entries huge": (512 + 28, ">I", 0x7FFFFFFF, None),
+    "bat entries negative": (512 + 28, ">I", 0x80000001, None),
+    "bat entries too few": (512 + 28, ">I", 1, None),
+    "bat offset past end": (512 + 16, ">Q", 1 << 40, None),
+    "bat offset wraps": (512 + 16, ">Q", 0xFFFFFFFFFFFFFF00, None),
+    "header offset past end": (16, ">Q", 1 << 40, 0),
+    "header offset wraps": (16, ">Q", 0xFFFFFFFFFFFFFF00, 0),
+    "huge current size": (48, ">Q", 1 << 62, 0),
+    "max geometry": (56, ">I", 0xFFFF10FF, 0),
+    "huge geometry": (56, ">I", 0xFFFFFFFF, 0),
+    "bat entry past end": (1536, ">I", 0x7FFFFFFF, None),
+    "magic": (512, ">Q", 0, None),
 }
 
 
@@ -282,10 +349,10 @@ def test_hostile_headers(tmp_path, case):
     image = tmp_path / "h.vhd"
     assert qemu_img("create", "-q", "-f", "vpc", str(image), "11M").returncode == 0
     qemu_io("vpc", str(image), "write -P 1 0 4k")
-    off, fmt, value, refooter = HOSTILE[case]
-    data = _patch(image.read_bytes(), off, fmt, value, refooter)
+    off, fmt, value, footer = HOSTILE[case]
+    data = _patch(image.read_bytes(), off, fmt, value, footer)
     if case == "huge current size":
-        data = _patch(data, 28, ">I", int.from_bytes(b"win ", "big"), True)
+        data = _patch(data, 28, ">I", int.from_bytes(b"win ", "big"), 0)
     image.write_bytes(data)
     q = qemu_img("info", "-f", "vpc", "h.vhd", cwd=tmp_path)
     b = blockd_img("info", "-f", "vpc", "h.vhd", cwd=tmp_path)

@@ -11,9 +11,11 @@ what the file holds.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import errno
 import struct
+import sys
 from typing import Any
 
 from blockd.block.graph import OpenContext
@@ -31,7 +33,7 @@ class VpcNode(BlockNode):
         self.footer: footer.Footer | None = None
         self.sectors = 0
         self.header: dynamic.Header | None = None
-        self.bat: list[int] = []
+        self.bat = array.array("I")
         self.free_offset = 0
         #: Bitmaps known to be all ones (QEMU sets them before writing to a block).
         self._full_bitmaps: set[int] = set()
@@ -51,6 +53,7 @@ class VpcNode(BlockNode):
         flen = file.length()
         head = bytes(await file.read(0, footer.SIZE))
         fixed = head[:8] != footer.COOKIE
+        kind = footer.TYPE_FIXED if fixed else footer.TYPE_DYNAMIC
         if fixed:
             if flen < footer.SIZE:
                 raise QMPError("File too small for a VHD header")
@@ -58,6 +61,8 @@ class VpcNode(BlockNode):
             if head[:8] != footer.COOKIE:
                 raise QMPError("invalid VPC image")
         self.footer = f = footer.parse(head)
+        if fixed:
+            self._check_type(kind)
         self.sectors = f.guest_sectors(False)
         if self.sectors > footer.MAX_SECTORS:
             raise OSError(errno.EFBIG, "File too large")
@@ -68,6 +73,7 @@ class VpcNode(BlockNode):
         except OSError:
             raise QMPError("Error reading dynamic VHD header") from None
         self.header = h = dynamic.parse(raw, self.sectors)
+        self._check_type(kind)
         table_bytes = h.max_table_entries * 4
         # QEMU reads the whole table before it sees that the file is too short for
         # it; checking first keeps a hostile entry count from costing memory.
@@ -77,16 +83,28 @@ class VpcNode(BlockNode):
             if h.table_offset + table_bytes > (1 << 63) - 1:
                 raise QMPError("Error reading pagetable")
             raise truncated
-        table = bytes(await file.read(h.table_offset, table_bytes))
-        self.bat = list(struct.unpack(f">{h.max_table_entries}I", table))
+        self.bat = array.array("I", bytes(await file.read(h.table_offset, table_bytes)))
+        if sys.byteorder == "little":
+            self.bat.byteswap()
         free = -(-(h.table_offset + table_bytes) // 512) * 512
-        span = h.bitmap_size + h.block_size
-        for entry in self.bat:
-            if entry != dynamic.UNALLOCATED:
-                free = max(free, entry * 512 + span)
+        last = max((e for e in self.bat if e != dynamic.UNALLOCATED), default=None)
+        if last is not None:
+            free = max(free, last * 512 + h.bitmap_size + h.block_size)
         if free > flen:
             raise truncated
         self.free_offset = free
+
+    def _check_type(self, kind: int) -> None:
+        """Refuse a footer whose disk type is not what its place says.
+
+        QEMU opens these too: a differencing disk as if it had no parent, and
+        the others with the I/O path of their type field, not of their layout.
+        Either would read wrong.
+        """
+        if self.footer.disk_type != kind:
+            raise QMPError(f"Unsupported VHD disk type {self.footer.disk_type} for a footer at "
+                           f"the {'end' if kind == footer.TYPE_FIXED else 'start'} of the file "
+                           "(differencing images are not supported)")
 
     # ---- data path ----------------------------------------------------------
 
