@@ -198,6 +198,19 @@ def test_differencing_refused(tmp_path):
     assert code == 1 and "Unsupported VHD disk type 4" in err, err
 
 
+@pytest.mark.parametrize("fmt", ["vpc", "vdi"])
+def test_unsupported_operations(tmp_path, fmt):
+    """What QEMU's vpc and vdi drivers cannot do fails with qemu-img's messages."""
+    assert qemu_img("create", "-q", "-f", fmt, str(tmp_path / "a.img"), "10M").returncode == 0
+    for argv in (["resize", "-f", fmt, "a.img", "20M"], ["amend", "-f", fmt, "-o", "size=30M",
+                                                         "a.img"],
+                 ["measure", "-O", fmt, "--size", "10M"], ["check", "-r", "all", "-f", fmt,
+                                                            "a.img"]):
+        same(tmp_path, *argv)
+    if fmt == "vpc":
+        same(tmp_path, "check", "-f", fmt, "a.img")
+
+
 def test_probe():
     from blockd.drivers.vpc import probe
 

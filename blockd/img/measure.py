@@ -89,7 +89,7 @@ async def measure(fmt: str, opts: dict[str, Any], size: int | None,
         required = size if node is not None else _round_up(size, 512)
         return {"required": required, "fully-allocated": required}
     if fmt != "qcow2":
-        raise ImgError(f"Format driver '{fmt}' does not support size measurement")
+        raise ImgError(f"Block driver '{fmt}' does not support size measurement")
     cs = opts.get("cluster_size", 65536)
     bits = opts.get("refcount_bits", 16)
     ext_l2 = opts.get("extended_l2", "off") in ("on", "yes", "true", "y")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import sys
 from typing import Any
 
@@ -139,6 +140,9 @@ class VdiNode(BlockNode):
             if ext.status & Status.ZERO:
                 status |= Status.ZERO
         return Extent(n, status, host, self.file)
+
+    async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
+        raise OSError(errno.ENOTSUP, "Image format driver does not support resize")
 
     # ---- queries ------------------------------------------------------------
 

@@ -206,6 +206,9 @@ class VpcNode(BlockNode):
             status |= Status.ZERO
         return Extent(ext.length, status, offset, self.file)
 
+    async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
+        raise OSError(errno.ENOTSUP, "Image format driver does not support resize")
+
     # ---- queries ------------------------------------------------------------
 
     def cluster_size(self) -> int | None:
