@@ -377,3 +377,63 @@ def test_short_files(tmp_path):
     for n in (0, 100, 511):
         (tmp_path / "s.vhd").write_bytes(b"x" * n)
         same(tmp_path, "info", "-f", "vpc", "s.vhd")
+
+
+# ---- QMP, against qemu-storage-daemon -----------------------------------------------------
+
+
+def _qmp_images(work: Path) -> None:
+    for name, fmt, opts in (("d.vhd", "vpc", "subformat=dynamic"),
+                            ("f.vhd", "vpc", "subformat=fixed"),
+                            ("s.vdi", "vdi", "static=on"), ("y.vdi", "vdi", "static=off")):
+        assert qemu_img("create", "-q", "-f", fmt, "-o", opts, str(work / name),
+                        "11M").returncode == 0
+        qemu_io(fmt, str(work / name), "write -P 7 1M 64k")
+    for name in ("new.vhd", "new.vdi"):
+        (work / name).write_bytes(b"")
+
+
+def _add(node: str, fmt: str, name: str, **extra) -> str:
+    return json.dumps({"execute": "blockdev-add", "arguments": {
+        "driver": fmt, "node-name": node, "read-only": True, **extra,
+        "file": {"driver": "file", "filename": f"TMP/{name}"}}})
+
+
+def _create(job: str, **options) -> str:
+    return json.dumps({"execute": "blockdev-create", "arguments": {"job-id": job,
+                                                                  "options": options}})
+
+
+QMP_SESSION = [
+    '{"execute":"qmp_capabilities"}',
+    _add("d", "vpc", "d.vhd"), _add("f", "vpc", "f.vhd"), _add("s", "vdi", "s.vdi"),
+    _add("y", "vdi", "y.vdi"), _add("bad", "vpc", "d.vhd", force_size=True),
+    '{"execute":"query-named-block-nodes","arguments":{"flat":true}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"nv",'
+    '"filename":"TMP/new.vhd"}}',
+    '{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"ni",'
+    '"filename":"TMP/new.vdi"}}',
+    # One job at a time: blockd lists jobs oldest first, qsd newest first.
+    _create("c1", driver="vpc", file="nv", size=10 * MiB),
+    '{"execute":"query-jobs"}',
+    '{"execute":"job-dismiss","arguments":{"id":"c1"}}',
+    _create("c2", driver="vdi", file="ni", size=MiB, preallocation="full"),
+    '{"execute":"query-jobs"}',
+    '{"execute":"job-dismiss","arguments":{"id":"c2"}}',
+    _create("c3", driver="vpc", file="nv", size=10 * MiB, subformat="nosuch"),
+    _create("c4", driver="vpc", file="nv", size=10514432, subformat="fixed"),
+    '{"execute":"query-jobs"}',
+    '{"execute":"job-dismiss","arguments":{"id":"c4"}}',
+    _create("c5", driver="vdi", file="ni", size=5 * MiB, preallocation="metadata"),
+    '{"execute":"query-jobs"}',
+    '{"execute":"blockdev-del","arguments":{"node-name":"d"}}',
+]
+
+
+def test_qmp_session_matches_qsd(tmp_path):
+    from test_qmp_diff import HAVE_QSD, _both
+
+    if not HAVE_QSD:
+        pytest.skip("qemu-storage-daemon not installed")
+    theirs, ours = _both(tmp_path, QMP_SESSION, setup=_qmp_images)
+    assert ours == theirs

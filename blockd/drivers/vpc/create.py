@@ -8,6 +8,7 @@ is set; ``qemu-img create`` rounds it up first (see :func:`chs_size`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -37,6 +38,9 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
     try:
         user = Backend(graph, file, "an unnamed block device", Perm.WRITE | Perm.RESIZE,
                        Perm.all())
+        # QEMU yields while it sets up its writer, so a size it refuses ends the job
+        # only after blockdev-create has replied.
+        await asyncio.sleep(0)
         sectors, chs = footer.rounded_geometry(size, force)
         if size != sectors * 512:
             raise QMPError("The requested image size cannot be represented in CHS geometry",
