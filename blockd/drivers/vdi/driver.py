@@ -103,8 +103,11 @@ class VdiNode(BlockNode):
         entry = h.blocks_allocated
         self.bmap[index] = entry
         h.blocks_allocated += 1
-        block = bytearray(hdr.BLOCK_SIZE)
-        block[within:within + len(data)] = data
+        if len(data) == hdr.BLOCK_SIZE:
+            block: bytes | bytearray | memoryview = data
+        else:
+            block = bytearray(hdr.BLOCK_SIZE)
+            block[within:within + len(data)] = data
         await self.file.write(h.offset_data + entry * hdr.BLOCK_SIZE, block, flags)
 
     async def _write_metadata(self, first: int, last: int) -> None:
