@@ -65,11 +65,12 @@ def nbd_uri(sock: str, name: str) -> str:
 def serve(d: Path, fmt: str, image: Path, writable: bool = False) -> tuple[Daemon, str]:
     """A blockd daemon exporting ``image`` as 'img' over NBD."""
     nbd = str(d / "nbd.sock")
+    mode = "on" if writable else "off"
     daemon = Daemon(str(d / "qmp.sock"),
                     "--blockdev", f"driver=file,node-name=f0,filename={image}",
                     "--blockdev", f"driver={fmt},node-name=img,file=f0",
                     "--nbd-server", f"addr.type=unix,addr.path={nbd}",
-                    "--export", f"type=nbd,id=e0,node-name=img,writable={'on' if writable else 'off'}")
+                    "--export", f"type=nbd,id=e0,node-name=img,writable={mode}")
     return daemon, nbd_uri(nbd, "img")
 
 
