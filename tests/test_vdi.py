@@ -204,3 +204,17 @@ def test_block_map_past_end_of_file(tmp_path):
     _patched(tmp_path, (384, "<I", 0x1FFFFF80), (368, "<Q", 1 << 40))
     out, err, code = blockd_img("info", "-f", "vdi", "h.vdi", cwd=tmp_path)
     assert code == 1 and "extends past the end of the file" in err, err
+
+
+def test_compare_vpc_with_vdi(tmp_path):
+    """compare across the two formats, same and differing content, as qemu-img reports it."""
+    vpc = tmp_path / "a.vhd"
+    assert qemu_img("create", "-q", "-f", "vpc", "-o", "force_size=on", str(vpc),
+                    "11M").returncode == 0
+    qemu_io("vpc", str(vpc), *WRITES)
+    vdi = _qemu_image(tmp_path, "static=off")
+    qemu_io("vdi", str(vdi), *WRITES)
+    same(tmp_path, "compare", "-f", "vpc", "-F", "vdi", "a.vhd", "a.vdi")
+    qemu_io("vdi", str(vdi), "write -P 0x12 6M 512")
+    for flags in ([], ["-s"]):
+        same(tmp_path, "compare", *flags, "-f", "vpc", "-F", "vdi", "a.vhd", "a.vdi")
