@@ -218,3 +218,11 @@ def test_compare_vpc_with_vdi(tmp_path):
     qemu_io("vdi", str(vdi), "write -P 0x12 6M 512")
     for flags in ([], ["-s"]):
         same(tmp_path, "compare", *flags, "-f", "vpc", "-F", "vdi", "a.vhd", "a.vdi")
+
+
+def test_writes_to_odd_sized_image(tmp_path):
+    """VBoxManage makes images of any byte size; QEMU rounds up to a sector and writes the
+    rounded size back with the header when it allocates, and so does blockd."""
+    _patched(tmp_path, (368, "<Q", 10 * MiB + 1))
+    check_same_writes(tmp_path, "vdi", tmp_path / "h.vdi", ["write -P 5 5M 4k",
+                                                            "write -P 6 10M 512"])
