@@ -428,6 +428,10 @@ QMP_SESSION = [
     _create("c5", driver="vdi", file="ni", size=5 * MiB, preallocation="metadata"),
     '{"execute":"query-jobs"}',
     '{"execute":"blockdev-del","arguments":{"node-name":"d"}}',
+    _add("w", "vpc", "d.vhd", **{"read-only": False}),
+    '{"execute":"blockdev-add","arguments":{"driver":"vdi","node-name":"v","file":"ni"}}',
+    '{"execute":"block_resize","arguments":{"node-name":"w","size":33554432}}',
+    '{"execute":"block_resize","arguments":{"node-name":"v","size":33554432}}',
 ]
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import errno
 import sys
 from typing import Any
 
@@ -145,7 +144,7 @@ class VdiNode(BlockNode):
         return Extent(n, status, host, self.file)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
-        raise OSError(errno.ENOTSUP, "Image format driver does not support resize")
+        raise QMPError("Image format driver does not support resize")
 
     # ---- queries ------------------------------------------------------------
 

@@ -207,7 +207,7 @@ class VpcNode(BlockNode):
         return Extent(ext.length, status, offset, self.file)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
-        raise OSError(errno.ENOTSUP, "Image format driver does not support resize")
+        raise QMPError("Image format driver does not support resize")
 
     # ---- queries ------------------------------------------------------------
 
