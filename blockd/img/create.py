@@ -234,17 +234,20 @@ def _vpc_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
 
 
 def _vdi_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
+    """``static=on`` is QEMU's metadata preallocation for vdi."""
     out: dict[str, Any] = {"driver": "vdi", "size": size}
     if _bool(opts.get("static")):
         out["preallocation"] = "metadata"
     return out
 
 
-#: The formats whose ``-o preallocation`` goes to the (empty) file they are written on.
+#: Each format's ``-o`` options to ``blockdev-create`` options, and the module that creates.
 _BUILDERS = {"qcow2": _qcow2_options, "luks": _luks_options, "vpc": _vpc_options,
              "vdi": _vdi_options}
 _CREATORS = {"qcow2": "blockd.drivers.qcow2.create", "luks": "blockd.drivers.luks",
              "vpc": "blockd.drivers.vpc.create", "vdi": "blockd.drivers.vdi.create"}
+#: The formats whose ``-o preallocation`` goes to the (empty) file they are written on:
+#: qemu-img hands the protocol only the options the format does not take.
 _FILE_PREALLOC = ("vpc", "vdi")
 
 
