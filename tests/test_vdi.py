@@ -17,7 +17,8 @@ import pytest
 
 from harness import Daemon
 from test_img import blockd_img, qemu_img, same
-from test_vpc import WRITES, check_nbd_read, check_same_writes, check_views, qemu_io
+from test_vpc import (WRITES, check_nbd_read, check_same_writes, check_views, metadata_of,
+                      qemu_io)
 
 MiB = 1 << 20
 
@@ -87,11 +88,13 @@ def test_create_like_qemu(tmp_path, size, opts):
     """Same messages and the same file, but for the two random UUIDs."""
     argv = ["create", "-f", "vdi", "-o", opts, "x.vdi", size]
     q = qemu_img(*argv, cwd=tmp_path)
-    theirs = (tmp_path / "x.vdi").read_bytes()
+    theirs = metadata_of(tmp_path / "x.vdi")
     (tmp_path / "x.vdi").unlink()
     b = blockd_img(*argv, cwd=tmp_path)
     assert b == (q.stdout, q.stderr.replace("qemu-img", "blockd-img"), q.returncode)
-    ours = (tmp_path / "x.vdi").read_bytes()
+    size, ours = metadata_of(tmp_path / "x.vdi")
+    assert size == theirs[0]
+    theirs = theirs[1]
     assert ours[:392] + ours[424:] == theirs[:392] + theirs[424:]
     assert ours[392:424] != bytes(32)
     same(tmp_path, "check", "-f", "vdi", "x.vdi")

@@ -104,6 +104,18 @@ def check_same_writes(d: Path, fmt: str, image: Path, writes: list[str]) -> None
     assert qemu_img("compare", "-f", fmt, "-F", fmt, str(ours), str(theirs)).returncode == 0
 
 
+def metadata_of(path: Path, head: int = 1 << 20) -> tuple[int, bytes]:
+    """(size, bytes) of a new image without reading its sparse data area: the first
+    ``head`` bytes and the last sector (a VHD footer), whole if the file is small."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= head + 512:
+            return size, f.read()
+        data = f.read(head)
+        f.seek(size - 512)
+        return size, data + f.read()
+
+
 def footer_fields_masked(data: bytes, offsets: list[int]) -> bytes:
     """A VHD with the timestamp, checksum and UUID of the footers at ``offsets`` zeroed."""
     buf = bytearray(data)
@@ -269,19 +281,18 @@ def test_convert_into_vpc(tmp_path):
                                   "subformat=fixed,force_size=on"])
 def test_create_like_qemu(tmp_path, size, opts):
     """Same messages and the same file, but for UUID and timestamp; CHS rounding included."""
-    if "fixed" in opts and size in ("127G", "2040G", "2041G"):
-        pytest.skip("a fixed image that big needs a file system with room for its size")
     argv = ["create", "-f", "vpc", "-o", opts, "x.vhd", size]
     q = qemu_img(*argv, cwd=tmp_path)
-    theirs = (tmp_path / "x.vhd").read_bytes()
+    theirs = metadata_of(tmp_path / "x.vhd")
     (tmp_path / "x.vhd").unlink()
     b = blockd_img(*argv, cwd=tmp_path)
     assert b == (q.stdout, q.stderr.replace("qemu-img", "blockd-img"), q.returncode)
     if q.returncode:
         return
-    ours = (tmp_path / "x.vhd").read_bytes()
-    copies = [len(ours) - 512] if "fixed" in opts else [0, len(ours) - 512]
-    assert footer_fields_masked(ours, copies) == footer_fields_masked(theirs, copies)
+    ours = metadata_of(tmp_path / "x.vhd")
+    assert ours[0] == theirs[0]
+    copies = [len(ours[1]) - 512] if "fixed" in opts else [0, len(ours[1]) - 512]
+    assert footer_fields_masked(ours[1], copies) == footer_fields_masked(theirs[1], copies)
     same(tmp_path, "info", "--output=json", "-f", "vpc", "x.vhd")
 
 
