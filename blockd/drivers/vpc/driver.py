@@ -63,7 +63,7 @@ class VpcNode(BlockNode):
         self.footer = f = footer.parse(head)
         if fixed:
             self._check_type(kind)
-        self.sectors = f.guest_sectors(False)
+        self.sectors = f.guest_sectors()
         if self.sectors > footer.MAX_SECTORS:
             raise OSError(errno.EFBIG, "File too large")
         if fixed:

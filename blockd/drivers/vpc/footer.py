@@ -4,8 +4,9 @@ Every VHD ends with a 512-byte big-endian footer; a dynamic disk also
 starts with a copy of it.  The guest size is either the CHS geometry's
 cylinders x heads x sectors (what Virtual PC shows) or the footer's
 ``current_size`` (what Hyper-V and most other tools use): QEMU decides by
-the creator application, by a geometry at its maximum, and by the
-``force_size`` option, and so do we.
+the creator application and by a geometry at its maximum, and so do we.
+(QEMU's runtime ``force_size`` option, which only ``-drive`` and qemu-img's
+``--image-opts`` reach, is not offered: ``blockdev-add`` has no such member.)
 """
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ class Footer:
     secs: int
     disk_type: int
 
-    def guest_sectors(self, force_size: bool) -> int:
+    def guest_sectors(self) -> int:
         """The virtual size in sectors, chosen as QEMU chooses it."""
         chs = self.cyls * self.heads * self.secs
-        if self.creator_app in CURRENT_SIZE_APPS or chs == MAX_GEOMETRY or force_size:
+        if self.creator_app in CURRENT_SIZE_APPS or chs == MAX_GEOMETRY:
             return self.current_size // 512
         return chs
 
