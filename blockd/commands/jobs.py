@@ -16,6 +16,8 @@ _CREATORS = {
     "file": "blockd.drivers.file:create",
     "qcow2": "blockd.drivers.qcow2.create:create",
     "luks": "blockd.drivers.luks:create",
+    "vpc": "blockd.drivers.vpc.create:create",
+    "vdi": "blockd.drivers.vdi.create:create",
 }
 
 

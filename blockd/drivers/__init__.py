@@ -23,6 +23,8 @@ _DRIVERS: dict[str, str] = {
     "qcow2": "blockd.drivers.qcow2.driver:Qcow2Node",
     "luks": "blockd.drivers.luks:LuksNode",
     "nbd": "blockd.drivers.nbd.driver:NbdNode",
+    "vpc": "blockd.drivers.vpc.driver:VpcNode",
+    "vdi": "blockd.drivers.vdi.driver:VdiNode",
 }
 
 

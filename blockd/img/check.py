@@ -7,6 +7,7 @@ without one get qemu-img's "does not support checks" and exit status 63.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Any
@@ -85,7 +86,14 @@ async def check(session: Session, filename: str, fmt: str | None, output: str,
     if not hasattr(node, "check"):
         print(f"{PROG}: This image format does not support checks", file=sys.stderr)
         return "", 63, None
-    res = await _run_check(node, FIX[repair] if repair else 0)
+    try:
+        res = await _run_check(node, FIX[repair] if repair else 0)
+    except OSError as exc:
+        if exc.errno != errno.ENOTSUP:
+            raise
+        # A format that checks but cannot repair (vdi), as qemu-img reports it.
+        print(f"{PROG}: This image format does not support checks", file=sys.stderr)
+        return "", 63, None
     prefix = ""
     if not res.error and (res.leaks_fixed or res.corruptions_fixed):
         prefix = ("The following inconsistencies were found and repaired:\n\n"

@@ -9,6 +9,7 @@ format has a table of those options, and the values are turned into a
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from dataclasses import dataclass
@@ -80,6 +81,15 @@ FORMATS: dict[str, list[Opt]] = {
         Opt("lazy_refcounts", "bool", "Postpone refcount updates", "off"),
         Opt("refcount_bits", "num", "Width of a reference count entry in bits", "16"),
     ],
+    "vpc": [
+        _SIZE,
+        Opt("subformat", "str", "Type of virtual hard disk format. Supported formats are "
+                                "{dynamic (default) | fixed} "),
+        Opt("force_size", "bool", "Force disk size calculation to use the actual size "
+                                  "specified, rather than using the nearest CHS-based "
+                                  "calculation"),
+    ],
+    "vdi": [_SIZE, Opt("static", "bool", "VDI static (pre-allocated) image", "off")],
 }
 # The encrypt.* entries above were built in _CRYPTO's order; qemu-img prints
 # key-secret right after format, which that order already gives.
@@ -237,6 +247,49 @@ def _luks_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
     return out
 
 
+def _vpc_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
+    """qemu-img's vpc sizes: rounded up to the CHS geometry unless ``force_size``."""
+    from blockd.drivers.vpc.create import chs_size
+
+    out: dict[str, Any] = {"driver": "vpc"}
+    if "subformat" in opts:
+        out["subformat"] = _enum("subformat", opts["subformat"], ("dynamic", "fixed"))
+    if "force_size" in opts:
+        out["force-size"] = _bool(opts["force_size"])
+    try:
+        out["size"] = chs_size(size, out.get("force-size", False))
+    except QMPError:
+        raise QMPError("The image size is too large for file format 'vpc'") from None
+    return out
+
+
+def _vdi_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
+    """``static=on`` is QEMU's metadata preallocation for vdi."""
+    out: dict[str, Any] = {"driver": "vdi", "size": size}
+    if _bool(opts.get("static")):
+        out["preallocation"] = "metadata"
+    return out
+
+
+#: Each format's ``-o`` options to ``blockdev-create`` options, and the module that creates.
+_BUILDERS = {"qcow2": _qcow2_options, "luks": _luks_options, "vpc": _vpc_options,
+             "vdi": _vdi_options}
+_CREATORS = {"qcow2": "blockd.drivers.qcow2.create", "luks": "blockd.drivers.luks",
+             "vpc": "blockd.drivers.vpc.create", "vdi": "blockd.drivers.vdi.create"}
+#: The formats whose ``-o preallocation`` goes to the (empty) file they are written on:
+#: qemu-img hands the protocol only the options the format does not take.
+_FILE_PREALLOC = ("vpc", "vdi")
+
+
+def _file_prealloc(value: str) -> str:
+    """A ``preallocation`` the protocol takes, checked with qemu-img's messages."""
+    if value not in _PREALLOC:
+        raise QMPError(f"invalid parameter value: {value}")
+    if value == "metadata":
+        raise QMPError("Unsupported preallocation mode: metadata")
+    return value
+
+
 async def _backing_size(session: Session, filename: str, opts: dict[str, Any],
                         size: int | None, unsafe: bool) -> int | None:
     """Check the backing file as qemu-img does; its size when none was given."""
@@ -326,7 +379,9 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
                 _allocate_first_block(path, size)
             return
         size = -(-size // 512) * 512  # format drivers work in whole sectors
-        options = _qcow2_options(opts, size) if fmt == "qcow2" else _luks_options(opts, size)
+        options = _BUILDERS[fmt](opts, size)
+        if fmt in _FILE_PREALLOC and "preallocation" in opts:
+            file_opts["preallocation"] = _file_prealloc(opts["preallocation"])
         await file_driver.create(session.graph, file_opts)
         created = True
         if "data_file" in opts:
@@ -335,11 +390,8 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
                                                      "size": 0})
             options["data-file"] = {"driver": "file", "filename": data}
         options["file"] = {"driver": "file", "filename": path}
-        if fmt == "qcow2":
-            from blockd.drivers.qcow2.create import create
-        else:
-            from blockd.drivers.luks import create
-        await create(session.graph, options)
+        creator = importlib.import_module(_CREATORS[fmt])
+        await creator.create(session.graph, options)
     except QMPError as exc:
         if created:  # a format that failed leaves no half-made file behind
             os.unlink(path)

@@ -108,7 +108,7 @@ async def measure(fmt: str, opts: dict[str, Any], size: int | None,
         total = luks_header_bytes(opts, "", secret) + size
         return {"required": total, "fully-allocated": total}
     if fmt != "qcow2":
-        raise ImgError(f"Format driver '{fmt}' does not support size measurement")
+        raise ImgError(f"Block driver '{fmt}' does not support size measurement")
     cs = opts.get("cluster_size", 65536)
     bits = opts.get("refcount_bits", 16)
     ext_l2 = opts.get("extended_l2", "off") in ("on", "yes", "true", "y")
