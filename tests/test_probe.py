@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from blockd.drivers import driver_names
 from harness import HAVE_QSD, Daemon
 from test_img import blockd_img, qemu_img
 
@@ -39,7 +40,11 @@ MADE = [
     ("img.qcow", ["convert", "-O", "qcow"], "qcow"),
 ]
 HANDMADE = [("img.dmg", "dmg"), ("img.bochs", "bochs"), ("img.cloop", "cloop")]
-IMAGES = [(name, fmt) for name, _, fmt in MADE] + HANDMADE
+ALL_IMAGES = [(name, fmt) for name, _, fmt in MADE] + HANDMADE
+#: Formats blockd has no driver for yet: refused by name everywhere.
+IMAGES = [(name, fmt) for name, fmt in ALL_IMAGES if fmt not in driver_names()]
+#: Formats with a driver: probed and opened as qemu-img opens them.
+OPENED = [(name, fmt) for name, fmt in ALL_IMAGES if fmt in driver_names()]
 
 
 def _dmg() -> bytes:
@@ -107,6 +112,14 @@ def digest(path: Path) -> str:
 
 
 # ---- probing -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,fmt", OPENED)
+def test_probed_format_opens_as_qemu_img_detects(images: Path, name: str, fmt: str) -> None:
+    assert qemu_format(images, name) == fmt
+    out, err, code = blockd_img("info", "--output=json", name, cwd=images)
+    assert (code, err) == (0, "")
+    assert json.loads(out)["format"] == fmt
 
 
 @pytest.mark.parametrize("name,fmt", IMAGES)
@@ -201,11 +214,12 @@ def test_probe_edges_match_qemu(tmp_path: Path, name: str, data: bytes, fmt: str
 
 
 def test_backing_file_of_unsupported_format(images: Path, tmp_path: Path) -> None:
-    """Given as the backing format, and probed when the overlay names none."""
-    shutil.copy(images / "img.vdi", tmp_path / "base.vdi")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.vdi", "-F", "vdi", "given.qcow2",
+    """Given as the backing format, and probed when the overlay names none.  ``info``
+    opens no backing file (as qemu-img's), so only the others refuse."""
+    shutil.copy(images / "img.qed", tmp_path / "base.qed")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qed", "-F", "qed", "given.qcow2",
              cwd=tmp_path)
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.vdi", "-F", "vdi", "probed.qcow2",
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qed", "-F", "qed", "probed.qcow2",
              cwd=tmp_path)
     # Turn the backing format extension into one nobody knows (skipped when read).
     data = (tmp_path / "probed.qcow2").read_bytes()
@@ -214,14 +228,15 @@ def test_backing_file_of_unsupported_format(images: Path, tmp_path: Path) -> Non
     probed = json.loads(qemu_img("info", "--output=json", "probed.qcow2", cwd=tmp_path).stdout)
     assert "backing-filename-format" not in probed
     for name in ("given.qcow2", "probed.qcow2"):
-        for cmd in (["info", name], ["map", name], ["convert", "-O", "raw", name, "o.raw"],
-                    ["compare", name, "base.vdi"]):
+        assert blockd_img("info", name, cwd=tmp_path)[2] == 0
+        for cmd in (["map", name], ["convert", "-O", "raw", name, "o.raw"],
+                    ["compare", name, "base.qed"]):
             out, err, code = blockd_img(*cmd, cwd=tmp_path)
             assert "Could not open backing file: " in err, (cmd, err)
-            assert refused((out, err, code), 2 if cmd[0] == "compare" else 1) == "vdi", cmd
-    out, err, code = blockd_img("create", "-f", "qcow2", "-b", "base.vdi", "new.qcow2",
+            assert refused((out, err, code), 2 if cmd[0] == "compare" else 1) == "qed", cmd
+    out, err, code = blockd_img("create", "-f", "qcow2", "-b", "base.qed", "new.qcow2",
                                 cwd=tmp_path)
-    assert code == 1 and "Detected format of vdi." in err
+    assert code == 1 and "Detected format of qed." in err
 
 
 # ---- the daemon --------------------------------------------------------------------

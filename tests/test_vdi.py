@@ -47,16 +47,6 @@ def test_odd_sizes(tmp_path):
             same(tmp_path, *cmd, "-f", "vdi", f"s{size}.vdi")
 
 
-def test_probe():
-    from blockd.drivers.vdi import probe
-
-    head = bytearray(512)
-    struct.pack_into("<I", head, 64, 0xBEDA107F)
-    assert probe(bytes(head), "x.vdi") == 100
-    assert probe(bytes(head[:511]), "x.vdi") == 0
-    assert probe(bytes(512), "x.vdi") == 0
-
-
 @pytest.mark.parametrize("opts", ["static=off", "static=on"])
 def test_writes_match_qemu(tmp_path, opts):
     image = _qemu_image(tmp_path, opts, "300M")

@@ -224,14 +224,6 @@ def test_unsupported_operations(tmp_path, fmt):
         same(tmp_path, "check", "-f", fmt, "a.img")
 
 
-def test_probe():
-    from blockd.drivers.vpc import probe
-
-    assert probe(b"conectix" + bytes(504), "x.vhd") == 100
-    assert probe(b"conectix"[:7], "x.vhd") == 0
-    assert probe(bytes(512), "x.vhd") == 0
-
-
 # ---- writing as QEMU writes ---------------------------------------------------------------
 
 

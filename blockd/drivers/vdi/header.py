@@ -38,13 +38,6 @@ _OFF_ALLOCATED = 388
 _OFF_UUID_LINK = 424
 
 
-def probe(buf: bytes, filename: str) -> int:
-    """QEMU's score: 100 for a whole header with the VDI signature."""
-    if len(buf) < SIZE:
-        return 0
-    return 100 if struct.unpack_from("<I", buf, _OFF_SIGNATURE)[0] == SIGNATURE else 0
-
-
 @dataclasses.dataclass
 class Header:
     """The fields the driver uses, and the header's bytes, which QEMU writes back whole."""

@@ -5,7 +5,3 @@
 ``driver.py`` (the node: guest I/O, block allocation), ``create.py``
 (``blockdev-create``).
 """
-
-from blockd.drivers.vpc.footer import probe
-
-__all__ = ["probe"]

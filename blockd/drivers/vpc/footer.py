@@ -34,14 +34,6 @@ CURRENT_SIZE_APPS = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
 _LAYOUT = struct.Struct(">8sIIQI4sHH4sQQHBBII16s")
 
 
-def probe(buf: bytes, filename: str) -> int:
-    """QEMU's score: 100 when the file starts with the footer copy of a dynamic disk.
-
-    A fixed disk has its footer only at the end, so it probes as raw, as in QEMU.
-    """
-    return 100 if len(buf) >= 8 and buf[:8] == COOKIE else 0
-
-
 def checksum(buf: bytes | bytearray) -> int:
     """One's complement of the byte sum (the checksum field itself must read zero)."""
     return ~sum(buf) & 0xFFFFFFFF
