@@ -16,6 +16,7 @@ _CREATORS = {
     "file": "blockd.drivers.file:create",
     "qcow2": "blockd.drivers.qcow2.create:create",
     "luks": "blockd.drivers.luks:create",
+    "vmdk": "blockd.drivers.vmdk.create:create",
 }
 
 

@@ -20,6 +20,7 @@ _DRIVERS: dict[str, str] = {
     "qcow2": "blockd.drivers.qcow2.driver:Qcow2Node",
     "luks": "blockd.drivers.luks:LuksNode",
     "nbd": "blockd.drivers.nbd.driver:NbdNode",
+    "vmdk": "blockd.drivers.vmdk.driver:VmdkNode",
 }
 
 

@@ -68,6 +68,21 @@ FORMATS: dict[str, list[Opt]] = {
         Opt("lazy_refcounts", "bool", "Postpone refcount updates", "off"),
         Opt("refcount_bits", "num", "Width of a reference count entry in bits", "16"),
     ],
+    "vmdk": [
+        _SIZE,
+        Opt("adapter_type", "str", "Virtual adapter type, can be one of ide (default), "
+                                   "lsilogic, buslogic or legacyESX"),
+        Opt("backing_file", "str", "File name of a base image"),
+        Opt("backing_fmt", "str", "Must be 'vmdk' if present"),
+        Opt("compat6", "bool", "VMDK version 6 image", "off"),
+        Opt("hwversion", "str", "VMDK hardware version", "undefined"),
+        Opt("toolsversion", "str", "VMware guest tools version"),
+        Opt("subformat", "str", "VMDK flat extent format, can be one of {monolithicSparse "
+                                "(default) | monolithicFlat | twoGbMaxExtentSparse | "
+                                "twoGbMaxExtentFlat | streamOptimized} "),
+        Opt("zeroed_grain", "bool", "Enable efficient zero writes using the zeroed-grain GTE "
+                                    "feature"),
+    ],
 }
 # The encrypt.* entries above were built in _CRYPTO's order; qemu-img prints
 # key-secret right after format, which that order already gives.
@@ -207,6 +222,37 @@ def _luks_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
     return out
 
 
+_VMDK_SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
+                    "twoGbMaxExtentFlat", "streamOptimized")
+
+
+def _vmdk_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
+    """qemu-img's vmdk options as ``blockdev-create`` ones, checked in QEMU's order."""
+    if opts.get("backing_fmt", "vmdk") != "vmdk":
+        raise QMPError("backing_file must be a vmdk image")
+    out: dict[str, Any] = {"driver": "vmdk", "size": size}
+    for name, key, allowed in (("adapter_type", "adapter-type",
+                                ("ide", "buslogic", "lsilogic", "legacyESX")),
+                               ("subformat", "subformat", _VMDK_SUBFORMATS)):
+        if name in opts:
+            if opts[name] not in allowed:
+                raise QMPError(f"invalid parameter value: {opts[name]}")
+            out[key] = opts[name]
+    hw = opts.get("hwversion", "undefined")
+    if _bool(opts.get("compat6")):
+        if hw != "undefined":
+            raise QMPError("compat6 cannot be enabled with hwversion set")
+        hw = "6"
+    if hw != "undefined":
+        out["hwversion"] = hw
+    for name, key in (("backing_file", "backing-file"), ("toolsversion", "toolsversion")):
+        if name in opts:
+            out[key] = opts[name]
+    if "zeroed_grain" in opts:
+        out["zeroed-grain"] = _bool(opts["zeroed_grain"])
+    return out
+
+
 async def _backing_size(session: Session, filename: str, opts: dict[str, Any],
                         size: int | None, unsafe: bool) -> int | None:
     """Check the backing file as qemu-img does; its size when none was given."""
@@ -282,7 +328,10 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
                 _allocate_first_block(filename, size)
             return
         size = -(-size // 512) * 512  # format drivers work in whole sectors
-        options = _qcow2_options(opts, size) if fmt == "qcow2" else _luks_options(opts, size)
+        if fmt == "vmdk":
+            options = _vmdk_options(opts, size)
+        else:
+            options = _qcow2_options(opts, size) if fmt == "qcow2" else _luks_options(opts, size)
         await file_driver.create(session.graph, file_opts)
         created = True
         if "data_file" in opts:
@@ -291,7 +340,16 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
                                                      "size": 0})
             options["data-file"] = {"driver": "file", "filename": data}
         options["file"] = {"driver": "file", "filename": filename}
-        if fmt == "qcow2":
+        if fmt == "vmdk":
+            from blockd.drivers.vmdk.create import create, extent_filenames
+
+            names = extent_filenames(filename, options.get("subformat", "monolithicSparse"),
+                                     size)
+            for name in names:
+                await file_driver.create(session.graph, {"driver": "file", "filename": name,
+                                                         "size": 0})
+            options["extents"] = [{"driver": "file", "filename": n} for n in names]
+        elif fmt == "qcow2":
             from blockd.drivers.qcow2.create import create
         else:
             from blockd.drivers.luks import create
