@@ -18,8 +18,10 @@ async def _layer_status(node: BlockNode, offset: int, length: int
         if ext.status & Status.ALLOCATED or cur.backing is None:
             present = bool(ext.status & Status.ALLOCATED)
             unknown = Status.ZERO if cur.supports_backing else Status.NONE
+            # The file is the one holding the data (an extent of a vmdk, say).
             return length, depth, ext.status if present else unknown, \
-                ext.offset if present else None, cur
+                ext.offset if present else None, \
+                ext.child if present and ext.child is not None else cur
         if offset >= cur.backing.length():
             return length, depth, Status.ZERO, None, cur
         length = min(length, cur.backing.length() - offset)
@@ -76,7 +78,7 @@ def human_text(entries: list[dict[str, Any]]) -> tuple[str, str | None]:
         if e["data"] and "offset" not in e:
             return "\n".join(out) + "\n", "File contains external, encrypted or compressed " \
                 "clusters."
-        if e["data"]:
+        if e["data"] and not e["zero"]:
             out.append(f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}"
                        f"{e['file']}")
     return "\n".join(out) + "\n", None
@@ -108,10 +110,12 @@ async def run(args: Args) -> int:
             await _picture(node, args.get("picture") or "")
             return 0
         entries = await map_entries(node, start, end)
-        # The top layer is named as the user gave it; backing layers by their node filename.
+        # The top layer is named as the user gave it; backing layers and other files
+        # (extents of a vmdk) by their node filename.
         if not args.has("image-opts"):
+            top = node.filename()
             for e in entries:
-                if e["depth"] == 0:
+                if e["depth"] == 0 and e["file"] == top:
                     e["file"] = args.rest[0]
     if output == "json":
         print(json_text(entries), end="")
