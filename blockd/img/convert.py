@@ -352,7 +352,7 @@ async def run(args: Args) -> int:
         src = _Source(nodes)
         if args.has("bitmaps"):
             _check_bitmaps(nodes[0], args.has("skip-broken-bitmaps"))
-        if plan.compress and out_fmt != "qcow2":
+        if plan.compress and out_fmt not in ("qcow2", "vmdk"):
             raise ImgError("Compression not supported for this file format")
         if not no_create:
             opts = parse_opts(out_fmt, text)
@@ -372,6 +372,8 @@ async def run(args: Args) -> int:
         dst = await session.open(target, None if args.has("target-image-opts") else out_fmt,
                                  read_only=False, image_opts=args.has("target-image-opts"),
                                  extra=keys)
+        if getattr(dst, "needs_compressed_writes", False):
+            plan.compress = True  # a stream takes only whole compressed grains, as in qemu-img
         if dst.driver == "luks" and not args.has("target-is-zero"):
             plan.fresh = False  # unwritten LUKS payload reads as noise, not zeroes
         if args.has("bitmaps") and not _stores_bitmaps(dst):

@@ -26,7 +26,7 @@ from blockd.drivers.vmdk import MAGIC_COWD, MAGIC_KDMV
 from blockd.drivers.vmdk import descriptor as desc
 from blockd.drivers.vmdk.extent import (SECTOR, Extent, Grain, Lookup, MAX_SECTORS, SparseExtent,
                                         embedded_descriptor, open_sparse)
-from blockd.drivers.vmdk.stream import grain_record, read_grain, read_padded
+from blockd.drivers.vmdk.stream import GRAIN_MARKER, compress_grain, read_grain, read_padded
 from blockd.errors import QMPError
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,8 @@ class VmdkNode(BlockNode):
         if WriteFlags.FUA in flags:
             await self.flush()
 
-    async def _write_sparse(self, ext: SparseExtent, cur: int, view: memoryview) -> int:
+    async def _write_sparse(self, ext: SparseExtent, cur: int, view: memoryview,
+                            packed: bytes | None = None) -> int:
         within = (cur - ext.start) % ext.grain
         n = min(len(view), ext.grain - within, ext.end - cur)
         where = await ext.lookup(cur)
@@ -299,7 +300,9 @@ class VmdkNode(BlockNode):
             if within or n < ext.grain and cur + n != ext.end or not ext.has_marker:
                 raise _einval()
             ext.file.debug_event("write_compressed")
-            record = await grain_record(cur // SECTOR, view[:n])
+            if packed is None or len(view) != n:
+                packed = await compress_grain(view[:n])
+            record = GRAIN_MARKER.pack(cur // SECTOR, len(packed)) + packed
             await ext.file.write(host, record)
             ext.next_sector = -(-(host + len(record)) // SECTOR)
             await ext.set_entry(where, host // SECTOR)
@@ -314,6 +317,23 @@ class VmdkNode(BlockNode):
         ext.next_sector = max(ext.next_sector, -(-(host + within + n) // SECTOR))
         await ext.set_entry(where, host // SECTOR)
         return n
+
+    async def compress_cluster(self, data: bytes) -> bytes:
+        """A grain's compressed bytes, made in a worker thread (``convert`` runs many)."""
+        return await compress_grain(data)
+
+    async def write_compressed(self, offset: int, data: bytes, packed: bytes | None = None) -> None:
+        """One grain written compressed where the extent is a stream, plainly elsewhere
+        (``convert -c`` and streamOptimized targets); padding past the end is dropped."""
+        self._writable()
+        data = data[:self.length() - offset]
+        ext = self._find(offset)
+        if not isinstance(ext, SparseExtent) or not ext.compressed:
+            await self.write(offset, data)
+            return
+        async with self.lock:
+            await self._write_sparse(ext, offset, memoryview(data), packed)
+            await self._update_cid()
 
     async def _allocate(self, ext: SparseExtent, cur: int, where: Lookup,
                         skip_start: int, skip_end: int) -> int:
@@ -347,7 +367,9 @@ class VmdkNode(BlockNode):
         new = desc.with_cid(await self._desc_bytes(), random.getrandbits(32))
         if new is None:
             raise _einval()
-        await self.file.write(self.desc_offset, new)
+        # QEMU's write stops at the end of the file's last sector.
+        room = -(-self.file.length() // SECTOR) * SECTOR - self.desc_offset
+        await self.file.write(self.desc_offset, new[:max(0, min(len(new), room))])
         await self.file.flush()
         self.cid_updated = True
 

@@ -61,10 +61,9 @@ async def read_grain(file: BlockNode, host: int, grain: int, has_marker: bool) -
     return await asyncio.to_thread(_inflate, data, grain)
 
 
-async def grain_record(lba: int, data: bytes | bytearray | memoryview) -> bytes:
-    """The marker and compressed bytes of one grain written at guest sector ``lba``."""
-    packed = await asyncio.to_thread(_deflate, data)
-    return GRAIN_MARKER.pack(lba, len(packed)) + packed
+async def compress_grain(data: bytes | bytearray | memoryview) -> bytes:
+    """The zlib stream of one grain (what follows its marker)."""
+    return await asyncio.to_thread(_deflate, data)
 
 
 def footer_header(raw: bytes) -> bytes | None:
