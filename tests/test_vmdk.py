@@ -133,3 +133,116 @@ def test_writes_through_nbd_read_back_by_qemu(tmp_path, subformat, extra):
     assert r.returncode == 0, r.stdout + r.stderr
     info = json.loads(run("qemu-img", "info", "--output=json", img).stdout)
     assert info["format-specific"]["data"]["create-type"] == subformat
+
+
+def _files(d) -> dict[str, bytes]:
+    """Every file of a directory, with the CID (random in QEMU too) masked."""
+    out = {}
+    for name in sorted(os.listdir(d)):
+        with open(os.path.join(d, name), "rb") as f:
+            data = f.read()
+        out[name] = _mask_cid(data)
+    return out
+
+
+def _mask_cid(data: bytes) -> bytes:
+    start = data.find(b"\nCID=")
+    if start < 0:
+        return data
+    end = data.index(b"\n", start + 1)
+    return data[:start] + b"\nCID=?" + data[end:]
+
+
+CREATE_CASES = [
+    "subformat=monolithicSparse", "subformat=monolithicFlat",
+    "subformat=twoGbMaxExtentSparse", "subformat=twoGbMaxExtentFlat",
+    "subformat=streamOptimized", "zeroed_grain=on,adapter_type=lsilogic",
+    "hwversion=7,toolsversion=12,adapter_type=buslogic", "compat6=on,adapter_type=legacyESX",
+]
+
+
+@pytest.mark.parametrize("opts", CREATE_CASES)
+def test_create_writes_what_qemu_img_writes(tmp_path, opts):
+    for who in ("q", "b"):
+        (tmp_path / who).mkdir()
+    q = run("qemu-img", "create", "-f", "vmdk", "-o", opts, "img.vmdk", "2049M",
+            cwd=str(tmp_path / "q"))
+    b = blockd_img("create", "-f", "vmdk", "-o", opts, str(tmp_path / "b" / "img.vmdk"), "2049M")
+    assert q.returncode == b.returncode == 0, b.stderr
+    assert b.stdout.replace(str(tmp_path / "b") + "/", "") == q.stdout
+    assert _files(tmp_path / "q") == _files(tmp_path / "b")
+    r = run("qemu-img", "check", str(tmp_path / "b" / "img.vmdk"))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("opts,message", [
+    ("adapter_type=scsi", "invalid parameter value: scsi"),
+    ("subformat=sparse", "invalid parameter value: sparse"),
+    ("subformat=monolithicFlat,zeroed_grain=on", "Flat image can't enable zeroed grain"),
+    ("compat6=on,hwversion=7", "compat6 cannot be enabled with hwversion set"),
+])
+def test_create_refusals_match_qemu_img(tmp_path, opts, message):
+    q = run("qemu-img", "create", "-q", "-f", "vmdk", "-o", opts, str(tmp_path / "q.vmdk"), "1M")
+    b = blockd_img("create", "-q", "-f", "vmdk", "-o", opts, str(tmp_path / "b.vmdk"), "1M")
+    assert message in q.stderr
+    assert b.returncode == q.returncode == 1
+    assert b.stderr.replace("blockd-img", "qemu-img").replace("b.vmdk", "q.vmdk") == q.stderr
+
+
+@pytest.mark.parametrize("subformat", SUBFORMATS)
+def test_convert_into_vmdk_matches_qemu_img(tmp_path, subformat):
+    src = str(tmp_path / "src.raw")
+    run("qemu-img", "create", "-q", "-f", "raw", src, "130M")
+    qemu_io("raw", src, ["write -P 1 0 4k", "write -P 2 1M 300k", "write -P 3 129M 64k",
+                         "write -P 4 130046k 1k"])
+    for who in ("q", "b"):
+        (tmp_path / who).mkdir()
+    opts = f"subformat={subformat}"
+    r = run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", opts, src,
+            str(tmp_path / "q" / "img.vmdk"))
+    assert r.returncode == 0, r.stderr
+    r = blockd_img("convert", "-f", "raw", "-O", "vmdk", "-o", opts, src,
+                   str(tmp_path / "b" / "img.vmdk"))
+    assert r.returncode == 0, r.stderr
+    img = str(tmp_path / "b" / "img.vmdk")
+    assert run("qemu-img", "compare", "-f", "vmdk", "-F", "raw", img, src).returncode == 0
+    assert run("qemu-img", "check", img).returncode == 0
+    assert _files(tmp_path / "q") == _files(tmp_path / "b")
+
+
+def _run_job(c, job_id: str, options: dict) -> dict:
+    """Run blockdev-create to its end; the concluded job's query-jobs entry."""
+    assert c.cmd("blockdev-create", **{"job-id": job_id}, options=options) == {"return": {}}
+    for _ in range(1200):
+        jobs = [j for j in c.cmd("query-jobs")["return"] if j["id"] == job_id]
+        if jobs and jobs[0]["status"] == "concluded":
+            c.cmd("job-dismiss", id=job_id)
+            return jobs[0]
+        c.events(0.05)
+    raise AssertionError(f"job {job_id} did not conclude")
+
+
+def test_blockdev_create_matches_qsd(tmp_path):
+    """Same files (CID aside) and the same errors from qemu-storage-daemon and blockd."""
+    errors = {}
+    names = ("img.vmdk", "img-s001.vmdk", "img-s002.vmdk")
+    for qsd in (True, False):
+        d = tmp_path / ("qsd" if qsd else "blockd")
+        d.mkdir()
+        for name in names:
+            open(d / name, "wb").close()
+        opts = {"driver": "vmdk", "size": (2 << 30) + (1 << 20),
+                "file": {"driver": "file", "filename": str(d / names[0])},
+                "extents": [{"driver": "file", "filename": str(d / n)} for n in names[1:]],
+                "subformat": "twoGbMaxExtentSparse", "zeroed-grain": True,
+                "adapter-type": "lsilogic", "hwversion": "6"}
+        with Daemon(str(tmp_path / f"{qsd}.sock"), qsd=qsd) as dm:
+            c = dm.client()
+            got = [_run_job(c, "j", opts).get("error")]
+            for bad in (dict(opts, extents=opts["extents"] * 2), dict(opts, size=1000),
+                        dict(opts, subformat="monolithicFlat", **{"backing-file": "x"})):
+                got.append(_run_job(c, "k", bad).get("error"))
+        errors[qsd] = got
+    assert errors[True] == errors[False]
+    assert errors[True][0] is None
+    assert _files(tmp_path / "qsd") == _files(tmp_path / "blockd")
