@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from blockd.img.common import PROG, Args, Session, UsageError, json_pretty
+from blockd.img.common import PROG, Args, ImgError, Session, UsageError, json_pretty
 
 FIX = {"leaks": 1, "all": 3}
 
@@ -59,12 +59,14 @@ async def check(session: Session, filename: str, fmt: str | None, output: str,
     node = await session.open(filename, fmt, read_only=repair is None, force_share=force_share,
                               image_opts=image_opts,
                               extra={"x-repair": True} if repair is not None else None)
-    if not hasattr(node, "check"):
+    if not hasattr(node, "check") or repair is not None and not getattr(node, "can_repair", True):
         print(f"{PROG}: This image format does not support checks", file=sys.stderr)
         return "", 63
     res = await node.check(FIX[repair] if repair else 0)
     for message in res.messages:
         print(message, file=sys.stderr)
+    if getattr(res, "failure", None):  # the driver's check stopped with an error
+        raise ImgError(f"Check failed: {res.failure}")
     prefix = ""
     if res.leaks_fixed or res.corruptions_fixed:
         prefix = ("The following inconsistencies were found and repaired:\n\n"

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import errno
-import logging
 import os
 import random
 import sys
 from typing import Any
 
 from blockd.block.graph import OpenContext
-from blockd.block.node import BlockNode, Extent as Status_, Status, WriteFlags
+from blockd.block.node import BlockNode, Status, WriteFlags
+from blockd.block.node import Extent as Run
+from blockd.drivers.qcow2.check import CheckResult
 from blockd.drivers.vmdk import MAGIC_COWD, MAGIC_KDMV
 from blockd.drivers.vmdk import descriptor as desc
 from blockd.drivers.vmdk.extent import (SECTOR, Extent, Grain, Lookup, MAX_SECTORS, SparseExtent,
@@ -29,7 +31,8 @@ from blockd.drivers.vmdk.extent import (SECTOR, Extent, Grain, Lookup, MAX_SECTO
 from blockd.drivers.vmdk.stream import GRAIN_MARKER, compress_grain, read_grain, read_padded
 from blockd.errors import QMPError
 
-log = logging.getLogger(__name__)
+#: QEMU's largest image: INT64_MAX aligned down to its largest alignment (1 GiB).
+MAX_LENGTH = (1 << 63) - (1 << 30)
 
 
 def _einval() -> OSError:
@@ -46,6 +49,12 @@ async def read_head(file: BlockNode, offset: int = 0) -> bytes:
     except OSError as exc:
         raise QMPError(f"Could not read from file: {os.strerror(exc.errno or errno.EIO)}") \
             from None
+
+
+@dataclasses.dataclass
+class _CheckResult(CheckResult):
+    #: Why the check stopped (qemu-img prints "Check failed: ..."), if it did.
+    failure: str | None = None
 
 
 class VmdkNode(BlockNode):
@@ -92,6 +101,8 @@ class VmdkNode(BlockNode):
         if cid is None or parent_cid is None:
             self._open_failed()
         self.cid, self.parent_cid = cid, parent_cid
+        if self.length() > MAX_LENGTH:
+            raise QMPError("Could not refresh total sector count: File too large")
         await self._open_backing(ctx)
 
     def _open_failed(self) -> None:
@@ -222,7 +233,7 @@ class VmdkNode(BlockNode):
             offset += n
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def block_status(self, offset: int, length: int) -> Status_:
+    async def block_status(self, offset: int, length: int) -> Run:
         ext = self._find(offset)
         if ext.flat:
             n = min(length, ext.end - offset)
@@ -232,24 +243,28 @@ class VmdkNode(BlockNode):
         n = min(length, ext.grain - within, ext.end - offset)
         where = await ext.lookup(offset)
         if where.state == Grain.ZEROED:
-            return Status_(n, Status.ZERO | Status.ALLOCATED)
+            return Run(n, Status.ZERO | Status.ALLOCATED)
         if where.state == Grain.UNALLOCATED:
             backing = self.backing
             if backing is None or offset >= backing.length():
-                return Status_(n, Status.ZERO)
+                return Run(n, Status.ZERO)
+            if not await self._cid_valid():
+                # The backing file changed since this image was made on it: reads here
+                # fail (EINVAL, as in QEMU), so copies must come through this node.
+                return Run(n, Status.DATA | Status.ALLOCATED)
             sub = await backing.block_status(offset, min(n, backing.length() - offset))
-            return Status_(sub.length, sub.status & ~Status.ALLOCATED, sub.offset, sub.child)
+            return Run(sub.length, sub.status & ~Status.ALLOCATED, sub.offset, sub.child)
         if ext.compressed:
-            return Status_(n, Status.DATA | Status.ALLOCATED)
-        return Status_(n, Status.DATA | Status.ALLOCATED, where.host + within, ext.file)
+            return Run(n, Status.DATA | Status.ALLOCATED)
+        return Run(n, Status.DATA | Status.ALLOCATED, where.host + within, ext.file)
 
     @staticmethod
-    async def _flat_status(ext: Extent, host: int, n: int) -> Status_:
+    async def _flat_status(ext: Extent, host: int, n: int) -> Run:
         """Data in a flat extent, zero where its file has holes (QEMU asks the file)."""
         status = Status.DATA | Status.ALLOCATED
         flen = ext.file.length()
         if host >= flen:
-            return Status_(n, status | Status.ZERO, host, ext.file)
+            return Run(n, status | Status.ZERO, host, ext.file)
         sub = await ext.file.block_status(host, min(n, flen - host))
         if sub.status & Status.ZERO:
             status |= Status.ZERO
@@ -257,7 +272,7 @@ class VmdkNode(BlockNode):
                 n = sub.length
         else:
             n = sub.length
-        return Status_(n, status, host, ext.file)
+        return Run(n, status, host, ext.file)
 
     # ---- writes ---------------------------------------------------------------
 
@@ -414,17 +429,15 @@ class VmdkNode(BlockNode):
 
     # ---- check ----------------------------------------------------------------
 
+    #: ``qemu-img check -r`` is refused: QEMU's vmdk check cannot repair.
+    can_repair = False
+
     async def check(self, fix: int = 0) -> Any:
         """QEMU's vmdk check: every allocated grain must start inside its file.
 
         The first one that does not ends the check with one corruption and a failure.
         """
-        from blockd.drivers.qcow2.check import CheckResult
-        from blockd.img.common import ImgError
-
-        if fix:
-            raise ImgError("This image format does not support checks")
-        res = CheckResult()
+        res = _CheckResult()
         for ext in self.vmdk_extents:
             if not isinstance(ext, SparseExtent):
                 continue

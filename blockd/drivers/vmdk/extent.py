@@ -281,8 +281,6 @@ async def open_kdmv(file: BlockNode, head: bytes, kind: str, writable: bool) -> 
     if _file_sectors(file) < h.grain_offset:
         raise QMPError(f"File truncated, expecting at least {h.grain_offset * SECTOR} bytes")
     _check_sizes(file, h.granularity, l1_size)
-    if h.capacity * SECTOR > (1 << 63) - 1:
-        raise QMPError("Image size too big")
     ext = SparseExtent(file, h.capacity, kind, grain_sectors=h.granularity,
                        gt_entries=h.num_gtes, l1_size=l1_size,
                        gd_offset=(h.gd_offset << 9) & 0xFFFFFFFFFFFFFFFF,
