@@ -135,22 +135,28 @@ def test_writes_through_nbd_read_back_by_qemu(tmp_path, subformat, extra):
     assert info["format-specific"]["data"]["create-type"] == subformat
 
 
-def _files(d) -> dict[str, bytes]:
-    """Every file of a directory, with the CID (random in QEMU too) masked."""
-    out = {}
+def _files(d) -> dict[str, bytes | tuple[bytes, bytes, bytes]]:
+    """Every file of a directory, the random CID (random in QEMU too) masked.
+
+    A descriptor is compared as QEMU reads it, up to its NUL: what follows
+    depends on the length of the CID it replaced.
+    """
+    out: dict[str, bytes | tuple[bytes, bytes, bytes]] = {}
     for name in sorted(os.listdir(d)):
         with open(os.path.join(d, name), "rb") as f:
             data = f.read()
-        out[name] = _mask_cid(data)
+        if data[:4] == b"KDMV":
+            text = data[512:512 + 10240]
+            out[name] = (data[:512], _mask_cid(text.split(b"\0")[0]), data[512 + 10240:])
+        elif b"# Disk DescriptorFile" in data[:64]:
+            out[name] = _mask_cid(data.split(b"\0")[0])
+        else:
+            out[name] = data
     return out
 
 
-def _mask_cid(data: bytes) -> bytes:
-    start = data.find(b"\nCID=")
-    if start < 0:
-        return data
-    end = data.index(b"\n", start + 1)
-    return data[:start] + b"\nCID=?" + data[end:]
+def _mask_cid(text: bytes) -> bytes:
+    return re.sub(rb"\nCID=[0-9a-f]+\n", b"\nCID=?\n", text)
 
 
 CREATE_CASES = [
@@ -402,3 +408,62 @@ def test_check_finds_a_grain_past_the_end_like_qemu(tmp_path):
 ])
 def test_probe_scores_as_qemu(buf, score):
     assert probe(buf, "x.vmdk") == score
+
+
+def _vmware_stream(path: str, size: int, grains: dict[int, bytes]) -> None:
+    """A streamOptimized file as VMware writes it: grains with markers, then each grain
+    table and the directory behind their markers, the header again in a footer with the
+    directory's place, and the end-of-stream marker."""
+    import zlib
+
+    capacity, gran = size // 512, 128
+    tables = -(-capacity // (gran * 512))
+    text = (b'# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n'
+            b'createType="streamOptimized"\n\nRW %d SPARSE "x.vmdk"\n' % capacity)
+
+    def header(gd: int) -> bytes:
+        return (b"KDMV" + struct.pack("<IIQQQQIQQQc4sH", 3, 0x30001, capacity, gran, 1, 1, 512,
+                                      0, gd, 128, b"\0", b"\n \r\n", 1)).ljust(512, b"\0")
+
+    out = bytearray(header(2**64 - 1) + text.ljust(512, b"\0"))
+    out += bytes(128 * 512 - len(out))
+    gts = [[0] * 512 for _ in range(tables)]
+    for index in sorted(grains):
+        packed = zlib.compress(grains[index])
+        gts[index // 512][index % 512] = len(out) // 512
+        rec = struct.pack("<QI", index * gran, len(packed)) + packed
+        out += rec + bytes(-len(rec) % 512)
+    gd = []
+    for gt in gts:
+        out += struct.pack("<QII", 4, 0, 1).ljust(512, b"\0")
+        gd.append(len(out) // 512)
+        out += struct.pack("<512I", *gt)
+    out += struct.pack("<QII", 1, 0, 2).ljust(512, b"\0")
+    gd_sector = len(out) // 512
+    out += struct.pack(f"<{tables}I", *gd).ljust(512, b"\0")
+    out += struct.pack("<QII", 1, 0, 3).ljust(512, b"\0") + header(gd_sector)
+    out += bytes(512)
+    with open(path, "wb") as f:
+        f.write(out)
+
+
+def test_vmware_stream_with_footer_reads_like_qemu(tmp_path):
+    img = str(tmp_path / "x.vmdk")
+    grains = {0: b"\x01" * 65536, 7: bytes(range(256)) * 256, 600: b"end" * 20000 + b"\0" * 5536}
+    _vmware_stream(img, 64 << 20, grains)
+    for args in (["info", "-f", "vmdk", "--output=json"], ["map", "-f", "vmdk", "--output=json"],
+                 ["check", "-f", "vmdk"]):
+        same_output(*args, img)
+    for who in ("q", "b"):
+        args = ("convert", "-f", "vmdk", "-O", "raw", img, str(tmp_path / f"{who}.raw"))
+        r = run("qemu-img", *args) if who == "q" else blockd_img(*args)
+        assert r.returncode == 0, r.stderr
+    with open(tmp_path / "b.raw", "rb") as f:
+        data = f.read()
+    assert data == (tmp_path / "q.raw").read_bytes()
+    assert data[7 * 65536:8 * 65536] == grains[7] and data[600 * 65536:601 * 65536] == grains[600]
+    # A footer that is not one is refused, as QEMU refuses it.
+    with open(img, "r+b") as f:
+        f.seek(-512, os.SEEK_END)
+        f.write(b"\xff" * 16)
+    _same_failure(tmp_path, img)
