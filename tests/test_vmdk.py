@@ -467,3 +467,29 @@ def test_vmware_stream_with_footer_reads_like_qemu(tmp_path):
         f.seek(-512, os.SEEK_END)
         f.write(b"\xff" * 16)
     _same_failure(tmp_path, img)
+
+
+@pytest.mark.parametrize("subformat,extra", [
+    ("monolithicSparse", ""), ("monolithicSparse", "zeroed_grain=on"),
+    ("twoGbMaxExtentSparse", "zeroed_grain=on"), ("monolithicFlat", "")])
+def test_writes_lay_out_files_as_qemu_does(tmp_path, subformat, extra):
+    """The same writes, by qemu-io into the image and through blockd's export, leave the
+    same files (grains in the same places, the same table entries), the CID aside."""
+    cmds = WRITES + ["write -P 0x55 2044M 8M", "write -z 0 128k", "write -P 0x66 100M 512",
+                     "write -z 2047M 64k"]
+    for who in ("q", "b"):
+        d = tmp_path / who
+        d.mkdir()
+        img = qemu_image(d, subformat, extra, writes=False)
+        if who == "q":
+            r = qemu_io("vmdk", img, cmds)
+            assert "failed" not in r.stdout, r.stdout
+        else:
+            daemon, _, url = _export(tmp_path, img)
+            with daemon:
+                r = qemu_io("raw", url, cmds)
+                assert "failed" not in r.stdout, r.stdout
+            for sock in ("qmp.sock", "nbd.sock"):
+                if os.path.exists(tmp_path / sock):
+                    os.unlink(tmp_path / sock)
+    assert _files(tmp_path / "q") == _files(tmp_path / "b")
