@@ -493,3 +493,40 @@ def test_writes_lay_out_files_as_qemu_does(tmp_path, subformat, extra):
                 if os.path.exists(tmp_path / sock):
                     os.unlink(tmp_path / sock)
     assert _files(tmp_path / "q") == _files(tmp_path / "b")
+
+
+def test_vmfs_sparse_cowd_extent_reads_like_qemu(tmp_path):
+    """A vmfsSparse descriptor over a VMware 3 (COWD) extent, grain tables of 4096 entries."""
+    gran, sectors = 8, 100000
+    tables = -(-sectors // (gran * 4096))
+    gd_sector = 4
+    gt_sector = gd_sector + 1
+    data_sector = gt_sector + tables * 32
+    gts = [[0] * 4096 for _ in range(tables)]
+    grains = {0: b"\x11" * 4096, 5: b"\x22" * 4096, 4096 + 3: bytes(range(256)) * 16}
+    body = bytearray()
+    for i, (index, data) in enumerate(sorted(grains.items())):
+        gts[index // 4096][index % 4096] = data_sector + i * gran
+        body += data
+    head = b"COWD" + struct.pack("<10I", 1, 3, sectors, gran, gd_sector, tables, 0, 0, 0, 0)
+    out = bytearray(head.ljust(gd_sector * 512, b"\0"))
+    out += struct.pack(f"<{tables}I", *(gt_sector + t * 32 for t in range(tables))).ljust(512,
+                                                                                          b"\0")
+    for gt in gts:
+        out += struct.pack("<4096I", *gt)
+    out += body
+    (tmp_path / "x-delta.vmdk").write_bytes(bytes(out))
+    img = str(tmp_path / "x.vmdk")
+    with open(img, "wb") as f:
+        f.write(b'# Disk DescriptorFile\nversion=1\nCID=a1b2c3d4\nparentCID=ffffffff\n'
+                b'createType="vmfsSparse"\n\nRW %d VMFSSPARSE "x-delta.vmdk"\n' % sectors)
+    for args in (["info", "-f", "vmdk", "--output=json"], ["map", "-f", "vmdk", "--output=json"],
+                 ["check", "-f", "vmdk"]):
+        same_output(*args, img)
+    for who in ("q", "b"):
+        args = ("convert", "-f", "vmdk", "-O", "raw", img, str(tmp_path / f"{who}.raw"))
+        r = run("qemu-img", *args) if who == "q" else blockd_img(*args)
+        assert r.returncode == 0, r.stderr
+    data = (tmp_path / "b.raw").read_bytes()
+    assert data == (tmp_path / "q.raw").read_bytes()
+    assert data[5 * 4096:6 * 4096] == grains[5]

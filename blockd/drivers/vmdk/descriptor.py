@@ -72,7 +72,10 @@ def _next_line(desc: str, p: int) -> int:
 
 
 def _scan(line: str) -> tuple[int, list]:
-    """sscanf(line, "%10s %ld %10s \"%511[^\\n\\r\"]\" %ld"): (matches, values)."""
+    """sscanf(line, "%10s %ld %10s \"%511[^\\n\\r\"]\" %ld"): (matches, values).
+
+    ``line`` runs to the end of the descriptor, as the C string QEMU scans does.
+    """
     vals: list = []
     m = re.match(r"\s*(\S{1,10})", line)
     if not m:
@@ -110,7 +113,8 @@ def parse_extents(desc: str) -> list[ExtentLine]:
     p = 0
     while p < len(desc):
         np = _next_line(desc, p)
-        matches, vals = _scan(desc[p:np])
+        # sscanf skips newlines like any white space: a blank line reads the next one.
+        matches, vals = _scan(desc[p:])
         if matches < 4 or vals[0] != "RW":
             p = np
             continue
