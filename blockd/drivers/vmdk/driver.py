@@ -215,6 +215,9 @@ class VmdkNode(BlockNode):
             within = (offset - ext.start) % ext.grain
             n = min(end - offset, ext.grain - within, ext.end - offset)
             where = await ext.lookup(offset)
+            if where.state == Grain.ALLOCATED and not ext.compressed or \
+                    where.state == Grain.UNALLOCATED and self.backing is None:
+                n = await ext.run(offset, where, end - offset)  # one read for a run
             if where.state == Grain.ALLOCATED:
                 if ext.compressed:
                     grain = await read_grain(ext.file, where.host, ext.grain, ext.has_marker)
@@ -240,8 +243,12 @@ class VmdkNode(BlockNode):
             return await self._flat_status(ext, ext.flat_offset + offset - ext.start, n)
         assert isinstance(ext, SparseExtent)
         within = (offset - ext.start) % ext.grain
-        n = min(length, ext.grain - within, ext.end - offset)
         where = await ext.lookup(offset)
+        if where.state == Grain.ALLOCATED and ext.compressed or \
+                where.state == Grain.UNALLOCATED and self.backing is not None:
+            n = min(length, ext.grain - within, ext.end - offset)
+        else:  # runs of grains alike are answered at once (QEMU: one grain per call)
+            n = await ext.run(offset, where, length)
         if where.state == Grain.ZEROED:
             return Run(n, Status.ZERO | Status.ALLOCATED)
         if where.state == Grain.UNALLOCATED:

@@ -158,13 +158,37 @@ class SparseExtent(Extent):
         table = await self._table(l2_offset)
         l2_index = (sector // self.grain_sectors) % self.gt_entries
         value = table[l2_index]
+        return Lookup(self._state(value), value * SECTOR, l1_index, l2_index, l2_offset)
+
+    def _state(self, value: int) -> Grain:
         if self.zero_grain and value == GTE_ZEROED:
-            state = Grain.ZEROED
-        elif value == 0:
-            state = Grain.UNALLOCATED
-        else:
-            state = Grain.ALLOCATED
-        return Lookup(state, value * SECTOR, l1_index, l2_index, l2_offset)
+            return Grain.ZEROED
+        return Grain.ALLOCATED if value else Grain.UNALLOCATED
+
+    async def run(self, offset: int, first: Lookup, length: int) -> int:
+        """Bytes from ``offset`` (at most ``length``) whose grains read like ``first``'s:
+        the same state and, for data, the following bytes of the file.
+
+        Only the grain table ``first`` came from is looked at; compressed data
+        is one grain at a time.
+        """
+        within = (offset - self.start) % self.grain
+        n = min(length, self.grain - within, self.end - offset)
+        if not first.l2_offset:  # no table: everything it would map is unallocated
+            table_end = self.start + (first.l1_index + 1) * self.gt_entries * self.grain
+            return max(n, min(length, table_end - offset, self.end - offset))
+        if first.state == Grain.ALLOCATED and self.compressed:
+            return n
+        table = await self._table(first.l2_offset)
+        index, expect = first.l2_index + 1, first.host + self.grain
+        while n < length and offset + n < self.end and index < self.gt_entries:
+            value = table[index]
+            if self._state(value) != first.state or \
+                    first.state == Grain.ALLOCATED and value * SECTOR != expect:
+                break
+            n = min(length, n + self.grain, self.end - offset)
+            index, expect = index + 1, expect + self.grain
+        return n
 
     async def set_entry(self, where: Lookup, value: int) -> None:
         """Point a grain table entry (and its copy in the redundant table) at ``value``."""
