@@ -530,3 +530,31 @@ def test_vmfs_sparse_cowd_extent_reads_like_qemu(tmp_path):
     data = (tmp_path / "b.raw").read_bytes()
     assert data == (tmp_path / "q.raw").read_bytes()
     assert data[5 * 4096:6 * 4096] == grains[5]
+
+
+def test_blockdev_add_replies_match_qsd(tmp_path):
+    """blockdev-add of good and broken vmdk images: the same replies from both daemons."""
+    good = qemu_image(tmp_path, "twoGbMaxExtentSparse", writes=False)
+    run("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized",
+        str(tmp_path / "v3.vmdk"), "1M")
+    (tmp_path / "garbage.vmdk").write_bytes(b"version=1\ncreateType=\"monolithicFlat\"\n"
+                                            b"RW 100 FLAT \"missing.img\" 0\n")
+    (tmp_path / "tiny.vmdk").write_bytes(b"KD")
+    with open(tmp_path / "v3.vmdk", "r+b") as f:
+        f.seek(77)
+        f.write(b"\0\0")  # version 3 without compression: read-only only
+    cases = [(good, {}), (good, {"read-only": True}), (str(tmp_path / "v3.vmdk"), {}),
+             (str(tmp_path / "v3.vmdk"), {"read-only": True}),
+             (str(tmp_path / "garbage.vmdk"), {}), (str(tmp_path / "tiny.vmdk"), {})]
+    replies = {}
+    for qsd in (True, False):
+        got = []
+        with Daemon(str(tmp_path / f"{qsd}.sock"), qsd=qsd) as dm:
+            c = dm.client()
+            for i, (img, extra) in enumerate(cases):
+                got.append(c.cmd("blockdev-add", driver="vmdk", **{"node-name": f"n{i}"},
+                                 file={"driver": "file", "filename": img}, **extra))
+                if "return" in got[-1]:
+                    c.cmd("blockdev-del", **{"node-name": f"n{i}"})
+        replies[qsd] = got
+    assert replies[False] == replies[True]
