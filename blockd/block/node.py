@@ -162,6 +162,9 @@ class BlockNode:
     #: backing file reads as zeroes (QEMU's ``supports_backing``); elsewhere its
     #: content is unknown.
     supports_backing: ClassVar[bool] = False
+    #: Whether the node takes only compressed whole-cluster writes (a streamOptimized
+    #: vmdk), so a copy into it must compress, as qemu-img's does.
+    needs_compressed_writes: bool = False
     #: Options that change what the node shows; any of them set means the
     #: node's name is a ``json:{...}`` description rather than a file name.
     strong_options: ClassVar[tuple[str, ...]] = ()

@@ -470,7 +470,7 @@ async def run(args: Args) -> int:
                 create_path(target)  # only a host file can be created, as qemu-img checks
             except QMPError as exc:
                 raise ImgError(exc.desc) from None
-        if plan.compress and out_fmt != "qcow2":
+        if plan.compress and out_fmt not in ("qcow2", "vmdk"):
             raise ImgError("Compression not supported for this file format")
         if not no_create:
             opts = parse_opts(out_fmt, text)
@@ -491,6 +491,8 @@ async def run(args: Args) -> int:
             plan.fresh = False  # what is not written does not read as zeroes
         if plan.top_only and dst.backing is not None:
             plan.backing_end = dst.backing.length()
+        if dst.needs_compressed_writes:
+            plan.compress = True  # a stream takes only whole compressed grains, as in qemu-img
         if args.has("bitmaps") and not _stores_bitmaps(dst):
             raise ImgError(f"Format driver '{out_fmt}' does not support bitmaps")
         if no_create and dst.length() < src.size:

@@ -90,6 +90,21 @@ FORMATS: dict[str, list[Opt]] = {
                                   "calculation"),
     ],
     "vdi": [_SIZE, Opt("static", "bool", "VDI static (pre-allocated) image", "off")],
+    "vmdk": [
+        _SIZE,
+        Opt("adapter_type", "str", "Virtual adapter type, can be one of ide (default), "
+                                   "lsilogic, buslogic or legacyESX"),
+        Opt("backing_file", "str", "File name of a base image"),
+        Opt("backing_fmt", "str", "Must be 'vmdk' if present"),
+        Opt("compat6", "bool", "VMDK version 6 image", "off"),
+        Opt("hwversion", "str", "VMDK hardware version", "undefined"),
+        Opt("toolsversion", "str", "VMware guest tools version"),
+        Opt("subformat", "str", "VMDK flat extent format, can be one of {monolithicSparse "
+                                "(default) | monolithicFlat | twoGbMaxExtentSparse | "
+                                "twoGbMaxExtentFlat | streamOptimized} "),
+        Opt("zeroed_grain", "bool", "Enable efficient zero writes using the zeroed-grain GTE "
+                                    "feature"),
+    ],
 }
 # The encrypt.* entries above were built in _CRYPTO's order; qemu-img prints
 # key-secret right after format, which that order already gives.
@@ -247,6 +262,37 @@ def _luks_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
     return out
 
 
+_VMDK_SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
+                    "twoGbMaxExtentFlat", "streamOptimized")
+
+
+def _vmdk_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
+    """qemu-img's vmdk options as ``blockdev-create`` ones, checked in QEMU's order."""
+    if opts.get("backing_fmt", "vmdk") != "vmdk":
+        raise QMPError("backing_file must be a vmdk image")
+    out: dict[str, Any] = {"driver": "vmdk", "size": size}
+    for name, key, allowed in (("adapter_type", "adapter-type",
+                                ("ide", "buslogic", "lsilogic", "legacyESX")),
+                               ("subformat", "subformat", _VMDK_SUBFORMATS)):
+        if name in opts:
+            if opts[name] not in allowed:
+                raise QMPError(f"invalid parameter value: {opts[name]}")
+            out[key] = opts[name]
+    hw = opts.get("hwversion", "undefined")
+    if _bool(opts.get("compat6")):
+        if hw != "undefined":
+            raise QMPError("compat6 cannot be enabled with hwversion set")
+        hw = "6"
+    if hw != "undefined":
+        out["hwversion"] = hw
+    for name, key in (("backing_file", "backing-file"), ("toolsversion", "toolsversion")):
+        if name in opts:
+            out[key] = opts[name]
+    if "zeroed_grain" in opts:
+        out["zeroed-grain"] = _bool(opts["zeroed_grain"])
+    return out
+
+
 def _vpc_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
     """qemu-img's vpc sizes: rounded up to the CHS geometry unless ``force_size``."""
     from blockd.drivers.vpc.create import chs_size
@@ -273,9 +319,10 @@ def _vdi_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
 
 #: Each format's ``-o`` options to ``blockdev-create`` options, and the module that creates.
 _BUILDERS = {"qcow2": _qcow2_options, "luks": _luks_options, "vpc": _vpc_options,
-             "vdi": _vdi_options}
+             "vdi": _vdi_options, "vmdk": _vmdk_options}
 _CREATORS = {"qcow2": "blockd.drivers.qcow2.create", "luks": "blockd.drivers.luks",
-             "vpc": "blockd.drivers.vpc.create", "vdi": "blockd.drivers.vdi.create"}
+             "vpc": "blockd.drivers.vpc.create", "vdi": "blockd.drivers.vdi.create",
+             "vmdk": "blockd.drivers.vmdk.create"}
 #: The formats whose ``-o preallocation`` goes to the (empty) file they are written on:
 #: qemu-img hands the protocol only the options the format does not take.
 _FILE_PREALLOC = ("vpc", "vdi")
@@ -390,6 +437,14 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
                                                      "size": 0})
             options["data-file"] = {"driver": "file", "filename": data}
         options["file"] = {"driver": "file", "filename": path}
+        if fmt == "vmdk":
+            from blockd.drivers.vmdk.create import extent_filenames
+
+            names = extent_filenames(path, options.get("subformat", "monolithicSparse"), size)
+            for name in names:
+                await file_driver.create(session.graph, {"driver": "file", "filename": name,
+                                                         "size": 0})
+            options["extents"] = [{"driver": "file", "filename": n} for n in names]
         creator = importlib.import_module(_CREATORS[fmt])
         await creator.create(session.graph, options)
     except QMPError as exc:

@@ -21,9 +21,11 @@ async def _layer_status(node: BlockNode, offset: int, length: int
             status = ext.status if present else \
                 Status.ZERO if cur.supports_backing else Status.NONE
             # qemu-img shows a host offset wherever the run reads as data or as zeroes,
-            # a zero subcluster left unallocated inside an allocated cluster included.
+            # a zero subcluster left unallocated inside an allocated cluster included;
+            # the file named is the one holding the data (a vmdk's extent, say).
             return length, depth, status, \
-                ext.offset if status & (Status.DATA | Status.ZERO) else None, cur
+                ext.offset if status & (Status.DATA | Status.ZERO) else None, \
+                ext.child if present and ext.child is not None else cur
         if offset >= cur.backing.length():
             return length, depth, Status.ZERO, None, cur
         length = min(length, cur.backing.length() - offset)
@@ -115,11 +117,13 @@ async def run(args: Args) -> int:
             await _picture(node, args.get("picture") or "")
             return 0
         entries = await map_entries(node, start, end)
-        # The top layer is named as the user gave a plain file name; backing layers, and
-        # images named by json: or a protocol, by their node filename.
+        # The top layer is named as the user gave a plain file name; backing layers,
+        # other files (a vmdk's extents) and images named by json: or a protocol by
+        # their node filename.
         if not args.has("image-opts") and not has_protocol(args.rest[0]):
+            top = node.filename()
             for e in entries:
-                if e["depth"] == 0:
+                if e["depth"] == 0 and e["file"] == top:
                     e["file"] = args.rest[0]
     if output == "json":
         print(json_text(entries), end="")
