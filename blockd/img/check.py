@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from blockd.img.common import PROG, Args, ImgError, Session, UsageError, json_pretty
+from blockd.img.common import PROG, Args, Session, UsageError, json_pretty
 
 FIX = {"leaks": 1, "all": 3}
 
