@@ -216,18 +216,6 @@ def test_convert_into_vmdk_matches_qemu_img(tmp_path, subformat):
     assert _files(tmp_path / "q") == _files(tmp_path / "b")
 
 
-def _run_job(c, job_id: str, options: dict) -> dict:
-    """Run blockdev-create to its end; the concluded job's query-jobs entry."""
-    assert c.cmd("blockdev-create", **{"job-id": job_id}, options=options) == {"return": {}}
-    for _ in range(1200):
-        jobs = [j for j in c.cmd("query-jobs")["return"] if j["id"] == job_id]
-        if jobs and jobs[0]["status"] == "concluded":
-            c.cmd("job-dismiss", id=job_id)
-            return jobs[0]
-        c.events(0.05)
-    raise AssertionError(f"job {job_id} did not conclude")
-
-
 def test_blockdev_create_matches_qsd(tmp_path):
     """Same files (CID aside) and the same errors from qemu-storage-daemon and blockd."""
     errors = {}
@@ -244,10 +232,10 @@ def test_blockdev_create_matches_qsd(tmp_path):
                 "adapter-type": "lsilogic", "hwversion": "6"}
         with Daemon(str(tmp_path / f"{qsd}.sock"), qsd=qsd) as dm:
             c = dm.client()
-            got = [_run_job(c, "j", opts).get("error")]
+            got = [c.create_job("j", opts).get("error")]
             for bad in (dict(opts, extents=opts["extents"] * 2), dict(opts, size=1000),
                         dict(opts, subformat="monolithicFlat", **{"backing-file": "x"})):
-                got.append(_run_job(c, "k", bad).get("error"))
+                got.append(c.create_job("k", bad).get("error"))
         errors[qsd] = got
     assert errors[True] == errors[False]
     assert errors[True][0] is None

@@ -301,14 +301,7 @@ def test_blockdev_create(tmp_path):
         c = daemon.client()
 
         def job(n: int, **opts) -> dict:
-            assert c.cmd("blockdev-create", **{"job-id": f"j{n}", "options": {
-                "driver": "vpc", "file": "f0", **opts}}) == {"return": {}}
-            while True:
-                jobs = c.cmd("query-jobs")["return"]
-                if jobs and jobs[0]["status"] == "concluded":
-                    assert c.cmd("job-dismiss", id=f"j{n}") == {"return": {}}
-                    return jobs[0]
-                c.events(0.1)
+            return c.create_job(f"j{n}", {"driver": "vpc", "file": "f0", **opts})
 
         assert c.cmd("blockdev-create", **{"job-id": "f", "options": {
             "driver": "file", "filename": str(path), "size": 0}}) == {"return": {}}
