@@ -320,6 +320,21 @@ class _Wire:
         self.parser.start_transmission()
         return flags
 
+    def ask(self, cmd: int, flags: int, offset: int, length: int, data: bytes = b""):
+        """Send one request (handle 1); its error as the reply mode gives it (the
+        chunk type and error of a structured reply, which is read to its end)."""
+        if cmd == p.Cmd.READ:
+            self.parser.expect_read(1, length)
+        self.s.sendall(p.request(cmd, 1, offset, length, flags, data))
+        reply = self.event()
+        if not isinstance(reply, p.StructuredChunk):
+            return ("simple", reply.error)
+        answer = (reply.type, p.parse_error_chunk(reply.payload)[:2]
+                  if reply.type & 0x8000 else b"")
+        while not reply.done:
+            reply = self.event()
+        return answer
+
 
 def _edge_session(tmp_path, qsd: bool) -> list:
     """What a client sees at the protocol's edges: long unknown names, unknown client
@@ -354,18 +369,7 @@ def _edge_session(tmp_path, qsd: bool) -> list:
                                (p.Cmd.READ, 1 << 7), (p.Cmd.FLUSH, p.CmdFlag.FUA),
                                (p.Cmd.FLUSH, 1 << 9)):
                 length = 512 if cmd == p.Cmd.READ else 0
-                if length:
-                    c.parser.expect_read(1, length)
-                c.s.sendall(p.request(cmd, 1, 0, length, flags))
-                reply = c.event()
-                if isinstance(reply, p.StructuredChunk):
-                    answer = (reply.type, p.parse_error_chunk(reply.payload)[:2]
-                              if reply.type & 0x8000 else b"")
-                    while not reply.done:
-                        reply = c.event()
-                else:
-                    answer = ("simple", reply.error)
-                seen.append((structured, cmd, flags, answer))
+                seen.append((structured, cmd, flags, c.ask(cmd, flags, 0, length)))
             c.s.close()
     return seen
 
@@ -490,18 +494,8 @@ def _request_replies(tmp_path, qsd: bool) -> list:
                 c.event()
                 c.go(name, structured)
                 for cmd, flags, offset, length in REQUEST_CASES:
-                    if cmd == p.Cmd.READ:
-                        c.parser.expect_read(1, length)
                     data = bytes(length) if cmd == p.Cmd.WRITE else b""
-                    c.s.sendall(p.request(cmd, 1, offset, length, flags, data))
-                    reply = c.event()
-                    if isinstance(reply, p.StructuredChunk):
-                        answer = (reply.type, p.parse_error_chunk(reply.payload)[:2]
-                                  if reply.type & 0x8000 else b"")
-                        while not reply.done:
-                            reply = c.event()
-                    else:
-                        answer = ("simple", reply.error)
+                    answer = c.ask(cmd, flags, offset, length, data)
                     seen.append((name, structured, cmd, flags, offset, length, answer))
                 c.s.close()
     return seen
