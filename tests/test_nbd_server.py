@@ -336,17 +336,26 @@ class _Wire:
         return answer
 
 
-def _edge_session(tmp_path, qsd: bool) -> list:
-    """What a client sees at the protocol's edges: long unknown names, unknown client
-    flags, flags per reply mode, requests with flags their command does not take."""
+def _null_server(tmp_path, qsd: bool, *args: str) -> tuple[Daemon, str]:
+    """qsd or blockd, started in a folder of its own with ``args`` after its NBD server;
+    the daemon and the server's socket."""
     work = tmp_path / ("qsd" if qsd else "blockd")
     work.mkdir()
     nbd = str(work / "nbd.sock")
+    return Daemon(str(work / "qmp.sock"), "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+                  *args, qsd=qsd, stderr=subprocess.DEVNULL), nbd
+
+
+ONE_EXPORT = ("--blockdev", "driver=null-co,node-name=n0,size=1048576",
+              "--export", "type=nbd,id=e0,node-name=n0,name=n0")
+
+
+def _edge_session(tmp_path, qsd: bool) -> list:
+    """What a client sees at the protocol's edges: long unknown names, unknown client
+    flags, flags per reply mode, requests with flags their command does not take."""
     seen: list = []
-    with Daemon(str(work / "qmp.sock"), "--blockdev", "driver=null-co,node-name=n0,size=1048576",
-                "--nbd-server", f"addr.type=unix,addr.path={nbd}",
-                "--export", "type=nbd,id=e0,node-name=n0,name=n0", qsd=qsd,
-                stderr=subprocess.DEVNULL):
+    daemon, nbd = _null_server(tmp_path, qsd, *ONE_EXPORT)
+    with daemon:
         for length in (79, 80, 4095, 4096):
             for opt in (p.Opt.GO, p.Opt.INFO):
                 c = _Wire(nbd)
@@ -431,14 +440,9 @@ OPTION_CASES = {
 def _option_replies(tmp_path, qsd: bool) -> dict:
     """Every option reply each case gets; NBD_OPT_ABORT ends each case, so the server's
     hang-up, not a timeout, says that everything has come."""
-    work = tmp_path / ("qsd" if qsd else "blockd")
-    work.mkdir()
-    nbd = str(work / "nbd.sock")
     seen = {}
-    with Daemon(str(work / "qmp.sock"), "--blockdev", "driver=null-co,node-name=n0,size=1048576",
-                "--nbd-server", f"addr.type=unix,addr.path={nbd}",
-                "--export", "type=nbd,id=e0,node-name=n0,name=n0", qsd=qsd,
-                stderr=subprocess.DEVNULL):
+    daemon, nbd = _null_server(tmp_path, qsd, *ONE_EXPORT)
+    with daemon:
         for case, payload in OPTION_CASES.items():
             c = _Wire(nbd)
             c.event()
@@ -478,16 +482,13 @@ REQUEST_CASES = [
 def _request_replies(tmp_path, qsd: bool) -> list:
     """The reply to each request case on a read-only and a writable null-co export, with
     and without structured replies (errors carry QEMU's messages in error chunks)."""
-    work = tmp_path / ("qsd" if qsd else "blockd")
-    work.mkdir()
-    nbd = str(work / "nbd.sock")
     seen = []
-    with Daemon(str(work / "qmp.sock"), "--blockdev", "driver=null-co,node-name=n0,size=1048576",
-                "--blockdev", "driver=null-co,node-name=n1,size=1048576",
-                "--nbd-server", f"addr.type=unix,addr.path={nbd}",
-                "--export", "type=nbd,id=e0,node-name=n0,name=ro",
-                "--export", "type=nbd,id=e1,node-name=n1,name=rw,writable=on", qsd=qsd,
-                stderr=subprocess.DEVNULL):
+    daemon, nbd = _null_server(tmp_path, qsd, "--blockdev",
+                               "driver=null-co,node-name=n0,size=1048576",
+                               "--blockdev", "driver=null-co,node-name=n1,size=1048576",
+                               "--export", "type=nbd,id=e0,node-name=n0,name=ro",
+                               "--export", "type=nbd,id=e1,node-name=n1,name=rw,writable=on")
+    with daemon:
         for name in ("ro", "rw"):
             for structured in (False, True):
                 c = _Wire(nbd)
