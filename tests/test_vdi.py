@@ -17,8 +17,8 @@ import pytest
 
 from harness import Daemon
 from test_img import blockd_img, qemu_img, same
-from test_vpc import (WRITES, check_nbd_read, check_same_writes, check_views, metadata_of,
-                      qemu_io)
+from test_vpc import (WRITES, check_nbd_read, check_same_create, check_same_writes, check_views,
+                      metadata_of, qemu_io)
 
 MiB = 1 << 20
 
@@ -76,12 +76,7 @@ def test_convert_into_vdi(tmp_path):
                                   "static=on,preallocation=full"])
 def test_create_like_qemu(tmp_path, size, opts):
     """Same messages and the same file, but for the two random UUIDs."""
-    argv = ["create", "-f", "vdi", "-o", opts, "x.vdi", size]
-    q = qemu_img(*argv, cwd=tmp_path)
-    theirs = metadata_of(tmp_path / "x.vdi")
-    (tmp_path / "x.vdi").unlink()
-    b = blockd_img(*argv, cwd=tmp_path)
-    assert b == (q.stdout, q.stderr.replace("qemu-img", "blockd-img"), q.returncode)
+    theirs = check_same_create(tmp_path, "vdi", opts, size, "x.vdi")[1]
     size, ours = metadata_of(tmp_path / "x.vdi")
     assert size == theirs[0]
     theirs = theirs[1]
