@@ -193,6 +193,19 @@ class Client:
     def events(self, timeout: float = 0.3) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.lines_until_quiet(timeout)]
 
+    def create_job(self, job_id: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Run blockdev-create to its end and dismiss it; its concluded query-jobs entry."""
+        assert self.cmd("blockdev-create", **{"job-id": job_id}, options=options) == \
+            {"return": {}}
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            jobs = [j for j in self.cmd("query-jobs")["return"] if j["id"] == job_id]
+            if jobs and jobs[0]["status"] == "concluded":
+                assert self.cmd("job-dismiss", id=job_id) == {"return": {}}
+                return jobs[0]
+            self.events(0.05)
+        raise AssertionError(f"job {job_id} did not conclude")
+
     def close(self) -> None:
         self.sock.close()
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from blockd.drivers import driver_names
 from blockd.img.cli import main
 from harness import qemu_tool
 
@@ -103,6 +104,17 @@ def test_image_opts(d):
     same(d, "info", "--image-opts", "driver=qcow2,file.filename=top.qcow2")
     same(d, "map", "--output=json", "--image-opts", "file.filename=top.qcow2")
     same(d, "info", "--backing-chain", "--image-opts", "file.filename=top.qcow2")
+
+
+def test_help_lists_the_drivers_as_qemu_img_does(tmp_path):
+    """Every driver blockd has, protocols too, in the order and words qemu-img's list has."""
+    theirs = qemu_img("--help").stdout.splitlines()
+    ours = blockd_img("--help", cwd=tmp_path)[0].splitlines()
+    prefix = "Supported formats: "
+    theirs = next(line for line in theirs if line.startswith(prefix))[len(prefix):].split()
+    ours = next(line for line in ours if line.startswith(prefix))[len(prefix):].split()
+    assert ours == [name for name in theirs if name in driver_names()]
+    assert set(ours) == set(driver_names())
 
 
 USAGE_ERRORS = [

@@ -320,18 +320,42 @@ class _Wire:
         self.parser.start_transmission()
         return flags
 
+    def ask(self, cmd: int, flags: int, offset: int, length: int, data: bytes = b""):
+        """Send one request (handle 1); its error as the reply mode gives it (the
+        chunk type and error of a structured reply, which is read to its end)."""
+        if cmd == p.Cmd.READ:
+            self.parser.expect_read(1, length)
+        self.s.sendall(p.request(cmd, 1, offset, length, flags, data))
+        reply = self.event()
+        if not isinstance(reply, p.StructuredChunk):
+            return ("simple", reply.error)
+        answer = (reply.type, p.parse_error_chunk(reply.payload)[:2]
+                  if reply.type & 0x8000 else b"")
+        while not reply.done:
+            reply = self.event()
+        return answer
+
+
+def _null_server(tmp_path, qsd: bool, *args: str) -> tuple[Daemon, str]:
+    """qsd or blockd, started in a folder of its own with ``args`` after its NBD server;
+    the daemon and the server's socket."""
+    work = tmp_path / ("qsd" if qsd else "blockd")
+    work.mkdir()
+    nbd = str(work / "nbd.sock")
+    return Daemon(str(work / "qmp.sock"), "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+                  *args, qsd=qsd, stderr=subprocess.DEVNULL), nbd
+
+
+ONE_EXPORT = ("--blockdev", "driver=null-co,node-name=n0,size=1048576",
+              "--export", "type=nbd,id=e0,node-name=n0,name=n0")
+
 
 def _edge_session(tmp_path, qsd: bool) -> list:
     """What a client sees at the protocol's edges: long unknown names, unknown client
     flags, flags per reply mode, requests with flags their command does not take."""
-    work = tmp_path / ("qsd" if qsd else "blockd")
-    work.mkdir()
-    nbd = str(work / "nbd.sock")
     seen: list = []
-    with Daemon(str(work / "qmp.sock"), "--blockdev", "driver=null-co,node-name=n0,size=1048576",
-                "--nbd-server", f"addr.type=unix,addr.path={nbd}",
-                "--export", "type=nbd,id=e0,node-name=n0,name=n0", qsd=qsd,
-                stderr=subprocess.DEVNULL):
+    daemon, nbd = _null_server(tmp_path, qsd, *ONE_EXPORT)
+    with daemon:
         for length in (79, 80, 4095, 4096):
             for opt in (p.Opt.GO, p.Opt.INFO):
                 c = _Wire(nbd)
@@ -354,18 +378,7 @@ def _edge_session(tmp_path, qsd: bool) -> list:
                                (p.Cmd.READ, 1 << 7), (p.Cmd.FLUSH, p.CmdFlag.FUA),
                                (p.Cmd.FLUSH, 1 << 9)):
                 length = 512 if cmd == p.Cmd.READ else 0
-                if length:
-                    c.parser.expect_read(1, length)
-                c.s.sendall(p.request(cmd, 1, 0, length, flags))
-                reply = c.event()
-                if isinstance(reply, p.StructuredChunk):
-                    answer = (reply.type, p.parse_error_chunk(reply.payload)[:2]
-                              if reply.type & 0x8000 else b"")
-                    while not reply.done:
-                        reply = c.event()
-                else:
-                    answer = ("simple", reply.error)
-                seen.append((structured, cmd, flags, answer))
+                seen.append((structured, cmd, flags, c.ask(cmd, flags, 0, length)))
             c.s.close()
     return seen
 
@@ -427,14 +440,9 @@ OPTION_CASES = {
 def _option_replies(tmp_path, qsd: bool) -> dict:
     """Every option reply each case gets; NBD_OPT_ABORT ends each case, so the server's
     hang-up, not a timeout, says that everything has come."""
-    work = tmp_path / ("qsd" if qsd else "blockd")
-    work.mkdir()
-    nbd = str(work / "nbd.sock")
     seen = {}
-    with Daemon(str(work / "qmp.sock"), "--blockdev", "driver=null-co,node-name=n0,size=1048576",
-                "--nbd-server", f"addr.type=unix,addr.path={nbd}",
-                "--export", "type=nbd,id=e0,node-name=n0,name=n0", qsd=qsd,
-                stderr=subprocess.DEVNULL):
+    daemon, nbd = _null_server(tmp_path, qsd, *ONE_EXPORT)
+    with daemon:
         for case, payload in OPTION_CASES.items():
             c = _Wire(nbd)
             c.event()
@@ -474,34 +482,21 @@ REQUEST_CASES = [
 def _request_replies(tmp_path, qsd: bool) -> list:
     """The reply to each request case on a read-only and a writable null-co export, with
     and without structured replies (errors carry QEMU's messages in error chunks)."""
-    work = tmp_path / ("qsd" if qsd else "blockd")
-    work.mkdir()
-    nbd = str(work / "nbd.sock")
     seen = []
-    with Daemon(str(work / "qmp.sock"), "--blockdev", "driver=null-co,node-name=n0,size=1048576",
-                "--blockdev", "driver=null-co,node-name=n1,size=1048576",
-                "--nbd-server", f"addr.type=unix,addr.path={nbd}",
-                "--export", "type=nbd,id=e0,node-name=n0,name=ro",
-                "--export", "type=nbd,id=e1,node-name=n1,name=rw,writable=on", qsd=qsd,
-                stderr=subprocess.DEVNULL):
+    daemon, nbd = _null_server(tmp_path, qsd, "--blockdev",
+                               "driver=null-co,node-name=n0,size=1048576",
+                               "--blockdev", "driver=null-co,node-name=n1,size=1048576",
+                               "--export", "type=nbd,id=e0,node-name=n0,name=ro",
+                               "--export", "type=nbd,id=e1,node-name=n1,name=rw,writable=on")
+    with daemon:
         for name in ("ro", "rw"):
             for structured in (False, True):
                 c = _Wire(nbd)
                 c.event()
                 c.go(name, structured)
                 for cmd, flags, offset, length in REQUEST_CASES:
-                    if cmd == p.Cmd.READ:
-                        c.parser.expect_read(1, length)
                     data = bytes(length) if cmd == p.Cmd.WRITE else b""
-                    c.s.sendall(p.request(cmd, 1, offset, length, flags, data))
-                    reply = c.event()
-                    if isinstance(reply, p.StructuredChunk):
-                        answer = (reply.type, p.parse_error_chunk(reply.payload)[:2]
-                                  if reply.type & 0x8000 else b"")
-                        while not reply.done:
-                            reply = c.event()
-                    else:
-                        answer = ("simple", reply.error)
+                    answer = c.ask(cmd, flags, offset, length, data)
                     seen.append((name, structured, cmd, flags, offset, length, answer))
                 c.s.close()
     return seen

@@ -17,8 +17,8 @@ import pytest
 
 from harness import Daemon
 from test_img import blockd_img, qemu_img, same
-from test_vpc import (WRITES, check_nbd_read, check_same_writes, check_views, metadata_of,
-                      qemu_io)
+from test_vpc import (WRITES, check_nbd_read, check_same_create, check_same_writes, check_views,
+                      metadata_of, qemu_io)
 
 MiB = 1 << 20
 
@@ -76,12 +76,7 @@ def test_convert_into_vdi(tmp_path):
                                   "static=on,preallocation=full"])
 def test_create_like_qemu(tmp_path, size, opts):
     """Same messages and the same file, but for the two random UUIDs."""
-    argv = ["create", "-f", "vdi", "-o", opts, "x.vdi", size]
-    q = qemu_img(*argv, cwd=tmp_path)
-    theirs = metadata_of(tmp_path / "x.vdi")
-    (tmp_path / "x.vdi").unlink()
-    b = blockd_img(*argv, cwd=tmp_path)
-    assert b == (q.stdout, q.stderr.replace("qemu-img", "blockd-img"), q.returncode)
+    theirs = check_same_create(tmp_path, "vdi", opts, size, "x.vdi")[1]
     size, ours = metadata_of(tmp_path / "x.vdi")
     assert size == theirs[0]
     theirs = theirs[1]
@@ -102,25 +97,16 @@ def test_blockdev_create(tmp_path):
     path = tmp_path / "c.vdi"
     with Daemon(str(tmp_path / "qmp.sock")) as daemon:
         c = daemon.client()
-
-        def job(name: str, options: dict) -> dict:
-            assert c.cmd("blockdev-create", **{"job-id": name, "options": options}) == \
-                {"return": {}}
-            while True:
-                jobs = c.cmd("query-jobs")["return"]
-                if jobs and jobs[0]["status"] == "concluded":
-                    assert c.cmd("job-dismiss", id=name) == {"return": {}}
-                    return jobs[0]
-                c.events(0.1)
-
-        assert "error" not in job("f", {"driver": "file", "filename": str(path), "size": 0})
+        assert "error" not in c.create_job("f", {"driver": "file", "filename": str(path),
+                                                 "size": 0})
         assert "return" in c.cmd("blockdev-add", driver="file", filename=str(path),
                                  **{"node-name": "f0"})
         for mode in ("falloc", "full"):
-            bad = job(mode, {"driver": "vdi", "file": "f0", "size": MiB, "preallocation": mode})
+            bad = c.create_job(mode, {"driver": "vdi", "file": "f0", "size": MiB,
+                                      "preallocation": mode})
             assert bad["error"] == "Preallocation mode not supported for vdi"
-        assert "error" not in job("v", {"driver": "vdi", "file": "f0", "size": 5 * MiB,
-                                        "preallocation": "metadata"})
+        assert "error" not in c.create_job("v", {"driver": "vdi", "file": "f0", "size": 5 * MiB,
+                                                 "preallocation": "metadata"})
         c.cmd("blockdev-del", **{"node-name": "f0"})
     info = json.loads(qemu_img("info", "--output=json", "-f", "vdi", str(path)).stdout)
     assert info["virtual-size"] == 5 * MiB

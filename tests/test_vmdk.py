@@ -216,18 +216,6 @@ def test_convert_into_vmdk_matches_qemu_img(tmp_path, subformat):
     assert _files(tmp_path / "q") == _files(tmp_path / "b")
 
 
-def _run_job(c, job_id: str, options: dict) -> dict:
-    """Run blockdev-create to its end; the concluded job's query-jobs entry."""
-    assert c.cmd("blockdev-create", **{"job-id": job_id}, options=options) == {"return": {}}
-    for _ in range(1200):
-        jobs = [j for j in c.cmd("query-jobs")["return"] if j["id"] == job_id]
-        if jobs and jobs[0]["status"] == "concluded":
-            c.cmd("job-dismiss", id=job_id)
-            return jobs[0]
-        c.events(0.05)
-    raise AssertionError(f"job {job_id} did not conclude")
-
-
 def test_blockdev_create_matches_qsd(tmp_path):
     """Same files (CID aside) and the same errors from qemu-storage-daemon and blockd."""
     errors = {}
@@ -244,10 +232,10 @@ def test_blockdev_create_matches_qsd(tmp_path):
                 "adapter-type": "lsilogic", "hwversion": "6"}
         with Daemon(str(tmp_path / f"{qsd}.sock"), qsd=qsd) as dm:
             c = dm.client()
-            got = [_run_job(c, "j", opts).get("error")]
+            got = [c.create_job("j", opts).get("error")]
             for bad in (dict(opts, extents=opts["extents"] * 2), dict(opts, size=1000),
                         dict(opts, subformat="monolithicFlat", **{"backing-file": "x"})):
-                got.append(_run_job(c, "k", bad).get("error"))
+                got.append(c.create_job("k", bad).get("error"))
         errors[qsd] = got
     assert errors[True] == errors[False]
     assert errors[True][0] is None
@@ -447,10 +435,9 @@ def _vmware_stream(path: str, size: int, grains: dict[int, bytes]) -> None:
         f.write(out)
 
 
-def test_vmware_stream_with_footer_reads_like_qemu(tmp_path):
-    img = str(tmp_path / "x.vmdk")
-    grains = {0: b"\x01" * 65536, 7: bytes(range(256)) * 256, 600: b"end" * 20000 + b"\0" * 5536}
-    _vmware_stream(img, 64 << 20, grains)
+def _reads_like_qemu(tmp_path, img: str) -> bytes:
+    """info, map and check print what qemu-img prints; both convert it to the same raw
+    bytes, which are returned."""
     for args in (["info", "-f", "vmdk", "--output=json"], ["map", "-f", "vmdk", "--output=json"],
                  ["check", "-f", "vmdk"]):
         same_output(*args, img)
@@ -458,9 +445,16 @@ def test_vmware_stream_with_footer_reads_like_qemu(tmp_path):
         args = ("convert", "-f", "vmdk", "-O", "raw", img, str(tmp_path / f"{who}.raw"))
         r = run("qemu-img", *args) if who == "q" else blockd_img(*args)
         assert r.returncode == 0, r.stderr
-    with open(tmp_path / "b.raw", "rb") as f:
-        data = f.read()
+    data = (tmp_path / "b.raw").read_bytes()
     assert data == (tmp_path / "q.raw").read_bytes()
+    return data
+
+
+def test_vmware_stream_with_footer_reads_like_qemu(tmp_path):
+    img = str(tmp_path / "x.vmdk")
+    grains = {0: b"\x01" * 65536, 7: bytes(range(256)) * 256, 600: b"end" * 20000 + b"\0" * 5536}
+    _vmware_stream(img, 64 << 20, grains)
+    data = _reads_like_qemu(tmp_path, img)
     assert data[7 * 65536:8 * 65536] == grains[7] and data[600 * 65536:601 * 65536] == grains[600]
     # A footer that is not one is refused, as QEMU refuses it.
     with open(img, "r+b") as f:
@@ -520,15 +514,7 @@ def test_vmfs_sparse_cowd_extent_reads_like_qemu(tmp_path):
     with open(img, "wb") as f:
         f.write(b'# Disk DescriptorFile\nversion=1\nCID=a1b2c3d4\nparentCID=ffffffff\n'
                 b'createType="vmfsSparse"\n\nRW %d VMFSSPARSE "x-delta.vmdk"\n' % sectors)
-    for args in (["info", "-f", "vmdk", "--output=json"], ["map", "-f", "vmdk", "--output=json"],
-                 ["check", "-f", "vmdk"]):
-        same_output(*args, img)
-    for who in ("q", "b"):
-        args = ("convert", "-f", "vmdk", "-O", "raw", img, str(tmp_path / f"{who}.raw"))
-        r = run("qemu-img", *args) if who == "q" else blockd_img(*args)
-        assert r.returncode == 0, r.stderr
-    data = (tmp_path / "b.raw").read_bytes()
-    assert data == (tmp_path / "q.raw").read_bytes()
+    data = _reads_like_qemu(tmp_path, img)
     assert data[5 * 4096:6 * 4096] == grains[5]
 
 

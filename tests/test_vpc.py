@@ -116,6 +116,19 @@ def metadata_of(path: Path, head: int = 1 << 20) -> tuple[int, bytes]:
         return size, data + f.read()
 
 
+def check_same_create(d: Path, fmt: str, opts: str, size: str,
+                      name: str) -> tuple[int, tuple[int, bytes]]:
+    """qemu-img create, then blockd-img create over it: the same output and status.
+    Returns that status and what :func:`metadata_of` finds in qemu-img's image."""
+    argv = ["create", "-f", fmt, "-o", opts, name, size]
+    q = qemu_img(*argv, cwd=d)
+    theirs = metadata_of(d / name)
+    (d / name).unlink()
+    b = blockd_img(*argv, cwd=d)
+    assert b == (q.stdout, q.stderr.replace("qemu-img", "blockd-img"), q.returncode)
+    return q.returncode, theirs
+
+
 def footer_fields_masked(data: bytes, offsets: list[int]) -> bytes:
     """A VHD with the timestamp, checksum and UUID of the footers at ``offsets`` zeroed."""
     buf = bytearray(data)
@@ -273,13 +286,8 @@ def test_convert_into_vpc(tmp_path):
                                   "subformat=fixed,force_size=on"])
 def test_create_like_qemu(tmp_path, size, opts):
     """Same messages and the same file, but for UUID and timestamp; CHS rounding included."""
-    argv = ["create", "-f", "vpc", "-o", opts, "x.vhd", size]
-    q = qemu_img(*argv, cwd=tmp_path)
-    theirs = metadata_of(tmp_path / "x.vhd")
-    (tmp_path / "x.vhd").unlink()
-    b = blockd_img(*argv, cwd=tmp_path)
-    assert b == (q.stdout, q.stderr.replace("qemu-img", "blockd-img"), q.returncode)
-    if q.returncode:
+    status, theirs = check_same_create(tmp_path, "vpc", opts, size, "x.vhd")
+    if status:
         return
     ours = metadata_of(tmp_path / "x.vhd")
     assert ours[0] == theirs[0]
@@ -301,19 +309,10 @@ def test_blockdev_create(tmp_path):
         c = daemon.client()
 
         def job(n: int, **opts) -> dict:
-            assert c.cmd("blockdev-create", **{"job-id": f"j{n}", "options": {
-                "driver": "vpc", "file": "f0", **opts}}) == {"return": {}}
-            while True:
-                jobs = c.cmd("query-jobs")["return"]
-                if jobs and jobs[0]["status"] == "concluded":
-                    assert c.cmd("job-dismiss", id=f"j{n}") == {"return": {}}
-                    return jobs[0]
-                c.events(0.1)
+            return c.create_job(f"j{n}", {"driver": "vpc", "file": "f0", **opts})
 
-        assert c.cmd("blockdev-create", **{"job-id": "f", "options": {
-            "driver": "file", "filename": str(path), "size": 0}}) == {"return": {}}
-        c.events(1.0)
-        c.cmd("job-dismiss", id="f")
+        assert "error" not in c.create_job("f", {"driver": "file", "filename": str(path),
+                                                 "size": 0})
         assert "return" in c.cmd("blockdev-add", driver="file", filename=str(path),
                                  **{"node-name": "f0"})
         bad = job(1, size=10 * MiB)

@@ -18,11 +18,11 @@ import errno
 import threading
 from typing import Any
 
-from blockd.block.backend import Backend
 from blockd.block.graph import BlockGraph, OpenContext
 from blockd.block.node import BlockNode, Perm, WriteFlags
 from blockd.crypto import luks
 from blockd.crypto.cipher import SectorCipher
+from blockd.drivers.create_target import creation_file
 from blockd.drivers.sector_io import SECTOR, WriteGate, crypt_sectors, sector_span
 from blockd.errors import QMPError
 
@@ -204,12 +204,8 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
     """``blockdev-create`` for ``luks``: header and key slot 0, then room for ``size`` bytes."""
     password = secret_password(graph.secrets, options.get("key-secret"))
     opts = luks.CreateOptions.from_qapi(options)
-    ref = options["file"]
-    file = graph.lookup(ref) if isinstance(ref, str) else await graph.open_node(ref, implicit=True)
-    user: Backend | None = None
-    try:
-        user = Backend(graph, file, "an unnamed block device",
-                       Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.all())
+    async with creation_file(graph, options["file"],
+                             Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE) as file:
         header, writes = await asyncio.to_thread(luks.create, opts, password)
         try:
             await file.truncate(header.payload_bytes + options["size"], False,
@@ -221,8 +217,3 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
             if exc.errno == errno.ENOTSUP:
                 raise QMPError(f"Could not resize image: {exc.strerror}") from None
             raise QMPError(f"Could not write encryption header: {exc.strerror}") from None
-    finally:
-        if user is not None:
-            user.close()
-        if not isinstance(ref, str):
-            await graph.delete_node(file)

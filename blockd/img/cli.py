@@ -14,6 +14,7 @@ import importlib
 import os
 import sys
 
+from blockd.drivers import driver_names
 from blockd.img.common import PROG, Args, ImgError, UsageError, fail
 
 USAGE = f"""\
@@ -37,7 +38,7 @@ Command syntax:
   snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
   resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
 
-Supported formats: raw qcow2 luks
+Supported formats: {' '.join(sorted(driver_names()))}
 """
 
 #: subcommand -> (module, short options, long options); as qemu-img 7.2 accepts them.

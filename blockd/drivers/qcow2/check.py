@@ -554,6 +554,13 @@ async def _read_snapshots(node: "Qcow2Node", res: CheckResult, fix: int) -> bool
     repair = bool(fix & FIX_ERRORS)
     nb, offset = struct.unpack(">IQ", bytes(await image.file.read(60, 12)))
     reduced, dropped = 0, False
+
+    def unreadable(error: int, message: str) -> bool:
+        res.check_errors += 1
+        res.error = error
+        res.failure = message
+        return False
+
     if nb > qsnap.MAX_SNAPSHOTS and repair:
         res.say(f"Discarding {nb - qsnap.MAX_SNAPSHOTS} overhanging snapshots")
         reduced, nb = nb - qsnap.MAX_SNAPSHOTS, qsnap.MAX_SNAPSHOTS
@@ -561,13 +568,12 @@ async def _read_snapshots(node: "Qcow2Node", res: CheckResult, fix: int) -> bool
         hdr.validate_table(h, offset, nb, hdr.SNAPSHOT_HEADER_SIZE,
                            hdr.SNAPSHOT_HEADER_SIZE * qsnap.MAX_SNAPSHOTS, "snapshot table")
     except QMPError as exc:
-        res.check_errors += 1
-        res.error = errno.EFBIG if exc.desc.endswith("too large") else errno.EINVAL
-        res.failure = f"ERROR {exc.desc}"
+        message = f"ERROR {exc.desc}"
         if nb > qsnap.MAX_SNAPSHOTS:
-            res.failure += (f"\nYou can force-remove all {nb - qsnap.MAX_SNAPSHOTS} "
-                            "overhanging snapshots with {prog} check -r all")
-        return False
+            message += (f"\nYou can force-remove all {nb - qsnap.MAX_SNAPSHOTS} "
+                        "overhanging snapshots with {prog} check -r all")
+        return unreadable(errno.EFBIG if exc.desc.endswith("too large") else errno.EINVAL,
+                          message)
     # One read for the whole table as far as it can be (entries are small and many).
     end = image.file.length()
     window = bytes(await image.file.read(offset, max(0, min(end - offset,
@@ -591,12 +597,9 @@ async def _read_snapshots(node: "Qcow2Node", res: CheckResult, fix: int) -> bool
         kept = extra_len
         if extra_len > qsnap.MAX_EXTRA:
             if not repair:
-                res.check_errors += 1
-                res.error = errno.EFBIG
-                res.failure = ("ERROR failed to read the snapshot table: Too much extra metadata "
-                               f"in snapshot table entry {i}\nYou can force-remove this extra "
-                               "metadata with {prog} check -r all")
-                return False
+                return unreadable(errno.EFBIG, "ERROR failed to read the snapshot table: Too "
+                                  f"much extra metadata in snapshot table entry {i}\nYou can "
+                                  "force-remove this extra metadata with {prog} check -r all")
             res.say(f"Discarding too much extra metadata in snapshot table entry {i} "
                     f"({extra_len} > {qsnap.MAX_EXTRA})")
             dropped, kept = True, qsnap.MAX_EXTRA
@@ -609,12 +612,9 @@ async def _read_snapshots(node: "Qcow2Node", res: CheckResult, fix: int) -> bool
         length += 40 + kept + id_len + name_len
         if length > qsnap.MAX_TABLE_SIZE or pos - offset > 0x7FFFFFFF:
             if not repair:
-                res.check_errors += 1
-                res.error = errno.EFBIG
-                res.failure = ("ERROR failed to read the snapshot table: Snapshot table is too "
-                               f"big\nYou can force-remove all {nb - i} overhanging snapshots "
-                               "with {prog} check -r all")
-                return False
+                return unreadable(errno.EFBIG, "ERROR failed to read the snapshot table: "
+                                  "Snapshot table is too big\nYou can force-remove all "
+                                  f"{nb - i} overhanging snapshots with " "{prog} check -r all")
             res.say(f"Discarding {nb - i} overhanging snapshots (snapshot table is too big)")
             reduced += nb - i
             nb = i

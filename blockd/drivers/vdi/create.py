@@ -12,9 +12,9 @@ import sys
 import uuid
 from typing import Any
 
-from blockd.block.backend import Backend
 from blockd.block.graph import BlockGraph
 from blockd.block.node import Perm
+from blockd.drivers.create_target import creation_file
 from blockd.drivers.vdi import header as hdr
 from blockd.errors import QMPError
 
@@ -28,12 +28,7 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
     if size > hdr.MAX_DISK_SIZE:
         raise QMPError(f"Unsupported VDI image size (size is 0x{size:x}, max supported is "
                        f"0x{hdr.MAX_DISK_SIZE:x})")
-    ref = options["file"]
-    file = graph.lookup(ref) if isinstance(ref, str) else await graph.open_node(ref, implicit=True)
-    user: Backend | None = None
-    try:
-        user = Backend(graph, file, "an unnamed block device", Perm.WRITE | Perm.RESIZE,
-                       Perm.all())
+    async with creation_file(graph, options["file"], Perm.WRITE | Perm.RESIZE) as file:
         head = hdr.build(size, static, uuid.uuid4().bytes, uuid.uuid4().bytes)
         blocks = -(-size // hdr.BLOCK_SIZE)
         entries = array.array("I", range(blocks)) if static \
@@ -58,8 +53,3 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
                 raise QMPError("Failed to statically allocate fileCould not resize file: "
                                f"{exc.strerror}") from None  # QEMU joins them so
         await file.flush()
-    finally:
-        if user is not None:
-            user.close()
-        if not isinstance(ref, str):
-            await graph.delete_node(file)

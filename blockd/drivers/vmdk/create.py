@@ -8,14 +8,15 @@ QEMU's template with a random CID.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import struct
 from typing import Any
 
-from blockd.block.backend import Backend
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode, Perm
+from blockd.drivers.create_target import creation_file
 from blockd.drivers.vmdk import MAGIC_KDMV, probe
 from blockd.drivers.vmdk import descriptor as desc
 from blockd.drivers.vmdk.extent import (COMPRESSION_DEFLATE, FLAG_COMPRESS, FLAG_MARKER,
@@ -70,26 +71,11 @@ async def init_extent(file: BlockNode, size: int, flat: bool, compress: bool,
         await file.write(where * SECTOR, table.ljust(gd_sectors * SECTOR, b"\0"))
 
 
-class _Opened:
-    """Nodes opened for a creation (by reference or inline), closed again at the end."""
-
-    def __init__(self, graph: BlockGraph) -> None:
-        self.graph = graph
-        self.nodes: list[tuple[BlockNode, bool, Backend]] = []
-
-    async def open(self, ref: str | dict[str, Any]) -> BlockNode:
-        node = self.graph.lookup(ref) if isinstance(ref, str) \
-            else await self.graph.open_node(ref, implicit=True)
-        user = Backend(self.graph, node, "an unnamed block device",
-                       Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.all())
-        self.nodes.append((node, not isinstance(ref, str), user))
-        return node
-
-    async def close(self) -> None:
-        for node, inline, user in reversed(self.nodes):
-            user.close()
-            if inline:
-                await self.graph.delete_node(node)
+async def _open(opened: contextlib.AsyncExitStack, graph: BlockGraph,
+                ref: str | dict[str, Any]) -> BlockNode:
+    """The main file or an extent, held until the creation ends (all in reverse order)."""
+    return await opened.enter_async_context(
+        creation_file(graph, ref, Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE))
 
 
 async def _parent_cid(graph: BlockGraph, image: BlockNode, backing: str) -> int:
@@ -133,9 +119,8 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
     extent_size = SPLIT_SIZE if split else size
     created = extent_size if not split and not flat else 0
     refs = list(options.get("extents") or [])
-    opened = _Opened(graph)
-    try:
-        main = await opened.open(options["file"])
+    async with contextlib.AsyncExitStack() as opened:
+        main = await _open(opened, graph, options["file"])
         await init_extent(main, created, flat, compress, zeroed)
         lines = ""
         fmt = 'RW {} FLAT "{}" 0\n' if flat else 'RW {} SPARSE "{}"\n'
@@ -153,7 +138,7 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
             cur = min(size - created, extent_size)
             if idx > len(refs):
                 raise QMPError(f"Extent [{idx - 1}] not specified")
-            ext = await opened.open(refs[idx - 1])
+            ext = await _open(opened, graph, refs[idx - 1])
             await init_extent(ext, cur, flat, compress, zeroed)
             lines += fmt.format(-(-cur // SECTOR), os.path.basename(ext.filename()))
             created += cur
@@ -169,8 +154,6 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
         if offset == 0:
             await main.truncate(len(text), exact=True)
         await main.flush()
-    finally:
-        await opened.close()
 
 
 def extent_filenames(filename: str, subformat: str, size: int) -> list[str]:

@@ -13,9 +13,9 @@ import time
 import uuid
 from typing import Any
 
-from blockd.block.backend import Backend
 from blockd.block.graph import BlockGraph
 from blockd.block.node import Perm
+from blockd.drivers.create_target import creation_file
 from blockd.drivers.vpc import dynamic, footer
 from blockd.errors import QMPError
 
@@ -32,12 +32,7 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
     force = options.get("force-size", False)
     disk_type = footer.TYPE_FIXED if options.get("subformat") == "fixed" \
         else footer.TYPE_DYNAMIC
-    ref = options["file"]
-    file = graph.lookup(ref) if isinstance(ref, str) else await graph.open_node(ref, implicit=True)
-    user: Backend | None = None
-    try:
-        user = Backend(graph, file, "an unnamed block device", Perm.WRITE | Perm.RESIZE,
-                       Perm.all())
+    async with creation_file(graph, options["file"], Perm.WRITE | Perm.RESIZE) as file:
         # QEMU yields while it sets up its writer, so a size it refuses ends the job
         # only after blockdev-create has replied.
         await asyncio.sleep(0)
@@ -64,8 +59,3 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
             if disk_type == footer.TYPE_FIXED:
                 raise QMPError(f"Unable to write VHD header: {exc.strerror}") from None
             raise QMPError("Unable to create or write VHD header") from None
-    finally:
-        if user is not None:
-            user.close()
-        if not isinstance(ref, str):
-            await graph.delete_node(file)

@@ -1,0 +1,32 @@
+"""The file node a format's ``blockdev-create`` writes to.
+
+The options name it (an existing node) or describe it inline, in which
+case it is opened for the job alone and closed again when it ends.  The
+job writes it as an unnamed user holding ``perm``, sharing everything, as
+QEMU's creators do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, AsyncIterator
+
+from blockd.block.backend import Backend
+from blockd.block.graph import BlockGraph
+from blockd.block.node import BlockNode, Perm
+
+
+@contextlib.asynccontextmanager
+async def creation_file(graph: BlockGraph, ref: str | dict[str, Any],
+                        perm: Perm) -> AsyncIterator[BlockNode]:
+    """The node ``ref`` names or describes, held with ``perm`` while the job writes it."""
+    file = graph.lookup(ref) if isinstance(ref, str) else await graph.open_node(ref, implicit=True)
+    user: Backend | None = None
+    try:
+        user = Backend(graph, file, "an unnamed block device", perm, Perm.all())
+        yield file
+    finally:
+        if user is not None:
+            user.close()
+        if not isinstance(ref, str):
+            await graph.delete_node(file)
