@@ -148,6 +148,11 @@ class VdiNode(BlockNode):
 
     # ---- queries ------------------------------------------------------------
 
+    def has_zero_init(self) -> bool:
+        """A new dynamic image reads as zeroes; a static one reads its file, as QEMU
+        decides."""
+        return self.header.image_type != hdr.TYPE_STATIC or self.file.has_zero_init()
+
     def cluster_size(self) -> int | None:
         return hdr.BLOCK_SIZE
 

@@ -463,6 +463,10 @@ class VmdkNode(BlockNode):
 
     # ---- queries --------------------------------------------------------------
 
+    def has_zero_init(self) -> bool:
+        """Sparse extents start with no grain; flat ones read their files (QEMU's rule)."""
+        return all(ext.file.has_zero_init() for ext in self.vmdk_extents if ext.flat)
+
     def cluster_size(self) -> int | None:
         first = self.vmdk_extents[0]
         for ext in self.vmdk_extents[1:]:

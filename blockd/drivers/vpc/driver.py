@@ -211,5 +211,10 @@ class VpcNode(BlockNode):
 
     # ---- queries ------------------------------------------------------------
 
+    def has_zero_init(self) -> bool:
+        """A new dynamic disk reads as zeroes (no block allocated); a fixed one reads
+        its file, as QEMU decides."""
+        return self.header is not None or self.file.has_zero_init()
+
     def cluster_size(self) -> int | None:
         return self.header.block_size if self.header is not None else None
