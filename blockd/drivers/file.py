@@ -3,7 +3,9 @@
 Data requests try the page cache first without blocking the event loop
 (``preadv``/``pwritev`` with ``RWF_NOWAIT``) and fall back to a worker
 thread when the kernel would block.  That keeps small cached I/O on the
-loop, where it is cheapest, and slow I/O off it.
+loop, where it is cheapest, and slow I/O off it.  A file system that refuses
+``RWF_NOWAIT`` for a direction (EOPNOTSUPP: ext4 and xfs refuse buffered
+writes) is not asked again for that file; EAGAIN only means "not this time".
 
 Image locking follows QEMU's protocol so that blockd and QEMU processes
 exclude each other: open file description (OFD) read locks on byte
@@ -25,6 +27,7 @@ import struct
 from typing import Any
 
 from blockd.block.graph import BlockGraph, OpenContext
+from blockd.drivers.workers import BUFFERED, DEVICE
 from blockd.block.node import BlockNode, Claim, Extent, Perm, PERM_NAMES, Status, WriteFlags
 from blockd.errors import QMPError
 from blockd.paths import os_path
@@ -139,7 +142,10 @@ class FileNode(BlockNode):
         self.discards_ok = self.discards_failed = self.discard_bytes_ok = 0
         #: I/O done on the loop thread (memory-backed files); else cache-first, then threads.
         self.in_memory = False
-        self.nowait = bool(_NOWAIT)
+        #: Whether ``RWF_NOWAIT`` is worth trying, per direction, and how often the
+        #: kernel refused it as unsupported (once per direction at most).
+        self.nowait_read = self.nowait_write = bool(_NOWAIT)
+        self.nowait_refused = 0
         #: The last ``[start, end)`` found to hold data: sequential readers ask again
         #: and again, and ``SEEK_HOLE`` is slow on some file systems.
         self.data_extent = (0, 0)
@@ -233,10 +239,10 @@ class FileNode(BlockNode):
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         _check_request(offset, length)
         if self.direct:
-            return await asyncio.to_thread(self._direct_read, offset, length)
+            return await DEVICE.run(self._direct_read, offset, length)
         if self.in_memory:
             return self._pread(offset, length)
-        if self.nowait and length <= _INLINE_MAX:
+        if self.nowait_read and length <= _INLINE_MAX:
             buf = bytearray(length)
             try:
                 got = os.preadv(self.fd, [buf], offset, _NOWAIT)
@@ -245,14 +251,22 @@ class FileNode(BlockNode):
             except OSError as exc:
                 if exc.errno != errno.EOPNOTSUPP:
                     raise
-                self.nowait = False
+                self.nowait_unsupported(read=True)
                 got = 0
             if got == length:
                 return buf
-            rest = await asyncio.to_thread(self._pread, offset + got, length - got)
+            rest = await DEVICE.run(self._pread, offset + got, length - got)
             buf[got:] = rest
             return buf
-        return await asyncio.to_thread(self._pread, offset, length)
+        return await DEVICE.run(self._pread, offset, length)
+
+    def nowait_unsupported(self, read: bool) -> None:
+        """The file system does not support ``RWF_NOWAIT`` this way: stop asking."""
+        self.nowait_refused += 1
+        if read:
+            self.nowait_read = False
+        else:
+            self.nowait_write = False
 
     def _pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -265,20 +279,23 @@ class FileNode(BlockNode):
                     flags: WriteFlags = WriteFlags.NONE) -> None:
         _check_request(offset, len(data))
         if self.direct:
-            await asyncio.to_thread(self._direct_write, offset, data)
+            await DEVICE.run(self._direct_write, offset, data)
         elif self.in_memory:
             self._pwrite(offset, data)
-        elif self.nowait and len(data) <= _INLINE_MAX:
+        elif self.nowait_write and len(data) <= _INLINE_MAX:
             try:
                 done = os.pwritev(self.fd, [data], offset, _NOWAIT)
+            except BlockingIOError:
+                done = 0
             except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EOPNOTSUPP):
+                if exc.errno != errno.EOPNOTSUPP:
                     raise
+                self.nowait_unsupported(read=False)
                 done = 0
             if done < len(data):
-                await asyncio.to_thread(self._pwrite, offset + done, memoryview(data)[done:])
+                await BUFFERED.run(self._pwrite, offset + done, memoryview(data)[done:])
         else:
-            await asyncio.to_thread(self._pwrite, offset, data)
+            await BUFFERED.run(self._pwrite, offset, data)
         self._wrote(offset, len(data))
         if WriteFlags.FUA in flags:  # cheaper than ``&``, which builds a new flag value
             await self.flush()
@@ -399,7 +416,7 @@ class FileNode(BlockNode):
             # cheaper than the hop to a worker thread.
             os.fdatasync(self.fd)
             return
-        await asyncio.to_thread(os.fdatasync, self.fd)
+        await DEVICE.run(os.fdatasync, self.fd)
         self.flushed_gen = max(self.flushed_gen, gen)
 
     async def block_status(self, offset: int, length: int) -> Extent:
