@@ -150,6 +150,9 @@ def _serve(peer: str, workdir: str, image: str, job: Job, direct: bool,
            base: str | None) -> tuple[Any, str]:
     sock = os.path.join(workdir, f"qmp-{peer}.sock")
     nbd = os.path.join(workdir, f"nbd-{peer}.sock")
+    for stale in (sock, nbd):  # nbdkit leaves its socket behind
+        if os.path.exists(stale):
+            os.unlink(stale)
     if peer == "nbdkit":
         return _Nbdkit(nbd, image, direct), f"nbd+unix:///?socket={nbd}"
     node: dict = {"driver": job.fmt, "node-name": "disk0",

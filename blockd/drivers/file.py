@@ -153,6 +153,8 @@ class FileNode(BlockNode):
         #: flush with nothing new to sync is skipped, as QEMU skips it.
         self.write_gen = 0
         self.flushed_gen = 0
+        #: O_DIRECT writes in flight: aligned span, whether read-modify-write, done.
+        self.direct_writes: list[tuple[int, int, bool, asyncio.Event]] = []
 
     # ---- open/close ---------------------------------------------------------
 
@@ -279,7 +281,7 @@ class FileNode(BlockNode):
                     flags: WriteFlags = WriteFlags.NONE) -> None:
         _check_request(offset, len(data))
         if self.direct:
-            await DEVICE.run(self._direct_write, offset, data)
+            await self._direct_write_serialised(offset, data)
         elif self.in_memory:
             self._pwrite(offset, data)
         elif self.nowait_write and len(data) <= _INLINE_MAX:
@@ -331,6 +333,36 @@ class FileNode(BlockNode):
         start = offset - offset % a
         end = -(-(offset + length) // a) * a
         return start, end
+
+    async def _direct_write_serialised(self, offset: int,
+                                       data: bytes | bytearray | memoryview) -> None:
+        """An O_DIRECT write, after any in-flight write it could undo or be undone by.
+
+        An unaligned write rewrites the whole blocks around it from what it
+        read before: a concurrent write into those blocks would be lost, so
+        the two wait for each other (aligned writes touch only their own bytes
+        and run side by side).
+        """
+        start, end = self._aligned_span(offset, len(data))
+        rmw = start != offset or end != offset + len(data)
+        while True:
+            clash = next((done for s, e, other_rmw, done in self.direct_writes
+                          if s < end and start < e and (rmw or other_rmw)), None)
+            if clash is None:
+                break
+            await clash.wait()
+        entry = (start, end, rmw, asyncio.Event())
+        self.direct_writes.append(entry)
+
+        def finished(_: asyncio.Future) -> None:
+            self.direct_writes.remove(entry)
+            entry[3].set()
+
+        work = DEVICE.run(self._direct_write, offset, data)
+        work.add_done_callback(finished)
+        # Shielded: a cancelled request leaves its write running, and it stays
+        # in the list until the worker is really done with it.
+        await asyncio.shield(work)
 
     def _direct_read(self, offset: int, length: int) -> bytes:
         start, end = self._aligned_span(offset, length)
