@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 from blockd.block.graph import BlockGraph
 from blockd.block.node import WriteFlags
 from blockd.drivers import file as file_driver
+from blockd.drivers.workers import BUFFERED, DEVICE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KIB = 1024
@@ -190,3 +192,54 @@ def test_direct_unaligned_concurrent_writes_lose_nothing(disk_dir):
     asyncio.run(body())
     with open(path, "rb") as f:
         assert f.read() == bytes(expect)
+
+
+def test_device_requests_run_side_by_side():
+    """Requests that wait for the device are not queued behind each other: sixteen that
+    can only finish together all get a thread (a generous timeout, not a timing test)."""
+    barrier = threading.Barrier(16, timeout=60)
+
+    async def body():
+        return await asyncio.gather(*(DEVICE.run(barrier.wait) for _ in range(16)))
+
+    assert sorted(asyncio.run(body())) == list(range(16))
+
+
+def test_pool_results_and_errors_per_request():
+    def job(i: int) -> int:
+        if i % 5 == 3:
+            raise OSError(i, "failed")
+        return i * i
+
+    async def body():
+        return await asyncio.gather(*(BUFFERED.run(job, i) for i in range(40)),
+                                    return_exceptions=True)
+
+    for i, r in enumerate(asyncio.run(body())):
+        if i % 5 == 3:
+            assert isinstance(r, OSError) and r.errno == i
+        else:
+            assert r == i * i
+
+
+def test_direct_unaligned_write_past_eof_writes_zeroes_around_it(disk_dir):
+    """The block an unaligned O_DIRECT write past the end of the file rewrites holds
+    zeroes where the file had no bytes, whatever the worker's buffer held before."""
+    size = 64 * KIB
+    path = _file(disk_dir / "a.raw", size)
+    with open(path, "rb") as f:
+        expect = bytearray(f.read())
+
+    async def body():
+        graph, node = await _open(path, direct=True)
+        # Run in this thread, so the write's buffer held the read's random bytes.
+        assert node._direct_read(0, 4 * KIB) == bytes(expect[:4 * KIB])
+        node._direct_write(64 * KIB + 50, b"\x77" * 10)
+        await graph.blockdev_del("f")
+
+    asyncio.run(body())
+    expect += bytes(50) + b"\x77" * 10
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:len(expect)] == bytes(expect)
+    assert data[len(expect):] == bytes(len(data) - len(expect))

@@ -17,6 +17,7 @@ bytes before taking its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -24,6 +25,8 @@ import mmap
 import os
 import stat
 import struct
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from blockd.block.graph import BlockGraph, OpenContext
@@ -52,6 +55,30 @@ _INLINE_MAX = 1 << 20
 _MEMORY_FS = {"tmpfs", "ramfs", "hugetlbfs"}
 #: The end of the largest request QEMU's block layer accepts (INT64_MAX aligned down).
 MAX_REQUEST_END = (1 << 63) - (1 << 31)
+
+
+#: Requests up to this size use their worker thread's scratch buffer.
+_SCRATCH_MAX = 1 << 20
+_thread_scratch = threading.local()
+
+
+@contextlib.contextmanager
+def _scratch(size: int) -> Iterator[memoryview]:
+    """Page-aligned memory for one O_DIRECT request (which needs aligned buffers).
+
+    Each worker thread keeps one mapping for the requests it runs: a fresh
+    one per request costs two system calls and page faults.
+    """
+    if size > _SCRATCH_MAX:
+        with mmap.mmap(-1, size) as own:
+            with memoryview(own) as view:
+                yield view
+        return
+    mapping = getattr(_thread_scratch, "mapping", None)
+    if mapping is None:
+        mapping = _thread_scratch.mapping = mmap.mmap(-1, _SCRATCH_MAX)
+    with memoryview(mapping) as whole, whole[:size] as view:
+        yield view
 
 
 def _check_request(offset: int, length: int) -> None:
@@ -366,32 +393,27 @@ class FileNode(BlockNode):
 
     def _direct_read(self, offset: int, length: int) -> bytes:
         start, end = self._aligned_span(offset, length)
-        buf = mmap.mmap(-1, end - start)
-        try:
+        with _scratch(end - start) as buf:
             got = os.preadv(self.fd, [buf], start)
             data = bytes(buf[offset - start:offset - start + length])
-        finally:
-            buf.close()
         if got < offset - start + length:
             data = data[:max(0, got - (offset - start))].ljust(length, b"\0")
         return data
 
     def _direct_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         start, end = self._aligned_span(offset, len(data))
-        buf = mmap.mmap(-1, end - start)
-        try:
+        with _scratch(end - start) as buf:
             if start != offset or end != offset + len(data):
-                os.preadv(self.fd, [buf], start)
-            buf[offset - start:offset - start + len(data)] = bytes(data)
-            view = memoryview(buf)
+                got = os.preadv(self.fd, [buf], start)
+                if got < len(buf):  # past EOF: zeroes, not the last request's bytes
+                    buf[got:] = bytes(len(buf) - got)
+            buf[offset - start:offset - start + len(data)] = data
+            view = buf
             pos = start
             while view:
                 n = os.pwritev(self.fd, [view], pos)
                 view = view[n:]
                 pos += n
-            view.release()
-        finally:
-            buf.close()
 
     async def write_zeroes(self, offset: int, length: int,
                            flags: WriteFlags = WriteFlags.NONE) -> None:

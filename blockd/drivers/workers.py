@@ -4,9 +4,10 @@
 ``concurrent.futures.Future`` chained to an asyncio one, a wake-up of an idle
 executor thread and one ``call_soon_threadsafe`` (a self-pipe write and a loop
 wake-up) per result.  Here a request is one tuple on a ``SimpleQueue``; a worker
-that finds more requests queued behind the one it woke for runs them in the same
-turn (as long as no other worker is idle to take them) and hands every result
-back to the loop in one wake-up.  Each request still gets its own result or
+that finds more requests queued behind the one it woke for may run them in the
+same turn (as long as no other worker is idle to take them) and hands every
+result back to the loop in one wake-up.  Threads start when requests queue up
+faster than idle workers take them.  Each request still gets its own result or
 exception.
 """
 
@@ -17,28 +18,27 @@ import queue
 import threading
 from typing import Any, Callable
 
-#: Requests one worker takes per turn: enough to share one loop wake-up among
-#: a queue of small writes, few enough that one slow request delays little.
-_BATCH = 16
-
-
 class WorkerPool:
     """Threads started on demand, up to ``threads``, shared by every node and loop."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, batch: int) -> None:
         self._max = threads
+        self._batch = batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = 0
-        #: Workers waiting for a request; only a hint for batching and spawning.
+        #: Workers waiting for a request, and requests no worker has taken yet:
+        #: hints (updated without a lock) for batching and starting threads.
         self._idle = 0
+        self._queued = 0
 
     def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
         """Run ``fn(*args)`` in a worker; the returned future carries its result."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._queue.put((loop, fut, fn, args))
-        if self._idle == 0 and self._threads < self._max:
+        self._queued += 1
+        if self._queued > self._idle and self._threads < self._max:
             self._spawn()
         return fut
 
@@ -55,12 +55,14 @@ class WorkerPool:
             self._idle += 1
             job = q.get()
             self._idle -= 1
+            self._queued -= 1
             batch = [job]
-            while len(batch) < _BATCH and self._idle == 0:
+            while len(batch) < self._batch and self._idle == 0:
                 try:
                     batch.append(q.get_nowait())
                 except queue.Empty:
                     break
+                self._queued -= 1
             done: dict[asyncio.AbstractEventLoop, list] = {}
             for loop, fut, fn, args in batch:
                 try:
@@ -86,8 +88,10 @@ def _deliver(outcomes: list) -> None:
 
 
 #: Buffered writes mostly copy into the page cache: CPU-bound work that two
-#: threads do with fewer hand-overs than many.
-BUFFERED = WorkerPool(2)
+#: threads do with fewer hand-overs than many, a worker taking up to 16 queued
+#: writes in one turn (few enough that one slow write delays little).
+BUFFERED = WorkerPool(2, 16)
 #: Requests that wait for the device (O_DIRECT, reads the cache did not hold,
-#: syncs): more of them may be in flight.
-DEVICE = WorkerPool(8)
+#: syncs): as many in flight as the guest queues (QEMU's pool has 64 threads),
+#: so one request per turn.
+DEVICE = WorkerPool(32, 1)
