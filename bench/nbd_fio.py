@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -234,7 +235,7 @@ def main() -> int:
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--plot", default="bench/nbd_fio.png", help="bar chart of the ratios")
     parser.add_argument("--dir", action="append", help="where the images go (repeatable; "
-                        "default /dev/shm)")
+                        "default /dev/shm unless --make-xfs)")
     parser.add_argument("--make-xfs", metavar="SCRATCH", help="also measure on an xfs "
                         "loop-mounted from a file in SCRATCH (needs root and mkfs.xfs)")
     parser.add_argument("--cache", default="writeback",
@@ -243,7 +244,9 @@ def main() -> int:
     parser.add_argument("--base", help="also run blockd from this checkout (before/after)")
     args = parser.parse_args()
     wanted = args.jobs.split(",")
-    dirs = list(args.dir or ["/dev/shm"])
+    dirs = list(args.dir or ([] if args.make_xfs else ["/dev/shm"]))
+    # A stopped run still unmounts its xfs and removes its images.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     xfs = None
     if args.make_xfs:
         xfs = _make_xfs(args.make_xfs)
