@@ -243,3 +243,28 @@ def test_direct_unaligned_write_past_eof_writes_zeroes_around_it(disk_dir):
         data = f.read()
     assert data[:len(expect)] == bytes(expect)
     assert data[len(expect):] == bytes(len(data) - len(expect))
+
+
+FORK_SCRIPT = """
+import asyncio, os, sys
+sys.path.insert(0, sys.argv[1])
+from blockd.drivers.workers import WorkerPool
+
+pool = WorkerPool(1, 1)
+
+async def twice(x):
+    return await asyncio.wait_for(pool.run(lambda: x * 2), 60)
+
+assert asyncio.run(twice(1)) == 2  # the parent's pool has a thread now
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if asyncio.run(twice(21)) == 42 else 1)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_pool_works_in_a_forked_child():
+    done = subprocess.run([sys.executable, "-c", FORK_SCRIPT, ROOT], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr

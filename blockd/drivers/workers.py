@@ -14,6 +14,7 @@ exception.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 from typing import Any, Callable
@@ -31,6 +32,13 @@ class WorkerPool:
         #: hints (updated without a lock) for batching and starting threads.
         self._idle = 0
         self._queued = 0
+        os.register_at_fork(after_in_child=self._forget_threads)
+
+    def _forget_threads(self) -> None:
+        """A forked child has none of the parent's threads: it starts its own."""
+        self._queue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = self._idle = self._queued = 0
 
     def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
         """Run ``fn(*args)`` in a worker; the returned future carries its result."""
