@@ -2,15 +2,23 @@
 """fio over NBD: blockd against qemu-storage-daemon on the same image files.
 
 Usage: python3 bench/nbd_fio.py [--runtime SECONDS] [--jobs NAME,...] [--json OUT] [--plot PNG]
+       [--dir DIR ...] [--make-xfs] [--cache writeback,direct] [--rounds N] [--base CHECKOUT]
 
 The luks-qcow2-* jobs export a LUKS-encrypted qcow2 image (aes-256-xts,
 made by qemu-img), so they measure the cipher path of both daemons.
 
-Each job runs against both daemons, alternating which goes first, on image
-files in /dev/shm (tmpfs) so the disk does not decide the result.  Prints a
-table of IOPS and bandwidth with the ratio blockd/qsd and the geometric mean
-of the ratios, and draws the ratios as a bar chart (``--plot``, needs
-matplotlib: ``pip install -e '.[bench]'``).
+Each job runs against every peer in turn, rotating which goes first from
+round to round, on image files in ``--dir`` (default /dev/shm, tmpfs, so the
+disk does not decide the result; give a directory on ext4 or, with
+``--make-xfs``, a loop-mounted xfs to see the file system's part).  The peers
+are qsd, blockd, blockd from another checkout (``--base``, for before/after
+figures in one run) and, for the plain raw jobs, nbdkit's file plugin.
+``--cache direct`` opens the images with cache.direct=on (nbdkit:
+cache=none, which is not O_DIRECT but drops pages after writing them).
+Prints one table per directory and cache mode with the median IOPS of
+``--rounds`` rounds, the ratios to qsd and their geometric mean, and draws
+blockd/qsd as a bar chart (``--plot``, needs matplotlib:
+``pip install -e '.[bench]'``).
 """
 
 from __future__ import annotations
@@ -21,10 +29,13 @@ import json
 import math
 import os
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from harness import Daemon, qemu_tool  # noqa: E402
@@ -67,13 +78,13 @@ JOBS = [
 SECRET = "secret,id=sec0,data=benchpass"
 
 
-def _image(workdir: str, job: Job) -> str:
+def _image(workdir: str, job: Job, direct: bool, random_src: str) -> str:
     path = os.path.join(workdir, f"{job.name}.{job.fmt}")
     if job.fmt == "raw":
         subprocess.run(["qemu-img", "create", "-q", "-f", "raw", path, job.size], check=True)
         if job.prepare == "full":
-            subprocess.run(["dd", "if=/dev/urandom", f"of={path}", "bs=1M", "count=1024",
-                            "conv=notrunc", "status=none"], check=True)
+            subprocess.run(["dd", f"if={random_src}", f"of={path}", "bs=1M",
+                            "conv=notrunc,fsync", "status=none"], check=True)
         return path
     opts = list(job.create)
     if job.prepare == "full":
@@ -115,11 +126,39 @@ def _run_fio(uri: str, job: Job, runtime: int) -> dict[str, float]:
     return {"iops": side["iops"], "bw_mib": side["bw_bytes"] / (1 << 20)}
 
 
-def _serve(qsd: bool, workdir: str, image: str, job: Job) -> tuple[Daemon, str]:
-    sock = os.path.join(workdir, f"qmp-{'qsd' if qsd else 'blockd'}.sock")
-    nbd = os.path.join(workdir, f"nbd-{'qsd' if qsd else 'blockd'}.sock")
+def _wait_for(path: str) -> None:
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+class _Nbdkit:
+    """nbdkit's file plugin serving one image, stopped like a Daemon."""
+
+    def __init__(self, sock: str, image: str, direct: bool) -> None:
+        cmd = ["nbdkit", "-f", "--exit-with-parent", "-U", sock, "file", f"file={image}"]
+        if direct:
+            cmd.append("cache=none")
+        self.proc = subprocess.Popen(cmd)
+        _wait_for(sock)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def _serve(peer: str, workdir: str, image: str, job: Job, direct: bool,
+           base: str | None) -> tuple[Any, str]:
+    sock = os.path.join(workdir, f"qmp-{peer}.sock")
+    nbd = os.path.join(workdir, f"nbd-{peer}.sock")
+    for stale in (sock, nbd):  # nbdkit leaves its socket behind
+        if os.path.exists(stale):
+            os.unlink(stale)
+    if peer == "nbdkit":
+        return _Nbdkit(nbd, image, direct), f"nbd+unix:///?socket={nbd}"
     node: dict = {"driver": job.fmt, "node-name": "disk0",
-                  "file": {"driver": "file", "filename": image}}
+                  "file": {"driver": "file", "filename": image,
+                           "cache": {"direct": direct}}}
     extra: list[str] = []
     if job.luks:
         node["encrypt"] = {"format": "luks", "key-secret": "sec0"}
@@ -127,13 +166,66 @@ def _serve(qsd: bool, workdir: str, image: str, job: Job) -> tuple[Daemon, str]:
     export = "type=nbd,id=exp0,node-name=disk0,writable=on"
     if job.writethrough:
         export += ",writethrough=on"
+    kwargs: dict[str, Any] = {"qsd": peer == "qsd"}
+    if peer == "base":
+        kwargs["root"] = base
     daemon = Daemon(sock, *extra, "--blockdev", json.dumps(node),
                     "--nbd-server", f"addr.type=unix,addr.path={nbd}",
-                    "--export", export, qsd=qsd)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(nbd) and time.monotonic() < deadline:
-        time.sleep(0.02)
+                    "--export", export, **kwargs)
+    _wait_for(nbd)
     return daemon, f"nbd+unix:///disk0?socket={nbd}"
+
+
+def _peers(job: Job, base: str | None) -> list[str]:
+    peers = ["qsd", "blockd"]
+    if base:
+        peers.append("base")
+    if job.fmt == "raw" and not job.writethrough:
+        peers.append("nbdkit")
+    return peers
+
+
+def _measure(job: Job, workdir: str, args: argparse.Namespace, direct: bool,
+             random_src: str) -> dict[str, dict[str, float]]:
+    """Median IOPS and bandwidth per peer over the rounds, rotating the order."""
+    peers = _peers(job, args.base)
+    runs: dict[str, list[dict[str, float]]] = {p: [] for p in peers}
+    image = None
+    try:
+        for r in range(args.rounds):
+            order = peers[r % len(peers):] + peers[:r % len(peers)]
+            for peer in order:
+                if image is None:
+                    image = _image(workdir, job, direct, random_src)
+                server, uri = _serve(peer, workdir, image, job, direct, args.base)
+                try:
+                    runs[peer].append(_run_fio(uri, job, args.runtime))
+                finally:
+                    server.stop()
+                if job.prepare == "empty":  # allocating jobs start from an empty image
+                    os.unlink(image)
+                    image = None
+    finally:
+        if image is not None:
+            os.unlink(image)
+    return {p: {k: statistics.median(x[k] for x in rs) for k in ("iops", "bw_mib")}
+            for p, rs in runs.items()}
+
+
+def _make_xfs(scratch: str) -> tuple[str, str]:
+    """A loop-mounted xfs in a file under ``scratch``: (mount point, backing file)."""
+    backing = os.path.join(scratch, "xfs.img")
+    mnt = os.path.join(scratch, "xfs")
+    os.makedirs(mnt, exist_ok=True)
+    subprocess.run(["truncate", "-s", "8G", backing], check=True)
+    subprocess.run(["mkfs.xfs", "-q", "-f", backing], check=True)
+    subprocess.run(["mount", "-o", "loop", backing, mnt], check=True)
+    return mnt, backing
+
+
+def _fs_type(path: str) -> str:
+    out = subprocess.run(["df", "--output=fstype", path], capture_output=True, text=True)
+    return out.stdout.split()[-1] if out.returncode == 0 else "?"
 
 
 def main() -> int:
@@ -142,37 +234,63 @@ def main() -> int:
     parser.add_argument("--jobs", default=",".join(j.name for j in JOBS))
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--plot", default="bench/nbd_fio.png", help="bar chart of the ratios")
+    parser.add_argument("--dir", action="append", help="where the images go (repeatable; "
+                        "default /dev/shm unless --make-xfs)")
+    parser.add_argument("--make-xfs", metavar="SCRATCH", help="also measure on an xfs "
+                        "loop-mounted from a file in SCRATCH (needs root and mkfs.xfs)")
+    parser.add_argument("--cache", default="writeback",
+                        help="writeback, direct or both comma-separated (cache.direct=off/on)")
+    parser.add_argument("--rounds", type=int, default=1, help="report the median of N rounds")
+    parser.add_argument("--base", help="also run blockd from this checkout (before/after)")
     args = parser.parse_args()
     wanted = args.jobs.split(",")
-    workdir = tempfile.mkdtemp(prefix="blockd-bench-", dir="/dev/shm")
-    rows = []
+    dirs = list(args.dir or ([] if args.make_xfs else ["/dev/shm"]))
+    # A stopped run still unmounts its xfs and removes its images.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    xfs = None
+    if args.make_xfs:
+        xfs = _make_xfs(args.make_xfs)
+        dirs.append(xfs[0])
+    tables = []
     try:
-        for i, job in enumerate(j for j in JOBS if j.name in wanted):
-            results: dict[str, dict[str, float]] = {}
-            order = (True, False) if i % 2 == 0 else (False, True)
-            for qsd in order:
-                image = _image(workdir, job)
-                daemon, uri = _serve(qsd, workdir, image, job)
+        for where in dirs:
+            for cache in args.cache.split(","):
+                workdir = tempfile.mkdtemp(prefix="blockd-bench-", dir=where)
+                random_src = os.path.join(workdir, "random.src")
+                subprocess.run(["dd", "if=/dev/urandom", f"of={random_src}", "bs=1M",
+                                "count=1024", "status=none"], check=True)
+                title = f"{where} ({_fs_type(where)}), cache.direct={'on' if cache == 'direct' else 'off'}"
+                print(f"\n## {title}: median of {args.rounds} round(s), {args.runtime} s each",
+                      flush=True)
+                rows = []
                 try:
-                    results["qsd" if qsd else "blockd"] = _run_fio(uri, job, args.runtime)
+                    for job in (j for j in JOBS if j.name in wanted):
+                        res = _measure(job, workdir, args, cache == "direct", random_src)
+                        q = res["qsd"]["iops"]
+                        row = {"job": job.name, **res,
+                               "ratio": res["blockd"]["iops"] / q}
+                        line = f"{job.name:28s} qsd {q:9.0f}"
+                        for peer in res:
+                            if peer != "qsd":
+                                line += f"  {peer} {res[peer]['iops']:9.0f} ({res[peer]['iops'] / q:4.2f})"
+                        print(line, flush=True)
+                        rows.append(row)
                 finally:
-                    daemon.stop()
-                    os.unlink(image)
-            ratio = results["blockd"]["iops"] / results["qsd"]["iops"]
-            rows.append({"job": job.name, "qsd": results["qsd"], "blockd": results["blockd"],
-                         "ratio": ratio})
-            print(f"{job.name:28s} qsd {results['qsd']['iops']:10.0f} IOPS  "
-                  f"blockd {results['blockd']['iops']:10.0f} IOPS  ratio {ratio:5.2f}", flush=True)
+                    shutil.rmtree(workdir, ignore_errors=True)
+                if rows:
+                    gmean = math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
+                    print(f"{'geometric mean blockd/qsd':28s} {gmean:5.2f}")
+                    tables.append({"where": title, "rows": rows, "geometric_mean": gmean})
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    if rows:
-        gmean = math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
-        print(f"{'geometric mean':28s} {'':36s} ratio {gmean:5.2f}")
+        if xfs is not None:
+            subprocess.run(["umount", xfs[0]], check=False)
+            os.unlink(xfs[1])
+    if tables:
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"rows": rows, "geometric_mean": gmean}, f, indent=2)
+                json.dump(tables, f, indent=2)
         if args.plot:
-            _plot(rows, gmean, args.plot)
+            _plot(tables[0]["rows"], tables[0]["geometric_mean"], args.plot)
     return 0
 
 

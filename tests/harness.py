@@ -56,7 +56,8 @@ class Daemon:
     """A daemon process with a QMP monitor on a unix socket."""
 
     def __init__(self, sock_path: str, *args: str, qsd: bool = False, pretty: bool = False,
-                 stderr: Any = None, monitor_first: bool = False) -> None:
+                 stderr: Any = None, monitor_first: bool = False, root: str = ROOT) -> None:
+        """``root``: the checkout whose blockd runs (another one for before/after figures)."""
         self.sock_path = sock_path
         cmd = ["qemu-storage-daemon"] if qsd else [sys.executable, "-m", "blockd.cli"]
         monitor = ["--chardev", f"socket,id=m,path={sock_path},server=on,wait=off",
@@ -64,8 +65,8 @@ class Daemon:
         # The monitor normally comes last: its socket appearing means every other option
         # is applied.  monitor_first puts it before them, to test start-up itself.
         cmd += [*monitor, *args] if monitor_first else [*args, *monitor]
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=stderr)
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stderr=stderr)
         deadline = time.monotonic() + WAIT
         while not os.path.exists(sock_path):
             if self.proc.poll() is not None:

@@ -70,7 +70,7 @@ async def _files(tmp_path: Path) -> tuple[BlockGraph, object, object]:
 
 def _uncached(node: object) -> None:
     """Make the copy treat ``node``'s file as one whose pages may need a disk read."""
-    node.in_memory = node.nowait = False  # type: ignore[attr-defined]
+    node.in_memory = node.nowait_read = False  # type: ignore[attr-defined]
 
 
 @pytest.fixture

@@ -3,7 +3,9 @@
 Data requests try the page cache first without blocking the event loop
 (``preadv``/``pwritev`` with ``RWF_NOWAIT``) and fall back to a worker
 thread when the kernel would block.  That keeps small cached I/O on the
-loop, where it is cheapest, and slow I/O off it.
+loop, where it is cheapest, and slow I/O off it.  A file system that refuses
+``RWF_NOWAIT`` for a direction (EOPNOTSUPP: ext4 and xfs refuse buffered
+writes) is not asked again for that file; EAGAIN only means "not this time".
 
 Image locking follows QEMU's protocol so that blockd and QEMU processes
 exclude each other: open file description (OFD) read locks on byte
@@ -15,6 +17,7 @@ bytes before taking its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -22,9 +25,12 @@ import mmap
 import os
 import stat
 import struct
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from blockd.block.graph import BlockGraph, OpenContext
+from blockd.drivers.workers import BUFFERED, DEVICE
 from blockd.block.node import BlockNode, Claim, Extent, Perm, PERM_NAMES, Status, WriteFlags
 from blockd.errors import QMPError
 from blockd.paths import os_path
@@ -49,6 +55,30 @@ _INLINE_MAX = 1 << 20
 _MEMORY_FS = {"tmpfs", "ramfs", "hugetlbfs"}
 #: The end of the largest request QEMU's block layer accepts (INT64_MAX aligned down).
 MAX_REQUEST_END = (1 << 63) - (1 << 31)
+
+
+#: Requests up to this size use their worker thread's scratch buffer.
+_SCRATCH_MAX = 1 << 20
+_thread_scratch = threading.local()
+
+
+@contextlib.contextmanager
+def _scratch(size: int) -> Iterator[memoryview]:
+    """Page-aligned memory for one O_DIRECT request (which needs aligned buffers).
+
+    Each worker thread keeps one mapping for the requests it runs: a fresh
+    one per request costs two system calls and page faults.
+    """
+    if size > _SCRATCH_MAX:
+        with mmap.mmap(-1, size) as own:
+            with memoryview(own) as view:
+                yield view
+        return
+    mapping = getattr(_thread_scratch, "mapping", None)
+    if mapping is None:
+        mapping = _thread_scratch.mapping = mmap.mmap(-1, _SCRATCH_MAX)
+    with memoryview(mapping) as whole, whole[:size] as view:
+        yield view
 
 
 def _check_request(offset: int, length: int) -> None:
@@ -140,7 +170,10 @@ class FileNode(BlockNode):
         self.discards_ok = self.discards_failed = self.discard_bytes_ok = 0
         #: I/O done on the loop thread (memory-backed files); else cache-first, then threads.
         self.in_memory = False
-        self.nowait = bool(_NOWAIT)
+        #: Whether ``RWF_NOWAIT`` is worth trying, per direction, and how often the
+        #: kernel refused it as unsupported (once per direction at most).
+        self.nowait_read = self.nowait_write = bool(_NOWAIT)
+        self.nowait_refused = 0
         #: The last ``[start, end)`` found to hold data: sequential readers ask again
         #: and again, and ``SEEK_HOLE`` is slow on some file systems.
         self.data_extent = (0, 0)
@@ -148,6 +181,8 @@ class FileNode(BlockNode):
         #: flush with nothing new to sync is skipped, as QEMU skips it.
         self.write_gen = 0
         self.flushed_gen = 0
+        #: O_DIRECT writes in flight: aligned span, whether read-modify-write, done.
+        self.direct_writes: list[tuple[int, int, bool, asyncio.Event]] = []
 
     # ---- open/close ---------------------------------------------------------
 
@@ -237,10 +272,10 @@ class FileNode(BlockNode):
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         _check_request(offset, length)
         if self.direct:
-            return await asyncio.to_thread(self._direct_read, offset, length)
+            return await DEVICE.run(self._direct_read, offset, length)
         if self.in_memory:
             return self._pread(offset, length)
-        if self.nowait and length <= _INLINE_MAX:
+        if self.nowait_read and length <= _INLINE_MAX:
             buf = bytearray(length)
             try:
                 got = os.preadv(self.fd, [buf], offset, _NOWAIT)
@@ -249,14 +284,22 @@ class FileNode(BlockNode):
             except OSError as exc:
                 if exc.errno != errno.EOPNOTSUPP:
                     raise
-                self.nowait = False
+                self.nowait_unsupported(read=True)
                 got = 0
             if got == length:
                 return buf
-            rest = await asyncio.to_thread(self._pread, offset + got, length - got)
+            rest = await DEVICE.run(self._pread, offset + got, length - got)
             buf[got:] = rest
             return buf
-        return await asyncio.to_thread(self._pread, offset, length)
+        return await DEVICE.run(self._pread, offset, length)
+
+    def nowait_unsupported(self, read: bool) -> None:
+        """The file system does not support ``RWF_NOWAIT`` this way: stop asking."""
+        self.nowait_refused += 1
+        if read:
+            self.nowait_read = False
+        else:
+            self.nowait_write = False
 
     def _pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -269,20 +312,23 @@ class FileNode(BlockNode):
                     flags: WriteFlags = WriteFlags.NONE) -> None:
         _check_request(offset, len(data))
         if self.direct:
-            await asyncio.to_thread(self._direct_write, offset, data)
+            await self._direct_write_serialised(offset, data)
         elif self.in_memory:
             self._pwrite(offset, data)
-        elif self.nowait and len(data) <= _INLINE_MAX:
+        elif self.nowait_write and len(data) <= _INLINE_MAX:
             try:
                 done = os.pwritev(self.fd, [data], offset, _NOWAIT)
+            except BlockingIOError:
+                done = 0
             except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EOPNOTSUPP):
+                if exc.errno != errno.EOPNOTSUPP:
                     raise
+                self.nowait_unsupported(read=False)
                 done = 0
             if done < len(data):
-                await asyncio.to_thread(self._pwrite, offset + done, memoryview(data)[done:])
+                await BUFFERED.run(self._pwrite, offset + done, memoryview(data)[done:])
         else:
-            await asyncio.to_thread(self._pwrite, offset, data)
+            await BUFFERED.run(self._pwrite, offset, data)
         self._wrote(offset, len(data))
         if WriteFlags.FUA in flags:  # cheaper than ``&``, which builds a new flag value
             await self.flush()
@@ -319,34 +365,59 @@ class FileNode(BlockNode):
         end = -(-(offset + length) // a) * a
         return start, end
 
+    async def _direct_write_serialised(self, offset: int,
+                                       data: bytes | bytearray | memoryview) -> None:
+        """An O_DIRECT write, after any in-flight write it could undo or be undone by.
+
+        An unaligned write rewrites the whole blocks around it from what it
+        read before: a concurrent write into those blocks would be lost, so
+        the two wait for each other (aligned writes touch only their own bytes
+        and run side by side).
+        """
+        start, end = self._aligned_span(offset, len(data))
+        rmw = start != offset or end != offset + len(data)
+        while True:
+            clash = next((done for s, e, other_rmw, done in self.direct_writes
+                          if s < end and start < e and (rmw or other_rmw)), None)
+            if clash is None:
+                break
+            await clash.wait()
+        entry = (start, end, rmw, asyncio.Event())
+        self.direct_writes.append(entry)
+
+        def finished(_: asyncio.Future) -> None:
+            self.direct_writes.remove(entry)
+            entry[3].set()
+
+        work = DEVICE.run(self._direct_write, offset, data)
+        work.add_done_callback(finished)
+        # Shielded: a cancelled request leaves its write running, and it stays
+        # in the list until the worker is really done with it.
+        await asyncio.shield(work)
+
     def _direct_read(self, offset: int, length: int) -> bytes:
         start, end = self._aligned_span(offset, length)
-        buf = mmap.mmap(-1, end - start)
-        try:
+        with _scratch(end - start) as buf:
             got = os.preadv(self.fd, [buf], start)
             data = bytes(buf[offset - start:offset - start + length])
-        finally:
-            buf.close()
         if got < offset - start + length:
             data = data[:max(0, got - (offset - start))].ljust(length, b"\0")
         return data
 
     def _direct_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         start, end = self._aligned_span(offset, len(data))
-        buf = mmap.mmap(-1, end - start)
-        try:
+        with _scratch(end - start) as buf:
             if start != offset or end != offset + len(data):
-                os.preadv(self.fd, [buf], start)
-            buf[offset - start:offset - start + len(data)] = bytes(data)
-            view = memoryview(buf)
+                got = os.preadv(self.fd, [buf], start)
+                if got < len(buf):  # past EOF: zeroes, not the last request's bytes
+                    buf[got:] = bytes(len(buf) - got)
+            buf[offset - start:offset - start + len(data)] = data
+            view = buf
             pos = start
             while view:
                 n = os.pwritev(self.fd, [view], pos)
                 view = view[n:]
                 pos += n
-            view.release()
-        finally:
-            buf.close()
 
     async def write_zeroes(self, offset: int, length: int,
                            flags: WriteFlags = WriteFlags.NONE) -> None:
@@ -403,7 +474,7 @@ class FileNode(BlockNode):
             # cheaper than the hop to a worker thread.
             os.fdatasync(self.fd)
             return
-        await asyncio.to_thread(os.fdatasync, self.fd)
+        await DEVICE.run(os.fdatasync, self.fd)
         self.flushed_gen = max(self.flushed_gen, gen)
 
     async def block_status(self, offset: int, length: int) -> Extent:

@@ -135,7 +135,7 @@ def _read_here(pieces: list[tuple[FileNode, int, int, int]], into: mmap.mmap) ->
         for first, fd, offset, views in groups:
             file = pieces[first][0]
             count = len(views)
-            if not (file.in_memory or file.nowait):
+            if not (file.in_memory or file.nowait_read):
                 left += range(first, first + count)
                 continue
             try:
@@ -145,7 +145,7 @@ def _read_here(pieces: list[tuple[FileNode, int, int, int]], into: mmap.mmap) ->
                 if isinstance(exc.error, BlockingIOError):
                     left += range(first, first + count)
                 elif exc.error.errno == errno.EOPNOTSUPP and not file.in_memory:
-                    file.nowait = False  # as the driver itself concludes
+                    file.nowait_unsupported(read=True)  # as the driver itself concludes
                     left += range(first, first + count)
                 else:
                     raise
