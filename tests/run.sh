@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 
 missing=()
 for pair in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils \
-            qemu-storage-daemon:qemu-system-common fio:fio nbdinfo:libnbd-bin nbdkit:nbdkit; do
+            qemu-storage-daemon:qemu-system-common fio:fio nbdinfo:libnbd-bin nbdkit:nbdkit strace:strace; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
