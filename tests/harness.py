@@ -59,6 +59,7 @@ class Daemon:
                  stderr: Any = None, monitor_first: bool = False, root: str = ROOT) -> None:
         """``root``: the checkout whose blockd runs (another one for before/after figures)."""
         self.sock_path = sock_path
+        self.qsd = qsd
         cmd = ["qemu-storage-daemon"] if qsd else [sys.executable, "-m", "blockd.cli"]
         monitor = ["--chardev", f"socket,id=m,path={sock_path},server=on,wait=off",
                    "--monitor", "chardev=m" + (",pretty=on" if pretty else "")]
