@@ -123,6 +123,9 @@ class BlockGraph:
         #: Nodes are opened only to be described (``qemu-img info``): encrypted
         #: images may then open without their key, and their data is not read.
         self.no_io = False
+        #: Writes must be durable when they complete (qemu-img's ``writethrough`` and
+        #: ``directsync`` cache modes): protocol files open for writing with ``O_DSYNC``.
+        self.write_through = False
         #: Where drivers send QMP events (``BLOCK_IMAGE_CORRUPTED``); set by the daemon.
         self.emit: Callable[[str, dict[str, Any]], None] | None = None
 

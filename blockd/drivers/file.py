@@ -81,6 +81,16 @@ def _scratch(size: int) -> Iterator[memoryview]:
         yield view
 
 
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of ``data`` (a write may stop short).  The views of what is left die
+    on return, so a caller's scratch mapping can be closed after it."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
 def _check_request(offset: int, length: int) -> None:
     """Offsets come from image metadata too: out of range is EIO, as in QEMU."""
     if offset < 0 or length < 0 or offset + length > MAX_REQUEST_END:
@@ -165,6 +175,8 @@ class FileNode(BlockNode):
         self.path = options["filename"]
         self.size = 0
         self.direct = False
+        #: Writes are durable on completion (``O_DSYNC``): see ``BlockGraph.write_through``.
+        self.dsync = False
         self.locks: LockBytes | None = None
         self.is_block_device = False
         self.discards_ok = self.discards_failed = self.discard_bytes_ok = 0
@@ -202,6 +214,7 @@ class FileNode(BlockNode):
             raise QMPError("aio=native was specified, but it requires cache.direct=on, "
                            "which was not specified.")
         self.direct = bool(opts.get("cache", {}).get("direct", False))
+        self.dsync = ctx.graph.write_through
         self.fd = self._open_fd(self.read_only)
         try:
             st = os.fstat(self.fd)
@@ -225,10 +238,12 @@ class FileNode(BlockNode):
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             raise QMPError(f"'file' driver requires '{self.path}' to be a regular file")
 
+    def _access_flags(self, read_only: bool) -> int:
+        flags = os.O_RDONLY if read_only else os.O_RDWR | (os.O_DSYNC if self.dsync else 0)
+        return flags | (os.O_DIRECT if self.direct else 0)
+
     def _open_fd(self, read_only: bool) -> int:
-        flags = os.O_CLOEXEC | os.O_NONBLOCK | (os.O_RDONLY if read_only else os.O_RDWR)
-        if self.direct:
-            flags |= os.O_DIRECT
+        flags = os.O_CLOEXEC | os.O_NONBLOCK | self._access_flags(read_only)
         try:
             return os.open(os_path(self.path), flags)
         except IsADirectoryError:
@@ -350,11 +365,7 @@ class FileNode(BlockNode):
         return Claim(self, offset, length, commit)
 
     def _pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view = view[n:]
-            offset += n
+        _pwrite_all(self.fd, data, offset)
 
     # O_DIRECT needs buffers, offsets and lengths aligned to the device's block.
     _ALIGN = 4096
@@ -412,12 +423,7 @@ class FileNode(BlockNode):
                 if got < len(buf):  # past EOF: zeroes, not the last request's bytes
                     buf[got:] = bytes(len(buf) - got)
             buf[offset - start:offset - start + len(data)] = data
-            view = buf
-            pos = start
-            while view:
-                n = os.pwritev(self.fd, [view], pos)
-                view = view[n:]
-                pos += n
+            _pwrite_all(self.fd, buf, start)
 
     async def write_zeroes(self, offset: int, length: int,
                            flags: WriteFlags = WriteFlags.NONE) -> None:
@@ -537,9 +543,7 @@ class FileNode(BlockNode):
                 raise QMPError(f"Cannot change the option '{key}'")
         if read_only == self.read_only:
             return None
-        flags = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
-        if self.direct:
-            flags |= os.O_DIRECT
+        flags = os.O_CLOEXEC | self._access_flags(read_only)
         try:
             return os.open(os_path(self.path), flags)
         except OSError as exc:

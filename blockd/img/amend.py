@@ -13,7 +13,8 @@ from typing import Any
 
 from blockd.drivers.qcow2.amend import BACKING_REFUSED, amend_options
 from blockd.errors import QMPError
-from blockd.img.common import PROG, Args, ImgError, Progress, Session, UsageError, fail
+from blockd.img.common import (PROG, Args, ImgError, Progress, Session, UsageError, cache_mode,
+                               fail)
 from blockd.img.create import FORMATS, Opt, _convert, split_opts
 
 _KEYSLOT = [
@@ -88,10 +89,11 @@ async def run(args: Args) -> int:
     if len(args.rest) != 1:
         raise ImgError("Expecting one image file name")
     filename = args.rest[0]
+    cache = cache_mode(args)
     bar = Progress(args.has("p") and not args.has("q"), 100)
     async with Session(args.objects) as session:
         node = await session.open(filename, fmt, read_only=False,
-                                  image_opts=args.has("image-opts"))
+                                  image_opts=args.has("image-opts"), cache=cache)
         fmt = node.driver
         if wants_help:
             print(help_text(fmt), end="")

@@ -12,7 +12,8 @@ import os
 import sys
 from typing import Any
 
-from blockd.img.common import PROG, Args, Session, UsageError, json_pretty
+from blockd.img.common import (CACHE_MODES, PROG, Args, CacheMode, Session, UsageError,
+                               cache_mode, json_pretty)
 
 FIX = {"leaks": 1, "all": 3}
 
@@ -75,13 +76,14 @@ async def _run_check(node: Any, fix: int) -> Any:
 
 async def check(session: Session, filename: str, fmt: str | None, output: str,
                 repair: str | None, force_share: bool,
-                image_opts: bool) -> tuple[str, int, str | None]:
+                image_opts: bool, cache: CacheMode = CACHE_MODES["writeback"]
+                ) -> tuple[str, int, str | None]:
     """The report, the exit status and the "Check failed" line to print after the report."""
     if repair is not None and repair not in FIX:
         raise UsageError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}")
     # Repairing opens even a corrupt-marked image read-write, as qemu-img check -r does.
     node = await session.open(filename, fmt, read_only=repair is None, force_share=force_share,
-                              image_opts=image_opts,
+                              image_opts=image_opts, cache=cache,
                               extra={"x-check": True, "x-repair": repair is not None})
     if not hasattr(node, "check"):
         print(f"{PROG}: This image format does not support checks", file=sys.stderr)
@@ -115,9 +117,11 @@ async def run(args: Args) -> int:
     if len(args.rest) != 1:
         raise UsageError("Expecting one image file name")
     output = args.output()
+    cache = cache_mode(args, "T")
     async with Session(args.objects) as session:
         text, code, failed = await check(session, args.rest[0], args.get("f"), output,
-                                         args.get("r"), args.has("U"), args.has("image-opts"))
+                                         args.get("r"), args.has("U"), args.has("image-opts"),
+                                         cache)
     if not args.has("q"):
         print(text, end="")
     if failed:

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from blockd.block.node import BlockNode, Status
-from blockd.img.common import Args, ImgError, Progress, Session, UsageError
+from blockd.img.common import Args, ImgError, Progress, Session, UsageError, cache_mode
 
 CHUNK = 2 << 20
 
@@ -52,9 +52,10 @@ async def run(args: Args) -> int:
     if len(args.rest) != 1:
         raise UsageError("Expecting one image file name")
     filename = args.rest[0]
+    cache = cache_mode(args)
     async with Session(args.objects) as session:
         probe = await session.open(filename, args.get("f"), read_only=False,
-                                   image_opts=args.has("image-opts"))
+                                   image_opts=args.has("image-opts"), cache=cache)
         chain = [probe]
         while chain[-1].backing is not None:
             chain.append(chain[-1].backing)

@@ -106,6 +106,40 @@ def _image_opts(text: str) -> dict[str, Any]:
         raise ImgError(exc.desc) from None
 
 
+@dataclass(frozen=True)
+class CacheMode:
+    """A qemu-img cache mode (``-t``/``-T``) as node options.
+
+    ``direct`` bypasses the page cache, ``no_flush`` drops flushes (nothing is
+    made durable), and ``write_through`` makes every write durable when it
+    completes, as a disk with its write cache off does.
+    """
+
+    direct: bool = False
+    no_flush: bool = False
+    write_through: bool = False
+
+
+#: The modes qemu-img accepts, by name.
+CACHE_MODES = {
+    "none": CacheMode(direct=True), "off": CacheMode(direct=True),
+    "directsync": CacheMode(direct=True, write_through=True),
+    "writeback": CacheMode(), "writethrough": CacheMode(write_through=True),
+    "unsafe": CacheMode(no_flush=True),
+}
+
+
+def cache_mode(args: Args, letter: str = "t", default: str = "writeback") -> CacheMode:
+    """The mode ``-t`` (target, written) or ``-T`` (source) names, refused with
+    qemu-img's words when it names none."""
+    name = args.get(letter, default) or ""
+    mode = CACHE_MODES.get(name)
+    if mode is None:
+        kind = "source cache" if letter == "T" else "cache"
+        raise ImgError(f"Invalid {kind} option: {name}")
+    return mode
+
+
 class Session:
     """A graph with secrets from ``--object``; closes everything on exit."""
 
@@ -123,10 +157,12 @@ class Session:
 
     async def open(self, filename: str, fmt: str | None, *, read_only: bool = True,
                    force_share: bool = False, image_opts: bool = False,
-                   extra: dict[str, Any] | None = None, wrap: bool = True) -> BlockNode:
+                   extra: dict[str, Any] | None = None, wrap: bool = True,
+                   cache: CacheMode = CACHE_MODES["writeback"]) -> BlockNode:
         """Open an image named as qemu-img names it: a file, a ``json:``/protocol name
         (:mod:`blockd.block.filename`) or ``--image-opts`` options; the format is
-        probed when not given."""
+        probed when not given.  ``cache`` is the default for options the name
+        leaves unset."""
         given = _image_opts(filename) if image_opts else {"driver": fmt} if fmt else None
         try:
             options = image_options(None if image_opts else filename, given, typed=image_opts)
@@ -134,6 +170,11 @@ class Session:
             options["read-only"] = read_only
             if force_share:
                 options["force-share"] = True
+            if cache.direct or cache.no_flush:
+                given_cache = options.setdefault("cache", {})
+                given_cache.setdefault("direct", cache.direct)
+                given_cache.setdefault("no-flush", cache.no_flush)
+            self.graph.write_through = cache.write_through and not read_only
 
             def probed(fmt: str) -> None:
                 if fmt == "raw" and not read_only and not image_opts:

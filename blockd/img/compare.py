@@ -12,7 +12,7 @@ import sys
 from typing import Callable
 
 from blockd.block.node import BlockNode, Status
-from blockd.img.common import (PROG, Args, ImgError, Progress, Session, UsageError,
+from blockd.img.common import (PROG, Args, ImgError, Progress, Session, UsageError, cache_mode,
                                chain_status)
 
 CHUNK = 2 << 20
@@ -88,9 +88,12 @@ async def run(args: Args) -> int:
 
     try:
         async with Session(args.objects) as session:
-            opts = {"force_share": args.has("U"), "image_opts": args.has("image-opts")}
-            a = await session.open(args.rest[0], args.get("f"), **opts)
-            b = await session.open(args.rest[1], args.get("F"), **opts)
+            cache = cache_mode(args, "T")
+            share, image_opts = args.has("U"), args.has("image-opts")
+            a, b = [await session.open(name, fmt, force_share=share, image_opts=image_opts,
+                                       cache=cache)
+                    for name, fmt in ((args.rest[0], args.get("f")),
+                                      (args.rest[1], args.get("F")))]
             # qemu-img ends the progress line after the verdict, without drawing 100% again.
             bar = Progress(args.has("p") and not quiet, max(a.length(), b.length()), step=2.0)
             if a.length() != b.length() and args.has("s"):

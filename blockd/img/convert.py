@@ -26,7 +26,7 @@ from blockd.block.filename import create_path
 from blockd.block.node import BlockNode, Claim, Extent, Status, WriteFlags
 from blockd.errors import QMPError
 from blockd.drivers.file import FileNode
-from blockd.img.common import (PROG, Args, ImgError, Progress, Session, chain_extents,
+from blockd.img.common import (PROG, Args, ImgError, Progress, Session, cache_mode, chain_extents,
                                chain_status, parse_size)
 from blockd.img.bulkio import BulkIO, PieceFailed, host_file
 from blockd.img.zeroscan import zero_runs
@@ -453,13 +453,17 @@ async def run(args: Args) -> int:
     if args.has("bitmaps") and len(sources) > 1:
         raise ImgError("Copying bitmaps only possible with single source")
     no_create = args.has("n")
+    # qemu-img's default: nothing is flushed, the target is new and is thrown away if
+    # the command fails.
+    cache, src_cache = cache_mode(args, default="unsafe"), cache_mode(args, "T")
     keys: dict[str, Any] = {}
     plan.fresh = not no_create or args.has("target-is-zero")
     helpers = contextlib.nullcontext() if plan.compress else \
         BulkIO(min(plan.parallel, PLAIN_TASKS), CHUNK)
     async with Session(args.objects) as session, helpers as io:
         nodes = [await session.open(name, args.get("f"), force_share=args.has("U"),
-                                    image_opts=args.has("image-opts")) for name in sources]
+                                    image_opts=args.has("image-opts"), cache=src_cache)
+                 for name in sources]
         if snapshot is not None:
             await load_param(nodes[0], snapshot)
         src = _Source(nodes)
@@ -486,7 +490,7 @@ async def run(args: Args) -> int:
             keys = _key_secrets(opts)
         dst = await session.open(target, None if args.has("target-image-opts") else out_fmt,
                                  read_only=False, image_opts=args.has("target-image-opts"),
-                                 extra=keys)
+                                 extra=keys, cache=cache)
         if not args.has("target-is-zero") and not dst.has_zero_init():
             plan.fresh = False  # what is not written does not read as zeroes
         if plan.top_only and dst.backing is not None:

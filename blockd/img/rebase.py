@@ -14,7 +14,7 @@ from __future__ import annotations
 from blockd.block.filename import backing_path
 from blockd.block.node import BlockNode, Status
 from blockd.errors import QMPError
-from blockd.img.common import Args, ImgError, Progress, Session, UsageError
+from blockd.img.common import Args, ImgError, Progress, Session, UsageError, cache_mode
 
 CHUNK = 2 << 20
 _FORMATS = ("raw", "qcow2", "luks")
@@ -88,9 +88,10 @@ async def run(args: Args) -> int:
     if out_fmt is not None and out_fmt not in _FORMATS:
         raise ImgError(f"Invalid format name: '{out_fmt}'")
     filename = args.rest[0]
+    cache, src_cache = cache_mode(args), cache_mode(args, "T")
     async with Session(args.objects) as session:
         top = await session.open(filename, args.get("f"), read_only=False,
-                                 image_opts=args.has("image-opts"),
+                                 image_opts=args.has("image-opts"), cache=cache,
                                  extra={"backing": None} if unsafe else None)
         if not unsafe:
             new = None
@@ -101,7 +102,7 @@ async def run(args: Args) -> int:
                     raise ImgError(f"Could not resolve backing filename: {exc.desc}") from None
                 try:
                     new = await session.open(path, out_fmt, force_share=args.has("U"),
-                                             wrap=False)
+                                             wrap=False, cache=src_cache)
                 except ImgError as exc:
                     raise ImgError(f"Could not open new backing file '{out_base}': {exc}") \
                         from None
