@@ -283,3 +283,44 @@ def test_blockdev_add_refuses_unsupported_backing(images: Path, tmp_path: Path) 
         assert reply["error"]["desc"] == ("Could not open backing file: "
                                           "Driver 'qed' is not supported by blockd")
         assert c.cmd("query-named-block-nodes")["return"] == []
+
+
+#: Drivers that need a network service or a device this machine lacks: a filename qemu-img
+#: maps to each, and blockdev-add arguments QEMU's schema accepts for it.
+NETWORK = [
+    ("http", "http://127.0.0.1:9/x.img", {"url": "http://127.0.0.1:9/x.img"}),
+    ("https", "https://127.0.0.1:9/x.img", {"url": "https://127.0.0.1:9/x.img"}),
+    ("ftp", "ftp://127.0.0.1:9/x.img", {"url": "ftp://127.0.0.1:9/x.img"}),
+    ("ftps", "ftps://127.0.0.1:9/x.img", {"url": "ftps://127.0.0.1:9/x.img"}),
+    ("ssh", "ssh://127.0.0.1:9/x.img",
+     {"server": {"host": "127.0.0.1", "port": "9"}, "path": "/x.img"}),
+    ("nfs", "nfs://127.0.0.1/x.img",
+     {"server": {"type": "inet", "host": "127.0.0.1"}, "path": "/x.img"}),
+    ("iscsi", "iscsi://127.0.0.1/iqn.2000-01.x:t/0",
+     {"transport": "tcp", "portal": "127.0.0.1", "target": "iqn.2000-01.x:t"}),
+    ("rbd", "rbd:pool/image", {"pool": "pool", "image": "image"}),
+    ("gluster", "gluster://127.0.0.1/vol/x.img",
+     {"volume": "vol", "path": "x.img", "server": [{"type": "inet", "host": "127.0.0.1",
+                                                    "port": "24007"}]}),
+    ("nvme", "nvme://0000:00:00.0/1", {"device": "0000:00:00.0", "namespace": 1}),
+    ("vvfat", "fat:/tmp", {"dir": "/tmp"}),
+]
+
+
+@pytest.mark.parametrize("driver,name,_", NETWORK)
+def test_network_driver_names_are_refused(tmp_path: Path, driver: str, name: str, _) -> None:
+    """The README's list of drivers blockd does not have: each filename gives the error
+    the README shows, never a guess at another driver."""
+    out, err, code = blockd_img("info", name, cwd=tmp_path)
+    assert (out, err, code) == ("", f"blockd-img: Could not open '{name}': Driver '{driver}' "
+                                "is not supported by blockd\n", 1)
+
+
+def test_network_drivers_refused_by_blockdev_add(tmp_path: Path) -> None:
+    with Daemon(str(tmp_path / "b.sock")) as daemon:
+        c = daemon.client()
+        for driver, _, args in NETWORK:
+            reply = c.cmd("blockdev-add", driver=driver, **{"node-name": "n"}, **args)
+            assert reply["error"] == {"class": "GenericError",
+                                      "desc": f"Driver '{driver}' is not supported by blockd"}
+        assert c.cmd("query-named-block-nodes")["return"] == []
