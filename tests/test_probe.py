@@ -324,3 +324,20 @@ def test_network_drivers_refused_by_blockdev_add(tmp_path: Path) -> None:
             assert reply["error"] == {"class": "GenericError",
                                       "desc": f"Driver '{driver}' is not supported by blockd"}
         assert c.cmd("query-named-block-nodes")["return"] == []
+
+
+def test_blkreplay_is_unknown_as_in_qsd_and_qemu_img(tmp_path: Path) -> None:
+    """blkreplay is in QEMU's schema but only system emulators have it: qsd and qemu-img
+    call it unknown, and so does blockd."""
+    (tmp_path / "a.raw").write_bytes(bytes(65536))
+    image = {"driver": "file", "filename": str(tmp_path / "a.raw")}
+    opts = f"driver=blkreplay,image.driver=file,image.filename={tmp_path}/a.raw"
+    q = qemu_img("info", "--image-opts", opts)
+    assert blockd_img("info", "--image-opts", opts, cwd=tmp_path) == \
+        ("", q.stderr.replace("qemu-img", "blockd-img"), q.returncode)
+    for qsd in ([False, True] if HAVE_QSD else [False]):
+        with Daemon(str(tmp_path / f"{qsd}.sock"), qsd=qsd) as daemon:
+            reply = daemon.client().cmd("blockdev-add", driver="blkreplay",
+                                        **{"node-name": "r"}, image=image)
+        assert reply == {"error": {"class": "GenericError",
+                                   "desc": "Unknown driver 'blkreplay'"}}

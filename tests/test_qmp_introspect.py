@@ -338,7 +338,8 @@ def test_lists_exactly_the_commands_blockd_runs(blockd_schema):
 
 def test_every_event_blockd_emits_is_listed(blockd_schema):
     events = {n for n, e in blockd_schema.items() if e["meta-type"] == "event"}
-    assert events == {"BLOCK_IMAGE_CORRUPTED", "JOB_STATUS_CHANGE", "BLOCK_EXPORT_DELETED"}
+    assert events == {"BLOCK_IMAGE_CORRUPTED", "JOB_STATUS_CHANGE", "BLOCK_EXPORT_DELETED",
+                      "QUORUM_FAILURE", "QUORUM_REPORT_BAD"}
 
 
 def test_every_referenced_type_is_described(blockd_schema):

@@ -34,7 +34,7 @@ PROTOCOLS = {
 }
 #: Drivers that open storage themselves rather than a ``file`` child; a name
 #: given with one of them is that driver's to parse.
-PROTOCOL_DRIVERS = frozenset(PROTOCOLS.values()) | {"quorum"}
+PROTOCOL_DRIVERS = frozenset(PROTOCOLS.values()) | {"quorum", "blkreplay"}
 #: Drivers that keep the name as their ``filename`` option once parsed.
 _KEEP_FILENAME = frozenset({"file", "host_device", "host_cdrom"})
 
@@ -167,6 +167,11 @@ def _node(name: str | None, reference: str | None, flat: dict[str, Any],
         image = _child(flat.pop("x-image", None), flat, "image", True, typed)
         if image is not None:
             children["image"] = image
+    if driver == "blkverify":  # the reference copy is a host file; the image under test is probed
+        for key, legacy, is_protocol in (("raw", "x-raw", True), ("test", "x-image", False)):
+            child = _child(flat.pop(legacy, None), flat, key, is_protocol, typed)
+            if child is not None:
+                children[key] = child
     if not protocol:
         file = _child(name, flat, "file", True, typed)
         if file is not None:
@@ -218,6 +223,8 @@ def _parse_filename(driver: str, name: str, flat: dict[str, Any]) -> None:
         _parse_nbd(name, flat)
     elif driver == "blkdebug":
         _parse_blkdebug(name, flat)
+    elif driver == "blkverify":
+        _parse_blkverify(name, flat)
     elif driver in ("null-co", "null-aio"):
         if name != f"{driver}://":
             raise QMPError(f"The only allowed filename for this driver is '{driver}://'")
@@ -242,6 +249,17 @@ def _parse_blkdebug(name: str, flat: dict[str, Any]) -> None:
         raise QMPError("blkdebug requires both config file and image path")
     if config:
         flat["config"] = config
+    flat["x-image"] = image
+
+
+def _parse_blkverify(name: str, flat: dict[str, Any]) -> None:
+    """``blkverify:RAW:IMAGE``: a raw reference copy and the image checked against it."""
+    if not name.startswith("blkverify:"):
+        raise QMPError("File name string must start with 'blkverify:'")
+    raw, colon, image = name[len("blkverify:"):].partition(":")
+    if not colon:
+        raise QMPError("blkverify requires raw copy and original image path")
+    flat["x-raw"] = raw
     flat["x-image"] = image
 
 

@@ -10,6 +10,8 @@ for the whole affected subgraph before anything is applied, so a refused
 
 from __future__ import annotations
 
+import itertools
+
 import random
 import re
 from typing import Any, Callable, Iterator
@@ -91,6 +93,9 @@ class OpenContext:
             if required:
                 raise QMPError(f"A block device must be specified for \"{role}\"")
             return None
+        if role != "file":
+            # QEMU names a node after opening its ``file`` child and before any other.
+            self.graph.place(self.node.node_name)
         if isinstance(ref, str):
             child = self.graph.lookup(ref)
         else:
@@ -116,6 +121,9 @@ class BlockGraph:
 
     def __init__(self, secrets: Callable[[str], bytes] | None = None) -> None:
         self.nodes: dict[str, BlockNode] = {}
+        #: Each node's position in QEMU's list of nodes (see :meth:`place`).
+        self._places: dict[str, int] = {}
+        self._next_place = itertools.count()
         #: Nodes created inline by another node's open (not owned by the monitor).
         self.implicit: set[str] = set()
         self._counter = 0
@@ -168,7 +176,16 @@ class BlockGraph:
         return node
 
     def __iter__(self) -> Iterator[BlockNode]:
-        return iter(self.nodes.values())
+        """Nodes in the order QEMU lists them (``query-named-block-nodes`` reverses it)."""
+        return iter(sorted(self.nodes.values(), key=lambda n: self._places[n.node_name]))
+
+    def place(self, name: str) -> None:
+        """Give the node ``name`` its place in the node list, if it has none yet.
+
+        QEMU names a node, which puts it at the end of its list, after the
+        node's ``file`` child opened and before its other children do.
+        """
+        self._places.setdefault(name, next(self._next_place))
 
     # ---- names --------------------------------------------------------------
 
@@ -211,14 +228,17 @@ class BlockGraph:
                 await node.close()
                 raise QMPError("Could not refresh total sector count: File too large")
         except BaseException:
+            self._places.pop(name, None)
             await self._detach_all(node, ctx.created)
             raise
         if options.get("cache") == {}:
             # An empty object is an option no driver consumes: QEMU refuses it once the
             # node (children included) opened.
             await node.close()
+            self._places.pop(name, None)
             await self._detach_all(node, ctx.created)
             raise QMPError(unsupported_option(node, "cache"))
+        self.place(name)
         self.nodes[name] = node
         if implicit or options.get("node-name") is None:
             self.implicit.add(name)
@@ -238,12 +258,18 @@ class BlockGraph:
             await node.close()
         finally:
             self.nodes.pop(node.node_name, None)
+            self._places.pop(node.node_name, None)
             self.implicit.discard(node.node_name)
             for link in list(node.children.values()):
-                child = link.child
-                self.detach(link)
-                if child.node_name in self.implicit and not child.parents:
-                    await self.delete_node(child)
+                await self.unref_child(link)
+
+    async def unref_child(self, link: ChildLink) -> None:
+        """Remove the edge ``link``; a child the parent's open created goes with it
+        when nothing else uses it."""
+        child = link.child
+        self.detach(link)
+        if child.node_name in self.implicit and not child.parents:
+            await self.delete_node(child)
 
     async def blockdev_del(self, node_name: str) -> None:
         node = self.nodes.get(node_name)

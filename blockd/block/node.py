@@ -24,7 +24,7 @@ from blockd.block.stats import Stats
 from blockd.errors import QMPError
 
 if TYPE_CHECKING:
-    from blockd.block.graph import OpenContext
+    from blockd.block.graph import BlockGraph, OpenContext
 
 
 class Perm(enum.IntFlag):
@@ -303,6 +303,16 @@ class BlockNode:
 
     def check_perm(self, perm: Perm, shared: Perm) -> None:
         """Raise QMPError if ``perm``/``shared`` cannot be taken (e.g. image locks)."""
+
+    # ---- children at run time (x-blockdev-change) ---------------------------
+
+    async def add_child(self, graph: "BlockGraph", child: "BlockNode") -> None:
+        """Attach ``child`` as a new child (quorum adds a replica)."""
+        raise QMPError(f"The node {self.node_name} does not support adding a child")
+
+    async def del_child(self, graph: "BlockGraph", link: ChildLink) -> None:
+        """Detach the child ``link`` leads to."""
+        raise QMPError(f"The node {self.node_name} does not support removing a child")
 
     # ---- reopen ----------------------------------------------------------
 

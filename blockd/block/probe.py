@@ -188,6 +188,7 @@ async def open_image(graph: BlockGraph, options: dict[str, Any], name: str | Non
             file.get("driver") not in (None, "file"):
         parent = BlockNode("", options, bool(options.get("read-only")))
         file = typed_options(dict(file)) if typed else dict(file)
+        await fill_drivers(graph, file, None)  # images inside the storage (blkverify's)
         storage = await graph.open_node(inherited_options(parent, file, "file"), implicit=True)
         options = {**options, "file": storage.node_name}
     try:
@@ -205,13 +206,19 @@ async def fill_drivers(graph: BlockGraph, options: dict[str, Any], name: str | N
     """Probe the format of every image in ``options`` that names none, as QEMU does when
     opening: the top one (named ``name``), and children such as ``backing`` given by
     their storage only.  Whether the top one was probed."""
+    def needs_filling(value: Any) -> bool:
+        return isinstance(value, dict) and ("driver" in value or value.get("file") is not None)
+
     probed = "driver" not in options
+    file = options.get("file")
+    if needs_filling(file):  # storage with images of its own (blkverify) opens only filled in
+        await fill_drivers(graph, file, None)
     if probed:
-        if options.get("file") is None:
+        if file is None:
             raise QMPError("Must specify either driver or file")
-        options["driver"] = await probe_file_child(graph, options["file"], name)
-    for value in options.values():
-        if isinstance(value, dict) and ("driver" in value or value.get("file") is not None):
+        options["driver"] = await probe_file_child(graph, file, name)
+    for key, value in options.items():
+        if key != "file" and needs_filling(value):
             await fill_drivers(graph, value, None)
     return probed
 

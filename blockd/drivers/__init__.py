@@ -26,6 +26,8 @@ _DRIVERS: dict[str, str] = {
     "vpc": "blockd.drivers.vpc.driver:VpcNode",
     "vdi": "blockd.drivers.vdi.driver:VdiNode",
     "vmdk": "blockd.drivers.vmdk.driver:VmdkNode",
+    "quorum": "blockd.drivers.quorum:QuorumNode",
+    "blkverify": "blockd.drivers.blkverify:BlkverifyNode",
 }
 
 
@@ -42,8 +44,15 @@ def qemu_driver_names() -> frozenset[str]:
         return frozenset(json.load(f)["x-qemu-enum"])
 
 
+#: Drivers in QEMU's schema that qemu-storage-daemon and qemu-img are built without
+#: (record/replay needs a virtual machine): refused with their words.
+_SYSTEM_EMULATOR_ONLY = frozenset({"blkreplay"})
+
+
 def unsupported(name: str) -> QMPError:
     """The refusal of a driver QEMU has and blockd lacks: never a guess such as raw."""
+    if name in _SYSTEM_EMULATOR_ONLY:
+        return QMPError(f"Unknown driver '{name}'")
     return QMPError(f"Driver '{name}' is not supported by blockd")
 
 
