@@ -283,6 +283,7 @@ class BlkdebugNode(BlockNode):
             self.unshare_perms |= PERMS[name]
         await ctx.open_child(opts["image"], "image")
         self._set_limits()
+        self.debug_event("none")  # QEMU raises it as the open ends: its rules arm at once
         # An empty list leaves its key unconsumed; QEMU complains about it last.
         for key in LIST_OPTIONS:
             if opts.get(key) == []:

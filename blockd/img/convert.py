@@ -27,7 +27,7 @@ from blockd.block.node import BlockNode, Claim, Extent, Status, WriteFlags
 from blockd.errors import QMPError
 from blockd.drivers.file import FileNode
 from blockd.img.common import (PROG, Args, ImgError, Progress, Session, cache_mode, chain_extents,
-                               chain_status, parse_size)
+                               parse_size)
 from blockd.img.bulkio import BulkIO, PieceFailed, host_file
 from blockd.img.zeroscan import zero_runs
 from blockd.img.snapshot import load_param, parse_param
@@ -129,7 +129,7 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
         pos = offset
         while pos < end:  # a chunk may span sources
             node, local, left = src.locate(pos)
-            exts = await chain_extents(node, local, min(end - pos, left), plan.top_only)
+            exts = await _extents(node, local, min(end - pos, left), pos, plan)
             if plan.top_only:
                 exts = _cut(exts, pos, plan.backing_end)
             for ext in exts:
@@ -197,6 +197,34 @@ def _reads_as_zero(status: int, plan: Plan) -> bool:
                                       or not status & (Status.DATA | Status.ALLOCATED))
 
 
+async def _extents(node: BlockNode, local: int, length: int, pos: int, plan: Plan,
+                   unit: int = 512) -> list[Extent]:
+    """:func:`chain_extents` of ``length`` bytes of ``node`` at ``local`` (``pos`` in the
+    sources laid end to end), failing with qemu-img's message.
+
+    With ``--salvage`` a ``unit`` (a sector; a cluster when compressing) whose
+    status cannot be read is copied as data (its read may still succeed), with
+    qemu-img's warning, and the rest is asked for again.
+    """
+    out: list[Extent] = []
+    done = 0
+    while done < length:
+        try:
+            out += await chain_extents(node, local + done, length - done, plan.top_only)
+            break
+        except OSError as exc:
+            if not plan.salvage:
+                raise ImgError(f"error while reading block status at offset {pos + done}: "
+                               f"{exc.strerror}") from None
+            if not plan.quiet:
+                print(f"{PROG}: warning: error while reading block status at offset "
+                      f"{pos + done}: {exc.strerror}", file=sys.stderr)
+            n = min(unit, length - done)
+            out.append(Extent(n, Status.DATA | Status.ALLOCATED))
+            done += n
+    return out
+
+
 async def data_bytes(src: _Source, plan: Plan, granule: int) -> int:
     """The bytes the copy will read and write: what ``-p`` counts, as qemu-img counts it
     (zero runs, and with ``-B`` runs left to the backing file, are not work), in whole
@@ -205,7 +233,7 @@ async def data_bytes(src: _Source, plan: Plan, granule: int) -> int:
     end = 0  # of the last granule counted
     for start, node in src.parts:
         pos = start
-        for ext in await chain_extents(node, 0, node.length(), plan.top_only):
+        for ext in await _extents(node, 0, node.length(), start, plan, max(granule, 512)):
             if (ext.status & Status.ALLOCATED or not plan.top_only) \
                     and not _reads_as_zero(ext.status, plan):
                 first = max(end, pos // granule * granule)
@@ -325,7 +353,7 @@ async def _read(src: _Source, offset: int, end: int, plan: Plan) -> bytes | None
     any_data = False
     while pos < end:
         node, local, left = src.locate(pos)
-        ext = await chain_status(node, local, min(end - pos, left), plan.top_only)
+        ext = (await _extents(node, local, min(end - pos, left), pos, plan, end - pos))[0]
         n, status = ext.length, ext.status
         if status & Status.DATA or status & Status.ALLOCATED and not status & Status.ZERO:
             any_data = True
@@ -503,7 +531,9 @@ async def run(args: Args) -> int:
             raise ImgError("output file is smaller than input file")
         progress = args.has("p") and not args.has("q")
         granule = (dst.cluster_size() or 65536) if plan.compress else 1
-        bar = Progress(progress, await data_bytes(src, plan, granule) if progress else src.size)
+        # qemu-img counts the work in a pass of its own, which salvaging makes visible.
+        counted = progress or plan.salvage
+        bar = Progress(progress, await data_bytes(src, plan, granule) if counted else src.size)
         try:
             await copy_image(src, dst, plan, bar, io)
         except QMPError as exc:

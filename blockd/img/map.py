@@ -32,6 +32,15 @@ async def _layer_status(node: BlockNode, offset: int, length: int
         cur, depth = cur.backing, depth + 1
 
 
+class MapFailed(Exception):
+    """A run's status could not be read: the runs settled before it, and the error."""
+
+    def __init__(self, entries: list[dict[str, Any]], error: OSError) -> None:
+        super().__init__(error.strerror)
+        self.entries = entries
+        self.error = error
+
+
 async def map_entries(node: BlockNode, start: int = 0, end: int | None = None
                       ) -> list[dict[str, Any]]:
     """Runs of equal status between ``start`` and ``end``, merged where contiguous."""
@@ -39,7 +48,10 @@ async def map_entries(node: BlockNode, start: int = 0, end: int | None = None
     size = node.length() if end is None else min(end, node.length())
     offset = start
     while offset < size:
-        n, depth, status, host, layer = await _layer_status(node, offset, size - offset)
+        try:
+            n, depth, status, host, layer = await _layer_status(node, offset, size - offset)
+        except OSError as exc:  # the last run might have grown: qemu-img never shows it
+            raise MapFailed(entries[:-1], exc) from None
         e = {"start": offset, "length": n, "depth": depth,
              "present": bool(status & Status.ALLOCATED), "zero": bool(status & Status.ZERO),
              "data": bool(status & Status.DATA)}
@@ -61,8 +73,9 @@ async def map_entries(node: BlockNode, start: int = 0, end: int | None = None
     return entries
 
 
-def json_text(entries: list[dict[str, Any]]) -> str:
-    """qemu-img's JSON map: one object per line, its own spacing."""
+def json_text(entries: list[dict[str, Any]], complete: bool = True) -> str:
+    """qemu-img's JSON map: one object per line, its own spacing (cut off after the
+    last entry's comma when the map could not be completed)."""
     rows = []
     for e in entries:
         row = (f'{{ "start": {e["start"]}, "length": {e["length"]}, "depth": {e["depth"]}, '
@@ -71,6 +84,8 @@ def json_text(entries: list[dict[str, Any]]) -> str:
         if "offset" in e:
             row += f', "offset": {e["offset"]}'
         rows.append(row + "}")
+    if not complete:
+        return "[" + "".join(row + ",\n" for row in rows)
     return "[" + ",\n".join(rows) + "]\n"
 
 
@@ -116,7 +131,11 @@ async def run(args: Args) -> int:
         if args.has("picture"):
             await _picture(node, args.get("picture") or "")
             return 0
-        entries = await map_entries(node, start, end)
+        try:
+            entries = await map_entries(node, start, end)
+            failed = None
+        except MapFailed as exc:
+            entries, failed = exc.entries, exc.error
         # The top layer is named as the user gave a plain file name; backing layers,
         # other files (a vmdk's extents) and images named by json: or a protocol by
         # their node filename.
@@ -126,10 +145,13 @@ async def run(args: Args) -> int:
                 if e["depth"] == 0 and e["file"] == top:
                     e["file"] = args.rest[0]
     if output == "json":
-        print(json_text(entries), end="")
-        return 0
-    text, error = human_text(entries)
-    print(text, end="", flush=True)
+        print(json_text(entries, failed is None), end="", flush=True)
+        error = None
+    else:
+        text, error = human_text(entries)
+        print(text, end="", flush=True)
+    if failed is not None and error is None:
+        error = f"Could not read file metadata: {failed.strerror}"
     if error:
         raise ImgError(error)
     return 0
