@@ -376,7 +376,7 @@ def _inet_options(opts: str) -> None:
 
 def _json_options(name: str) -> dict[str, Any]:
     """The options of a ``json:`` name, flattened to dotted keys as QEMU does."""
-    from blockd.qmp.json import JSONStreamer
+    from blockd.qjson import JSONStreamer
 
     streamer = JSONStreamer()
     messages = streamer.feed(os.fsencode(name[len("json:"):])) + streamer.end()

@@ -342,7 +342,7 @@ class BlockNode:
         exact = self.exact_filename()
         if exact is not None:
             return exact
-        from blockd.qmp.json import encode
+        from blockd.qjson import encode
 
         return "json:" + encode(self.full_options())
 

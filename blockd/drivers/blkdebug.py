@@ -36,7 +36,7 @@ from typing import Any
 from blockd.block.graph import OpenContext, unsupported_option
 from blockd.block.node import BlockNode, Extent, Perm, WriteFlags
 from blockd.errors import QMPError
-from blockd.qmp.json import qdict_keys
+from blockd.qjson import qdict_keys
 from blockd.qmp.schema import SCHEMA_DIR
 
 IO_TYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")

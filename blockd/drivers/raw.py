@@ -14,7 +14,7 @@ from typing import Any
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Claim, Extent, Perm, WriteFlags
 from blockd.errors import QMPError
-from blockd.qmp.json import qdict_keys
+from blockd.qjson import qdict_keys
 
 
 class RawNode(BlockNode):

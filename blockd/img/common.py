@@ -175,7 +175,7 @@ def human_dump(value: Any, indent: int) -> list[str]:
     its own stack (of lines still to print and containers still to open), so no
     depth of nesting can exhaust Python's.
     """
-    from blockd.qmp.json import qdict_keys
+    from blockd.qjson import qdict_keys
 
     lines: list[str] = []
     stack: list[tuple[str, Any, int]] = [("", value, indent)]
@@ -206,7 +206,7 @@ def _scalar(value: Any) -> str:
 
 def json_pretty(value: Any) -> str:
     """qemu-img's JSON: QEMU's pretty printer with plain newlines."""
-    from blockd.qmp.json import encode
+    from blockd.qjson import encode
 
     return encode(value, pretty=True).replace("\r\n", "\n")
 

@@ -9,11 +9,7 @@ Argument validation happens before the call, against ``schema/commands``.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
-
-if TYPE_CHECKING:
-    from blockd.daemon import Daemon
-    from blockd.qmp.session import Session
+from typing import Any, Awaitable, Callable
 
 Handler = Callable[..., Awaitable[Any]]
 

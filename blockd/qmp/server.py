@@ -22,8 +22,9 @@ import sys
 from typing import Any, Callable
 
 import blockd
-from blockd.qmp.dispatch import Dispatcher, Request, SessionState, error_reply, parse_request
-from blockd.qmp.json import JSONStreamer, encode
+from blockd.qjson import JSONStreamer, encode
+from blockd.qmp.dispatch import Dispatcher, Request, error_reply, parse_request
+from blockd.qmp.session import SessionState
 
 log = logging.getLogger(__name__)
 

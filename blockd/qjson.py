@@ -209,12 +209,12 @@ def _qemu_bytes_error(exc: UnicodeError) -> tuple[bytes, int]:
     return bytes(out), exc.end
 
 
-codecs.register_error("blockd.qmp.json", _qemu_bytes_error)
+codecs.register_error("blockd.qjson", _qemu_bytes_error)
 
 
 def _qemu_bytes(text: str) -> bytes:
     """The C string QEMU would hold for text (NUL is stored as C0 80)."""
-    return text.encode("utf-8", "blockd.qmp.json").replace(b"\0", b"\xc0\x80")
+    return text.encode("utf-8", "blockd.qjson").replace(b"\0", b"\xc0\x80")
 
 
 def _decode_plain(raw: bytes) -> str:
