@@ -437,12 +437,6 @@ def meta_context_queries(data: bytes, option: int) -> list[str]:
 
 # ---- option reply payload parsers (client side) ------------------------------------
 
-def parse_rep_server(data: bytes) -> tuple[str, str]:
-    r = _Reader(data)
-    name = r.string(r.u32())
-    return name, r.string(len(data) - r.pos)
-
-
 def parse_rep_info(data: bytes) -> tuple[int, object]:
     """``(info type, value)``: EXPORT gives ``(size, flags)``, BLOCK_SIZE a triple."""
     r = _Reader(data)

@@ -433,9 +433,3 @@ class Mapping:
         self.l1 = table
         if old_size:
             await self.image.refcounts.free(old_offset, -(-(old_size * 8) // self.cs))
-
-    async def shrink_l1(self, size: int) -> None:
-        """Zero L1 entries past ``size`` (the table keeps its place)."""
-        for i in range(size, len(self.l1)):
-            if self.l1[i]:
-                await self.set_l1(i, 0)
