@@ -329,6 +329,11 @@ class BlockNode:
         return link.child if link else None
 
     @property
+    def file_node(self) -> "BlockNode":
+        """The ``file`` child of a node whose open attached one (formats over storage)."""
+        return self.children["file"].child
+
+    @property
     def backing(self) -> "BlockNode | None":
         link = self.children.get("backing")
         return link.child if link else None
