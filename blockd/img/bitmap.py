@@ -59,11 +59,11 @@ async def run(args: Args) -> int:
                     request["persistent"] = True
                     if granularity is not None:
                         request["granularity"] = granularity
-                    await cmds.bitmap_add(handle, request)  # type: ignore[arg-type]
+                    await cmds.bitmap_add(handle, request)
                 elif action == "merge":
                     merge = {"node": node.node_name, "target": name,
                              "bitmaps": [{"node": source.node_name, "name": value}]}
-                    await cmds.bitmap_merge(handle, merge)  # type: ignore[arg-type]
+                    await cmds.bitmap_merge(handle, merge)
                 else:
                     handler = getattr(cmds, f"bitmap_{action}")
                     await handler(handle, request)

@@ -7,7 +7,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from blockd.block.filename import image_options
 from blockd.block.graph import BlockGraph
@@ -53,6 +53,12 @@ class Args:
 
     def has(self, name: str) -> bool:
         return name in self.opts
+
+    @overload
+    def get(self, name: str) -> str | None: ...
+
+    @overload
+    def get(self, name: str, default: str) -> str: ...
 
     def get(self, name: str, default: str | None = None) -> str | None:
         return self.opts.get(name, default)

@@ -88,9 +88,11 @@ async def run(args: Args) -> int:
 
     try:
         async with Session(args.objects) as session:
-            opts = {"force_share": args.has("U"), "image_opts": args.has("image-opts")}
-            a = await session.open(args.rest[0], args.get("f"), **opts)
-            b = await session.open(args.rest[1], args.get("F"), **opts)
+            share, image_opts = args.has("U"), args.has("image-opts")
+            a = await session.open(args.rest[0], args.get("f"), force_share=share,
+                                   image_opts=image_opts)
+            b = await session.open(args.rest[1], args.get("F"), force_share=share,
+                                   image_opts=image_opts)
             # qemu-img ends the progress line after the verdict, without drawing 100% again.
             bar = Progress(args.has("p") and not quiet, max(a.length(), b.length()), step=2.0)
             if a.length() != b.length() and args.has("s"):
