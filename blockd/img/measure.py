@@ -139,7 +139,8 @@ async def measure(fmt: str, opts: dict[str, Any], size: int | None,
     info = {"required": full - virtual + required, "fully-allocated": full}
     # Bitmaps are shown when both images could store them: qcow2 v3 on each side.
     spec = node.format_specific() if node is not None and node.driver == "qcow2" else None
-    if version >= 3 and spec is not None and spec["data"]["compat"] == "1.1":
+    if version >= 3 and node is not None and spec is not None \
+            and spec["data"]["compat"] == "1.1":
         info = {"bitmaps": _bitmaps_size(node, cs), **info}
     return info
 
