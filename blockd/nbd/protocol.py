@@ -337,7 +337,7 @@ def meta_context_data(name: str, queries: Iterable[str] = ()) -> bytes:
 # ---- option payload parsers --------------------------------------------------------
 
 #: Option names in messages, as QEMU 7.2 words them (it names no others).
-_OPT_NAMES = {Opt.EXPORT_NAME: "export name", Opt.ABORT: "abort", Opt.LIST: "list",
+_OPT_NAMES: dict[int, str] = {Opt.EXPORT_NAME: "export name", Opt.ABORT: "abort", Opt.LIST: "list",
               Opt.STARTTLS: "starttls", Opt.INFO: "info", Opt.GO: "go",
               Opt.STRUCTURED_REPLY: "structured reply",
               Opt.LIST_META_CONTEXT: "list meta context",
@@ -643,7 +643,7 @@ class _Buffer:
         first = chunks[0]
         if len(first) - self._pos >= n:
             return first, self._pos
-        parts = [memoryview(first)[self._pos:]]
+        parts: list[bytes | memoryview] = [memoryview(first)[self._pos:]]
         have = len(parts[0])
         chunks.popleft()
         while have < n:
