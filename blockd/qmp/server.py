@@ -19,7 +19,7 @@ import os
 import socket
 import stat
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import blockd
 from blockd.qjson import JSONStreamer, encode
@@ -58,7 +58,7 @@ class ClientSession(asyncio.Protocol):
         self.streamer = JSONStreamer()
         self.queue: collections.deque[Request | dict[str, Any]] = collections.deque()
         self.wakeup = asyncio.Event()
-        self.transport: asyncio.BaseTransport | None = None
+        self.transport: asyncio.Transport | None = None
         self.writer: Any = None
         self.worker: asyncio.Task[None] | None = None
         self.oob_tasks: set[asyncio.Task[None]] = set()
@@ -73,7 +73,7 @@ class ClientSession(asyncio.Protocol):
     # ---- transport callbacks ----------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # a stream socket's
         if self.writer is None:
             self.writer = transport
         self.send(greeting(self.oob_capable))
