@@ -65,7 +65,9 @@ async def run(args: Args) -> int:
                              "bitmaps": [{"node": source.node_name, "name": value}]}
                     await cmds.bitmap_merge(handle, merge)
                 else:
-                    handler = getattr(cmds, f"bitmap_{action}")
+                    handler = {"remove": cmds.bitmap_remove, "clear": cmds.bitmap_clear,
+                               "enable": cmds.bitmap_enable,
+                               "disable": cmds.bitmap_disable}[action]
                     await handler(handle, request)
             except QMPError as exc:
                 raise ImgError(f"Operation {action} on bitmap {name} failed: {exc.desc}") \
