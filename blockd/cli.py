@@ -16,7 +16,7 @@ import os
 import resource
 import signal
 import sys
-from typing import Any, NoReturn
+from typing import Any, Callable, Coroutine, NoReturn
 
 import blockd
 from blockd.daemon import Daemon
@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ready_fd = _daemonize() if "--daemonize" in flags else None
     # Secrets and key material live in this process's memory: no core dump may copy them.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    runner: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
         runner = uvloop.run

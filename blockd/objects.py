@@ -108,6 +108,7 @@ class ObjectStore:
                 raise QMPError(f"Unable to read {path}: Failed to open file "
                                f"\u201c{display_path(path)}\u201d: {exc.strerror}") from None
         else:
+            assert data is not None  # one of the two, checked above
             raw = data.encode("utf-8")
         if args.get("format", "raw") == "base64":
             raw = _b64decode(raw)

@@ -18,6 +18,7 @@ PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --disable-pip-version-chec
     --config-settings editable_mode=compat
 
 status=0
+python3 -m mypy blockd || status=$?
 python3 -m pytest -q tests || status=$?
 python3 iotests/check || status=$?
 exit $status

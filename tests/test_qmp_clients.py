@@ -128,7 +128,8 @@ def test_host_errors_are_not_internal_errors(monkeypatch):
     import errno
 
     from blockd.daemon import Daemon as State
-    from blockd.qmp.dispatch import Dispatcher, Request, SessionState
+    from blockd.qmp.dispatch import Dispatcher, Request
+    from blockd.qmp.session import SessionState
 
     async def failing(daemon, args):
         raise OSError(errno.EIO, "Input/output error")

@@ -1,4 +1,4 @@
-"""Tests for blockd.qmp.json, QEMU 7.2's QMP dialect of JSON.
+"""Tests for blockd.qjson, QEMU 7.2's QMP dialect of JSON.
 
 The unit tests pin behaviour observed on qemu-storage-daemon 7.2; the
 differential tests replay byte corpora against the real daemon, when it
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from blockd.qmp.json import JSONStreamer, encode, qdict_keys
+from blockd.qjson import JSONStreamer, encode, qdict_keys
 from harness import WAIT
 
 Message = tuple[object | None, str | None]

@@ -46,8 +46,7 @@ _URI_CHARS = r"[A-Za-z0-9\-._~%!$&'()*+,;=:@/?#\[\]]*\Z"
 
 def has_protocol(name: str) -> bool:
     """Whether ``name`` starts with ``protocol:`` (a colon before any slash)."""
-    m = re.match(r"[^:/]*", name)
-    return name[m.end():m.end() + 1] == ":"
+    return re.match(r"[^:/]*:", name) is not None
 
 
 def image_options(name: str | None, options: dict[str, Any] | None = None, *,
@@ -161,6 +160,7 @@ def _node(name: str | None, reference: str | None, flat: dict[str, Any],
             raise QMPError("Must specify either driver or file")
         driver = flat["driver"] = _find_protocol(filename) if parse else "file"
     if parse:
+        assert driver is not None and name is not None  # a protocol with a file name
         _parse_filename(driver, name, flat)
     children: dict[str, Any] = {}
     if driver == "blkdebug":
@@ -272,6 +272,7 @@ def _parse_nbd(name: str, flat: dict[str, Any]) -> None:
     for key in flat:
         if key in ("host", "port", "path", "export") or key.startswith("server."):
             raise QMPError(f"Option '{key}' cannot be used with a file name")
+    server: dict[str, str] | None
     if "://" in name:
         try:
             server, export = _nbd_uri(name)
@@ -394,7 +395,7 @@ def _inet_options(opts: str) -> None:
 
 def _json_options(name: str) -> dict[str, Any]:
     """The options of a ``json:`` name, flattened to dotted keys as QEMU does."""
-    from blockd.qmp.json import JSONStreamer
+    from blockd.qjson import JSONStreamer
 
     streamer = JSONStreamer()
     messages = streamer.feed(os.fsencode(name[len("json:"):])) + streamer.end()

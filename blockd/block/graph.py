@@ -14,7 +14,7 @@ import itertools
 
 import random
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, overload
 
 from blockd.block.node import MAX_LENGTH, BlockNode, ChildLink, Perm, perm_names
 from blockd.errors import QMPError
@@ -81,6 +81,13 @@ class OpenContext:
         self.node = node
         #: Children this open created inline; closed again if the open fails.
         self.created: list[BlockNode] = []
+
+    @overload
+    async def open_child(self, ref: str | dict[str, Any] | None, role: str) -> BlockNode: ...
+
+    @overload
+    async def open_child(self, ref: str | dict[str, Any] | None, role: str,
+                         *, required: bool) -> BlockNode | None: ...
 
     async def open_child(self, ref: str | dict[str, Any] | None, role: str,
                          *, required: bool = True) -> BlockNode | None:
@@ -403,7 +410,7 @@ class BlockGraph:
             f"unshared by {user(denies)}.")
 
     def _commit(self, plan: dict[int, tuple[ChildLink, Perm, Perm]],
-                extra: list[BlockNode] = ()) -> None:
+                extra: Iterable[BlockNode] = ()) -> None:
         touched: dict[int, BlockNode] = {id(n): n for n in extra}
         for link, p, s in plan.values():
             link.perm, link.shared = p, s

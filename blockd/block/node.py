@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar
 
 from blockd.block.stats import Stats
@@ -25,6 +26,8 @@ from blockd.errors import QMPError
 
 if TYPE_CHECKING:
     from blockd.block.graph import BlockGraph, OpenContext
+    from blockd.drivers.qcow2.check import CheckResult
+    from blockd.drivers.qcow2.snapshot import Snapshot
 
 
 class Perm(enum.IntFlag):
@@ -339,6 +342,11 @@ class BlockNode:
         return link.child if link else None
 
     @property
+    def file_node(self) -> "BlockNode":
+        """The ``file`` child of a node whose open attached one (formats over storage)."""
+        return self.children["file"].child
+
+    @property
     def backing(self) -> "BlockNode | None":
         link = self.children.get("backing")
         return link.child if link else None
@@ -352,7 +360,7 @@ class BlockNode:
         exact = self.exact_filename()
         if exact is not None:
             return exact
-        from blockd.qmp.json import encode
+        from blockd.qjson import encode
 
         return "json:" + encode(self.full_options())
 
@@ -432,6 +440,55 @@ class BlockNode:
 
     def backing_format(self) -> str | None:
         return None
+
+    # ---- optional capabilities --------------------------------------------
+    # Drivers that have one override its method; the defaults refuse as QEMU
+    # does for a driver without the callback.  Callers whose error text
+    # depends on the caller ask :meth:`supports` first.
+
+    def supports(self, capability: Callable[..., Any]) -> bool:
+        """Whether the driver overrides ``capability`` (a :class:`BlockNode` method), as
+        QEMU tests a driver's callback before calling it."""
+        return getattr(type(self), capability.__name__) is not capability
+
+    async def check(self, fix: int = 0,
+                    sink: Callable[[str], None] | None = None) -> "CheckResult":
+        """``qemu-img check``: count (and with ``fix``, repair) inconsistencies; ``sink``
+        gets each message as it is found."""
+        raise OSError(errno.ENOTSUP, "This image format does not support checks")
+
+    async def amend(self, opts: dict[str, Any], secret: Any, force: bool = False) -> None:
+        """Change encryption key slots (``x-blockdev-amend``, ``qemu-img amend``)."""
+        raise QMPError("Driver does not support x-blockdev-amend")
+
+    async def make_empty(self) -> None:
+        """Drop every allocation so the backing file shows through (after a commit)."""
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    async def compress_cluster(self, data: bytes) -> bytes:
+        """One cluster packed for :meth:`write_compressed` (may run many at once)."""
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    async def write_compressed(self, offset: int, data: bytes,
+                               packed: bytes | None = None) -> None:
+        """Store one whole cluster compressed (``convert -c``); ``packed`` is its
+        :meth:`compress_cluster` result when the caller made it already."""
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    async def snapshot_create(self, name: str, stamp: tuple[int, int, int],
+                              icount: int = -1) -> "Snapshot":
+        """Take an internal snapshot; ``stamp`` is (date sec, date nsec, VM clock ns)."""
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    async def snapshot_delete(self, sn: "Snapshot") -> None:
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    async def snapshot_revert(self, sn: "Snapshot") -> None:
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    async def show_snapshot(self, sn: "Snapshot", own_size: bool) -> None:
+        """Show a snapshot's content instead of the active image (read-only nodes)."""
+        raise OSError(errno.ENOTSUP, "Operation not supported")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.node_name!r}>"

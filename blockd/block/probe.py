@@ -211,8 +211,8 @@ async def fill_drivers(graph: BlockGraph, options: dict[str, Any], name: str | N
 
     probed = "driver" not in options
     file = options.get("file")
-    if needs_filling(file):  # storage with images of its own (blkverify) opens only filled in
-        await fill_drivers(graph, file, None)
+    if isinstance(file, dict) and needs_filling(file):
+        await fill_drivers(graph, file, None)  # storage with images of its own (blkverify)
     if probed:
         if file is None:
             raise QMPError("Must specify either driver or file")

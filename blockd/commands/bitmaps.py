@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 from blockd.block.dirty_bitmap import MAX_NAME, DirtyBitmap
+from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.commands import snapshots
 from blockd.daemon import Daemon
@@ -15,14 +16,21 @@ from blockd.qmp.registry import command
 DEFAULT_GRANULARITY = 65536
 
 
-def _node(daemon: Daemon, name: str) -> BlockNode:
+class GraphOwner(Protocol):
+    """What the bitmap commands use of the daemon: its graph (``blockd-img bitmap`` and
+    ``convert --bitmaps`` run them on their own)."""
+
+    graph: BlockGraph
+
+
+def _node(daemon: GraphOwner, name: str) -> BlockNode:
     node = daemon.graph.nodes.get(name)
     if node is None:
         raise QMPError(f"Cannot find device='{name}' nor node-name='{name}'")
     return node
 
 
-def _find(daemon: Daemon, node_name: str, name: str) -> tuple[BlockNode, DirtyBitmap]:
+def _find(daemon: GraphOwner, node_name: str, name: str) -> tuple[BlockNode, DirtyBitmap]:
     return daemon.graph.dirty_bitmap(node_name, name)
 
 
@@ -34,7 +42,7 @@ def default_granularity(node: BlockNode) -> int:
     return DEFAULT_GRANULARITY
 
 
-def _prepare_add(daemon: Daemon, args: dict[str, Any]) -> tuple[BlockNode, DirtyBitmap]:
+def _prepare_add(daemon: GraphOwner, args: dict[str, Any]) -> tuple[BlockNode, DirtyBitmap]:
     """Check an add in QEMU's order (the first failing check decides the error)."""
     name = args["name"]
     if not name:
@@ -63,13 +71,13 @@ def _add_to(node: BlockNode, bitmap: DirtyBitmap) -> None:
 
 
 @command("block-dirty-bitmap-add")
-async def bitmap_add(daemon: Daemon, args: dict[str, Any]) -> dict:
+async def bitmap_add(daemon: GraphOwner, args: dict[str, Any]) -> dict:
     _add_to(*_prepare_add(daemon, args))
     return {}
 
 
 @command("block-dirty-bitmap-remove")
-async def bitmap_remove(daemon: Daemon, args: dict[str, Any]) -> dict:
+async def bitmap_remove(daemon: GraphOwner, args: dict[str, Any]) -> dict:
     node, bitmap = _find(daemon, args["node"], args["name"])
     bitmap.check_usable(inconsistent=False)
     await _release(node, bitmap)
@@ -102,7 +110,7 @@ async def _unstore(node: BlockNode, bitmap: DirtyBitmap) -> None:
 
 
 @command("block-dirty-bitmap-clear")
-async def bitmap_clear(daemon: Daemon, args: dict[str, Any]) -> dict:
+async def bitmap_clear(daemon: GraphOwner, args: dict[str, Any]) -> dict:
     _, bitmap = _find(daemon, args["node"], args["name"])
     bitmap.check_usable()
     bitmap.clear()
@@ -110,7 +118,7 @@ async def bitmap_clear(daemon: Daemon, args: dict[str, Any]) -> dict:
 
 
 @command("block-dirty-bitmap-enable")
-async def bitmap_enable(daemon: Daemon, args: dict[str, Any]) -> dict:
+async def bitmap_enable(daemon: GraphOwner, args: dict[str, Any]) -> dict:
     _, bitmap = _find(daemon, args["node"], args["name"])
     bitmap.check_usable(readonly=False)
     bitmap.enabled = True
@@ -118,14 +126,15 @@ async def bitmap_enable(daemon: Daemon, args: dict[str, Any]) -> dict:
 
 
 @command("block-dirty-bitmap-disable")
-async def bitmap_disable(daemon: Daemon, args: dict[str, Any]) -> dict:
+async def bitmap_disable(daemon: GraphOwner, args: dict[str, Any]) -> dict:
     _, bitmap = _find(daemon, args["node"], args["name"])
     bitmap.check_usable(readonly=False)
     bitmap.enabled = False
     return {}
 
 
-def _merge_sources(daemon: Daemon, args: dict[str, Any]) -> tuple[DirtyBitmap, list[DirtyBitmap]]:
+def _merge_sources(daemon: GraphOwner,
+                   args: dict[str, Any]) -> tuple[DirtyBitmap, list[DirtyBitmap]]:
     """Resolve and check a merge's target and sources; nothing changes yet."""
     node, target = _find(daemon, args["node"], args["target"])
     target.check_usable()
@@ -146,7 +155,7 @@ def _merge_sources(daemon: Daemon, args: dict[str, Any]) -> tuple[DirtyBitmap, l
 
 
 @command("block-dirty-bitmap-merge")
-async def bitmap_merge(daemon: Daemon, args: dict[str, Any]) -> dict:
+async def bitmap_merge(daemon: GraphOwner, args: dict[str, Any]) -> dict:
     target, sources = _merge_sources(daemon, args)
     for src in sources:
         target.merge_from(src)
@@ -154,7 +163,7 @@ async def bitmap_merge(daemon: Daemon, args: dict[str, Any]) -> dict:
 
 
 @command("x-debug-block-dirty-bitmap-sha256")
-async def bitmap_sha256(daemon: Daemon, args: dict[str, Any]) -> dict:
+async def bitmap_sha256(daemon: GraphOwner, args: dict[str, Any]) -> dict:
     _, bitmap = _find(daemon, args["node"], args["name"])
     return {"sha256": bitmap.sha256()}
 

@@ -145,8 +145,8 @@ async def reopen(daemon: Daemon, entries: list[dict[str, Any]]) -> None:
         raise
     old = [(node, node.options, node.read_only) for node, _, _ in plan]
     # Children commit first, so a parent becoming writable finds its storage writable.
-    entries = sorted(zip(prepared, plan), key=lambda e: _height(e[0][0]))
-    for (node, state), (_, options, ro) in entries:
+    ordered = sorted(zip(prepared, plan), key=lambda e: _height(e[0][0]))
+    for (node, state), (_, options, ro) in ordered:
         await node.reopen_commit(state, options, ro)
     try:
         for node, _, _ in plan:

@@ -7,7 +7,7 @@ from typing import Any
 import blockd
 from blockd.daemon import Daemon
 from blockd.qmp import introspect
-from blockd.qmp.dispatch import SessionState
+from blockd.qmp.session import SessionState
 from blockd.qmp.registry import COMMANDS, command
 
 

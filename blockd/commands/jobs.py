@@ -6,6 +6,7 @@ import asyncio
 import importlib
 from typing import Any
 
+from blockd.block.node import BlockNode
 from blockd.daemon import Daemon
 from blockd.errors import QMPError
 from blockd.jobs import Job, find_job, new_job
@@ -48,8 +49,7 @@ async def x_blockdev_amend(daemon: Daemon, args: dict[str, Any]) -> dict:
     options = args["options"]
     if options["driver"] != node.driver:
         raise QMPError("x-blockdev-amend doesn't support changing the block driver")
-    amend = getattr(node, "amend", None)
-    if amend is None:
+    if not node.supports(BlockNode.amend):
         raise QMPError("Driver does not support x-blockdev-amend")
     if node.driver == "luks":
         # QEMU's luks driver takes write permission before its job starts; qcow2 fails
@@ -63,7 +63,7 @@ async def x_blockdev_amend(daemon: Daemon, args: dict[str, Any]) -> dict:
 
     async def body(job: Job) -> None:
         if opts is not None:
-            await amend(opts, daemon.graph.secrets, force)
+            await node.amend(opts, daemon.graph.secrets, force)
 
     new_job(daemon, args["job-id"], "amend", body)
     await asyncio.sleep(0)

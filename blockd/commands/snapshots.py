@@ -38,12 +38,12 @@ async def take(daemon: Daemon, args: dict[str, Any]) -> Callable[[], Awaitable[N
     node = _root(daemon, device)
     if node.read_only:
         raise QMPError(f"Device '{device}' is read only")
-    if not isinstance(node, Qcow2Node):
+    if not node.supports(BlockNode.snapshot_create):
         raise QMPError(f"Block format '{node.driver}' used by device '{device}' does not "
                        "support internal snapshots")
     if not name:
         raise QMPError("Name is empty")
-    if qsnap.find(node.image.snapshots, None, name) is not None:
+    if any(sn["name"] == name for sn in node.snapshots()):
         raise QMPError(f"Snapshot with name '{name}' already exists on device '{device}'")
     try:
         sn = await node.snapshot_create(name, qsnap.now_qmp())

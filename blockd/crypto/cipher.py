@@ -16,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
-from typing import Any, Callable, Iterator
+import types
+from typing import Any, Callable, Iterator, overload
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from blockd.errors import QMPError
 
+_old_algorithms: types.ModuleType
 try:  # CAST5 and DES moved to the "decrepit" module in newer releases.
     from cryptography.hazmat.decrepit.ciphers import algorithms as _old_algorithms
 except ImportError:  # pragma: no cover - older cryptography
@@ -32,19 +34,23 @@ try:
     # cipher work on one sector; the function it wraps is the same.
     from cryptography.hazmat.bindings._rust import openssl as _rust_openssl
 
-    _create_encryption_ctx = _rust_openssl.ciphers.create_encryption_ctx
-    _create_decryption_ctx = _rust_openssl.ciphers.create_decryption_ctx
+    _create_encryption_ctx: Callable[[Any, Any], Any] = \
+        _rust_openssl.ciphers.create_encryption_ctx
+    _create_decryption_ctx: Callable[[Any, Any], Any] = \
+        _rust_openssl.ciphers.create_decryption_ctx
 except (ImportError, AttributeError):  # pragma: no cover - other cryptography layouts
-    def _create_encryption_ctx(alg: Any, mode: Any) -> Any:
+    def _encryptor(alg: Any, mode: Any) -> Any:
         return Cipher(alg, mode).encryptor()
 
-    def _create_decryption_ctx(alg: Any, mode: Any) -> Any:
+    def _decryptor(alg: Any, mode: Any) -> Any:
         return Cipher(alg, mode).decryptor()
+
+    _create_encryption_ctx, _create_decryption_ctx = _encryptor, _decryptor
 
 SECTOR_SIZE = 512
 
 
-def _sector_modes(cls: type, attr: str) -> Callable[[list[bytes]], Iterator[Any]]:
+def _sector_modes(cls: Any, attr: str) -> Callable[[list[bytes]], Iterator[Any]]:
     """Mode objects for a run of sectors, one IV each, built as cheaply as possible.
 
     The public constructors check their argument's type through an ABC,
@@ -140,7 +146,7 @@ def cryptography_hash(name: str) -> Any:
     """The ``cryptography`` hash object for PBKDF2 and friends."""
     from cryptography.hazmat.primitives import hashes
 
-    cls = {"md5": hashes.MD5, "sha1": hashes.SHA1, "sha224": hashes.SHA224,
+    cls: Callable[[], Any] | None = {"md5": hashes.MD5, "sha1": hashes.SHA1, "sha224": hashes.SHA224,
            "sha256": hashes.SHA256, "sha384": hashes.SHA384,
            "sha512": hashes.SHA512}.get(name)
     if cls is None:
@@ -231,6 +237,14 @@ class SectorCipher:
             enc = _create_encryption_ctx(self._essiv, modes.ECB())
             ivs = enc.update(ivs) + enc.finalize()
         return ivs
+
+    @overload
+    def _run(self, sector: int, data: bytes | bytearray | memoryview,
+             encrypt: bool) -> bytes | bytearray: ...
+
+    @overload
+    def _run(self, sector: int, data: bytes | bytearray | memoryview, encrypt: bool,
+             into: memoryview) -> bytes | bytearray | memoryview: ...
 
     def _run(self, sector: int, data: bytes | bytearray | memoryview, encrypt: bool,
              into: memoryview | None = None) -> bytes | bytearray | memoryview:

@@ -208,7 +208,7 @@ class LuksHeader:
         self.hash_alg = _lookup(self.hash_spec, cc.HASH_ALGS, "Hash algorithm")
         self.ivgen_alg = _lookup(ivgen, cc.IVGEN_ALGS, "IV generator")
         if self.ivgen_alg == "essiv":
-            if not colon:
+            if self.ivgen_hash_alg is None:  # no ":hash" in the mode string
                 raise QMPError("Missing IV generator hash specification")
             cc.essiv_cipher(self.cipher_alg, self.ivgen_hash_alg)
 
@@ -325,7 +325,7 @@ def _window(iter_time: int) -> float:
 
 # ---- anti-forensic split ----------------------------------------------------
 
-def _xor(a: bytes, b: bytes) -> bytes:
+def _xor(a: bytes, b: bytes | bytearray) -> bytes:
     n = len(a)
     return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(n, "little")
 
@@ -350,7 +350,7 @@ def af_split(key: bytes, stripes: int, hash_alg: str) -> bytes:
     return randoms + _xor(acc, key)
 
 
-def af_merge(material: bytes, key_len: int, stripes: int, hash_alg: str) -> bytes:
+def af_merge(material: bytes | bytearray, key_len: int, stripes: int, hash_alg: str) -> bytes:
     """Recover the key from its stripes (inverse of :func:`af_split`)."""
     n = key_len
     acc = bytes(n)
@@ -426,7 +426,7 @@ def store_key(header: LuksHeader, index: int, password: bytes, master_key: bytes
     padded = -(-len(split) // SECTOR) * SECTOR
     material = _cipher(header, slot_key).encrypt(0, split + bytes(padded - len(split)))
     slot.active = SLOT_ENABLED
-    return material[:len(split)]
+    return bytes(material[:len(split)])
 
 
 def erase_key(header: LuksHeader, index: int) -> list[tuple[int, bytes]]:
@@ -480,6 +480,7 @@ def _new_header(opts: CreateOptions) -> LuksHeader:
     if opts.ivgen_hash_alg is not None:
         mode_spec += f":{opts.ivgen_hash_alg}"
     if opts.ivgen_alg == "essiv":
+        assert opts.ivgen_hash_alg is not None  # the option parser defaults it
         cc.essiv_cipher(opts.cipher_alg, opts.ivgen_hash_alg)
     key_bytes = cc.key_length(opts.cipher_alg, opts.cipher_mode)
     header = LuksHeader(name, mode_spec, opts.hash_alg, 0, key_bytes, bytes(DIGEST_LEN),
@@ -531,7 +532,8 @@ def amend(header: LuksHeader, read_fn: ReadFn, opts: dict[str, Any],
     ``secret(id)`` returns a secret object's bytes; ``open_secret`` is the
     ``key-secret`` the image was opened with.  CPU-heavy: run in a thread.
     """
-    def password(secret_id: str) -> bytes:
+    def password(secret_id: str | None) -> bytes:
+        assert secret_id is not None  # an open LUKS volume always has its key-secret
         return password_from_secret(secret_id, secret(secret_id))
 
     if opts["state"] == "active":

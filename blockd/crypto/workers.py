@@ -150,12 +150,14 @@ class _Helper:
             root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             env = dict(os.environ,
                        PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            self.proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "blockd.crypto.workers", str(fd)], env=env,
                 pass_fds=(fd,), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         finally:
             os.close(fd)
-        self.out = self.proc.stdout.fileno()
+        assert proc.stdin is not None and proc.stdout is not None  # both piped
+        self.proc, self.stdin, self.stdout = proc, proc.stdin, proc.stdout
+        self.out = self.stdout.fileno()
         os.set_blocking(self.out, False)
         loop.add_reader(self.out, self._readable)
         self.free = list(range(SLOTS))
@@ -195,8 +197,8 @@ class _Helper:
         if not self.alive:
             return
         try:
-            self.proc.stdin.write(head + payload)
-            self.proc.stdin.flush()
+            self.stdin.write(head + payload)
+            self.stdin.flush()
         except (OSError, ValueError):
             self.close()
 
@@ -212,11 +214,11 @@ class _Helper:
                 fut.set_result(False)
         self.pending.clear()
         try:
-            self.proc.stdin.close()
+            self.stdin.close()
         except OSError:
             pass
         # The helper exits on end of input; subprocess reaps it later.
-        self.proc.stdout.close()
+        self.stdout.close()
 
 
 class HelperPool:

@@ -18,7 +18,7 @@ _DRIVERS: dict[str, str] = {
     "host_device": "blockd.drivers.file:HostDeviceNode",
     "raw": "blockd.drivers.raw:RawNode",
     "null-co": "blockd.drivers.null:NullNode",
-    "null-aio": "blockd.drivers.null:NullNode",
+    "null-aio": "blockd.drivers.null:NullAioNode",
     "blkdebug": "blockd.drivers.blkdebug:BlkdebugNode",
     "qcow2": "blockd.drivers.qcow2.driver:Qcow2Node",
     "luks": "blockd.drivers.luks:LuksNode",

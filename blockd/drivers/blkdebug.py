@@ -36,7 +36,7 @@ from typing import Any
 from blockd.block.graph import OpenContext, unsupported_option
 from blockd.block.node import BlockNode, Extent, Perm, WriteFlags
 from blockd.errors import QMPError
-from blockd.qmp.json import qdict_keys
+from blockd.qjson import qdict_keys
 from blockd.qmp.schema import SCHEMA_DIR
 
 IO_TYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
@@ -153,7 +153,7 @@ def parse_config(path: str) -> list[tuple[str, dict[str, Any]]]:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8", "surrogateescape")
     except OSError as exc:
-        raise QMPError(f"Could not read blkdebug config file: {os.strerror(exc.errno)}") from None
+        raise QMPError(f"Could not read blkdebug config file: {exc.strerror}") from None
     groups: list[tuple[str, dict[str, Any]]] = []
     for line in text.splitlines(keepends=True):
         if line[0] in "\n#":
@@ -430,7 +430,7 @@ class BlkdebugNode(BlockNode):
         # One read covers head and tail when the padded span is one or two blocks.
         merged = head and tail and padded <= 2 * a
         # (events before the read, offset, length, events after it)
-        reads = []
+        reads: list[tuple[tuple[str, ...], int, int]] = []
         if merged:
             reads.append((("head", "tail"), start, padded))
         elif head:
@@ -441,6 +441,7 @@ class BlkdebugNode(BlockNode):
         for names, o, n in reads:
             for name in names:
                 self.debug_event(f"pwritev_rmw_{name}")
+            chunk: bytes | bytearray | memoryview
             try:
                 chunk = await self._read_aligned(o, n)
             except OSError:

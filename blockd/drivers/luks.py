@@ -110,7 +110,8 @@ class LuksNode(BlockNode):
 
     def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
         super().__init__(node_name, options, read_only)
-        self.header: luks.LuksHeader | None = None
+        self.header: luks.LuksHeader  # set by open
+        #: The unlocked volume key; none when the node is opened only to be described.
         self.cipher: SectorCipher | None = None
         self.payload = 0
         self._gate = WriteGate()
@@ -137,18 +138,24 @@ class LuksNode(BlockNode):
     # ---- data path ----------------------------------------------------------
 
     def length(self) -> int:
-        return max(self.file.length() - self.payload, 0)
+        return max(self.file_node.length() - self.payload, 0)
 
-    async def _read_sectors(self, start: int, end: int) -> bytes:
+    @property
+    def _key(self) -> SectorCipher:
+        """The volume key, for I/O (a node opened only to be described does none)."""
+        assert self.cipher is not None, "luks node opened without its key"
+        return self.cipher
+
+    async def _read_sectors(self, start: int, end: int) -> bytes | bytearray:
         """Plaintext of the whole sectors in payload bytes [start, end)."""
-        raw = bytes(await self.file.read(self.payload + start, end - start))
+        raw = bytes(await self.file_node.read(self.payload + start, end - start))
         if len(raw) < end - start:
             raw += bytes(end - start - len(raw))
-        return await crypt_sectors(self.cipher, False, start // SECTOR, raw)
+        return await crypt_sectors(self._key, False, start // SECTOR, raw)
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         start, end = sector_span(offset, length)
-        self.file.debug_event("read_aio")
+        self.file_node.debug_event("read_aio")
         plain = await self._read_sectors(start, end)
         if start == offset and end == offset + length:
             return plain
@@ -164,18 +171,18 @@ class LuksNode(BlockNode):
                 buf = bytearray(await self._read_sectors(start, end))
                 buf[offset - start:offset - start + len(data)] = data
                 data = buf
-            cipher = await crypt_sectors(self.cipher, True, start // SECTOR, data)
-            self.file.debug_event("write_aio")
-            await self.file.write(self.payload + start, cipher, flags)
+            cipher = await crypt_sectors(self._key, True, start // SECTOR, data)
+            self.file_node.debug_event("write_aio")
+            await self.file_node.write(self.payload + start, cipher, flags)
         finally:
             self._gate.leave(entry)
 
     async def discard(self, offset: int, length: int) -> None:
         if self.options.get("discard", "ignore") == "unmap":
-            await self.file.discard(self.payload + offset, length)
+            await self.file_node.discard(self.payload + offset, length)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
-        await self.file.truncate(self.payload + size, exact, prealloc)
+        await self.file_node.truncate(self.payload + size, exact, prealloc)
 
     # ---- queries ------------------------------------------------------------
 
@@ -186,17 +193,17 @@ class LuksNode(BlockNode):
         return {"type": "luks", "data": self.header.info()}
 
     def allocated_file_size(self) -> int | None:
-        return self.file.allocated_file_size()
+        return self.file_node.allocated_file_size()
 
     async def amend(self, opts: dict[str, Any], secret: Any, force: bool = False) -> None:
         """Add or erase key slots (``blockdev-amend`` with ``QCryptoBlockAmendOptionsLUKS``)."""
-        header, region = await read_header(self.file)
+        header, region = await read_header(self.file_node)
         writes = await asyncio.to_thread(
             luks.amend, header, lambda off, n: region[off:off + n], opts, secret,
             self.options.get("key-secret"), force)
         for off, data in writes:
-            await self.file.write(off, data)
-        await self.file.flush()
+            await self.file_node.write(off, data)
+        await self.file_node.flush()
         self.header = header
 
 

@@ -26,7 +26,7 @@ class NullNode(BlockNode):
         self.read_zeroes = options.get("read-zeroes", False)
 
     async def open(self, ctx: OpenContext) -> None:
-        self.driver = self.options["driver"]
+        """Nothing to open: the options are all there is."""
 
     async def _delay(self) -> None:
         if self.latency:
@@ -71,3 +71,9 @@ class NullNode(BlockNode):
 
     def allocated_file_size(self) -> int | None:
         return 0
+
+
+class NullAioNode(NullNode):
+    """``null-aio``: the same device under its other name."""
+
+    driver = "null-aio"

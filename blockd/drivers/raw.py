@@ -14,7 +14,7 @@ from typing import Any
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Claim, Extent, Perm, WriteFlags
 from blockd.errors import QMPError
-from blockd.qmp.json import qdict_keys
+from blockd.qjson import qdict_keys
 
 
 class RawNode(BlockNode):
@@ -31,7 +31,7 @@ class RawNode(BlockNode):
         # QEMU opens a format's file child before reading the format's own options.
         await ctx.open_child(self.options["file"], "file")
         self.offset, self.size = _window(self.options)
-        self._check_window(self.file.length())
+        self._check_window(self.file_node.length())
 
     def _check_window(self, file_len: int) -> None:
         if self.offset > file_len:
@@ -54,47 +54,47 @@ class RawNode(BlockNode):
     def length(self) -> int:
         if self.size is not None:
             return self.size
-        return self.file.length() - self.offset
+        return self.file_node.length() - self.offset
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        self.file.debug_event("read_aio")
-        return await self.file.read(self.offset + offset, length)
+        self.file_node.debug_event("read_aio")
+        return await self.file_node.read(self.offset + offset, length)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
-        self.file.debug_event("write_aio")
-        await self.file.write(self.offset + offset, data, flags)
+        self.file_node.debug_event("write_aio")
+        await self.file_node.write(self.offset + offset, data, flags)
 
     async def write_zeroes(self, offset: int, length: int,
                            flags: WriteFlags = WriteFlags.NONE) -> None:
-        await self.file.write_zeroes(self.offset + offset, length, flags)
+        await self.file_node.write_zeroes(self.offset + offset, length, flags)
 
     async def discard(self, offset: int, length: int) -> None:
         if self.options.get("discard", "ignore") == "unmap":
-            await self.file.discard(self.offset + offset, length)
+            await self.file_node.discard(self.offset + offset, length)
 
     async def block_status(self, offset: int, length: int) -> Extent:
-        ext = await self.file.block_status(self.offset + offset, length)
+        ext = await self.file_node.block_status(self.offset + offset, length)
         return Extent(ext.length, ext.status, ext.offset, ext.child)
 
     async def claim(self, offset: int, length: int) -> Claim | None:
-        return await self.file.claim(self.offset + offset, length)
+        return await self.file_node.claim(self.offset + offset, length)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         if self.offset or self.size is not None:
             raise OSError(95, "The new size must be a multiple of 512") if size % 512 else \
                 OSError(95, "Cannot resize a raw node with offset or size")
-        await self.file.truncate(size, exact, prealloc)
+        await self.file_node.truncate(size, exact, prealloc)
 
     def has_info(self) -> bool:
         # QEMU's raw driver answers image-info questions by asking its file.
-        return self.file.has_info()
+        return self.file_node.has_info()
 
     def allocated_file_size(self) -> int | None:
-        return self.file.allocated_file_size()
+        return self.file_node.allocated_file_size()
 
     def has_zero_init(self) -> bool:
-        return self.file.has_zero_init()
+        return self.file_node.has_zero_init()
 
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
         return _window(options)

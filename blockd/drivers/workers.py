@@ -73,6 +73,7 @@ class WorkerPool:
                 self._queued -= 1
             done: dict[asyncio.AbstractEventLoop, list] = {}
             for loop, fut, fn, args in batch:
+                outcome: tuple[Any, Any, BaseException | None]
                 try:
                     outcome = (fut, fn(*args), None)
                 except BaseException as exc:  # handed to the awaiting request

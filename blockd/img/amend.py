@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from blockd.drivers.qcow2.amend import BACKING_REFUSED, amend_options
+from blockd.drivers.qcow2.driver import Qcow2Node
 from blockd.errors import QMPError
 from blockd.img.common import (PROG, Args, ImgError, Progress, Session, UsageError, cache_mode,
                                fail)
@@ -101,8 +102,9 @@ async def run(args: Args) -> int:
         if fmt not in AMEND:
             raise ImgError(f"Format driver '{fmt}' does not support option amendment")
         opts = parse(fmt, text)
-        if fmt == "qcow2" and any(k.startswith("encrypt.") for k in opts) \
-                and not node.image.header.crypt_method:
+        qcow2 = node if isinstance(node, Qcow2Node) else None  # qcow2's own options
+        if qcow2 is not None and any(k.startswith("encrypt.") for k in opts) \
+                and not qcow2.image.header.crypt_method:
             raise ImgError("Can't amend encryption options - encryption not present")
         slot = _keyslot_options(opts, "encrypt." if fmt == "qcow2" else "")
 
@@ -110,13 +112,9 @@ async def run(args: Args) -> int:
             bar.add(done * 100 // total - bar.done)
 
         try:
-            if fmt == "qcow2":
-
-                if slot is not None and not hasattr(node, "amend"):
-                    raise ImgError("Amending encryption options is not supported for "
-                                   "this image")
+            if qcow2 is not None:
                 own = {k: v for k, v in opts.items() if not k.startswith("encrypt.")}
-                await amend_options(node, own, status)
+                await amend_options(qcow2, own, status)
                 if slot is not None:
                     await node.amend({"encrypt": {"format": "luks", **slot}},
                                      session.store.secret_bytes, args.has("force"))

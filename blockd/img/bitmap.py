@@ -59,13 +59,15 @@ async def run(args: Args) -> int:
                     request["persistent"] = True
                     if granularity is not None:
                         request["granularity"] = granularity
-                    await cmds.bitmap_add(handle, request)  # type: ignore[arg-type]
+                    await cmds.bitmap_add(handle, request)
                 elif action == "merge":
                     merge = {"node": node.node_name, "target": name,
                              "bitmaps": [{"node": source.node_name, "name": value}]}
-                    await cmds.bitmap_merge(handle, merge)  # type: ignore[arg-type]
+                    await cmds.bitmap_merge(handle, merge)
                 else:
-                    handler = getattr(cmds, f"bitmap_{action}")
+                    handler = {"remove": cmds.bitmap_remove, "clear": cmds.bitmap_clear,
+                               "enable": cmds.bitmap_enable,
+                               "disable": cmds.bitmap_disable}[action]
                     await handler(handle, request)
             except QMPError as exc:
                 raise ImgError(f"Operation {action} on bitmap {name} failed: {exc.desc}") \

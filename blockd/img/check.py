@@ -10,10 +10,14 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockd.img.common import (CACHE_MODES, PROG, Args, CacheMode, Session, UsageError,
                                cache_mode, json_pretty)
+
+if TYPE_CHECKING:
+    from blockd.block.node import BlockNode
+    from blockd.drivers.qcow2.check import CheckResult
 
 FIX = {"leaks": 1, "all": 3}
 
@@ -54,10 +58,10 @@ def exit_code(res: Any) -> int:
     return 0
 
 
-def _failed(res: Any) -> str | None:
+def _failed(res: CheckResult) -> str | None:
     """qemu-img's "Check failed" lines, when the check itself failed or met internal errors."""
     if res.error:
-        failure = getattr(res, "failure", "").format(prog=PROG)
+        failure = res.failure.format(prog=PROG)
         why = f"{PROG}: {failure}\n" if failure else ""
         return f"{why}{PROG}: Check failed: {os.strerror(res.error)}"
     if res.check_errors:
@@ -69,7 +73,7 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-async def _run_check(node: Any, fix: int) -> Any:
+async def _run_check(node: BlockNode, fix: int) -> CheckResult:
     """The driver's check, its messages on stderr as they come (between corruption reports)."""
     return await node.check(fix, _say)
 
@@ -85,15 +89,12 @@ async def check(session: Session, filename: str, fmt: str | None, output: str,
     node = await session.open(filename, fmt, read_only=repair is None, force_share=force_share,
                               image_opts=image_opts, cache=cache,
                               extra={"x-check": True, "x-repair": repair is not None})
-    if not hasattr(node, "check"):
-        print(f"{PROG}: This image format does not support checks", file=sys.stderr)
-        return "", 63, None
     try:
         res = await _run_check(node, FIX[repair] if repair else 0)
     except OSError as exc:
         if exc.errno != errno.ENOTSUP:
             raise
-        # A format that checks but cannot repair (vdi), as qemu-img reports it.
+        # A format without checks, or one that checks but cannot repair (vdi).
         print(f"{PROG}: This image format does not support checks", file=sys.stderr)
         return "", 63, None
     prefix = ""

@@ -90,10 +90,9 @@ async def run(args: Args) -> int:
         await base.flush()
         bar.finish()
         if not (args.has("d") or args.has("b")):
-            make_empty = getattr(top, "make_empty", None)
-            if make_empty is None:
+            if not top.supports(BlockNode.make_empty):
                 raise ImgError(f"Could not empty {filename}: Operation not supported")
-            await make_empty()
+            await top.make_empty()
     if not args.has("q"):
         print("Image committed.")
     return 0

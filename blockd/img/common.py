@@ -7,7 +7,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from blockd.block.filename import image_options
 from blockd.block.graph import BlockGraph
@@ -53,6 +53,12 @@ class Args:
 
     def has(self, name: str) -> bool:
         return name in self.opts
+
+    @overload
+    def get(self, name: str) -> str | None: ...
+
+    @overload
+    def get(self, name: str, default: str) -> str: ...
 
     def get(self, name: str, default: str | None = None) -> str | None:
         return self.opts.get(name, default)
@@ -216,7 +222,7 @@ def human_dump(value: Any, indent: int) -> list[str]:
     its own stack (of lines still to print and containers still to open), so no
     depth of nesting can exhaust Python's.
     """
-    from blockd.qmp.json import qdict_keys
+    from blockd.qjson import qdict_keys
 
     lines: list[str] = []
     stack: list[tuple[str, Any, int]] = [("", value, indent)]
@@ -247,7 +253,7 @@ def _scalar(value: Any) -> str:
 
 def json_pretty(value: Any) -> str:
     """qemu-img's JSON: QEMU's pretty printer with plain newlines."""
-    from blockd.qmp.json import encode
+    from blockd.qjson import encode
 
     return encode(value, pretty=True).replace("\r\n", "\n")
 

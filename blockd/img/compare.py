@@ -90,10 +90,10 @@ async def run(args: Args) -> int:
         async with Session(args.objects) as session:
             cache = cache_mode(args, "T")
             share, image_opts = args.has("U"), args.has("image-opts")
-            a, b = [await session.open(name, fmt, force_share=share, image_opts=image_opts,
-                                       cache=cache)
-                    for name, fmt in ((args.rest[0], args.get("f")),
-                                      (args.rest[1], args.get("F")))]
+            a = await session.open(args.rest[0], args.get("f"), force_share=share,
+                                   image_opts=image_opts, cache=cache)
+            b = await session.open(args.rest[1], args.get("F"), force_share=share,
+                                   image_opts=image_opts, cache=cache)
             # qemu-img ends the progress line after the verdict, without drawing 100% again.
             bar = Progress(args.has("p") and not quiet, max(a.length(), b.length()), step=2.0)
             if a.length() != b.length() and args.has("s"):

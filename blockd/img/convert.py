@@ -123,6 +123,7 @@ async def copy_image(src: _Source, dst: BlockNode, plan: Plan, bar: Progress,
 
     async def copy_plain(offset: int, end: int, buf: mmap.mmap,
                          claims: list[tuple[Claim, int, int, int]]) -> None:
+        assert io is not None  # missing only with plan.compress
         zeros: list[tuple[int, int]] = []                   # guest ranges reading as zero
         spans: list[tuple[int, int, int]] = []              # data: buffer start, stop, guest
         pieces: list[tuple[FileNode, int, int, int]] = []   # of it, read through io
@@ -295,10 +296,13 @@ async def _fill_claims(io: BulkIO, buf: mmap.mmap,
     in order (each leaves the list when committed; the caller aborts what is left)."""
     if not claims:
         return
-    pieces = [(host_file(claim.file), claim.host, start, stop)
-              for claim, start, stop, _ in claims]
+    pieces = []
+    for claim, start, stop, _ in claims:
+        file = host_file(claim.file)
+        assert file is not None  # only buffered host files hand out claims
+        pieces.append((file, claim.host, start, stop))
     try:
-        await io.write(buf, pieces)  # type: ignore[arg-type]
+        await io.write(buf, pieces)
     except PieceFailed as exc:
         raise ImgError(f"error while writing at byte {claims[exc.index][3]}: "
                        f"{exc.error.strerror}") from None
@@ -575,16 +579,16 @@ async def _copy_bitmaps(session: Session, src: BlockNode, dst: BlockNode,
             print(f"{PROG}: warning: Skipping inconsistent bitmap '{bm.name}'", file=sys.stderr)
             continue
         try:
-            await cmds.bitmap_add(handle, {  # type: ignore[arg-type]
+            await cmds.bitmap_add(handle, {
                 "node": dst.node_name, "name": bm.name, "granularity": bm.granularity,
                 "persistent": True, "disabled": not bm.enabled})
         except QMPError as exc:
             raise ImgError(f"Failed to create bitmap {bm.name}: {exc.desc}") from None
         try:
-            await cmds.bitmap_merge(handle, {  # type: ignore[arg-type]
+            await cmds.bitmap_merge(handle, {
                 "node": dst.node_name, "target": bm.name,
                 "bitmaps": [{"node": src.node_name, "name": bm.name}]})
         except QMPError as exc:
-            await cmds.bitmap_remove(handle, {"node": dst.node_name,  # type: ignore[arg-type]
+            await cmds.bitmap_remove(handle, {"node": dst.node_name,
                                               "name": bm.name})
             raise ImgError(f"Failed to populate bitmap {bm.name}: {exc.desc}") from None

@@ -195,7 +195,7 @@ def _convert(opt: Opt, value: str) -> Any:
 
 
 def _bool(value: str | None) -> bool:
-    return bool(value) and _BOOLS[value]
+    return value is not None and bool(value) and _BOOLS[value]
 
 
 def formatting_line(filename: str, fmt: str, opts: dict[str, Any]) -> str:

@@ -73,7 +73,7 @@ def decode_job(body: bytes) -> tuple[bytes, int, int, list[Piece]]:
     buf, npieces = _JOB.unpack_from(body, _HEAD.size)
     at = _HEAD.size + _JOB.size
     pieces = [_PIECE.unpack_from(body, at + i * _PIECE.size) for i in range(npieces)]
-    return kind, job, buf, pieces  # type: ignore[return-value]
+    return kind, job, buf, pieces
 
 
 def encode_reply(job: int, failed: int, errno: int) -> bytes:
@@ -83,7 +83,7 @@ def encode_reply(job: int, failed: int, errno: int) -> bytes:
 
 def decode_reply(body: bytes) -> tuple[int, int, int]:
     """(job, failed piece or -1, errno) of a reply's frame body."""
-    return _REPLY.unpack(body)  # type: ignore[return-value]
+    return _REPLY.unpack(body)
 
 
 def adjacent(pieces: list[tuple[int, int, memoryview]]

@@ -10,7 +10,7 @@ from blockd.img.common import PROG, Args, ImgError, Session, UsageError, parse_s
 
 
 async def _layer_status(node: BlockNode, offset: int, length: int
-                        ) -> tuple[int, int, Status, int | None, BlockNode]:
+                        ) -> tuple[int, int, int, int | None, BlockNode]:
     """(length, depth, status, host offset, deciding layer) for the run at ``offset``."""
     depth, cur = 0, node
     while True:
@@ -52,7 +52,7 @@ async def map_entries(node: BlockNode, start: int = 0, end: int | None = None
             n, depth, status, host, layer = await _layer_status(node, offset, size - offset)
         except OSError as exc:  # the last run might have grown: qemu-img never shows it
             raise MapFailed(entries[:-1], exc) from None
-        e = {"start": offset, "length": n, "depth": depth,
+        e: dict[str, Any] = {"start": offset, "length": n, "depth": depth,
              "present": bool(status & Status.ALLOCATED), "zero": bool(status & Status.ZERO),
              "data": bool(status & Status.DATA)}
         if host is not None:
@@ -163,9 +163,11 @@ async def _picture(node: BlockNode, path: str) -> None:
 
     if not path.endswith((".png", ".svg")):
         raise ImgError("--picture needs a file name ending in .png or .svg")
-    if node.driver != "qcow2":
-        raise ImgError(f"--picture is not supported for format '{node.driver}'")
     from blockd.drivers.qcow2.check import cluster_kinds
+    from blockd.drivers.qcow2.driver import Qcow2Node
+
+    if not isinstance(node, Qcow2Node):
+        raise ImgError(f"--picture is not supported for format '{node.driver}'")
 
     kinds = await cluster_kinds(node)
     if path.endswith(".png"):

@@ -138,8 +138,9 @@ async def measure(fmt: str, opts: dict[str, Any], size: int | None,
     full = luks_bytes + qcow2_full_size(virtual, cs, bits.bit_length() - 1, ext_l2)
     info = {"required": full - virtual + required, "fully-allocated": full}
     # Bitmaps are shown when both images could store them: qcow2 v3 on each side.
-    if version >= 3 and node is not None and node.driver == "qcow2" \
-            and node.format_specific()["data"]["compat"] == "1.1":
+    spec = node.format_specific() if node is not None and node.driver == "qcow2" else None
+    if version >= 3 and node is not None and spec is not None \
+            and spec["data"]["compat"] == "1.1":
         info = {"bitmaps": _bitmaps_size(node, cs), **info}
     return info
 

@@ -110,11 +110,13 @@ async def run(args: Args) -> int:
             await _copy_differences(top, top.backing, new, bar)
             bar.finish()
         what = f"Could not change the backing file to '{out_base}'"
-        if top.driver != "qcow2":
+        from blockd.drivers.qcow2.amend import change_backing_file
+        from blockd.drivers.qcow2.driver import Qcow2Node
+
+        if not isinstance(top, Qcow2Node):
             raise ImgError(f"{what}: Operation not supported")
         if out_base and not out_fmt:
             raise ImgError(f"{what}: backing format must be specified")
-        from blockd.drivers.qcow2.amend import change_backing_file
 
         await change_backing_file(top, out_base or None, out_fmt)
     return 0

@@ -107,7 +107,7 @@ async def run(args: Args) -> int:
             if node.snapshots():
                 print("\n".join(table_lines(node.snapshots())))
         elif action == "c":
-            if not isinstance(node, Qcow2Node):
+            if not node.supports(BlockNode.snapshot_create):
                 raise ImgError(f"Could not create snapshot '{name}': -95 (Operation not "
                                "supported)")
             try:

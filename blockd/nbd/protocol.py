@@ -337,7 +337,7 @@ def meta_context_data(name: str, queries: Iterable[str] = ()) -> bytes:
 # ---- option payload parsers --------------------------------------------------------
 
 #: Option names in messages, as QEMU 7.2 words them (it names no others).
-_OPT_NAMES = {Opt.EXPORT_NAME: "export name", Opt.ABORT: "abort", Opt.LIST: "list",
+_OPT_NAMES: dict[int, str] = {Opt.EXPORT_NAME: "export name", Opt.ABORT: "abort", Opt.LIST: "list",
               Opt.STARTTLS: "starttls", Opt.INFO: "info", Opt.GO: "go",
               Opt.STRUCTURED_REPLY: "structured reply",
               Opt.LIST_META_CONTEXT: "list meta context",
@@ -436,12 +436,6 @@ def meta_context_queries(data: bytes, option: int) -> list[str]:
 
 
 # ---- option reply payload parsers (client side) ------------------------------------
-
-def parse_rep_server(data: bytes) -> tuple[str, str]:
-    r = _Reader(data)
-    name = r.string(r.u32())
-    return name, r.string(len(data) - r.pos)
-
 
 def parse_rep_info(data: bytes) -> tuple[int, object]:
     """``(info type, value)``: EXPORT gives ``(size, flags)``, BLOCK_SIZE a triple."""
@@ -649,7 +643,7 @@ class _Buffer:
         first = chunks[0]
         if len(first) - self._pos >= n:
             return first, self._pos
-        parts = [memoryview(first)[self._pos:]]
+        parts: list[bytes | memoryview] = [memoryview(first)[self._pos:]]
         have = len(parts[0])
         chunks.popleft()
         while have < n:

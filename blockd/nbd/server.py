@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 import stat
-from typing import TYPE_CHECKING, Any, Coroutine, Generator, Iterator
+from typing import TYPE_CHECKING, Any, Coroutine, Generator, Iterator, cast
 
 from blockd.block.node import BlockNode, Status, WriteFlags
 from blockd.nbd import protocol as p
@@ -65,7 +65,7 @@ CONTEXT_BITMAP = 2
 QEMU_DEPTH = "qemu:allocation-depth"
 QEMU_BITMAP = "qemu:dirty-bitmap:"
 #: Command names in messages, as QEMU words them.
-_CMD_NAMES = {p.Cmd.READ: "read", p.Cmd.WRITE: "write", p.Cmd.DISC: "disconnect",
+_CMD_NAMES: dict[int, str] = {p.Cmd.READ: "read", p.Cmd.WRITE: "write", p.Cmd.DISC: "disconnect",
               p.Cmd.FLUSH: "flush", p.Cmd.TRIM: "trim", p.Cmd.CACHE: "cache",
               p.Cmd.WRITE_ZEROES: "write zeroes", p.Cmd.BLOCK_STATUS: "block status",
               p.Cmd.RESIZE: "resize"}
@@ -73,7 +73,7 @@ _CMD_NAMES = {p.Cmd.READ: "read", p.Cmd.WRITE: "write", p.Cmd.DISC: "disconnect"
 _SERVED = frozenset({p.Cmd.READ, p.Cmd.WRITE, p.Cmd.FLUSH, p.Cmd.TRIM, p.Cmd.CACHE,
                      p.Cmd.WRITE_ZEROES, p.Cmd.BLOCK_STATUS})
 #: QEMU's message when the block layer fails a command.
-_FAILED = {p.Cmd.READ: "reading from file failed", p.Cmd.WRITE: "writing to file failed",
+_FAILED: dict[int, str] = {p.Cmd.READ: "reading from file failed", p.Cmd.WRITE: "writing to file failed",
            p.Cmd.WRITE_ZEROES: "writing to file failed", p.Cmd.FLUSH: "flush failed",
            p.Cmd.TRIM: "discard failed", p.Cmd.CACHE: "caching data failed",
            p.Cmd.BLOCK_STATUS: "can't get block status"}
@@ -113,6 +113,7 @@ async def depth_extents(node: BlockNode, offset: int, length: int) -> list[tuple
     out: list[tuple[int, int]] = []
     end = offset + length
     while offset < end and len(out) < MAX_EXTENTS:
+        cur: BlockNode | None
         depth, cur, run = 0, node, end - offset
         level = 1
         while cur is not None:
@@ -277,10 +278,10 @@ class Connection(asyncio.Protocol):
     # ---- connection lifetime ------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = stream = cast(asyncio.Transport, transport)  # a stream socket's
         self.handshake_timer = asyncio.get_running_loop().call_later(
             HANDSHAKE_TIMEOUT, self._handshake_expired)
-        transport.write(p.greeting())
+        stream.write(p.greeting())
 
     def _handshake_expired(self) -> None:
         if not self.parser.in_transmission:

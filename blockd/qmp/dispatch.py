@@ -15,9 +15,10 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from blockd.errors import QMPError
+from blockd.qjson import qdict_keys
 from blockd.qmp import registry
-from blockd.qmp.json import qdict_keys
 from blockd.qmp.schema import load as load_schema
+from blockd.qmp.session import SessionState
 
 if TYPE_CHECKING:
     from blockd.daemon import Daemon
@@ -36,14 +37,6 @@ class Request:
     oob: bool
     has_id: bool
     id: Any = None
-
-
-class SessionState:
-    """Per-client negotiation state."""
-
-    def __init__(self) -> None:
-        self.negotiated = False
-        self.oob_enabled = False
 
 
 def error_reply(desc: str, cls: str = "GenericError", *, has_id: bool = False,

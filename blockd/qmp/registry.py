@@ -9,13 +9,10 @@ Argument validation happens before the call, against ``schema/commands``.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
-
-if TYPE_CHECKING:
-    from blockd.daemon import Daemon
-    from blockd.qmp.session import Session
+from typing import Any, Awaitable, Callable, TypeVar
 
 Handler = Callable[..., Awaitable[Any]]
+H = TypeVar("H", bound=Handler)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +28,9 @@ COMMANDS: dict[str, Command] = {}
 
 
 def command(name: str, *, allow_oob: bool = False,
-            wants_session: bool = False) -> Callable[[Handler], Handler]:
+            wants_session: bool = False) -> Callable[[H], H]:
     """Register ``handler`` as the implementation of QMP command ``name``."""
-    def register(handler: Handler) -> Handler:
+    def register(handler: H) -> H:
         if name in COMMANDS:
             raise RuntimeError(f"command {name} registered twice")
         COMMANDS[name] = Command(name, handler, allow_oob, wants_session)

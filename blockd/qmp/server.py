@@ -19,11 +19,12 @@ import os
 import socket
 import stat
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import blockd
-from blockd.qmp.dispatch import Dispatcher, Request, SessionState, error_reply, parse_request
-from blockd.qmp.json import JSONStreamer, encode
+from blockd.qjson import JSONStreamer, encode
+from blockd.qmp.dispatch import Dispatcher, Request, error_reply, parse_request
+from blockd.qmp.session import SessionState
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class ClientSession(asyncio.Protocol):
         self.streamer = JSONStreamer()
         self.queue: collections.deque[Request | dict[str, Any]] = collections.deque()
         self.wakeup = asyncio.Event()
-        self.transport: asyncio.BaseTransport | None = None
+        self.transport: asyncio.Transport | None = None
         self.writer: Any = None
         self.worker: asyncio.Task[None] | None = None
         self.oob_tasks: set[asyncio.Task[None]] = set()
@@ -72,7 +73,7 @@ class ClientSession(asyncio.Protocol):
     # ---- transport callbacks ----------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # a stream socket's
         if self.writer is None:
             self.writer = transport
         self.send(greeting(self.oob_capable))

@@ -17,6 +17,7 @@ import bisect
 import dataclasses
 import enum
 import struct
+from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 from blockd.drivers.qcow2 import overlap
@@ -107,11 +108,12 @@ class L2Cache(MetadataCache):
         self.slice_size = slice_size
         self.cluster_size = cluster_size
 
-    def drop(self, key: int) -> None:
+    def drop(self, key: Hashable) -> None:
         """Forget every slice of the table at ``key`` (freed or rewritten behind our back)."""
         if self.slice_size == self.cluster_size:
             super().drop(key)
         else:
+            assert isinstance(key, int)  # L2 tables are cached by their offset
             self.drop_where(lambda k: key <= k < key + self.cluster_size)
 
 
@@ -433,9 +435,3 @@ class Mapping:
         self.l1 = table
         if old_size:
             await self.image.refcounts.free(old_offset, -(-(old_size * 8) // self.cs))
-
-    async def shrink_l1(self, size: int) -> None:
-        """Zero L1 entries past ``size`` (the table keeps its place)."""
-        for i in range(size, len(self.l1)):
-            if self.l1[i]:
-                await self.set_l1(i, 0)

@@ -14,7 +14,7 @@ from blockd.drivers.qcow2.header import COMPRESSION_ZSTD
 
 def _zstd():
     try:
-        import zstandard  # type: ignore[import-not-found]
+        import zstandard
     except ImportError:
         raise OSError(95, "zstd compression is not available (install the 'zstandard' package)") \
             from None

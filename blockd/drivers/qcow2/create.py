@@ -64,8 +64,9 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
     version, cs, bits = _check(options)
     ref = options["file"]
     file = graph.lookup(ref) if isinstance(ref, str) else await graph.open_node(ref, implicit=True)
-    user: Backend | None = Backend(graph, file, "an unnamed block device",
-                                   Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.all())
+    user: Backend | None
+    user = Backend(graph, file, "an unnamed block device",
+                   Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.all())
     data_ref = options.get("data-file")
     data = None
     try:

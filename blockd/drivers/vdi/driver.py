@@ -25,7 +25,7 @@ class VdiNode(BlockNode):
 
     def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
         super().__init__(node_name, options, read_only)
-        self.header: hdr.Header | None = None
+        self.header: hdr.Header  # set by open
         self.bmap = array.array("I")
         #: What the map's last sector holds after the entries (rewritten as read, as QEMU does).
         self._map_tail = b""
@@ -69,14 +69,15 @@ class VdiNode(BlockNode):
         while offset < end:
             n = min(end - offset, hdr.BLOCK_SIZE - offset % hdr.BLOCK_SIZE)
             host = self._host(offset)
-            out += bytes(n) if host is None else await self.file.read(host, n)
+            out += bytes(n) if host is None else await self.file_node.read(host, n)
             offset += n
         return out
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
         view = memoryview(data)
-        first = last = None
+        first: int | None = None
+        last = 0
         async with self._lock:
             pos = 0
             while pos < len(view):
@@ -85,7 +86,7 @@ class VdiNode(BlockNode):
                 n = min(len(view) - pos, hdr.BLOCK_SIZE - within)
                 host = self._host(guest)
                 if host is not None:
-                    await self.file.write(host, view[pos:pos + n], flags)
+                    await self.file_node.write(host, view[pos:pos + n], flags)
                 else:
                     index = guest // hdr.BLOCK_SIZE
                     await self._allocate(index, within, view[pos:pos + n], flags)
@@ -107,11 +108,11 @@ class VdiNode(BlockNode):
         else:
             block = bytearray(hdr.BLOCK_SIZE)
             block[within:within + len(data)] = data
-        await self.file.write(h.offset_data + entry * hdr.BLOCK_SIZE, block, flags)
+        await self.file_node.write(h.offset_data + entry * hdr.BLOCK_SIZE, block, flags)
 
     async def _write_metadata(self, first: int, last: int) -> None:
         """The header, then the block map sectors holding entries ``first`` to ``last``."""
-        await self.file.write(0, self.header.encode())
+        await self.file_node.write(0, self.header.encode())
         per = 512 // 4
         lo, hi = first // per * per, (last // per + 1) * per
         chunk = self.bmap[lo:min(hi, len(self.bmap))]
@@ -120,7 +121,7 @@ class VdiNode(BlockNode):
         raw = chunk.tobytes()
         if hi > len(self.bmap):
             raw += self._map_tail
-        await self.file.write(self.header.offset_bmap + lo * 4, raw)
+        await self.file_node.write(self.header.offset_bmap + lo * 4, raw)
 
     async def block_status(self, offset: int, length: int) -> Extent:
         bs = hdr.BLOCK_SIZE
@@ -134,14 +135,14 @@ class VdiNode(BlockNode):
         status = Status.DATA | Status.ALLOCATED
         if self.header.image_type == hdr.TYPE_STATIC:
             # Static images are preallocated: where the file has a hole, the data is zero.
-            flen = self.file.length()
+            flen = self.file_node.length()
             if host >= flen:
-                return Extent(n, status | Status.ZERO, host, self.file)
-            ext = await self.file.block_status(host, min(n, flen - host))
+                return Extent(n, status | Status.ZERO, host, self.file_node)
+            ext = await self.file_node.block_status(host, min(n, flen - host))
             n = ext.length
             if ext.status & Status.ZERO:
                 status |= Status.ZERO
-        return Extent(n, status, host, self.file)
+        return Extent(n, status, host, self.file_node)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         raise QMPError("Image format driver does not support resize")
@@ -151,7 +152,7 @@ class VdiNode(BlockNode):
     def has_zero_init(self) -> bool:
         """A new dynamic image reads as zeroes; a static one reads its file, as QEMU
         decides."""
-        return self.header.image_type != hdr.TYPE_STATIC or self.file.has_zero_init()
+        return self.header.image_type != hdr.TYPE_STATIC or self.file_node.has_zero_init()
 
     def cluster_size(self) -> int | None:
         return hdr.BLOCK_SIZE

@@ -92,6 +92,9 @@ async def _parent_cid(graph: BlockGraph, image: BlockNode, backing: str) -> int:
         raise QMPError(f"Invalid backing file format: {fmt}. Must be vmdk")
     node = await graph.open_node({"driver": "vmdk", "read-only": True, "backing": None,
                                   "file": {"driver": "file", "filename": path}}, implicit=True)
+    from blockd.drivers.vmdk.driver import VmdkNode
+
+    assert isinstance(node, VmdkNode)  # opened with driver vmdk just above
     try:
         return node.cid
     finally:

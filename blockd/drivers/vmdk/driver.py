@@ -18,7 +18,7 @@ import errno
 import os
 import random
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Status, WriteFlags
@@ -100,11 +100,11 @@ class VmdkNode(BlockNode):
             raise QMPError("Could not refresh total sector count: File too large")
         await self._open_backing(ctx)
 
-    def _open_failed(self) -> None:
-        raise QMPError(f"Could not open '{self.file.filename()}': Invalid argument")
+    def _open_failed(self) -> NoReturn:
+        raise QMPError(f"Could not open '{self.file_node.filename()}': Invalid argument")
 
     async def _desc_bytes(self) -> bytes:
-        return await read_padded(self.file, self.desc_offset, desc.DESC_SIZE)
+        return await read_padded(self.file_node, self.desc_offset, desc.DESC_SIZE)
 
     def _add(self, ext: Extent) -> None:
         ext.start = self.vmdk_extents[-1].end if self.vmdk_extents else 0
@@ -120,10 +120,10 @@ class VmdkNode(BlockNode):
             path = line.filename
             if not os.path.isabs(path):
                 if base is None:
-                    name = self.file.exact_filename()
+                    name = self.file_node.exact_filename()
                     if name is None:
                         raise QMPError("Cannot use relative paths with VMDK descriptor file "
-                                       f"'{self.file.filename()}'")
+                                       f"'{self.file_node.filename()}'")
                     base = os.path.dirname(name)
                 path = os.path.join(base, path)
             child = await ctx.open_child({"driver": "file", "filename": path}, f"extents.{i}")
@@ -151,7 +151,7 @@ class VmdkNode(BlockNode):
             return
         path = self.parent_hint
         if not os.path.isabs(path):
-            name = self.file.exact_filename() or ""
+            name = self.file_node.exact_filename() or ""
             path = os.path.join(os.path.dirname(name), path)
         try:
             await ctx.open_child({"driver": "vmdk", "file": {"driver": "file", "filename": path}},
@@ -189,6 +189,7 @@ class VmdkNode(BlockNode):
 
     async def _backing_read(self, offset: int, length: int) -> bytes:
         backing = self.backing
+        assert backing is not None, "called for images with a backing file only"
         blen = backing.length()
         n = max(0, min(length, blen - offset))
         data = bytes(await backing.read(offset, n)) if n else b""
@@ -385,9 +386,9 @@ class VmdkNode(BlockNode):
         if new is None:
             raise _einval()
         # QEMU's write stops at the end of the file's last sector.
-        room = -(-self.file.length() // SECTOR) * SECTOR - self.desc_offset
-        await self.file.write(self.desc_offset, new[:max(0, min(len(new), room))])
-        await self.file.flush()
+        room = -(-self.file_node.length() // SECTOR) * SECTOR - self.desc_offset
+        await self.file_node.write(self.desc_offset, new[:max(0, min(len(new), room))])
+        await self.file_node.flush()
         self.cid_updated = True
 
     async def write_zeroes(self, offset: int, length: int,
@@ -481,7 +482,7 @@ class VmdkNode(BlockNode):
         return bool(getattr(self.vmdk_extents[0], "compressed", False))
 
     def allocated_file_size(self) -> int | None:
-        total = self.file.allocated_file_size()
+        total = self.file_node.allocated_file_size()
         if total is None:
             return None
         for ext in self.vmdk_extents:
@@ -494,7 +495,7 @@ class VmdkNode(BlockNode):
 
     def full_options(self) -> dict[str, Any]:
         # Only ``file`` and ``backing`` can be given; extents follow from the descriptor.
-        opts: dict[str, Any] = {"driver": self.driver, "file": self.file.full_options()}
+        opts: dict[str, Any] = {"driver": self.driver, "file": self.file_node.full_options()}
         if "backing" in self.options:
             backing = self.backing
             opts["backing"] = backing.full_options() if backing is not None else None

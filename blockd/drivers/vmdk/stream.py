@@ -36,7 +36,7 @@ def _inflate(data: bytes, grain: int) -> bytes:
     return out
 
 
-def _deflate(data: bytes) -> bytes:
+def _deflate(data: bytes | bytearray | memoryview) -> bytes:
     return zlib.compress(bytes(data))
 
 

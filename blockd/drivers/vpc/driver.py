@@ -30,8 +30,9 @@ class VpcNode(BlockNode):
 
     def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
         super().__init__(node_name, options, read_only)
-        self.footer: footer.Footer | None = None
+        self.footer: footer.Footer  # set by open
         self.sectors = 0
+        #: The dynamic disk header; a fixed disk has none.
         self.header: dynamic.Header | None = None
         self.bat = array.array("I")
         self.free_offset = 0
@@ -114,6 +115,7 @@ class VpcNode(BlockNode):
     def _host(self, offset: int) -> int | None:
         """Where guest ``offset`` is stored, None if its block is not allocated."""
         h = self.header
+        assert h is not None, "dynamic disks only"
         index = offset // h.block_size
         if index >= len(self.bat) or self.bat[index] == dynamic.UNALLOCATED:
             return None
@@ -121,21 +123,21 @@ class VpcNode(BlockNode):
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         if self.header is None:
-            return await self.file.read(offset, length)
+            return await self.file_node.read(offset, length)
         bs = self.header.block_size
         out = bytearray()
         end = offset + length
         while offset < end:
             n = min(end - offset, bs - offset % bs)
             host = self._host(offset)
-            out += bytes(n) if host is None else await self.file.read(host, n)
+            out += bytes(n) if host is None else await self.file_node.read(host, n)
             offset += n
         return out
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
         if self.header is None:
-            await self.file.write(offset, data, flags)
+            await self.file_node.write(offset, data, flags)
             return
         bs = self.header.block_size
         view = memoryview(data)
@@ -144,7 +146,7 @@ class VpcNode(BlockNode):
             while pos < len(view):
                 n = min(len(view) - pos, bs - (offset + pos) % bs)
                 host = await self._host_for_write(offset + pos)
-                await self.file.write(host, view[pos:pos + n], flags)
+                await self.file_node.write(host, view[pos:pos + n], flags)
                 pos += n
 
     async def _host_for_write(self, offset: int) -> int:
@@ -154,27 +156,29 @@ class VpcNode(BlockNode):
         first, as QEMU does before writing to it.
         """
         h = self.header
+        assert h is not None, "dynamic disks only"
         index = offset // h.block_size
         if self.bat[index] == dynamic.UNALLOCATED:
             await self._allocate(index)
         bitmap = self.bat[index] * 512
         if bitmap not in self._full_bitmaps:
-            await self.file.write(bitmap, b"\xff" * h.bitmap_size)
-            await self.file.flush()
+            await self.file_node.write(bitmap, b"\xff" * h.bitmap_size)
+            await self.file_node.flush()
             self._full_bitmaps.add(bitmap)
         return bitmap + h.bitmap_size + offset % h.block_size
 
     async def _allocate(self, index: int) -> None:
         h = self.header
+        assert h is not None, "dynamic disks only"
         bitmap = self.free_offset
         try:
-            await self.file.write(bitmap, b"\xff" * h.bitmap_size)
-            await self.file.flush()
+            await self.file_node.write(bitmap, b"\xff" * h.bitmap_size)
+            await self.file_node.flush()
             self._full_bitmaps.add(bitmap)
-            await self.file.write(bitmap + h.bitmap_size + h.block_size, self.footer.raw)
-            await self.file.flush()
-            await self.file.write(h.table_offset + 4 * index, struct.pack(">I", bitmap // 512))
-            await self.file.flush()
+            await self.file_node.write(bitmap + h.bitmap_size + h.block_size, self.footer.raw)
+            await self.file_node.flush()
+            await self.file_node.write(h.table_offset + 4 * index, struct.pack(">I", bitmap // 512))
+            await self.file_node.flush()
         except BaseException:
             self._full_bitmaps.discard(bitmap)
             raise
@@ -188,7 +192,7 @@ class VpcNode(BlockNode):
         host = self._host(offset)
         if host is not None:
             return Extent(min(length, bs - offset % bs), Status.DATA | Status.ALLOCATED, host,
-                          self.file)
+                          self.file_node)
         # Unallocated blocks read as zeroes; a run of them is one extent.
         n = 0
         while n < length and self._host(offset + n) is None:
@@ -198,13 +202,13 @@ class VpcNode(BlockNode):
     async def _fixed_status(self, offset: int, length: int) -> Extent:
         """Data at the same offset in the file; the file's holes read as zeroes there too."""
         status = Status.DATA | Status.ALLOCATED
-        flen = self.file.length()
+        flen = self.file_node.length()
         if offset >= flen:
-            return Extent(length, status | Status.ZERO, offset, self.file)
-        ext = await self.file.block_status(offset, min(length, flen - offset))
+            return Extent(length, status | Status.ZERO, offset, self.file_node)
+        ext = await self.file_node.block_status(offset, min(length, flen - offset))
         if ext.status & Status.ZERO:
             status |= Status.ZERO
-        return Extent(ext.length, status, offset, self.file)
+        return Extent(ext.length, status, offset, self.file_node)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         raise QMPError("Image format driver does not support resize")
@@ -214,7 +218,7 @@ class VpcNode(BlockNode):
     def has_zero_init(self) -> bool:
         """A new dynamic disk reads as zeroes (no block allocated); a fixed one reads
         its file, as QEMU decides."""
-        return self.header is not None or self.file.has_zero_init()
+        return self.header is not None or self.file_node.has_zero_init()
 
     def cluster_size(self) -> int | None:
         return self.header.block_size if self.header is not None else None

@@ -21,7 +21,7 @@ import functools
 import json
 import math
 import re
-from typing import Any
+from typing import Any, Callable, Protocol, cast
 
 __all__ = ["JSONStreamer", "encode", "qdict_keys"]
 
@@ -109,6 +109,22 @@ _TOKEN = re.compile(rb"""
 _PUNCT_GROUP, _NO_TOKEN = 1, 6
 _GROUP_KIND = {2: _STRING, 3: _INTEGER, 4: _FLOAT, 5: _KEYWORD}
 _WHITESPACE = re.compile(r"[ \t\r\n]*")
+
+
+class _TokenMatch(Protocol):
+    """A match of ``_TOKEN``: one of its groups always matched."""
+
+    lastindex: int
+
+    def start(self, group: int) -> int: ...
+
+    def end(self) -> int: ...
+
+
+# These patterns match (maybe empty) at every position, so their matches are never None.
+_match_token = cast(Callable[[bytes, int], _TokenMatch], _TOKEN.match)
+_skip_garbage = cast(Callable[[bytes, int], "re.Match[bytes]"], _RECOVERY_SKIP.match)
+_skip_whitespace = cast(Callable[[str, int], "re.Match[str]"], _WHITESPACE.match)
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 # Parser states: what the parser expects next.
@@ -209,12 +225,12 @@ def _qemu_bytes_error(exc: UnicodeError) -> tuple[bytes, int]:
     return bytes(out), exc.end
 
 
-codecs.register_error("blockd.qmp.json", _qemu_bytes_error)
+codecs.register_error("blockd.qjson", _qemu_bytes_error)
 
 
 def _qemu_bytes(text: str) -> bytes:
     """The C string QEMU would hold for text (NUL is stored as C0 80)."""
-    return text.encode("utf-8", "blockd.qmp.json").replace(b"\0", b"\xc0\x80")
+    return text.encode("utf-8", "blockd.qjson").replace(b"\0", b"\xc0\x80")
 
 
 def _decode_plain(raw: bytes) -> str:
@@ -308,7 +324,7 @@ def _no_constants(name: str) -> float:
 
 # The C scanner behind json.loads, without the Python wrapper around it.
 _SCAN = json.JSONDecoder(object_pairs_hook=_pairs, parse_int=_integer,
-                         parse_constant=_no_constants).scan_once
+                         parse_constant=_no_constants).scan_once  # type: ignore[attr-defined]
 
 
 class JSONStreamer:
@@ -361,7 +377,7 @@ class JSONStreamer:
         pos = 0
         text: str | None = None
         ascii = True
-        match = _TOKEN.match
+        match = _match_token
         push = self._push
         while pos < n:
             if self._lex != _START:
@@ -427,7 +443,7 @@ class JSONStreamer:
         """Advance a token that is in progress (or skip after an error)."""
         state = self._lex
         if state == _RECOVER:
-            pos = _RECOVERY_SKIP.match(data, pos).end()
+            pos = _skip_garbage(data, pos).end()
             if pos < len(data):
                 self._lex = _START
             return pos
@@ -504,7 +520,7 @@ class JSONStreamer:
                     or not ascii and _NON_ASCII.search(text, pos, end)):
                 return pos
             self._out.append((value, None))
-            pos = _WHITESPACE.match(text, end).end()
+            pos = _skip_whitespace(text, end).end()
             if not text.startswith(("{", "["), pos):
                 return pos
 
@@ -726,7 +742,7 @@ def _encode_scalar(obj: object) -> str:
     # Subclasses (enums, mostly) print as their base type.
     for base in (bool, int, float, str):
         if isinstance(obj, base):
-            return _SCALAR_ENCODERS[base](base(obj))  # type: ignore[arg-type]
+            return _SCALAR_ENCODERS[base](base(obj))
     raise TypeError(f"cannot encode {type(obj).__name__} as QMP JSON")
 
 
