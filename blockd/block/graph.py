@@ -25,8 +25,13 @@ _NODE_NAME_MAX = 31
 class User:
     """A non-node parent of a node: an export, a job, the monitor's handle.
 
-    ``desc`` is the phrase QEMU prints for it in permission errors.
+    ``desc`` is the phrase QEMU prints for it in permission errors;
+    ``graph_type`` and ``graph_name`` are how ``x-debug-query-block-graph``
+    shows it (exports' backends are anonymous in QEMU 7.2).
     """
+
+    graph_type = "block-backend"
+    graph_name = ""
 
     def __init__(self, desc: str) -> None:
         self.desc = desc

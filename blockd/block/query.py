@@ -1,4 +1,4 @@
-"""The shapes of ``query-named-block-nodes`` and ``query-blockstats``.
+"""The shapes of ``query-named-block-nodes``, ``query-blockstats`` and the graph dump.
 
 Members are inserted in QAPI declaration order; the JSON encoder turns
 that into QEMU's output order.
@@ -7,10 +7,10 @@ that into QEMU's output order.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from blockd.block.filename import has_protocol
-from blockd.block.node import BlockNode
+from blockd.block.node import BlockNode, ChildLink, Perm
 from blockd.block.stats import Stats
 from blockd.errors import QMPError
 
@@ -123,3 +123,50 @@ def stats_info(stats: Stats) -> dict[str, Any]:
         "timed_stats": [],
     })
     return out
+
+
+#: ``BlockPermission`` names in QEMU's enum order.
+_PERM_QAPI = ((Perm.CONSISTENT_READ, "consistent-read"), (Perm.WRITE, "write"),
+              (Perm.WRITE_UNCHANGED, "write-unchanged"), (Perm.RESIZE, "resize"))
+
+
+def _perm_list(perm: Perm) -> list[str]:
+    # QEMU prepends while walking the enum, so its lists come out highest bit first.
+    return [name for bit, name in reversed(_PERM_QAPI) if perm & bit]
+
+
+def block_graph(nodes: Iterable[BlockNode]) -> dict[str, Any]:
+    """``XDbgBlockGraph``: every user and node, every edge with its permissions.
+
+    Ids are numbered as parents and children are first met, users first, as
+    QEMU numbers them; both lists come out newest first, as QEMU prepends.
+    """
+    nodes = list(nodes)
+    ids: dict[int, int] = {}
+    out_nodes: list[dict[str, Any]] = []
+    out_edges: list[dict[str, Any]] = []
+
+    def num(obj: object) -> int:
+        return ids.setdefault(id(obj), len(ids) + 1)
+
+    def add(obj: object, kind: str, name: str, links: Iterable[ChildLink]) -> None:
+        out_nodes.append({"id": num(obj), "type": kind, "name": name})
+        for link in links:
+            out_edges.append({"parent": num(obj), "child": num(link.child), "name": link.role,
+                              "perm": _perm_list(link.perm),
+                              "shared-perm": _perm_list(link.shared)})
+
+    users: dict[int, list[ChildLink]] = {}
+    for node in nodes:
+        for link in node.parents:
+            if not isinstance(link.parent, BlockNode):
+                users.setdefault(id(link.parent), []).append(link)
+    for links in users.values():
+        user = links[0].parent
+        add(user, user.graph_type, user.graph_name, links)
+    for node in nodes:
+        # A node's newest child heads QEMU's list of children.
+        add(node, "block-driver", node.node_name, reversed(list(node.children.values())))
+    out_nodes.reverse()
+    out_edges.reverse()
+    return {"nodes": out_nodes, "edges": out_edges}

@@ -6,7 +6,7 @@ from typing import Any
 
 from blockd.block.backend import Backend
 from blockd.block.node import BlockNode, Perm
-from blockd.block.query import block_device_info, stats_info
+from blockd.block.query import block_device_info, block_graph, stats_info
 from blockd.daemon import Daemon
 from blockd.errors import QMPError
 from blockd.qmp.registry import command
@@ -49,6 +49,11 @@ async def query_named_block_nodes(daemon: Daemon, args: dict[str, Any]) -> list:
 async def query_block(daemon: Daemon, args: dict[str, Any]) -> list:
     """Named block backends only; like qemu-storage-daemon, blockd has none."""
     return []
+
+
+@command("x-debug-query-block-graph")
+async def x_debug_query_block_graph(daemon: Daemon, args: dict[str, Any]) -> dict:
+    return block_graph(daemon.graph)
 
 
 @command("query-blockstats")
