@@ -156,6 +156,11 @@ class BlockNode:
     #: Format drivers interpret their ``file`` child; filters pass through.
     is_format: ClassVar[bool] = False
     is_filter: ClassVar[bool] = False
+    #: The role of a filter's one child (blkdebug calls it ``image``).
+    filtered_role: ClassVar[str] = "file"
+    #: Roles whose child a reopen or a graph change may swap: the driver reaches
+    #: them through :attr:`children` on every request, never through a copy.
+    relinkable: ClassVar[tuple[str, ...]] = ()
     #: Protocol drivers (file, null-co, blkdebug) are opened by their own name, not probed.
     is_protocol: ClassVar[bool] = False
     #: Formats that can have a backing file: a run they leave unallocated with no

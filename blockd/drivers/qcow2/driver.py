@@ -61,6 +61,9 @@ class Qcow2Node(BlockNode):
     driver = "qcow2"
     is_format = True
     supports_backing = True
+    #: The file and data file live on in the image object; the backing file is
+    #: read through the link.
+    relinkable = ("backing",)
 
     def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
         super().__init__(node_name, options, read_only)

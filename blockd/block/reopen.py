@@ -1,0 +1,203 @@
+"""``blockdev-reopen``: new options for several nodes as one transaction.
+
+As QEMU's ``bdrv_reopen_multiple``: every listed node (and the inline
+children that follow a read-only change) is checked and prepared, then
+all commit, or all abort.  Besides driver options a reopen may point
+``file`` or ``backing`` at another node (``backing: null`` drops it),
+which is how a filter is put in or taken out without stopping an export.
+The new links and the new read-only flags are checked together, as one
+permission change, and a refusal puts the old options back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from blockd.block.graph import BlockGraph, ChildLink, Move, check_common_options
+from blockd.block.node import BlockNode, Perm
+from blockd.errors import QMPError
+from blockd.qmp.json import qdict_keys
+
+#: The children a reopen may change; the others (``image``, ``data-file``) must stay.
+_SWAPPABLE = ("backing", "file")
+_FIXED = ("data-file", "image")
+
+
+@dataclasses.dataclass
+class _Entry:
+    node: BlockNode
+    options: dict[str, Any]
+    read_only: bool
+    #: role -> the new child (None: drop it), for the links this reopen changes.
+    children: dict[str, BlockNode | None] = dataclasses.field(default_factory=dict)
+
+
+async def reopen(graph: BlockGraph, entries: list[dict[str, Any]]) -> None:
+    """Reopen several nodes atomically: all prepare, then all commit or all abort."""
+    plan = _parse(graph, entries)
+    _add_implicit_children(graph, plan)
+    # Nodes going read-only must not have writers above them.
+    for e in plan:
+        if e.read_only and not e.node.read_only:
+            _check_no_writers(e.node, plan)
+    for e in plan:
+        if e.read_only and not e.node.read_only:
+            await e.node.flush()
+    prepared: list[tuple[_Entry, Any]] = []
+    try:
+        for e in plan:
+            prepared.append((e, await e.node.reopen_prepare(e.options, e.read_only)))
+    except BaseException:
+        for e, state in reversed(prepared):
+            await e.node.reopen_abort(state)
+        raise
+    old = [(e.node, e.node.options, e.node.read_only) for e in plan]
+    # Children commit first, so a parent becoming writable finds its storage writable.
+    for e, state in sorted(prepared, key=lambda p: _height(p[0].node)):
+        await e.node.reopen_commit(state, e.options, e.read_only)
+    moves = _moves(plan)
+    touched = [e.node for e in plan]
+    try:
+        async with graph.drained(touched + [c for _, o, n in moves for c in (o, n) if c is not None]):
+            orphans = graph.rewire(moves, refresh=touched)
+    except QMPError:
+        # Refused (a permission, an image lock): the old options come back.
+        for node, options, ro in old:
+            state = await node.reopen_prepare(options, ro)
+            await node.reopen_commit(state, options, ro)
+            graph.refresh(node)
+        raise
+    await graph.drop_orphans(orphans)
+
+
+def _parse(graph: BlockGraph, entries: list[dict[str, Any]]) -> list[_Entry]:
+    plan: list[_Entry] = []
+    seen: set[str] = set()
+    for options in entries:
+        name = options.get("node-name")
+        if name is None:
+            raise QMPError("node-name not specified")
+        node = graph.nodes.get(name)
+        if node is None:
+            raise QMPError(f"Failed to find node with node-name='{name}'")
+        if name in seen:
+            raise QMPError(f"Node '{name}' is listed twice in the reopen queue")
+        seen.add(name)
+        if options["driver"] != node.driver:
+            raise QMPError("Cannot change the option 'driver'")
+        check_common_options(options)
+        plan.append(_Entry(node, options, bool(options.get("read-only", False))))
+    for e in plan:
+        _parse_children(graph, e)
+    return plan
+
+
+def _parse_children(graph: BlockGraph, e: _Entry) -> None:
+    """QEMU's order: a missing ``backing``, then ``backing``, then ``file``, then the rest."""
+    node, options = e.node, e.options
+    if node.supports_backing and "backing" not in options and \
+            (node.backing is not None or node.backing_filename()):
+        raise QMPError(f"backing is missing for '{node.node_name}'")
+    for role in _SWAPPABLE:
+        if role not in options or isinstance(options[role], dict):
+            continue  # an inline child is an option that cannot change, checked below
+        ref = options[role]
+        new = None if ref is None else graph.lookup_node(ref)
+        if new is not None and _reaches(new, node):
+            raise QMPError(f"Making '{ref}' a {role} child of '{node.node_name}' "
+                           "would create a cycle")
+        link = node.children.get(role)
+        if (link.child if link else None) is new:
+            continue
+        if role == "backing" and not node.supports_backing and not node.is_filter:
+            raise QMPError(f"Driver '{node.driver}' of node '{node.node_name}' does not "
+                           "support backing files")
+        e.children[role] = new
+    for role in (*_SWAPPABLE, *_FIXED):
+        ref = options.get(role)
+        if isinstance(ref, dict):
+            # QEMU flattens the options: the inline child's keys are options the
+            # reopen cannot change, and the first in its QDict order is reported.
+            raise QMPError(f"Cannot change the option '{qdict_keys(_flatten(ref, role))[0]}'")
+        if role in _FIXED and ref is not None:
+            link = node.children.get(role)
+            if link is not None:
+                graph.lookup_node(ref)
+                if ref != link.child.node_name:
+                    raise QMPError(f"Cannot change the option '{role}'")
+
+
+def _flatten(value: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if isinstance(item, dict):
+            out.update(_flatten(item, f"{prefix}.{key}"))
+        else:
+            out[f"{prefix}.{key}"] = item
+    return out
+
+
+def _reaches(top: BlockNode, node: BlockNode) -> bool:
+    """Whether ``node`` is ``top`` or below it: linking ``top`` under ``node`` would loop."""
+    if top is node:
+        return True
+    return any(_reaches(link.child, node) for link in top.children.values())
+
+
+def _moves(plan: list[_Entry]) -> list[Move]:
+    moves: list[Move] = []
+    for e in plan:
+        for role, new in e.children.items():
+            link = e.node.children.get(role)
+            if link is None:
+                assert new is not None
+                moves.append((ChildLink(e.node, new, role), None, new))
+            else:
+                moves.append((link, link.child, new))
+    return moves
+
+
+def _height(node: BlockNode) -> int:
+    """Longest path down to a leaf: storage sorts before the formats above it."""
+    return 1 + max((_height(link.child) for link in node.children.values()), default=0)
+
+
+def _add_implicit_children(graph: BlockGraph, plan: list[_Entry]) -> None:
+    """Children a node created inline follow its read-only change, as in QEMU."""
+    listed = {e.node.node_name for e in plan}
+    i = 0
+    while i < len(plan):  # grows as children join, so grandchildren follow too
+        e = plan[i]
+        i += 1
+        for role, link in e.node.children.items():
+            child = link.child
+            if role in e.children:
+                continue  # being replaced: the old child keeps its flag
+            if child.node_name in graph.implicit and child.node_name not in listed \
+                    and role != "backing" and child.read_only != e.read_only:
+                plan.append(_Entry(child, {**child.options, "read-only": e.read_only},
+                                   e.read_only))
+                listed.add(child.node_name)
+
+
+def _check_no_writers(node: BlockNode, plan: list[_Entry]) -> None:
+    read_only_after = {e.node.node_name for e in plan if e.read_only}
+    for link in node.parents:
+        parent = link.parent
+        if not link.perm & Perm.WRITE:
+            continue
+        if isinstance(parent, BlockNode) and parent.node_name in read_only_after:
+            continue
+        # The topmost node QEMU names is the one whose users still write.
+        raise QMPError(f"Read-only block node '{_top_writer_node(node, read_only_after)}' "
+                       "cannot support read-write users")
+
+
+def _top_writer_node(node: BlockNode, read_only_after: set[str]) -> str:
+    for link in node.parents:
+        parent = link.parent
+        if isinstance(parent, BlockNode) and link.perm & Perm.WRITE and \
+                parent.node_name in read_only_after:
+            return _top_writer_node(parent, read_only_after)
+    return node.node_name
