@@ -280,6 +280,11 @@ class BlockGraph:
             raise QMPError(f"Failed to find node with node-name='{node_name}'")
         if any(not isinstance(link.parent, BlockNode) for link in node.parents):
             raise QMPError(f"Node {node_name} is in use")
+        overlays = [link.parent for link in node.parents if link.role == "backing"]
+        if overlays:
+            # QEMU blocks a backing node's deletion; the newest overlay's blocker speaks.
+            raise QMPError(f"Node '{node_name}' is busy: node is used as backing hd of "
+                           f"'{overlays[-1].node_name}'")
         if node.parents:
             raise QMPError(f"Block device {node_name} is in use")
         if node_name in self.implicit:

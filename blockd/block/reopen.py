@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from blockd.block.graph import BlockGraph, ChildLink, Move, check_common_options
+from blockd.block.graph import (BlockGraph, ChildLink, Move, check_common_options,
+                                inherited_options)
 from blockd.block.node import BlockNode, Perm
 from blockd.errors import QMPError
 from blockd.qmp.json import qdict_keys
@@ -84,17 +85,25 @@ def _parse(graph: BlockGraph, entries: list[dict[str, Any]]) -> list[_Entry]:
         if name in seen:
             raise QMPError(f"Node '{name}' is listed twice in the reopen queue")
         seen.add(name)
-        if options["driver"] != node.driver:
-            raise QMPError("Cannot change the option 'driver'")
-        check_common_options(options)
         plan.append(_Entry(node, options, bool(options.get("read-only", False))))
-    for e in plan:
-        _parse_children(graph, e)
+    i = 0
+    while i < len(plan):  # grows as inline children join with their new options
+        e = plan[i]
+        i += 1
+        if e.options["driver"] != e.node.driver:
+            raise QMPError("Cannot change the option 'driver'")
+        check_common_options(e.options)
+        _parse_children(graph, e, plan)
     return plan
 
 
-def _parse_children(graph: BlockGraph, e: _Entry) -> None:
-    """QEMU's order: a missing ``backing``, then ``backing``, then ``file``, then the rest."""
+def _parse_children(graph: BlockGraph, e: _Entry, plan: list[_Entry]) -> None:
+    """QEMU's order: a missing ``backing``, then ``backing``, then ``file``, then the rest.
+
+    An inline child (options, not a name) reopens the child this node
+    created inline with those options, as QEMU queues it; for any other
+    child its keys are options that cannot change.
+    """
     node, options = e.node, e.options
     if node.supports_backing and "backing" not in options and \
             (node.backing is not None or node.backing_filename()):
@@ -117,15 +126,30 @@ def _parse_children(graph: BlockGraph, e: _Entry) -> None:
     for role in (*_SWAPPABLE, *_FIXED):
         ref = options.get(role)
         if isinstance(ref, dict):
-            # QEMU flattens the options: the inline child's keys are options the
-            # reopen cannot change, and the first in its QDict order is reported.
-            raise QMPError(f"Cannot change the option '{qdict_keys(_flatten(ref, role))[0]}'")
+            _inline_child(graph, e, role, ref, plan)
         if role in _FIXED and ref is not None:
             link = node.children.get(role)
             if link is not None:
                 graph.lookup_node(ref)
                 if ref != link.child.node_name:
                     raise QMPError(f"Cannot change the option '{role}'")
+
+
+def _inline_child(graph: BlockGraph, e: _Entry, role: str, ref: dict[str, Any],
+                  plan: list[_Entry]) -> None:
+    link = e.node.children.get(role)
+    child = link.child if link else None
+    if child is None or child.node_name not in graph.implicit:
+        # QEMU flattens the options: the inline child's keys are options the
+        # reopen cannot change, and the first in its QDict order is reported.
+        raise QMPError(f"Cannot change the option '{qdict_keys(_flatten(ref, role))[0]}'")
+    if ref.get("node-name", child.node_name) != child.node_name:
+        raise QMPError("Cannot change the option 'node-name'")
+    options = inherited_options(e.node, {**ref, "node-name": child.node_name}, role)
+    # The child takes the parent's new read-only flag unless it sets its own.
+    read_only = ref.get("read-only", True if role == "backing" else e.read_only)
+    options["read-only"] = read_only
+    plan.append(_Entry(child, options, read_only))
 
 
 def _flatten(value: dict[str, Any], prefix: str) -> dict[str, Any]:
