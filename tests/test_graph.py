@@ -164,6 +164,57 @@ def test_reopen_changes_backing_as_qsd_does(tmp_path):
     _compare(tmp_path, steps)
 
 
+@needs_qsd
+def test_reopen_puts_a_filter_under_qcow2_as_qsd_does(tmp_path):
+    steps = [
+        _add("topf", **_file("top.qcow2")),
+        _add("top", driver="qcow2", file="topf", backing=None),
+        _add("bro", **_file("b.raw", **{"read-only": True})),
+        _add("basef", **_file("base.qcow2", **{"read-only": True})),
+        _add("base", driver="qcow2", file="basef", backing=None, **{"read-only": True}),
+        _add("dbg", driver="blkdebug", image="topf"),
+        NBD, _export("top", "e0", True),
+        _reopen(driver="qcow2", **{"node-name": "top"}, file="bro", backing=None),
+        _reopen(driver="qcow2", **{"node-name": "top"}, file="basef", backing=None),
+        _reopen(driver="qcow2", **{"node-name": "top"}, file="dbg", backing=None), GRAPH,
+        _reopen(driver="qcow2", **{"node-name": "top"}, file="topf", backing="base"), GRAPH,
+    ]
+    _compare(tmp_path, steps)
+
+
+def test_qcow2_reads_and_writes_through_a_filter_put_under_it(tmp_path):
+    """The qcow2 node's image follows its new file link: data and metadata stay whole."""
+    d = str(tmp_path)
+    _images(d + "/i")
+    img = d + "/i/top.qcow2"
+    with Daemon(f"{d}/qmp.sock") as daemon:
+        c = daemon.client()
+        steps = [_add("f0", driver="file", filename=img),
+                 _add("q", driver="qcow2", file="f0", backing=None),
+                 _add("dbg", driver="blkdebug", image="f0"),
+                 ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": f"{d}/n.sock"}}}),
+                 _export("q", "e0", True)]
+        for cmd, args in steps:
+            assert c.cmd(cmd, **args) == {"return": {}}
+        uri = f"nbd+unix:///q?socket={d}/n.sock"
+        for i, filt in enumerate(("dbg", "f0", "dbg")):
+            reply = c.cmd("blockdev-reopen", options=[{"driver": "qcow2", "node-name": "q",
+                                                       "file": filt, "backing": None}])
+            assert reply == {"return": {}}
+            out = _qemu_io("-f", "raw", "-c", f"write -P {i + 1} {i * 65536} 64k",
+                           "-c", f"read -P {i + 1} {i * 65536} 64k", uri)
+            assert out.returncode == 0 and "error" not in out.stdout \
+                and "Pattern verification failed" not in out.stdout, out
+        assert c.cmd("block-export-del", id="e0") == {"return": {}}
+        c.events(0.5)
+        for node in ("q", "dbg", "f0"):
+            assert c.cmd("blockdev-del", **{"node-name": node}) == {"return": {}}
+    assert subprocess.run(["qemu-img", "check", "-q", img]).returncode == 0
+    for i in range(3):
+        out = _qemu_io("-f", "qcow2", "-c", f"read -P {i + 1} {i * 65536} 64k", img)
+        assert out.returncode == 0 and "Pattern verification failed" not in out.stdout, out
+
+
 def _qemu_io(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["qemu-io", *args], capture_output=True, text=True, check=False)
 
@@ -271,18 +322,18 @@ def test_replace_node_conflict_changes_nothing(tmp_path):
 
 
 def test_replace_node_refuses_a_driver_that_holds_its_child(tmp_path):
+    """vmdk keeps its extents' files itself: blockd says so rather than move the link."""
     async def body() -> None:
-        _images(str(tmp_path / "i"))
+        img = str(tmp_path / "a.vmdk")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", img, "1M"], check=True)
         g = BlockGraph()
-        base = await g.open_node({"driver": "file", "node-name": "bf", "read-only": True,
-                                  "filename": str(tmp_path / "i" / "base.qcow2")})
-        q = await g.open_node({"driver": "qcow2", "node-name": "q", "file": "bf",
-                               "read-only": True, "backing": None})
+        f = await g.open_node({"driver": "file", "node-name": "vf", "filename": img})
+        v = await g.open_node({"driver": "vmdk", "node-name": "v", "file": "vf"})
         before = _snapshot(g)
         with pytest.raises(QMPError, match="blockd cannot change the 'file' child of "
-                           "'qcow2' node 'q'"):
-            await g.insert_filter({"driver": "blkdebug", "node-name": "dbg"}, below=base)
-        assert _snapshot(g) == before and "dbg" not in g.nodes and q.file is base
+                           "'vmdk' node 'v'"):
+            await g.insert_filter({"driver": "blkdebug", "node-name": "dbg"}, below=f)
+        assert _snapshot(g) == before and "dbg" not in g.nodes and v.file is f
         await g.close_all()
 
     asyncio.run(body())

@@ -409,6 +409,9 @@ class BlockGraph:
                 parent.children = children
             raise
         self._commit(plan, olds)
+        for link, _, _ in moves:
+            if isinstance(link.parent, BlockNode):
+                link.parent.child_changed(link.role)
         return [prev for prev in olds if not prev.parents and prev.node_name in self.implicit]
 
     async def drop_orphans(self, nodes: list[BlockNode]) -> None:

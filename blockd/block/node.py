@@ -159,7 +159,8 @@ class BlockNode:
     #: The role of a filter's one child (blkdebug calls it ``image``).
     filtered_role: ClassVar[str] = "file"
     #: Roles whose child a reopen or a graph change may swap: the driver reaches
-    #: them through :attr:`children` on every request, never through a copy.
+    #: them through :attr:`children` on every request, or follows
+    #: :meth:`child_changed`.
     relinkable: ClassVar[tuple[str, ...]] = ()
     #: Protocol drivers (file, null-co, blkdebug) are opened by their own name, not probed.
     is_protocol: ClassVar[bool] = False
@@ -308,6 +309,9 @@ class BlockNode:
 
     def check_perm(self, perm: Perm, shared: Perm) -> None:
         """Raise QMPError if ``perm``/``shared`` cannot be taken (e.g. image locks)."""
+
+    def child_changed(self, role: str) -> None:
+        """The link in ``role`` now leads to another node (or none): drop any copy of the old."""
 
     # ---- reopen ----------------------------------------------------------
 
