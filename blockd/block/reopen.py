@@ -35,13 +35,25 @@ class _Entry:
 
 
 async def reopen(graph: BlockGraph, entries: list[dict[str, Any]]) -> None:
-    """Reopen several nodes atomically: all prepare, then all commit or all abort."""
+    """Reopen several nodes atomically: all prepare, then all commit or all abort.
+
+    Everything from the first flush to the last moved link happens in one
+    drained section over the listed nodes and the children that come and go.
+    """
     plan = _parse(graph, entries)
     _add_implicit_children(graph, plan)
     # Nodes going read-only must not have writers above them.
     for e in plan:
         if e.read_only and not e.node.read_only:
             _check_no_writers(e.node, plan)
+    moves = _moves(plan)
+    nodes = [e.node for e in plan] + [c for _, o, n in moves for c in (o, n) if c is not None]
+    async with graph.drained(nodes):
+        orphans = await _apply(graph, plan, moves)
+    await graph.drop_orphans(orphans)
+
+
+async def _apply(graph: BlockGraph, plan: list[_Entry], moves: list[Move]) -> list[BlockNode]:
     for e in plan:
         if e.read_only and not e.node.read_only:
             await e.node.flush()
@@ -57,11 +69,9 @@ async def reopen(graph: BlockGraph, entries: list[dict[str, Any]]) -> None:
     # Children commit first, so a parent becoming writable finds its storage writable.
     for e, state in sorted(prepared, key=lambda p: _height(p[0].node)):
         await e.node.reopen_commit(state, e.options, e.read_only)
-    moves = _moves(plan)
     touched = [e.node for e in plan]
     try:
-        async with graph.drained(touched + [c for _, o, n in moves for c in (o, n) if c is not None]):
-            orphans = graph.rewire(moves, refresh=touched)
+        return graph.rewire(moves, refresh=touched)
     except QMPError:
         # Refused (a permission, an image lock): the old options come back.
         for node, options, ro in old:
@@ -69,7 +79,6 @@ async def reopen(graph: BlockGraph, entries: list[dict[str, Any]]) -> None:
             await node.reopen_commit(state, options, ro)
             graph.refresh(node)
         raise
-    await graph.drop_orphans(orphans)
 
 
 def _parse(graph: BlockGraph, entries: list[dict[str, Any]]) -> list[_Entry]:
