@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 from typing import Any
 
@@ -22,7 +23,7 @@ from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode, Perm
 from blockd.block.query import block_graph
 from blockd.errors import QMPError
-from harness import HAVE_QSD, Daemon, graph_shape
+from harness import HAVE_QSD, WAIT, Daemon, graph_shape
 
 MiB = 1 << 20
 needs_qsd = pytest.mark.skipif(not HAVE_QSD, reason="qemu-storage-daemon not installed")
@@ -215,6 +216,47 @@ def test_qcow2_reads_and_writes_through_a_filter_put_under_it(tmp_path):
         assert out.returncode == 0 and "Pattern verification failed" not in out.stdout, out
 
 
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed")
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_filter_in_and_out_under_fio_loses_no_request(tmp_path, fmt):
+    """fio writes and verifies over NBD while reopen puts blkdebug under the node and
+    takes it out again, over and over: every request completes, every block verifies."""
+    d = str(tmp_path)
+    img = f"{d}/disk.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, img, "8M"], check=True)
+    with Daemon(f"{d}/qmp.sock") as daemon:
+        c = daemon.client()
+        extra = {"backing": None} if fmt == "qcow2" else {}
+        steps = [_add("f0", driver="file", filename=img),
+                 _add("n", driver=fmt, file="f0", **extra),
+                 _add("dbg", driver="blkdebug", image="f0"),
+                 ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": f"{d}/n.sock"}}}),
+                 _export("n", "e0", True)]
+        for cmd, args in steps:
+            assert c.cmd(cmd, **args) == {"return": {}}
+        fio = subprocess.Popen(
+            ["fio", "--name=v", "--ioengine=nbd", f"--uri=nbd+unix:///n?socket={d}/n.sock",
+             "--rw=randwrite", "--bs=4k", "--size=8M", "--iodepth=16", "--verify=crc32c",
+             "--do_verify=1", "--verify_state_save=0", "--output-format=json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        swaps = 0
+        while fio.poll() is None or swaps < 2:
+            target = "dbg" if swaps % 2 == 0 else "f0"
+            reply = c.cmd("blockdev-reopen", options=[{"driver": fmt, "node-name": "n",
+                                                       "file": target, **extra}])
+            assert reply == {"return": {}}
+            swaps += 1
+        out, err = fio.communicate(timeout=WAIT)
+        assert fio.returncode == 0, err
+        job = json.loads(out[out.index("{"):])["jobs"][0]
+        assert job["error"] == 0 and job["write"]["io_bytes"] == 8 << 20
+        graph = graph_shape(c.cmd("x-debug-query-block-graph")["return"])
+        file_edge = [e for e in graph["edges"] if e[0] == "n"]
+        assert [e[1] for e in file_edge] == ["dbg" if swaps % 2 else "f0"]
+    if fmt == "qcow2":
+        assert subprocess.run(["qemu-img", "check", "-q", img]).returncode == 0
+
+
 def _qemu_io(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["qemu-io", *args], capture_output=True, text=True, check=False)
 
@@ -334,6 +376,31 @@ def test_replace_node_refuses_a_driver_that_holds_its_child(tmp_path):
                            "'vmdk' node 'v'"):
             await g.insert_filter({"driver": "blkdebug", "node-name": "dbg"}, below=f)
         assert _snapshot(g) == before and "dbg" not in g.nodes and v.file is f
+        await g.close_all()
+
+    asyncio.run(body())
+
+
+def test_reopen_looks_through_an_unnamed_filter_and_keeps_it(tmp_path):
+    """A job's filter has no name: a reopen naming the node below it changes nothing,
+    one naming another node is refused with QEMU's words."""
+    from blockd.block.reopen import reopen
+
+    async def body() -> None:
+        g, f0, raw, user = await _chain(tmp_path)
+        f1 = await g.open_node({"driver": "file", "node-name": "f1",
+                                "filename": str(tmp_path / "i" / "b.raw")})
+        top = await g.insert_filter({"driver": "blkdebug"}, below=f0)
+        await reopen(g, [{"driver": "raw", "node-name": "r", "file": "f0"}])
+        assert raw.file is top
+        before = _snapshot(g)
+        with pytest.raises(QMPError, match="^Cannot replace implicit file child of r$"):
+            await reopen(g, [{"driver": "raw", "node-name": "r", "file": "f1"}])
+        assert _snapshot(g) == before
+        await g.remove_filter(top)
+        await reopen(g, [{"driver": "raw", "node-name": "r", "file": "f1"}])
+        assert raw.file is f1 and user.node is raw
+        user.close()
         await g.close_all()
 
     asyncio.run(body())

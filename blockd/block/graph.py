@@ -150,6 +150,9 @@ class BlockGraph:
         self.nodes: dict[str, BlockNode] = {}
         #: Nodes created inline by another node's open (not owned by the monitor).
         self.implicit: set[str] = set()
+        #: Filters put in without a name (a job's): QEMU's ``implicit`` nodes, which
+        #: a reopen looks through and may not replace.
+        self.implicit_filters: set[str] = set()
         self._counter = 0
         self._secrets = secrets
         #: Nodes are opened only to be described (``qemu-img info``): encrypted
@@ -268,6 +271,7 @@ class BlockGraph:
         finally:
             self.nodes.pop(node.node_name, None)
             self.implicit.discard(node.node_name)
+            self.implicit_filters.discard(node.node_name)
             for link in list(node.children.values()):
                 child = link.child
                 self.detach(link)
@@ -347,6 +351,17 @@ class BlockGraph:
         except BaseException:
             await self.delete_node(node)
             raise
+        if "node-name" not in options:
+            self.implicit_filters.add(node.node_name)
+        return node
+
+    def skip_implicit_filters(self, node: BlockNode) -> BlockNode:
+        """The first node below ``node`` that is not an unnamed filter."""
+        while node.node_name in self.implicit_filters:
+            link = filtered_link(node)
+            if link is None:
+                break
+            node = link.child
         return node
 
     async def remove_filter(self, node: BlockNode) -> BlockNode:

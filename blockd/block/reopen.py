@@ -126,8 +126,11 @@ def _parse_children(graph: BlockGraph, e: _Entry, plan: list[_Entry]) -> None:
             raise QMPError(f"Making '{ref}' a {role} child of '{node.node_name}' "
                            "would create a cycle")
         link = node.children.get(role)
-        if (link.child if link else None) is new:
+        old = link.child if link else None
+        if old is new or (old is not None and graph.skip_implicit_filters(old) is new):
             continue
+        if old is not None and old.node_name in graph.implicit_filters:
+            raise QMPError(f"Cannot replace implicit {role} child of {node.node_name}")
         if role == "backing" and not node.supports_backing and not node.is_filter:
             raise QMPError(f"Driver '{node.driver}' of node '{node.node_name}' does not "
                            "support backing files")
