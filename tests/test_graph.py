@@ -206,7 +206,7 @@ def test_qcow2_reads_and_writes_through_a_filter_put_under_it(tmp_path):
                            "-c", f"read -P {i + 1} {i * 65536} 64k", uri)
             assert out.returncode == 0 and "error" not in out.stdout \
                 and "Pattern verification failed" not in out.stdout, out
-        assert c.cmd("block-export-del", id="e0") == {"return": {}}
+        assert c.cmd("block-export-del", id="e0", mode="hard") == {"return": {}}
         c.events(0.5)
         for node in ("q", "dbg", "f0"):
             assert c.cmd("blockdev-del", **{"node-name": node}) == {"return": {}}
@@ -282,7 +282,7 @@ def test_filter_inserted_by_reopen_carries_the_exports_writes(tmp_path):
             out = _qemu_io("-f", "raw", "-c", f"write -P {i + 1} {i * 65536} 64k", uri)
             assert out.returncode == 0 and "error" not in out.stdout, out
         assert c.cmd("blockdev-del", **{"node-name": "dbg"}) == {"return": {}}
-        assert c.cmd("block-export-del", id="e0") == {"return": {}}
+        assert c.cmd("block-export-del", id="e0", mode="hard") == {"return": {}}
         c.events(0.5)
         assert c.cmd("blockdev-del", **{"node-name": "r"}) == {"return": {}}
         assert c.cmd("blockdev-del", **{"node-name": "f0"}) == {"return": {}}
