@@ -252,11 +252,21 @@ class BlockGraph:
             await self._detach_all(node, ctx.created)
             raise QMPError(unsupported_option(node, "cache"))
         self.nodes[name] = node
+        node.auto_backing_file = self._auto_backing_file(node, options)
         if implicit or options.get("node-name") is None:
             self.implicit.add(name)
         for child in ctx.created:
             self.implicit.add(child.node_name)
         return node
+
+    def _auto_backing_file(self, node: BlockNode, options: dict[str, Any]) -> str | None:
+        """What the image itself names as backing file: the node it opened from its
+        header, or the header's name when the user chose the backing link."""
+        if self.no_io:
+            return None
+        if "backing" not in options and node.backing is not None:
+            return node.backing.filename()
+        return node.backing_filename() or ""
 
     async def _detach_all(self, node: BlockNode, created: list[BlockNode]) -> None:
         for link in list(node.children.values()):

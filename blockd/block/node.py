@@ -188,6 +188,11 @@ class BlockNode:
         self.stats = Stats()
         #: Dirty bitmaps (blockd.block.dirty_bitmap.DirtyBitmap) by name, in creation order.
         self.bitmaps: dict[str, Any] = {}
+        #: QEMU's ``auto_backing_file``: the name of the backing file the image itself
+        #: leads to (the opened node's name when the image opened it), set by the graph
+        #: at open.  None when opened only to be described, where QEMU pretends the
+        #: backing file is the image's own.
+        self.auto_backing_file: str | None = ""
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -355,9 +360,18 @@ class BlockNode:
 
         return "json:" + encode(self.full_options())
 
+    def backing_overridden(self) -> bool:
+        """Whether the backing link is not the one the image names (set, changed or dropped
+        by the user), which QEMU's names then spell out."""
+        auto = self.auto_backing_file
+        if auto is None or not self.supports_backing:
+            return False
+        backing = self.backing
+        return auto != backing.filename() if backing is not None else auto != ""
+
     def exact_filename(self) -> str | None:
         """A file name that alone reopens this node, if there is one."""
-        if any(key in self.options for key in self.strong_options):
+        if any(key in self.options for key in self.strong_options) or self.backing_overridden():
             return None
         f = self.file
         return f.exact_filename() if f is not None else None
@@ -368,10 +382,13 @@ class BlockNode:
         for key in self.strong_options:
             if key in self.options:
                 opts[key] = self.options[key]
+        overridden = self.backing_overridden()
         for role, link in self.children.items():
-            if role == "backing" and "backing" not in self.options:
+            if role == "backing" and not overridden:
                 continue  # the image's own backing link: QEMU names it only if overridden
             opts[role] = link.child.full_options()
+        if overridden and self.backing is None:
+            opts["backing"] = None
         return opts
 
     def driver_stats(self) -> dict[str, Any] | None:
