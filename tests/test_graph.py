@@ -43,7 +43,9 @@ def _fill(value: Any, d: str) -> Any:
 
 
 def _transcript(tmp_path, qsd: bool, steps: list[tuple[str, dict[str, Any]]]) -> list[Any]:
-    """Replies to ``steps``; a step named ``graph`` records the normalized graph."""
+    """Replies to ``steps``; a step named ``graph`` records the normalized graph,
+    one named ``nodes`` the named nodes' ``query-named-block-nodes`` entries by name
+    (implicit nodes' names are random, and the daemons list nodes in different orders)."""
     d = str(tmp_path / ("qsd" if qsd else "blockd"))
     _images(d)
     out: list[Any] = []
@@ -53,6 +55,11 @@ def _transcript(tmp_path, qsd: bool, steps: list[tuple[str, dict[str, Any]]]) ->
             if cmd == "graph":
                 reply = c.cmd("x-debug-query-block-graph")
                 out.append(("graph", graph_shape(reply["return"])))
+            elif cmd == "nodes":
+                reply = json.loads(json.dumps(c.cmd("query-named-block-nodes"))
+                                   .replace(d, "{d}"))
+                out.append(("nodes", {n["node-name"]: n for n in reply["return"]
+                                      if not n["node-name"].startswith("#")}))
             else:
                 out.append((cmd, json.loads(json.dumps(c.cmd(cmd, **_fill(args, d)))
                                             .replace(d, "{d}"))))
@@ -255,6 +262,29 @@ def test_filter_in_and_out_under_fio_loses_no_request(tmp_path, fmt):
         assert [e[1] for e in file_edge] == ["dbg" if swaps % 2 else "f0"]
     if fmt == "qcow2":
         assert subprocess.run(["qemu-img", "check", "-q", img]).returncode == 0
+
+
+@needs_qsd
+def test_queries_after_rewiring_match_qsd(tmp_path):
+    """Names, backing files and chain depth once links changed: a backing file dropped
+    and set again, a filter in the chain, a filter under a raw node."""
+    nodes: tuple[str, dict[str, Any]] = ("nodes", {})
+    steps = [
+        _add("top", driver="qcow2", file=_file("top.qcow2")), nodes,
+        _reopen(driver="qcow2", **{"node-name": "top"}, file=_file("top.qcow2"), backing=None),
+        nodes,
+        _add("basef", **_file("base.qcow2", **{"read-only": True})),
+        _add("base", driver="qcow2", file="basef", backing=None, **{"read-only": True}),
+        _add("dbg", driver="blkdebug", image="base"),
+        _reopen(driver="qcow2", **{"node-name": "top"}, file=_file("top.qcow2"), backing="dbg"),
+        nodes,
+        _reopen(driver="qcow2", **{"node-name": "top"}, file=_file("top.qcow2"), backing="base"),
+        nodes,
+        _add("r", driver="raw", file=_file("a.raw", **{"node-name": "af"})),
+        _add("rdbg", driver="blkdebug", image="af"),
+        _reopen(driver="raw", **{"node-name": "r"}, file="rdbg"), nodes,
+    ]
+    _compare(tmp_path, steps)
 
 
 def _qemu_io(*args: str) -> subprocess.CompletedProcess:

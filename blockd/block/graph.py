@@ -85,13 +85,6 @@ def check_common_options(options: dict[str, Any]) -> None:
         raise QMPError("force-share=on can only be used with read-only images")
 
 
-def filtered_link(node: BlockNode) -> ChildLink | None:
-    """The child link a filter passes requests to (``file``, or blkdebug's ``image``)."""
-    if not node.is_filter:
-        return None
-    return node.children.get(node.filtered_role)
-
-
 #: One rewiring step: ``link`` leaves ``old`` (None: a new link) for ``new`` (None: dropped).
 Move = tuple[ChildLink, "BlockNode | None", "BlockNode | None"]
 
@@ -367,19 +360,15 @@ class BlockGraph:
 
     def skip_implicit_filters(self, node: BlockNode) -> BlockNode:
         """The first node below ``node`` that is not an unnamed filter."""
-        while node.node_name in self.implicit_filters:
-            link = filtered_link(node)
-            if link is None:
-                break
-            node = link.child
+        while node.node_name in self.implicit_filters and node.filtered is not None:
+            node = node.filtered
         return node
 
     async def remove_filter(self, node: BlockNode) -> BlockNode:
         """Give a filter's parents its child back, then delete the filter; returns the child."""
-        link = filtered_link(node)
-        if link is None:
+        child = node.filtered
+        if child is None:
             raise QMPError(f"Node '{node.node_name}' is not a filter")
-        child = link.child
         await self.replace_node(node, child)
         await self.delete_node(node)
         return child

@@ -343,6 +343,12 @@ class BlockNode:
         return link.child if link else None
 
     @property
+    def filtered(self) -> "BlockNode | None":
+        """A filter's one child, which requests pass to (None for other nodes)."""
+        link = self.children.get(self.filtered_role) if self.is_filter else None
+        return link.child if link else None
+
+    @property
     def backing(self) -> "BlockNode | None":
         link = self.children.get("backing")
         return link.child if link else None
@@ -400,7 +406,9 @@ class BlockNode:
         return None
 
     def cluster_size(self) -> int | None:
-        return None
+        # A filter answers QEMU's bdrv_get_info with its child's.
+        below = self.filtered
+        return below.cluster_size() if below is not None else None
 
     def has_info(self) -> bool:
         """Whether the driver reports image details (``dirty-flag`` appears then)."""
@@ -423,7 +431,8 @@ class BlockNode:
         """Drop a persistent bitmap from the image (formats that store them)."""
 
     def is_dirty(self) -> bool:
-        return False
+        below = self.filtered
+        return below.is_dirty() if below is not None else False
 
     def ejected(self) -> bool:
         """The driver gave up on the node (qcow2 after a fatal corruption); queries fail."""

@@ -18,10 +18,7 @@ from blockd.errors import QMPError
 
 def filter_or_cow(node: BlockNode) -> BlockNode | None:
     """The child QEMU's queries walk down: a filter's one child, else the backing file."""
-    if node.is_filter:
-        link = node.children.get(node.filtered_role)
-        return link.child if link else None
-    return node.backing
+    return node.filtered if node.is_filter else node.backing
 
 
 def chain_depth(node: BlockNode) -> int:
