@@ -173,6 +173,40 @@ def test_reopen_changes_backing_as_qsd_does(tmp_path):
 
 
 @needs_qsd
+def test_reopen_of_several_nodes_as_qsd_does(tmp_path):
+    """Entries change links one after another (a cycle through an earlier entry's new
+    link is refused), a node listed twice takes its last options, and a node left
+    without its writer by the same reopen may go read-only."""
+    def reopen(*entries: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        return ("blockdev-reopen", {"options": list(entries)})
+
+    steps = [
+        _add("fa", **_file("a.raw")), _add("fb", **_file("b.raw")),
+        _add("r", driver="raw", file="fa"), _add("r2", driver="raw", file="fb"),
+        NBD, _export("r", "e0", True),
+        reopen({"driver": "raw", "node-name": "r", "file": "fb", "read-only": True}),
+        reopen({"driver": "raw", "node-name": "r", "file": "fb"},
+               {"driver": "file", "node-name": "fb", "filename": "{d}/b.raw", "read-only": True}),
+        reopen({"driver": "raw", "node-name": "r2", "file": "fa"},
+               {"driver": "raw", "node-name": "r", "file": "fb"}), GRAPH,
+        reopen({"driver": "raw", "node-name": "r2", "file": "fb"},
+               {"driver": "raw", "node-name": "r2", "file": "fa"}), GRAPH,
+        reopen({"driver": "raw", "node-name": "r", "file": "r2"},
+               {"driver": "raw", "node-name": "r2", "file": "r"}),
+        reopen({"driver": "raw", "node-name": "r", "file": "r2"}), GRAPH,
+        reopen({"driver": "raw", "node-name": "r2", "file": "r"}),
+        reopen({"driver": "raw", "node-name": "r", "file": "fb"},
+               {"driver": "raw", "node-name": "r2", "file": "fa", "read-only": True}), GRAPH,
+        _add("q", driver="qcow2", file=_file("top.qcow2"), backing=None),
+        reopen({"driver": "qcow2", "node-name": "q", "file": _file("top.qcow2"), "backing": "r"}),
+        GRAPH,
+        reopen({"driver": "qcow2", "node-name": "q", "file": _file("top.qcow2"), "backing": "fa",
+                "read-only": True}), GRAPH,
+    ]
+    _compare(tmp_path, steps)
+
+
+@needs_qsd
 def test_reopen_puts_a_filter_under_qcow2_as_qsd_does(tmp_path):
     steps = [
         _add("topf", **_file("top.qcow2")),

@@ -373,11 +373,13 @@ class BlockGraph:
         await self.delete_node(node)
         return child
 
-    def rewire(self, moves: list[Move], refresh: Iterable[BlockNode] = ()) -> list[BlockNode]:
+    def rewire(self, moves: list[Move], refresh: Iterable[BlockNode] = (),
+               going_read_only: Iterable[BlockNode] = ()) -> list[BlockNode]:
         """Point links at new children, all or nothing; returns the old children left orphaned.
 
         ``refresh`` are nodes whose own needs changed meanwhile (a reopen's
-        new read-only flag): their children's permissions are planned too.
+        new read-only flag): their children's permissions are planned too;
+        ``going_read_only`` those of them this change made read-only.
         Users (exports, jobs) keep what they hold; node parents ask
         ``child_perm`` again.  Links are moved first so the plan sees the
         graph as it will be; on any refusal they are put back in reverse.
@@ -405,9 +407,10 @@ class BlockGraph:
             for prev in olds:
                 self._plan_node(prev, plan)
             self._check(plan)
+            newly = {id(n) for n in going_read_only}
             for link, _, new in moves:
                 if new is not None:
-                    self._check_writable(new, plan)
+                    self._check_writable(new, plan, id(new) in newly)
             for link, _, _ in moves:
                 parent = link.parent
                 if isinstance(parent, BlockNode) and link.role not in parent.relinkable:
@@ -463,11 +466,17 @@ class BlockGraph:
                     todo.append(link.child)
         return found
 
-    def _check_writable(self, node: BlockNode, plan: dict[int, tuple[ChildLink, Perm, Perm]]) -> None:
+    def _check_writable(self, node: BlockNode, plan: dict[int, tuple[ChildLink, Perm, Perm]],
+                        newly: bool) -> None:
+        """A writer on a read-only node: QEMU names the node when the same change made
+        it read-only."""
         perm = Perm(0)
         for link in node.parents:
             perm |= self._effective(link, plan)[0]
         if node.read_only and perm & (Perm.WRITE | Perm.WRITE_UNCHANGED):
+            if newly:
+                raise QMPError(f"Read-only block node '{node.node_name}' cannot support "
+                               "read-write users")
             raise QMPError("Block node is read-only")
 
     # ---- permissions --------------------------------------------------------

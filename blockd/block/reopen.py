@@ -70,8 +70,9 @@ async def _apply(graph: BlockGraph, plan: list[_Entry], moves: list[Move]) -> li
     for e, state in sorted(prepared, key=lambda p: _height(p[0].node)):
         await e.node.reopen_commit(state, e.options, e.read_only)
     touched = [e.node for e in plan]
+    going_read_only = [node for node, _, ro in old if node.read_only and not ro]
     try:
-        return graph.rewire(moves, refresh=touched)
+        return graph.rewire(moves, refresh=touched, going_read_only=going_read_only)
     except QMPError:
         # Refused (a permission, an image lock): the old options come back.
         for node, options, ro in old:
@@ -83,7 +84,7 @@ async def _apply(graph: BlockGraph, plan: list[_Entry], moves: list[Move]) -> li
 
 def _parse(graph: BlockGraph, entries: list[dict[str, Any]]) -> list[_Entry]:
     plan: list[_Entry] = []
-    seen: set[str] = set()
+    listed: dict[str, _Entry] = {}
     for options in entries:
         name = options.get("node-name")
         if name is None:
@@ -91,10 +92,13 @@ def _parse(graph: BlockGraph, entries: list[dict[str, Any]]) -> list[_Entry]:
         node = graph.nodes.get(name)
         if node is None:
             raise QMPError(f"Failed to find node with node-name='{name}'")
-        if name in seen:
-            raise QMPError(f"Node '{name}' is listed twice in the reopen queue")
-        seen.add(name)
-        plan.append(_Entry(node, options, bool(options.get("read-only", False))))
+        read_only = bool(options.get("read-only", False))
+        if name in listed:
+            # QEMU's queue holds a node once: options listed again replace the earlier.
+            listed[name].options, listed[name].read_only = options, read_only
+            continue
+        listed[name] = _Entry(node, options, read_only)
+        plan.append(listed[name])
     i = 0
     while i < len(plan):  # grows as inline children join with their new options
         e = plan[i]
@@ -122,7 +126,7 @@ def _parse_children(graph: BlockGraph, e: _Entry, plan: list[_Entry]) -> None:
             continue  # an inline child is an option that cannot change, checked below
         ref = options[role]
         new = None if ref is None else graph.lookup_node(ref)
-        if new is not None and _reaches(new, node):
+        if new is not None and _reaches(new, node, plan):
             raise QMPError(f"Making '{ref}' a {role} child of '{node.node_name}' "
                            "would create a cycle")
         link = node.children.get(role)
@@ -174,11 +178,27 @@ def _flatten(value: dict[str, Any], prefix: str) -> dict[str, Any]:
     return out
 
 
-def _reaches(top: BlockNode, node: BlockNode) -> bool:
-    """Whether ``node`` is ``top`` or below it: linking ``top`` under ``node`` would loop."""
-    if top is node:
-        return True
-    return any(_reaches(link.child, node) for link in top.children.values())
+def _reaches(top: BlockNode, node: BlockNode, plan: list[_Entry]) -> bool:
+    """Whether ``node`` is ``top`` or below it: linking ``top`` under ``node`` would loop.
+
+    The links entries parsed before this one already changed count, as QEMU
+    changes them one entry after another.
+    """
+    changed = {id(e.node): e.children for e in plan if e.children}
+    seen: set[int] = set()
+    todo = [top]
+    while todo:
+        cur = todo.pop()
+        if cur is node:
+            return True
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        children: dict[str, BlockNode | None] = {
+            role: link.child for role, link in cur.children.items()}
+        children.update(changed.get(id(cur), {}))
+        todo += [child for child in children.values() if child is not None]
+    return False
 
 
 def _moves(plan: list[_Entry]) -> list[Move]:
@@ -218,10 +238,14 @@ def _add_implicit_children(graph: BlockGraph, plan: list[_Entry]) -> None:
 
 
 def _check_no_writers(node: BlockNode, plan: list[_Entry]) -> None:
+    """Writers that stay on a node going read-only; those this reopen links to
+    it anew are checked with the new links (``BlockGraph.rewire``)."""
     read_only_after = {e.node.node_name for e in plan if e.read_only}
+    leaving = {id(e.node.children[role]) for e in plan for role in e.children
+               if role in e.node.children}
     for link in node.parents:
         parent = link.parent
-        if not link.perm & Perm.WRITE:
+        if not link.perm & Perm.WRITE or id(link) in leaving:
             continue
         if isinstance(parent, BlockNode) and parent.node_name in read_only_after:
             continue
