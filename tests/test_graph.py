@@ -207,6 +207,40 @@ def test_reopen_of_several_nodes_as_qsd_does(tmp_path):
 
 
 @needs_qsd
+def test_reopen_keeps_the_options_of_blkdebug_and_null_as_qsd_does(tmp_path):
+    """Drivers whose reopen takes no options: each must be given again, unchanged,
+    also inside an inline child; only the options every node has may change."""
+    dbg = {"driver": "blkdebug", "image": _file("a.raw")}
+    steps = [
+        _add("fa", **_file("a.raw")),
+        _add("d", driver="blkdebug", image="fa", align=512, **{"max-transfer": 65536}),
+        _reopen(driver="blkdebug", **{"node-name": "d"}, image="nosuch"),
+        _reopen(driver="blkdebug", **{"node-name": "d"}, image="fa"),
+        _reopen(driver="blkdebug", **{"node-name": "d"}, image="fb", align=512,
+                **{"max-transfer": 65536}),
+        _reopen(driver="blkdebug", **{"node-name": "d"}, image="fa", align=1024,
+                **{"max-transfer": 65536}),
+        _reopen(driver="blkdebug", **{"node-name": "d"}, image="fa", align=512,
+                **{"max-transfer": 65536, "read-only": True, "detect-zeroes": "on",
+                   "discard": "unmap", "cache": {"no-flush": True}}),
+        _reopen(driver="blkdebug", **{"node-name": "d"}, image="fa", align=512,
+                **{"max-transfer": 65536, "inject-error": [{"event": "read_aio"}]}),
+        _add("n", driver="null-co", size=1024),
+        _reopen(driver="null-co", **{"node-name": "n"}),
+        _reopen(driver="null-co", **{"node-name": "n"}, size=2048),
+        _reopen(driver="null-co", **{"node-name": "n"}, size=1024, **{"read-zeroes": True}),
+        _reopen(driver="null-co", **{"node-name": "n"}, size=1024, **{"read-only": True}),
+        _add("r", driver="raw", file=dbg),
+        _reopen(driver="raw", **{"node-name": "r"}, file=dbg),
+        _reopen(driver="raw", **{"node-name": "r"}, file={**dbg, "image": _file("b.raw")}),
+        _reopen(driver="raw", **{"node-name": "r"}, file={**dbg, "image": "nosuch"}),
+        _reopen(driver="raw", **{"node-name": "r"}, file={**dbg, "align": 4096}),
+        _reopen(driver="raw", **{"node-name": "r"}, file={"driver": "null-co"}),
+    ]
+    _compare(tmp_path, steps)
+
+
+@needs_qsd
 def test_reopen_puts_a_filter_under_qcow2_as_qsd_does(tmp_path):
     steps = [
         _add("topf", **_file("top.qcow2")),

@@ -162,6 +162,10 @@ class BlockNode:
     #: them through :attr:`children` on every request, or follows
     #: :meth:`child_changed`.
     relinkable: ClassVar[tuple[str, ...]] = ()
+    #: Driver options a reopen may change or leave out, for drivers whose reopen takes
+    #: no options of its own (QEMU's generic rules apply: the others must be given
+    #: again unchanged); None where the driver checks its options itself.
+    reopen_mutable: ClassVar[tuple[str, ...] | None] = None
     #: Protocol drivers (file, null-co, blkdebug) are opened by their own name, not probed.
     is_protocol: ClassVar[bool] = False
     #: Formats that can have a backing file: a run they leave unallocated with no

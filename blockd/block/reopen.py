@@ -23,6 +23,9 @@ from blockd.qmp.json import qdict_keys
 #: The children a reopen may change; the others (``image``, ``data-file``) must stay.
 _SWAPPABLE = ("backing", "file")
 _FIXED = ("data-file", "image")
+#: Options QEMU's reopen handles for every driver: they may change or be left out.
+_COMMON = ("node-name", "driver", "discard", "cache.direct", "cache.no-flush", "read-only",
+           "auto-read-only", "detect-zeroes", "force-share")
 
 
 @dataclasses.dataclass
@@ -118,6 +121,7 @@ def _parse_children(graph: BlockGraph, e: _Entry, plan: list[_Entry]) -> None:
     child its keys are options that cannot change.
     """
     node, options = e.node, e.options
+    _check_reset(e)
     if node.supports_backing and "backing" not in options and \
             (node.backing is not None or node.backing_filename()):
         raise QMPError(f"backing is missing for '{node.node_name}'")
@@ -143,12 +147,42 @@ def _parse_children(graph: BlockGraph, e: _Entry, plan: list[_Entry]) -> None:
         ref = options.get(role)
         if isinstance(ref, dict):
             _inline_child(graph, e, role, ref, plan)
-        if role in _FIXED and ref is not None:
+        elif role in _FIXED and ref is not None:
             link = node.children.get(role)
-            if link is not None:
-                graph.lookup_node(ref)
-                if ref != link.child.node_name:
-                    raise QMPError(f"Cannot change the option '{role}'")
+            if link is not None and ref != link.child.node_name:
+                raise QMPError(f"Cannot change the option '{role}'")
+    _check_unchanged(e)
+
+
+def _driver_options(e: _Entry, options: dict[str, Any]) -> dict[str, Any] | None:
+    """The flattened options QEMU's generic rules cover for this node (None: the driver
+    checks its own); children's options belong to the children."""
+    mutable = e.node.reopen_mutable
+    if mutable is None:
+        return None
+    roles = set(e.node.children) | set(_SWAPPABLE) | set(_FIXED)
+    return {key: value for key, value in _flatten(options, "").items()
+            if key.split(".")[0] not in roles and key not in _COMMON and key not in mutable}
+
+
+def _check_reset(e: _Entry) -> None:
+    """An option given at open may not be left out, as QEMU's bdrv_reset_options_allowed."""
+    old = _driver_options(e, e.node.options)
+    new = _flatten(e.options, "")
+    for key in qdict_keys(old or {}):
+        if key not in new:
+            raise QMPError(f"Option '{key}' cannot be reset to its default value")
+
+
+def _check_unchanged(e: _Entry) -> None:
+    """Options the driver does not take on reopen must be the ones it has."""
+    new = _driver_options(e, e.options)
+    if new is None:
+        return
+    old = _flatten(e.node.options, "")
+    for key in qdict_keys(_flatten(e.options, "")):
+        if key in new and old.get(key) != new[key]:
+            raise QMPError(f"Cannot change the option '{key}'")
 
 
 def _inline_child(graph: BlockGraph, e: _Entry, role: str, ref: dict[str, Any],
@@ -168,13 +202,16 @@ def _inline_child(graph: BlockGraph, e: _Entry, role: str, ref: dict[str, Any],
     plan.append(_Entry(child, options, read_only))
 
 
-def _flatten(value: dict[str, Any], prefix: str) -> dict[str, Any]:
+def _flatten(value: dict[str, Any] | list[Any], prefix: str) -> dict[str, Any]:
+    """QEMU's flattened QDict keys: ``prefix.key``, list members by index."""
+    items = value.items() if isinstance(value, dict) else enumerate(value)
     out: dict[str, Any] = {}
-    for key, item in value.items():
-        if isinstance(item, dict):
-            out.update(_flatten(item, f"{prefix}.{key}"))
+    for key, item in items:
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(item, (dict, list)):
+            out.update(_flatten(item, name))
         else:
-            out[f"{prefix}.{key}"] = item
+            out[name] = item
     return out
 
 

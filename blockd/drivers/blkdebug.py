@@ -252,6 +252,7 @@ class BlkdebugNode(BlockNode):
     is_filter = True
     filtered_role = "image"
     relinkable = ("image",)
+    reopen_mutable = ()
     #: A protocol in QEMU's terms (opened by its own name), though it stores nothing.
     is_protocol = True
     strong_options = ("config", "align", "max-transfer", "opt-write-zero", "max-write-zero",
