@@ -25,7 +25,6 @@ from blockd.block.query import block_graph
 from blockd.errors import QMPError
 from harness import HAVE_QSD, WAIT, Daemon, graph_shape
 
-MiB = 1 << 20
 needs_qsd = pytest.mark.skipif(not HAVE_QSD, reason="qemu-storage-daemon not installed")
 
 
