@@ -370,7 +370,8 @@ class BlockGraph:
         if child is None:
             raise QMPError(f"Node '{node.node_name}' is not a filter")
         await self.replace_node(node, child)
-        await self.delete_node(node)
+        if self.nodes.get(node.node_name) is node:  # an unnamed one went with its last parent
+            await self.delete_node(node)
         return child
 
     def rewire(self, moves: list[Move], refresh: Iterable[BlockNode] = (),
