@@ -38,27 +38,32 @@ class Export:
     def __init__(self, daemon: "Daemon", options: dict[str, Any]) -> None:
         self.daemon = daemon
         self.id: str = options["id"]
-        self.node = daemon.graph.lookup_node(options["node-name"])
+        node = daemon.graph.lookup_node(options["node-name"])
         self.name: str = options.get("name", options["node-name"])
         self.description: str | None = options.get("description")
         self.writable: bool = options.get("writable", False)
         self.writethrough: bool = options.get("writethrough", False)
         self.allocation_depth: bool = options.get("allocation-depth", False)
         self.bitmaps: dict[str, Any] = {}
-        if self.writable and self.node.read_only:
+        if self.writable and node.read_only:
             raise QMPError("Cannot export read-only node as writable")
         for entry in options.get("bitmaps", []):
-            bitmap = self._bitmap(entry)
+            bitmap = self._bitmap(node, entry)
             self.bitmaps[bitmap.name] = bitmap
         perm = Perm.CONSISTENT_READ | (Perm.WRITE if self.writable else Perm(0))
-        self.backend = Backend(daemon.graph, self.node, EXPORT_USER, perm,
+        self.backend = Backend(daemon.graph, node, EXPORT_USER, perm,
                                Perm.all() & ~Perm.RESIZE)
         for bitmap in self.bitmaps.values():
             bitmap.busy = True
         self.connections: set[Any] = set()
         self.shutting_down = False
 
-    def _bitmap(self, entry: str | dict[str, str]) -> Any:
+    @property
+    def node(self) -> BlockNode:
+        """The exported node: its backend's, which a graph change may move."""
+        return self.backend.node
+
+    def _bitmap(self, node: BlockNode, entry: str | dict[str, str]) -> Any:
         """One ``BlockDirtyBitmapOrStr``, checked as QEMU does.
 
         A plain name is looked up on the exported node and the nodes it reads
@@ -69,10 +74,10 @@ class Export:
         if isinstance(entry, dict):
             _, bitmap = self.daemon.graph.dirty_bitmap(entry["node"], entry["name"])
         else:
-            bitmap = find_bitmap(self.node, entry)
+            bitmap = find_bitmap(node, entry)
             if bitmap is None:
                 raise QMPError(f"Bitmap '{entry}' is not found")
-            if not self.writable and not self.node.read_only and bitmap.enabled:
+            if not self.writable and not node.read_only and bitmap.enabled:
                 raise QMPError(f"Enabled bitmap '{entry}' incompatible with readonly export")
         bitmap.check_usable(readonly=False)
         return bitmap

@@ -244,3 +244,30 @@ class Server:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def graph_shape(graph: dict[str, Any]) -> dict[str, list[tuple[Any, ...]]]:
+    """An ``x-debug-query-block-graph`` reply with its opaque ids replaced by names.
+
+    Node names stand for themselves; QEMU's random implicit ``#blockN`` names become
+    "<parent>/<edge>", an anonymous backend "block-backend:<its node>", so the same
+    graph built in qsd and in blockd gives equal shapes.  Sorted, since the order
+    of nodes follows each daemon's creation order.
+    """
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    edges = graph["edges"]
+
+    def name(node_id: int) -> str:
+        node = nodes[node_id]
+        if node["type"] == "block-driver" and node["name"].startswith("#block"):
+            up = next(e for e in edges if e["child"] == node_id
+                      and nodes[e["parent"]]["type"] == "block-driver")
+            return f"{name(up['parent'])}/{up['name']}"
+        if node["type"] == "block-backend" and not node["name"]:
+            below = [name(e["child"]) for e in edges if e["parent"] == node_id]
+            return "block-backend:" + ",".join(below)
+        return node["name"]
+
+    return {"nodes": sorted((n["type"], name(i)) for i, n in nodes.items()),
+            "edges": sorted((name(e["parent"]), name(e["child"]), e["name"],
+                             tuple(e["perm"]), tuple(e["shared-perm"])) for e in edges)}

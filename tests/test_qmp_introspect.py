@@ -165,6 +165,9 @@ SAME_ANSWER = [
     "nbd-server-add/$deprecated",
     "x-blockdev-amend/$unstable",
     "x-debug-block-dirty-bitmap-sha256/$unstable",
+    "x-debug-query-block-graph/$unstable",
+    "x-debug-query-block-graph/ret-type/edges/shared-perm/^write-unchanged",
+    "x-debug-query-block-graph/ret-type/nodes/type/^block-job",
     "object-add/arg-type/qom-type/^secret",
     "object-add/arg-type/+secret/loaded/$deprecated",
     "transaction/arg-type/actions/+block-dirty-bitmap-add/data/persistent",
@@ -413,7 +416,7 @@ def test_replies_and_events_fit_their_declared_types(tmp_path):
                 ("qom-list", {"path": "/objects"}), ("qom-list", {"path": "/objects/s0"}),
                 ("qom-list-types", {}), ("x-debug-block-dirty-bitmap-sha256", {"node": "n0", "name": "b0"}),
                 ("blockdev-snapshot-delete-internal-sync", {"device": "n0", "name": "snap"}),
-                ("query-jobs", {})]:
+                ("query-jobs", {}), ("x-debug-query-block-graph", {})]:
             run(command, **args)
         run("block-export-del", id="e0")
         # A corrupt image last: QEMU answers no more node queries once it stopped.

@@ -38,10 +38,14 @@ class Backend(User):
                  perm: Perm = Perm.CONSISTENT_READ, shared: Perm = Perm.all()) -> None:
         super().__init__(desc)
         self.graph = graph
-        self.node = node
         #: Counters live on the node so query-blockstats sees every user's I/O.
         self.stats: Stats = node.stats
         self.link: ChildLink = graph.attach(self, node, "root", perm, shared)
+
+    @property
+    def node(self) -> BlockNode:
+        """The node the user reaches now: a graph change may move the link."""
+        return self.link.child
 
     def close(self) -> None:
         self.graph.detach(self.link)

@@ -6,15 +6,21 @@ permission system (a parent's needs against the sharing every other
 parent allows) and the order of errors.  Permission changes are checked
 for the whole affected subgraph before anything is applied, so a refused
 ``blockdev-add`` or export leaves every lock as it was.
+
+The graph can also be rewired (QEMU's ``bdrv_replace_node``, filters put
+in and taken out, a reopen's new ``file`` or ``backing``): every link that
+moves is pointed at its new child first, the permissions of the whole
+change are checked, and on any refusal every link goes back, so a
+refused change leaves the graph and its locks untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-
 import random
 import re
-from typing import Any, Callable, Iterable, Iterator, overload
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, overload
 
 from blockd.block.node import MAX_LENGTH, BlockNode, ChildLink, Perm, perm_names
 from blockd.errors import QMPError
@@ -27,8 +33,13 @@ _NODE_NAME_MAX = 31
 class User:
     """A non-node parent of a node: an export, a job, the monitor's handle.
 
-    ``desc`` is the phrase QEMU prints for it in permission errors.
+    ``desc`` is the phrase QEMU prints for it in permission errors;
+    ``graph_type`` and ``graph_name`` are how ``x-debug-query-block-graph``
+    shows it (exports' backends are anonymous in QEMU 7.2).
     """
+
+    graph_type = "block-backend"
+    graph_name = ""
 
     def __init__(self, desc: str) -> None:
         self.desc = desc
@@ -64,6 +75,19 @@ def inherited_options(parent: BlockNode, opts: dict[str, Any], role: str) -> dic
             opts.setdefault("read-only", True)
     opts.setdefault("discard", "unmap")
     return opts
+
+
+def check_common_options(options: dict[str, Any]) -> None:
+    """Cross-member rules of ``BlockdevOptions`` that a schema cannot state (add and reopen)."""
+    if options.get("detect-zeroes") == "unmap" and options.get("discard", "ignore") != "unmap":
+        raise QMPError("setting detect-zeroes to unmap is not allowed without setting "
+                       "discard operation to unmap")
+    if options.get("force-share") and not options.get("read-only", False):
+        raise QMPError("force-share=on can only be used with read-only images")
+
+
+#: One rewiring step: ``link`` leaves ``old`` (None: a new link) for ``new`` (None: dropped).
+Move = tuple[ChildLink, "BlockNode | None", "BlockNode | None"]
 
 
 def unsupported_option(node: BlockNode, key: str) -> str:
@@ -133,6 +157,9 @@ class BlockGraph:
         self._next_place = itertools.count()
         #: Nodes created inline by another node's open (not owned by the monitor).
         self.implicit: set[str] = set()
+        #: Filters put in without a name (a job's): QEMU's ``implicit`` nodes, which
+        #: a reopen looks through and may not replace.
+        self.implicit_filters: set[str] = set()
         self._counter = 0
         self._secrets = secrets
         #: Nodes are opened only to be described (``qemu-img info``): encrypted
@@ -247,11 +274,21 @@ class BlockGraph:
             raise QMPError(unsupported_option(node, "cache"))
         self.place(name)
         self.nodes[name] = node
+        node.auto_backing_file = self._auto_backing_file(node, options)
         if implicit or options.get("node-name") is None:
             self.implicit.add(name)
         for child in ctx.created:
             self.implicit.add(child.node_name)
         return node
+
+    def _auto_backing_file(self, node: BlockNode, options: dict[str, Any]) -> str | None:
+        """What the image itself names as backing file: the node it opened from its
+        header, or the header's name when the user chose the backing link."""
+        if self.no_io:
+            return None
+        if "backing" not in options and node.backing is not None:
+            return node.backing.filename()
+        return node.backing_filename() or ""
 
     async def _detach_all(self, node: BlockNode, created: list[BlockNode]) -> None:
         for link in list(node.children.values()):
@@ -267,6 +304,7 @@ class BlockGraph:
             self.nodes.pop(node.node_name, None)
             self._places.pop(node.node_name, None)
             self.implicit.discard(node.node_name)
+            self.implicit_filters.discard(node.node_name)
             for link in list(node.children.values()):
                 await self.unref_child(link)
 
@@ -284,6 +322,11 @@ class BlockGraph:
             raise QMPError(f"Failed to find node with node-name='{node_name}'")
         if any(not isinstance(link.parent, BlockNode) for link in node.parents):
             raise QMPError(f"Node {node_name} is in use")
+        overlays = [link.parent for link in node.parents if link.role == "backing"]
+        if overlays:
+            # QEMU blocks a backing node's deletion; the newest overlay's blocker speaks.
+            raise QMPError(f"Node '{node_name}' is busy: node is used as backing hd of "
+                           f"'{overlays[-1].node_name}'")
         if node.parents:
             raise QMPError(f"Block device {node_name} is in use")
         if node_name in self.implicit:
@@ -297,6 +340,180 @@ class BlockGraph:
                 await self.delete_node(node)
         for node in reversed(list(self.nodes.values())):
             await self.delete_node(node)
+
+    # ---- rewiring -----------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def drained(self, nodes: Iterable[BlockNode]) -> AsyncIterator[None]:
+        """Quiesce ``nodes`` while links around them change.
+
+        DRAIN HOOK: the one place the request path (``blockd/block/io.py``)
+        plugs in, to hold new requests on these nodes and wait for those in
+        flight before the graph changes, and release them afterwards.  Until
+        it does, requests are not counted, so there is nothing to wait for.
+        """
+        yield
+
+    async def replace_node(self, old: BlockNode, new: BlockNode) -> None:
+        """Move every parent of ``old`` (nodes, exports, backends, jobs) onto ``new``.
+
+        Links ``new`` itself reaches are left alone, as QEMU leaves them, so
+        a node can take the place of its own child (a filter put on top).
+        All permissions are checked before anything moves; a refusal
+        changes nothing.
+        """
+        below = self._reachable_links(new)
+        moves: list[Move] = [(link, old, new) for link in old.parents if id(link) not in below]
+        async with self.drained([old, new]):
+            orphans = self.rewire(moves)
+        await self.drop_orphans(orphans)
+
+    async def insert_filter(self, filter_options: dict[str, Any], below: BlockNode) -> BlockNode:
+        """Open a filter over ``below`` and put it in ``below``'s place for all its parents.
+
+        ``filter_options`` are ``blockdev-add`` options without the filtered
+        child, which is ``below``.  Without a node-name the filter is
+        implicit, as a job's filters are.  If the parents cannot move, the
+        filter is closed again and nothing changed.
+        """
+        from blockd.drivers import driver_class
+
+        options = dict(filter_options)
+        cls = driver_class(options["driver"])
+        if not cls.is_filter:
+            raise QMPError(f"'{options['driver']}' is not a filter driver")
+        options[cls.filtered_role] = below.node_name
+        node = await self.open_node(options, implicit="node-name" not in options)
+        try:
+            await self.replace_node(below, node)
+        except BaseException:
+            await self.delete_node(node)
+            raise
+        if "node-name" not in options:
+            self.implicit_filters.add(node.node_name)
+        return node
+
+    def skip_implicit_filters(self, node: BlockNode) -> BlockNode:
+        """The first node below ``node`` that is not an unnamed filter."""
+        while node.node_name in self.implicit_filters and node.filtered is not None:
+            node = node.filtered
+        return node
+
+    async def remove_filter(self, node: BlockNode) -> BlockNode:
+        """Give a filter's parents its child back, then delete the filter; returns the child."""
+        child = node.filtered
+        if child is None:
+            raise QMPError(f"Node '{node.node_name}' is not a filter")
+        await self.replace_node(node, child)
+        if self.nodes.get(node.node_name) is node:  # an unnamed one went with its last parent
+            await self.delete_node(node)
+        return child
+
+    def rewire(self, moves: list[Move], refresh: Iterable[BlockNode] = (),
+               going_read_only: Iterable[BlockNode] = ()) -> list[BlockNode]:
+        """Point links at new children, all or nothing; returns the old children left orphaned.
+
+        ``refresh`` are nodes whose own needs changed meanwhile (a reopen's
+        new read-only flag): their children's permissions are planned too;
+        ``going_read_only`` those of them this change made read-only.
+        Users (exports, jobs) keep what they hold; node parents ask
+        ``child_perm`` again.  Links are moved first so the plan sees the
+        graph as it will be; on any refusal they are put back in reverse.
+        """
+        saved = {id(link.parent): (link.parent, dict(link.parent.children)) for link, _, _ in moves
+                 if isinstance(link.parent, BlockNode)}
+        done: list[Move] = []
+        try:
+            for move in moves:
+                self._point(*move)
+                done.append(move)
+            plan: dict[int, tuple[ChildLink, Perm, Perm]] = {}
+            for node in refresh:
+                self._plan_children(node, plan)
+            for link, _, new in moves:
+                if new is None:
+                    continue
+                if isinstance(link.parent, BlockNode):
+                    p, s = link.parent.child_perm(link.role)
+                else:
+                    p, s = link.perm, link.shared
+                plan[id(link)] = (link, p, s)
+                self._plan_node(new, plan)
+            olds = [prev for _, prev, _ in moves if prev is not None]
+            for prev in olds:
+                self._plan_node(prev, plan)
+            self._check(plan)
+            newly = {id(n) for n in going_read_only}
+            for link, _, new in moves:
+                if new is not None:
+                    self._check_writable(new, plan, id(new) in newly)
+            for link, _, _ in moves:
+                parent = link.parent
+                if isinstance(parent, BlockNode) and link.role not in parent.relinkable:
+                    # The driver holds this child itself: moving the link would leave it
+                    # on the old one.  QEMU's drivers do not; where QEMU would accept
+                    # the change, blockd says it cannot.
+                    raise QMPError(f"blockd cannot change the '{link.role}' child of "
+                                   f"'{parent.driver}' node '{parent.node_name}'")
+        except BaseException:
+            for link, old, new in reversed(done):
+                self._point(link, new, old)
+            for parent, children in saved.values():
+                parent.children = children
+            raise
+        self._commit(plan, olds)
+        for link, _, _ in moves:
+            if isinstance(link.parent, BlockNode):
+                link.parent.child_changed(link.role)
+        return [prev for prev in olds if not prev.parents and prev.node_name in self.implicit]
+
+    async def drop_orphans(self, nodes: list[BlockNode]) -> None:
+        """Delete implicit nodes a rewiring left without parents, as QEMU's last unref does."""
+        for node in nodes:
+            if node.node_name in self.nodes and not node.parents:
+                await self.delete_node(node)
+
+    @staticmethod
+    def _point(link: ChildLink, old: BlockNode | None, new: BlockNode | None) -> None:
+        if old is not None:
+            old.parents.remove(link)
+        parent = link.parent
+        if new is None:
+            if isinstance(parent, BlockNode) and parent.children.get(link.role) is link:
+                del parent.children[link.role]
+            return
+        link.child = new
+        new.parents.append(link)
+        if isinstance(parent, BlockNode):
+            parent.children[link.role] = link
+
+    @staticmethod
+    def _reachable_links(node: BlockNode) -> set[int]:
+        """Ids of every link below ``node`` (QEMU's should_update_child walk)."""
+        seen: set[int] = set()
+        found: set[int] = set()
+        todo = [node]
+        while todo:
+            cur = todo.pop()
+            for link in cur.children.values():
+                found.add(id(link))
+                if id(link.child) not in seen:
+                    seen.add(id(link.child))
+                    todo.append(link.child)
+        return found
+
+    def _check_writable(self, node: BlockNode, plan: dict[int, tuple[ChildLink, Perm, Perm]],
+                        newly: bool) -> None:
+        """A writer on a read-only node: QEMU names the node when the same change made
+        it read-only."""
+        perm = Perm(0)
+        for link in node.parents:
+            perm |= self._effective(link, plan)[0]
+        if node.read_only and perm & (Perm.WRITE | Perm.WRITE_UNCHANGED):
+            if newly:
+                raise QMPError(f"Read-only block node '{node.node_name}' cannot support "
+                               "read-write users")
+            raise QMPError("Block node is read-only")
 
     # ---- permissions --------------------------------------------------------
 
@@ -337,12 +554,15 @@ class BlockGraph:
     def refresh(self, node: BlockNode) -> None:
         """Recompute what ``node`` takes on its children (after a reopen)."""
         plan: dict[int, tuple[ChildLink, Perm, Perm]] = {}
+        self._plan_children(node, plan)
+        self._check(plan)
+        self._commit(plan)
+
+    def _plan_children(self, node: BlockNode, plan: dict[int, tuple[ChildLink, Perm, Perm]]) -> None:
         for link in node.children.values():
             p, s = node.child_perm(link.role)
             plan[id(link)] = (link, p, s)
             self._plan_node(link.child, plan)
-        self._check(plan)
-        self._commit(plan)
 
     def _apply(self, link: ChildLink, perm: Perm | None, shared: Perm | None) -> None:
         if perm is None or shared is None:

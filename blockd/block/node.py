@@ -159,6 +159,16 @@ class BlockNode:
     #: Format drivers interpret their ``file`` child; filters pass through.
     is_format: ClassVar[bool] = False
     is_filter: ClassVar[bool] = False
+    #: The role of a filter's one child (blkdebug calls it ``image``).
+    filtered_role: ClassVar[str] = "file"
+    #: Roles whose child a reopen or a graph change may swap: the driver reaches
+    #: them through :attr:`children` on every request, or follows
+    #: :meth:`child_changed`.
+    relinkable: ClassVar[tuple[str, ...]] = ()
+    #: Driver options a reopen may change or leave out, for drivers whose reopen takes
+    #: no options of its own (QEMU's generic rules apply: the others must be given
+    #: again unchanged); None where the driver checks its options itself.
+    reopen_mutable: ClassVar[tuple[str, ...] | None] = None
     #: Protocol drivers (file, null-co, blkdebug) are opened by their own name, not probed.
     is_protocol: ClassVar[bool] = False
     #: Formats that can have a backing file: a run they leave unallocated with no
@@ -185,6 +195,11 @@ class BlockNode:
         self.stats = Stats()
         #: Dirty bitmaps (blockd.block.dirty_bitmap.DirtyBitmap) by name, in creation order.
         self.bitmaps: dict[str, Any] = {}
+        #: QEMU's ``auto_backing_file``: the name of the backing file the image itself
+        #: leads to (the opened node's name when the image opened it), set by the graph
+        #: at open.  None when opened only to be described, where QEMU pretends the
+        #: backing file is the image's own.
+        self.auto_backing_file: str | None = ""
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -317,6 +332,9 @@ class BlockNode:
         """Detach the child ``link`` leads to."""
         raise QMPError(f"The node {self.node_name} does not support removing a child")
 
+    def child_changed(self, role: str) -> None:
+        """The link in ``role`` now leads to another node (or none): drop any copy of the old."""
+
     # ---- reopen ----------------------------------------------------------
 
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
@@ -347,6 +365,12 @@ class BlockNode:
         return self.children["file"].child
 
     @property
+    def filtered(self) -> "BlockNode | None":
+        """A filter's one child, which requests pass to (None for other nodes)."""
+        link = self.children.get(self.filtered_role) if self.is_filter else None
+        return link.child if link else None
+
+    @property
     def backing(self) -> "BlockNode | None":
         link = self.children.get("backing")
         return link.child if link else None
@@ -364,9 +388,18 @@ class BlockNode:
 
         return "json:" + encode(self.full_options())
 
+    def backing_overridden(self) -> bool:
+        """Whether the backing link is not the one the image names (set, changed or dropped
+        by the user), which QEMU's names then spell out."""
+        auto = self.auto_backing_file
+        if auto is None or not self.supports_backing:
+            return False
+        backing = self.backing
+        return auto != backing.filename() if backing is not None else auto != ""
+
     def exact_filename(self) -> str | None:
         """A file name that alone reopens this node, if there is one."""
-        if any(key in self.options for key in self.strong_options):
+        if any(key in self.options for key in self.strong_options) or self.backing_overridden():
             return None
         f = self.file
         return f.exact_filename() if f is not None else None
@@ -377,10 +410,13 @@ class BlockNode:
         for key in self.strong_options:
             if key in self.options:
                 opts[key] = self.options[key]
+        overridden = self.backing_overridden()
         for role, link in self.children.items():
-            if role == "backing" and "backing" not in self.options:
+            if role == "backing" and not overridden:
                 continue  # the image's own backing link: QEMU names it only if overridden
             opts[role] = link.child.full_options()
+        if overridden and self.backing is None:
+            opts["backing"] = None
         return opts
 
     def driver_stats(self) -> dict[str, Any] | None:
@@ -392,7 +428,9 @@ class BlockNode:
         return None
 
     def cluster_size(self) -> int | None:
-        return None
+        # A filter answers QEMU's bdrv_get_info with its child's.
+        below = self.filtered
+        return below.cluster_size() if below is not None else None
 
     def has_info(self) -> bool:
         """Whether the driver reports image details (``dirty-flag`` appears then)."""
@@ -415,7 +453,8 @@ class BlockNode:
         """Drop a persistent bitmap from the image (formats that store them)."""
 
     def is_dirty(self) -> bool:
-        return False
+        below = self.filtered
+        return below.is_dirty() if below is not None else False
 
     def ejected(self) -> bool:
         """The driver gave up on the node (qcow2 after a fatal corruption); queries fail."""

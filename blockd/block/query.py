@@ -1,4 +1,4 @@
-"""The shapes of ``query-named-block-nodes`` and ``query-blockstats``.
+"""The shapes of ``query-named-block-nodes``, ``query-blockstats`` and the graph dump.
 
 Members are inserted in QAPI declaration order; the JSON encoder turns
 that into QEMU's output order.
@@ -6,29 +6,40 @@ that into QEMU's output order.
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from blockd.block.filename import has_protocol
-from blockd.block.node import BlockNode
+from blockd.block.node import BlockNode, ChildLink, Perm
 from blockd.block.stats import Stats
 from blockd.errors import QMPError
 
 
+def filter_or_cow(node: BlockNode) -> BlockNode | None:
+    """The child QEMU's queries walk down: a filter's one child, else the backing file."""
+    return node.filtered if node.is_filter else node.backing
+
+
 def chain_depth(node: BlockNode) -> int:
+    """Filters count as layers of the chain, as in QEMU's ``backing_file_depth``."""
     depth = 0
-    cur = node.backing
+    cur = filter_or_cow(node)
     while cur is not None:
         depth += 1
-        cur = _format_below(cur).backing
+        cur = filter_or_cow(cur)
     return depth
 
 
-def _format_below(node: BlockNode) -> BlockNode:
-    """Skip filters (QEMU reports the backing chain through them)."""
-    while node.is_filter and node.file is not None:
-        node = node.file
-    return node
+def _storage_dir(node: BlockNode) -> str | None:
+    """The directory of the file under ``node`` (through filters and formats)."""
+    while node.file is not None or node.is_filter:
+        below = filter_or_cow(node) if node.is_filter else node.file
+        if below is None:
+            return None
+        node = below
+    name = node.exact_filename()
+    return os.path.dirname(name) if name and not has_protocol(name) else None
 
 
 def image_info(node: BlockNode, flat: bool) -> dict[str, Any]:
@@ -52,7 +63,8 @@ def image_info(node: BlockNode, flat: bool) -> dict[str, Any]:
         info["backing-filename"] = backing_name
         # QEMU makes a relative name absolute; json: and protocol names stand as they are.
         full = backing_name if has_protocol(backing_name) else \
-            node.backing.filename() if node.backing is not None else None
+            node.backing.filename() if node.backing is not None and \
+            not node.backing_overridden() else _full_name(node, backing_name)
         if full:
             info["full-backing-filename"] = full
         fmt = node.backing_format()
@@ -61,12 +73,20 @@ def image_info(node: BlockNode, flat: bool) -> dict[str, Any]:
     snapshots = node.snapshots()
     if snapshots:
         info["snapshots"] = snapshots
-    if not flat and node.backing is not None:
-        info["backing-image"] = image_info(node.backing, flat)
+    below = None if flat else filter_or_cow(node)
+    if below is not None:
+        info["backing-image"] = image_info(below, flat)
     specific = node.format_specific()
     if specific is not None:
         info["format-specific"] = specific
     return info
+
+
+def _full_name(node: BlockNode, name: str) -> str | None:
+    if os.path.isabs(name):
+        return name
+    where = _storage_dir(node)
+    return os.path.join(where, name) if where is not None else None
 
 
 def cache_info(node: BlockNode) -> dict[str, bool]:
@@ -79,9 +99,9 @@ def block_device_info(node: BlockNode, flat: bool) -> dict[str, Any]:
     """``BlockDeviceInfo`` as ``query-named-block-nodes`` reports it."""
     info: dict[str, Any] = {"file": node.filename(), "node-name": node.node_name,
                             "ro": node.read_only, "drv": node.driver}
-    backing_name = node.backing_filename()
-    if backing_name:
-        info["backing_file"] = backing_name
+    if node.backing is not None:
+        # The node's name, not the image header's: they differ once the link changed.
+        info["backing_file"] = node.backing.filename()
     # QEMU stops walking the chain for flat output before it counts a layer.
     info["backing_file_depth"] = 0 if flat else chain_depth(node)
     info["encrypted"] = node.encrypted()
@@ -123,3 +143,50 @@ def stats_info(stats: Stats) -> dict[str, Any]:
         "timed_stats": [],
     })
     return out
+
+
+#: ``BlockPermission`` names in QEMU's enum order.
+_PERM_QAPI = ((Perm.CONSISTENT_READ, "consistent-read"), (Perm.WRITE, "write"),
+              (Perm.WRITE_UNCHANGED, "write-unchanged"), (Perm.RESIZE, "resize"))
+
+
+def _perm_list(perm: Perm) -> list[str]:
+    # QEMU prepends while walking the enum, so its lists come out highest bit first.
+    return [name for bit, name in reversed(_PERM_QAPI) if perm & bit]
+
+
+def block_graph(nodes: Iterable[BlockNode]) -> dict[str, Any]:
+    """``XDbgBlockGraph``: every user and node, every edge with its permissions.
+
+    Ids are numbered as parents and children are first met, users first, as
+    QEMU numbers them; both lists come out newest first, as QEMU prepends.
+    """
+    nodes = list(nodes)
+    ids: dict[int, int] = {}
+    out_nodes: list[dict[str, Any]] = []
+    out_edges: list[dict[str, Any]] = []
+
+    def num(obj: object) -> int:
+        return ids.setdefault(id(obj), len(ids) + 1)
+
+    def add(obj: object, kind: str, name: str, links: Iterable[ChildLink]) -> None:
+        out_nodes.append({"id": num(obj), "type": kind, "name": name})
+        for link in links:
+            out_edges.append({"parent": num(obj), "child": num(link.child), "name": link.role,
+                              "perm": _perm_list(link.perm),
+                              "shared-perm": _perm_list(link.shared)})
+
+    users: dict[int, list[ChildLink]] = {}
+    for node in nodes:
+        for link in node.parents:
+            if not isinstance(link.parent, BlockNode):
+                users.setdefault(id(link.parent), []).append(link)
+    for links in users.values():
+        user = links[0].parent
+        add(user, user.graph_type, user.graph_name, links)
+    for node in nodes:
+        # A node's newest child heads QEMU's list of children.
+        add(node, "block-driver", node.node_name, reversed(list(node.children.values())))
+    out_nodes.reverse()
+    out_edges.reverse()
+    return {"nodes": out_nodes, "edges": out_edges}

@@ -250,6 +250,9 @@ def _spans(offset: int, length: int, limit: int) -> list[tuple[int, int]]:
 class BlkdebugNode(BlockNode):
     driver = "blkdebug"
     is_filter = True
+    filtered_role = "image"
+    relinkable = ("image",)
+    reopen_mutable = ()
     #: A protocol in QEMU's terms (opened by its own name), though it stores nothing.
     is_protocol = True
     strong_options = ("config", "align", "max-transfer", "opt-write-zero", "max-write-zero",

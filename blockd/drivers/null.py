@@ -16,6 +16,7 @@ from blockd.block.node import BlockNode, Extent, Status, WriteFlags
 
 class NullNode(BlockNode):
     driver = "null-co"
+    reopen_mutable = ()
     is_protocol = True
     strong_options = ("size", "read-zeroes")
 

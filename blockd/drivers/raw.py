@@ -21,6 +21,7 @@ class RawNode(BlockNode):
     driver = "raw"
     is_format = True
     strong_options = ("offset", "size")
+    relinkable = ("file",)
 
     def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
         super().__init__(node_name, options, read_only)

@@ -61,6 +61,9 @@ class Qcow2Node(BlockNode):
     driver = "qcow2"
     is_format = True
     supports_backing = True
+    #: The backing file is read through the link; the image object holds the
+    #: file, and is told when it changes (a filter put under the node).
+    relinkable = ("backing", "file")
 
     def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
         super().__init__(node_name, options, read_only)
@@ -352,6 +355,11 @@ class Qcow2Node(BlockNode):
         if persistent or self.stored_bitmaps:
             async with self.image.lock:
                 self.stored_bitmaps = await qbitmaps.store(self.image, persistent, in_use, keep)
+
+    def child_changed(self, role: str) -> None:
+        if role == "file" and self.file is not None:
+            self.image.file = self.file
+            self.image.debug_event = self.file.debug_event
 
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
         if not read_only and self.loaded_snapshot is not None:
