@@ -10,8 +10,9 @@ either the old BAT or a log any VHDX reader replays.  The first write of a
 session updates both headers with a new data write GUID.
 
 Images with a parent (differencing disks) are refused, as in QEMU.  Unlike
-QEMU 7.2, whose sector arithmetic assumes 512-byte sectors, an image with
-4096-byte logical sectors is read with its real size and layout.
+QEMU 7.2, which refuses any logical sector size but 512, an image with
+4096-byte logical sectors (as Hyper-V makes them) opens: guest I/O here is
+in bytes, so only the BAT's interleaving depends on the sector size.
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ from blockd.errors import QMPError
 _FREE_STATES = (L.NOT_PRESENT, L.UNDEFINED, L.ZERO, L.UNMAPPED, L.UNMAPPED_V095)
 
 
+def _prog(default: str) -> str:
+    """The image tool's name when it runs (blockd-img, or qemu-img under that name)."""
+    return getattr(sys.modules.get("blockd.img.common"), "PROG", default)
+
+
 def _report(message: str) -> None:
     """An ``error_report`` line: QEMU prints these before the error that fails the open."""
-    common = sys.modules.get("blockd.img.common")
-    prog = getattr(common, "PROG", "blockd")
-    print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    print(f"{_prog('blockd')}: {message}", file=sys.stderr, flush=True)
 
 
 async def _read(file: BlockNode, offset: int, length: int) -> bytes:
@@ -100,11 +104,7 @@ class VhdxNode(BlockNode):
         self.regions = [(cur.log_offset, cur.log_offset + cur.log_length)]
         await self._open_log(file, cur)
         table = await _read(file, L.REGION_TABLE_OFFSETS[0], L.REGION_TABLE_SIZE)
-        bat, meta, spans = L.parse_region_table(table)
-        for s, e in spans:
-            if any(not (s >= re or e <= rs) for rs, re in self.regions):
-                raise OSError(errno.EINVAL, "Invalid argument")
-        self.regions += spans
+        bat, meta = L.parse_region_table(table, self._register)
         self.geo = await self._metadata(file, meta)
         if self.geo.entries > bat.length // 8:
             raise OSError(errno.EINVAL, "Invalid argument")
@@ -137,7 +137,8 @@ class VhdxNode(BlockNode):
             name = file.filename()
             raise QMPError(f"VHDX image file '{name}' opened read-only, but contains a log "
                            "that needs to be replayed",
-                           hint=f"To replay the log, run:\nqemu-img check -r all '{name}'")
+                           hint=f"To replay the log, run:\n{_prog('blockd-img')} check -r all "
+                                f"'{name}'")
         await self._visible_write()
         await log.replay(file, seq, cur.log_guid, file.flush)
         await file.flush()
@@ -159,9 +160,12 @@ class VhdxNode(BlockNode):
             raise OSError(errno.EINVAL, "Invalid argument")
         (size,) = await item(L.VIRTUAL_DISK_SIZE, "<Q")
         (sector,) = await item(L.LOGICAL_SECTOR_SIZE, "<I")
-        if not L.BLOCK_SIZE_MIN <= block_size <= L.BLOCK_SIZE_MAX or sector not in (512, 4096) \
+        if not L.BLOCK_SIZE_MIN <= block_size <= L.BLOCK_SIZE_MAX \
                 or block_size & (block_size - 1):
             raise OSError(errno.EINVAL, "Invalid argument")
+        # QEMU 7.2 refuses 4096 as well (its arithmetic assumes 512); blockd reads it.
+        if sector not in (512, 4096):
+            raise OSError(errno.ENOTSUP, "Operation not supported")
         size -= size % sector
         if size > (1 << 63) - 1:
             raise OSError(errno.EFBIG, "File too large")
@@ -192,21 +196,40 @@ class VhdxNode(BlockNode):
                 problems.append(f"VHDX BAT entry {i} end offset {offset + length - 1} points "
                                 f"after end of file ({flen}). Image has probably been "
                                 "truncated.")
-            overlap = False
-            if payload:
-                payload -= 1
-                overlap = any(not (offset >= e or offset + g.block_size <= s)
-                              for s, e in self.regions)
-            else:
-                payload = g.ratio
-            for message in problems + ([""] if overlap else []):
+            for message in problems:
                 bad = True
-                if message:
-                    _report(message)
+                _report(message)
                 if res is None:
                     return True
                 res.corruptions += 1
+            # QEMU counts only present entries here, so a present bitmap entry is
+            # checked as a payload block when earlier ones were not present.
+            if payload:
+                payload -= 1
+                if self._overlap(offset, offset + g.block_size):
+                    bad = True
+                    if res is None:
+                        return True
+                    res.corruptions += 1
+            else:
+                payload = g.ratio
         return bad
+
+    def _register(self, start: int, end: int) -> bool:
+        """Add a region of the file; whether it overlaps one added before."""
+        if self._overlap(start, end):
+            return True
+        self.regions.append((start, end))
+        return False
+
+    def _overlap(self, start: int, end: int) -> bool:
+        """Whether [start, end) overlaps a known region (the log, the region table's):
+        reported against the latest one registered, as QEMU reports it."""
+        for rs, re in reversed(self.regions):
+            if not (start >= re or end <= rs):
+                _report(f"VHDX region {start}-{end} overlaps with region {rs}-{re}")
+                return True
+        return False
 
     # ---- headers ------------------------------------------------------------
 

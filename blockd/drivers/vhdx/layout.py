@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 import uuid
+from typing import Callable
 
 from blockd.errors import QMPError
 
@@ -164,21 +165,21 @@ class Region:
     length: int
 
 
-def parse_region_table(buf: bytes) -> tuple[Region, Region, list[tuple[int, int]]]:
-    """(BAT, metadata, every region as (start, end)); an unusable table raises EINVAL
-    (ENOTSUP for a required region we do not know), as QEMU refuses it."""
+def parse_region_table(buf: bytes,
+                       register: Callable[[int, int], bool]) -> tuple[Region, Region]:
+    """(BAT, metadata); an unusable table raises EINVAL (ENOTSUP for a required region we
+    do not know), as QEMU refuses it.  Each region goes to ``register`` as (start, end)
+    first, which says whether it overlaps one known before."""
     if not checksum_ok(buf):
         raise OSError(22, "Invalid argument")
     sig, _, count, _ = struct.unpack_from("<4sIII", buf)
     if sig != b"regi" or count > 2047:
         raise OSError(22, "Invalid argument")
     bat = meta = None
-    spans: list[tuple[int, int]] = []
     for i in range(count):
         gid, off, length, bits = struct.unpack_from("<16sQII", buf, 16 + 32 * i)
-        if any(not (off >= e or off + length <= s) for s, e in spans):
+        if register(off, off + length):
             raise OSError(22, "Invalid argument")
-        spans.append((off, off + length))
         if gid == BAT_GUID:
             if bat is not None:
                 raise OSError(22, "Invalid argument")
@@ -191,7 +192,7 @@ def parse_region_table(buf: bytes) -> tuple[Region, Region, list[tuple[int, int]
             raise OSError(95, "Operation not supported")
     if bat is None or meta is None:
         raise OSError(22, "Invalid argument")
-    return bat, meta, spans
+    return bat, meta
 
 
 def build_region_table(bat: Region, meta: Region) -> bytes:
