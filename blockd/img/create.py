@@ -358,6 +358,8 @@ _CREATORS = {"qcow2": "blockd.drivers.qcow2.create", "luks": "blockd.drivers.luk
 #: The formats whose ``-o preallocation`` goes to the (empty) file they are written on:
 #: qemu-img hands the protocol only the options the format does not take.
 _FILE_PREALLOC = ("vpc", "vdi", "vhdx")
+#: The formats whose failed creation leaves the file as far as it got, as qemu-img does.
+_KEEP_FAILED = ("vhdx",)
 
 
 def _file_prealloc(value: str) -> str:
@@ -480,7 +482,7 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
         creator = importlib.import_module(_CREATORS[fmt])
         await creator.create(session.graph, options)
     except QMPError as exc:
-        if created:  # a format that failed leaves no half-made file behind
+        if created and fmt not in _KEEP_FAILED:  # no half-made file left behind
             os.unlink(path)
         if name_too_large and isinstance(exc, TooLarge):
             hint = " (try using a larger cluster size)" if fmt == "qcow2" else ""

@@ -62,6 +62,37 @@ def check_options(options: dict[str, Any]) -> tuple[int, int, int, bool, bool]:
     return size, log_size, block_size, fixed, zero
 
 
+#: QEMU's largest single request: a BAT beyond it is refused (a 0-byte image with
+#: 256 MiB blocks has a 2 GiB BAT).
+_MAX_REQUEST = (1 << 31) - 512
+
+
+async def _write_bat(file: Any, bat: L.Region, size: int, block_size: int, ratio: int,
+                     data_start: int, state: int) -> None:
+    """The whole BAT region, a run of entries (one sector bitmap block's worth) at a
+    time: payload entries in ``state``, present ones pointing at their blocks in order,
+    bitmap entries zero."""
+    blocks = -(-size // block_size)
+    written = 0
+    for first in range(0, blocks, ratio):
+        n = min(ratio, blocks - first)
+        if state == L.FULLY_PRESENT:
+            start = data_start + first * block_size + state
+            run = array.array("Q", range(start, start + n * block_size, block_size))
+        else:
+            run = array.array("Q", [state]) * n
+        if first + n < blocks:
+            run.append(0)
+        if sys.byteorder != "little":
+            run.byteswap()
+        await file.write(bat.offset + written, run.tobytes())
+        written += len(run) * 8
+    while written < bat.length:  # the rest is written too, as QEMU does
+        n = min(bat.length - written, 8 * L.MiB)
+        await file.write(bat.offset + written, bytes(n))
+        written += n
+
+
 async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
     size, log_size, block_size, fixed, zero = check_options(options)
     async with creation_file(graph, options["file"], Perm.WRITE | Perm.RESIZE) as file:
@@ -86,17 +117,11 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
             raise QMPError(f"Failed to write image headers: {exc.strerror}") from None
         await file.truncate(data_start + (size if fixed else 0))
         if fixed or zero or not file.has_zero_init():
-            state = L.FULLY_PRESENT if fixed else L.NOT_PRESENT
-            state = L.ZERO if zero else state
-            table = array.array("Q", bytes(bat.length))
-            for block in range(-(-size // block_size)):
-                where = _round_mib(data_start + block * block_size)
-                entry = state if state != L.FULLY_PRESENT else where | state
-                table[L.bat_index(block, ratio)] = entry
-            if sys.byteorder != "little":
-                table.byteswap()
+            if bat.length > _MAX_REQUEST:
+                raise QMPError("Failed to write the BAT: Input/output error")
+            state = L.ZERO if zero else L.FULLY_PRESENT if fixed else L.NOT_PRESENT
             try:
-                await file.write(bat.offset, table.tobytes())
+                await _write_bat(file, bat, size, block_size, ratio, data_start, state)
             except OSError as exc:
                 raise QMPError(f"Failed to write the BAT: {exc.strerror}") from None
         regions = L.build_region_table(bat, meta)
