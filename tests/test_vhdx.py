@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -274,6 +275,49 @@ def test_dirty_log_replayed_by_daemon(tmp_path):
         c.cmd("blockdev-del", **{"node-name": "rw"})
     assert qemu_img("check", "-f", "vhdx", str(image)).returncode == 0
     assert raw_bytes(tmp_path, "vhdx", "a.vhdx") == clean
+
+
+def _failing_bat_write(image: Path) -> dict:
+    """``image`` as a vhdx node whose file fails the first write to the BAT's first
+    sector: the log entry is written, its replay fails, and the log stays dirty."""
+    rule = {"event": "pwritev", "sector": 2 * MiB // 512, "errno": 5, "once": True}
+    return {"driver": "vhdx", "file": {"driver": "blkdebug", "inject-error": [rule],
+                                       "image": {"driver": "file", "filename": str(image)}}}
+
+
+def test_log_left_by_failed_replay(tmp_path):
+    """A write whose BAT update fails after its log entry is written: blockd leaves the
+    file QEMU leaves (same log entry, same headers), qemu-img refuses both read-only, and
+    both tools replay them alike."""
+    image = _qemu_image(tmp_path, "block_size=1M")
+    theirs, ours = tmp_path / "theirs.vhdx", tmp_path / "ours.vhdx"
+    shutil.copyfile(image, theirs)
+    shutil.copyfile(image, ours)
+    r = subprocess.run(["qemu-io", "-c", "write -P 0x11 0 4k",
+                        "json:" + json.dumps(_failing_bat_write(theirs))],
+                       capture_output=True, text=True, timeout=120)
+    assert "write failed: Input/output error" in r.stdout, r.stdout + r.stderr
+    nbd = str(tmp_path / "nbd.sock")
+    daemon = Daemon(str(tmp_path / "qmp.sock"),
+                    "--blockdev", json.dumps({"node-name": "img", **_failing_bat_write(ours)}),
+                    "--nbd-server", f"addr.type=unix,addr.path={nbd}",
+                    "--export", "type=nbd,id=e0,node-name=img,writable=on")
+    try:
+        r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 4k",
+                            f"nbd+unix:///img?socket={nbd}"],
+                           capture_output=True, text=True, timeout=120)
+        assert "write failed: Input/output error" in r.stdout, r.stdout + r.stderr
+    finally:
+        daemon.stop()
+    assert masked(ours, page83=False) == masked(theirs, page83=False)
+    for name in ("ours.vhdx", "theirs.vhdx"):
+        r = qemu_img("info", name, cwd=tmp_path)
+        assert r.returncode == 1 and "contains a log that needs to be replayed" in r.stderr
+    r = qemu_img("check", "-r", "all", "theirs.vhdx", cwd=tmp_path)
+    b = blockd_img("check", "-r", "all", "ours.vhdx", cwd=tmp_path)
+    assert b == (r.stdout, r.stderr, r.returncode)
+    assert masked(ours, page83=False) == masked(theirs, page83=False)
+    assert qemu_img("compare", str(ours), str(theirs)).returncode == 0
 
 
 # ---- 4096-byte logical sectors ----------------------------------------------------------------

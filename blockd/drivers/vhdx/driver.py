@@ -330,6 +330,9 @@ class VhdxNode(BlockNode):
         pos = self.log
         if pos.length < 8:
             raise OSError(errno.EINVAL, "Invalid argument")
+        if self.headers[self.current].log_guid != L.ZERO_GUID:
+            # A log entry whose replay failed is still pending: QEMU writes no more.
+            raise OSError(errno.ENOTSUP, "Operation not supported")
         await self.file.flush()
         await self._update_headers(False, uuid.uuid4().bytes)
         guid = self.headers[self.current].log_guid
@@ -337,9 +340,16 @@ class VhdxNode(BlockNode):
             pos.sequence = 1
         where = self.bat_offset + idx * 8
         sector_at = where - where % log.SECTOR
-        sector = bytearray(await _read(self.file, sector_at, log.SECTOR))
-        struct.pack_into("<Q", sector, where - sector_at, self.bat[idx])
-        entry = log.build_entry(pos, guid, sector_at, bytes(sector), self.file.length())
+        # The rest of the sector comes from the file; as QEMU reads it (only what
+        # follows an entry at the start of a sector), so the same requests reach it.
+        if where == sector_at:
+            sector = struct.pack("<Q", self.bat[idx]) + await _read(self.file, where + 8,
+                                                                    log.SECTOR - 8)
+        else:
+            buf = bytearray(await _read(self.file, sector_at, log.SECTOR))
+            struct.pack_into("<Q", buf, where - sector_at, self.bat[idx])
+            sector = bytes(buf)
+        entry = log.build_entry(pos, guid, sector_at, sector, self.file.length())
         start = pos.write
         write = start
         for k in range(0, len(entry), log.SECTOR):
