@@ -73,17 +73,57 @@ def _crc_table() -> list[int]:
 _TABLE = _crc_table()
 
 
-def crc32c(data: bytes | bytearray | memoryview) -> int:
-    """CRC-32C (Castagnoli), as VHDX checksums use it.
-
-    Table-driven in Python: the structures it covers (headers, region table,
-    log entries of a BAT update) are a few KiB to 64 KiB.
-    """
-    crc = 0xFFFFFFFF
+def crc_register(reg: int, data: bytes | bytearray | memoryview) -> int:
+    """The CRC-32C register after ``data`` (no inversions): table-driven in Python, as
+    the structures it covers are a few KiB to 64 KiB."""
     table = _TABLE
     for b in bytes(data):
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
+        reg = table[(reg ^ b) & 0xFF] ^ (reg >> 8)
+    return reg
+
+
+def crc32c(data: bytes | bytearray | memoryview) -> int:
+    """CRC-32C (Castagnoli), as VHDX checksums use it."""
+    return crc_register(0xFFFFFFFF, data) ^ 0xFFFFFFFF
+
+
+class SectorCrc:
+    """CRC-32C over runs of 4 KiB sectors from each sector's own register value.
+
+    The register is linear: after a sector S it is ``shift(before) ^ reg(0, S)``,
+    where ``shift`` advances it through 4 KiB of zeroes.  So a log entry's
+    checksum costs one pass over each sector however many candidate entries
+    share it, and a sector of zeroes costs nothing: a hostile log cannot make
+    the search slow.
+    """
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        basis = [crc_register(1 << bit, bytes(self.SIZE)) for bit in range(32)]
+        self._tables = []
+        for k in range(4):
+            table = []
+            for b in range(256):
+                v = 0
+                for bit in range(8):
+                    if b >> bit & 1:
+                        v ^= basis[8 * k + bit]
+                table.append(v)
+            self._tables.append(table)
+        self.zero = crc_register(0, bytes(self.SIZE))
+
+    def shift(self, reg: int) -> int:
+        t = self._tables
+        return (t[0][reg & 0xFF] ^ t[1][reg >> 8 & 0xFF] ^ t[2][reg >> 16 & 0xFF]
+                ^ t[3][reg >> 24])
+
+    def combine(self, sector_regs: list[int]) -> int:
+        """The CRC-32C of the sectors whose ``reg(0, sector)`` values are given."""
+        reg = 0xFFFFFFFF
+        for value in sector_regs:
+            reg = self.shift(reg) ^ value
+        return reg ^ 0xFFFFFFFF
 
 
 def checksum_ok(buf: bytes | bytearray, offset: int = 4) -> bool:

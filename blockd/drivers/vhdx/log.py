@@ -18,7 +18,7 @@ import struct
 from typing import Awaitable, Callable
 
 from blockd.block.node import BlockNode
-from blockd.drivers.vhdx.layout import MiB, crc32c, set_checksum
+from blockd.drivers.vhdx.layout import MiB, SectorCrc, crc_register, set_checksum
 
 SECTOR = 4096
 # signature, checksum, entry_length, tail, sequence, descriptor_count, reserved,
@@ -61,10 +61,12 @@ def desc_sectors(count: int) -> int:
 
 
 class LogReader:
-    """Reads log sectors from the file; sectors past its end read as zeroes."""
+    """Reads log sectors from the file (past its end they read as zeroes), and their
+    CRC registers, each computed once."""
 
     def __init__(self, file: BlockNode) -> None:
         self.file = file
+        self._regs: dict[int, int] = {}
 
     async def sector(self, pos: Position, idx: int) -> bytes:
         off = pos.offset + idx
@@ -74,17 +76,31 @@ class LogReader:
         data = bytes(await self.file.read(off, min(SECTOR, end - off)))
         return data.ljust(SECTOR, b"\0")
 
-    async def sectors(self, pos: Position, count: int) -> tuple[list[bytes], bool]:
-        """``count`` sectors from ``pos.read`` on, advancing it; whether all were there
-        (reading stops where the writer is)."""
-        out = []
-        while count:
-            if pos.read == pos.write:
-                return out, False
-            out.append(await self.sector(pos, pos.read))
-            pos.read = pos.next(pos.read)
-            count -= 1
-        return out, True
+    async def register(self, pos: Position, idx: int) -> int:
+        reg = self._regs.get(idx)
+        if reg is None:
+            if pos.offset + idx >= self.file.length():
+                reg = _crc().zero
+            else:
+                reg = crc_register(0, await self.sector(pos, idx))
+            self._regs[idx] = reg
+        return reg
+
+    def advance(self, pos: Position) -> bool:
+        """Move ``pos.read`` on a sector; False (not moved) where the writer is."""
+        if pos.read == pos.write:
+            return False
+        pos.read = pos.next(pos.read)
+        return True
+
+
+_CRC: list[SectorCrc] = []
+
+
+def _crc() -> SectorCrc:
+    if not _CRC:
+        _CRC.append(SectorCrc())
+    return _CRC[0]
 
 
 def _header_ok(pos: Position, raw: bytes, log_guid: bytes) -> tuple | None:
@@ -97,9 +113,16 @@ def _header_ok(pos: Position, raw: bytes, log_guid: bytes) -> tuple | None:
     return hdr
 
 
+async def _peek(reader: LogReader, pos: Position) -> bytes:
+    if pos.read == pos.write:
+        raise _EINVAL
+    return await reader.sector(pos, pos.read)
+
+
 async def _read_descriptors(reader: LogReader, pos: Position,
-                            log_guid: bytes) -> tuple[tuple, bytes]:
-    """The entry header and its descriptor sectors at ``pos.read`` (advanced past them).
+                            log_guid: bytes) -> tuple[tuple, list[tuple], list[int]]:
+    """The entry header at ``pos.read``, its descriptors and the CRC registers of its
+    descriptor sectors (checksum field zeroed); ``pos.read`` moves past them.
 
     An entry whose header is valid but whose descriptors are not makes the
     whole log unusable (EINVAL), as in QEMU.
@@ -108,24 +131,27 @@ async def _read_descriptors(reader: LogReader, pos: Position,
     hdr = _header_ok(pos, raw, log_guid)
     if hdr is None:
         raise _EINVAL
-    n = desc_sectors(hdr[5])
-    secs, complete = await reader.sectors(pos, n)
-    if not complete:
-        raise _EINVAL
-    buf = b"".join(secs)
-    for i in range(hdr[5]):
-        sig, _, zero_length, file_offset, seq = _DESC.unpack_from(buf, 64 + 32 * i)
-        if seq != hdr[4] or file_offset % SECTOR:
-            raise _EINVAL
-        if not (sig == b"desc" or (sig == b"zero" and zero_length % SECTOR == 0)):
-            raise _EINVAL
-    return hdr, buf
-
-
-async def _peek(reader: LogReader, pos: Position) -> bytes:
-    if pos.read == pos.write:
-        raise _EINVAL
-    return await reader.sector(pos, pos.read)
+    count = hdr[5]
+    descs: list[tuple] = []
+    regs: list[int] = []
+    for k in range(desc_sectors(count)):
+        sector = await _peek(reader, pos)
+        if k == 0:
+            sector = sector[:4] + bytes(4) + sector[8:]
+            regs.append(crc_register(0, sector))
+        else:
+            regs.append(await reader.register(pos, pos.read))
+        reader.advance(pos)
+        first = 2 if k == 0 else 0
+        for i in range(first, min(128, count + 2 - 128 * k)):
+            desc = _DESC.unpack_from(sector, 32 * i)
+            sig, _, zero_length, file_offset, seq = desc
+            if seq != hdr[4] or file_offset % SECTOR:
+                raise _EINVAL
+            if not (sig == b"desc" or (sig == b"zero" and zero_length % SECTOR == 0)):
+                raise _EINVAL
+            descs.append(desc)
+    return hdr, descs, regs
 
 
 async def _validate(reader: LogReader, pos: Position, want: int,
@@ -137,14 +163,13 @@ async def _validate(reader: LogReader, pos: Position, want: int,
     if hdr is None or (want and hdr[4] != want + 1):
         pos.read = pos.next(pos.read)
         return None
-    _, buf = await _read_descriptors(reader, pos, log_guid)
-    rest = hdr[2] // SECTOR - desc_sectors(hdr[5])
-    data, complete = await reader.sectors(pos, max(rest, 0))
-    if not complete:
-        return None
-    body = bytearray(buf)
-    body[4:8] = bytes(4)
-    if crc32c(bytes(body) + b"".join(data)) != hdr[1]:
+    _, _, regs = await _read_descriptors(reader, pos, log_guid)
+    for _ in range(hdr[2] // SECTOR - len(regs)):
+        if pos.read == pos.write:
+            return None
+        regs.append(await reader.register(pos, pos.read))
+        reader.advance(pos)
+    if _crc().combine(regs) != hdr[1]:
         return None
     return hdr
 
@@ -178,7 +203,12 @@ async def search(file: BlockNode, offset: int, length: int, log_guid: bytes) -> 
 
 async def replay(file: BlockNode, seq: Sequence, log_guid: bytes,
                  sync: Callable[[], Awaitable[None]]) -> None:
-    """Write what the entries of ``seq`` describe to their places in the file."""
+    """Write what the entries of ``seq`` describe to their places in the file.
+
+    A descriptor aimed past the end of the file (and of the file as the entry
+    saw it) is refused: logs only rewrite metadata the file holds, and QEMU
+    would write zeroes there for as long as a hostile length says.
+    """
     reader = LogReader(file)
     pos = seq.pos
     for _ in range(seq.count):
@@ -186,22 +216,24 @@ async def replay(file: BlockNode, seq: Sequence, log_guid: bytes,
         if _ENTRY.unpack_from(raw)[8] > file.length():
             # The file is shorter than when the entry was written: truncated.
             raise _EINVAL
-        hdr, buf = await _read_descriptors(reader, pos, log_guid)
-        for i in range(hdr[5]):
-            sig, trailing, leading, file_offset, dseq = _DESC.unpack_from(buf, 64 + 32 * i)
+        hdr, descs, _ = await _read_descriptors(reader, pos, log_guid)
+        limit = max(file.length(), -(-hdr[9] // MiB) * MiB)
+        for sig, trailing, leading, file_offset, dseq in descs:
             if sig == b"desc":
-                secs, complete = await reader.sectors(pos, 1)
-                if not complete:
-                    raise _EINVAL
-                data = secs[0]
-                high, low = struct.unpack_from("<I", data, 4)[0], struct.unpack_from(
-                    "<I", data, 4092)[0]
+                data = await _peek(reader, pos)
+                reader.advance(pos)
+                high = struct.unpack_from("<I", data, 4)[0]
+                low = struct.unpack_from("<I", data, 4092)[0]
                 if (high << 32 | low) != dseq:
+                    raise _EINVAL
+                if file_offset + SECTOR > limit:
                     raise _EINVAL
                 sector = struct.pack("<Q", leading) + data[8:4092] + struct.pack("<I", trailing)
                 await file.write(file_offset, sector)
                 await sync()
             else:
+                if file_offset + leading > limit:
+                    raise _EINVAL
                 for k in range(leading // SECTOR):
                     await file.write(file_offset + k * SECTOR, bytes(SECTOR))
                     await sync()
