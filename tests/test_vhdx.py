@@ -12,19 +12,25 @@ qemu-img fails them, without a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import struct
 import subprocess
+import tracemalloc
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from blockd.block.graph import BlockGraph
+from blockd.drivers.vhdx import layout as L
+from blockd.errors import QMPError
 from harness import Daemon
+from test_hostile_images import CASES, MEMORY_BOUND, _fuzz
 from test_img import blockd_img, qemu_img, same
 from test_vpc import WRITES, check_nbd_read, check_views, qemu_io, raw_bytes, serve
-
-from blockd.drivers.vhdx import layout as L
 
 MiB = 1 << 20
 #: Enough to hold every image's metadata here (a 0-byte image has a 64 MiB BAT).
@@ -460,3 +466,74 @@ def test_hostile_log(tmp_path, case):
     assert "Traceback" not in b[1]
     assert b == (r.stdout, r.stderr.replace("theirs.vhdx", "h.vhdx")
                  .replace("qemu-img", "blockd-img"), r.returncode)
+
+
+# ---- random damage, in process ------------------------------------------------------------------
+
+#: (offset, length) of the structures a mutation hits: file identifier, headers, region
+#: table, log entry (header, descriptor, data sector), BAT, metadata table and items.
+FUZZ_AREAS = [(0, 16), (H1, 80), (H2, 80), (RT, 112), (LOG, 128), (LOG + 4096, 8),
+              (LOG + 8188, 4), (BAT, 96), (META, 200), (META + 65536, 40)]
+
+
+@pytest.fixture(scope="module")
+def fuzz_bases(tmp_path_factory) -> dict[str, bytes]:
+    d = tmp_path_factory.mktemp("vhdx-fuzz")
+    clean = _qemu_image(d, "block_size=1M", "11M", "clean.vhdx")
+    qemu_io("vhdx", str(clean), "write -P 1 0 4k", "write -P 2 3M 4k")
+    dirty = d / "dirty.vhdx"
+    shutil.copyfile(clean, dirty)
+    make_dirty(dirty)
+    return {"clean": clean.read_bytes(), "dirty": dirty.read_bytes()}
+
+
+async def _exercise(path: str) -> None:
+    """Open read-only, then read-write (replaying a log), read everything and write a
+    little: only the driver's errors (QMPError on open, OSError on I/O) may escape."""
+    for read_only in (True, False):
+        g = BlockGraph()
+        try:
+            node = await g.open_node({"driver": "vhdx", "node-name": "v", "read-only": read_only,
+                                      "file": {"driver": "file", "filename": path}})
+        except QMPError:
+            await g.close_all()
+            continue
+        try:
+            size = min(node.length(), 16 * MiB)
+            for off in range(0, size, MiB):
+                try:
+                    assert len(await node.read(off, min(MiB, size - off))) == min(MiB, size - off)
+                except OSError:
+                    pass
+            if not read_only:
+                for off in (0, 5 * MiB, size - 4096):
+                    if 0 <= off < size:
+                        try:
+                            await node.write(off, b"\xab" * 4096)
+                        except OSError:
+                            pass
+        finally:
+            await g.close_all()
+
+
+@_fuzz(max(CASES // 3, 1))
+@given(rng=st.randoms(use_true_random=False), which=st.sampled_from(["clean", "dirty"]),
+       fix_sums=st.booleans())
+def test_random_damage_in_process(fuzz_bases, tmp_path, rng, which, fix_sums):
+    data = bytearray(fuzz_bases[which])
+    for _ in range(rng.randint(1, 4)):
+        start, length = rng.choice(FUZZ_AREAS)
+        data[start + rng.randrange(length)] = rng.choice([0, 1, 0xFF, rng.randrange(256)])
+    if fix_sums:
+        for off, size in ((H1, 4096), (H2, 4096), (RT, L.REGION_TABLE_SIZE)):
+            block = bytearray(data[off:off + size])
+            L.set_checksum(block)
+            data[off:off + size] = block
+    path = tmp_path / "f.vhdx"
+    path.write_bytes(bytes(data))
+    tracemalloc.start()
+    try:
+        asyncio.run(_exercise(str(path)))
+        assert tracemalloc.get_traced_memory()[1] < MEMORY_BOUND
+    finally:
+        tracemalloc.stop()

@@ -27,7 +27,7 @@ import uuid
 from typing import Any, Callable
 
 from blockd.block.graph import OpenContext
-from blockd.block.node import BlockNode, Extent, Status, WriteFlags
+from blockd.block.node import MAX_LENGTH, BlockNode, Extent, Status, WriteFlags
 from blockd.drivers.vhdx import layout as L
 from blockd.drivers.vhdx import log
 from blockd.errors import QMPError
@@ -167,8 +167,11 @@ class VhdxNode(BlockNode):
         if sector not in (512, 4096):
             raise OSError(errno.ENOTSUP, "Operation not supported")
         size -= size % sector
-        if size > (1 << 63) - 1:
-            raise OSError(errno.EFBIG, "File too large")
+        if size > MAX_LENGTH:
+            # QEMU's 32-bit block count wraps here and it gets as far as its block layer's
+            # refusal; a count that wraps below that limit is refused below (QEMU would
+            # read past the end of its BAT).
+            raise QMPError("Could not refresh total sector count: File too large")
         return _Geometry(size, block_size, sector, L.chunk_ratio(block_size, sector),
                          L.bat_entries(size, block_size, sector))
 
