@@ -62,11 +62,6 @@ def check_options(options: dict[str, Any]) -> tuple[int, int, int, bool, bool]:
     return size, log_size, block_size, fixed, zero
 
 
-#: QEMU's largest single request: a BAT beyond it is refused (a 0-byte image with
-#: 256 MiB blocks has a 2 GiB BAT).
-_MAX_REQUEST = (1 << 31) - 512
-
-
 async def _write_bat(file: Any, bat: L.Region, size: int, block_size: int, ratio: int,
                      data_start: int, state: int) -> None:
     """The whole BAT region, a run of entries (one sector bitmap block's worth) at a
@@ -117,7 +112,7 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
             raise QMPError(f"Failed to write image headers: {exc.strerror}") from None
         await file.truncate(data_start + (size if fixed else 0))
         if fixed or zero or not file.has_zero_init():
-            if bat.length > _MAX_REQUEST:
+            if bat.length > L.MAX_REQUEST:  # a 0-byte image with 256 MiB blocks
                 raise QMPError("Failed to write the BAT: Input/output error")
             state = L.ZERO if zero else L.FULLY_PRESENT if fixed else L.NOT_PRESENT
             try:

@@ -69,7 +69,6 @@ class VhdxNode(BlockNode):
     def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
         super().__init__(node_name, options, read_only)
         self.headers: list[L.Header] = []
-        self._slots: list[bytes] = []
         self.current = 0
         self.session_guid = uuid.uuid4().bytes
         self.log: log.Position | None = None
@@ -100,7 +99,6 @@ class VhdxNode(BlockNode):
         cur = parsed[self.current]
         # A slot that held no valid header is rewritten from the current one.
         self.headers = [h if h is not None else dataclasses.replace(cur) for h in parsed]
-        self._slots = slots
         self.regions = [(cur.log_offset, cur.log_offset + cur.log_length)]
         await self._open_log(file, cur)
         table = await _read(file, L.REGION_TABLE_OFFSETS[0], L.REGION_TABLE_SIZE)
@@ -108,15 +106,16 @@ class VhdxNode(BlockNode):
         self.geo = await self._metadata(file, meta)
         if self.geo.entries > bat.length // 8:
             raise OSError(errno.EINVAL, "Invalid argument")
+        if bat.length > L.MAX_REQUEST:  # QEMU reads the whole region at once
+            raise OSError(errno.EIO, "Input/output error")
         self.bat_offset = bat.offset
-        # Only the entries in use, and only what the file holds (the rest reads as zero):
-        # a hostile BAT length costs no memory.
+        # Only the entries in use, and only those the file holds (past its end they
+        # read as zero, see _state): a hostile BAT length costs no memory.
         want = self.geo.entries * 8
         have = max(0, min(want, file.length() - bat.offset))
         self.bat = array.array("Q", await _read(file, bat.offset, have - have % 8))
         if sys.byteorder != "little":
             self.bat.byteswap()
-        self.bat.extend([0] * (self.geo.entries - len(self.bat)))
         if not self.options.get("x-check"):
             if self._check_bat(None):
                 raise OSError(errno.EINVAL, "Invalid argument")
@@ -267,6 +266,10 @@ class VhdxNode(BlockNode):
     def length(self) -> int:
         return self.geo.size
 
+    def _state(self, idx: int) -> int:
+        """BAT entry ``idx``; one past the end of the file reads as zero (not present)."""
+        return self.bat[idx] if idx < len(self.bat) else 0
+
     def _entry(self, offset: int) -> tuple[int, int]:
         """(BAT index, offset within the block) of guest ``offset``."""
         g = self.geo
@@ -279,7 +282,7 @@ class VhdxNode(BlockNode):
         while offset < end:
             n = min(end - offset, bs - offset % bs)
             idx, within = self._entry(offset)
-            entry = self.bat[idx]
+            entry = self._state(idx)
             state = entry & L.STATE_MASK
             if state in _FREE_STATES:
                 out += bytes(n)
@@ -302,7 +305,11 @@ class VhdxNode(BlockNode):
             while pos < len(view):
                 n = min(len(view) - pos, bs - (offset + pos) % bs)
                 idx, within = self._entry(offset + pos)
-                state = self.bat[idx] & L.STATE_MASK
+                state = self._state(idx) & L.STATE_MASK
+                if idx >= len(self.bat):
+                    # The BAT itself would have to grow past the end of the file: only
+                    # a truncated or hostile image gets here.
+                    raise OSError(errno.EIO, "Input/output error")
                 if state in _FREE_STATES:
                     await self._allocate(idx, within, view[pos:pos + n], flags)
                 elif state == L.FULLY_PRESENT:

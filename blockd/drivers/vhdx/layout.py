@@ -30,6 +30,8 @@ MAX_IMAGE_SIZE = 64 << 40
 #: Sectors a sector bitmap block covers: the chunk ratio is this many logical sectors a block.
 MAX_SECTORS_PER_BLOCK = 1 << 23
 DEFAULT_LOG_SIZE = 1 * MiB
+#: QEMU's largest single request: the BAT is read and written in one.
+MAX_REQUEST = (1 << 31) - 512
 
 # BAT entry states (the low three bits); the file offset is in the bits from 20 up.
 NOT_PRESENT, UNDEFINED, ZERO, UNMAPPED, UNMAPPED_V095 = 0, 1, 2, 3, 5
