@@ -542,3 +542,18 @@ def test_random_damage_in_process(fuzz_bases, tmp_path, rng, which, fix_sums):
         assert tracemalloc.get_traced_memory()[1] < MEMORY_BOUND
     finally:
         tracemalloc.stop()
+
+
+@pytest.mark.parametrize("cmd", [["measure", "-O", "vhdx", "r.raw"],
+                                 ["measure", "-f", "vhdx", "-O", "qcow2", "a.vhdx"],
+                                 ["resize", "a.vhdx", "30M"],
+                                 ["amend", "-o", "log_size=2M", "a.vhdx"],
+                                 ["check", "-r", "leaks", "a.vhdx"],
+                                 ["compare", "a.vhdx", "r.raw"]])
+def test_other_subcommands(tmp_path, cmd):
+    """What qemu-img's other subcommands say about vhdx (no measure, resize or amend)."""
+    image = _qemu_image(tmp_path, "block_size=1M", "20M")
+    qemu_io("vhdx", str(image), *WRITES)
+    assert qemu_img("convert", "-O", "raw", "a.vhdx", "r.raw", cwd=tmp_path).returncode == 0
+    qemu_io("raw", str(tmp_path / "r.raw"), "write -P 0x42 12M 512")
+    same(tmp_path, *cmd)
