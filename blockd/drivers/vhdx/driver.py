@@ -277,23 +277,32 @@ class VhdxNode(BlockNode):
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         bs = self.geo.block_size
-        out = bytearray()
-        end = offset + length
-        while offset < end:
-            n = min(end - offset, bs - offset % bs)
-            idx, within = self._entry(offset)
-            entry = self._state(idx)
-            state = entry & L.STATE_MASK
-            if state in _FREE_STATES:
-                out += bytes(n)
-            elif state == L.FULLY_PRESENT and entry & L.OFFSET_MASK >= L.HEADER_SECTION_END:
-                out += await self.file.read((entry & L.OFFSET_MASK) + within, n)
-            else:
-                # Partially present blocks belong to differencing disks; a block inside
-                # the header section is corrupt.  QEMU fails these reads too.
-                raise OSError(errno.EIO, "Input/output error")
-            offset += n
+        if offset % bs + length <= bs:  # one block: its bytes as the file returns them
+            host = self._host(offset)
+            return bytes(length) if host is None else await self.file.read(host, length)
+        out = bytearray(length)  # zeroed: blocks not present are left as they are
+        pos = 0
+        while pos < length:
+            n = min(length - pos, bs - (offset + pos) % bs)
+            host = self._host(offset + pos)
+            if host is not None:
+                out[pos:pos + n] = await self.file.read(host, n)
+            pos += n
         return out
+
+    def _host(self, offset: int) -> int | None:
+        """Where guest ``offset`` is stored, None where it reads as zeroes."""
+        idx, within = self._entry(offset)
+        entry = self._state(idx)
+        state = entry & L.STATE_MASK
+        if state in _FREE_STATES:
+            return None
+        if state == L.FULLY_PRESENT and entry & L.OFFSET_MASK >= L.HEADER_SECTION_END:
+            return (entry & L.OFFSET_MASK) + within
+        # Partially present blocks belong to differencing disks (QEMU fails these reads
+        # too); a block inside the header section is corrupt (QEMU reads the file's own
+        # header there).
+        raise OSError(errno.EIO, "Input/output error")
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
