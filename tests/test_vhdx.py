@@ -343,6 +343,17 @@ def test_4k_logical_sectors(tmp_path):
     assert raw_bytes(tmp_path, "vhdx", "a.vhdx", "blockd-img") == expected
     r = qemu_img("info", "a.vhdx", cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.endswith("Operation not supported\n"), r.stderr
+    # Writes through a blockd export land where reads find them.
+    daemon, uri = serve(tmp_path, "vhdx", image, writable=True)
+    try:
+        qemu_io("raw", uri, "write -P 0x61 6M 8k", "write -P 0x62 15M 1M")
+    finally:
+        daemon.stop()
+    got = raw_bytes(tmp_path, "vhdx", "a.vhdx", "blockd-img")
+    want = bytearray(expected)
+    want[6 * MiB:6 * MiB + 8192] = b"\x61" * 8192
+    want[15 * MiB:16 * MiB] = b"\x62" * MiB
+    assert got == bytes(want)
 
 
 # ---- check and hostile images -------------------------------------------------------------------
