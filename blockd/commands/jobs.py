@@ -19,6 +19,7 @@ _CREATORS = {
     "luks": "blockd.drivers.luks:create",
     "vpc": "blockd.drivers.vpc.create:create",
     "vdi": "blockd.drivers.vdi.create:create",
+    "vhdx": "blockd.drivers.vhdx.create:create",
     "vmdk": "blockd.drivers.vmdk.create:create",
 }
 

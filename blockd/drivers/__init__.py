@@ -25,6 +25,7 @@ _DRIVERS: dict[str, str] = {
     "nbd": "blockd.drivers.nbd.driver:NbdNode",
     "vpc": "blockd.drivers.vpc.driver:VpcNode",
     "vdi": "blockd.drivers.vdi.driver:VdiNode",
+    "vhdx": "blockd.drivers.vhdx.driver:VhdxNode",
     "vmdk": "blockd.drivers.vmdk.driver:VmdkNode",
     "quorum": "blockd.drivers.quorum:QuorumNode",
     "blkverify": "blockd.drivers.blkverify:BlkverifyNode",

@@ -90,6 +90,17 @@ FORMATS: dict[str, list[Opt]] = {
                                   "calculation"),
     ],
     "vdi": [_SIZE, Opt("static", "bool", "VDI static (pre-allocated) image", "off")],
+    "vhdx": [
+        Opt("size", "size", "Virtual disk size; max of 64TB."),
+        Opt("log_size", "size", "Log size; min 1MB.", "1048576"),
+        Opt("block_size", "size", "Block Size; min 1MB, max 256MB. 0 means auto-calculate "
+                                  "based on image size.", "0"),
+        Opt("subformat", "str", "VHDX format type, can be either 'dynamic' or 'fixed'. "
+                                "Default is 'dynamic'."),
+        Opt("block_state_zero", "bool", "Force use of payload blocks of type 'ZERO'. "
+                                        "Non-standard, but default.  Do not set to 'off' when "
+                                        "using 'qemu-img convert' with subformat=dynamic."),
+    ],
     "vmdk": [
         _SIZE,
         Opt("adapter_type", "str", "Virtual adapter type, can be one of ide (default), "
@@ -317,15 +328,38 @@ def _vdi_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
     return out
 
 
+def _vhdx_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
+    """qemu-img's vhdx sizes: log and block sizes rounded up to whole MiB, a block size
+    of 0 chosen by the driver, one past the maximum lowered to it."""
+    from blockd.drivers.vhdx.layout import BLOCK_SIZE_MAX
+
+    def mib(n: int) -> int:
+        return -(-n // (1 << 20)) * (1 << 20)
+
+    out: dict[str, Any] = {"driver": "vhdx", "size": size}
+    if "log_size" in opts:
+        out["log-size"] = mib(opts["log_size"])
+    block = mib(opts.get("block_size", 0))
+    if block:
+        out["block-size"] = min(block, BLOCK_SIZE_MAX)
+    if "subformat" in opts:
+        out["subformat"] = _enum("subformat", opts["subformat"], ("dynamic", "fixed"))
+    if "block_state_zero" in opts:
+        out["block-state-zero"] = _bool(opts["block_state_zero"])
+    return out
+
+
 #: Each format's ``-o`` options to ``blockdev-create`` options, and the module that creates.
 _BUILDERS = {"qcow2": _qcow2_options, "luks": _luks_options, "vpc": _vpc_options,
-             "vdi": _vdi_options, "vmdk": _vmdk_options}
+             "vdi": _vdi_options, "vmdk": _vmdk_options, "vhdx": _vhdx_options}
 _CREATORS = {"qcow2": "blockd.drivers.qcow2.create", "luks": "blockd.drivers.luks",
              "vpc": "blockd.drivers.vpc.create", "vdi": "blockd.drivers.vdi.create",
-             "vmdk": "blockd.drivers.vmdk.create"}
+             "vmdk": "blockd.drivers.vmdk.create", "vhdx": "blockd.drivers.vhdx.create"}
 #: The formats whose ``-o preallocation`` goes to the (empty) file they are written on:
 #: qemu-img hands the protocol only the options the format does not take.
-_FILE_PREALLOC = ("vpc", "vdi")
+_FILE_PREALLOC = ("vpc", "vdi", "vhdx")
+#: The formats whose failed creation leaves the file as far as it got, as qemu-img does.
+_KEEP_FAILED = ("vhdx",)
 
 
 def _file_prealloc(value: str) -> str:
@@ -448,7 +482,7 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
         creator = importlib.import_module(_CREATORS[fmt])
         await creator.create(session.graph, options)
     except QMPError as exc:
-        if created:  # a format that failed leaves no half-made file behind
+        if created and fmt not in _KEEP_FAILED:  # no half-made file left behind
             os.unlink(path)
         if name_too_large and isinstance(exc, TooLarge):
             hint = " (try using a larger cluster size)" if fmt == "qcow2" else ""
