@@ -4,4 +4,5 @@ Importing this package registers every command with
 :mod:`blockd.qmp.registry`.
 """
 
-from blockd.commands import bitmaps, block, core, jobs, nbd, objects, snapshots  # noqa: F401
+from blockd.commands import (  # noqa: F401
+    bitmaps, block, block_jobs, core, jobs, nbd, objects, snapshots)
