@@ -25,7 +25,7 @@ from blockd.jobs.blockjob import BlockJob, find_block_job
 from blockd.jobs.job import Job, JobTxn, find_job, list_jobs
 from blockd.jobs.ratelimit import RateLimit
 from blockd.qmp.registry import load_all
-from harness import HAVE_QSD, Daemon, past_calibration
+from harness import HAVE_QSD, Daemon, Server, connect_unix, past_calibration
 
 # ---- the tables ------------------------------------------------------------------------
 
@@ -582,5 +582,45 @@ def test_amend_job_matches_qsd(tmp_path):
                 "driver": "luks", "state": "active", "new-secret": "s1", "iter-time": 10}})])
         out += _wait_concluded(c, out, "j")
         out += _transcript(c, AFTER_THE_END)
+        return _anonymous(out, work)
+    _both(tmp_path, scenario)
+
+
+def _nbdkit_pause(ctl: str, letter: str) -> None:
+    """Pause ('p') or resume ('r') nbdkit's pause filter; returns once it has taken effect."""
+    with connect_unix(ctl) as s:
+        s.sendall(letter.encode())
+        assert s.recv(1) == letter.upper().encode()
+
+
+@pytest.mark.parametrize("verbs", ["pause-resume-cancel", "pause-then-end"])
+@pytestmark_qsd
+def test_verbs_on_a_running_create_job_match_qsd(tmp_path, verbs):
+    """A vdi create whose storage hangs (nbdkit paused) stays 'running' for certain.
+
+    A create job has no pause point inside its work, in QEMU as here: pause
+    and cancel are accepted while it runs and take effect at its end.
+    """
+    def scenario(c, work):
+        sock, ctl = str(work / "nbd.sock"), str(work / "ctl.sock")
+        with Server(sock, "nbdkit", "-f", "-U", sock, "--filter=pause", "memory", "16M",
+                    f"pause-control={ctl}"):
+            out = _transcript(c, [("blockdev-add", {"driver": "nbd", "node-name": "n",
+                                                    "server": {"type": "unix", "path": sock}})])
+            _nbdkit_pause(ctl, "p")
+            out += _transcript(c, [
+                ("blockdev-create", {"job-id": "c", "options": {
+                    "driver": "vdi", "file": "n", "size": 8 << 20}}),
+                ("query-jobs", {}), ("job-pause", {"id": "c"}), ("job-pause", {"id": "c"}),
+                ("query-jobs", {}), ("job-complete", {"id": "c"}), ("job-finalize", {"id": "c"}),
+                ("job-dismiss", {"id": "c"}), ("block-job-pause", {"device": "c"})])
+            if verbs == "pause-resume-cancel":
+                out += _transcript(c, [("job-resume", {"id": "c"}), ("job-resume", {"id": "c"}),
+                                       ("job-pause", {"id": "c"}), ("job-cancel", {"id": "c"}),
+                                       ("job-resume", {"id": "c"}), ("query-jobs", {})])
+            _nbdkit_pause(ctl, "r")
+            out += _wait_concluded(c, out, "c")
+            out += _transcript(c, [("query-jobs", {}), ("job-resume", {"id": "c"}),
+                                   ("job-dismiss", {"id": "c"}), ("blockdev-del", {"node-name": "n"})])
         return _anonymous(out, work)
     _both(tmp_path, scenario)
