@@ -624,3 +624,15 @@ def test_verbs_on_a_running_create_job_match_qsd(tmp_path, verbs):
                                    ("job-dismiss", {"id": "c"}), ("blockdev-del", {"node-name": "n"})])
         return _anonymous(out, work)
     _both(tmp_path, scenario)
+
+
+# ---- transaction actions ------------------------------------------------------------------
+
+
+def test_every_transaction_action_kind_has_one_registered_action():
+    from blockd.commands.transaction import ACTIONS
+    from blockd.qmp.schema import load
+
+    load_all()
+    kinds = load().registry["https://blockd.invalid/schema/types/TransactionActionKind.json"]
+    assert set(ACTIONS) == set(kinds.contents["enum"])

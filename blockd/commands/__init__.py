@@ -5,4 +5,4 @@ Importing this package registers every command with
 """
 
 from blockd.commands import (  # noqa: F401
-    bitmaps, block, block_jobs, core, jobs, nbd, objects, snapshots)
+    bitmaps, block, block_jobs, core, jobs, nbd, objects, snapshots, transaction)
