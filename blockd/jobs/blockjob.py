@@ -91,6 +91,11 @@ class BlockJob(Job):
             if not delay or self.is_cancelled():
                 return
 
+    async def throttle(self, n: int) -> None:
+        """Wait for the speed, then count ``n`` bytes against it (the copy engine's gate)."""
+        await self.ratelimit_sleep()
+        self.ratelimit_processed(n)
+
     # ---- errors ------------------------------------------------------------------
 
     def error_action(self, on_error: str, is_read: bool, err: int) -> str:

@@ -9,6 +9,7 @@ coarse by design: it keeps the average, not every request, under the speed.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 #: QEMU's slice for block jobs.
 SLICE = 0.1
@@ -17,8 +18,10 @@ SLICE = 0.1
 class RateLimit:
     """Bytes per second over slices; a speed of 0 means no limit."""
 
-    def __init__(self, speed: int = 0, slice_seconds: float = SLICE) -> None:
+    def __init__(self, speed: int = 0, slice_seconds: float = SLICE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.slice = slice_seconds
+        self.clock = clock
         self.quota = 0.0
         self.slice_start = 0.0
         self.slice_end = 0.0
@@ -34,7 +37,7 @@ class RateLimit:
         if not self.quota:
             return 0.0
         if now is None:
-            now = time.monotonic()
+            now = self.clock()
         if self.slice_end < now:
             # The last slice (possibly stretched by a wait) is over: start afresh.
             self.slice_start = now
