@@ -374,8 +374,11 @@ def test_speed_and_error_policies():
         assert job.block_info()["speed"] == 4096
         with pytest.raises(QMPError, match="^Parameter 'speed' expects a non-negative value$"):
             job.set_speed(-1)
+        host.take()
         with pytest.raises(QMPError, match="^Parameter 'speed' expects a non-negative value$"):
             StepJob(host, "k", speed=-1)
+        assert host.take() == [("JOB_STATUS_CHANGE", "created"), ("JOB_STATUS_CHANGE", "null")]
+        assert "k" not in host.jobs
         assert job.error_action("report", True, errno.EIO) == "report"
         assert job.error_action("ignore", False, errno.EIO) == "ignore"
         assert job.error_action("enospc", False, errno.EIO) == "report"

@@ -38,15 +38,20 @@ class BlockJob(Job):
     def __init__(self, host: JobHost, job_id: str | None, *, speed: int = 0,
                  auto_finalize: bool = True, auto_dismiss: bool = True,
                  txn: JobTxn | None = None) -> None:
-        check_speed(speed)
         super().__init__(host, job_id, auto_finalize=auto_finalize,
                          auto_dismiss=auto_dismiss, txn=txn)
-        self.speed = speed
-        self.limit = RateLimit(speed)
-        self.iostatus = "ok"
         self.nodes: list[BlockNode] = []
         self.blocker = op_blockers.Blocker(
             f"block device is in use by block job: {self.job_type}")
+        try:
+            check_speed(speed)
+        except QMPError:
+            # QEMU refuses the speed of a job it has already created (created, then null).
+            self.early_fail()
+            raise
+        self.speed = speed
+        self.limit = RateLimit(speed)
+        self.iostatus = "ok"
 
     # ---- nodes -------------------------------------------------------------------
 
