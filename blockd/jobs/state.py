@@ -35,7 +35,8 @@ VERBS: dict[str, frozenset[str]] = {
     "pause": _ACTIVE,
     "resume": _ACTIVE,
     "set-speed": _ACTIVE,
-    "complete": frozenset({"ready"}),
+    # QEMU 7.2 takes complete on standby too (a paused ready job).
+    "complete": frozenset({"ready", "standby"}),
     "finalize": frozenset({"pending"}),
     "dismiss": frozenset({"concluded"}),
 }
