@@ -785,3 +785,14 @@ def test_a_block_job_copies_through_the_engine_at_its_speed_with_pause_points():
         await turns(500)
         assert job.status == "concluded" and dst.data == src.data
     run(go())
+
+
+@pytestmark_qsd
+def test_quit_dismisses_jobs_before_its_reply_like_qsd(tmp_path):
+    def scenario(c, work):
+        out = _transcript(c, [("blockdev-create", {"job-id": "j", "options": {
+            "driver": "file", "filename": str(work / "a.raw"), "size": 4096}})])
+        out += _wait_concluded(c, out, "j")
+        out += _transcript(c, [("quit", {})])
+        return _anonymous(out, work)
+    _both(tmp_path, scenario)
