@@ -109,12 +109,11 @@ class BlockJob(Job):
         A stop pauses the job as a client's pause would (block-job-resume
         goes on) and shows the error in ``io-status`` until then.
         """
+        assert on_error in ON_ERROR, on_error
         if on_error in ("enospc", "auto"):
             action = "stop" if err == errno.ENOSPC else "report"
-        elif on_error in ("stop", "report", "ignore"):
-            action = on_error
         else:
-            raise AssertionError(f"unknown error policy {on_error!r}")
+            action = on_error
         if self.id is not None:
             self.host.emit("BLOCK_JOB_ERROR", {"device": self.id,
                                                "operation": "read" if is_read else "write",
