@@ -28,7 +28,7 @@ class Daemon:
         self.nbd: Any = None
         #: Block exports by id (blockd.exports.Export).
         self.exports: dict[str, Any] = {}
-        #: Jobs by id (blockd.jobs.Job).
+        #: Jobs by id (blockd.jobs.job.Job), oldest first.
         self.jobs: dict[str, Any] = {}
         self._sinks: list[EventSink] = []
         #: Set when a client ran ``quit`` or a signal arrived; the main loop waits on it.
@@ -65,7 +65,10 @@ class Daemon:
             sink(msg)
 
     async def shutdown(self) -> None:
-        """Stop serving and close every node cleanly (flushes)."""
+        """Stop serving, end every job and close every node cleanly (flushes)."""
+        from blockd.jobs.job import cancel_all
+
+        await cancel_all(self)
         if self.nbd is not None:
             await self.nbd.stop()
             self.nbd = None

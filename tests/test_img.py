@@ -382,13 +382,15 @@ def test_dd(d, args):
 @pytest.mark.parametrize("args", ["dd if=r2.raw", "dd foo=1", "dd if=r2.raw of=X osize=1",
                                   "dd if=r2.raw of=X bs=0", "dd if=r2.raw of=X bs=x",
                                   "dd if=r2.raw of=X count=-1", "commit r2.raw",
+                                  "commit -r abc r2.raw", "commit -r -1 r2.raw",
                                   "commit -f raw r2.raw", "commit"])
 def test_dd_commit_errors(d, args):
     same(d, *args.split())
 
 
 @needs_qcow2
-@pytest.mark.parametrize("flags", [["-b", "base.qcow2"], ["-d"], ["-d", "-q"]])
+@pytest.mark.parametrize("flags", [["-b", "base.qcow2"], ["-d"], ["-d", "-q"],
+                                   ["-r", "64M", "-d"]])
 def test_commit(d, flags):
     """Both tools commit their own copy of the chain; the bases end up equal."""
     for prefix in ("q", "b"):

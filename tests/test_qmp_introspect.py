@@ -190,6 +190,15 @@ SAME_ANSWER = [
     "query-version/ret-type/qemu/major/!int",
     "JOB_STATUS_CHANGE",
     "JOB_STATUS_CHANGE/arg-type/status/^concluded",
+    "BLOCK_JOB_COMPLETED/arg-type/*error",
+    "BLOCK_JOB_PENDING/arg-type/id",
+    "BLOCK_JOB_ERROR/arg-type/action/^stop",
+    "query-block-jobs/ret-type/io-status/^nospace",
+    "query-block-jobs/ret-type/status/^standby",
+    "block-job-cancel/arg-type/*force",
+    "block-job-set-speed/arg-type/speed",
+    "job-pause/arg-type/id",
+    "block-job-change",
     "BLOCK_IMAGE_CORRUPTED/arg-type/*node-name",
     "BLOCK_EXPORT_DELETED/arg-type/id",
     "x-blockdev-reopen",
@@ -211,7 +220,6 @@ BLOCKD_SAYS_NO = [
     "block-commit/arg-type/*top",
     "blockdev-snapshot/$allow-write-only-overlay",
     "object-add/arg-type/+iothread",
-    "BLOCK_JOB_COMPLETED",
     "BLOCK_IO_ERROR",
     "query-jobs/ret-type/type/^mirror",
 ]
@@ -348,7 +356,9 @@ def test_lists_exactly_the_commands_blockd_runs(blockd_schema):
 def test_every_event_blockd_emits_is_listed(blockd_schema):
     events = {n for n, e in blockd_schema.items() if e["meta-type"] == "event"}
     assert events == {"BLOCK_IMAGE_CORRUPTED", "JOB_STATUS_CHANGE", "BLOCK_EXPORT_DELETED",
-                      "QUORUM_FAILURE", "QUORUM_REPORT_BAD"}
+                      "QUORUM_FAILURE", "QUORUM_REPORT_BAD",
+                      "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_READY",
+                      "BLOCK_JOB_ERROR", "BLOCK_JOB_PENDING"}
 
 
 def test_every_referenced_type_is_described(blockd_schema):

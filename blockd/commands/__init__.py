@@ -4,5 +4,5 @@ Importing this package registers every command with
 :mod:`blockd.qmp.registry`.
 """
 
-from blockd.commands import (bitmaps, block, children, core, jobs, nbd, objects,  # noqa: F401
-                             snapshots)
+from blockd.commands import (  # noqa: F401
+    bitmaps, block, block_jobs, children, core, jobs, nbd, objects, snapshots, transaction)

@@ -1,15 +1,14 @@
-"""Dirty bitmap commands and the ``transaction`` that groups them."""
+"""Dirty bitmap commands, and their actions (with the internal snapshot's) in ``transaction``."""
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
 from blockd.block.dirty_bitmap import MAX_NAME, DirtyBitmap
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.commands import snapshots
-from blockd.daemon import Daemon
+from blockd.commands.transaction import Commit, Transaction, Undo, action, nothing
 from blockd.errors import QMPError
 from blockd.qmp.registry import command
 
@@ -168,15 +167,7 @@ async def bitmap_sha256(daemon: GraphOwner, args: dict[str, Any]) -> dict:
     return {"sha256": bitmap.sha256()}
 
 
-# ---- transaction ---------------------------------------------------------------------
-
-#: Puts things back as they were before an action, when a later one fails.
-Undo = Callable[[], Awaitable[None] | None]
-#: Finishes an action once every action has succeeded.
-Commit = Callable[[], Awaitable[None]]
-
-async def _nothing() -> None:
-    pass
+# ---- transaction actions --------------------------------------------------------------
 
 
 def _restore_bits(bitmap: DirtyBitmap) -> Undo:
@@ -184,73 +175,66 @@ def _restore_bits(bitmap: DirtyBitmap) -> Undo:
     return lambda: bitmap.bits.__setitem__(slice(None), saved)
 
 
-async def _tx_action(daemon: Daemon, kind: str, data: dict[str, Any],
-                     grouped: bool) -> tuple[Undo, Commit]:
-    """Do one action's visible part now (raise to fail the transaction).
+@action("blockdev-snapshot-internal-sync")
+async def _tx_snapshot(txn: Transaction, data: dict[str, Any]) -> tuple[Undo, Commit]:
+    return await snapshots.take(txn.daemon, data), nothing
 
-    Like QEMU, every action takes effect at once and is undone if a later
-    one fails.  A removal drops the stored copy at once (QEMU does, and
-    does not restore it on abort: the bitmap is stored again on close)
-    but keeps the bitmap, busy, until the commit.
-    """
-    if kind == "abort":
-        raise QMPError("Transaction aborted using Abort action")
-    if grouped:
-        raise QMPError(f"Action '{kind}' does not support Transaction property "
-                       "completion-mode = grouped")
-    if kind == "blockdev-snapshot-internal-sync":
-        return await snapshots.take(daemon, data), _nothing
-    if kind == "block-dirty-bitmap-add":
-        node, bitmap = _prepare_add(daemon, data)
-        _add_to(node, bitmap)
-        return (lambda: node.bitmaps.pop(bitmap.name, None)), _nothing
-    if kind == "block-dirty-bitmap-merge":
-        target, sources = _merge_sources(daemon, data)
-        undo = _restore_bits(target)
-        for src in sources:
-            target.merge_from(src)
-        return undo, _nothing
-    node, bitmap = _find(daemon, data["node"], data["name"])
-    if kind == "block-dirty-bitmap-remove":
-        bitmap.check_usable(inconsistent=False)
-        await _unstore(node, bitmap)
-        bitmap.busy = True
 
-        async def remove() -> None:
-            bitmap.busy = False
-            node.bitmaps.pop(bitmap.name, None)
-        return (lambda: setattr(bitmap, "busy", False)), remove
-    if kind == "block-dirty-bitmap-clear":
-        bitmap.check_usable()
-        undo = _restore_bits(bitmap)
-        bitmap.clear()
-        return undo, _nothing
+@action("block-dirty-bitmap-add")
+async def _tx_add(txn: Transaction, data: dict[str, Any]) -> tuple[Undo, Commit]:
+    node, bitmap = _prepare_add(txn.daemon, data)
+    _add_to(node, bitmap)
+    return (lambda: node.bitmaps.pop(bitmap.name, None)), nothing
+
+
+@action("block-dirty-bitmap-merge")
+async def _tx_merge(txn: Transaction, data: dict[str, Any]) -> tuple[Undo, Commit]:
+    target, sources = _merge_sources(txn.daemon, data)
+    undo = _restore_bits(target)
+    for src in sources:
+        target.merge_from(src)
+    return undo, nothing
+
+
+@action("block-dirty-bitmap-remove")
+async def _tx_remove(txn: Transaction, data: dict[str, Any]) -> tuple[Undo, Commit]:
+    """Drops the stored copy at once (QEMU does, and does not restore it on abort: the
+    bitmap is stored again on close) but keeps the bitmap, busy, until the commit."""
+    node, bitmap = _find(txn.daemon, data["node"], data["name"])
+    bitmap.check_usable(inconsistent=False)
+    await _unstore(node, bitmap)
+    bitmap.busy = True
+
+    async def remove() -> None:
+        bitmap.busy = False
+        node.bitmaps.pop(bitmap.name, None)
+    return (lambda: setattr(bitmap, "busy", False)), remove
+
+
+@action("block-dirty-bitmap-clear")
+async def _tx_clear(txn: Transaction, data: dict[str, Any]) -> tuple[Undo, Commit]:
+    _, bitmap = _find(txn.daemon, data["node"], data["name"])
+    bitmap.check_usable()
+    undo = _restore_bits(bitmap)
+    bitmap.clear()
+    return undo, nothing
+
+
+async def _tx_set_enabled(txn: Transaction, data: dict[str, Any],
+                          enabled: bool) -> tuple[Undo, Commit]:
+    _, bitmap = _find(txn.daemon, data["node"], data["name"])
     bitmap.check_usable(readonly=False)
     was = bitmap.enabled
-    bitmap.enabled = kind == "block-dirty-bitmap-enable"
-    return (lambda: setattr(bitmap, "enabled", was)), _nothing
+    bitmap.enabled = enabled
+    return (lambda: setattr(bitmap, "enabled", was)), nothing
 
 
-@command("transaction")
-async def transaction(daemon: Daemon, args: dict[str, Any]) -> dict:
-    """All actions or none: each applies in order; a failure undoes those before it."""
-    grouped = args.get("properties", {}).get("completion-mode") == "grouped"
-    undos: list[Undo] = []
-    commits: list[Commit] = []
-    try:
-        # TransactionActionKind lists only the actions below (not QEMU's backup and
-        # external snapshot ones), so others never get here.
-        for action in args["actions"]:
-            undo, commit = await _tx_action(daemon, action["type"], action["data"], grouped)
-            undos.append(undo)
-            commits.append(commit)
-    except QMPError:
-        for undo in reversed(undos):
-            pending = undo()
-            if inspect.isawaitable(pending):
-                await pending
-        raise
-    for commit in commits:
-        await commit()
-    return {}
+@action("block-dirty-bitmap-enable")
+async def _tx_enable(txn: Transaction, data: dict[str, Any]) -> tuple[Undo, Commit]:
+    return await _tx_set_enabled(txn, data, True)
+
+
+@action("block-dirty-bitmap-disable")
+async def _tx_disable(txn: Transaction, data: dict[str, Any]) -> tuple[Undo, Commit]:
+    return await _tx_set_enabled(txn, data, False)
 

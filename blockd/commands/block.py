@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from blockd.block import op_blockers
 from blockd.block.backend import Backend
 from blockd.block.graph import check_common_options
 from blockd.block.node import BlockNode, Perm
@@ -76,6 +77,9 @@ async def block_resize(daemon: Daemon, args: dict[str, Any]) -> dict:
     size = args["size"]
     if size < 0:
         raise QMPError("Parameter 'size' expects a >0 size")
+    if op_blockers.blocker_of(node, "resize") is not None:
+        # QEMU names the device argument, which is null when the node is named.
+        raise QMPError(f"Device '{'(null)' if device is None else device}' is in use")
     if node.read_only:
         raise QMPError("Image is read-only")
     user = Backend(daemon.graph, node, "an unnamed block device", Perm.RESIZE, Perm.all())

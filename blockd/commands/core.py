@@ -6,6 +6,7 @@ from typing import Any
 
 import blockd
 from blockd.daemon import Daemon
+from blockd.jobs.job import cancel_all
 from blockd.qmp import introspect
 from blockd.qmp.session import SessionState
 from blockd.qmp.registry import COMMANDS, command
@@ -37,5 +38,7 @@ async def query_qmp_schema(daemon: Daemon, args: dict[str, Any]) -> list:
 
 @command("quit")
 async def quit_(daemon: Daemon, args: dict[str, Any]) -> dict:
-    """Reply first; the session asks the daemon to shut down after sending."""
+    """End every job (qsd's events for that come before the reply), then reply; the
+    session asks the daemon to shut down after sending."""
+    await cancel_all(daemon)
     return {}

@@ -1,4 +1,4 @@
-"""Job commands: blockdev-create, x-blockdev-amend and the generic job-* verbs."""
+"""Job commands: blockdev-create, x-blockdev-amend, query-jobs and the generic job-* verbs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 from blockd.block.node import BlockNode
 from blockd.daemon import Daemon
 from blockd.errors import QMPError
-from blockd.jobs import Job, find_job, new_job
+from blockd.jobs.create import AmendJob, CreateJob, OneStepJob
+from blockd.jobs.job import find_job, list_jobs
 from blockd.qmp.registry import command
 
 #: Image creators by driver: ``async def create(graph, options)``.
@@ -24,6 +25,13 @@ _CREATORS = {
 }
 
 
+async def _start(job: OneStepJob) -> None:
+    job.start()
+    # QEMU enters the job at once: work that fails before its first wait
+    # reports 'aborting'/'concluded' before this command's reply.
+    await asyncio.sleep(0)
+
+
 @command("blockdev-create")
 async def blockdev_create(daemon: Daemon, args: dict[str, Any]) -> dict:
     options = args["options"]
@@ -33,13 +41,10 @@ async def blockdev_create(daemon: Daemon, args: dict[str, Any]) -> dict:
     except (ImportError, AttributeError):
         raise QMPError(f"Driver '{options['driver']}' does not support image creation") from None
 
-    async def body(job: Job) -> None:
+    async def work() -> None:
         await creator(daemon.graph, options)
 
-    new_job(daemon, args["job-id"], "create", body)
-    # QEMU enters the job at once: work that fails before its first wait
-    # reports 'aborting'/'concluded' before this command's reply.
-    await asyncio.sleep(0)
+    await _start(CreateJob(daemon, args["job-id"], work))
     return {}
 
 
@@ -62,46 +67,50 @@ async def x_blockdev_amend(daemon: Daemon, args: dict[str, Any]) -> dict:
         opts = options.get("encrypt")
     force = args.get("force", False)
 
-    async def body(job: Job) -> None:
+    async def work() -> None:
         if opts is not None:
             await node.amend(opts, daemon.graph.secrets, force)
 
-    new_job(daemon, args["job-id"], "amend", body)
-    await asyncio.sleep(0)
+    await _start(AmendJob(daemon, args["job-id"], work))
     return {}
 
 
 @command("query-jobs")
 async def query_jobs(daemon: Daemon, args: dict[str, Any]) -> list:
-    return [job.info() for job in daemon.jobs.values()]
+    return [job.info() for job in list_jobs(daemon) if job.id is not None]
 
 
-def _verb(daemon: Daemon, job_id: str, verb: str) -> Job:
-    job = find_job(daemon, job_id)
-    job.check_verb(verb)
-    return job
+@command("job-pause")
+async def job_pause(daemon: Daemon, args: dict[str, Any]) -> dict:
+    find_job(daemon, args["id"]).user_pause()
+    return {}
 
 
-@command("job-dismiss")
-async def job_dismiss(daemon: Daemon, args: dict[str, Any]) -> dict:
-    _verb(daemon, args["id"], "dismiss").dismiss()
+@command("job-resume")
+async def job_resume(daemon: Daemon, args: dict[str, Any]) -> dict:
+    find_job(daemon, args["id"]).user_resume()
     return {}
 
 
 @command("job-cancel")
 async def job_cancel(daemon: Daemon, args: dict[str, Any]) -> dict:
-    _verb(daemon, args["id"], "cancel").cancel()
-    return {}
-
-
-@command("job-finalize")
-async def job_finalize(daemon: Daemon, args: dict[str, Any]) -> dict:
-    _verb(daemon, args["id"], "finalize").finalize()
+    await find_job(daemon, args["id"]).user_cancel(True)
     return {}
 
 
 @command("job-complete")
 async def job_complete(daemon: Daemon, args: dict[str, Any]) -> dict:
-    """Only jobs that reach 'ready' complete; blockd's jobs never do, so this refuses."""
-    _verb(daemon, args["id"], "complete")
+    find_job(daemon, args["id"]).complete()
+    return {}
+
+
+@command("job-finalize")
+async def job_finalize(daemon: Daemon, args: dict[str, Any]) -> dict:
+    await find_job(daemon, args["id"]).finalize()
+    return {}
+
+
+@command("job-dismiss")
+async def job_dismiss(daemon: Daemon, args: dict[str, Any]) -> dict:
+    find_job(daemon, args["id"]).dismiss()
     return {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable
 
+from blockd.block import op_blockers
 from blockd.block.node import BlockNode
 from blockd.daemon import Daemon
 from blockd.drivers.qcow2 import snapshot as qsnap
@@ -36,6 +37,7 @@ async def take(daemon: Daemon, args: dict[str, Any]) -> Callable[[], Awaitable[N
     """Take the snapshot ``args`` asks for; returns what deletes it again (transactions)."""
     device, name = args["device"], args["name"]
     node = _root(daemon, device)
+    op_blockers.check(node, "internal-snapshot")
     if node.read_only:
         raise QMPError(f"Device '{device}' is read only")
     if not node.supports(BlockNode.snapshot_create):
@@ -61,6 +63,7 @@ async def snapshot_delete_internal_sync(daemon: Daemon, args: dict[str, Any]) ->
     device = args["device"]
     snap_id, name = args.get("id"), args.get("name")
     node = _root(daemon, device)
+    op_blockers.check(node, "internal-snapshot-delete")
     if snap_id is None and name is None:
         raise QMPError("Name or id must be provided")
     if not isinstance(node, Qcow2Node):

@@ -2,7 +2,8 @@
 
 The chain is opened with the base writable and the overlay above it; every
 range allocated above the base is read through the overlay and written to
-the base (as qemu-img's commit job does: data as read, no zero detection).
+the base (as qemu-img's commit job does: data as read, no zero detection),
+by the shared copy engine, at most at ``-r`` bytes a second.
 Afterwards the overlay is emptied, unless ``-d`` is given or ``-b`` names
 the base (emptying would then change what intermediate images show).
 Emptying needs the format's ``make_empty()``.
@@ -14,7 +15,10 @@ import os
 from typing import Any
 
 from blockd.block.node import BlockNode, Status
-from blockd.img.common import Args, ImgError, Progress, Session, UsageError, cache_mode
+from blockd.img.common import (Args, ImgError, Progress, Session, UsageError, cache_mode,
+                               parse_size)
+from blockd.jobs.copy import DATA, SKIP, Copy
+from blockd.jobs.ratelimit import RateLimit
 
 CHUNK = 2 << 20
 
@@ -52,6 +56,7 @@ async def run(args: Args) -> int:
     if len(args.rest) != 1:
         raise UsageError("Expecting one image file name")
     filename = args.rest[0]
+    rate = parse_size(args.get("r") or "", what="rate limit") if args.has("r") else 0
     cache = cache_mode(args)
     async with Session(args.objects) as session:
         probe = await session.open(filename, args.get("f"), read_only=False,
@@ -80,13 +85,13 @@ async def run(args: Args) -> int:
         if base.length() < size:
             await base.truncate(size)
         bar = Progress(args.has("p") and not args.has("q"), size)
-        offset = 0
-        while offset < size:
-            n, allocated = await _above_base(nodes[:base_index], offset, min(CHUNK, size - offset))
-            if allocated:
-                await base.write(offset, await top.read(offset, n))
-            offset += n
-            bar.add(n)
+
+        async def status(offset: int, n: int) -> tuple[int, str]:
+            run_length, allocated = await _above_base(nodes[:base_index], offset, n)
+            return run_length, DATA if allocated else SKIP
+
+        await Copy(status, top.read, base.write, None, size, chunk=CHUNK,
+                   limit=RateLimit(rate) if rate else None, done=bar.add).run()
         await base.flush()
         bar.finish()
         if not (args.has("d") or args.has("b")):

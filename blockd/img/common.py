@@ -70,18 +70,18 @@ class Args:
         return fmt
 
 
-def parse_size(text: str, limit: int = (1 << 63) - 1) -> int:
+def parse_size(text: str, limit: int = (1 << 63) - 1, what: str = "image size") -> int:
     """qemu-img sizes: a number with an optional k/M/G/T/P/E suffix (binary), at most
-    ``limit``."""
+    ``limit``; ``what`` names the value in the error, as qemu-img does."""
     m = re.fullmatch(r"(\d+(?:\.\d*)?)([bkmgtpeBKMGTPE]?)", text)
     if not m:
-        raise ImgError("Invalid image size specified. You may use k, M, G, T, P or E suffixes "
+        raise ImgError(f"Invalid {what} specified. You may use k, M, G, T, P or E suffixes "
                        f"for\n{PROG}: kilobytes, megabytes, gigabytes, terabytes, petabytes "
                        "and exabytes.")
     value = float(m.group(1)) * _SUFFIXES[m.group(2).lower()] if "." in m.group(1) \
         else int(m.group(1)) * _SUFFIXES[m.group(2).lower()]
     if value > limit:
-        raise ImgError(f"Invalid image size specified. Must be between 0 and {limit}.")
+        raise ImgError(f"Invalid {what} specified. Must be between 0 and {limit}.")
     return int(value)
 
 
