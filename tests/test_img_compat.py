@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from test_img import blockd_img, d, needs_qcow2, qemu_img, same  # noqa: F401 (fixture)
+from test_img import needs_qcow2
 from test_img import test_create as create_case
+from harness import blockd_img, qemu_img, same
 
 pytestmark = needs_qcow2
 ROOT = Path(__file__).parent.parent
