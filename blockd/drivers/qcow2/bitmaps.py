@@ -14,7 +14,7 @@ import dataclasses
 import errno
 import os
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, AbstractSet, Any
 
 from blockd.block.dirty_bitmap import DirtyBitmap
 from blockd.drivers.qcow2 import header as hdr
@@ -104,7 +104,9 @@ async def load_directory(image: "Image") -> list[DirEntry]:
     offset, size = directory_location(image)
     if not size:
         return []
-    nb = _EXT.unpack_from(image.header.extension(hdr.EXT_BITMAPS).data)[0]
+    ext = image.header.extension(hdr.EXT_BITMAPS)
+    assert ext is not None  # it gave the directory's location
+    nb = _EXT.unpack_from(ext.data)[0]
     try:
         raw = bytes(await image.file.read(offset, size)).ljust(size, b"\0")
     except OSError as exc:
@@ -213,7 +215,7 @@ async def _free_all(image: "Image", entries: list[DirEntry],
 
 
 async def store(image: "Image", bitmaps: list[DirtyBitmap], in_use: bool,
-                keep: set[str] = frozenset()) -> list[DirEntry]:
+                keep: AbstractSet[str] = frozenset()) -> list[DirEntry]:
     """Replace what is on disk with ``bitmaps`` (newest first); returns the new directory.
 
     ``in_use`` stays set while the image remains open read-write.  Entries

@@ -52,10 +52,10 @@ class SectorData:
     def _sector(self, host: int, guest: int) -> int:
         return (guest if self.by_guest else host) // SECTOR
 
-    async def decrypt_sectors(self, host: int, guest: int, data: bytes) -> bytes:
+    async def decrypt_sectors(self, host: int, guest: int, data: bytes) -> bytes | bytearray:
         return await crypt_sectors(self.cipher, False, self._sector(host, guest), data)
 
-    async def encrypt_sectors(self, host: int, guest: int, data: bytes) -> bytes:
+    async def encrypt_sectors(self, host: int, guest: int, data: bytes) -> bytes | bytearray:
         return await crypt_sectors(self.cipher, True, self._sector(host, guest), data)
 
 
@@ -202,6 +202,7 @@ async def amend_luks(image: Image, enc: Encryption, opts: dict[str, Any], secret
     """Add or erase key slots of the LUKS header inside the image."""
     from blockd.crypto import luks
 
+    assert enc.extent is not None  # a LUKS image was opened with its header's place
     header, region = await read_luks_region(image, enc.extent)
     writes = await asyncio.to_thread(luks.amend, header, lambda off, n: region[off:off + n],
                                      opts, secret, open_secret, force)

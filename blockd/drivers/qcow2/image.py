@@ -12,7 +12,7 @@ import errno
 import logging
 import struct
 import sys
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 from blockd.block.node import BlockNode
 from blockd.drivers.qcow2 import header as hdr
@@ -33,10 +33,10 @@ class DataCipher(Protocol):
     """
 
     async def decrypt_sectors(self, host_offset: int, guest_offset: int,
-                              data: bytes) -> bytes: ...
+                              data: bytes) -> bytes | bytearray: ...
 
     async def encrypt_sectors(self, host_offset: int, guest_offset: int,
-                              data: bytes) -> bytes: ...
+                              data: bytes) -> bytes | bytearray: ...
 
 
 class MetadataLock(asyncio.Lock):
@@ -51,7 +51,7 @@ class MetadataLock(asyncio.Lock):
         super().__init__()
         self.turns = 0
 
-    async def acquire(self) -> bool:
+    async def acquire(self) -> Literal[True]:
         await super().acquire()
         self.turns += 1
         return True

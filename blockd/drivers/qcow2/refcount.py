@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from blockd.drivers.qcow2.image import Image
 
 
-def get_entry(block: bytes | bytearray, index: int, order: int) -> int:
+def get_entry(block: bytes | bytearray | memoryview, index: int, order: int) -> int:
     if order < 3:
         bits = 1 << order
         per_byte = 8 // bits
@@ -439,6 +439,7 @@ class Refcounts:
             if not offset:
                 continue
             block = await self._block(bi)
+            assert block is not None  # its table entry is set
             own = offset // self.cluster_size
             inside = bi * self.entries <= own < (bi + 1) * self.entries
             probe = bytearray(block)
@@ -483,6 +484,7 @@ class Refcounts:
         freed = []
         for bi, items in by_block.items():
             block = await self._block(bi)
+            assert block is not None  # checked above
             new = bytearray(block)
             for cluster, delta in items:
                 idx = cluster % self.entries
