@@ -10,6 +10,22 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from harness import qemu_img, qemu_io_ok  # noqa: E402
+
+
+@pytest.fixture
+def d(tmp_path: Path) -> Path:
+    """A directory with raw images (r.raw, r2.raw) and qcow2 ones (base.qcow2 and its
+    overlay top.qcow2), made by QEMU's tools."""
+    qemu_img("create", "-q", "-f", "raw", str(tmp_path / "r.raw"), "1M")
+    qemu_img("create", "-q", "-f", "raw", str(tmp_path / "r2.raw"), "2M")
+    qemu_io_ok("raw", tmp_path / "r2.raw", "write -P 1 1000 10", "write -P 7 1536k 64k")
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", str(base), "64M")
+    qemu_io_ok("qcow2", base, "write -P 0x11 0 100k", "write -z 1M 64k", "write -P 0x22 5M 64k")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top))
+    qemu_io_ok("qcow2", top, "write -P 0x33 4k 4k", "write -z 5M 4k", "discard 1M 4k")
+    return tmp_path
 
 @pytest.fixture
 def disk_dir() -> Iterator[Path]:

@@ -13,8 +13,7 @@ import subprocess
 
 import pytest
 
-from harness import HAVE_QSD, WAIT, Daemon
-from test_qmp_diff import _normalise
+from harness import HAVE_QSD, WAIT, Daemon, qmp_normalise
 
 pytestmark = pytest.mark.skipif(not HAVE_QSD, reason="qemu-storage-daemon not installed")
 
@@ -209,7 +208,7 @@ def _replies(tmp_path, session: list[str], qsd: bool, setup=_images) -> list[str
             line = client.recv_line()
             while line.startswith(b'{"timestamp"'):
                 line = client.recv_line()
-            out.append(_normalise(line, str(work)))
+            out.append(qmp_normalise(line, str(work)))
     return out
 
 

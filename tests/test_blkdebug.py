@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from blockd.block.graph import BlockGraph
-from harness import Daemon
+from harness import Daemon, sh
 
 
 def _image(tmp_path, fmt: str = "raw") -> str:
@@ -146,7 +146,7 @@ def _qemu_io(options: dict, ops: list[tuple[str, int, int]]) -> list[str]:
     cmd = ["qemu-io", "-t", "writeback", "--image-opts", ",".join(args)]
     for op, off, n in ops:
         cmd += ["-c", f"write -z {off} {n}" if op == "zero" else f"{op} {off} {n}"]
-    out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    out = sh(*cmd).stdout
     results = []
     for line in out.splitlines():
         if " failed: " in line:

@@ -17,30 +17,16 @@ import random
 import re
 import resource
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from blockd.block.graph import BlockGraph
-from blockd.img import convert, zeroscan
+from blockd.img import zeroscan
 from blockd.img.zeroscan import zero_runs
-from harness import qemu_tool
+from harness import blockd_img_run, qemu_img
 
 MIB = 1 << 20
-
-
-def _img(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return qemu_tool("qemu-img", *args, cwd=cwd)
-
-
-def _blockd_img(*args: str, cwd: Path, fsize: int | None = None) -> subprocess.CompletedProcess:
-    """blockd-img in a child process (a file size limit must not reach pytest)."""
-    def limit() -> None:
-        if fsize is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-    return subprocess.run([sys.executable, "-m", "blockd.img.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, preexec_fn=limit)
 
 
 def _pattern(path: Path, size: int, seed: int) -> None:
@@ -57,7 +43,7 @@ def _pattern(path: Path, size: int, seed: int) -> None:
 
 
 def _map(path: Path) -> list:
-    return json.loads(_img("map", "--output=json", str(path), cwd=path.parent).stdout)
+    return json.loads(qemu_img("map", "--output=json", str(path), cwd=path.parent).stdout)
 
 
 @pytest.fixture
@@ -74,10 +60,10 @@ def src(tmp_path: Path) -> Path:
 ])
 def test_raw_source_same_layout_as_qemu_img(src: Path, flags: list[str]) -> None:
     d = src.parent
-    _img("convert", "-f", "raw", *flags, "src.raw", "q.out", cwd=d)
-    b = _blockd_img("convert", "-f", "raw", *flags, "src.raw", "b.out", cwd=d)
+    qemu_img("convert", "-f", "raw", *flags, "src.raw", "q.out", cwd=d)
+    b = blockd_img_run("convert", "-f", "raw", *flags, "src.raw", "b.out", cwd=d)
     assert b.returncode == 0, b.stderr
-    assert _img("compare", "-s", "q.out", "b.out", cwd=d).returncode == 0
+    assert qemu_img("compare", "-s", "q.out", "b.out", cwd=d).returncode == 0
     ours, theirs = _map(d / "b.out"), _map(d / "q.out")
     if "cluster_size=4k" in flags:
         # Metadata placement with 4 KiB clusters differs from qemu-img's (one
@@ -86,24 +72,24 @@ def test_raw_source_same_layout_as_qemu_img(src: Path, flags: list[str]) -> None
         theirs = [{k: v for k, v in e.items() if k != "offset"} for e in theirs]
     assert ours == theirs
     if "qcow2" in flags:
-        assert _img("check", "b.out", cwd=d).returncode == 0
+        assert qemu_img("check", "b.out", cwd=d).returncode == 0
 
 
 def test_qcow2_chain_source(src: Path) -> None:
     """Host-file reads through a backing chain and a fragmented top layer."""
     d = src.parent
-    _img("convert", "-f", "raw", "-O", "qcow2", "src.raw", "base.qcow2", cwd=d)
-    _img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", cwd=d)
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", "src.raw", "base.qcow2", cwd=d)
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", cwd=d)
     cmds = []
     for i in range(0, 24, 3):  # every third MiB rewritten, backwards, so host order differs
         cmds += ["-c", f"write -P {0x30 + i} {(23 - i) * MIB + 4096} 300k"]
     subprocess.run(["qemu-io", "-f", "qcow2", *cmds, str(d / "top.qcow2")], check=True,
                    capture_output=True)
     for fmt in ("raw", "qcow2"):
-        b = _blockd_img("convert", "-O", fmt, "top.qcow2", f"b.{fmt}", cwd=d)
+        b = blockd_img_run("convert", "-O", fmt, "top.qcow2", f"b.{fmt}", cwd=d)
         assert b.returncode == 0, b.stderr
-        assert _img("compare", "top.qcow2", f"b.{fmt}", cwd=d).returncode == 0
-    assert _img("check", "b.qcow2", cwd=d).returncode == 0
+        assert qemu_img("compare", "top.qcow2", f"b.{fmt}", cwd=d).returncode == 0
+    assert qemu_img("check", "b.qcow2", cwd=d).returncode == 0
 
 
 @pytest.mark.parametrize("flags", [["-O", "qcow2"], ["-n", "-O", "raw"]])
@@ -113,13 +99,13 @@ def test_write_error_in_helper_reads_as_qemu_img(src: Path, flags: list[str]) ->
     d = src.parent
     for name in ("q.out", "b.out"):
         if "-n" in flags:
-            _img("create", "-q", "-f", "raw", name, str(src.stat().st_size), cwd=d)
+            qemu_img("create", "-q", "-f", "raw", name, str(src.stat().st_size), cwd=d)
     limit = 6 * MIB
     q = subprocess.run(["qemu-img", "convert", "-f", "raw", *flags, "src.raw", "q.out"], cwd=d,
                        capture_output=True, text=True,
                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
                                                              (limit, limit)))
-    b = _blockd_img("convert", "-f", "raw", *flags, "src.raw", "b.out", cwd=d, fsize=limit)
+    b = blockd_img_run("convert", "-f", "raw", *flags, "src.raw", "b.out", cwd=d, fsize=limit)
     assert q.returncode == 1 and "File too large" in q.stderr
     if "raw" in flags:
         assert (b.returncode, b.stderr) == (1, q.stderr.replace("qemu-img", "blockd-img"))
@@ -134,8 +120,8 @@ def test_write_error_in_helper_reads_as_qemu_img(src: Path, flags: list[str]) ->
 def test_create_error_names_the_conversion(src: Path) -> None:
     d = src.parent
     args = ["convert", "-O", "qcow2", "-o", "cluster_size=3000", "src.raw", "x.qcow2"]
-    q = _img(*args, cwd=d)
-    b = _blockd_img(*args, cwd=d)
+    q = qemu_img(*args, cwd=d)
+    b = blockd_img_run(*args, cwd=d)
     assert "error while converting qcow2" in q.stderr
     assert (b.returncode, b.stderr) == (q.returncode, q.stderr.replace("qemu-img", "blockd-img"))
 
@@ -177,10 +163,10 @@ def test_zero_scan_matches_definition() -> None:
 
 def test_claims(tmp_path: Path) -> None:
     """qcow2 claims only whole unallocated clusters; raw and file claim anything."""
-    _img("create", "-q", "-f", "qcow2", str(tmp_path / "t.qcow2"), "8M", cwd=tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "t.qcow2"), "8M", cwd=tmp_path)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 64k 64k", str(tmp_path / "t.qcow2")],
                    check=True, capture_output=True)
-    _img("create", "-q", "-f", "raw", str(tmp_path / "t.raw"), "8M", cwd=tmp_path)
+    qemu_img("create", "-q", "-f", "raw", str(tmp_path / "t.raw"), "8M", cwd=tmp_path)
 
     async def go() -> None:
         graph = BlockGraph()
@@ -206,7 +192,7 @@ def test_claims(tmp_path: Path) -> None:
         await graph.close_all()
 
     asyncio.run(go())
-    check = _img("check", "t.qcow2", cwd=tmp_path)
+    check = qemu_img("check", "t.qcow2", cwd=tmp_path)
     assert check.returncode == 0, check.stdout
     out = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x77 128k 256k",
                           str(tmp_path / "t.qcow2")], capture_output=True, text=True)

@@ -12,7 +12,7 @@ from blockd.crypto import luks
 from blockd.crypto.cipher import SectorCipher
 from blockd.crypto.qcow import qcow_cipher, qcow_key
 from blockd.errors import QMPError
-from harness import qemu_tool
+from harness import luks_io, qemu_tool
 
 SECRET = ["--object", "secret,id=s0,data=pw"]
 
@@ -55,14 +55,6 @@ def _qemu_img_create(path, combo, size):
     assert r.returncode == 0, r.stderr
 
 
-def qemu_io(path, *cmds, secret="pw"):
-    args = ["qemu-io", "--object", f"secret,id=s0,data={secret}", "--image-opts",
-            f"driver=luks,key-secret=s0,file.filename={path}"]
-    for c in cmds:
-        args += ["-c", c]
-    return subprocess.run(args, capture_output=True, text=True)
-
-
 def qemu_info(path):
     r = subprocess.run(["qemu-img", "info", "--output=json", str(path)],
                        capture_output=True, text=True, check=True)
@@ -77,7 +69,7 @@ def reader(data):
 def test_qemu_image_decrypts(tmp_path, combo):
     img = tmp_path / "a.luks"
     qemu_img_create(img, combo)
-    r = qemu_io(img, "write -P 0x5a 0 64k", "write -P 0xa7 1M 4k", "write -P 0x01 4094k 2k")
+    r = luks_io(img, "write -P 0x5a 0 64k", "write -P 0xa7 1M 4k", "write -P 0x01 4094k 2k")
     assert r.returncode == 0, r.stderr
     data = img.read_bytes()
     hdr = luks.LuksHeader.parse(data)
@@ -107,7 +99,7 @@ def test_wrong_password(tmp_path):
     hdr = luks.LuksHeader.parse(data)
     with pytest.raises(QMPError) as err:
         luks.unlock(hdr, reader(data), b"wrong")
-    r = qemu_io(img, "read 0 512", secret="wrong")
+    r = luks_io(img, "read 0 512", secret="wrong")
     assert err.value.desc in r.stderr
     assert err.value.desc == "Invalid password, cannot unlock any keyslot"
 
@@ -130,7 +122,7 @@ def test_created_volume_opens_in_qemu(tmp_path, combo):
     info = qemu_info(img)
     assert info["virtual-size"] == size
     assert info["format-specific"]["data"] == hdr.info()
-    r = qemu_io(img, "read -P 0x3c 0 4k", "read -P 0 4k 1020k")
+    r = luks_io(img, "read -P 0x3c 0 4k", "read -P 0 4k 1020k")
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
 
 
@@ -189,7 +181,7 @@ def test_corrupt_headers_rejected_like_qemu(tmp_path, offset, fmt, value, messag
     with pytest.raises(QMPError) as err:
         luks.LuksHeader.parse(data)
     assert err.value.desc == message
-    r = qemu_io(img, "read 0 512")
+    r = luks_io(img, "read 0 512")
     assert message in r.stderr, r.stderr
 
 
@@ -250,7 +242,7 @@ def apply(img, writes):
 def test_keyslot_add_and_erase_roundtrip(tmp_path):
     img = tmp_path / "k.luks"
     qemu_img_create(img, {}, "1M")
-    assert qemu_io(img, "write -P 0x42 0 4k").returncode == 0
+    assert luks_io(img, "write -P 0x42 0 4k").returncode == 0
     secrets = {"s0": b"pw", "s1": b"newpw"}.__getitem__
     data = img.read_bytes()
     hdr = luks.LuksHeader.parse(data)
@@ -258,7 +250,7 @@ def test_keyslot_add_and_erase_roundtrip(tmp_path):
                                             "iter-time": 10}, secrets, "s0")
     apply(img, writes)
     assert read_qemu_slots(img) == [True, True] + [False] * 6
-    assert qemu_io(img, "read -P 0x42 0 4k", secret="newpw").returncode == 0
+    assert luks_io(img, "read -P 0x42 0 4k", secret="newpw").returncode == 0
 
     data = img.read_bytes()
     hdr = luks.LuksHeader.parse(data)
@@ -271,9 +263,9 @@ def test_keyslot_add_and_erase_roundtrip(tmp_path):
     apply(img, luks.amend(hdr, reader(data), {"state": "inactive", "old-secret": "s0"},
                           secrets, "s0"))
     assert read_qemu_slots(img) == [False, True] + [False] * 6
-    r = qemu_io(img, "read 0 4k", secret="pw")
+    r = luks_io(img, "read 0 4k", secret="pw")
     assert "Invalid password, cannot unlock any keyslot" in r.stderr
-    assert qemu_io(img, "read -P 0x42 0 4k", secret="newpw").returncode == 0
+    assert luks_io(img, "read -P 0x42 0 4k", secret="newpw").returncode == 0
 
     data = img.read_bytes()
     hdr = luks.LuksHeader.parse(data)

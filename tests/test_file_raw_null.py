@@ -13,14 +13,11 @@ from blockd.block.graph import BlockGraph
 from blockd.block.node import Perm, Status, WriteFlags
 from blockd.drivers import file as file_driver
 from blockd.errors import QMPError
+from harness import sh
 
 
 def run(coro):
     return asyncio.run(coro)
-
-
-def qemu_io(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["qemu-io", *args], capture_output=True, text=True)
 
 
 @pytest.fixture
@@ -32,7 +29,7 @@ def image(tmp_path):
 
 
 def test_file_read_write_roundtrip_with_qemu_io(image):
-    assert qemu_io("-f", "raw", "-c", "write -P 0x11 0 64k", image).returncode == 0
+    assert sh("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 64k", image).returncode == 0
 
     async def body():
         g = BlockGraph()
@@ -44,7 +41,7 @@ def test_file_read_write_roundtrip_with_qemu_io(image):
         await g.blockdev_del("f")
 
     run(body())
-    assert qemu_io("-f", "raw", "-c", "read -P 0x22 1M 8k", image).returncode == 0
+    assert sh("qemu-io", "-f", "raw", "-c", "read -P 0x22 1M 8k", image).returncode == 0
 
 
 def test_block_status_holes_and_zeroing(image):
@@ -125,12 +122,12 @@ def test_locks_exclude_qemu_io_until_released(image):
         node = await g.open_node({"driver": "file", "node-name": "f", "filename": image})
         user = Backend(g, node, "an unnamed block device",
                        Perm.CONSISTENT_READ | Perm.WRITE, Perm.CONSISTENT_READ)
-        out = qemu_io("-f", "raw", "-c", "read 0 4k", image)
+        out = sh("qemu-io", "-f", "raw", "-c", "read 0 4k", image)
         assert out.returncode != 0
         assert 'Failed to get "write" lock' in out.stderr or \
             'Failed to get shared "write" lock' in out.stderr
         user.close()
-        assert qemu_io("-f", "raw", "-c", "write 0 4k", image).returncode == 0
+        assert sh("qemu-io", "-f", "raw", "-c", "write 0 4k", image).returncode == 0
         await g.blockdev_del("f")
 
     run(body())

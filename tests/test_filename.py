@@ -19,18 +19,17 @@ import pytest
 
 from blockd.block.filename import image_options
 from blockd.drivers import driver_names
-from harness import HAVE_QSD, Daemon
-from test_img import blockd_img, qemu_img, qemu_io, same
+from harness import HAVE_QSD, Daemon, blockd_img, qemu_img, qemu_io_ok, same
 
 
 @pytest.fixture
 def d(tmp_path: Path) -> Path:
     """base.qcow2 <- top.qcow2 (relative link), a blkdebug config, a raw image."""
     qemu_img("create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=tmp_path)
-    qemu_io("qcow2", tmp_path / "base.qcow2", "write -P 0x11 0 100k")
+    qemu_io_ok("qcow2", tmp_path / "base.qcow2", "write -P 0x11 0 100k")
     qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2",
              cwd=tmp_path)
-    qemu_io("qcow2", tmp_path / "top.qcow2", "write -P 0x33 4k 4k")
+    qemu_io_ok("qcow2", tmp_path / "top.qcow2", "write -P 0x33 4k 4k")
     (tmp_path / "bd.conf").write_text('[inject-error]\nevent = "read_aio"\nerrno = "5"\n'
                                       'sector = "100000"\n')
     (tmp_path / "r.raw").write_bytes(b"\x42" * 8192)
@@ -74,7 +73,7 @@ def test_other_subcommands(d: Path, cmd: list[str], name: str) -> None:
 def test_rebase_onto_named_backing(d: Path) -> None:
     """A json: backing name is stored as given and read back as qemu-img reads it."""
     qemu_img("create", "-q", "-f", "qcow2", "b2.qcow2", "4M", cwd=d)
-    qemu_io("qcow2", d / "b2.qcow2", "write -P 0x55 0 64k")
+    qemu_io_ok("qcow2", d / "b2.qcow2", "write -P 0x55 0 64k")
     new = 'json:{"driver":"qcow2","file.filename":"b2.qcow2"}'
     for tool in ("q", "b"):
         shutil.copy(d / "top.qcow2", d / f"{tool}.qcow2")
@@ -173,7 +172,7 @@ def test_json_backing_link(d: Path) -> None:
     qemu_img("create", "-q", "-f", "qcow2", "-b",
              f'json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{d}/top.qcow2"}}}}',
              "-F", "qcow2", "over.qcow2", cwd=d)
-    qemu_io("qcow2", d / "over.qcow2", "write -P 0x44 64k 4k")
+    qemu_io_ok("qcow2", d / "over.qcow2", "write -P 0x44 64k 4k")
     for view in VIEWS + [["map"]]:
         same(d, *view, "over.qcow2")
     same(d, "compare", "over.qcow2", "file:over.qcow2")

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from blockd.block.graph import BlockGraph
 from blockd.drivers import driver_names
 from blockd.errors import QMPError
+from harness import qemu_img, qemu_io_ok
 from test_hostile_images import CASES, MEMORY_BOUND
-from test_img import qemu_img, qemu_io
 
 MiB = 1 << 20
 #: Seed images: (name, qemu-img create options, format).
@@ -45,7 +45,7 @@ def seeds(tmp_path_factory) -> dict[str, bytes]:
     d = tmp_path_factory.mktemp("seeds")
     raw = d / "src.raw"
     qemu_img("create", "-q", "-f", "raw", str(raw), "4M")
-    qemu_io("raw", raw, "write -P 0x5a 0 100k", "write -P 0x33 1M 64k", "write -P 7 3M 4k")
+    qemu_io_ok("raw", raw, "write -P 0x5a 0 100k", "write -P 0x33 1M 64k", "write -P 7 3M 4k")
     out = {}
     for name, opts, fmt in OPENED:
         path = d / name

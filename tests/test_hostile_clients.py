@@ -26,7 +26,8 @@ import pytest
 
 from blockd.nbd import protocol as p
 from blockd.nbd import server as nbd_server
-from harness import HAVE_QSD, WAIT, Daemon, connect_unix, qemu_tool
+from harness import (HAVE_QSD, WAIT, Daemon, connect_unix, nbd_connect, nbd_negotiate_simple,
+                     peer_closed, qemu_tool, recv_exact, simple_reply)
 
 MiB = 1 << 20
 
@@ -76,117 +77,67 @@ def served(tmp_path):
     daemon.stop()
 
 
-def _connect(nbd: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(WAIT)
-    s.connect(nbd)
-    return s
-
-
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = s.recv(n - len(out))
-        if not chunk:
-            raise EOFError
-        out += chunk
-    return out
-
-
-def _negotiate(nbd: str, name: str) -> socket.socket:
-    """Fixed newstyle, NBD_OPT_GO without structured replies: simple replies only."""
-    s = _connect(nbd)
-    _recv_exact(s, 18)
-    s.sendall(p.client_flags())
-    s.sendall(p.option_request(p.Opt.GO, p.info_request_data(name)))
-    while True:
-        _, _, rep, length = struct.unpack(">QIII", _recv_exact(s, 20))
-        _recv_exact(s, length)
-        if rep == p.Rep.ACK:
-            return s
-        assert rep < 1 << 31, f"GO refused: {rep:#x}"
-
-
-def _simple_reply(s: socket.socket, n: int = 0) -> tuple[int, int, bytes]:
-    magic, error, handle = struct.unpack(">IIQ", _recv_exact(s, 16))
-    assert magic == 0x67446698
-    return error, handle, _recv_exact(s, n) if not error else b""
-
-
-def _closed(s: socket.socket, timeout: float = WAIT) -> bool:
-    """Whether the server closed the connection (EOF or reset) within ``timeout``."""
-    s.settimeout(timeout)
-    try:
-        while s.recv(65536):
-            pass
-        return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except (socket.timeout, TimeoutError):
-        return False
-
-
 def _hostile_nbd(nbd: str) -> list[socket.socket]:
     """Every kind of bad NBD client; returns the sockets still open (stalled ones)."""
     keep = []
     # Handshake garbage: wrong client flags, wrong option magic, oversized option.
     for junk in (b"\x00\x00\x00\x00", p.client_flags() + b"\x00" * 16,
                  p.client_flags() + struct.pack(">QII", 0x49484156454F5054, 7, 1 << 30)):
-        s = _connect(nbd)
-        _recv_exact(s, 18)
+        s = nbd_connect(nbd)
+        recv_exact(s, 18)
         s.sendall(junk)
-        assert _closed(s)
+        assert peer_closed(s)
         s.close()
     # Early disconnects at every stage.
-    s = _connect(nbd)
+    s = nbd_connect(nbd)
     s.close()
-    s = _connect(nbd)
-    _recv_exact(s, 18)
+    s = nbd_connect(nbd)
+    recv_exact(s, 18)
     s.sendall(p.client_flags() + p.option_request(p.Opt.GO, p.info_request_data("w"))[:10])
     s.close()
     # Unknown export, unknown option: errors, connection stays usable.
-    s = _connect(nbd)
-    _recv_exact(s, 18)
+    s = nbd_connect(nbd)
+    recv_exact(s, 18)
     s.sendall(p.client_flags() + p.option_request(p.Opt.GO, p.info_request_data("nope")))
-    _, _, rep, length = struct.unpack(">QIII", _recv_exact(s, 20))
+    _, _, rep, length = struct.unpack(">QIII", recv_exact(s, 20))
     assert rep == p.Rep.ERR_UNKNOWN
-    _recv_exact(s, length)
+    recv_exact(s, length)
     s.sendall(p.option_request(0x7777))
-    _, _, rep, length = struct.unpack(">QIII", _recv_exact(s, 20))
+    _, _, rep, length = struct.unpack(">QIII", recv_exact(s, 20))
     assert rep == p.Rep.ERR_UNSUP
     s.close()
     # A client that connects and never says anything.
-    keep.append(_connect(nbd))
+    keep.append(nbd_connect(nbd))
     # Transmission: out of range, oversized, unknown command, write to read-only (EINVAL
     # too, as qsd answers every request it refuses before running it).
-    s = _negotiate(nbd, "ro")
+    s = nbd_negotiate_simple(nbd, "ro")
     s.sendall(p.request(p.Cmd.READ, 1, 8 * MiB, 4096))
-    assert _simple_reply(s)[:2] == (p.Err.EINVAL, 1)
+    assert simple_reply(s)[:2] == (p.Err.EINVAL, 1)
     s.sendall(p.request(p.Cmd.READ, 2, (1 << 64) - 4096, 8192))
-    assert _simple_reply(s)[:2] == (p.Err.EINVAL, 2)
+    assert simple_reply(s)[:2] == (p.Err.EINVAL, 2)
     s.sendall(p.request(p.Cmd.READ, 3, 0, 64 * MiB))
-    assert _simple_reply(s)[:2] == (p.Err.EINVAL, 3)
+    assert simple_reply(s)[:2] == (p.Err.EINVAL, 3)
     s.sendall(p.request(0x55, 4, 0, 512))
-    assert _simple_reply(s)[:2] == (p.Err.EINVAL, 4)
+    assert simple_reply(s)[:2] == (p.Err.EINVAL, 4)
     s.sendall(p.request(p.Cmd.WRITE, 5, 0, 512, data=b"\xee" * 512))
-    assert _simple_reply(s)[:2] == (p.Err.EINVAL, 5)
+    assert simple_reply(s)[:2] == (p.Err.EINVAL, 5)
     s.sendall(p.request(p.Cmd.TRIM, 6, 0, 1 * MiB))
-    assert _simple_reply(s)[:2] == (p.Err.EINVAL, 6)
+    assert simple_reply(s)[:2] == (p.Err.EINVAL, 6)
     s.sendall(p.request(p.Cmd.CACHE, 7, 0, 8 * MiB))
-    assert _simple_reply(s)[:2] == (0, 7)
+    assert simple_reply(s)[:2] == (0, 7)
     s.sendall(p.request(p.Cmd.READ, 8, 0, 4096))
-    assert _simple_reply(s, 4096) == (0, 8, b"\x5a" * 4096)
+    assert simple_reply(s, 4096) == (0, 8, b"\x5a" * 4096)
     # Then bad request magic: the connection is dropped.
     s.sendall(b"\x12\x34\x56\x78" + b"\x00" * 24)
-    assert _closed(s)
+    assert peer_closed(s)
     s.close()
     # An oversized write is a protocol error too.
-    s = _negotiate(nbd, "w")
+    s = nbd_negotiate_simple(nbd, "w")
     s.sendall(p.request(p.Cmd.WRITE, 9, 0, 64 * MiB)[:28])
-    assert _closed(s)
+    assert peer_closed(s)
     s.close()
     # A flood of reads whose replies are never read, then a write that never ends.
-    s = _negotiate(nbd, "ro")
+    s = nbd_negotiate_simple(nbd, "ro")
     s.setblocking(False)
     flood = b"".join(p.request(p.Cmd.READ, h, 0, 1 * MiB) for h in range(4000))
     try:
@@ -194,7 +145,7 @@ def _hostile_nbd(nbd: str) -> list[socket.socket]:
     except (BlockingIOError, socket.timeout):
         pass  # the server stopped reading: what it should do
     keep.append(s)
-    s = _negotiate(nbd, "w")
+    s = nbd_negotiate_simple(nbd, "w")
     s.sendall(p.request(p.Cmd.WRITE, 10, 0, 1 * MiB)[:28] + b"\x01" * 1000)
     keep.append(s)
     return keep
@@ -263,7 +214,7 @@ def _greeted(s: socket.socket, timeout: float) -> bool:
     """Whether the server's greeting arrives within ``timeout``."""
     s.settimeout(timeout)
     try:
-        return len(_recv_exact(s, 18)) == 18
+        return len(recv_exact(s, 18)) == 18
     except (socket.timeout, TimeoutError):
         return False
 
@@ -283,15 +234,15 @@ def test_max_connections(tmp_path, qsd, limit):
                 "--nbd-server", f"addr.type=unix,addr.path={nbd}{opt}",
                 "--export", "type=nbd,id=e0,node-name=f0,name=a", qsd=qsd,
                 stderr=subprocess.DEVNULL) as d:
-        served = [_negotiate(nbd, "a") for _ in range(limit or 100)]
-        waiting = _connect(nbd)
+        served = [nbd_negotiate_simple(nbd, "a") for _ in range(limit or 100)]
+        waiting = nbd_connect(nbd)
         # Absence can only be checked for a while; a late greeting would fail below.
         assert not _greeted(waiting, 1.0)
         served[0].sendall(p.request(p.Cmd.DISC, 1))
-        assert _closed(served[0])
+        assert peer_closed(served[0])
         assert _greeted(waiting, WAIT)
         served[1].sendall(p.request(p.Cmd.READ, 2, 0, 512))
-        assert _simple_reply(served[1], 512) == (0, 2, bytes(512))
+        assert simple_reply(served[1], 512) == (0, 2, bytes(512))
         for s in [*served, waiting]:
             s.close()
         assert d.proc.poll() is None
@@ -469,13 +420,13 @@ def test_random_nbd_traffic(tmp_path):
                 p.Cmd.WRITE_ZEROES, p.Cmd.BLOCK_STATUS, 9, 0xFFFF]
         for i in range(60):
             if i % 3 == 0:
-                s = _connect(nbd)
-                _recv_exact(s, 18)
+                s = nbd_connect(nbd)
+                recv_exact(s, 18)
                 s.sendall(p.client_flags() + p.option_request(
                     rng.choice([1, 2, 3, 5, 6, 7, 8, 9, 10, 99]),
                     bytes(rng.getrandbits(8) for _ in range(rng.randrange(40)))))
             else:
-                s = _negotiate(nbd, "a")
+                s = nbd_negotiate_simple(nbd, "a")
                 for _ in range(rng.randrange(1, 20)):
                     cmd = rng.choice(cmds)
                     length = rng.choice([0, 1, 512, 4096, 1 << 20, 1 << 31, (1 << 32) - 1])
@@ -487,7 +438,7 @@ def test_random_nbd_traffic(tmp_path):
                                             data)[:rng.choice([28, 28, 28, 13])])
                     except (BrokenPipeError, ConnectionResetError):
                         break  # the server hung up on a protocol error: fine
-            _closed(s, 0.05)  # give the server time to answer before hanging up
+            peer_closed(s, 0.05)  # give the server time to answer before hanging up
             s.close()
         assert c.cmd("query-version")["return"]["qemu"]["major"] == 7
         assert _wait_fds(d.proc.pid, baseline) == baseline

@@ -32,18 +32,13 @@ from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.crypto import luks
 from blockd.errors import QMPError
-from harness import HAVE_QSD, Daemon, qemu_tool
+from harness import HAVE_QSD, Daemon, qemu_tool, sh_ok
 
 MiB = 1 << 20
 SIZE = 4 * MiB
 CASES = int(os.environ.get("BLOCKD_FUZZ_CASES", "120"))
 #: How much memory one hostile image may make an open-and-read-everything cost.
 MEMORY_BOUND = 96 * MiB
-
-
-def sh(*cmd: str) -> None:
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert out.returncode == 0, out.stderr
 
 
 @pytest.fixture(scope="module")
@@ -53,22 +48,22 @@ def images(tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("hostile")
     out = {}
     base = str(d / "base.qcow2")
-    sh("qemu-img", "create", "-q", "-f", "qcow2", base, str(SIZE))
-    sh("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 128k", "-c", "write -c -P 2 1M 64k",
-       "-c", "write -z 2M 64k", base)
-    sh("qemu-img", "bitmap", "--add", base, "b0")
+    sh_ok("qemu-img", "create", "-q", "-f", "qcow2", base, str(SIZE))
+    sh_ok("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 128k", "-c", "write -c -P 2 1M 64k",
+          "-c", "write -z 2M 64k", base)
+    sh_ok("qemu-img", "bitmap", "--add", base, "b0")
     out["base"] = base
     back = str(d / "back.raw")
-    sh("qemu-img", "create", "-q", "-f", "raw", back, str(SIZE))
+    sh_ok("qemu-img", "create", "-q", "-f", "raw", back, str(SIZE))
     v2 = str(d / "v2.qcow2")
-    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096",
-       "-b", back, "-F", "raw", v2)
-    sh("qemu-io", "-f", "qcow2", "-c", "write -P 3 8k 20k", v2)
+    sh_ok("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096",
+          "-b", back, "-F", "raw", v2)
+    sh_ok("qemu-io", "-f", "qcow2", "-c", "write -P 3 8k 20k", v2)
     out["v2"] = v2
     ext = str(d / "ext.qcow2")
-    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=16k",
-       ext, str(SIZE))
-    sh("qemu-io", "-f", "qcow2", "-c", "write -P 4 3k 40k", ext)
+    sh_ok("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=16k",
+          ext, str(SIZE))
+    sh_ok("qemu-io", "-f", "qcow2", "-c", "write -P 4 3k 40k", ext)
     out["ext"] = ext
     vol = str(d / "vol.luks")
     made = qemu_tool("qemu-img", "create", "-q", "--object", "secret,id=s0,data=hunter2",
@@ -466,9 +461,9 @@ def test_memory_follows_the_cache_options_not_the_image_size(tmp_path):
     """A 1 PiB image with data scattered over it: once open (the L1 table read), reading
     all over it holds what the cache options allow, however much metadata it has."""
     img = str(tmp_path / "big.qcow2")
-    sh("qemu-img", "create", "-q", "-f", "qcow2", img, "1P")
+    sh_ok("qemu-img", "create", "-q", "-f", "qcow2", img, "1P")
     step = (1 << 50) // 120
-    sh("qemu-io", "-f", "qcow2", *[a for i in range(120)
+    sh_ok("qemu-io", "-f", "qcow2", *[a for i in range(120)
                                    for a in ("-c", f"write -P {i % 250 + 1} {i * step} 4k")], img)
 
     async def body() -> int:
@@ -494,10 +489,10 @@ def test_backing_chain_loops_are_refused(tmp_path):
     finishes opening these; blockd refuses them and keeps answering."""
     a, b, c = (str(tmp_path / n) for n in ("a.qcow2", "b.qcow2", "c.qcow2"))
     for img in (a, b):
-        sh("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
-    sh("qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", a, "-F", "qcow2", a)
-    sh("qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", "c.qcow2", "-F", "qcow2", b)
-    sh("qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", b, "-F", "qcow2", c, "1M")
+        sh_ok("qemu-img", "create", "-q", "-f", "qcow2", img, "1M")
+    sh_ok("qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", a, "-F", "qcow2", a)
+    sh_ok("qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", "c.qcow2", "-F", "qcow2", b)
+    sh_ok("qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", b, "-F", "qcow2", c, "1M")
     with Daemon(str(tmp_path / "qmp.sock")) as d:
         cl = d.client()
         before = [_read(p) for p in (a, b, c)]
@@ -514,7 +509,7 @@ def test_backing_file_that_is_a_fifo_cannot_hang_the_daemon(tmp_path):
     fifo = str(tmp_path / "fifo")
     os.mkfifo(fifo)
     img = str(tmp_path / "f.qcow2")
-    sh("qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", fifo, "-F", "raw", img, "1M")
+    sh_ok("qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", fifo, "-F", "raw", img, "1M")
     with Daemon(str(tmp_path / "qmp.sock")) as d:
         c = d.client()
         assert _add(c, img)["error"]["desc"] == (
@@ -578,7 +573,7 @@ def test_huge_pbkdf_iteration_counts_stall_nobody_else(images, tmp_path):
     with open(slow, "wb") as f:
         f.write(data)
     raw = str(tmp_path / "a.raw")
-    sh("qemu-img", "create", "-q", "-f", "raw", raw, "4M")
+    sh_ok("qemu-img", "create", "-q", "-f", "raw", raw, "4M")
     nbd = str(tmp_path / "nbd.sock")
     d = Daemon(str(tmp_path / "qmp.sock"), "--object", "secret,id=s0,data=hunter2",
                "--blockdev", f"driver=file,node-name=f0,filename={raw}",

@@ -7,8 +7,6 @@ terminal-only progress output.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import pty
@@ -20,63 +18,11 @@ from pathlib import Path
 import pytest
 
 from blockd.drivers import driver_names
-from blockd.img.cli import main
-from harness import qemu_tool
+from harness import blockd_img, map_json, qemu_img, qemu_io_ok, same
 
 HAVE_QCOW2 = (Path(__file__).parent.parent / "blockd/drivers/qcow2/driver.py").exists()
 needs_qcow2 = pytest.mark.skipif(not HAVE_QCOW2, reason="qcow2 driver not written yet")
 SECRET = ["--object", "secret,id=s0,data=abc"]
-
-
-def qemu_img(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return qemu_tool("qemu-img", *args, cwd=cwd)
-
-
-def blockd_img(*args: str, cwd: Path) -> tuple[str, str, int]:
-    """(stdout, stderr, status) of blockd-img run in-process in ``cwd``."""
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(list(args))
-    finally:
-        os.chdir(old)
-    return out.getvalue(), err.getvalue(), code
-
-
-def same(cwd: Path, *args: str) -> tuple[str, str, int]:
-    """Run both tools on the same arguments and assert identical results."""
-    q = qemu_img(*args, cwd=cwd)
-    b = blockd_img(*args, cwd=cwd)
-    assert b == (q.stdout, q.stderr.replace("qemu-img", "blockd-img"), q.returncode), args
-    return b
-
-
-def qemu_io(fmt: str, path: Path, *cmds: str) -> None:
-    args = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        args += ["-c", c]
-    subprocess.run(args + [str(path)], check=True, capture_output=True)
-
-
-def map_json(path: Path) -> list[dict]:
-    return json.loads(qemu_img("map", "--output=json", str(path)).stdout)
-
-
-@pytest.fixture
-def d(tmp_path: Path) -> Path:
-    """A directory with raw images, and qcow2 ones (base and overlay) when the driver exists."""
-    qemu_img("create", "-q", "-f", "raw", str(tmp_path / "r.raw"), "1M")
-    qemu_img("create", "-q", "-f", "raw", str(tmp_path / "r2.raw"), "2M")
-    qemu_io("raw", tmp_path / "r2.raw", "write -P 1 1000 10", "write -P 7 1536k 64k")
-    if HAVE_QCOW2:
-        base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
-        qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", str(base), "64M")
-        qemu_io("qcow2", base, "write -P 0x11 0 100k", "write -z 1M 64k", "write -P 0x22 5M 64k")
-        qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top))
-        qemu_io("qcow2", top, "write -P 0x33 4k 4k", "write -z 5M 4k", "discard 1M 4k")
-    return tmp_path
 
 
 RAW_VIEWS = [["info"], ["info", "--output=json"], ["map"], ["map", "--output=json"],
@@ -239,7 +185,7 @@ COMPARE_QCOW2 = ["top.qcow2 base.qcow2", "-s top.qcow2 base.qcow2", "top.qcow2 r
 
 @pytest.mark.parametrize("args", COMPARE)
 def test_compare_raw(d, args):
-    qemu_io("raw", d / "r.raw", "write -P 0 8k 4k")
+    qemu_io_ok("raw", d / "r.raw", "write -P 0 8k 4k")
     same(d, "compare", *args.split())
 
 
@@ -302,7 +248,7 @@ def test_convert_compressed(d, flags):
 @needs_qcow2
 def test_convert_no_create(d):
     qemu_img("create", "-q", "-f", "qcow2", str(d / "t.qcow2"), "64M")
-    qemu_io("qcow2", d / "t.qcow2", "write -P 0x77 0 64M")
+    qemu_io_ok("qcow2", d / "t.qcow2", "write -P 0x77 0 64M")
     assert blockd_img("convert", "-n", "-O", "qcow2", "top.qcow2", "t.qcow2", cwd=d)[2] == 0
     assert qemu_img("compare", str(d / "top.qcow2"), str(d / "t.qcow2")).returncode == 0
 

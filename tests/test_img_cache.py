@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_img import blockd_img, qemu_img, qemu_io, same
+from harness import blockd_img, qemu_img, qemu_io_ok, same
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def test_convert_target_cache_mode_on_disk(disk_dir, mode):
     (2 MiB and more per request: the O_DIRECT path's own buffers)."""
     src = disk_dir / "src.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(src), "16M")
-    qemu_io("qcow2", src, "write -P 7 0 3M", "write -P 9 5M 100k", "write -z 8M 1M")
+    qemu_io_ok("qcow2", src, "write -P 7 0 3M", "write -P 9 5M 100k", "write -z 8M 1M")
     out = disk_dir / f"out-{mode}.qcow2"
     log = _traced_opens(disk_dir, "convert", "-t", mode, "-T", "none", "-O", "qcow2",
                         str(src), str(out))
@@ -77,7 +77,7 @@ def test_convert_target_cache_mode_on_disk(disk_dir, mode):
 def test_source_cache_none_on_check_and_compare(disk_dir):
     src = disk_dir / "a.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(src), "4M")
-    qemu_io("qcow2", src, "write -P 3 1000 3M")
+    qemu_io_ok("qcow2", src, "write -P 3 1000 3M")
     for args in (["check", "-T", "none", "a.qcow2"],
                  ["compare", "-T", "directsync", "a.qcow2", "a.qcow2"],
                  ["check", "-T", "unsafe", "a.qcow2"]):

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from test_img import blockd_img, d, needs_qcow2, qemu_img, same  # noqa: F401 (fixture)
+from test_img import needs_qcow2
 from test_img import test_create as create_case
+from harness import blockd_img, qemu_img, qemu_io_ok, same
 
 pytestmark = needs_qcow2
 ROOT = Path(__file__).parent.parent
@@ -195,13 +196,6 @@ def test_progress_through_a_pipe(d, args):
     assert "(0.00/100%)" in b.stdout or "-q" in args
 
 
-def _qemu_io(d: Path, image: str, *cmds: str) -> None:
-    args = ["qemu-io"]
-    for c in cmds:
-        args += ["-c", c]
-    subprocess.run(args + [image], check=True, capture_output=True, cwd=d)
-
-
 @pytest.mark.parametrize("output", ["--output=json", "--output=human"])
 @pytest.mark.parametrize("create,writes", [
     ("preallocation=metadata", ["write -P 1 0 64k", "write -z 0 128k", "write -z 256k 64k"]),
@@ -213,7 +207,7 @@ def _qemu_io(d: Path, image: str, *cmds: str) -> None:
 def test_map_zero_clusters_keep_offset(d, output, create, writes):
     """Zero clusters that keep their host clusters show where those are, as in qemu-img."""
     qemu_img("create", "-q", "-f", "qcow2", "-o", create, "z.qcow2", "1M", cwd=d)
-    _qemu_io(d, "z.qcow2", *writes)
+    qemu_io_ok(None, d / "z.qcow2", *writes)
     same(d, "map", output, "z.qcow2")
     # Such clusters read as zeroes whatever their host clusters hold, written in full too.
     assert blockd_img("convert", "-S", "0", "-O", "raw", "z.qcow2", "z.raw", cwd=d)[2] == 0
@@ -267,7 +261,7 @@ def test_zstd_both_ways(tmp_path, flags):
     """zstd-compressed qcow2: blockd-img's read back by qemu-img, qemu-img's by blockd-img."""
     d = tmp_path
     qemu_img("create", "-q", "-f", "raw", "src.raw", "4M", cwd=d)
-    _qemu_io(d, "src.raw", "write -P 7 0 1M", "write -P 9 2M 100k", "write -P 3 3000k 5k")
+    qemu_io_ok(None, d / "src.raw", "write -P 7 0 1M", "write -P 9 2M 100k", "write -P 3 3000k 5k")
     opts = ["-o", "compression_type=zstd"]
     assert qemu_img("convert", "-c", *flags, "-O", "qcow2", *opts, "src.raw", "q.qcow2",
                     cwd=d).returncode == 0
@@ -314,7 +308,7 @@ def test_dev_null_backing(d, args):
     """``/dev/null`` as a backing file is an empty raw image (QEMU's ``host_device``)."""
     qemu_img("create", "-q", "-f", "qcow2", "-b", "/dev/null", "-F", "raw", "n.qcow2", "1M",
              cwd=d)
-    _qemu_io(d, "n.qcow2", "write -P 1 0 64k")
+    qemu_io_ok(None, d / "n.qcow2", "write -P 1 0 64k")
     argv = args.replace("N", "n.qcow2").split()
     results = []
     for tool, name in ((qemu_img, "q"), (blockd_img, "b")):
@@ -349,7 +343,7 @@ def test_convert_salvage(d, flags, fmt):
     (d / "bd.conf").write_text('[inject-error]\nevent = "read_aio"\nerrno = "5"\n'
                                'sector = "100"\n')
     qemu_img("create", "-q", "-f", fmt, "src", "1M", cwd=d)
-    _qemu_io(d, "src", "write -P 5 0 1M")
+    qemu_io_ok(None, d / "src", "write -P 5 0 1M")
     image = f"driver={fmt},file.driver=blkdebug,file.config=bd.conf,file.image.filename=src"
     q = qemu_img("convert", *flags.split(), "--image-opts", image, "q.out", cwd=d)
     b = blockd_img("convert", *flags.split(), "--image-opts", image, "b.out", cwd=d)

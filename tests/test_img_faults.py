@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from test_img import blockd_img, qemu_img, qemu_io, same
+from harness import blockd_img, qemu_img, qemu_io_ok, same
 
 
 def _failing(path: Path, iotype: str, **rule: object) -> str:
@@ -24,7 +24,7 @@ def _failing(path: Path, iotype: str, **rule: object) -> str:
 def src(tmp_path: Path) -> Path:
     path = tmp_path / "s.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(path), "1M")
-    qemu_io("qcow2", path, "write -P 3 0 64k", "write -P 4 200k 8k")
+    qemu_io_ok("qcow2", path, "write -P 3 0 64k", "write -P 4 200k 8k")
     return path
 
 

@@ -20,8 +20,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+from harness import blockd_img, map_json, qemu_img, qemu_io_ok, same
 
-from test_img import blockd_img, map_json, qemu_img, qemu_io
 
 ROOT = Path(__file__).parent.parent
 
@@ -89,8 +89,8 @@ def test_amend_qcow2(tmp_path, create, args):
     d = tmp_path
     opts = ["-o", create] if create else []
     qemu_img("create", "-q", "-f", "qcow2", *opts, str(d / "a.qcow2"), "64M")
-    qemu_io("qcow2", d / "a.qcow2", "write -P 1 0 1M", "write -z 2M 128k",
-            "write -P 2 40M 64k", "write -z -u 40M 64k", "write -c -P 3 50M 64k")
+    qemu_io_ok("qcow2", d / "a.qcow2", "write -P 1 0 1M", "write -z 2M 128k",
+               "write -P 2 40M 64k", "write -z -u 40M 64k", "write -c -P 3 50M 64k")
     q, b = twins(d, "a.qcow2")
     both(d, ["amend", *args.split(), "X"], "a.qcow2")
     assert info(b) == info(q)
@@ -103,10 +103,10 @@ def test_amend_downgrade_zero_clusters(tmp_path):
     """v2 has no zero flag: zero clusters over a backing file become real zero data."""
     d = tmp_path
     qemu_img("create", "-q", "-f", "raw", str(d / "base.raw"), "1M")
-    qemu_io("raw", d / "base.raw", "write -P 7 0 1M")
+    qemu_io_ok("raw", d / "base.raw", "write -P 7 0 1M")
     qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(d / "o.qcow2"))
-    qemu_io("qcow2", d / "o.qcow2", "write -z 0 64k", "write -P 3 64k 64k",
-            "write -z -u 64k 64k", "write -P 5 512k 64k", "write -z 512k 64k")
+    qemu_io_ok("qcow2", d / "o.qcow2", "write -z 0 64k", "write -P 3 64k 64k",
+               "write -z -u 64k 64k", "write -P 5 512k 64k", "write -z 512k 64k")
     q, b = twins(d, "o.qcow2")
     both(d, ["amend", "-o", "compat=0.10", "X"], "o.qcow2")
     assert info(b) == info(q)
@@ -119,7 +119,7 @@ def test_amend_downgrade_zero_clusters(tmp_path):
 def test_amend_refcount_overflow(tmp_path):
     d = tmp_path
     qemu_img("create", "-q", "-f", "qcow2", str(d / "s.qcow2"), "1M")
-    qemu_io("qcow2", d / "s.qcow2", "write 0 64k")
+    qemu_io_ok("qcow2", d / "s.qcow2", "write 0 64k")
     qemu_img("snapshot", "-c", "s", str(d / "s.qcow2"))
     twins(d, "s.qcow2")
     both(d, ["amend", "-o", "refcount_bits=1", "X"], "s.qcow2")
@@ -181,17 +181,17 @@ def test_amend_luks_keyslots(tmp_path):
 def chain(tmp_path: Path) -> Path:
     d = tmp_path
     qemu_img("create", "-q", "-f", "qcow2", str(d / "base.qcow2"), "4M")
-    qemu_io("qcow2", d / "base.qcow2", "write -P 1 0 4M")
+    qemu_io_ok("qcow2", d / "base.qcow2", "write -P 1 0 4M")
     qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
              str(d / "mid.qcow2"))
-    qemu_io("qcow2", d / "mid.qcow2", "write -P 2 1M 1M", "write -z 2M 64k")
+    qemu_io_ok("qcow2", d / "mid.qcow2", "write -P 2 1M 1M", "write -z 2M 64k")
     qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
              str(d / "top.qcow2"))
-    qemu_io("qcow2", d / "top.qcow2", "write -P 3 3M 64k")
+    qemu_io_ok("qcow2", d / "top.qcow2", "write -P 3 3M 64k")
     qemu_img("create", "-q", "-f", "qcow2", str(d / "nb.qcow2"), "2M")
-    qemu_io("qcow2", d / "nb.qcow2", "write -P 1 0 512k")
+    qemu_io_ok("qcow2", d / "nb.qcow2", "write -P 1 0 512k")
     qemu_img("create", "-q", "-f", "raw", str(d / "nb.raw"), "8M")
-    qemu_io("raw", d / "nb.raw", "write -P 2 1M 1M")
+    qemu_io_ok("raw", d / "nb.raw", "write -P 2 1M 1M")
     return d
 
 
@@ -250,9 +250,9 @@ def test_map_picture(tmp_path):
     d = tmp_path
     img = d / "p.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(img), "64M")
-    qemu_io("qcow2", img, "write 0 3M", "write -c 8M 1M", "write 20M 2M", "discard 1M 1M")
+    qemu_io_ok("qcow2", img, "write 0 3M", "write -c 8M 1M", "write 20M 2M", "discard 1M 1M")
     qemu_img("snapshot", "-c", "s1", str(img))
-    qemu_io("qcow2", img, "write 0 512k")
+    qemu_io_ok("qcow2", img, "write 0 512k")
     qemu_img("bitmap", "--add", str(img), "b0")
     # A leak: raise one free cluster's refcount behind qemu's back.
     assert blockd_img("map", "--picture=p.svg", "p.qcow2", cwd=d) == ("", "", 0)
@@ -282,7 +282,7 @@ def test_map_picture(tmp_path):
 def test_map_picture_leaks(tmp_path):
     d = tmp_path
     qemu_img("create", "-q", "-f", "qcow2", str(d / "l.qcow2"), "16M")
-    qemu_io("qcow2", d / "l.qcow2", "write 0 1M")
+    qemu_io_ok("qcow2", d / "l.qcow2", "write 0 1M")
     # Raise the refcounts of two clusters past the end of the data: leaks.
     raw = bytearray((d / "l.qcow2").read_bytes())
     rb = struct.unpack_from(">Q", raw, struct.unpack_from(">Q", raw, 48)[0])[0]
@@ -384,11 +384,11 @@ def _set_in_use(path: Path, index: int) -> None:
 def bitmapped(tmp_path: Path) -> Path:
     d = tmp_path
     qemu_img("create", "-q", "-f", "qcow2", str(d / "bm.qcow2"), "4M")
-    qemu_io("qcow2", d / "bm.qcow2", "write 0 1M")
+    qemu_io_ok("qcow2", d / "bm.qcow2", "write 0 1M")
     qemu_img("bitmap", "--add", str(d / "bm.qcow2"), "b1")
     qemu_img("bitmap", "--add", "-g", "128k", str(d / "bm.qcow2"), "b2")
     qemu_img("bitmap", "--disable", str(d / "bm.qcow2"), "b2")
-    qemu_io("qcow2", d / "bm.qcow2", "write 2M 64k")
+    qemu_io_ok("qcow2", d / "bm.qcow2", "write 2M 64k")
     qemu_img("create", "-q", "-f", "raw", str(d / "r.raw"), "1M")
     return d
 
@@ -440,8 +440,8 @@ def test_convert_sparse_qcow2_target(tmp_path, sparse):
     """``-S``: which clusters the target allocates, run for run as qemu-img decides."""
     d = tmp_path
     qemu_img("create", "-q", "-f", "raw", str(d / "s.raw"), "8M")
-    qemu_io("raw", d / "s.raw", "write -P 1 0 4k", "write -P 2 1M 64k", "write -P 3 3M 1M",
-            "write -P 0 3M 256k", "write -P 4 5M 512", "write -z 6M 1M")
+    qemu_io_ok("raw", d / "s.raw", "write -P 1 0 4k", "write -P 2 1M 64k", "write -P 3 3M 1M",
+               "write -P 0 3M 256k", "write -P 4 5M 512", "write -z 6M 1M")
     for tool, out in (("q", "q.qcow2"), ("b", "b.qcow2")):
         args = ["convert", "-S", sparse, "-O", "qcow2", "s.raw", out]
         if tool == "q":
@@ -457,7 +457,6 @@ def test_convert_sparse_qcow2_target(tmp_path, sparse):
 def test_info_many_bitmaps(tmp_path):
     """``info`` of an image with 64 bitmaps (lists of flags: scalars in lists) prints what
     qemu-img prints; the human dump once recursed into each flag's characters."""
-    from test_img import same
 
     img = tmp_path / "bm.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(img), "64M")
@@ -546,7 +545,6 @@ def _name_features(img: Path, bits: list[int], table: list[tuple[int, int, str]]
 def test_unsupported_features_named_from_the_table(tmp_path, args):
     """Unknown incompatible bits are named as the image's own feature table names them,
     in the table's order, the unnamed rest as a hex mask."""
-    from test_img import same
 
     img = tmp_path / "f.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
@@ -561,7 +559,6 @@ def test_unsupported_features_named_from_the_table(tmp_path, args):
                                  "l2-cache-size=1152921504606846976,l2-cache-entry-size=512"])
 def test_huge_cache_sizes(tmp_path, opt):
     """Cache sizes past what QEMU counts are refused at open, with its message."""
-    from test_img import same
 
     qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "c.qcow2"), "1M")
     same(tmp_path, "info", "--image-opts", f"driver=qcow2,file.filename=c.qcow2,{opt}")

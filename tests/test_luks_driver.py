@@ -9,7 +9,7 @@ import pytest
 
 from blockd.block.graph import BlockGraph
 from blockd.errors import QMPError
-from harness import HAVE_QSD, WAIT, Daemon, past_calibration, qemu_tool
+from harness import HAVE_QSD, WAIT, Daemon, luks_io, past_calibration, qemu_tool
 
 SECRETS = {"s0": b"pw", "s1": b"other"}
 
@@ -32,11 +32,7 @@ def qemu_img_create(path, opts="", size="4M"):
 
 
 def qemu_io(path, *cmds, secret="pw"):
-    args = ["qemu-io", "--object", f"secret,id=s0,data={secret}", "--image-opts",
-            f"driver=luks,key-secret=s0,file.filename={path}"]
-    for c in cmds:
-        args += ["-c", c]
-    r = subprocess.run(args, capture_output=True, text=True)
+    r = luks_io(path, *cmds, secret=secret)
     return r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
 
 

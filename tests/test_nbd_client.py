@@ -19,8 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from harness import Daemon, Server
-from test_img import qemu_img, same
+from harness import Daemon, Server, qemu_img, qemu_io, same
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-nbd") is None, reason="qemu-nbd missing")
 HAVE_NBDKIT = shutil.which("nbdkit") is not None
@@ -30,15 +29,8 @@ def make_image(path: Path) -> None:
     """4 MiB: data at the start, in the middle and in the last sector; zeroes written
     in between (allocated) and holes elsewhere."""
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(path), "4M"], check=True)
-    qemu_io(str(path), "write -P 0x11 0 64k", "write -P 0x22 1M 96k", "write -z 2M 64k",
+    qemu_io("raw", str(path), "write -P 0x11 0 64k", "write -P 0x22 1M 96k", "write -z 2M 64k",
             "write -P 0x33 4095k 1k")
-
-
-def qemu_io(target: str, *cmds: str, fmt: str = "raw") -> subprocess.CompletedProcess:
-    argv = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        argv += ["-c", c]
-    return subprocess.run(argv + [target], capture_output=True, text=True, timeout=120)
 
 
 def opts(sock: Path, export: str | None = "exp", **extra: str) -> str:
@@ -157,7 +149,7 @@ def test_dirty_bitmap_shows_through_map_as_qemu_does(tmp_path):
         assert c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}}) == {"return": {}}
         assert c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "r0"}, name="exp",
                      writable=True, bitmaps=["b0"]) == {"return": {}}
-        assert qemu_io(uri(sock, "exp"), "write -P 0x44 512k 100k", "write -P 0x55 3M 4k").returncode == 0
+        assert qemu_io("raw", uri(sock, "exp"), "write -P 0x44 512k 100k", "write -P 0x55 3M 4k").returncode == 0
         o = opts(sock, **{"x-dirty-bitmap": "qemu:dirty-bitmap:b0"})
         same(tmp_path, "map", "--output=json", "--image-opts", o)
         same(tmp_path, "map", "--image-opts", o)
@@ -276,7 +268,7 @@ def test_reexported_node_reads_and_writes_reach_the_file(tmp_path):
         assert c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(out)}}) == {"return": {}}
         assert c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "n0"},
                      writable=True) == {"return": {}}
-        r = qemu_io(uri(out, "n0"), "read -P 0x11 0 64k", "read -P 0x22 1M 96k",
+        r = qemu_io("raw", uri(out, "n0"), "read -P 0x11 0 64k", "read -P 0x22 1M 96k",
                     "read -P 0 2M 64k", "read -P 0x33 4095k 1k",
                     "write -P 0x66 300k 200k", "write -z 1M 4k", "aio_write -P 0x77 3M 64k",
                     "aio_write -P 0x78 3200k 64k", "aio_flush", "discard 64k 64k", "flush")
@@ -306,12 +298,12 @@ def test_block_size_limits_are_kept(tmp_path):
         assert c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(out)}}) == {"return": {}}
         assert c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "n0"},
                      writable=True) == {"return": {}}
-        r = qemu_io(uri(out, "n0"), "write -P 0x11 0 1M", "write -P 0x22 1000 3000",
+        r = qemu_io("raw", uri(out, "n0"), "write -P 0x11 0 1M", "write -P 0x22 1000 3000",
                     "write -z 70000 200000", "read -P 0x11 0 1000", "read -P 0x22 1000 3000",
                     "read -P 0x11 4000 66000", "read -P 0 70000 200000",
                     "read -P 0x11 270000 778576")
         assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
-        direct = qemu_io(f"nbd+unix://?socket={sock}", "read -P 0x22 0 4096")
+        direct = qemu_io("raw", f"nbd+unix://?socket={sock}", "read -P 0x22 0 4096")
         assert "verification failed" in direct.stdout  # only 1000..4000 were written
 
 
@@ -340,7 +332,7 @@ def _qemu_io_via_blockd(tmp_path: Path, o: str, cmd: str) -> str:
         assert c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(out)}}) == {"return": {}}
         assert c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "n0"},
                      writable=True) == {"return": {}}
-        return qemu_io(uri(out, "n0"), cmd).stdout
+        return qemu_io("raw", uri(out, "n0"), cmd).stdout
 
 
 def test_disconnect_fails_requests_then_reconnects(tmp_path):
@@ -364,7 +356,7 @@ def test_disconnect_fails_requests_then_reconnects(tmp_path):
                              writable=True) == {"return": {}}
             server.stop()
             for n in ("n0", "n2"):  # n2 gives up once its second has passed
-                r = qemu_io(uri(out, n), "read -P 0x11 0 4k")
+                r = qemu_io("raw", uri(out, n), "read -P 0x11 0 4k")
                 assert "Input/output error" in r.stdout + r.stderr
             # n1 waits: its read is answered once the server is back.
             waiting = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "read -P 0x22 1M 4k",
@@ -374,7 +366,7 @@ def test_disconnect_fails_requests_then_reconnects(tmp_path):
             assert waiting.returncode == 0
             deadline = time.monotonic() + 60
             while True:  # n0 reconnects in the background
-                r = qemu_io(uri(out, "n0"), "read -P 0x11 0 4k")
+                r = qemu_io("raw", uri(out, "n0"), "read -P 0x11 0 4k")
                 if r.returncode == 0 and "Input/output error" not in r.stdout:
                     break
                 assert time.monotonic() < deadline, r.stdout
@@ -388,7 +380,7 @@ def test_qcow2_stored_on_an_nbd_export(tmp_path):
     NBD.  blockd-img and qemu-img agree on it, and the file stays clean."""
     image = tmp_path / "q.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
-    qemu_io(str(image), "write -P 0x5a 1M 256k", "write -z 3M 64k", fmt="qcow2")
+    qemu_io("qcow2", str(image), "write -P 0x5a 1M 256k", "write -z 3M 64k")
     # An export cannot grow: room for new clusters must be there already.
     os.truncate(image, 16 << 20)
     sock, out = tmp_path / "nbd.sock", tmp_path / "out.sock"
@@ -403,14 +395,13 @@ def test_qcow2_stored_on_an_nbd_export(tmp_path):
             assert c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(out)}}) == {"return": {}}
             assert c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "q0"},
                          writable=True) == {"return": {}}
-            r = qemu_io(uri(out, "q0"), "read -P 0x5a 1M 256k", "write -P 0x6b 5M 300k",
+            r = qemu_io("raw", uri(out, "q0"), "read -P 0x5a 1M 256k", "write -P 0x6b 5M 300k",
                         "write -z 1M 64k", "flush")
             assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
             assert c.cmd("block-export-del", id="e0") == {"return": {}}
             assert c.cmd("blockdev-del", **{"node-name": "q0"}) == {"return": {}}
     assert qemu_img("check", str(image)).returncode == 0
-    r = qemu_io(str(image), "read -P 0x6b 5M 300k", "read -P 0 1M 64k", "read -P 0x5a 1088k 192k",
-                fmt="qcow2")
+    r = qemu_io("qcow2", str(image), "read -P 0x6b 5M 300k", "read -P 0 1M 64k", "read -P 0x5a 1088k 192k")
     assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout
 
 
@@ -491,10 +482,10 @@ def test_allocation_depth_through_x_dirty_bitmap(kind, tmp_path):
     """``x-dirty-bitmap=qemu:allocation-depth``: depths above 2 count as 2, as in QEMU."""
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "4M"], check=True)
-    qemu_io(str(base), "write -P 1 0 1M", fmt="qcow2")
+    qemu_io("qcow2", str(base), "write -P 1 0 1M")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
                     str(top)], check=True)
-    qemu_io(str(top), "write -P 2 512k 1M", fmt="qcow2")
+    qemu_io("qcow2", str(top), "write -P 2 512k 1M")
     sock = tmp_path / "nbd.sock"
     with Daemon(str(tmp_path / "d.qmp"), "--blockdev",
                 f"driver=qcow2,node-name=t,file.driver=file,file.filename={top}",
@@ -511,7 +502,7 @@ def test_export_size_not_a_sector_multiple(tmp_path):
     """QEMU counts whole sectors: a 1000-byte export is 1024 bytes, the tail zeroes."""
     sock = tmp_path / "nbd.sock"
     with Server(str(sock), "nbdkit", "-f", "-U", str(sock), "memory", "1000"):
-        assert qemu_io(f"nbd+unix://?socket={sock}", "write -P 0x41 0 1000").returncode == 0
+        assert qemu_io("raw", f"nbd+unix://?socket={sock}", "write -P 0x41 0 1000").returncode == 0
         o = opts(sock, None)
         for cmd in (["info"], ["map", "--output=json"], ["map"]):
             same(tmp_path, *cmd, "--image-opts", o)

@@ -8,20 +8,15 @@ import shutil
 import socket
 import struct
 import subprocess
-from typing import Callable
 
 import pytest
 
 from blockd.nbd import protocol as p
-from harness import WAIT, Daemon
+from harness import WAIT, Daemon, NBDClient, sh
 
 
 def uri(sock: str, name: str) -> str:
     return f"nbd+unix:///{name}?socket={sock}"
-
-
-def run(*cmd: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -29,7 +24,7 @@ def served(tmp_path):
     """A daemon exporting a 4 MiB raw image writable as 'r0' and null-co read-only as 'n0'."""
     image = tmp_path / "a.raw"
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), "4M"], check=True)
-    run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 64k", str(image))
+    sh("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 64k", str(image))
     nbd = str(tmp_path / "nbd.sock")
     daemon = Daemon(str(tmp_path / "qmp.sock"),
                     "--blockdev", f"driver=file,node-name=f0,filename={image}",
@@ -44,8 +39,8 @@ def served(tmp_path):
 
 def test_qemu_io_writes_reach_the_file(served):
     daemon, nbd, image = served
-    out = run("qemu-io", "-f", "raw", "-c", "write -P 0xab 1M 64k", "-c", "read -P 0xab 1M 64k",
-              "-c", "write -z 2M 8k", "-c", "discard 3M 4k", "-c", "flush", uri(nbd, "r0"))
+    out = sh("qemu-io", "-f", "raw", "-c", "write -P 0xab 1M 64k", "-c", "read -P 0xab 1M 64k",
+             "-c", "write -z 2M 8k", "-c", "discard 3M 4k", "-c", "flush", uri(nbd, "r0"))
     assert out.returncode == 0 and "Pattern verification failed" not in out.stdout
     with open(image, "rb") as f:
         f.seek(1 << 20)
@@ -54,35 +49,35 @@ def test_qemu_io_writes_reach_the_file(served):
 
 def test_nbdinfo_map_and_flags(served):
     daemon, nbd, image = served
-    info = json.loads(run("nbdinfo", "--json", uri(nbd, "r0")).stdout)["exports"][0]
+    info = json.loads(sh("nbdinfo", "--json", uri(nbd, "r0")).stdout)["exports"][0]
     assert info["description"] == "hello" and info["export-size"] == 4 << 20
     assert info["can_zero"] and info["can_trim"] and info["can_fua"] and not info["is_read_only"]
     assert info["block_size_maximum"] == 32 << 20
-    ro = json.loads(run("nbdinfo", "--json", uri(nbd, "n0")).stdout)["exports"][0]
+    ro = json.loads(sh("nbdinfo", "--json", uri(nbd, "n0")).stdout)["exports"][0]
     assert ro["is_read_only"] and not ro["can_zero"]
-    lines = run("nbdinfo", "--map", uri(nbd, "r0")).stdout.split("\n")
+    lines = sh("nbdinfo", "--map", uri(nbd, "r0")).stdout.split("\n")
     assert lines[0].split() == ["0", "65536", "0", "data"]
     assert lines[1].split()[2:] == ["3", "hole,zero"]
-    names = run("nbdinfo", "--list", "--json", f"nbd+unix://?socket={nbd}").stdout
+    names = sh("nbdinfo", "--list", "--json", f"nbd+unix://?socket={nbd}").stdout
     assert {e["export-name"] for e in json.loads(names)["exports"]} == {"r0", "n0"}
 
 
 def test_qemu_img_convert_from_export(served, tmp_path):
     daemon, nbd, image = served
     out = tmp_path / "copy.raw"
-    assert run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri(nbd, "r0"), str(out)).returncode == 0
-    assert run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), str(out)).returncode == 0
+    assert sh("qemu-img", "convert", "-f", "raw", "-O", "raw", uri(nbd, "r0"), str(out)).returncode == 0
+    assert sh("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), str(out)).returncode == 0
 
 
 def test_read_only_export_refuses_writes(served):
     daemon, nbd, image = served
-    out = run("qemu-io", "-f", "raw", "-c", "write 0 4k", uri(nbd, "n0"))
+    out = sh("qemu-io", "-f", "raw", "-c", "write 0 4k", uri(nbd, "n0"))
     assert "Operation not permitted" in out.stdout + out.stderr or out.returncode != 0
 
 
 def test_unknown_export_and_daemon_survives(served):
     daemon, nbd, image = served
-    out = run("nbdinfo", uri(nbd, "nosuch"))
+    out = sh("nbdinfo", uri(nbd, "nosuch"))
     assert out.returncode != 0 and "nosuch" in out.stderr
     # A client that breaks the protocol is dropped; the server goes on.
     s = socket.socket(socket.AF_UNIX)
@@ -90,47 +85,14 @@ def test_unknown_export_and_daemon_survives(served):
     s.recv(18)
     s.sendall(b"\xff" * 64)
     s.close()
-    assert run("qemu-io", "-f", "raw", "-c", "read -P 0x11 0 64k", uri(nbd, "r0")).returncode == 0
+    assert sh("qemu-io", "-f", "raw", "-c", "read -P 0x11 0 64k", uri(nbd, "r0")).returncode == 0
     assert daemon.client().cmd("query-block-exports")["return"][0]["id"] == "e1"
-
-
-def _raw_client(nbd: str, name: str) -> tuple[socket.socket, p.ClientParser, Callable[[int], list]]:
-    """A handshake by hand: structured replies, base:allocation, then GO."""
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(nbd)
-    parser = p.ClientParser()
-
-    pending: list = []
-
-    def events(n: int) -> list:
-        """The next ``n`` events; later ones stay queued for the next call."""
-        while len(pending) < n:
-            pending.extend(parser.events())
-            if len(pending) < n:
-                parser.receive_data(s.recv(65536))
-        out = pending[:n]
-        del pending[:n]
-        return out
-
-    assert isinstance(events(1)[0], p.Greeting)
-    s.sendall(p.client_flags())
-    s.sendall(p.option_request(p.Opt.STRUCTURED_REPLY))
-    assert events(1)[0].reply == p.Rep.ACK
-    s.sendall(p.option_request(p.Opt.SET_META_CONTEXT, p.meta_context_data(name, [p.BASE_ALLOCATION])))
-    replies = events(2)
-    assert replies[0].reply == p.Rep.META_CONTEXT and replies[1].reply == p.Rep.ACK
-    s.sendall(p.option_request(p.Opt.GO, p.info_request_data(name)))
-    while True:
-        reply = events(1)[0]
-        if reply.reply == p.Rep.ACK:
-            break
-    parser.start_transmission()
-    return s, parser, events
 
 
 def test_many_requests_in_flight_and_structured_holes(served):
     daemon, nbd, image = served
-    s, parser, events = _raw_client(nbd, "r0")
+    c = NBDClient.open(nbd, "r0", structured=True, contexts=[p.BASE_ALLOCATION])
+    s, parser, events = c.s, c.parser, c.events
     # 32 reads sent back to back before reading any reply.
     for handle in range(32):
         parser.expect_read(handle, 2048)
@@ -161,9 +123,9 @@ def test_many_requests_in_flight_and_structured_holes(served):
 @pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed")
 def test_fio_nbd_engine_verifies(served, tmp_path):
     daemon, nbd, image = served
-    out = run("fio", "--name=v", "--ioengine=nbd", f"--uri={uri(nbd, 'r0')}", "--rw=randwrite",
-              "--bs=4k", "--size=2M", "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0",
-              "--output-format=json", timeout=2 * WAIT)
+    out = sh("fio", "--name=v", "--ioengine=nbd", f"--uri={uri(nbd, 'r0')}", "--rw=randwrite",
+             "--bs=4k", "--size=2M", "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0",
+             "--output-format=json", timeout=2 * WAIT)
     assert out.returncode == 0, out.stderr
     job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0 and job["write"]["io_bytes"] >= 2 << 20
@@ -190,10 +152,10 @@ def test_image_lock_keeps_qemu_io_out_until_blockdev_del(tmp_path):
         c = d.client()
         assert c.cmd("blockdev-add", driver="qcow2", **{"node-name": "q0"},
                      file={"driver": "file", "filename": img}) == {"return": {}}
-        out = run("qemu-io", "-f", "qcow2", "-c", "read 0 4k", img)
+        out = sh("qemu-io", "-f", "qcow2", "-c", "read 0 4k", img)
         assert out.returncode != 0 and 'Failed to get "write" lock' in out.stderr
         assert c.cmd("blockdev-del", **{"node-name": "q0"}) == {"return": {}}
-        assert run("qemu-io", "-f", "qcow2", "-c", "write 0 4k", img).returncode == 0
+        assert sh("qemu-io", "-f", "qcow2", "-c", "write 0 4k", img).returncode == 0
 
 
 def test_read_only_reopen_turns_writes_off_and_back_on(served):
@@ -208,13 +170,13 @@ def test_read_only_reopen_turns_writes_off_and_back_on(served):
     reply = c.cmd("block-export-add", type="nbd", id="e2", **{"node-name": "r0"}, writable=True)
     assert reply["error"]["desc"] == "Cannot export read-only node as writable"
     assert c.cmd("block-export-add", type="nbd", id="e2", **{"node-name": "r0"}) == {"return": {}}
-    out = run("qemu-io", "-f", "raw", "-c", "write 0 4k", uri(nbd, "r0"))
+    out = sh("qemu-io", "-f", "raw", "-c", "write 0 4k", uri(nbd, "r0"))
     assert out.returncode != 0 or "Operation not permitted" in out.stdout + out.stderr
     assert c.cmd("block-export-del", id="e2") == {"return": {}}
     assert c.cmd("blockdev-reopen", options=[{**reopen, "read-only": False}]) == {"return": {}}
     assert c.cmd("block-export-add", type="nbd", id="e3", **{"node-name": "r0"},
                  writable=True) == {"return": {}}
-    out = run("qemu-io", "-f", "raw", "-c", "write -P 0x77 0 4k", uri(nbd, "r0"))
+    out = sh("qemu-io", "-f", "raw", "-c", "write -P 0x77 0 4k", uri(nbd, "r0"))
     assert out.returncode == 0 and "wrote 4096/4096" in out.stdout
 
 
@@ -280,62 +242,6 @@ def test_request_that_waits_continues_as_a_task():
     assert asyncio.run(main()) == ["done", "done", "cancelled"]
 
 
-class _Wire:
-    """A raw NBD client socket with the protocol module's parser, one event at a time."""
-
-    def __init__(self, nbd: str) -> None:
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.settimeout(WAIT)
-        self.s.connect(nbd)
-        self.parser = p.ClientParser()
-        self.pending: list = []
-
-    def event(self):
-        """The next event, or "closed" once the server hung up."""
-        while not self.pending:
-            self.pending.extend(self.parser.events())
-            if self.pending:
-                break
-            try:
-                data = self.s.recv(65536)
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                return "closed"
-            self.parser.receive_data(data)
-        return self.pending.pop(0)
-
-    def go(self, name: str, structured: bool) -> int:
-        """Handshake to transmission; returns the export's transmission flags."""
-        self.s.sendall(p.client_flags())
-        if structured:
-            self.s.sendall(p.option_request(p.Opt.STRUCTURED_REPLY))
-            assert self.event().reply == p.Rep.ACK
-        self.s.sendall(p.option_request(p.Opt.GO, p.info_request_data(name)))
-        flags = 0
-        while (reply := self.event()).reply != p.Rep.ACK:
-            kind, value = p.parse_rep_info(reply.data)
-            if kind == p.Info.EXPORT:
-                flags = value[1]
-        self.parser.start_transmission()
-        return flags
-
-    def ask(self, cmd: int, flags: int, offset: int, length: int, data: bytes = b""):
-        """Send one request (handle 1); its error as the reply mode gives it (the
-        chunk type and error of a structured reply, which is read to its end)."""
-        if cmd == p.Cmd.READ:
-            self.parser.expect_read(1, length)
-        self.s.sendall(p.request(cmd, 1, offset, length, flags, data))
-        reply = self.event()
-        if not isinstance(reply, p.StructuredChunk):
-            return ("simple", reply.error)
-        answer = (reply.type, p.parse_error_chunk(reply.payload)[:2]
-                  if reply.type & 0x8000 else b"")
-        while not reply.done:
-            reply = self.event()
-        return answer
-
-
 def _null_server(tmp_path, qsd: bool, *args: str) -> tuple[Daemon, str]:
     """qsd or blockd, started in a folder of its own with ``args`` after its NBD server;
     the daemon and the server's socket."""
@@ -358,20 +264,20 @@ def _edge_session(tmp_path, qsd: bool) -> list:
     with daemon:
         for length in (79, 80, 4095, 4096):
             for opt in (p.Opt.GO, p.Opt.INFO):
-                c = _Wire(nbd)
+                c = NBDClient(nbd)
                 c.event()
                 c.s.sendall(p.client_flags() + p.option_request(opt, p.info_request_data("x" * length)))
                 reply = c.event()
                 seen.append((length, opt, reply.reply, reply.data))
                 c.s.close()
         for flags in (p.ClientFlag.FIXED_NEWSTYLE | 4, p.ClientFlag.FIXED_NEWSTYLE | 1 << 31):
-            c = _Wire(nbd)
+            c = NBDClient(nbd)
             c.event()
             c.s.sendall(p.client_flags(flags) + p.option_request(p.Opt.GO, p.info_request_data("n0")))
             seen.append(("client flags", flags, c.event()))
             c.s.close()
         for structured in (False, True):
-            c = _Wire(nbd)
+            c = NBDClient(nbd)
             c.event()
             seen.append(("transmission flags", structured, c.go("n0", structured)))
             for cmd, flags in ((p.Cmd.READ, p.CmdFlag.DF), (p.Cmd.READ, p.CmdFlag.REQ_ONE),
@@ -444,7 +350,7 @@ def _option_replies(tmp_path, qsd: bool) -> dict:
     daemon, nbd = _null_server(tmp_path, qsd, *ONE_EXPORT)
     with daemon:
         for case, payload in OPTION_CASES.items():
-            c = _Wire(nbd)
+            c = NBDClient(nbd)
             c.event()
             c.s.sendall(p.client_flags() + payload + p.option_request(p.Opt.ABORT))
             replies = []
@@ -491,7 +397,7 @@ def _request_replies(tmp_path, qsd: bool) -> list:
     with daemon:
         for name in ("ro", "rw"):
             for structured in (False, True):
-                c = _Wire(nbd)
+                c = NBDClient(nbd)
                 c.event()
                 c.go(name, structured)
                 for cmd, flags, offset, length in REQUEST_CASES:

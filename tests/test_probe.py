@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 
 from blockd.drivers import driver_names
-from harness import HAVE_QSD, Daemon
-from test_img import blockd_img, qemu_img
+from harness import HAVE_QSD, Daemon, blockd_img, qemu_img
 
 UNSUPPORTED = re.compile(r"Driver '([a-z0-9_-]+)' is not supported by blockd")
 

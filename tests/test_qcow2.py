@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import subprocess
 
 import pytest
 
@@ -13,20 +12,9 @@ from blockd.block.graph import BlockGraph
 from blockd.block.node import WriteFlags
 from blockd.drivers.qcow2.create import create
 from blockd.errors import QMPError
+from harness import qemu_io_ok, sh
 
 MiB = 1 << 20
-
-
-def sh(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, check=False)
-
-
-def qemu_io(image: str, fmt: str, *cmds: str) -> None:
-    args = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        args += ["-c", c]
-    out = sh(*args, image)
-    assert out.returncode == 0 and "error" not in out.stdout.lower(), out.stdout + out.stderr
 
 
 def check_clean(image: str) -> dict:
@@ -71,7 +59,7 @@ DATA_CMDS = ["write -P 0x11 0 64k", "write -P 0x22 1M 5k", "write -z 2M 128k",
 def test_reads_match_qemu(tmp_path, opts):
     img, raw = str(tmp_path / "a.qcow2"), str(tmp_path / "a.raw")
     assert sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, img, "9M").returncode == 0
-    qemu_io(img, "qcow2", *DATA_CMDS)
+    qemu_io_ok("qcow2", img, *DATA_CMDS)
     sh("qemu-img", "convert", "-O", "raw", img, raw)
     assert read_all(img, 9 * MiB) == open(raw, "rb").read()
 
@@ -80,12 +68,12 @@ def test_compressed_and_backing_chain(tmp_path):
     base, mid, top = (str(tmp_path / n) for n in ("base.qcow2", "mid.qcow2", "top.qcow2"))
     src = str(tmp_path / "src.raw")
     sh("qemu-img", "create", "-q", "-f", "raw", src, "4M")
-    qemu_io(src, "raw", "write -P 0x5a 0 1M", "write -P 0x6b 2M 300k")
+    qemu_io_ok("raw", src, "write -P 0x5a 0 1M", "write -P 0x6b 2M 300k")
     assert sh("qemu-img", "convert", "-c", "-O", "qcow2", src, base).returncode == 0
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", mid)
-    qemu_io(mid, "qcow2", "write -P 0x77 512k 8k", "write -z 2M 64k")
+    qemu_io_ok("qcow2", mid, "write -P 0x77 512k 8k", "write -z 2M 64k")
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", top)
-    qemu_io(top, "qcow2", "write -P 0x88 3M 4k")
+    qemu_io_ok("qcow2", top, "write -P 0x88 3M 4k")
     raw = str(tmp_path / "top.raw")
     sh("qemu-img", "convert", "-O", "raw", top, raw)
     assert read_all(top, 4 * MiB) == open(raw, "rb").read()
@@ -134,8 +122,8 @@ def test_seeded_writes_match_qemu_io_on_raw_twin(tmp_path, opts, backing):
     if backing:
         base = str(tmp_path / "base.raw")
         sh("qemu-img", "create", "-q", "-f", "raw", base, str(size))
-        qemu_io(base, "raw", "write -P 0xee 0 2M", "write -P 0xdd 4M 1M")
-        qemu_io(twin, "raw", "write -P 0xee 0 2M", "write -P 0xdd 4M 1M")
+        qemu_io_ok("raw", base, "write -P 0xee 0 2M", "write -P 0xdd 4M 1M")
+        qemu_io_ok("raw", twin, "write -P 0xee 0 2M", "write -P 0xdd 4M 1M")
         create_args += ["-b", base, "-F", "raw"]
     assert sh(*create_args, img, str(size)).returncode == 0
     ops = _ops(hash(opts) & 0xFFFF, size, 300, cs)
@@ -161,7 +149,7 @@ def test_seeded_writes_match_qemu_io_on_raw_twin(tmp_path, opts, backing):
         # A discard's content is unspecified where it did not cover whole clusters;
         # model it by reading back what blockd has and applying it to the twin below.
     for i in range(0, len(cmds), 50):
-        qemu_io(twin, "raw", *cmds[i:i + 50])
+        qemu_io_ok("raw", twin, *cmds[i:i + 50])
     check_clean(img)
     discards = [(off, length) for kind, off, length, _ in ops if kind == "discard"]
     if not discards:
@@ -231,14 +219,14 @@ def test_created_images_pass_check_and_info(tmp_path, extra):
         assert data["extended-l2"] is True
     if "compression-type" in extra:
         assert data["compression-type"] == "zstd"
-    qemu_io(img, "qcow2", "write -P 0x42 1M 64k", "read -P 0x42 1M 64k")
+    qemu_io_ok("qcow2", img, "write -P 0x42 1M 64k", "read -P 0x42 1M 64k")
     check_clean(img)
 
 
 def test_resize_grow_and_shrink(tmp_path):
     img = str(tmp_path / "r.qcow2")
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "8M")
-    qemu_io(img, "qcow2", "write -P 0x31 0 1M", "write -P 0x32 6M 1M")
+    qemu_io_ok("qcow2", img, "write -P 0x31 0 1M", "write -P 0x32 6M 1M")
 
     async def body():
         g, node = await _open(img)
@@ -251,7 +239,7 @@ def test_resize_grow_and_shrink(tmp_path):
     check_clean(img)
     info = json.loads(sh("qemu-img", "info", "--output=json", img).stdout)
     assert info["virtual-size"] == 4 * MiB
-    qemu_io(img, "qcow2", "read -P 0x31 0 1M", "read -P 0 1M 3M")
+    qemu_io_ok("qcow2", img, "read -P 0x31 0 1M", "read -P 0 1M 3M")
 
 
 def test_refcount_table_growth_with_tiny_clusters(tmp_path):
@@ -267,4 +255,4 @@ def test_refcount_table_growth_with_tiny_clusters(tmp_path):
 
     asyncio.run(body())
     check_clean(img)
-    qemu_io(img, "qcow2", "read -P 3 6144 512")
+    qemu_io_ok("qcow2", img, "read -P 3 6144 512")

@@ -7,17 +7,13 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 from typing import Any
 
 import pytest
 
 from blockd.block.graph import BlockGraph
 from blockd.drivers.qcow2.check import FIX_ERRORS, FIX_LEAKS
-
-
-def sh(*cmd: str, cwd: Any = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+from harness import blockd_img, sh
 
 
 def qemu_check(img: str) -> tuple[dict, str]:
@@ -329,7 +325,6 @@ BROKEN = {
 def test_check_and_repair_like_qemu_img(tmp_path, name):
     """Same stdout, stderr and exit status as qemu-img for check, --output=json, -r leaks
     and -r all; the repaired files are byte for byte qemu-img's."""
-    from test_img import blockd_img
 
     broken = BROKEN[name](tmp_path)
     for run in (["check"], ["check", "--output=json"], ["check", "-r", "leaks"],

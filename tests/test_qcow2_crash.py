@@ -16,63 +16,15 @@ import json
 import os
 import random
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from blockd.nbd import protocol as p
-from harness import ROOT, WAIT, Daemon
+from harness import WAIT, Daemon, NBDClient, blockd_img_run, sh
 
 SIZE = 32 << 20
 BLOCK = 64 << 10
-
-
-def sh(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True)
-
-
-class NBDClient:
-    """Just enough of a client: one request at a time, simple replies."""
-
-    def __init__(self, path: str, name: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
-        self.parser = p.ClientParser()
-        self.handle = 0
-        assert isinstance(self._event(), p.Greeting)
-        self.sock.sendall(p.client_flags())
-        self.sock.sendall(p.option_request(p.Opt.GO, p.info_request_data(name)))
-        while self._event().reply != p.Rep.ACK:
-            pass
-        self.parser.start_transmission()
-
-    def _event(self) -> object:
-        while True:
-            ev = self.parser.next_event()
-            if ev is not None:
-                return ev
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("server went away")
-            self.parser.receive_data(data)
-
-    def _call(self, cmd: int, offset: int = 0, data: bytes = b"", length: int = 0,
-              flags: int = 0) -> int:
-        self.handle += 1
-        self.sock.sendall(p.request(cmd, self.handle, offset, length or len(data), flags, data))
-        reply = self._event()
-        assert reply.handle == self.handle
-        return reply.error
-
-    def write(self, offset: int, data: bytes, fua: bool = False) -> int:
-        return self._call(p.Cmd.WRITE, offset, data, flags=p.CmdFlag.FUA if fua else 0)
-
-    def flush(self) -> int:
-        return self._call(p.Cmd.FLUSH)
 
 
 def load(client: NBDClient, rng: random.Random, durable: dict[int, bytes],
@@ -103,12 +55,6 @@ def load(client: NBDClient, rng: random.Random, durable: dict[int, bytes],
         return
 
 
-def blockd_img(*args: str) -> None:
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    subprocess.run([sys.executable, "-m", "blockd.img.cli", *args], check=True, env=env,
-                   cwd=ROOT, capture_output=True)
-
-
 def check(img: str) -> dict:
     return json.loads(sh("qemu-img", "check", "--output=json", img).stdout)
 
@@ -120,7 +66,8 @@ def test_kill_during_writes(tmp_path, seed):
     lazy = seed % 3 == 2
     opts = f"cluster_size={rng.choice(['4k', '64k'])},lazy_refcounts={'on' if lazy else 'off'}"
     if seed % 2:
-        blockd_img("create", "-q", "-f", "qcow2", "-o", opts, img, str(SIZE))
+        made = blockd_img_run("create", "-q", "-f", "qcow2", "-o", opts, img, str(SIZE))
+        assert made.returncode == 0, made.stderr
     else:
         sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, img, str(SIZE))
     nbd = str(tmp_path / "nbd.sock")
@@ -130,7 +77,7 @@ def test_kill_during_writes(tmp_path, seed):
                 "--export", "type=nbd,id=e,node-name=q,writable=on")
     durable: dict[int, bytes] = {}
     stop = threading.Event()
-    client = NBDClient(nbd, "q")
+    client = NBDClient.open(nbd, "q")
     worker = threading.Thread(target=load, args=(client, rng, durable, stop))
     worker.start()
     time.sleep(rng.uniform(0.05, 0.6))
@@ -138,7 +85,7 @@ def test_kill_during_writes(tmp_path, seed):
     dm.proc.wait()
     stop.set()
     worker.join(WAIT)
-    client.sock.close()
+    client.close()
     dm.stop()
 
     first = check(img)

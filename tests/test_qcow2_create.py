@@ -5,34 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 
 import pytest
 
 from blockd.block.graph import BlockGraph
 from blockd.drivers.qcow2.create import create
 from blockd.errors import QMPError
+from harness import qemu_img_ok, qemu_io_ok, sh
 
 MiB = 1 << 20
-
-
-def sh(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, check=False)
-
-
-def qemu_img(*args: str) -> str:
-    out = sh("qemu-img", *args)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
-
-
-def qemu_io(image: str, *cmds: str) -> None:
-    args = ["qemu-io", "-f", "qcow2"]
-    for c in cmds:
-        args += ["-c", c]
-    out = sh(*args, image)
-    assert out.returncode == 0 and "error" not in out.stdout.lower() \
-        and "fail" not in out.stdout.lower(), out.stdout + out.stderr
 
 
 def check_clean(image: str) -> dict:
@@ -78,7 +59,7 @@ def test_created_images_pass_check_and_show_options(tmp_path, extra):
     size = 24 * MiB
     blockd_create(img, size, **extra)
     check_clean(img)
-    info = json.loads(qemu_img("info", "--output=json", img))
+    info = json.loads(qemu_img_ok("info", "--output=json", img))
     assert info["virtual-size"] == size
     assert info["cluster-size"] == extra.get("cluster-size", 65536)
     data = info["format-specific"]["data"]
@@ -91,7 +72,7 @@ def test_created_images_pass_check_and_show_options(tmp_path, extra):
         assert data["data-file"] == extra["data-file"]
         assert data["data-file-raw"] is extra.get("data-file-raw", False)
     prealloc = extra.get("preallocation", "off")
-    mapping = json.loads(qemu_img("map", "--output=json", img))
+    mapping = json.loads(qemu_img_ok("map", "--output=json", img))
     allocated = sum(e["length"] for e in mapping if e["data"] or e.get("offset") is not None)
     if prealloc != "off" or extra.get("data-file-raw"):
         assert allocated == size
@@ -100,7 +81,8 @@ def test_created_images_pass_check_and_show_options(tmp_path, extra):
     if prealloc == "full":
         assert os.stat(img).st_blocks * 512 >= size
     if extra.get("compression-type") != "zstd":
-        qemu_io(img, "write -P 0x42 1M 64k", "write -P 0x43 23M 4k", "read -P 0x42 1M 64k")
+        qemu_io_ok("qcow2", img, "write -P 0x42 1M 64k", "write -P 0x43 23M 4k",
+                   "read -P 0x42 1M 64k")
         check_clean(img)
 
 
@@ -121,7 +103,7 @@ def test_created_images_pass_check_and_show_options(tmp_path, extra):
 ])
 def test_create_errors_match_qemu_img(tmp_path, extra, option):
     base = str(tmp_path / "base.raw")
-    qemu_img("create", "-q", "-f", "raw", base, "1M")
+    qemu_img_ok("create", "-q", "-f", "raw", base, "1M")
     subst = {"DATA": str(tmp_path / "d.data"), "BASE": base}
     extra = {k: subst.get(v, v) if isinstance(v, str) else v for k, v in extra.items()}
     for key, val in subst.items():
@@ -137,12 +119,12 @@ def test_create_errors_match_qemu_img(tmp_path, extra, option):
 
 def test_backing_file_and_format_recorded(tmp_path):
     base, img = str(tmp_path / "base.qcow2"), str(tmp_path / "top.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", base, "8M")
-    qemu_io(base, "write -P 0x61 0 1M")
+    qemu_img_ok("create", "-q", "-f", "qcow2", base, "8M")
+    qemu_io_ok("qcow2", base, "write -P 0x61 0 1M")
     blockd_create(img, 8 * MiB, **{"backing-file": base, "backing-fmt": "qcow2"})
-    info = json.loads(qemu_img("info", "--output=json", img))
+    info = json.loads(qemu_img_ok("info", "--output=json", img))
     assert info["backing-filename"] == base and info["backing-filename-format"] == "qcow2"
-    qemu_io(img, "read -P 0x61 0 1M", "write -P 0x62 512k 4k", "read -P 0x61 0 512k")
+    qemu_io_ok("qcow2", img, "read -P 0x61 0 1M", "write -P 0x62 512k 4k", "read -P 0x61 0 512k")
     check_clean(img)
 
 
@@ -156,8 +138,8 @@ async def _open(path: str, **opts):
 @pytest.mark.parametrize("prealloc", ["off", "metadata", "falloc", "full"])
 def test_grow_with_preallocation(tmp_path, prealloc):
     img = str(tmp_path / "g.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "4M")
-    qemu_io(img, "write -P 0x31 0 1M")
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "4M")
+    qemu_io_ok("qcow2", img, "write -P 0x31 0 1M")
 
     async def body() -> None:
         g, node = await _open(img)
@@ -166,21 +148,21 @@ def test_grow_with_preallocation(tmp_path, prealloc):
 
     asyncio.run(body())
     check_clean(img)
-    info = json.loads(qemu_img("info", "--output=json", img))
+    info = json.loads(qemu_img_ok("info", "--output=json", img))
     assert info["virtual-size"] == 12 * MiB
-    mapping = json.loads(qemu_img("map", "--output=json", img))
+    mapping = json.loads(qemu_img_ok("map", "--output=json", img))
     grown = sum(max(0, e["start"] + e["length"] - max(e["start"], 4 * MiB))
                 for e in mapping if e.get("offset") is not None)
     assert grown == (8 * MiB if prealloc != "off" else 0)
-    qemu_io(img, "read -P 0x31 0 1M", "read -P 0 4M 8M")
+    qemu_io_ok("qcow2", img, "read -P 0x31 0 1M", "read -P 0 4M 8M")
 
 
 @pytest.mark.parametrize("opts", ["cluster_size=4k", "cluster_size=64k,extended_l2=on",
                                   "cluster_size=512,refcount_bits=1"])
 def test_shrink_frees_clusters_and_cuts_file(tmp_path, opts):
     img = str(tmp_path / "s.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, img, "16M")
-    qemu_io(img, "write -P 0x31 0 1M", "write -P 0x32 10M 4M")
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", opts, img, "16M")
+    qemu_io_ok("qcow2", img, "write -P 0x31 0 1M", "write -P 0x32 10M 4M")
     before = os.path.getsize(img)
 
     async def body() -> None:
@@ -191,15 +173,15 @@ def test_shrink_frees_clusters_and_cuts_file(tmp_path, opts):
     asyncio.run(body())
     check_clean(img)
     assert os.path.getsize(img) < before - 3 * MiB
-    assert json.loads(qemu_img("info", "--output=json", img))["virtual-size"] == 2 * MiB
-    qemu_io(img, "read -P 0x31 0 1M", "read -P 0 1M 1M")
+    assert json.loads(qemu_img_ok("info", "--output=json", img))["virtual-size"] == 2 * MiB
+    qemu_io_ok("qcow2", img, "read -P 0x31 0 1M", "read -P 0 1M 1M")
 
 
 def test_grow_beyond_one_l1_cluster(tmp_path):
     """Growing far enough to move the L1 table, then writing at the end."""
     img = str(tmp_path / "b.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, "1M")
-    qemu_io(img, "write -P 0x31 0 64k")
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, "1M")
+    qemu_io_ok("qcow2", img, "write -P 0x31 0 64k")
 
     async def body() -> None:
         g, node = await _open(img)
@@ -209,4 +191,4 @@ def test_grow_beyond_one_l1_cluster(tmp_path):
 
     asyncio.run(body())
     check_clean(img)
-    qemu_io(img, "read -P 0x31 0 64k", f"read -P 0x77 {4096 * MiB - 512} 512")
+    qemu_io_ok("qcow2", img, "read -P 0x31 0 64k", f"read -P 0x77 {4096 * MiB - 512} 512")

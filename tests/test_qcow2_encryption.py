@@ -4,7 +4,6 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
 import time
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from blockd.block.graph import BlockGraph
 from blockd.drivers.qcow2.create import create as qcow2_create
 from blockd.errors import QMPError
-from harness import HAVE_QSD, WAIT, Daemon, past_calibration, qemu_tool
+from harness import HAVE_QSD, WAIT, Daemon, past_calibration, qemu_io, qemu_tool, sh
 
 SECRETS = {"s0": b"pw", "s1": b"other", "bad": b"wrong"}
 
@@ -21,10 +20,6 @@ def secrets(secret_id):
     if secret_id not in SECRETS:
         raise QMPError(f"No secret with id '{secret_id}'")
     return SECRETS[secret_id]
-
-
-def sh(*args):
-    return subprocess.run(args, capture_output=True, text=True)
 
 
 def qemu_img_create(path, opts, size="4M", extra=()):
@@ -37,12 +32,9 @@ def image_opts(path, fmt, secret="s0"):
     return f"driver=qcow2,file.filename={path},encrypt.format={fmt},encrypt.key-secret={secret}"
 
 
-def qemu_io(path, fmt, *cmds, secret="pw"):
-    args = ["qemu-io", "--object", f"secret,id=s0,data={secret}", "--image-opts",
-            image_opts(path, fmt)]
-    for c in cmds:
-        args += ["-c", c]
-    r = sh(*args)
+def encrypted_io(path, fmt, *cmds, secret="pw"):
+    r = qemu_io(None, image_opts(path, fmt), *cmds,
+                pre=["--object", f"secret,id=s0,data={secret}", "--image-opts"])
     return r.returncode == 0 and "verification failed" not in r.stdout \
         and "failed" not in r.stdout, r.stdout + r.stderr
 
@@ -93,7 +85,7 @@ def test_qemu_made_images_read_and_write(tmp_path, fmt, opts):
     else:
         opts += ",encrypt.key-secret=s0"
     qemu_img_create(img, opts)
-    ok, out = qemu_io(img, fmt, "write -P 0x5a 0 64k", "write -P 0x11 3M 1M")
+    ok, out = encrypted_io(img, fmt, "write -P 0x5a 0 64k", "write -P 0x11 3M 1M")
     assert ok, out
 
     async def body():
@@ -111,7 +103,7 @@ def test_qemu_made_images_read_and_write(tmp_path, fmt, opts):
         await graph.close_all()
 
     asyncio.run(body())
-    ok, out = qemu_io(img, fmt, *EXERCISED, "read -P 0x5a 0 64k", "read -P 0x11 3076k 1020k")
+    ok, out = encrypted_io(img, fmt, *EXERCISED, "read -P 0x5a 0 64k", "read -P 0x11 3076k 1020k")
     assert ok, out
     qemu_check(img, fmt)
 
@@ -154,7 +146,7 @@ def test_blockd_made_images_work_in_qemu(tmp_path, fmt, enc_opts, opts):
 
     asyncio.run(body())
     qemu_check(img, open_fmt)
-    ok, out = qemu_io(img, open_fmt, *EXERCISED, "read -P 0 0 64k", "write -P 0x6b 512k 100k")
+    ok, out = encrypted_io(img, open_fmt, *EXERCISED, "read -P 0 0 64k", "write -P 0x6b 512k 100k")
     assert ok, out
     r = sh("qemu-img", "info", "--output=json", str(img))
     info = json.loads(r.stdout)
@@ -191,8 +183,8 @@ def test_encrypted_overlay_on_plain_base(tmp_path):
         await graph.close_all()
 
     asyncio.run(body())
-    ok, out = qemu_io(top, "luks", "read -P 0x33 64k 1000", "read -P 0xee 66536 100",
-                      f"read -P 0x33 {65536 + 1100} {65536 - 1100}", "read -P 0x33 1M 3M")
+    ok, out = encrypted_io(top, "luks", "read -P 0x33 64k 1000", "read -P 0xee 66536 100",
+                           f"read -P 0x33 {65536 + 1100} {65536 - 1100}", "read -P 0x33 1M 3M")
     assert ok, out
     qemu_check(top, "luks")
     # The base stays plain: readable without any key.
@@ -204,7 +196,7 @@ def test_compressed_writes_refused(tmp_path):
     qemu_img_create(img, "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10")
     # QEMU itself stores compressed clusters of encrypted images in the clear; blockd
     # reads those but never writes one.
-    ok, out = qemu_io(img, "luks", "write -c -P 0x12 0 64k")
+    ok, out = encrypted_io(img, "luks", "write -c -P 0x12 0 64k")
     assert ok, out
 
     async def body():
@@ -238,7 +230,7 @@ def test_compressed_writes_refused(tmp_path):
 def test_amend_keyslots_round_trip(tmp_path):
     img = tmp_path / "k.qcow2"
     qemu_img_create(img, "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10")
-    ok, out = qemu_io(img, "luks", "write -P 0x21 0 64k")
+    ok, out = encrypted_io(img, "luks", "write -P 0x21 0 64k")
     assert ok, out
 
     async def body():
@@ -258,9 +250,9 @@ def test_amend_keyslots_round_trip(tmp_path):
         await graph.close_all()
 
     asyncio.run(body())
-    ok, out = qemu_io(img, "luks", "read -P 0x21 0 64k", secret="other")
+    ok, out = encrypted_io(img, "luks", "read -P 0x21 0 64k", secret="other")
     assert ok, out
-    ok, out = qemu_io(img, "luks", "read 0 512", secret="pw")
+    ok, out = encrypted_io(img, "luks", "read 0 512", secret="pw")
     assert not ok and "Invalid password, cannot unlock any keyslot" in out
     qemu_check_with = sh("qemu-img", "check", "--object", "secret,id=s0,data=other",
                          "--image-opts", image_opts(img, "luks"))

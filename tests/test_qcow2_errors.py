@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from harness import Daemon
+from harness import Daemon, sh
 
 EVENTS = ["l1_update", "l2_load", "l2_update", "l2_alloc_write", "refblock_load",
           "refblock_update", "refblock_alloc", "refblock_alloc_write", "refblock_alloc_hookup",
@@ -27,10 +27,6 @@ EVENTS = ["l1_update", "l2_load", "l2_update", "l2_alloc_write", "refblock_load"
 SESSION = ["write -P 1 0 2k", "write -P 2 4M 4k", "write -P 3 8M 9M", "flush",
            "write -P 4 0 2k", "write -P 5 4M 4k", "write -P 6 8M 4k", "flush",
            "read -P 4 0 2k", "read -P 5 4M 4k", "read -P 6 8M 4k"]
-
-
-def sh(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
 def outcome(out: subprocess.CompletedProcess) -> list[str]:

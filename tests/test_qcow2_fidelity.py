@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from harness import HAVE_QSD, Daemon
-from test_img import blockd_img, map_json, qemu_img, qemu_io, same
+from harness import HAVE_QSD, Daemon, blockd_img, map_json, qemu_img, qemu_io_ok, same
 
 needs_qsd = pytest.mark.skipif(not HAVE_QSD, reason="qemu-storage-daemon not installed")
 
@@ -61,7 +59,7 @@ def _base(d: Path) -> Path:
     """An 8 MiB backing file full of 0xaa."""
     base = d / "base.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(base), "8M")
-    qemu_io("qcow2", base, "write -P 0xaa 0 8M")
+    qemu_io_ok("qcow2", base, "write -P 0xaa 0 8M")
     return base
 
 
@@ -76,7 +74,7 @@ def _overlays(d: Path, opts: str, size: str = "4M", backing: bool = True) -> tup
             args += ["-b", "base.qcow2", "-F", "qcow2"]
         res = qemu_img(*args, name, size, cwd=d)
         assert res.returncode == 0, res.stderr
-        qemu_io("qcow2", d / name, "write -P 0xbb 1M 1M", "write -P 0xcc 3000k 10k")
+        qemu_io_ok("qcow2", d / name, "write -P 0xbb 1M 1M", "write -P 0xcc 3000k 10k")
         out.append(d / name)
     return out[0], out[1]
 
@@ -170,12 +168,7 @@ def _qemu_io_over_nbd(d: Path, image: Path, qsd: bool, cmds: list[str]) -> None:
                 f"driver=qcow2,node-name=disk,file.driver=file,file.filename={image}",
                 "--nbd-server", f"addr.type=unix,addr.path={nbd}",
                 "--export", "type=nbd,id=e,node-name=disk,writable=on", qsd=qsd):
-        args = ["qemu-io", "-f", "raw"]
-        for c in cmds:
-            args += ["-c", c]
-        res = subprocess.run([*args, f"nbd+unix:///disk?socket={nbd}"], capture_output=True,
-                             text=True, timeout=120, check=False)
-        assert res.returncode == 0 and "error" not in res.stdout.lower(), res.stdout + res.stderr
+        qemu_io_ok("raw", f"nbd+unix:///disk?socket={nbd}", *cmds)
 
 
 ZERO_CMDS = ["write -P 1 0 64k", "write -z 4k 8k", "write -z 20k 3k", "write -z 64k 10k",
@@ -220,7 +213,7 @@ def _convert_sources(d: Path) -> None:
     _base(d)
     for name, size in (("short.qcow2", "1M"), ("odd.qcow2", "1000k")):
         qemu_img("create", "-q", "-f", "qcow2", str(d / name), size)
-        qemu_io("qcow2", d / name, f"write -P 0xaa 0 {size}")
+        qemu_io_ok("qcow2", d / name, f"write -P 0xaa 0 {size}")
     cmds = ["write -P 0xaa 0 128k", "write -P 0xcc 1M 64k", "write -z 512k 64k",
             "write -z 2M 128k", "write -P 0 3M 64k", "write -P 0xcc 3500k 4k"]
     # The size ends inside a cluster: qemu-img -c copies that cluster whole.
@@ -228,7 +221,7 @@ def _convert_sources(d: Path) -> None:
              str(d / "top.qcow2"), "4128k", cwd=d)
     qemu_img("create", "-q", "-f", "qcow2", str(d / "s.qcow2"), "4128k")
     for name in ("top.qcow2", "s.qcow2"):
-        qemu_io("qcow2", d / name, *cmds)
+        qemu_io_ok("qcow2", d / name, *cmds)
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -259,8 +252,8 @@ def test_convert_into_preallocated_encrypted_image(tmp_path, prealloc):
     zeroes are deciphered), so zeroes are written there, as qemu-img does."""
     src = tmp_path / "src.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(src), "4M")
-    qemu_io("qcow2", src, "write -P 0x11 64k 128k", "write -P 0x22 1M 64k", "write -z 2M 64k",
-            "write -P 0 3M 64k")
+    qemu_io_ok("qcow2", src, "write -P 0x11 64k 128k", "write -P 0x22 1M 64k", "write -z 2M 64k",
+               "write -P 0 3M 64k")
     opts = f"encrypt.format=luks,encrypt.key-secret=s0,preallocation={prealloc},encrypt.iter-time=10"
     res = qemu_img("convert", *SECRET_OBJ, "-O", "qcow2", "-o", opts, "src.qcow2", "q.qcow2",
                    cwd=tmp_path)
@@ -287,11 +280,11 @@ def test_rebase_across_backing_file_ends(tmp_path, opts, old, new):
     _base(tmp_path)
     for name, size, pattern in (("short.qcow2", "1000k", "0xaa"), ("odd.qcow2", "2500k", "0xdd")):
         qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / name), size)
-        qemu_io("qcow2", tmp_path / name, f"write -P {pattern} 0 {size}")
+        qemu_io_ok("qcow2", tmp_path / name, f"write -P {pattern} 0 {size}")
     for name in ("q.qcow2", "b.qcow2"):
         qemu_img("create", "-q", "-f", "qcow2", "-o", opts or "compat=1.1", "-b", f"{old}.qcow2",
                  "-F", "qcow2", name, "4M", cwd=tmp_path)
-        qemu_io("qcow2", tmp_path / name, "write -P 0xcc 1M 64k", "write -z 3M 64k")
+        qemu_io_ok("qcow2", tmp_path / name, "write -P 0xcc 1M 64k", "write -z 3M 64k")
     args = ["rebase", "-b", f"{new}.qcow2", "-F", "qcow2"] if new else ["rebase", "-b", ""]
     res = qemu_img(*args, "q.qcow2", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
@@ -307,7 +300,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> Path:
     x.luks; only read by the tests, so made once."""
     d = tmp_path_factory.mktemp("measure")
     qemu_img("create", "-q", "-f", "qcow2", str(d / "v3.qcow2"), "100M")
-    qemu_io("qcow2", d / "v3.qcow2", "write -P 1 0 3M", "write -P 2 50M 64k")
+    qemu_io_ok("qcow2", d / "v3.qcow2", "write -P 1 0 3M", "write -P 2 50M 64k")
     for i, args in enumerate([["--granularity", "512"], ["--granularity=2M"], ["-g", "64k"],
                               []]):
         assert blockd_img("bitmap", "--add", *args, "v3.qcow2", f"bitmap{i}" * (i + 1),

@@ -13,25 +13,13 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 
 import pytest
 
 from blockd.block.graph import BlockGraph
-from harness import HAVE_QSD, ROOT, Daemon
+from harness import HAVE_QSD, Daemon, blockd_img_run, sh
 
 pytestmark = pytest.mark.skipif(not HAVE_QSD, reason="needs qemu-storage-daemon")
-
-
-def sh(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True)
-
-
-def blockd_img(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "blockd.img.cli", *args], capture_output=True,
-                          text=True, env=env, cwd=ROOT)
 
 
 def tables(path: str) -> tuple[int, int, int]:
@@ -56,7 +44,7 @@ def make_image(path: str, creator: str = "qemu") -> None:
         sh("qemu-img", "create", "-f", "qcow2", path, "4M")
         sh("qemu-io", "-c", "write -P 1 0 64k", "-c", "write -P 2 1M 64k", path)
         return
-    assert blockd_img("create", "-q", "-f", "qcow2", path, "4M").returncode == 0
+    assert blockd_img_run("create", "-q", "-f", "qcow2", path, "4M").returncode == 0
 
     async def fill() -> None:
         g = BlockGraph()
@@ -177,7 +165,7 @@ def test_repair_clears_the_corrupt_bit(tmp_path):
     marked = session(str(tmp_path), img, qsd=False)["file"]
     twin = str(tmp_path / "twin.qcow2")
     shutil.copy(marked, twin)
-    ours, theirs = blockd_img("check", "-r", "all", marked), sh("qemu-img", "check", "-r", "all",
+    ours, theirs = blockd_img_run("check", "-r", "all", marked), sh("qemu-img", "check", "-r", "all",
                                                                  twin)
     assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout)
     for path in (marked, twin):
@@ -217,8 +205,8 @@ def test_lazy_refcounts_dirty_bit_lifecycle(tmp_path):
     """Dirty from the first deferred count to the clean close; a crash copy is repaired on
     read-write open only, and a read-only open leaves the file as it is."""
     img, crashed = str(tmp_path / "l.qcow2"), str(tmp_path / "crashed.qcow2")
-    assert blockd_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", img,
-                      "64M").returncode == 0
+    assert blockd_img_run("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", img,
+                          "64M").returncode == 0
 
     def dirty(path: str) -> bool:
         with open(path, "rb") as f:

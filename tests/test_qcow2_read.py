@@ -16,17 +16,11 @@ import pytest
 from blockd.block.graph import BlockGraph
 from blockd.block.node import Status
 from blockd.errors import QMPError
-from test_qcow2 import qemu_io, sh
+from harness import qemu_img_ok, qemu_io_ok, sh
 
 MiB = 1 << 20
 SIZE = 9 * MiB
 
-
-
-def qemu_img(*args: str) -> str:
-    out = sh("qemu-img", *args)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 async def open_qcow2(path: str, **opts) -> tuple[BlockGraph, object]:
@@ -38,7 +32,7 @@ async def open_qcow2(path: str, **opts) -> tuple[BlockGraph, object]:
 
 def raw_of(tmp_path, img: str) -> bytes:
     raw = str(tmp_path / "out.raw")
-    qemu_img("convert", "-O", "raw", img, raw)
+    qemu_img_ok("convert", "-O", "raw", img, raw)
     with open(raw, "rb") as f:
         return f.read()
 
@@ -93,7 +87,7 @@ async def _extents_agree(node, size: int, grain: int) -> None:
 
 def _qemu_map(img: str, size: int, grain: int) -> list[tuple[bool, bool]]:
     out: list[tuple[bool, bool]] = []
-    for ext in json.loads(qemu_img("map", "--output=json", img)):
+    for ext in json.loads(qemu_img_ok("map", "--output=json", img)):
         out += [(ext["data"], ext["zero"])] * (ext["length"] // grain)
     return out
 
@@ -111,7 +105,7 @@ def check_image(tmp_path, img: str, size: int = SIZE, **opts) -> None:
 
     data, status, specific, cs = asyncio.run(body())
     assert data == raw_of(tmp_path, img)
-    info = json.loads(qemu_img("info", "--output=json", img))
+    info = json.loads(qemu_img_ok("info", "--output=json", img))
     assert cs == info["cluster-size"]
     assert specific == info["format-specific"]
     # The options are cache settings: small L2 slices make status runs cross slices.
@@ -139,8 +133,8 @@ VARIANTS = (
 @pytest.mark.parametrize("opts", VARIANTS)
 def test_variant_reads_status_and_info_match_qemu(tmp_path, opts):
     img = str(tmp_path / "a.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, img, str(SIZE))
-    qemu_io(img, "qcow2", *DATA_CMDS)
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", opts, img, str(SIZE))
+    qemu_io_ok("qcow2", img, *DATA_CMDS)
     check_image(tmp_path, img)
 
 
@@ -149,59 +143,59 @@ def test_variant_reads_status_and_info_match_qemu(tmp_path, opts):
                                   "compat=0.10"])
 def test_compressed_images_read_like_qemu(tmp_path, opts):
     src, img = str(tmp_path / "src.raw"), str(tmp_path / "c.qcow2")
-    qemu_img("create", "-q", "-f", "raw", src, str(SIZE))
-    qemu_io(src, "raw", "write -P 0x5a 0 1M", "write -P 0x6b 2M 300k", "write -P 0x11 4M 5k",
-            "write -P 0x00 6M 64k", "write -P 0x7c 9215k 1k")
+    qemu_img_ok("create", "-q", "-f", "raw", src, str(SIZE))
+    qemu_io_ok("raw", src, "write -P 0x5a 0 1M", "write -P 0x6b 2M 300k", "write -P 0x11 4M 5k",
+               "write -P 0x00 6M 64k", "write -P 0x7c 9215k 1k")
     # Incompressible data stays uncompressed: mixes both kinds of cluster.
     with open(src, "r+b") as f:
         import os
         f.seek(5 * MiB)
         f.write(os.urandom(200 * 1024))
-    qemu_img("convert", "-c", "-O", "qcow2", "-o", opts, src, img)
+    qemu_img_ok("convert", "-c", "-O", "qcow2", "-o", opts, src, img)
     # Overwrite part of a compressed cluster afterwards (copy-on-write of a compressed cluster).
-    qemu_io(img, "qcow2", "write -P 0x99 4100 600")
+    qemu_io_ok("qcow2", img, "write -P 0x99 4100 600")
     check_image(tmp_path, img)
 
 
 def test_backing_chain_raw_and_qcow2_shorter_backings(tmp_path):
     base = str(tmp_path / "base.raw")
     mid, top = str(tmp_path / "mid.qcow2"), str(tmp_path / "top.qcow2")
-    qemu_img("create", "-q", "-f", "raw", base, "3M")  # shorter than the overlay
-    qemu_io(base, "raw", "write -P 0xb1 0 3M")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=16k", "-b", base, "-F", "raw",
-             mid, "6M")
-    qemu_io(mid, "qcow2", "write -P 0xc2 1M 7k", "write -z 2M 32k", "discard 2500k 16k")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", mid, "-F", "qcow2",
-             top, str(SIZE))
-    qemu_io(top, "qcow2", "write -P 0xd3 1030k 4k", "write -z 2050k 2k", "write -P 0xe4 8M 9k")
+    qemu_img_ok("create", "-q", "-f", "raw", base, "3M")  # shorter than the overlay
+    qemu_io_ok("raw", base, "write -P 0xb1 0 3M")
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=16k", "-b", base, "-F", "raw",
+                mid, "6M")
+    qemu_io_ok("qcow2", mid, "write -P 0xc2 1M 7k", "write -z 2M 32k", "discard 2500k 16k")
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", mid, "-F", "qcow2",
+                top, str(SIZE))
+    qemu_io_ok("qcow2", top, "write -P 0xd3 1030k 4k", "write -z 2050k 2k", "write -P 0xe4 8M 9k")
     check_image(tmp_path, top)
 
 
 def test_backing_without_format_is_probed_and_relative(tmp_path):
     base, top = str(tmp_path / "base.qcow2"), str(tmp_path / "top.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", base, str(SIZE))
-    qemu_io(base, "qcow2", "write -P 0x31 0 2M")
+    qemu_img_ok("create", "-q", "-f", "qcow2", base, str(SIZE))
+    qemu_io_ok("qcow2", base, "write -P 0x31 0 2M")
     # A relative name and no backing format extension: resolved next to the overlay, probed.
-    qemu_img("create", "-q", "-f", "qcow2", top, str(SIZE))
+    qemu_img_ok("create", "-q", "-f", "qcow2", top, str(SIZE))
     name = b"base.qcow2"
     with open(top, "r+b") as f:
         f.seek(8)
         f.write((1024).to_bytes(8, "big") + len(name).to_bytes(4, "big"))
         f.seek(1024)
         f.write(name)
-    qemu_io(top, "qcow2", "write -P 0x42 1M 4k")
+    qemu_io_ok("qcow2", top, "write -P 0x42 1M 4k")
     check_image(tmp_path, top)
 
 
 def test_backing_null_and_backing_option(tmp_path):
     base, top = str(tmp_path / "base.raw"), str(tmp_path / "top.qcow2")
     other = str(tmp_path / "other.raw")
-    qemu_img("create", "-q", "-f", "raw", base, "2M")
-    qemu_io(base, "raw", "write -P 0x31 0 2M")
-    qemu_img("create", "-q", "-f", "raw", other, "2M")
-    qemu_io(other, "raw", "write -P 0x77 0 2M")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top, "2M")
-    qemu_io(top, "qcow2", "write -P 0x42 64k 4k")
+    qemu_img_ok("create", "-q", "-f", "raw", base, "2M")
+    qemu_io_ok("raw", base, "write -P 0x31 0 2M")
+    qemu_img_ok("create", "-q", "-f", "raw", other, "2M")
+    qemu_io_ok("raw", other, "write -P 0x77 0 2M")
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top, "2M")
+    qemu_io_ok("qcow2", top, "write -P 0x42 64k 4k")
 
     async def body() -> tuple[bytes, bytes]:
         g, node = await open_qcow2(top, backing=None)
@@ -222,7 +216,7 @@ def test_backing_null_and_backing_option(tmp_path):
 @pytest.mark.parametrize("named", [False, True])
 def test_unknown_incompatible_features_named_like_qemu(tmp_path, named):
     img = str(tmp_path / "a.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    qemu_img_ok("create", "-q", "-f", "qcow2", img, "1M")
     with open(img, "r+b") as f:
         head = f.read(4096)
         if named:  # the image's feature table names bit 9 (as a newer QEMU's would)
@@ -238,7 +232,7 @@ def test_unknown_incompatible_features_named_like_qemu(tmp_path, named):
 
 def test_unknown_autoclear_bits_cleared_on_read_write_open(tmp_path):
     img = str(tmp_path / "a.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    qemu_img_ok("create", "-q", "-f", "qcow2", img, "1M")
     with open(img, "r+b") as f:
         f.seek(88)
         f.write((1 << 7).to_bytes(8, "big"))
@@ -266,7 +260,7 @@ CACHE_ERRORS = [
 @pytest.mark.parametrize("opts", CACHE_ERRORS)
 def test_cache_option_errors_match_qemu(tmp_path, opts):
     img = str(tmp_path / "a.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", img, "1G")
+    qemu_img_ok("create", "-q", "-f", "qcow2", img, "1G")
     keyval = ",".join(f"{k}={v}" for k, v in opts.items())
     out = sh("qemu-io", "-c", "quit", "--image-opts",
              f"driver=qcow2,file.filename={img},{keyval}")
@@ -284,15 +278,15 @@ def test_cache_option_errors_match_qemu(tmp_path, opts):
 ])
 def test_small_caches_and_slices_read_correctly(tmp_path, opts):
     img = str(tmp_path / "a.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, str(SIZE))
-    qemu_io(img, "qcow2", *DATA_CMDS)
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, str(SIZE))
+    qemu_io_ok("qcow2", img, *DATA_CMDS)
     check_image(tmp_path, img, **opts)
 
 
 def test_cache_clean_interval_frees_unused_entries(tmp_path):
     img = str(tmp_path / "a.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, str(SIZE))
-    qemu_io(img, "qcow2", *DATA_CMDS)
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, str(SIZE))
+    qemu_io_ok("qcow2", img, *DATA_CMDS)
 
     async def body() -> tuple[int, int]:
         g, node = await open_qcow2(img, **{"cache-clean-interval": 1,
@@ -312,9 +306,9 @@ def test_cache_clean_interval_frees_unused_entries(tmp_path):
                                   "data_file=d.data,extended_l2=on,cluster_size=16k"])
 def test_external_data_file_images(tmp_path, opts):
     img = str(tmp_path / "a.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", opts.replace("d.data", str(tmp_path / "d.data")),
-             img, str(SIZE))
-    qemu_io(img, "qcow2", *DATA_CMDS)
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", opts.replace("d.data", str(tmp_path / "d.data")),
+                img, str(SIZE))
+    qemu_io_ok("qcow2", img, *DATA_CMDS)
     check_image(tmp_path, img)
 
 
@@ -325,9 +319,9 @@ def test_count_used_matches_the_counts(tmp_path, bits: int) -> None:
     img = str(tmp_path / "t.qcow2")
     # 512-byte clusters: with 1-bit counts one refcount block covers only 4096
     # clusters, so the image spans several blocks.
-    qemu_img("create", "-f", "qcow2", "-o", f"cluster_size=512,refcount_bits={bits}", img,
-             "8M")
-    qemu_io(img, "qcow2", "write -P 1 0 3M", "write -P 2 5M 1M")
+    qemu_img_ok("create", "-f", "qcow2", "-o", f"cluster_size=512,refcount_bits={bits}", img,
+                "8M")
+    qemu_io_ok("qcow2", img, "write -P 1 0 3M", "write -P 2 5M 1M")
 
     async def body() -> None:
         g, node = await open_qcow2(img, read_only=True)

@@ -22,17 +22,10 @@ import pytest
 
 from blockd.block.graph import BlockGraph
 from blockd.drivers.qcow2 import snapshot as qsnap
-from harness import HAVE_QSD, Daemon
-from test_img import blockd_img, same
+from harness import HAVE_QSD, Daemon, blockd_img, same, sh_ok
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 2 * MiB
-
-
-def run(*cmd: str) -> str:
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    assert out.returncode == 0, (cmd, out.stdout, out.stderr)
-    return out.stdout
 
 
 def check_clean(image: Path) -> dict:
@@ -69,9 +62,9 @@ class Expected:
             twin.write_bytes(bytes(content[:size]).ljust(size, b"\0"))
             src = [str(self.image)] if name is None else ["-l", name, str(self.image)]
             out = self.image.with_suffix(".out")
-            run("qemu-img", "convert", "-O", "raw", *src, str(out))
+            sh_ok("qemu-img", "convert", "-O", "raw", *src, str(out))
             assert out.read_bytes() == twin.read_bytes(), name
-        listed = json.loads(run("qemu-img", "info", "--output=json", str(self.image)))
+        listed = json.loads(sh_ok("qemu-img", "info", "--output=json", str(self.image)))
         assert sorted(s["name"] for s in listed.get("snapshots", [])) == sorted(self.snaps)
 
 
@@ -123,8 +116,8 @@ def test_cow_after_blockd_snapshots_and_delete_orders(tmp_path, opts):
     cs = int(re.search(r"cluster_size=(\d+)", opts).group(1)) if "cluster_size" in opts \
         else 65536
     base = tmp_path / "base.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, str(base), str(SIZE))
-    run("qemu-io", "-c", "write -P 0x11 0 192k", "-c", "write -c -P 0x22 1M 128k", str(base))
+    sh_ok("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, str(base), str(SIZE))
+    sh_ok("qemu-io", "-c", "write -P 0x11 0 192k", "-c", "write -c -P 0x22 1M 128k", str(base))
     exp0 = Expected(base, SIZE)
     exp0.write(0, b"\x11" * 192 * KiB)
     exp0.write(MiB, b"\x22" * 128 * KiB)
@@ -133,7 +126,7 @@ def test_cow_after_blockd_snapshots_and_delete_orders(tmp_path, opts):
     blockd_write(exp0, 4096 + 100, pattern(1, 3 * cs))
     blockd_write(exp0, MiB + cs // 2, pattern(2, cs))
     blockd_snapshot(exp0, "s2")
-    run("qemu-img", "snapshot", "-c", "q3", str(base))
+    sh_ok("qemu-img", "snapshot", "-c", "q3", str(base))
     exp0.snaps["q3"] = bytearray(exp0.active)
     blockd_write(exp0, 0, pattern(3, 2 * cs + 7))
     blockd_write(exp0, SIZE - cs, pattern(4, cs))
@@ -149,7 +142,7 @@ def test_cow_after_blockd_snapshots_and_delete_orders(tmp_path, opts):
                                                           in exp0.snaps.items()}
         for i, name in enumerate(order):
             if i % 2:
-                run("qemu-img", "snapshot", "-d", name, str(image))
+                sh_ok("qemu-img", "snapshot", "-d", name, str(image))
                 del exp.snaps[name]
             else:
                 blockd_delete(exp, name)
@@ -161,15 +154,15 @@ def test_cow_after_blockd_snapshots_and_delete_orders(tmp_path, opts):
 def test_qemu_img_snapshots_listed_and_readable(tmp_path):
     """Snapshots made by qemu-img: list, info, convert -l as qemu-img; the node view reads them."""
     image = tmp_path / "q.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M")
-    run("qemu-io", "-c", "write -P 1 0 256k", str(image))
-    run("qemu-img", "snapshot", "-c", "first", str(image))
-    run("qemu-img", "resize", str(image), "3M")
-    run("qemu-io", "-c", "write -P 2 64k 64k", "-c", "write -P 3 2M 64k", str(image))
-    run("qemu-img", "snapshot", "-c", "second", str(image))
-    run("qemu-img", "snapshot", "-c", "dup", str(image))
-    run("qemu-img", "snapshot", "-c", "dup", str(image))
-    run("qemu-io", "-c", "write -P 4 0 4k", str(image))
+    sh_ok("qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M")
+    sh_ok("qemu-io", "-c", "write -P 1 0 256k", str(image))
+    sh_ok("qemu-img", "snapshot", "-c", "first", str(image))
+    sh_ok("qemu-img", "resize", str(image), "3M")
+    sh_ok("qemu-io", "-c", "write -P 2 64k 64k", "-c", "write -P 3 2M 64k", str(image))
+    sh_ok("qemu-img", "snapshot", "-c", "second", str(image))
+    sh_ok("qemu-img", "snapshot", "-c", "dup", str(image))
+    sh_ok("qemu-img", "snapshot", "-c", "dup", str(image))
+    sh_ok("qemu-io", "-c", "write -P 4 0 4k", str(image))
     for args in (["snapshot", "-l", "q.qcow2"], ["snapshot", "q.qcow2"], ["info", "q.qcow2"],
                  ["info", "--output=json", "q.qcow2"], ["check", "q.qcow2"],
                  ["measure", "-l", "first", "-O", "qcow2", "q.qcow2"],
@@ -200,9 +193,9 @@ def test_qemu_img_snapshots_listed_and_readable(tmp_path):
 def test_snapshot_table_kept_through_other_operations(tmp_path):
     """Writes, resize, bitmaps and check leave every table entry field as it was."""
     image = tmp_path / "t.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M")
-    run("qemu-io", "-c", "write -P 1 0 128k", str(image))
-    run("qemu-img", "snapshot", "-c", "keep", str(image))
+    sh_ok("qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M")
+    sh_ok("qemu-io", "-c", "write -P 1 0 128k", str(image))
+    sh_ok("qemu-img", "snapshot", "-c", "keep", str(image))
 
     def table() -> bytes:
         raw = image.read_bytes()
@@ -235,9 +228,9 @@ def test_snapshot_table_kept_through_other_operations(tmp_path):
 def test_blockd_img_snapshot_commands(tmp_path):
     """-c/-l/-a/-d side by side with qemu-img on twin images, errors included."""
     for tool in ("q", "b"):
-        run("qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / f"{tool}.qcow2"), "1M")
-        run("qemu-io", "-c", "write -P 1 0 300k", str(tmp_path / f"{tool}.qcow2"))
-    run("qemu-img", "create", "-q", "-f", "raw", str(tmp_path / "r.raw"), "1M")
+        sh_ok("qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / f"{tool}.qcow2"), "1M")
+        sh_ok("qemu-io", "-c", "write -P 1 0 300k", str(tmp_path / f"{tool}.qcow2"))
+    sh_ok("qemu-img", "create", "-q", "-f", "raw", str(tmp_path / "r.raw"), "1M")
 
     def both(*args: str, after: tuple[str, ...] = ()) -> None:
         q = subprocess.run(["qemu-img", *args, "q.qcow2", *after], capture_output=True,
@@ -248,17 +241,17 @@ def test_blockd_img_snapshot_commands(tmp_path):
         check_clean(tmp_path / "b.qcow2")
 
     both("snapshot", "-c", "one")
-    run("qemu-io", "-c", "write -P 2 4k 8k", str(tmp_path / "q.qcow2"))
-    run("qemu-io", "-c", "write -P 2 4k 8k", str(tmp_path / "b.qcow2"))
+    sh_ok("qemu-io", "-c", "write -P 2 4k 8k", str(tmp_path / "q.qcow2"))
+    sh_ok("qemu-io", "-c", "write -P 2 4k 8k", str(tmp_path / "b.qcow2"))
     both("resize", "2M")
     both("snapshot", "-c", "two")
     both("snapshot", "-c", "")
     both("snapshot", "-c", "two")
     both("resize", "--shrink", "512k")
     both("snapshot", "-a", "one")
-    run("qemu-img", "compare", str(tmp_path / "q.qcow2"), str(tmp_path / "b.qcow2"))
+    sh_ok("qemu-img", "compare", str(tmp_path / "q.qcow2"), str(tmp_path / "b.qcow2"))
     both("snapshot", "-a", "2")
-    run("qemu-img", "compare", str(tmp_path / "q.qcow2"), str(tmp_path / "b.qcow2"))
+    sh_ok("qemu-img", "compare", str(tmp_path / "q.qcow2"), str(tmp_path / "b.qcow2"))
     for args in (["snapshot", "-a", "zz"], ["snapshot", "-d", "zz"], ["snapshot", "-d", "1"],
                  ["snapshot", "-l", "-d", "x"], ["snapshot", "-c", "x", "-U"],
                  ["snapshot", "-d", "two"], ["snapshot", "-d", "one"]):
@@ -267,8 +260,8 @@ def test_blockd_img_snapshot_commands(tmp_path):
     both("snapshot", "-a", "two")
     both("snapshot", "-a", "zz")
     both("bitmap", "--remove", after=("b0",))
-    lq = run("qemu-img", "snapshot", "-l", str(tmp_path / "q.qcow2"))
-    lb = run("qemu-img", "snapshot", "-l", str(tmp_path / "b.qcow2"))
+    lq = sh_ok("qemu-img", "snapshot", "-l", str(tmp_path / "q.qcow2"))
+    lb = sh_ok("qemu-img", "snapshot", "-l", str(tmp_path / "b.qcow2"))
     strip = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
     assert strip.sub("D", lq) == strip.sub("D", lb)
     for args in (["snapshot", "-l", "r.raw"], ["snapshot", "-c", "x", "r.raw"],
@@ -286,18 +279,18 @@ def test_refcount_overflow_is_refused_cleanly(tmp_path, opts, write):
     clusters at 4 bits): QEMU's error, and (unlike QEMU) no leak."""
     for tool in ("q", "b"):
         path = tmp_path / f"{tool}.qcow2"
-        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, str(path), "1M")
-        run("qemu-io", "-c", write, str(path))
+        sh_ok("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, str(path), "1M")
+        sh_ok("qemu-io", "-c", write, str(path))
     q = subprocess.run(["qemu-img", "snapshot", "-c", "s", "q.qcow2"], capture_output=True,
                        text=True, cwd=tmp_path)
     b = blockd_img("snapshot", "-c", "s", "b.qcow2", cwd=tmp_path)
     assert b == ("", q.stderr.replace("qemu-img", "blockd-img").replace("q.qcow2", "b.qcow2"),
                  1)
     check_clean(tmp_path / "b.qcow2")
-    assert run("qemu-img", "snapshot", "-l", str(tmp_path / "b.qcow2")) == ""
+    assert sh_ok("qemu-img", "snapshot", "-l", str(tmp_path / "b.qcow2")) == ""
     # Without data nothing is shared twice, so it works for both.
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "refcount_bits=1",
-        str(tmp_path / "e.qcow2"), "1M")
+    sh_ok("qemu-img", "create", "-q", "-f", "qcow2", "-o", "refcount_bits=1",
+          str(tmp_path / "e.qcow2"), "1M")
     assert blockd_img("snapshot", "-c", "s", "e.qcow2", cwd=tmp_path)[2] == 0
     check_clean(tmp_path / "e.qcow2")
 
@@ -305,11 +298,11 @@ def test_refcount_overflow_is_refused_cleanly(tmp_path, opts, write):
 def test_check_and_repair_with_snapshots(tmp_path):
     """check counts snapshot references like qemu-img; repair fixes a too-low shared count."""
     image = tmp_path / "c.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(image), "1M")
-    run("qemu-io", "-c", "write -P 1 0 64k", "-c", "write -c -P 2 128k 8k", str(image))
-    run("qemu-img", "snapshot", "-c", "a", str(image))
+    sh_ok("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(image), "1M")
+    sh_ok("qemu-io", "-c", "write -P 1 0 64k", "-c", "write -c -P 2 128k 8k", str(image))
+    sh_ok("qemu-img", "snapshot", "-c", "a", str(image))
     blockd_img("snapshot", "-c", "b", "c.qcow2", cwd=tmp_path)
-    run("qemu-io", "-c", "write -P 3 8k 4k", str(image))
+    sh_ok("qemu-io", "-c", "write -P 3 8k 4k", str(image))
     same(tmp_path, "check", "c.qcow2")
     same(tmp_path, "check", "--output=json", "c.qcow2")
     # Lower the count of the first data cluster (shared by three tables) to one.
@@ -327,7 +320,7 @@ def test_check_and_repair_with_snapshots(tmp_path):
     b = blockd_img("check", "-r", "all", "c.qcow2", cwd=tmp_path)
     assert b[2] == 0, b
     check_clean(image)
-    run("qemu-img", "compare", str(image), str(broken))
+    sh_ok("qemu-img", "compare", str(image), str(broken))
 
 
 def _TX(name: str) -> dict:
@@ -385,10 +378,10 @@ def test_qmp_matches_qsd(tmp_path):
         work = tmp_path / ("qsd" if qsd else "blockd")
         work.mkdir()
         for name in ("b", "c"):
-            run("qemu-img", "create", "-q", "-f", "qcow2", str(work / f"{name}.qcow2"), "1M")
-        run("qemu-io", "-c", "write -P 5 0 200k", str(work / "b.qcow2"))
-        run("qemu-img", "snapshot", "-c", "pre", str(work / "c.qcow2"))
-        run("qemu-img", "create", "-q", "-f", "raw", str(work / "r.raw"), "1M")
+            sh_ok("qemu-img", "create", "-q", "-f", "qcow2", str(work / f"{name}.qcow2"), "1M")
+        sh_ok("qemu-io", "-c", "write -P 5 0 200k", str(work / "b.qcow2"))
+        sh_ok("qemu-img", "snapshot", "-c", "pre", str(work / "c.qcow2"))
+        sh_ok("qemu-img", "create", "-q", "-f", "raw", str(work / "r.raw"), "1M")
         lines = []
         with Daemon(str(work / "qmp.sock"), qsd=qsd) as daemon:
             client = daemon.client()
@@ -411,21 +404,21 @@ def test_qmp_matches_qsd(tmp_path):
         same(tmp_path, *args)
     # blockd's snapshots are qemu-img's to read and delete.
     blockd_dir = tmp_path / "blockd"
-    run("qemu-img", "convert", "-l", "again", "-O", "raw", str(blockd_dir / "b.qcow2"),
-        str(blockd_dir / "again.raw"))
+    sh_ok("qemu-img", "convert", "-l", "again", "-O", "raw", str(blockd_dir / "b.qcow2"),
+          str(blockd_dir / "again.raw"))
     assert (blockd_dir / "again.raw").read_bytes()[:200 * KiB] == b"\5" * 200 * KiB
-    run("qemu-img", "snapshot", "-d", "again", str(blockd_dir / "b.qcow2"))
+    sh_ok("qemu-img", "snapshot", "-d", "again", str(blockd_dir / "b.qcow2"))
     check_clean(blockd_dir / "b.qcow2")
 
 
 def test_blockdev_add_snapshot_option(tmp_path):
     """The blockd-only ``snapshot`` member: read-only, by id or name, with the snapshot's size."""
     image = tmp_path / "v.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M")
-    run("qemu-io", "-c", "write -P 9 0 64k", str(image))
-    run("qemu-img", "snapshot", "-c", "old", str(image))
-    run("qemu-img", "resize", str(image), "4M")
-    run("qemu-io", "-c", "write -P 8 0 64k", str(image))
+    sh_ok("qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M")
+    sh_ok("qemu-io", "-c", "write -P 9 0 64k", str(image))
+    sh_ok("qemu-img", "snapshot", "-c", "old", str(image))
+    sh_ok("qemu-img", "resize", str(image), "4M")
+    sh_ok("qemu-io", "-c", "write -P 8 0 64k", str(image))
     with Daemon(str(tmp_path / "qmp.sock")) as daemon:
         c = daemon.client()
 
@@ -449,8 +442,8 @@ def test_blockdev_add_snapshot_option(tmp_path):
             "path": str(tmp_path / "nbd.sock")}}) == {"return": {}}
         assert c.cmd("block-export-add", type="nbd", id="e", **{"node-name": "s"}) == \
             {"return": {}}
-        out = run("qemu-img", "convert", "-f", "raw", "-O", "raw",
-                  f"nbd+unix:///s?socket={tmp_path / 'nbd.sock'}", str(tmp_path / "s.raw"))
+        out = sh_ok("qemu-img", "convert", "-f", "raw", "-O", "raw",
+                    f"nbd+unix:///s?socket={tmp_path / 'nbd.sock'}", str(tmp_path / "s.raw"))
         assert out == ""
     assert (tmp_path / "s.raw").read_bytes() == b"\x09" * 65536 + bytes(MiB - 65536)
     check_clean(image)
@@ -467,8 +460,8 @@ def test_blockdev_add_snapshot_option(tmp_path):
 def test_corrupt_snapshot_tables(tmp_path, where, fmt, value, cmd):
     """Broken tables are refused (or reported) with qemu-img's messages."""
     image = tmp_path / "k.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M")
-    run("qemu-img", "snapshot", "-c", "s", str(image))
+    sh_ok("qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M")
+    sh_ok("qemu-img", "snapshot", "-c", "s", str(image))
     raw = bytearray(image.read_bytes())
     off = struct.unpack_from(">Q", raw, 64)[0]
     pos = {"header": 64, "header-count": 60, "entry": off, "entry-l1-size": off + 8}[where]
@@ -488,8 +481,8 @@ def test_snapshot_while_writing(tmp_path):
     shared cluster is too narrow to hit reliably, so this checks the outcome only.
     """
     image = tmp_path / "w.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(image), "1M")
-    run("qemu-io", "-c", "write -P 1 0 1M", str(image))
+    sh_ok("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(image), "1M")
+    sh_ok("qemu-io", "-c", "write -P 1 0 1M", str(image))
     blocks = 256
 
     async def go(node):
@@ -506,7 +499,7 @@ def test_snapshot_while_writing(tmp_path):
     check_clean(image)
     for name, out in ((None, "a.raw"), ("mid", "m.raw")):
         src = [str(image)] if name is None else ["-l", name, str(image)]
-        run("qemu-img", "convert", "-O", "raw", *src, str(tmp_path / out))
+        sh_ok("qemu-img", "convert", "-O", "raw", *src, str(tmp_path / out))
     active = (tmp_path / "a.raw").read_bytes()
     snap = (tmp_path / "m.raw").read_bytes()
     assert active == (b"\2" * 2048 + b"\3" * 2048) * blocks
@@ -520,8 +513,8 @@ def test_snapshot_while_writing(tmp_path):
 def test_delete_discards_freed_clusters(tmp_path, opts, punched):
     """Clusters only a deleted snapshot used go back to the file system when asked."""
     image = tmp_path / "d.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M")
-    run("qemu-io", "-c", "write -P 1 0 4M", str(image))
+    sh_ok("qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M")
+    sh_ok("qemu-io", "-c", "write -P 1 0 4M", str(image))
 
     async def go(node):
         await node.snapshot_create("s", qsnap.now_img(), icount=0)
@@ -540,8 +533,8 @@ def test_snapshots_amid_unflushed_writes_in_one_session(tmp_path, lazy):
     memory, with every overlap check on: nothing is lost, nothing is reported as an
     overlap when freed snapshot tables are reused, and the image ends clean."""
     img = tmp_path / "s.qcow2"
-    run("qemu-img", "create", "-f", "qcow2", "-o",
-        f"cluster_size=512,lazy_refcounts={'on' if lazy else 'off'}", str(img), "1M")
+    sh_ok("qemu-img", "create", "-f", "qcow2", "-o",
+          f"cluster_size=512,lazy_refcounts={'on' if lazy else 'off'}", str(img), "1M")
     exp = Expected(img, 1 << 20)
     events: list = []
 

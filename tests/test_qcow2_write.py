@@ -10,35 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import subprocess
 
 import pytest
 
 from blockd.block.graph import BlockGraph
 from blockd.block.node import WriteFlags
+from harness import qemu_img_ok, qemu_io_ok, sh
 
 MiB = 1 << 20
 SIZE = 6 * MiB
 BASE_CMDS = ["write -P 0xee 0 2M", "write -P 0xdd 4M 1M"]
-
-
-def sh(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, check=False)
-
-
-def qemu_io(image: str, fmt: str, *cmds: str) -> None:
-    for i in range(0, len(cmds), 100):
-        args = ["qemu-io", "-f", fmt]
-        for c in cmds[i:i + 100]:
-            args += ["-c", c]
-        out = sh(*args, image)
-        assert out.returncode == 0 and "error" not in out.stdout.lower(), out.stdout + out.stderr
-
-
-def qemu_img(*args: str) -> str:
-    out = sh("qemu-img", *args)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
 
 
 def check_clean(image: str) -> dict:
@@ -147,15 +128,15 @@ WRITE_VARIANTS = [
 def test_seeded_mix_matches_raw_twin(tmp_path, opts, backing):
     cs = cluster_size_of(opts)
     img, twin = str(tmp_path / "a.qcow2"), str(tmp_path / "twin.raw")
-    qemu_img("create", "-q", "-f", "raw", twin, str(SIZE))
+    qemu_img_ok("create", "-q", "-f", "raw", twin, str(SIZE))
     create = ["create", "-q", "-f", "qcow2", "-o", opts.replace("DATA", str(tmp_path / "d.data"))]
     if backing:
         base = str(tmp_path / "base.raw")
-        qemu_img("create", "-q", "-f", "raw", base, str(SIZE))
-        qemu_io(base, "raw", *BASE_CMDS)
-        qemu_io(twin, "raw", *BASE_CMDS)
+        qemu_img_ok("create", "-q", "-f", "raw", base, str(SIZE))
+        qemu_io_ok("raw", base, *BASE_CMDS)
+        qemu_io_ok("raw", twin, *BASE_CMDS)
         create += ["-b", base, "-F", "raw"]
-    qemu_img(*create, img, str(SIZE))
+    qemu_img_ok(*create, img, str(SIZE))
     ops = ops_for(sum(map(ord, opts)) + backing, SIZE, 300, cs)
 
     async def body() -> None:
@@ -164,7 +145,7 @@ def test_seeded_mix_matches_raw_twin(tmp_path, opts, backing):
         await g.close_all()
 
     asyncio.run(body())
-    qemu_io(twin, "raw", *twin_commands(ops, cs, backing and "compat=0.10" in opts))
+    qemu_io_ok("raw", twin, *twin_commands(ops, cs, backing and "compat=0.10" in opts))
     check_clean(img)
     out = sh("qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, twin)
     assert out.returncode == 0, out.stdout
@@ -172,10 +153,10 @@ def test_seeded_mix_matches_raw_twin(tmp_path, opts, backing):
 
 def test_writes_over_compressed_clusters(tmp_path):
     src, img, twin = (str(tmp_path / n) for n in ("src.raw", "c.qcow2", "twin.raw"))
-    qemu_img("create", "-q", "-f", "raw", src, str(SIZE))
-    qemu_io(src, "raw", "write -P 0x5a 0 3M", "write -P 0x6b 4M 1M")
-    qemu_img("convert", "-c", "-O", "qcow2", "-o", "cluster_size=4k", src, img)
-    qemu_img("convert", "-O", "raw", src, twin)
+    qemu_img_ok("create", "-q", "-f", "raw", src, str(SIZE))
+    qemu_io_ok("raw", src, "write -P 0x5a 0 3M", "write -P 0x6b 4M 1M")
+    qemu_img_ok("convert", "-c", "-O", "qcow2", "-o", "cluster_size=4k", src, img)
+    qemu_img_ok("convert", "-O", "raw", src, twin)
     ops = ops_for(11, SIZE, 250, 4096)
 
     async def body() -> None:
@@ -184,14 +165,14 @@ def test_writes_over_compressed_clusters(tmp_path):
         await g.close_all()
 
     asyncio.run(body())
-    qemu_io(twin, "raw", *twin_commands(ops, 4096, False))
+    qemu_io_ok("raw", twin, *twin_commands(ops, 4096, False))
     check_clean(img)
     assert sh("qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, twin).returncode == 0
 
 
 def test_compressed_writes_pass_check(tmp_path):
     img = str(tmp_path / "w.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "2M")
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "2M")
     rnd = random.Random(3)
     clusters = {}
 
@@ -210,7 +191,7 @@ def test_compressed_writes_pass_check(tmp_path):
     report = check_clean(img)
     assert report["compressed-clusters"] > 0
     raw = str(tmp_path / "w.raw")
-    qemu_img("convert", "-O", "raw", img, raw)
+    qemu_img_ok("convert", "-O", "raw", img, raw)
     with open(raw, "rb") as f:
         content = f.read()
     for c, data in clusters.items():
@@ -219,7 +200,7 @@ def test_compressed_writes_pass_check(tmp_path):
 
 def test_concurrent_writes_allocate_each_cluster_once(tmp_path):
     img = str(tmp_path / "p.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "4M")
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "4M")
     model = bytearray(4 * MiB)
     rnd = random.Random(5)
     ops = []
@@ -254,7 +235,7 @@ def test_new_cluster_counts_wait_for_their_l2_entries(tmp_path):
     """Eager refcounts: an allocating write raises the count in memory only, and the
     flush stores it before the L2 entry, so the file never has the entry without it."""
     img = str(tmp_path / "h.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", img, "8M")
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", img, "8M")
 
     async def body() -> None:
         g, node = await open_qcow2(img)
@@ -275,15 +256,15 @@ def test_new_cluster_counts_wait_for_their_l2_entries(tmp_path):
 
     asyncio.run(body())
     check_clean(img)
-    qemu_io(img, "qcow2", "read -P 0x61 0 64k", "read -P 0x63 64k 64k",
-            "read -P 0x62 327780 1000")
+    qemu_io_ok("qcow2", img, "read -P 0x61 0 64k", "read -P 0x63 64k 64k",
+               "read -P 0x62 327780 1000")
 
 
 def test_racing_writers_to_one_new_cluster_allocate_it_once(tmp_path):
     """Two whole-cluster writes to the same unallocated cluster, each looking it up
     before the other takes the lock: the second must look again, not allocate twice."""
     img = str(tmp_path / "r.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", img, "1M")
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", img, "1M")
 
     async def body() -> None:
         g, node = await open_qcow2(img)
@@ -308,8 +289,8 @@ def test_model_of_thousands_of_ops(tmp_path):
     """An in-memory model follows 4000 operations; blockd and qemu-img agree with it."""
     size, cs = 4 * MiB, 4096
     img = str(tmp_path / "m.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs},extended_l2=off", img,
-             str(size))
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs},extended_l2=off", img,
+                str(size))
     model = bytearray(size)
     rnd = random.Random(1234)
 
@@ -342,7 +323,7 @@ def test_model_of_thousands_of_ops(tmp_path):
     asyncio.run(body())
     check_clean(img)
     raw = str(tmp_path / "m.raw")
-    qemu_img("convert", "-O", "raw", img, raw)
+    qemu_img_ok("convert", "-O", "raw", img, raw)
     with open(raw, "rb") as f:
         assert f.read() == model
 
@@ -350,7 +331,7 @@ def test_model_of_thousands_of_ops(tmp_path):
 @pytest.mark.parametrize("event", ["cluster_alloc_space", "write_aio"])
 def test_failed_data_write_leaks_nothing(tmp_path, event):
     img = str(tmp_path / "f.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "1M")
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "1M")
 
     async def body() -> None:
         g = BlockGraph()
@@ -383,8 +364,8 @@ def test_failure_at_each_metadata_step_never_corrupts(tmp_path, event, once):
     """An I/O error injected at any point may leak clusters but never corrupts the image."""
     img = str(tmp_path / "e.qcow2")
     # Tiny clusters and wide refcounts: blocks and the refcount table fill up quickly.
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", img, "64k")
-    qemu_io(img, "qcow2", "write -P 0x11 0 4k")
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", img, "64k")
+    qemu_io_ok("qcow2", img, "write -P 0x11 0 4k")
     errors = []
 
     async def body() -> None:
@@ -413,4 +394,4 @@ def test_failure_at_each_metadata_step_never_corrupts(tmp_path, event, once):
     assert errors or once, "the event never fired"
     failed = {i for i, _ in errors}
     if once and not failed & {6, 9}:  # the image grew and the last write worked
-        qemu_io(img, "qcow2", "read -P 0x65 1M 2200k")
+        qemu_io_ok("qcow2", img, "read -P 0x65 1M 2200k")

@@ -8,75 +8,16 @@ is not installed.
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
 import subprocess
 
 import pytest
 
-from harness import HAVE_QSD, Daemon
+from harness import HAVE_QSD, qsd_and_blockd
 
 pytestmark = pytest.mark.skipif(not HAVE_QSD, reason="qemu-storage-daemon not installed")
 
 NEG = '{"execute":"qmp_capabilities"}'
-
-
-def _normalise(line: bytes, tmp: str) -> str:
-    """Mask version and time; sort qom-list output (QEMU's order is a GLib hash order)."""
-    text = line.decode("utf-8")
-    if text.startswith('{"return": [{"name": "type", "type": "string"}'):
-        entries = json.loads(text)["return"]
-        text = json.dumps(sorted(entries, key=lambda e: e["name"])) + "\r\n"
-    text = re.sub(r'\{"micro": \d+, "minor": \d+, "major": \d+\}, "package": "[^"]*"', "VERSION", text)
-    text = re.sub(r'"seconds": \d+, "microseconds": \d+', "TIME", text)
-    # Implicit node names carry two random digits in QEMU.
-    text = re.sub(r"#block\d+", "#blockN", text)
-    return text.replace(tmp, "TMP")
-
-
-#: Sent after a session: an invalid byte ends whatever JSON is pending, then a command
-#: whose reply marks the end of the output.  Both daemons get it, so its replies are
-#: compared too; it makes the session's tail independent of how fast replies come.
-SYNC = b'\n\xff\n{"execute":"query-version","id":"sync"}\n'
-
-
-def _session(daemon: Daemon, writes: list[bytes | str], tmp: str) -> list[str]:
-    client = daemon.client(negotiate=False)
-    out = [_normalise(json.dumps(client.greeting).encode(), tmp)]
-    for data in writes:
-        client.send(data)
-        lines = client.lines_until_quiet(0.25)
-        if daemon.qsd:
-            # qsd 7.2 has been seen (once, on a loaded machine) to send its greeting a
-            # second time on the same connection; that is the oracle's noise, not a reply.
-            lines = [line for line in lines if not line.startswith(b'{"QMP": ')]
-        out += [_normalise(line, tmp) for line in lines]
-    try:
-        client.send(SYNC)
-    except OSError:
-        return out  # the session ended the connection (quit)
-    while True:
-        try:
-            line = client.recv_line()
-        except (EOFError, ConnectionResetError):
-            return out
-        out.append(_normalise(line, tmp))
-        if b'"id": "sync"' in line:
-            return out
-
-
-def _both(tmp_path, writes, setup=None) -> tuple[list[str], list[str]]:
-    results = []
-    for qsd in (True, False):
-        work = tmp_path / ("qsd" if qsd else "blockd")
-        work.mkdir()
-        if setup:
-            setup(work)
-        text = [w.replace("TMP", str(work)) if isinstance(w, str) else w for w in writes]
-        with Daemon(str(work / "qmp.sock"), qsd=qsd) as daemon:
-            results.append(_session(daemon, text, str(work)))
-    return results[0], results[1]
 
 
 PROTOCOL = [
@@ -114,7 +55,7 @@ PROTOCOL = [
 
 
 def test_protocol_errors_match_qsd(tmp_path):
-    expected, actual = _both(tmp_path, PROTOCOL)
+    expected, actual = qsd_and_blockd(tmp_path, PROTOCOL)
     assert actual == expected
 
 
@@ -164,7 +105,7 @@ OBJECTS = [
 
 
 def test_secret_objects_match_qsd(tmp_path):
-    expected, actual = _both(tmp_path, OBJECTS)
+    expected, actual = qsd_and_blockd(tmp_path, OBJECTS)
     assert actual == expected
 
 
@@ -220,7 +161,7 @@ BLOCK = [
 
 @pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
 def test_block_graph_errors_match_qsd(tmp_path):
-    expected, actual = _both(tmp_path, BLOCK, _images)
+    expected, actual = qsd_and_blockd(tmp_path, BLOCK, _images)
     assert actual == expected
 
 
@@ -250,7 +191,7 @@ RAW_BLOCK = [w.replace('"qcow2"', '"raw"') for w in BLOCK] + [
 
 @pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
 def test_raw_graph_session_matches_qsd(tmp_path):
-    expected, actual = _both(tmp_path, RAW_BLOCK, _images)
+    expected, actual = qsd_and_blockd(tmp_path, RAW_BLOCK, _images)
     assert actual == expected
 
 
@@ -286,7 +227,7 @@ OPTION_ERRORS.insert(10, '{"execute":"object-add","arguments":{"qom-type":"secre
 
 @pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
 def test_option_errors_match_qsd(tmp_path):
-    expected, actual = _both(tmp_path, OPTION_ERRORS, _images)
+    expected, actual = qsd_and_blockd(tmp_path, OPTION_ERRORS, _images)
     assert actual == expected
     assert not any("Internal error" in line for line in actual)
 
@@ -329,7 +270,7 @@ NBD = [
 
 
 def test_nbd_export_session_matches_qsd(tmp_path):
-    expected, actual = _both(tmp_path, NBD, _images)
+    expected, actual = qsd_and_blockd(tmp_path, NBD, _images)
     assert actual == expected
 
 
@@ -372,5 +313,5 @@ def _bitmap_images(work) -> None:
 
 
 def test_bitmap_session_matches_qsd(tmp_path):
-    expected, actual = _both(tmp_path, BITMAPS, _bitmap_images)
+    expected, actual = qsd_and_blockd(tmp_path, BITMAPS, _bitmap_images)
     assert actual == expected

@@ -9,8 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from harness import HAVE_QSD, Daemon
-from test_img import blockd_img, qemu_img
+from harness import HAVE_QSD, Daemon, blockd_img, qemu_img
 
 KIB = 1024
 SIZE = 1 << 20

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import Daemon
-from test_img import blockd_img, qemu_img, same
+from harness import Daemon, blockd_img, qemu_img, qemu_io_ok, same
 from test_vpc import (WRITES, check_nbd_read, check_same_create, check_same_writes, check_views,
-                      metadata_of, qemu_io)
+                      metadata_of)
 
 MiB = 1 << 20
 
@@ -33,7 +32,7 @@ def _qemu_image(d: Path, opts: str, size: str = "11M", name: str = "a.vdi") -> P
 @pytest.mark.parametrize("opts", ["static=off", "static=on"])
 def test_qemu_images_read_alike(tmp_path, opts):
     image = _qemu_image(tmp_path, opts)
-    qemu_io("vdi", str(image), *WRITES)
+    qemu_io_ok("vdi", str(image), *WRITES)
     check_views(tmp_path, "vdi", "a.vdi")
     for cmd in (["check"], ["check", "--output=json"]):
         same(tmp_path, *cmd, "-f", "vdi", "a.vdi")
@@ -50,7 +49,7 @@ def test_odd_sizes(tmp_path):
 @pytest.mark.parametrize("opts", ["static=off", "static=on"])
 def test_writes_match_qemu(tmp_path, opts):
     image = _qemu_image(tmp_path, opts, "300M")
-    qemu_io("vdi", str(image), "write -P 0x99 2M 8k")
+    qemu_io_ok("vdi", str(image), "write -P 0x99 2M 8k")
     # Blocks far apart make the block map rewrite span several sectors.
     check_same_writes(tmp_path, "vdi", image, WRITES + [
         "write -P 0x66 2M 512", "write -P 0x77 10M 3M", "write -P 0x78 200M 4k",
@@ -60,7 +59,7 @@ def test_writes_match_qemu(tmp_path, opts):
 def test_convert_into_vdi(tmp_path):
     src = tmp_path / "src.raw"
     assert qemu_img("create", "-q", "-f", "raw", str(src), "11M").returncode == 0
-    qemu_io("raw", str(src), *WRITES)
+    qemu_io_ok("raw", str(src), *WRITES)
     for opts in ("static=off", "static=on"):
         out = blockd_img("convert", "-O", "vdi", "-o", opts, "src.raw", "o.vdi", cwd=tmp_path)
         assert out[2] == 0, out
@@ -118,7 +117,7 @@ def test_blockdev_create(tmp_path):
 
 def _patched(d: Path, *patches: tuple[int, str, int]) -> None:
     image = _qemu_image(d, "static=off", "11M", "h.vdi")
-    qemu_io("vdi", str(image), "write -P 1 0 4k", "write -P 2 3M 4k")
+    qemu_io_ok("vdi", str(image), "write -P 1 0 4k", "write -P 2 3M 4k")
     data = bytearray(image.read_bytes())
     for off, fmt, value in patches:
         struct.pack_into(fmt, data, off, value)
@@ -190,11 +189,11 @@ def test_compare_vpc_with_vdi(tmp_path):
     vpc = tmp_path / "a.vhd"
     assert qemu_img("create", "-q", "-f", "vpc", "-o", "force_size=on", str(vpc),
                     "11M").returncode == 0
-    qemu_io("vpc", str(vpc), *WRITES)
+    qemu_io_ok("vpc", str(vpc), *WRITES)
     vdi = _qemu_image(tmp_path, "static=off")
-    qemu_io("vdi", str(vdi), *WRITES)
+    qemu_io_ok("vdi", str(vdi), *WRITES)
     same(tmp_path, "compare", "-f", "vpc", "-F", "vdi", "a.vhd", "a.vdi")
-    qemu_io("vdi", str(vdi), "write -P 0x12 6M 512")
+    qemu_io_ok("vdi", str(vdi), "write -P 0x12 6M 512")
     for flags in ([], ["-s"]):
         same(tmp_path, "compare", *flags, "-f", "vpc", "-F", "vdi", "a.vhd", "a.vdi")
 

@@ -27,10 +27,9 @@ from hypothesis import strategies as st
 from blockd.block.graph import BlockGraph
 from blockd.drivers.vhdx import layout as L
 from blockd.errors import QMPError
-from harness import Daemon
+from harness import Daemon, blockd_img, qemu_img, qemu_io_ok, same
 from test_hostile_images import CASES, MEMORY_BOUND, _fuzz
-from test_img import blockd_img, qemu_img, same
-from test_vpc import WRITES, check_nbd_read, check_views, qemu_io, raw_bytes, serve
+from test_vpc import WRITES, check_nbd_read, check_views, raw_bytes, serve
 
 MiB = 1 << 20
 #: Enough to hold every image's metadata here (a 0-byte image has a 64 MiB BAT).
@@ -85,7 +84,7 @@ READ_OPTS = ["subformat=dynamic", "subformat=fixed", "block_size=1M", "block_siz
 @pytest.mark.parametrize("opts", READ_OPTS)
 def test_qemu_images_read_alike(tmp_path, opts):
     image = _qemu_image(tmp_path, opts)
-    qemu_io("vhdx", str(image), *WRITES)
+    qemu_io_ok("vhdx", str(image), *WRITES)
     check_views(tmp_path, "vhdx", "a.vhdx")
     for cmd in (["check"], ["check", "--output=json"]):
         same(tmp_path, *cmd, "-f", "vhdx", "a.vhdx")
@@ -107,16 +106,16 @@ def test_writes_match_qemu(tmp_path, opts):
     """The same writes by qemu-io and by qemu-io through a blockd export: the same BAT,
     log entries, header sequence numbers and data."""
     image = _qemu_image(tmp_path, opts, "300M")
-    qemu_io("vhdx", str(image), "write -P 0x99 2M 8k")
+    qemu_io_ok("vhdx", str(image), "write -P 0x99 2M 8k")
     writes = WRITES + ["write -P 0x66 2M 512", "write -P 0x77 10M 3M", "write -P 0x78 200M 4k",
                        "write -P 0x79 127M 2M", "write -z 250M 1M"]
     theirs, ours = tmp_path / "theirs.vhdx", tmp_path / "ours.vhdx"
     shutil.copyfile(image, theirs)
     shutil.copyfile(image, ours)
-    qemu_io("vhdx", str(theirs), *writes)
+    qemu_io_ok("vhdx", str(theirs), *writes)
     daemon, uri = serve(tmp_path, "vhdx", ours, writable=True)
     try:
-        qemu_io("raw", uri, *writes)
+        qemu_io_ok("raw", uri, *writes)
     finally:
         daemon.stop()
     assert masked(ours, page83=False) == masked(theirs, page83=False)
@@ -136,7 +135,7 @@ def test_parallel_writes_through_nbd(tmp_path):
     """Many requests in flight into a blockd export: consistent image, the source's data."""
     src = tmp_path / "src.raw"
     assert qemu_img("create", "-q", "-f", "raw", str(src), "40M").returncode == 0
-    qemu_io("raw", str(src), *WRITES, "write -P 0x5a 20M 15M", "write -P 0x5b 36M 3M")
+    qemu_io_ok("raw", str(src), *WRITES, "write -P 0x5a 20M 15M", "write -P 0x5b 36M 3M")
     image = _qemu_image(tmp_path, "block_size=1M", "40M", "t.vhdx")
     daemon, uri = serve(tmp_path, "vhdx", image, writable=True)
     try:
@@ -154,7 +153,7 @@ def test_convert_into_vhdx(tmp_path, opts):
     """blockd-img convert -O vhdx makes the file qemu-img convert makes."""
     src = tmp_path / "src.raw"
     assert qemu_img("create", "-q", "-f", "raw", str(src), "11M").returncode == 0
-    qemu_io("raw", str(src), *WRITES)
+    qemu_io_ok("raw", str(src), *WRITES)
     out = blockd_img("convert", "-O", "vhdx", "-o", opts, "src.raw", "o.vhdx", cwd=tmp_path)
     assert out[2] == 0, out
     r = qemu_img("convert", "-O", "vhdx", "-o", opts, "src.raw", "q.vhdx", cwd=tmp_path)
@@ -249,7 +248,7 @@ def test_dirty_log(tmp_path):
     """Refused read-only with QEMU's message; replayed by check -r all as qemu-img does,
     leaving the same file and the data as before the crash."""
     image = _qemu_image(tmp_path, "block_size=1M")
-    qemu_io("vhdx", str(image), *WRITES)
+    qemu_io_ok("vhdx", str(image), *WRITES)
     clean = raw_bytes(tmp_path, "vhdx", str(image))
     make_dirty(image)
     for cmd in (["info"], ["map", "--output=json"], ["check"]):
@@ -266,7 +265,7 @@ def test_dirty_log(tmp_path):
 def test_dirty_log_replayed_by_daemon(tmp_path):
     """A read-write blockdev-add replays the log; a read-only one is refused."""
     image = _qemu_image(tmp_path, "block_size=1M")
-    qemu_io("vhdx", str(image), *WRITES)
+    qemu_io_ok("vhdx", str(image), *WRITES)
     clean = raw_bytes(tmp_path, "vhdx", str(image))
     make_dirty(image)
     with Daemon(str(tmp_path / "qmp.sock")) as daemon:
@@ -332,7 +331,7 @@ def test_4k_logical_sectors(tmp_path):
     """An image with 4096-byte logical sectors (as Hyper-V makes) reads with its size and
     data.  QEMU 7.2 refuses it (only 512 is supported there): blockd deliberately differs."""
     image = _qemu_image(tmp_path, "block_size=1M", "16M")
-    qemu_io("vhdx", str(image), *WRITES)
+    qemu_io_ok("vhdx", str(image), *WRITES)
     expected = raw_bytes(tmp_path, "vhdx", str(image))
     data = bytearray(image.read_bytes())
     meta = struct.unpack_from("<Q", data, L.REGION_TABLE_OFFSETS[0] + 48 + 16)[0]
@@ -346,7 +345,7 @@ def test_4k_logical_sectors(tmp_path):
     # Writes through a blockd export land where reads find them.
     daemon, uri = serve(tmp_path, "vhdx", image, writable=True)
     try:
-        qemu_io("raw", uri, "write -P 0x61 6M 8k", "write -P 0x62 15M 1M")
+        qemu_io_ok("raw", uri, "write -P 0x61 6M 8k", "write -P 0x62 15M 1M")
     finally:
         daemon.stop()
     got = raw_bytes(tmp_path, "vhdx", "a.vhdx", "blockd-img")
@@ -360,7 +359,7 @@ def test_4k_logical_sectors(tmp_path):
 
 def _patched(d: Path, *patches: tuple[int, str, int | bytes]) -> Path:
     image = _qemu_image(d, "block_size=1M", "11M", "h.vhdx")
-    qemu_io("vhdx", str(image), "write -P 1 0 4k", "write -P 2 3M 4k")
+    qemu_io_ok("vhdx", str(image), "write -P 1 0 4k", "write -P 2 3M 4k")
     data = bytearray(image.read_bytes())
     for off, fmt, value in patches:
         struct.pack_into(fmt, data, off, value)
@@ -468,7 +467,7 @@ HOSTILE_LOG = {
 @pytest.mark.parametrize("case", sorted(HOSTILE_LOG))
 def test_hostile_log(tmp_path, case):
     image = _qemu_image(tmp_path, "block_size=1M", "11M", "h.vhdx")
-    qemu_io("vhdx", str(image), "write -P 1 0 4k")
+    qemu_io_ok("vhdx", str(image), "write -P 1 0 4k")
     make_dirty(image)
     data = bytearray(image.read_bytes())
     for off, fmt, value in HOSTILE_LOG[case]:
@@ -496,7 +495,7 @@ FUZZ_AREAS = [(0, 16), (H1, 80), (H2, 80), (RT, 112), (LOG, 128), (LOG + 4096, 8
 def fuzz_bases(tmp_path_factory) -> dict[str, bytes]:
     d = tmp_path_factory.mktemp("vhdx-fuzz")
     clean = _qemu_image(d, "block_size=1M", "11M", "clean.vhdx")
-    qemu_io("vhdx", str(clean), "write -P 1 0 4k", "write -P 2 3M 4k")
+    qemu_io_ok("vhdx", str(clean), "write -P 1 0 4k", "write -P 2 3M 4k")
     dirty = d / "dirty.vhdx"
     shutil.copyfile(clean, dirty)
     make_dirty(dirty)
@@ -564,7 +563,7 @@ def test_random_damage_in_process(fuzz_bases, tmp_path, rng, which, fix_sums):
 def test_other_subcommands(tmp_path, cmd):
     """What qemu-img's other subcommands say about vhdx (no measure, resize or amend)."""
     image = _qemu_image(tmp_path, "block_size=1M", "20M")
-    qemu_io("vhdx", str(image), *WRITES)
+    qemu_io_ok("vhdx", str(image), *WRITES)
     assert qemu_img("convert", "-O", "raw", "a.vhdx", "r.raw", cwd=tmp_path).returncode == 0
-    qemu_io("raw", str(tmp_path / "r.raw"), "write -P 0x42 12M 512")
+    qemu_io_ok("raw", str(tmp_path / "r.raw"), "write -P 0x42 12M 512")
     same(tmp_path, *cmd)

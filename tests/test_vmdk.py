@@ -7,12 +7,10 @@ import json
 import os
 import re
 import struct
-import subprocess
-import sys
 
 import pytest
 
-from harness import ROOT, Daemon
+from harness import Daemon, blockd_img_run, qemu_io, sh
 
 from blockd.drivers.vmdk import probe
 
@@ -27,38 +25,21 @@ STREAM_WRITES = ["write -P 0x11 0 64k", "write -P 0x22 100M 64k", "write -P 0x33
                  "write -P 0x44 2500M 64k"]
 
 
-def blockd_img(*argv: str, cwd: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "blockd.img.cli", *argv], capture_output=True,
-                          text=True, timeout=600, env=env, cwd=cwd)
-
-
-def run(*argv: str, cwd: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=cwd)
-
-
-def qemu_io(fmt: str, image: str, cmds: list[str]) -> subprocess.CompletedProcess:
-    args = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        args += ["-c", c]
-    return run(*args, image)
-
-
 def qemu_image(tmp, subformat: str, extra: str = "", writes: bool = True) -> str:
     img = str(tmp / f"{subformat}.vmdk")
     opts = f"subformat={subformat}" + (f",{extra}" if extra else "")
-    r = run("qemu-img", "create", "-q", "-f", "vmdk", "-o", opts, img, SIZE)
+    r = sh("qemu-img", "create", "-q", "-f", "vmdk", "-o", opts, img, SIZE)
     assert r.returncode == 0, r.stderr
     if writes:
-        r = qemu_io("vmdk", img, STREAM_WRITES if subformat == "streamOptimized" else WRITES)
+        r = qemu_io("vmdk", img, *STREAM_WRITES if subformat == "streamOptimized" else WRITES)
         assert r.returncode == 0 and "failed" not in r.stdout, r.stdout + r.stderr
     return img
 
 
 def same_output(*args: str) -> None:
     """qemu-img and blockd-img print the same and exit the same."""
-    q = run("qemu-img", *args)
-    b = blockd_img(*args)
+    q = sh("qemu-img", *args)
+    b = blockd_img_run(*args)
     assert (b.returncode, b.stdout) == (q.returncode, q.stdout), b.stderr
     return q
 
@@ -67,9 +48,9 @@ def same_output(*args: str) -> None:
 def test_qemu_images_read_identically(tmp_path, subformat):
     img = qemu_image(tmp_path, subformat)
     out = str(tmp_path / "out.raw")
-    r = blockd_img("convert", "-f", "vmdk", "-O", "raw", img, out)
+    r = blockd_img_run("convert", "-f", "vmdk", "-O", "raw", img, out)
     assert r.returncode == 0, r.stderr
-    r = run("qemu-img", "compare", "-f", "vmdk", "-F", "raw", img, out)
+    r = sh("qemu-img", "compare", "-f", "vmdk", "-F", "raw", img, out)
     assert r.returncode == 0, r.stdout + r.stderr
     same_output("info", "-f", "vmdk", "--output=json", img)
     same_output("info", "-f", "vmdk", img)
@@ -84,8 +65,8 @@ def test_zeroed_grains_and_options_read(tmp_path, extra):
     same_output("map", "-f", "vmdk", "--output=json", img)
     same_output("info", "-f", "vmdk", "--output=json", img)
     out = str(tmp_path / "out.raw")
-    assert blockd_img("convert", "-f", "vmdk", "-O", "raw", img, out).returncode == 0
-    assert run("qemu-img", "compare", "-f", "vmdk", "-F", "raw", img, out).returncode == 0
+    assert blockd_img_run("convert", "-f", "vmdk", "-O", "raw", img, out).returncode == 0
+    assert sh("qemu-img", "compare", "-f", "vmdk", "-F", "raw", img, out).returncode == 0
 
 
 def _export(tmp, img: str):
@@ -106,9 +87,9 @@ def test_nbd_export_reads_like_qemu(tmp_path, subformat):
     img = qemu_image(tmp_path, subformat)
     d, c, url = _export(tmp_path, img)
     with d:
-        r = run("qemu-img", "compare", "-f", "raw", "-F", "vmdk", "-U", url, img)
+        r = sh("qemu-img", "compare", "-f", "raw", "-F", "vmdk", "-U", url, img)
         assert r.returncode == 0, r.stdout + r.stderr
-        r = qemu_io("raw", url, ["read -P 0x11 0 4k", "read -P 0x33 2047M 64k",
+        r = qemu_io("raw", url, *["read -P 0x11 0 4k", "read -P 0x33 2047M 64k",
                                  "read -P 0 200M 64k"])
         assert "failed" not in r.stdout and "Pattern verification" not in r.stdout, r.stdout
 
@@ -119,19 +100,19 @@ def test_nbd_export_reads_like_qemu(tmp_path, subformat):
 def test_writes_through_nbd_read_back_by_qemu(tmp_path, subformat, extra):
     img = qemu_image(tmp_path, subformat, extra, writes=False)
     twin = str(tmp_path / "twin.raw")
-    run("qemu-img", "create", "-q", "-f", "raw", twin, SIZE)
+    sh("qemu-img", "create", "-q", "-f", "raw", twin, SIZE)
     d, c, url = _export(tmp_path, img)
     with d:
-        r = qemu_io("raw", url, WRITES + ["write -P 0x55 2044M 8M", "write -z 0 128k",
+        r = qemu_io("raw", url, *WRITES + ["write -P 0x55 2044M 8M", "write -z 0 128k",
                                           "write -P 0x66 100M 512"])
         assert "failed" not in r.stdout, r.stdout + r.stderr
-    qemu_io("raw", twin, WRITES + ["write -P 0x55 2044M 8M", "write -z 0 128k",
+    qemu_io("raw", twin, *WRITES + ["write -P 0x55 2044M 8M", "write -z 0 128k",
                                    "write -P 0x66 100M 512"])
-    r = run("qemu-img", "compare", "-f", "vmdk", "-F", "raw", img, twin)
+    r = sh("qemu-img", "compare", "-f", "vmdk", "-F", "raw", img, twin)
     assert r.returncode == 0, r.stdout + r.stderr
-    r = run("qemu-img", "check", "-f", "vmdk", img)
+    r = sh("qemu-img", "check", "-f", "vmdk", img)
     assert r.returncode == 0, r.stdout + r.stderr
-    info = json.loads(run("qemu-img", "info", "--output=json", img).stdout)
+    info = json.loads(sh("qemu-img", "info", "--output=json", img).stdout)
     assert info["format-specific"]["data"]["create-type"] == subformat
 
 
@@ -171,13 +152,13 @@ CREATE_CASES = [
 def test_create_writes_what_qemu_img_writes(tmp_path, opts):
     for who in ("q", "b"):
         (tmp_path / who).mkdir()
-    q = run("qemu-img", "create", "-f", "vmdk", "-o", opts, "img.vmdk", "2049M",
-            cwd=str(tmp_path / "q"))
-    b = blockd_img("create", "-f", "vmdk", "-o", opts, str(tmp_path / "b" / "img.vmdk"), "2049M")
+    q = sh("qemu-img", "create", "-f", "vmdk", "-o", opts, "img.vmdk", "2049M",
+           cwd=str(tmp_path / "q"))
+    b = blockd_img_run("create", "-f", "vmdk", "-o", opts, str(tmp_path / "b" / "img.vmdk"), "2049M")
     assert q.returncode == b.returncode == 0, b.stderr
     assert b.stdout.replace(str(tmp_path / "b") + "/", "") == q.stdout
     assert _files(tmp_path / "q") == _files(tmp_path / "b")
-    r = run("qemu-img", "check", str(tmp_path / "b" / "img.vmdk"))
+    r = sh("qemu-img", "check", str(tmp_path / "b" / "img.vmdk"))
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -188,8 +169,8 @@ def test_create_writes_what_qemu_img_writes(tmp_path, opts):
     ("compat6=on,hwversion=7", "compat6 cannot be enabled with hwversion set"),
 ])
 def test_create_refusals_match_qemu_img(tmp_path, opts, message):
-    q = run("qemu-img", "create", "-q", "-f", "vmdk", "-o", opts, str(tmp_path / "q.vmdk"), "1M")
-    b = blockd_img("create", "-q", "-f", "vmdk", "-o", opts, str(tmp_path / "b.vmdk"), "1M")
+    q = sh("qemu-img", "create", "-q", "-f", "vmdk", "-o", opts, str(tmp_path / "q.vmdk"), "1M")
+    b = blockd_img_run("create", "-q", "-f", "vmdk", "-o", opts, str(tmp_path / "b.vmdk"), "1M")
     assert message in q.stderr
     assert b.returncode == q.returncode == 1
     assert b.stderr.replace("blockd-img", "qemu-img").replace("b.vmdk", "q.vmdk") == q.stderr
@@ -198,21 +179,21 @@ def test_create_refusals_match_qemu_img(tmp_path, opts, message):
 @pytest.mark.parametrize("subformat", SUBFORMATS)
 def test_convert_into_vmdk_matches_qemu_img(tmp_path, subformat):
     src = str(tmp_path / "src.raw")
-    run("qemu-img", "create", "-q", "-f", "raw", src, "130M")
-    qemu_io("raw", src, ["write -P 1 0 4k", "write -P 2 1M 300k", "write -P 3 129M 64k",
+    sh("qemu-img", "create", "-q", "-f", "raw", src, "130M")
+    qemu_io("raw", src, *["write -P 1 0 4k", "write -P 2 1M 300k", "write -P 3 129M 64k",
                          "write -P 4 130046k 1k"])
     for who in ("q", "b"):
         (tmp_path / who).mkdir()
     opts = f"subformat={subformat}"
-    r = run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", opts, src,
-            str(tmp_path / "q" / "img.vmdk"))
+    r = sh("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", opts, src,
+           str(tmp_path / "q" / "img.vmdk"))
     assert r.returncode == 0, r.stderr
-    r = blockd_img("convert", "-f", "raw", "-O", "vmdk", "-o", opts, src,
-                   str(tmp_path / "b" / "img.vmdk"))
+    r = blockd_img_run("convert", "-f", "raw", "-O", "vmdk", "-o", opts, src,
+                       str(tmp_path / "b" / "img.vmdk"))
     assert r.returncode == 0, r.stderr
     img = str(tmp_path / "b" / "img.vmdk")
-    assert run("qemu-img", "compare", "-f", "vmdk", "-F", "raw", img, src).returncode == 0
-    assert run("qemu-img", "check", img).returncode == 0
+    assert sh("qemu-img", "compare", "-f", "vmdk", "-F", "raw", img, src).returncode == 0
+    assert sh("qemu-img", "check", img).returncode == 0
     assert _files(tmp_path / "q") == _files(tmp_path / "b")
 
 
@@ -249,26 +230,26 @@ def test_backing_chain_and_stale_parent_cid(tmp_path):
     """An overlay reads through its parent while the parent's CID is the one it recorded;
     after the parent changes, reads of what the overlay leaves to it fail, as in QEMU."""
     d = str(tmp_path)
-    run("qemu-img", "create", "-q", "-f", "vmdk", "base.vmdk", "10M", cwd=d)
-    qemu_io("vmdk", f"{d}/base.vmdk", ["write -P 7 0 1M"])
-    r = blockd_img("create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", "top.vmdk",
-                   cwd=d)
+    sh("qemu-img", "create", "-q", "-f", "vmdk", "base.vmdk", "10M", cwd=d)
+    qemu_io("vmdk", f"{d}/base.vmdk", *["write -P 7 0 1M"])
+    r = blockd_img_run("create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", "top.vmdk",
+                       cwd=d)
     assert r.returncode == 0, r.stderr
-    qemu_io("vmdk", f"{d}/top.vmdk", ["write -P 8 64k 4k"])
+    qemu_io("vmdk", f"{d}/top.vmdk", *["write -P 8 64k 4k"])
     for args in (["info", "-f", "vmdk", "--output=json"],
                  ["info", "-f", "vmdk", "--backing-chain"],
                  ["map", "-f", "vmdk", "--output=json"], ["check", "-f", "vmdk"]):
-        q, b = run("qemu-img", *args, "top.vmdk", cwd=d), blockd_img(*args, "top.vmdk", cwd=d)
+        q, b = sh("qemu-img", *args, "top.vmdk", cwd=d), blockd_img_run(*args, "top.vmdk", cwd=d)
         assert (b.returncode, b.stdout) == (q.returncode, q.stdout), b.stderr
     for who in ("q", "b"):
         args = ("convert", "-f", "vmdk", "-O", "raw", "top.vmdk", f"{who}.raw")
-        r = run("qemu-img", *args, cwd=d) if who == "q" else blockd_img(*args, cwd=d)
+        r = sh("qemu-img", *args, cwd=d) if who == "q" else blockd_img_run(*args, cwd=d)
         assert r.returncode == 0, r.stderr
-    assert run("qemu-img", "compare", "-f", "raw", "-F", "raw", f"{d}/q.raw",
-               f"{d}/b.raw").returncode == 0
-    qemu_io("vmdk", f"{d}/base.vmdk", ["write -P 9 5M 4k"])  # the base gets a new CID
-    q = run("qemu-img", "convert", "-f", "vmdk", "-O", "raw", "top.vmdk", "q2.raw", cwd=d)
-    b = blockd_img("convert", "-f", "vmdk", "-O", "raw", "top.vmdk", "b2.raw", cwd=d)
+    assert sh("qemu-img", "compare", "-f", "raw", "-F", "raw", f"{d}/q.raw",
+              f"{d}/b.raw").returncode == 0
+    qemu_io("vmdk", f"{d}/base.vmdk", *["write -P 9 5M 4k"])  # the base gets a new CID
+    q = sh("qemu-img", "convert", "-f", "vmdk", "-O", "raw", "top.vmdk", "q2.raw", cwd=d)
+    b = blockd_img_run("convert", "-f", "vmdk", "-O", "raw", "top.vmdk", "b2.raw", cwd=d)
     assert q.returncode == b.returncode == 1
     assert b.stderr.replace("blockd-img", "qemu-img") == q.stderr
 
@@ -283,24 +264,24 @@ def test_stream_takes_only_new_whole_grains_like_qemu(tmp_path):
     results = {}
     for who in ("q", "b"):
         img = str(tmp_path / f"{who}.vmdk")
-        run("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", img,
-            "33488896")
+        sh("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", img,
+           "33488896")
         outcome = []
         if who == "q":
             for c in cmds:
-                outcome.append(qemu_io("vmdk", img, [c]).stdout.splitlines()[0])
+                outcome.append(qemu_io("vmdk", img, *[c]).stdout.splitlines()[0])
         else:
             os.mkdir(tmp_path / "d")
             d, _, url = _export(tmp_path / "d", img)
             with d:
                 for c in cmds:
-                    outcome.append(qemu_io("raw", url, [c]).stdout.splitlines()[0])
+                    outcome.append(qemu_io("raw", url, *[c]).stdout.splitlines()[0])
         results[who] = outcome
     assert results["b"] == results["q"]
-    r = run("qemu-img", "compare", "-f", "vmdk", "-F", "vmdk", str(tmp_path / "q.vmdk"),
-            str(tmp_path / "b.vmdk"))
+    r = sh("qemu-img", "compare", "-f", "vmdk", "-F", "vmdk", str(tmp_path / "q.vmdk"),
+           str(tmp_path / "b.vmdk"))
     assert r.returncode == 0, r.stdout
-    assert run("qemu-img", "check", str(tmp_path / "b.vmdk")).returncode == 0
+    assert sh("qemu-img", "check", str(tmp_path / "b.vmdk")).returncode == 0
 
 
 # ---- hostile images ------------------------------------------------------------------
@@ -324,8 +305,8 @@ def _same_failure(tmp_path, img: str) -> None:
     """info and a full read: qemu-img and blockd-img agree (blockd never with a traceback)."""
     for args in (["info", "-f", "vmdk"], ["convert", "-f", "vmdk", "-O", "raw"]):
         extra = [str(tmp_path / "out.raw")] if args[0] == "convert" else []
-        q = run("qemu-img", *args, img, *extra)
-        b = blockd_img(*args, img, *extra)
+        q = sh("qemu-img", *args, img, *extra)
+        b = blockd_img_run(*args, img, *extra)
         assert "Traceback" not in b.stderr, b.stderr
         assert b.returncode == q.returncode, (q.stderr, b.stderr)
         # Which chunks of a parallel copy fail, and first, is not fixed: offsets are masked
@@ -338,8 +319,8 @@ def _same_failure(tmp_path, img: str) -> None:
 @pytest.mark.parametrize("field,value", MUTATIONS)
 def test_hostile_header_fields(tmp_path, field, value):
     img = str(tmp_path / "m.vmdk")
-    run("qemu-img", "create", "-q", "-f", "vmdk", img, "100M")
-    qemu_io("vmdk", img, ["write -P 7 0 1M", "write -P 8 50M 64k"])
+    sh("qemu-img", "create", "-q", "-f", "vmdk", img, "100M")
+    qemu_io("vmdk", img, *["write -P 7 0 1M", "write -P 8 50M 64k"])
     offset, fmt = FIELDS[field]
     with open(img, "r+b") as f:
         f.seek(offset)
@@ -373,8 +354,8 @@ def test_hostile_descriptors(tmp_path, text):
 
 def test_check_finds_a_grain_past_the_end_like_qemu(tmp_path):
     img = str(tmp_path / "c.vmdk")
-    run("qemu-img", "create", "-q", "-f", "vmdk", img, "100M")
-    qemu_io("vmdk", img, ["write -P 7 0 1M"])
+    sh("qemu-img", "create", "-q", "-f", "vmdk", img, "100M")
+    qemu_io("vmdk", img, *["write -P 7 0 1M"])
     with open(img, "r+b") as f:
         f.seek(56)
         gd = struct.unpack("<Q", f.read(8))[0]
@@ -384,7 +365,7 @@ def test_check_finds_a_grain_past_the_end_like_qemu(tmp_path):
         f.write(struct.pack("<I", 0x100000))
     for args in (["check", "-f", "vmdk"], ["check", "-f", "vmdk", "--output=json"],
                  ["check", "-f", "vmdk", "-r", "all"]):
-        q, b = run("qemu-img", *args, img), blockd_img(*args, img)
+        q, b = sh("qemu-img", *args, img), blockd_img_run(*args, img)
         assert (b.returncode, b.stdout) == (q.returncode, q.stdout)
         assert b.stderr.replace("blockd-img", "qemu-img") == q.stderr
 
@@ -443,7 +424,7 @@ def _reads_like_qemu(tmp_path, img: str) -> bytes:
         same_output(*args, img)
     for who in ("q", "b"):
         args = ("convert", "-f", "vmdk", "-O", "raw", img, str(tmp_path / f"{who}.raw"))
-        r = run("qemu-img", *args) if who == "q" else blockd_img(*args)
+        r = sh("qemu-img", *args) if who == "q" else blockd_img_run(*args)
         assert r.returncode == 0, r.stderr
     data = (tmp_path / "b.raw").read_bytes()
     assert data == (tmp_path / "q.raw").read_bytes()
@@ -476,12 +457,12 @@ def test_writes_lay_out_files_as_qemu_does(tmp_path, subformat, extra):
         d.mkdir()
         img = qemu_image(d, subformat, extra, writes=False)
         if who == "q":
-            r = qemu_io("vmdk", img, cmds)
+            r = qemu_io("vmdk", img, *cmds)
             assert "failed" not in r.stdout, r.stdout
         else:
             daemon, _, url = _export(tmp_path, img)
             with daemon:
-                r = qemu_io("raw", url, cmds)
+                r = qemu_io("raw", url, *cmds)
                 assert "failed" not in r.stdout, r.stdout
             for sock in ("qmp.sock", "nbd.sock"):
                 if os.path.exists(tmp_path / sock):
@@ -521,8 +502,8 @@ def test_vmfs_sparse_cowd_extent_reads_like_qemu(tmp_path):
 def test_blockdev_add_replies_match_qsd(tmp_path):
     """blockdev-add of good and broken vmdk images: the same replies from both daemons."""
     good = qemu_image(tmp_path, "twoGbMaxExtentSparse", writes=False)
-    run("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized",
-        str(tmp_path / "v3.vmdk"), "1M")
+    sh("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized",
+       str(tmp_path / "v3.vmdk"), "1M")
     (tmp_path / "garbage.vmdk").write_bytes(b"version=1\ncreateType=\"monolithicFlat\"\n"
                                             b"RW 100 FLAT \"missing.img\" 0\n")
     (tmp_path / "tiny.vmdk").write_bytes(b"KD")

@@ -15,27 +15,17 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from harness import Daemon
-from test_img import blockd_img, qemu_img, same
+from harness import HAVE_QSD, Daemon, blockd_img, qemu_img, qemu_io_ok, qsd_and_blockd, same
 
 MiB = 1 << 20
 
 #: Writes at scattered offsets, across block boundaries, zero writes, tiny writes.
 WRITES = ["write -P 0x11 0 4k", "write -P 0x22 1536k 1M", "write -P 0x33 5M 512",
           "write -z 7M 64k", "write -P 0x44 9M 100k", "write -P 0x55 4095k 2k"]
-
-
-def qemu_io(fmt: str, target: str, *cmds: str) -> None:
-    args = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        args += ["-c", c]
-    out = subprocess.run(args + [target], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "error" not in out.stdout.lower(), out.stdout + out.stderr
 
 
 def raw_bytes(d: Path, fmt: str, image: str, tool: str = "qemu-img") -> bytes:
@@ -94,10 +84,10 @@ def check_same_writes(d: Path, fmt: str, image: Path, writes: list[str]) -> None
     ours = d / ("ours" + image.suffix)
     shutil.copyfile(image, theirs)
     shutil.copyfile(image, ours)
-    qemu_io(fmt, str(theirs), *writes)
+    qemu_io_ok(fmt, str(theirs), *writes)
     daemon, uri = serve(d, fmt, ours, writable=True)
     try:
-        qemu_io("raw", uri, *writes)
+        qemu_io_ok("raw", uri, *writes)
     finally:
         daemon.stop()
     assert ours.read_bytes() == theirs.read_bytes()
@@ -147,7 +137,7 @@ def footer_fields_masked(data: bytes, offsets: list[int]) -> bytes:
 def test_qemu_images_read_alike(tmp_path, opts):
     image = tmp_path / "a.vhd"
     assert qemu_img("create", "-q", "-f", "vpc", "-o", opts, str(image), "11M").returncode == 0
-    qemu_io("vpc", str(image), *WRITES)
+    qemu_io_ok("vpc", str(image), *WRITES)
     check_views(tmp_path, "vpc", "a.vhd")
     check_nbd_read(tmp_path, "vpc", image)
 
@@ -168,7 +158,7 @@ def test_creator_app_decides_size(tmp_path, app, subformat):
     image = tmp_path / "a.vhd"
     assert qemu_img("create", "-q", "-f", "vpc", "-o", f"subformat={subformat}", str(image),
                     "11M").returncode == 0
-    qemu_io("vpc", str(image), "write -P 3 10M 1M")
+    qemu_io_ok("vpc", str(image), "write -P 3 10M 1M")
     data = image.read_bytes()
     at = [0, len(data) - 512] if subformat == "dynamic" else [len(data) - 512]
     for off in at:
@@ -197,7 +187,7 @@ def test_parallel_writes_through_nbd(tmp_path, fmt, opts, ext):
     concurrent allocations must leave a consistent image with the source's content."""
     src = tmp_path / "src.raw"
     assert qemu_img("create", "-q", "-f", "raw", str(src), "40M").returncode == 0
-    qemu_io("raw", str(src), *WRITES, "write -P 0x5a 20M 15M", "write -P 0x5b 36M 3M")
+    qemu_io_ok("raw", str(src), *WRITES, "write -P 0x5a 20M 15M", "write -P 0x5b 36M 3M")
     image = tmp_path / f"t.{ext}"
     assert qemu_img("create", "-q", "-f", fmt, "-o", opts, str(image), "40M").returncode == 0
     daemon, uri = serve(tmp_path, fmt, image, writable=True)
@@ -245,7 +235,7 @@ def test_writes_match_qemu(tmp_path, subformat):
     image = tmp_path / "a.vhd"
     assert qemu_img("create", "-q", "-f", "vpc", "-o", f"subformat={subformat}", str(image),
                     "11M").returncode == 0
-    qemu_io("vpc", str(image), "write -P 0x99 2M 8k")
+    qemu_io_ok("vpc", str(image), "write -P 0x99 2M 8k")
     check_same_writes(tmp_path, "vpc", image, WRITES + ["write -P 0x66 2M 512",
                                                         "write -P 0x77 10M 1M"])
 
@@ -255,7 +245,7 @@ def test_writes_to_foreign_bitmaps(tmp_path):
     bit set by the first write to it, as QEMU does."""
     image = tmp_path / "a.vhd"
     assert qemu_img("create", "-q", "-f", "vpc", str(image), "11M").returncode == 0
-    qemu_io("vpc", str(image), "write -P 0x99 0 4k", "write -P 0x98 4M 4k")
+    qemu_io_ok("vpc", str(image), "write -P 0x99 0 4k", "write -P 0x98 4M 4k")
     data = bytearray(image.read_bytes())
     bat = struct.unpack(">6I", data[1536:1560])
     for entry in (bat[0], bat[2]):
@@ -268,7 +258,7 @@ def test_convert_into_vpc(tmp_path):
     """blockd-img convert -O vpc makes an image qemu-img reads as the source."""
     src = tmp_path / "src.raw"
     assert qemu_img("create", "-q", "-f", "raw", str(src), "11M").returncode == 0
-    qemu_io("raw", str(src), *WRITES)
+    qemu_io_ok("raw", str(src), *WRITES)
     for opts in ("subformat=dynamic", "subformat=fixed", "force_size=on"):
         out = blockd_img("convert", "-O", "vpc", "-o", opts, "src.raw", "o.vhd", cwd=tmp_path)
         assert out[2] == 0, out
@@ -364,7 +354,7 @@ def test_hostile_headers(tmp_path, case):
     """qemu-img info's message for the same damage, never a traceback or a hang."""
     image = tmp_path / "h.vhd"
     assert qemu_img("create", "-q", "-f", "vpc", str(image), "11M").returncode == 0
-    qemu_io("vpc", str(image), "write -P 1 0 4k")
+    qemu_io_ok("vpc", str(image), "write -P 1 0 4k")
     off, fmt, value, footer = HOSTILE[case]
     data = _patch(image.read_bytes(), off, fmt, value, footer)
     if case == "huge current size":
@@ -391,7 +381,7 @@ def _qmp_images(work: Path) -> None:
                             ("s.vdi", "vdi", "static=on"), ("y.vdi", "vdi", "static=off")):
         assert qemu_img("create", "-q", "-f", fmt, "-o", opts, str(work / name),
                         "11M").returncode == 0
-        qemu_io(fmt, str(work / name), "write -P 7 1M 64k")
+        qemu_io_ok(fmt, str(work / name), "write -P 7 1M 64k")
     for name in ("new.vhd", "new.vdi"):
         (work / name).write_bytes(b"")
 
@@ -438,11 +428,9 @@ QMP_SESSION = [
 
 
 def test_qmp_session_matches_qsd(tmp_path):
-    from test_qmp_diff import HAVE_QSD, _both
-
     if not HAVE_QSD:
         pytest.skip("qemu-storage-daemon not installed")
-    theirs, ours = _both(tmp_path, QMP_SESSION, setup=_qmp_images)
+    theirs, ours = qsd_and_blockd(tmp_path, QMP_SESSION, setup=_qmp_images)
     assert ours == theirs
 
 

@@ -6,12 +6,8 @@ bitmaps and of the qcow2 bitmap data clusters, so hashing and storing
 need no conversion.  Marking a 4 KiB write touches one byte; finding
 runs scans whole bytes in C (a regular expression over the array), so
 NBD block status and merges cost per run, not per granule; counting and
-hashing walk the whole array, which only queries do.
-
-Measured on a 1 TiB node at 64 KiB granularity (2 MiB of bits): 100k
-random 4 KiB marks take 0.1 s; the same with an int as the bit set needs
-about a minute, since every OR copies the whole int.  Counting takes
-4 ms, hashing 1.5 ms, all 200k extents 0.5 s.
+hashing walk the whole array, which only queries do.  Not an int as
+the bit set: every OR would copy the whole int.
 """
 
 from __future__ import annotations

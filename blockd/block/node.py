@@ -74,7 +74,7 @@ class Status:
 
     Plain ints, not an ``IntFlag``: status is tested for every extent of
     every copy and NBD status reply, and each ``IntFlag`` operation is a
-    Python-level call (about a microsecond, profiled in ``convert``).
+    Python-level call.
     """
 
     NONE = 0

@@ -2,7 +2,7 @@
 
 ``cryptography`` holds the GIL while it ciphers, and XTS needs a fresh
 OpenSSL context for every 512-byte sector, so one Python process ciphers
-about 200 MB/s however many threads it runs.  An encrypted export
+no faster than one core however many threads it runs.  An encrypted export
 streaming 1 MiB requests would keep the event loop's core busy with
 cipher work alone.  Requests of at least :data:`MIN_BYTES` are therefore
 cut into pieces and ciphered by helper processes, one per core, while

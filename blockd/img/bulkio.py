@@ -13,15 +13,12 @@ waiting for a disk (a memory file system, or pages ``preadv`` with
 second helper, started when first needed.  A read the loop can do itself
 costs less than handing it over: waking a sleeping helper, and being woken
 by its reply, costs tens of microseconds each in a virtual machine, and on
-two cores a third busy process takes turns with the writer (measured: the
-writer was preempted about 200 times per 2 GiB copy with a reader helper,
-under 10 times without).
+two cores a third busy process takes turns with the writer.
 
 Why processes and not threads: a thread must win the GIL back after every
-syscall, and here the loop holds it often; a writer thread spent about a
-fifth of its time waiting for it.  The helpers are forked, not started
-afresh: a new interpreter takes tens of milliseconds to boot, a fork about
-one, and the copy buffers, shared anonymous mappings made before the fork,
+syscall, and here the loop holds it often, so a writer thread spends much
+of its time waiting for it.  The helpers are forked, not started afresh: a
+fork is far quicker than booting a new interpreter, and the copy buffers, shared anonymous mappings made before the fork,
 are then shared with the helpers without further ado.
 
 Only plain data at a known offset of a host file is handed over: what
@@ -31,8 +28,7 @@ Everything else (compressed or encrypted clusters, other protocols) stays
 with the drivers on the loop.
 
 One writer, not a pool: two writers to the same file contend for its inode
-lock (profiled on tmpfs: an eighth of the copy's CPU spent spinning on it),
-and qemu-img, too, writes one request at a time unless told ``-W``.  Each
+lock, and qemu-img, too, writes one request at a time unless told ``-W``.  Each
 job covers a whole chunk, because waking a process (or the loop, when a
 job is done) costs tens of microseconds in a virtual machine.
 """

@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The ``blockd-img`` command: :func:`main`, then exit without the interpreter's
-    clean-up, which measured 25-30 ms of a short convert's 160-200 (every file
-    is closed by then, and the output is flushed here)."""
+    clean-up, a noticeable part of a short convert's run (every file is
+    closed by then, and the output is flushed here)."""
     code = main()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -36,8 +36,7 @@ from blockd.img.snapshot import load_param, parse_param
 #: qemu-img's request size, so a failure names the byte qemu-img names (the start
 #: of the failing request).  Small enough that a chunk the loop has just read is
 #: still in the CPU's cache when the writer copies it out: 2 MiB chunks beat 8 MiB
-#: ones (medians of 30 interleaved runs of 2 GiB copies, 0.73 s against 0.77 s
-#: from qcow2, 0.78 s against 0.82 s raw to raw), the extra hand-overs included.
+#: ones, the extra hand-overs included (bench/notes.md).
 CHUNK = 2 << 20
 #: Copy tasks (each with a chunk buffer) at most, whatever ``-m`` says: one chunk
 #: being written, one read and one placed keep the writer busy, and more buffers

@@ -4,7 +4,7 @@ A helper is a forked process that copies bytes between files and shared
 buffers.  It exists for the GIL: a thread of the main process must
 win the GIL back after every syscall, and in a copy the event loop and the
 other thread hold it often enough that a writer thread measurably waited
-for it (a fifth of its time, profiled).  A process has a GIL of its own.
+for it.  A process has a GIL of its own.
 
 The parent sends each file once, as a descriptor (SCM_RIGHTS), then jobs
 that name files and the shared buffers by key; each job gets one reply.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Hashable
+from typing import Any
 
 from blockd.drivers.qcow2.header import Header
 from blockd.errors import QMPError
@@ -93,20 +93,20 @@ class MetadataCache:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = max(1, capacity)
-        self.entries: collections.OrderedDict[Hashable, bytearray] = collections.OrderedDict()
-        self.used: set[Hashable] = set()
+        self.entries: collections.OrderedDict[int, bytearray] = collections.OrderedDict()
+        self.used: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def get(self, key: Hashable) -> bytearray | None:
+    def get(self, key: int) -> bytearray | None:
         data = self.entries.get(key)
         if data is not None:
             self.entries.move_to_end(key)
             self.used.add(key)
         return data
 
-    def put(self, key: Hashable, data: bytearray) -> None:
+    def put(self, key: int, data: bytearray) -> None:
         self.entries[key] = data
         self.entries.move_to_end(key)
         self.used.add(key)
@@ -114,7 +114,7 @@ class MetadataCache:
             old, _ = self.entries.popitem(last=False)
             self.used.discard(old)
 
-    def drop(self, key: Hashable) -> None:
+    def drop(self, key: int) -> None:
         self.entries.pop(key, None)
         self.used.discard(key)
 

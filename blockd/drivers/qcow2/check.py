@@ -34,7 +34,7 @@ from blockd.drivers.qcow2.snapshot import MAX_L1_SIZE
 from blockd.errors import QMPError
 
 if TYPE_CHECKING:
-    from blockd.drivers.qcow2.driver import Qcow2Node
+    from blockd.drivers.qcow2.node import Qcow2Base
 
 FIX_LEAKS = 1
 FIX_ERRORS = 2
@@ -98,7 +98,7 @@ ALL_ALLOC = 0xFFFFFFFF
 class _Walker:
     """QEMU's in-memory refcount table: what every structure says each cluster is used by."""
 
-    def __init__(self, node: "Qcow2Node", res: CheckResult, fix: int = 0) -> None:
+    def __init__(self, node: "Qcow2Base", res: CheckResult, fix: int = 0) -> None:
         self.node = node
         self.image = node.image
         self.file = node.image.file
@@ -369,7 +369,7 @@ async def walk(w: _Walker) -> bool:
     return await w.walk_refblocks()
 
 
-async def cluster_kinds(node: "Qcow2Node") -> list[str]:
+async def cluster_kinds(node: "Qcow2Base") -> list[str]:
     """What each host cluster of the image file holds, by walking the metadata.
 
     Clusters no structure uses are ``leaked`` when their refcount says they are
@@ -541,7 +541,7 @@ async def _step(what: str, io: Awaitable[None]) -> None:
         raise _RebuildError(what, exc.errno or errno.EIO) from None
 
 
-async def _read_snapshots(node: "Qcow2Node", res: CheckResult, fix: int) -> bool:
+async def _read_snapshots(node: "Qcow2Base", res: CheckResult, fix: int) -> bool:
     """Read the snapshot table afresh, as QEMU's check does (an open for checking skips
     it, so a broken table can be repaired); False when it cannot be read.
 
@@ -645,7 +645,7 @@ async def _read_snapshots(node: "Qcow2Node", res: CheckResult, fix: int) -> bool
     return True
 
 
-async def check(node: "Qcow2Node", fix: int = 0,
+async def check(node: "Qcow2Base", fix: int = 0,
                 sink: Callable[[str], None] | None = None) -> CheckResult:
     """Walk the image, compare counts, optionally repair: QEMU 7.2's qcow2_check_refcounts,
     with its numbers and messages.  ``error`` is set where QEMU's check fails outright."""
@@ -661,7 +661,7 @@ async def check(node: "Qcow2Node", fix: int = 0,
             rc.lazy = lazy
 
 
-async def _check_locked(node: "Qcow2Node", fix: int,
+async def _check_locked(node: "Qcow2Base", fix: int,
                         sink: Callable[[str], None] | None) -> CheckResult:
     """The snapshot table first, then the refcounts; then the table is rewritten if it
     had to be repaired (QEMU's qcow2_co_check_locked)."""
@@ -691,7 +691,7 @@ async def _check_locked(node: "Qcow2Node", fix: int,
     return res
 
 
-async def _check_refcounts(node: "Qcow2Node", fix: int,
+async def _check_refcounts(node: "Qcow2Base", fix: int,
                            sink: Callable[[str], None] | None) -> CheckResult:
     """QEMU's qcow2_check_refcounts."""
     image = node.image
@@ -740,7 +740,7 @@ async def _check_refcounts(node: "Qcow2Node", fix: int,
     return res
 
 
-async def _check_copied(node: "Qcow2Node", res: CheckResult, fix: int,
+async def _check_copied(node: "Qcow2Base", res: CheckResult, fix: int,
                         counts: list[int | None]) -> None:
     """``COPIED`` must be set exactly where the count is one (active tables only).
 

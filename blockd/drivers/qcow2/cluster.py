@@ -296,7 +296,7 @@ class Mapping:
             # Entries near each other in one table slice go in one write, the
             # unchanged ones between them rewritten from the slice (equal to the
             # file): a sparse copy changes every few entries, and a write each
-            # measured a tenth of a convert's time.
+            # was a large share of a convert's time.
             keys = sorted(self.pinned)
             offsets = sorted(self.pending)
             i = 0

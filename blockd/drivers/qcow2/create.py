@@ -112,6 +112,7 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
         await file.write(cs, table)
         await file.write(2 * cs, bytes(block))
         await file.flush()
+        assert user is not None
         user.close()
         user = None
         # Open what we wrote and grow it, as QEMU does, so the L1 table lands after.

@@ -30,7 +30,7 @@ from blockd.drivers.qcow2.cluster import COMPRESSED, COPIED, L1_OFFSET_MASK, OFF
 from blockd.errors import QMPError
 
 if TYPE_CHECKING:
-    from blockd.drivers.qcow2.driver import Qcow2Node
+    from blockd.drivers.qcow2.node import Qcow2Base
     from blockd.drivers.qcow2.image import Image
 
 _HEAD = struct.Struct(">QIHHIIQII")  # 40 bytes
@@ -226,7 +226,7 @@ async def _read_l1(image: "Image", offset: int, size: int) -> list[int]:
     return list(struct.unpack(f">{size}Q", raw))
 
 
-def _entry_clusters(node: "Qcow2Node", raw: int) -> list[int]:
+def _entry_clusters(node: "Qcow2Base", raw: int) -> list[int]:
     """Host clusters whose refcount one L2 entry holds (none for external data)."""
     cs = node.image.cluster_size
     entry = Entry(raw)
@@ -238,7 +238,7 @@ def _entry_clusters(node: "Qcow2Node", raw: int) -> list[int]:
     return []
 
 
-async def _tree_clusters(node: "Qcow2Node", l1: list[int]) -> list[int]:
+async def _tree_clusters(node: "Qcow2Base", l1: list[int]) -> list[int]:
     """Every cluster (with repeats) the tables under ``l1`` hold a reference on."""
     image, m = node.image, node.map
     cs = image.cluster_size
@@ -281,14 +281,14 @@ async def _drop_refs(image: "Image", clusters: list[int], discard: bool) -> None
                 pass
 
 
-def _discard_snapshot(node: "Qcow2Node") -> bool:
+def _discard_snapshot(node: "Qcow2Base") -> bool:
     """Whether clusters a snapshot operation frees are discarded (``pass-discard-snapshot``,
     on by default, for nodes opened with ``discard=unmap``, as in QEMU)."""
     return (node.options.get("discard", "ignore") == "unmap"
             and node.options.get("pass-discard-snapshot", True))
 
 
-async def fix_copied(node: "Qcow2Node") -> None:
+async def fix_copied(node: "Qcow2Base") -> None:
     """Make ``COPIED`` in the active L1 and L2 tables say exactly "count is one"."""
     image, m = node.image, node.map
     cs = image.cluster_size
@@ -318,7 +318,7 @@ async def fix_copied(node: "Qcow2Node") -> None:
     m.cache.clear()
 
 
-async def create(node: "Qcow2Node", sn: Snapshot) -> Snapshot:
+async def create(node: "Qcow2Base", sn: Snapshot) -> Snapshot:
     """Take a snapshot of the active image (the caller holds the image exclusively).
 
     Order for crash safety: the L1 copy is written and every count raised
@@ -355,7 +355,7 @@ async def create(node: "Qcow2Node", sn: Snapshot) -> Snapshot:
     return sn
 
 
-async def delete(node: "Qcow2Node", sn: Snapshot) -> None:
+async def delete(node: "Qcow2Base", sn: Snapshot) -> None:
     """Remove a snapshot: out of the table first, then its references are dropped."""
     image = node.image
     cs = image.cluster_size
@@ -369,7 +369,7 @@ async def delete(node: "Qcow2Node", sn: Snapshot) -> None:
     await image.file.flush()
 
 
-async def revert(node: "Qcow2Node", sn: Snapshot) -> None:
+async def revert(node: "Qcow2Base", sn: Snapshot) -> None:
     """Make the active image the snapshot's content (its size was restored by the caller).
 
     The snapshot's tree gains its active reference before the old active
@@ -394,7 +394,7 @@ async def revert(node: "Qcow2Node", sn: Snapshot) -> None:
     await image.file.flush()
 
 
-async def load_view(node: "Qcow2Node", sn: Snapshot) -> None:
+async def load_view(node: "Qcow2Base", sn: Snapshot) -> None:
     """Show a snapshot's content instead of the active image (read-only nodes)."""
     validate_l1(node.image, sn)
     node.map.l1 = await _read_l1(node.image, sn.l1_table_offset, sn.l1_size)

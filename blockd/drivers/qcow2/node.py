@@ -1,0 +1,132 @@
+"""The state every part of the qcow2 node shares, and guest data in the data file.
+
+The node is built in layers, one module per concern, each a subclass of
+the one below (see :mod:`.driver`); this is the bottom one.  Guest data
+goes through :meth:`Qcow2Base._data_read` and :meth:`Qcow2Base._data_write`
+so encryption and the external data file are handled in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from typing import Any
+
+from blockd.block.node import BlockNode
+from blockd.drivers.qcow2 import bitmaps as qbitmaps
+from blockd.drivers.qcow2 import crypt
+from blockd.drivers.qcow2 import header as hdr
+from blockd.drivers.qcow2 import snapshot as qsnap
+from blockd.drivers.qcow2.cluster import Mapping
+from blockd.drivers.qcow2.image import Image
+from blockd.drivers.sector_io import WriteGate, sector_span
+
+
+class Qcow2Base(BlockNode):
+    driver = "qcow2"
+    is_format = True
+    supports_backing = True
+    #: The backing file is read through the link; the image object holds the
+    #: file, and is told when it changes (a filter put under the node).
+    relinkable = ("backing", "file")
+
+    #: The image's metadata and its guest-to-host mapping, set by ``open``.
+    image: Image
+    map: Mapping
+
+    def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
+        super().__init__(node_name, options, read_only)
+        self.compress_pos = 0
+        self.stored_bitmaps: list[qbitmaps.DirEntry] = []
+        self._last_inflated: tuple[int, bytes] | None = None
+        #: Whether data clusters may be file holes (metadata preallocation); decided once.
+        self._metadata_prealloc: bool | None = None
+        self._cleaner: asyncio.Task | None = None
+        #: The snapshot shown instead of the active image (``snapshot`` option).
+        self.loaded_snapshot: qsnap.Snapshot | None = None
+        #: The virtual size shown while a snapshot is loaded (``None``: the active one).
+        self._shown_size: int | None = None
+        #: Writes in place run without the lock; snapshot operations must wait for
+        #: them and make new ones take the lock (see :meth:`_exclusive`).
+        self._in_place_writes = 0
+        self._writes_idle = asyncio.Event()
+        self._writes_idle.set()
+        self._quiescing = False
+        self._generation = 0
+        #: Encryption state of an encrypted image (see :mod:`.crypt`).
+        self.encryption: crypt.Encryption | None = None
+        self._gate = WriteGate()
+
+    @property
+    def cs(self) -> int:
+        return self.image.cluster_size
+
+    def length(self) -> int:
+        if self._shown_size is not None:
+            return self._shown_size
+        return self.image.header.size
+
+    def _live(self) -> None:
+        """After a fatal corruption the node has no driver any more: nothing is served."""
+        if self.image.stopped:
+            raise OSError(errno.ENOMEDIUM, "No medium found")
+
+    def _writable(self) -> None:
+        self._live()
+        if self.read_only:
+            raise OSError(errno.EPERM, "Operation not permitted")
+        if self.image.corrupt:
+            raise OSError(errno.EIO, "Image is corrupt")
+
+    @property
+    def data_raw(self) -> bool:
+        """The data file alone is a valid raw image (``data-file-raw``)."""
+        return bool(self.image.header.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW)
+
+    async def _data_read(self, host: int, guest: int, n: int) -> bytes | bytearray | memoryview:
+        """Guest data at ``host`` in the data file (deciphered when encrypted).
+
+        ``guest`` is the guest offset of the same byte: legacy AES derives
+        IVs from it.  Encrypted data is read in whole sectors.
+        """
+        crypto = self.image.crypto
+        if crypto is None:
+            return await self.image.data.read(host, n)
+        start, end = sector_span(host, n)
+        raw = bytes(await self.image.data.read(start, end - start))
+        raw += bytes(end - start - len(raw))
+        plain = await crypto.decrypt_sectors(start, guest - (host - start), raw)
+        if start == host and end == host + n:
+            return plain
+        return memoryview(plain)[host - start:host - start + n]
+
+    async def _data_write(self, host: int, guest: int, buf: bytes | bytearray | memoryview) -> None:
+        if not self.image.external_data:
+            hit = self.image.metadata.check(host, len(buf))
+            if hit:
+                await self.image.refuse_overlap(host, len(buf), hit)
+        crypto = self.image.crypto
+        if crypto is None:
+            await self.image.data.write(host, buf)
+            return
+        # Sectors are encrypted whole: a partial one is read, patched and rewritten,
+        # and no other write may touch it meanwhile.
+        start, end = sector_span(host, len(buf))
+        rmw = start != host or end != host + len(buf)
+        entry = await self._gate.enter(start, end, rmw)
+        try:
+            if rmw:
+                plain = bytearray(await self._data_read(start, guest - (host - start),
+                                                        end - start))
+                plain[host - start:host - start + len(buf)] = buf
+                buf = plain
+            cipher = await crypto.encrypt_sectors(start, guest - (host - start), bytes(buf))
+            await self.image.data.write(start, cipher)
+        finally:
+            self._gate.leave(entry)
+
+    async def _alloc_data(self, guest: int) -> int:
+        """A host cluster for guest cluster ``guest``: identity in an external data file."""
+        if self.image.external_data:
+            return guest
+        return await self.image.refcounts.alloc(1, hold=True)
