@@ -71,9 +71,10 @@ class VhdxNode(BlockNode):
         self.headers: list[L.Header] = []
         self.current = 0
         self.session_guid = uuid.uuid4().bytes
-        self.log: log.Position | None = None
+        #: Where the log is and how far it has come (set by open).
+        self.log: log.Position
         self.log_replayed = False
-        self.geo: _Geometry | None = None
+        self.geo: _Geometry  # set by open, from the metadata region
         self.bat_offset = 0
         self.bat = array.array("Q")
         self.regions: list[tuple[int, int]] = []
@@ -97,6 +98,7 @@ class VhdxNode(BlockNode):
         parsed = [L.parse_header(s) for s in slots]
         self.current = L.pick_header(*parsed)
         cur = parsed[self.current]
+        assert cur is not None  # pick_header chose a valid one
         # A slot that held no valid header is rewritten from the current one.
         self.headers = [h if h is not None else dataclasses.replace(cur) for h in parsed]
         self.regions = [(cur.log_offset, cur.log_offset + cur.log_length)]
@@ -180,7 +182,7 @@ class VhdxNode(BlockNode):
         At open the first problem fails it; a check (``res``) counts them all.
         """
         g = self.geo
-        flen = self.file.length()
+        flen = self.file_node.length()
         payload = g.ratio
         bad = False
         for i, entry in enumerate(self.bat):
@@ -246,9 +248,9 @@ class VhdxNode(BlockNode):
         if log_guid is not None:
             h.log_guid = log_guid
         off = L.HEADER_OFFSETS[idx]
-        slot = await _read(self.file, off, L.HEADER_SIZE)
-        await self.file.write(off, L.header_slot(h, slot))
-        await self.file.flush()
+        slot = await _read(self.file_node, off, L.HEADER_SIZE)
+        await self.file_node.write(off, L.header_slot(h, slot))
+        await self.file_node.flush()
         self.current = idx
 
     async def _update_headers(self, new_data_guid: bool, log_guid: bytes | None = None) -> None:
@@ -279,14 +281,14 @@ class VhdxNode(BlockNode):
         bs = self.geo.block_size
         if offset % bs + length <= bs:  # one block: its bytes as the file returns them
             host = self._host(offset)
-            return bytes(length) if host is None else await self.file.read(host, length)
+            return bytes(length) if host is None else await self.file_node.read(host, length)
         out = bytearray(length)  # zeroed: blocks not present are left as they are
         pos = 0
         while pos < length:
             n = min(length - pos, bs - (offset + pos) % bs)
             host = self._host(offset + pos)
             if host is not None:
-                out[pos:pos + n] = await self.file.read(host, n)
+                out[pos:pos + n] = await self.file_node.read(host, n)
             pos += n
         return out
 
@@ -325,7 +327,7 @@ class VhdxNode(BlockNode):
                     host = self.bat[idx] & L.OFFSET_MASK
                     if host < L.HEADER_SECTION_END:
                         raise OSError(errno.EFAULT, "Bad address")
-                    await self.file.write(host + within, view[pos:pos + n], flags)
+                    await self.file_node.write(host + within, view[pos:pos + n], flags)
                 else:
                     raise OSError(errno.EIO, "Input/output error")
                 pos += n
@@ -333,12 +335,12 @@ class VhdxNode(BlockNode):
     async def _allocate(self, idx: int, within: int, data: memoryview, flags: WriteFlags) -> None:
         """A new block at the end of the file (which grows to hold it, reading as zeroes),
         the data in it, then its BAT entry through the log."""
-        new = -(-self.file.length() // L.MiB) * L.MiB
-        await self.file.truncate(new + self.geo.block_size)
+        new = -(-self.file_node.length() // L.MiB) * L.MiB
+        await self.file_node.truncate(new + self.geo.block_size)
         old = self.bat[idx]
         self.bat[idx] = new | L.FULLY_PRESENT
         try:
-            await self.file.write(new + within, data, flags)
+            await self.file_node.write(new + within, data, flags)
         except BaseException:
             self.bat[idx] = old
             raise
@@ -352,7 +354,7 @@ class VhdxNode(BlockNode):
         if self.headers[self.current].log_guid != L.ZERO_GUID:
             # A log entry whose replay failed is still pending: QEMU writes no more.
             raise OSError(errno.ENOTSUP, "Operation not supported")
-        await self.file.flush()
+        await self.file_node.flush()
         await self._update_headers(False, uuid.uuid4().bytes)
         guid = self.headers[self.current].log_guid
         if pos.sequence == 0:
@@ -362,28 +364,28 @@ class VhdxNode(BlockNode):
         # The rest of the sector comes from the file; as QEMU reads it (only what
         # follows an entry at the start of a sector), so the same requests reach it.
         if where == sector_at:
-            sector = struct.pack("<Q", self.bat[idx]) + await _read(self.file, where + 8,
+            sector = struct.pack("<Q", self.bat[idx]) + await _read(self.file_node, where + 8,
                                                                     log.SECTOR - 8)
         else:
-            buf = bytearray(await _read(self.file, sector_at, log.SECTOR))
+            buf = bytearray(await _read(self.file_node, sector_at, log.SECTOR))
             struct.pack_into("<Q", buf, where - sector_at, self.bat[idx])
             sector = bytes(buf)
-        entry = log.build_entry(pos, guid, sector_at, sector, self.file.length())
+        entry = log.build_entry(pos, guid, sector_at, sector, self.file_node.length())
         start = pos.write
         write = start
         for k in range(0, len(entry), log.SECTOR):
             nxt = pos.next(write)
             if nxt == pos.read:
                 raise OSError(errno.EINVAL, "Invalid argument")
-            await self.file.write(pos.offset + write, entry[k:k + log.SECTOR])
+            await self.file_node.write(pos.offset + write, entry[k:k + log.SECTOR])
             write = nxt
         pos.write = write
         pos.sequence += 1
         pos.tail = write
-        await self.file.flush()
+        await self.file_node.flush()
         seq = log.Sequence(dataclasses.replace(pos, read=start), 1, pos.sequence - 1)
-        await log.replay(self.file, seq, guid, self.file.flush)
-        await self.file.flush()
+        await log.replay(self.file_node, seq, guid, self.file_node.flush)
+        await self.file_node.flush()
         pos.read = pos.write
         await self._update_headers(False, L.ZERO_GUID)
 
@@ -399,7 +401,7 @@ class VhdxNode(BlockNode):
     def has_zero_init(self) -> bool:
         """A fixed image (first block present) reads as its file; a dynamic one as zeroes."""
         if self.bat and self.bat[0] & L.STATE_MASK == L.FULLY_PRESENT:
-            return self.file.has_zero_init()
+            return self.file_node.has_zero_init()
         return True
 
     def cluster_size(self) -> int | None:
