@@ -17,7 +17,6 @@ import bisect
 import dataclasses
 import enum
 import struct
-from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 from blockd.drivers.qcow2 import overlap
@@ -108,12 +107,11 @@ class L2Cache(MetadataCache):
         self.slice_size = slice_size
         self.cluster_size = cluster_size
 
-    def drop(self, key: Hashable) -> None:
+    def drop(self, key: int) -> None:
         """Forget every slice of the table at ``key`` (freed or rewritten behind our back)."""
         if self.slice_size == self.cluster_size:
             super().drop(key)
         else:
-            assert isinstance(key, int)  # L2 tables are cached by their offset
             self.drop_where(lambda k: key <= k < key + self.cluster_size)
 
 
