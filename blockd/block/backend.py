@@ -118,6 +118,9 @@ class Backend(User):
         self.stats.flush_total_time_ns += self._done(start)
         self.stats.flush_operations += 1
 
+    async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
+        await self.link.truncate(size, exact, prealloc)
+
     async def block_status(self, offset: int, length: int) -> Extent:
         self._check(offset, length)
         return await self.link.block_status(offset, length)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from blockd.block.node import BlockNode, Status
+from blockd.block.backend import Backend
+from blockd.block.node import BlockNode, Perm, Status
 from blockd.img.common import Args, ImgError, Progress, Session, UsageError
 
 CHUNK = 2 << 20
@@ -75,18 +76,22 @@ async def run(args: Args) -> int:
         # Bottom up, so every layer finds its backing node already open.
         nodes = [await session.graph.open_node(spec) for spec in reversed(specs)][::-1]
         top, base = nodes[0], nodes[base_index]
+        # The base is written through a user's edge, as qemu-img's block job does.
+        out = Backend(session.graph, base, "an unnamed block device",
+                      Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.all())
         size = top.length()
         if base.length() < size:
-            await base.truncate(size)
+            await out.truncate(size)
         bar = Progress(args.has("p") and not args.has("q"), size)
         offset = 0
         while offset < size:
             n, allocated = await _above_base(nodes[:base_index], offset, min(CHUNK, size - offset))
             if allocated:
-                await base.write(offset, await top.read(offset, n))
+                await out.write(offset, await top.read(offset, n))
             offset += n
             bar.add(n)
-        await base.flush()
+        await out.flush()
+        out.close()
         bar.finish()
         if not (args.has("d") or args.has("b")):
             make_empty = getattr(top, "make_empty", None)
