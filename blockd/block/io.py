@@ -96,7 +96,7 @@ class Edge:
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         child = self.child
-        if _bad_request(offset, length):
+        if offset < 0 or length < 0 or offset > MAX_LENGTH - length:  # _bad_request, inline
             raise _error(errno.EIO)
         if child.quiesce and self.external:
             await _held(child)
@@ -115,7 +115,7 @@ class Edge:
                     flags: WriteFlags = WriteFlags.NONE) -> None:
         child = self.child
         length = len(data)
-        if _bad_request(offset, length):
+        if offset < 0 or offset > MAX_LENGTH - length:  # _bad_request, inline
             raise _error(errno.EIO)
         if not self.writable:
             raise _error(errno.EPERM)
@@ -414,8 +414,6 @@ async def _track(node: "BlockNode", start: int, end: int, serialising: bool) -> 
     entry = _Tracked(start, end, serialising)
     if serialising:
         node.serialising += 1
-        if node.tracked is None:
-            node.tracked = []
     node.tracked.append(entry)
     try:
         if serialising:

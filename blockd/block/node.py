@@ -3,7 +3,7 @@
 A node is QEMU's ``BlockDriverState``: it has a name, a driver, options,
 children (``file``, ``backing``, ``data-file``...) and parents (other
 nodes, exports, jobs).  Drivers subclass :class:`BlockNode`, implement
-:meth:`BlockNode.open` and override the async data-path methods.  Offsets and lengths are in bytes and have
+:meth:`BlockNode.open` and override the async data-path methods.  Offsets and lengths are in bytes and
 reach a driver through :class:`ChildLink`, the edge from its parent,
 whose request path (:mod:`blockd.block.io`) checks, pads, counts and
 records them once for every driver.  A driver sends requests to its own
@@ -199,7 +199,7 @@ class BlockNode:
         self.in_flight = 0
         self.writing = 0
         self.serialising = 0
-        self.tracked: list[Any] | None = None
+        self.tracked: list[Any] = []
         self.quiesce = 0
         self.waiters: list[Any] = []
         self.before_write: list[BeforeWrite] = []
