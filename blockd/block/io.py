@@ -280,10 +280,15 @@ async def _before_write(node: "BlockNode", offset: int, length: int) -> None:
 
 async def _write_detected_zeroes(node: "BlockNode", offset: int, length: int,
                                  flags: WriteFlags) -> None:
-    """``detect-zeroes``: a write of zeroes becomes a write-zeroes (unmapping with ``unmap``)."""
+    """``detect-zeroes``: a write of zeroes becomes a write-zeroes (unmapping with ``unmap``).
+
+    The write is aligned and already counted or tracked, so it goes to the
+    driver as it is: tracking it again could wait for a serialised section
+    that waits for this very write.
+    """
     if node.options.get("detect-zeroes") == "unmap":
         flags |= WriteFlags.MAY_UNMAP
-    await _zeroes(node, offset, length, flags)
+    await node.write_zeroes(offset, length, flags)
 
 
 async def _write_slow(node: "BlockNode", offset: int, data: bytes | bytearray | memoryview,
