@@ -176,7 +176,7 @@ def test_drain_waits_for_requests_and_holds_new_ones(tmp_path):
         f.add_before_write(hook)
         write = asyncio.ensure_future(user.write(4096, b"w" * 4096))
         await asyncio.sleep(0.05)
-        assert seen == [("f", 4096, 4096)] and raw.in_flight == f.in_flight == 1
+        assert seen == [("f", 4096, 4096)] and raw.requests.in_flight == f.requests.in_flight == 1
         entered = asyncio.Event()
         leave = asyncio.Event()
 
@@ -191,7 +191,7 @@ def test_drain_waits_for_requests_and_holds_new_ones(tmp_path):
         f.remove_before_write(hook)
         release.set()
         await asyncio.wait_for(entered.wait(), 60)
-        assert write.done() and raw.in_flight == f.in_flight == 0
+        assert write.done() and raw.requests.in_flight == f.requests.in_flight == 0
         # A user's new request waits for the section's end; a node's edge is not held.
         read = asyncio.ensure_future(user.read(4096, 4096))
         await asyncio.sleep(0.05)

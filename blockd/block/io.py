@@ -72,6 +72,29 @@ def _bad_request(offset: int, length: int) -> bool:
     return offset < 0 or length < 0 or offset > MAX_LENGTH - length
 
 
+class Requests:
+    """A node's state in the request path, one object so the node's own attributes
+    stay few (past about thirty, every attribute access of an object gets slower).
+
+    Requests in flight into the node; write-type ones among them that are not
+    tracked for serialisation; serialising ones; the tracked ones (kept only
+    while a serialising one is about); drained sections holding the node;
+    futures waiting for any of these to change; before-write hooks.
+    """
+
+    __slots__ = ("in_flight", "writing", "serialising", "tracked", "quiesce", "waiters",
+                 "before_write")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.writing = 0
+        self.serialising = 0
+        self.tracked: list[_Tracked] = []
+        self.quiesce = 0
+        self.waiters: list[asyncio.Future[None]] = []
+        self.before_write: list[BeforeWrite] = []
+
+
 class Edge:
     """The requests a parent sends its child through one edge of the graph.
 
@@ -96,82 +119,86 @@ class Edge:
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         child = self.child
+        st = child.requests
         if offset < 0 or length < 0 or offset > MAX_LENGTH - length:  # _bad_request, inline
             raise _error(errno.EIO)
-        if child.quiesce and self.external:
+        if st.quiesce and self.external:
             await _held(child)
-        child.in_flight += 1
+        st.in_flight += 1
         try:
             align = child.request_alignment
             if align > 1 and (offset | length) & (align - 1):
                 return await _read_padded(child, offset, length, align)
             return await child.read(offset, length)
         finally:
-            child.in_flight -= 1
-            if child.waiters:
+            st.in_flight -= 1
+            if st.waiters:
                 _wake(child)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
         child = self.child
+        st = child.requests
         length = len(data)
         if offset < 0 or offset > MAX_LENGTH - length:  # _bad_request, inline
             raise _error(errno.EIO)
         if not self.writable:
             raise _error(errno.EPERM)
-        if child.quiesce and self.external:
+        if st.quiesce and self.external:
             await _held(child)
         if child.bitmaps and _readonly_bitmaps(child):
             raise _error(errno.EPERM)
-        child.in_flight += 1
+        st.in_flight += 1
         try:
-            if child.before_write:
+            if st.before_write:
                 await _before_write(child, offset, length)
             align = child.request_alignment
-            if child.serialising or (align > 1 and (offset | length) & (align - 1)):
+            if st.serialising or (align > 1 and (offset | length) & (align - 1)):
                 await _write_slow(child, offset, data, flags, align)
             else:
-                child.writing += 1
+                st.writing += 1
                 try:
                     if child.options.get("detect-zeroes", "off") != "off" and is_zero(data):
                         await _write_detected_zeroes(child, offset, length, flags)
                     else:
                         await child.write(offset, data, flags)
                 finally:
-                    child.writing -= 1
+                    st.writing -= 1
         finally:
-            child.in_flight -= 1
+            st.in_flight -= 1
             # Even a failed write may have changed part of the range.
             if child.bitmaps:
                 child.mark_dirty(offset, length)
-            if child.waiters:
+            if st.waiters:
                 _wake(child)
 
     async def write_zeroes(self, offset: int, length: int,
                            flags: WriteFlags = WriteFlags.NONE) -> None:
         child = self.child
+        st = child.requests
         if _bad_request(offset, length):
             raise _error(errno.EIO)
         if not self.writable:
             raise _error(errno.EPERM)
-        if child.quiesce and self.external:
+        if st.quiesce and self.external:
             await _held(child)
         if child.bitmaps and _readonly_bitmaps(child):
             raise _error(errno.EPERM)
-        child.in_flight += 1
+        st.in_flight += 1
         try:
-            if child.before_write:
+            if st.before_write:
                 await _before_write(child, offset, length)
             await _zeroes(child, offset, length, flags)
         finally:
-            child.in_flight -= 1
+            st.in_flight -= 1
             if child.bitmaps:
                 child.mark_dirty(offset, length)
-            if child.waiters:
+            if st.waiters:
                 _wake(child)
 
     async def discard(self, offset: int, length: int) -> None:
         child = self.child
+        st = child.requests
         if _bad_request(offset, length):
             raise _error(errno.EIO)
         if not self.writable:
@@ -180,83 +207,87 @@ class Edge:
             raise _error(errno.EPERM)
         if child.options.get("discard", "ignore") != "unmap":
             return  # an ignored discard changes nothing, so bitmaps do not see it either
-        if child.quiesce and self.external:
+        if st.quiesce and self.external:
             await _held(child)
-        child.in_flight += 1
+        st.in_flight += 1
         try:
-            if child.before_write:
+            if st.before_write:
                 await _before_write(child, offset, length)
             entry = await _track(child, offset, offset + length, False) \
-                if child.serialising else None
-            child.writing += entry is None
+                if st.serialising else None
+            st.writing += entry is None
             try:
                 await child.discard(offset, length)
             finally:
                 _untrack(child, entry)
         finally:
-            child.in_flight -= 1
+            st.in_flight -= 1
             if child.bitmaps:
                 child.mark_dirty(offset, length)
-            if child.waiters:
+            if st.waiters:
                 _wake(child)
 
     async def flush(self) -> None:
         child = self.child
-        if child.quiesce and self.external:
+        st = child.requests
+        if st.quiesce and self.external:
             await _held(child)
-        child.in_flight += 1
+        st.in_flight += 1
         try:
             await child.flush()
         finally:
-            child.in_flight -= 1
-            if child.waiters:
+            st.in_flight -= 1
+            if st.waiters:
                 _wake(child)
 
     async def block_status(self, offset: int, length: int) -> "Extent":
         child = self.child
+        st = child.requests
         if _bad_request(offset, length):
             raise _error(errno.EIO)
-        if child.quiesce and self.external:
+        if st.quiesce and self.external:
             await _held(child)
-        child.in_flight += 1
+        st.in_flight += 1
         try:
             return await child.block_status(offset, length)
         finally:
-            child.in_flight -= 1
-            if child.waiters:
+            st.in_flight -= 1
+            if st.waiters:
                 _wake(child)
 
     async def extents(self, offset: int, length: int) -> list["Extent"]:
         """:meth:`block_status` of a whole range in one call to the driver."""
         child = self.child
+        st = child.requests
         if _bad_request(offset, length):
             raise _error(errno.EIO)
-        if child.quiesce and self.external:
+        if st.quiesce and self.external:
             await _held(child)
-        child.in_flight += 1
+        st.in_flight += 1
         try:
             return await child.extents(offset, length)
         finally:
-            child.in_flight -= 1
-            if child.waiters:
+            st.in_flight -= 1
+            if st.waiters:
                 _wake(child)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         child = self.child
+        st = child.requests
         if size < 0 or size > MAX_LENGTH:
             raise _error(errno.EINVAL)
         if not self.resizable:
             raise _error(errno.EPERM)
-        if child.quiesce and self.external:
+        if st.quiesce and self.external:
             await _held(child)
-        child.in_flight += 1
+        st.in_flight += 1
         try:
             await child.truncate(size, exact, prealloc)
             for bitmap in child.bitmaps.values():
                 bitmap.resize(child.length())
         finally:
-            child.in_flight -= 1
-            if child.waiters:
+            st.in_flight -= 1
+            if st.waiters:
                 _wake(child)
 
     async def claim(self, offset: int, length: int) -> "Claim | None":
@@ -274,7 +305,7 @@ def _readonly_bitmaps(node: "BlockNode") -> bool:
 
 
 async def _before_write(node: "BlockNode", offset: int, length: int) -> None:
-    for hook in list(node.before_write):
+    for hook in list(node.requests.before_write):
         await hook(node, offset, length)
 
 
@@ -318,8 +349,9 @@ async def _zeroes(node: "BlockNode", offset: int, length: int, flags: WriteFlags
         await _write_padded(node, offset, bytes(head_end - offset), flags & WriteFlags.FUA,
                             align, strict=True)
     if tail_start > head_end:
-        entry = await _track(node, head_end, tail_start, False) if node.serialising else None
-        node.writing += entry is None
+        st = node.requests
+        entry = await _track(node, head_end, tail_start, False) if st.serialising else None
+        st.writing += entry is None
         try:
             await node.write_zeroes(head_end, tail_start - head_end, flags)
         finally:
@@ -412,20 +444,20 @@ async def _track(node: "BlockNode", start: int, end: int, serialising: bool) -> 
 
     A serialising request waits for every overlapping write that came
     before it, untracked ones included (they started before any section was
-    active, and ``node.writing`` counts them); a plain write waits only for
+    active, and ``node.requests.writing`` counts them); a plain write waits only for
     overlapping serialising ones.  Waiting only for earlier entries cannot
     deadlock.
     """
     entry = _Tracked(start, end, serialising)
     if serialising:
-        node.serialising += 1
-    node.tracked.append(entry)
+        node.requests.serialising += 1
+    node.requests.tracked.append(entry)
     try:
         if serialising:
-            while node.writing:
+            while node.requests.writing:
                 await _wait(node)
         while True:
-            for other in node.tracked:
+            for other in node.requests.tracked:
                 if other is entry:
                     return entry
                 if other.start < end and start < other.end and (serialising or other.serialising):
@@ -438,12 +470,12 @@ async def _track(node: "BlockNode", start: int, end: int, serialising: bool) -> 
 
 def _untrack(node: "BlockNode", entry: _Tracked | None) -> None:
     if entry is None:
-        node.writing -= 1
+        node.requests.writing -= 1
     else:
-        node.tracked.remove(entry)
+        node.requests.tracked.remove(entry)
         if entry.serialising:
-            node.serialising -= 1
-    if node.waiters:
+            node.requests.serialising -= 1
+    if node.requests.waiters:
         _wake(node)
 
 
@@ -467,15 +499,15 @@ async def serialised(node: "BlockNode", offset: int, length: int) -> AsyncIterat
 def _wait(node: "BlockNode") -> "asyncio.Future[None]":
     """A future done at the next change of ``node``'s requests (one finishing, a section ending)."""
     fut = asyncio.get_running_loop().create_future()
-    if node.waiters:
-        node.waiters.append(fut)
+    if node.requests.waiters:
+        node.requests.waiters.append(fut)
     else:
-        node.waiters = [fut]
+        node.requests.waiters = [fut]
     return fut
 
 
 def _wake(node: "BlockNode") -> None:
-    waiters, node.waiters = node.waiters, []
+    waiters, node.requests.waiters = node.requests.waiters, []
     for fut in waiters:
         if not fut.done():
             fut.set_result(None)
@@ -483,7 +515,7 @@ def _wake(node: "BlockNode") -> None:
 
 async def _held(node: "BlockNode") -> None:
     """A user's new request waits while its node is drained."""
-    while node.quiesce:
+    while node.requests.quiesce:
         await _wait(node)
 
 
@@ -510,17 +542,17 @@ async def drain(node: "BlockNode") -> AsyncIterator[None]:
     """
     nodes = _upward(node)
     for n in nodes:
-        n.quiesce += 1
+        n.requests.quiesce += 1
     try:
         while True:
-            busy = next((n for n in nodes if n.in_flight), None)
+            busy = next((n for n in nodes if n.requests.in_flight), None)
             if busy is None:
                 break
             await _wait(busy)
         yield
     finally:
         for n in nodes:
-            n.quiesce -= 1
-            if not n.quiesce and n.waiters:
+            n.requests.quiesce -= 1
+            if not n.requests.quiesce and n.requests.waiters:
                 _wake(n)
 

@@ -22,7 +22,7 @@ import dataclasses
 import enum
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar
 
-from blockd.block.io import MAX_LENGTH, BeforeWrite, Edge, WriteFlags
+from blockd.block.io import MAX_LENGTH, BeforeWrite, Edge, Requests, WriteFlags
 from blockd.block.stats import Stats
 from blockd.errors import QMPError
 
@@ -192,17 +192,8 @@ class BlockNode:
         self.stats = Stats()
         #: Dirty bitmaps (blockd.block.dirty_bitmap.DirtyBitmap) by name, in creation order.
         self.bitmaps: dict[str, Any] = {}
-        # State of the request path (blockd.block.io): requests in flight into the node,
-        # write-type ones among them not tracked for serialisation, serialising ones,
-        # the tracked ones (only while a serialising one is about), drained sections
-        # holding the node, futures waiting for any of these to change, and hooks.
-        self.in_flight = 0
-        self.writing = 0
-        self.serialising = 0
-        self.tracked: list[Any] = []
-        self.quiesce = 0
-        self.waiters: list[Any] = []
-        self.before_write: list[BeforeWrite] = []
+        #: The node's state in the request path (in flight, drained, hooks...).
+        self.requests = Requests()
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -292,10 +283,10 @@ class BlockNode:
     def add_before_write(self, hook: BeforeWrite) -> None:
         """Await ``hook(node, offset, length)`` before each write, write-zeroes and
         discard reaches this node's driver (QEMU's before-write notifiers)."""
-        self.before_write = [*self.before_write, hook]
+        self.requests.before_write = [*self.requests.before_write, hook]
 
     def remove_before_write(self, hook: BeforeWrite) -> None:
-        self.before_write = [h for h in self.before_write if h is not hook]
+        self.requests.before_write = [h for h in self.requests.before_write if h is not hook]
 
     def mark_dirty(self, offset: int, length: int) -> None:
         """Record a guest write in every recording dirty bitmap of this node."""
