@@ -604,3 +604,15 @@ class NBDClient:
 
     def close(self) -> None:
         self.s.close()
+
+
+async def open_user(graph: Any, options: dict[str, Any], writable: bool = True) -> Any:
+    """Open a node and hold it as qemu-io does, through a user's edge: its requests
+    take the request path (bounds, permissions, padding, dirty bitmaps) and the
+    permissions it takes flow down to filters and their children."""
+    from blockd.block.backend import Backend
+    from blockd.block.node import Perm
+
+    node = await graph.open_node(options)
+    perm = Perm.CONSISTENT_READ | (Perm.WRITE | Perm.RESIZE if writable else Perm(0))
+    return Backend(graph, node, "an unnamed block device", perm, Perm.all())

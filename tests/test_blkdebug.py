@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from blockd.block.graph import BlockGraph
-from harness import Daemon, sh
+from harness import Daemon, open_user, sh
 
 
 def _image(tmp_path, fmt: str = "raw") -> str:
@@ -37,7 +37,7 @@ def test_read_error_once_then_success(tmp_path):
 
     async def body():
         g, opts = _open(path, "raw", **{"inject-error": [{"event": "read_aio", "once": True}]})
-        node = await g.open_node(opts)
+        node = await open_user(g, opts)
         with pytest.raises(OSError) as err:
             await node.read(0, 4096)
         assert err.value.errno == errno.EIO
@@ -52,7 +52,7 @@ def test_sector_filter_iotype_and_errno(tmp_path):
     async def body():
         g, opts = _open(path, "raw", **{"inject-error": [
             {"event": "write_aio", "sector": 16, "errno": errno.ENOSPC, "iotype": "write"}]})
-        node = await g.open_node(opts)
+        node = await open_user(g, opts)
         await node.write(0, b"x" * 4096)            # sector 0-7: not hit
         with pytest.raises(OSError) as err:
             await node.write(8192, b"y" * 512)      # sector 16
@@ -73,7 +73,7 @@ def test_states_aim_at_the_second_l2_update(tmp_path):
         g, opts = _open(path, "qcow2", **{
             "set-state": [{"event": "l2_update", "state": 1, "new_state": 2}],
             "inject-error": [{"event": "l2_update", "state": 2, "once": True, "immediately": True}]})
-        node = await g.open_node(opts)
+        node = await open_user(g, opts)
         await node.write(1 << 20, b"a" * 65536)
         await node.flush()                           # first L2 update: state 1 -> 2
         await node.write(2 << 20, b"b" * 65536)
@@ -116,11 +116,11 @@ def test_config_file_rules(tmp_path):
 
     async def body():
         g, opts = _open(path, "raw", config=str(conf))
-        node = await g.open_node(opts)
+        node = await open_user(g, opts)
         with pytest.raises(OSError) as err:
             await node.read(0, 512)
         assert err.value.errno == errno.EPERM
-        assert node.file.filename() == f"blkdebug:{conf}:{path}"
+        assert node.node.file.filename() == f"blkdebug:{conf}:{path}"
 
     asyncio.run(body())
 
@@ -159,7 +159,8 @@ def _qemu_io(options: dict, ops: list[tuple[str, int, int]]) -> list[str]:
 def _blockd(options: dict, ops: list[tuple[str, int, int]]) -> list[str]:
     async def body():
         g = BlockGraph()
-        node = await g.open_node({"node-name": "top", **options})
+        # qemu-io's images take discards (``discard=unmap``); its edge takes writes.
+        node = await open_user(g, {"node-name": "top", "discard": "unmap", **options})
         results = []
         for op, off, n in ops:
             try:
@@ -255,7 +256,7 @@ def test_flush_rule_and_events_stop_at_blkdebug(tmp_path):
         g = BlockGraph()
         inner = {"driver": "blkdebug", "image": {"driver": "file", "filename": path},
                  **_inject({"event": "read_aio"})}
-        node = await g.open_node({"driver": "raw", "node-name": "top",
+        node = await open_user(g, {"driver": "raw", "node-name": "top",
                                   "file": {"driver": "blkdebug", "image": inner,
                                            **_inject({"event": "write_aio", "iotype": "flush",
                                                       "errno": 28})}})

@@ -24,7 +24,7 @@ import pytest
 from blockd.block.graph import BlockGraph
 from blockd.img import zeroscan
 from blockd.img.zeroscan import zero_runs
-from harness import blockd_img_run, qemu_img
+from harness import blockd_img_run, open_user, qemu_img
 
 MIB = 1 << 20
 
@@ -172,9 +172,10 @@ def test_claims(tmp_path: Path) -> None:
         graph = BlockGraph()
         q = await graph.open_node({"driver": "qcow2", "node-name": "q", "file": {
             "driver": "file", "filename": str(tmp_path / "t.qcow2")}})
-        r = await graph.open_node({"driver": "raw", "node-name": "r", "offset": 4096,
-                                   "file": {"driver": "file",
-                                            "filename": str(tmp_path / "t.raw")}})
+        # Held by a writer, as convert's target is: its edge lets raw write its file.
+        r = (await open_user(graph, {"driver": "raw", "node-name": "r", "offset": 4096,
+                                     "file": {"driver": "file",
+                                              "filename": str(tmp_path / "t.raw")}})).node
         assert await q.claim(4096, 1 << 20) is None          # not cluster-aligned
         assert await q.claim(65536, 1 << 20) is None         # allocated
         assert await q.claim(0, 4096) is None                # less than a cluster

@@ -9,7 +9,7 @@ import pytest
 
 from blockd.block.graph import BlockGraph
 from blockd.errors import QMPError
-from harness import HAVE_QSD, WAIT, Daemon, luks_io, past_calibration, qemu_tool
+from harness import HAVE_QSD, WAIT, Daemon, luks_io, open_user, past_calibration, qemu_tool
 
 SECRETS = {"s0": b"pw", "s1": b"other"}
 
@@ -51,7 +51,7 @@ def test_read_qemu_data_and_write_back(tmp_path, opts):
 
     async def body():
         graph = BlockGraph(secrets=secrets)
-        node = await graph.open_node(luks_opts(img))
+        node = await open_user(graph, luks_opts(img))
         assert node.length() == 4 << 20
         assert bytes(await node.read(0, 65536)) == b"\x5a" * 65536
         assert bytes(await node.read(3 << 20, 1 << 20)) == b"\x11" * (1 << 20)
@@ -110,11 +110,11 @@ def test_blockdev_create_opens_in_qemu(tmp_path):
                              "size": 2 << 20, "key-secret": "s0", "cipher-alg": "aes-128",
                              "cipher-mode": "cbc", "ivgen-alg": "essiv", "hash-alg": "sha1",
                              "iter-time": 10})
-        node = await graph.open_node(luks_opts(img))
+        node = await open_user(graph, luks_opts(img))
         assert node.length() == 2 << 20
         assert bytes(await node.read(0, 4096)) != bytes(4096)  # unwritten sectors are not zero
         await node.write(0, b"\x42" * 65536)
-        info = node.format_specific()
+        info = node.node.format_specific()
         await graph.close_all()
         return info
 
@@ -135,13 +135,13 @@ def test_truncate_and_amend(tmp_path):
 
     async def body():
         graph = BlockGraph(secrets=secrets)
-        node = await graph.open_node(luks_opts(img))
+        node = await open_user(graph, luks_opts(img))
         await node.truncate(3 << 20)
         assert node.length() == 3 << 20
         await node.write((3 << 20) - 512, b"\xee" * 512)
-        await node.amend({"state": "active", "new-secret": "s1", "iter-time": 10}, secrets)
-        assert [s["active"] for s in node.format_specific()["data"]["slots"]][:2] == [True, True]
-        await node.amend({"state": "inactive", "keyslot": 0}, secrets)
+        await node.node.amend({"state": "active", "new-secret": "s1", "iter-time": 10}, secrets)
+        assert [s["active"] for s in node.node.format_specific()["data"]["slots"]][:2] == [True, True]
+        await node.node.amend({"state": "inactive", "keyslot": 0}, secrets)
         await graph.close_all()
 
     run(body())

@@ -1,8 +1,11 @@
 """A user's handle on a node: QEMU's BlockBackend, as exports and jobs use it.
 
-It holds the user's permissions on the node, checks request bounds,
-keeps the ``query-blockstats`` counters and refuses writes the user did
-not ask permission for.  Drivers below it can trust their arguments.
+It holds the user's permissions on the node as a :class:`ChildLink`,
+checks that requests lie inside the node (nodes below may be written
+past their end, a user's node may not) and keeps the
+``query-blockstats`` counters.  Everything else (permissions, padding,
+dirty bitmaps, draining) is the link's request path, the same for every
+edge (:mod:`blockd.block.io`).
 """
 
 from __future__ import annotations
@@ -13,18 +16,6 @@ import time
 from blockd.block.graph import BlockGraph, User
 from blockd.block.node import BlockNode, ChildLink, Extent, Perm, WriteFlags
 from blockd.block.stats import Stats
-
-
-_ZEROS = bytes(4 << 20)
-
-
-def is_zero(data: bytes | bytearray | memoryview) -> bool:
-    """True if every byte is zero: a memcmp against a shared zero buffer."""
-    view = memoryview(data).cast("B")
-    for pos in range(0, len(view), len(_ZEROS)):
-        if not _ZEROS.startswith(view[pos:pos + len(_ZEROS)]):
-            return False
-    return True
 
 
 def _bad_range() -> OSError:
@@ -53,16 +44,10 @@ class Backend(User):
     def set_perm(self, perm: Perm, shared: Perm) -> None:
         self.graph.update_user(self.link, perm, shared)
 
-    @property
-    def writable(self) -> bool:
-        # ``in`` tests the bit without building a new Perm as ``&`` would (every write asks).
-        return Perm.WRITE in self.link.perm and not self.node.read_only
-
-    def _check(self, offset: int, length: int, write: bool) -> None:
-        if offset < 0 or length < 0 or offset + length > self.node.length():
+    def _check(self, offset: int, length: int) -> None:
+        # Negative ranges are the edge's to refuse (EIO too).
+        if offset + length > self.node.length():
             raise _bad_range()
-        if write and not self.writable:
-            raise OSError(errno.EPERM, "Operation not permitted")
 
     def _done(self, start: int) -> int:
         now = time.monotonic_ns()
@@ -70,10 +55,10 @@ class Backend(User):
         return now - start
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        self._check(offset, length, False)
+        self._check(offset, length)
         start = time.monotonic_ns()
         try:
-            data = await self.node.read(offset, length)
+            data = await self.link.read(offset, length)
         except OSError:
             self.stats.failed_rd_operations += 1
             raise
@@ -85,28 +70,16 @@ class Backend(User):
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
         length = len(data)
-        self._check(offset, length, True)
+        self._check(offset, length)
         start = time.monotonic_ns()
-        detect = self.node.options.get("detect-zeroes", "off")
         try:
-            if detect != "off" and is_zero(data):
-                if detect == "unmap":
-                    flags |= WriteFlags.MAY_UNMAP
-                await self.node.write_zeroes(offset, length, flags)
-            else:
-                await self.node.write(offset, data, flags)
+            await self.link.write(offset, data, flags)
         except OSError:
-            self._failed_write(offset, length)
+            self.stats.failed_wr_operations += 1
             raise
         self._wrote(start, offset, length)
 
-    def _failed_write(self, offset: int, length: int) -> None:
-        """A failed write may still have changed part of the range: bitmaps must say so."""
-        self.stats.failed_wr_operations += 1
-        self.node.mark_dirty(offset, length)
-
     def _wrote(self, start: int, offset: int, length: int) -> None:
-        self.node.mark_dirty(offset, length)
         self.stats.wr_total_time_ns += self._done(start)
         self.stats.wr_operations += 1
         self.stats.wr_bytes += length
@@ -114,26 +87,23 @@ class Backend(User):
 
     async def write_zeroes(self, offset: int, length: int,
                            flags: WriteFlags = WriteFlags.NONE) -> None:
-        self._check(offset, length, True)
+        self._check(offset, length)
         start = time.monotonic_ns()
         try:
-            await self.node.write_zeroes(offset, length, flags)
+            await self.link.write_zeroes(offset, length, flags)
         except OSError:
-            self._failed_write(offset, length)
+            self.stats.failed_wr_operations += 1
             raise
         self._wrote(start, offset, length)
 
     async def discard(self, offset: int, length: int) -> None:
-        self._check(offset, length, True)
+        self._check(offset, length)
         start = time.monotonic_ns()
         try:
-            await self.node.discard(offset, length)
+            await self.link.discard(offset, length)
         except OSError:
             self.stats.failed_unmap_operations += 1
             raise
-        if self.node.options.get("discard", "ignore") == "unmap":
-            # An ignored discard changes nothing, so bitmaps do not see it (as in QEMU).
-            self.node.mark_dirty(offset, length)
         self.stats.unmap_total_time_ns += self._done(start)
         self.stats.unmap_operations += 1
         self.stats.unmap_bytes += length
@@ -141,16 +111,19 @@ class Backend(User):
     async def flush(self) -> None:
         start = time.monotonic_ns()
         try:
-            await self.node.flush()
+            await self.link.flush()
         except OSError:
             self.stats.failed_flush_operations += 1
             raise
         self.stats.flush_total_time_ns += self._done(start)
         self.stats.flush_operations += 1
 
+    async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
+        await self.link.truncate(size, exact, prealloc)
+
     async def block_status(self, offset: int, length: int) -> Extent:
-        self._check(offset, length, False)
-        return await self.node.block_status(offset, length)
+        self._check(offset, length)
+        return await self.link.block_status(offset, length)
 
     def length(self) -> int:
         return self.node.length()

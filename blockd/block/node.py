@@ -3,10 +3,12 @@
 A node is QEMU's ``BlockDriverState``: it has a name, a driver, options,
 children (``file``, ``backing``, ``data-file``...) and parents (other
 nodes, exports, jobs).  Drivers subclass :class:`BlockNode`, implement
-:meth:`BlockNode.open` and override the async data-path methods.  Offsets and lengths are in bytes and have
-been checked against :meth:`BlockNode.length` by the caller
-(:class:`blockd.block.io.NodeIO` or the driver parent), so a driver only
-sees requests that lie inside the node.
+:meth:`BlockNode.open` and override the async data-path methods.  Offsets and lengths are in bytes and
+reach a driver through :class:`ChildLink`, the edge from its parent,
+whose request path (:mod:`blockd.block.io`) checks, pads, counts and
+records them once for every driver.  A driver sends requests to its own
+children the same way: ``self.file_child.read(...)``, never straight to
+the child node.
 
 I/O failures are raised as :class:`OSError` carrying an ``errno`` so that
 the NBD server and QMP can report them as QEMU does (``EIO``, ``ENOSPC``,
@@ -21,6 +23,7 @@ import enum
 import errno
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar
 
+from blockd.block.io import MAX_LENGTH, BeforeWrite, Edge, Requests, WriteFlags
 from blockd.block.stats import Stats
 from blockd.errors import QMPError
 
@@ -58,15 +61,6 @@ PERM_NAMES = {
 def perm_names(perm: int) -> str:
     """Comma-separated permission names in bit order, as QEMU prints them."""
     return ", ".join(name for bit, name in PERM_NAMES.items() if perm & bit)
-
-
-class WriteFlags(enum.IntFlag):
-    """Flags on write-type requests."""
-
-    NONE = 0
-    FUA = 0x1  # force unit access: durable before completion
-    MAY_UNMAP = 0x2  # write-zeroes may deallocate (punch a hole)
-    NO_FALLBACK = 0x4  # write-zeroes must be fast or fail with ENOTSUP
 
 
 class Status:
@@ -120,25 +114,38 @@ class Claim:
     abort: Callable[[], Awaitable[None]] = _nothing
 
 
-@dataclasses.dataclass(eq=False)
-class ChildLink:
+class ChildLink(Edge):
     """One edge of the graph: ``parent`` uses ``child`` in ``role``.
 
     ``perm`` is what the parent needs of the child, ``shared`` what it
     lets others do at the same time.  A parent may be a node, an export
     or a job; ``describe()`` gives the phrase QEMU uses in permission
-    errors ("node 'fmt0'", "export 'exp0'"...).
+    errors ("node 'fmt0'", "export 'exp0'"...).  The parent's requests
+    to the child are the edge's methods (:class:`blockd.block.io.Edge`).
     """
 
-    parent: Any
-    child: "BlockNode"
-    role: str
-    perm: Perm = Perm(0)
-    shared: Perm = Perm.all()
+    def __init__(self, parent: Any, child: "BlockNode", role: str,
+                 perm: Perm = Perm(0), shared: Perm = Perm.all()) -> None:
+        self.parent = parent
+        self.child = child
+        self.role = role
+        self.external = not isinstance(parent, BlockNode)
+        self.perm = perm
+        self.shared = shared
 
+    @property
+    def perm(self) -> Perm:
+        return self._perm
 
-#: The largest length QEMU's block layer handles (INT64_MAX rounded down to 1 GiB).
-MAX_LENGTH = (1 << 63) - (1 << 30)
+    @perm.setter
+    def perm(self, perm: Perm) -> None:
+        self._perm = perm
+        # Plain bools for the request path, which tests them on every request.
+        self.writable = Perm.WRITE in perm
+        self.resizable = Perm.RESIZE in perm
+
+    def __repr__(self) -> str:
+        return f"<ChildLink {self.role!r} {self.parent!r} -> {self.child!r}>"
 
 
 def check_length(size: int) -> None:
@@ -156,6 +163,9 @@ class BlockNode:
     """
 
     driver: ClassVar[str] = ""
+    #: Requests must be aligned to this many bytes; the request path pads others
+    #: by reading and rewriting the partial blocks (QEMU's ``request_alignment``).
+    request_alignment: int = 1
     #: Format drivers interpret their ``file`` child; filters pass through.
     is_format: ClassVar[bool] = False
     is_filter: ClassVar[bool] = False
@@ -200,6 +210,8 @@ class BlockNode:
         #: at open.  None when opened only to be described, where QEMU pretends the
         #: backing file is the image's own.
         self.auto_backing_file: str | None = ""
+        #: The node's state in the request path (in flight, drained, hooks...).
+        self.requests = Requests()
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -244,7 +256,7 @@ class BlockNode:
 
     async def flush(self) -> None:
         for link in self.children.values():
-            await link.child.flush()
+            await link.flush()
 
     async def block_status(self, offset: int, length: int) -> Extent:
         """Status of the run starting at ``offset`` (at most ``length`` bytes)."""
@@ -276,6 +288,23 @@ class BlockNode:
     async def truncate(self, size: int, exact: bool = False,
                        prealloc: str = "off") -> None:
         raise OSError(95, "Operation not supported")
+
+    async def padding_read_failed(self, offset: int, length: int,
+                                  exc: OSError) -> bytes | bytearray | memoryview:
+        """The bytes to keep around an unaligned write whose padding read failed.
+
+        QEMU 7.2 goes on with the write regardless; nodes other than blkdebug,
+        whose failures are injected, fail the write instead of guessing.
+        """
+        raise exc
+
+    def add_before_write(self, hook: BeforeWrite) -> None:
+        """Await ``hook(node, offset, length)`` before each write, write-zeroes and
+        discard reaches this node's driver (QEMU's before-write notifiers)."""
+        self.requests.before_write = [*self.requests.before_write, hook]
+
+    def remove_before_write(self, hook: BeforeWrite) -> None:
+        self.requests.before_write = [h for h in self.requests.before_write if h is not hook]
 
     def mark_dirty(self, offset: int, length: int) -> None:
         """Record a guest write in every recording dirty bitmap of this node."""
@@ -374,6 +403,16 @@ class BlockNode:
     def backing(self) -> "BlockNode | None":
         link = self.children.get("backing")
         return link.child if link else None
+
+    @property
+    def file_child(self) -> ChildLink:
+        """The edge to the ``file`` child, through which the driver sends it requests."""
+        return self.children["file"]
+
+    @property
+    def backing_child(self) -> ChildLink | None:
+        """The edge to the backing file, if any."""
+        return self.children.get("backing")
 
     def filename(self) -> str:
         """The name QEMU shows as ``file``/``filename`` for this node.

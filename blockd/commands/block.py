@@ -84,7 +84,7 @@ async def block_resize(daemon: Daemon, args: dict[str, Any]) -> dict:
         raise QMPError("Image is read-only")
     user = Backend(daemon.graph, node, "an unnamed block device", Perm.RESIZE, Perm.all())
     try:
-        await node.truncate(size, exact=False, prealloc="off")
+        await user.link.truncate(size, exact=False, prealloc="off")
     except OSError as exc:
         raise QMPError(f"Could not resize: {exc.strerror}") from None
     finally:

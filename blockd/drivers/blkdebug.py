@@ -2,8 +2,10 @@
 
 Format drivers above call :meth:`BlockNode.debug_event` on their storage
 child at QEMU's event points (``l2_update``, ``write_aio``...); the filter
-raises ``pwritev``/``pwritev_zero``/``pwritev_done``/``pwritev_rmw_*`` on
-itself for the writes it gets, where QEMU's generic write path does.
+raises ``pwritev``/``pwritev_zero``/``pwritev_done`` on itself for the
+writes it gets, where QEMU's generic write path does.  ``align`` is the
+node's ``request_alignment``: the request path (:mod:`blockd.block.io`)
+pads unaligned requests and raises ``pwritev_rmw_*`` around its reads.
 
 QEMU's rule semantics, checked against qemu-io:
 
@@ -34,7 +36,7 @@ import re
 from typing import Any
 
 from blockd.block.graph import OpenContext, unsupported_option
-from blockd.block.node import BlockNode, Extent, Perm, WriteFlags
+from blockd.block.node import BlockNode, ChildLink, Extent, Perm, WriteFlags
 from blockd.errors import QMPError
 from blockd.qjson import qdict_keys
 from blockd.qmp.schema import SCHEMA_DIR
@@ -305,6 +307,7 @@ class BlkdebugNode(BlockNode):
         self.align = opts.get("align", 0)
         if self.align and (self.align >= _INT_MAX or self.align & (self.align - 1)):
             raise QMPError(f"Cannot meet constraints with align {self.align}")
+        self.request_alignment = max(self.align, 1)
         align = max(self.align, 1)
         self.max_transfer = limit("max-transfer", align)
         self.opt_write_zero = limit("opt-write-zero", align)
@@ -315,6 +318,11 @@ class BlkdebugNode(BlockNode):
     @property
     def image(self) -> BlockNode:
         return self.children["image"].child
+
+    @property
+    def image_child(self) -> ChildLink:
+        """The edge to the image, through which requests go."""
+        return self.children["image"]
 
     @property
     def file(self) -> BlockNode | None:
@@ -376,102 +384,35 @@ class BlkdebugNode(BlockNode):
     def length(self) -> int:
         return self.image.length()
 
-    def _pad(self, offset: int, length: int) -> tuple[int, int]:
-        """The ``align``-aligned span covering a request."""
-        a = max(self.align, 1)
-        start = offset - offset % a
-        end = -(-(offset + length) // a) * a
-        return start, end - start
-
-    async def _read_aligned(self, offset: int, length: int) -> bytearray:
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        # Requests come aligned to ``align`` (the request path pads them); pieces
+        # of ``max-transfer`` are checked one by one.
         out = bytearray()
         for o, n in _spans(offset, length, self.max_transfer):
             await self._check(o, n, "read")
-            out += await self.image.read(o, n)
+            out += await self.image_child.read(o, n)
         return out
 
-    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        start, padded = self._pad(offset, length)
-        # The image may be shorter than the padded span at its unaligned end.
-        padded = min(padded, self.length() - start)
-        data = await self._read_aligned(start, padded)
-        return memoryview(data)[offset - start:offset - start + length]
+    async def padding_read_failed(self, offset: int, length: int,
+                                  exc: OSError) -> bytes | bytearray | memoryview:
+        """QEMU 7.2 ignores a failed padding read of a plain write and writes whatever
+        its buffer held; the image's bytes make the write succeed as there without
+        the damage."""
+        return await self.image_child.read(offset, length)
 
-    async def _write_aligned(self, offset: int, data: bytes | bytearray | memoryview,
-                             flags: WriteFlags) -> None:
+    async def write(self, offset: int, data: bytes | bytearray | memoryview,
+                    flags: WriteFlags = WriteFlags.NONE) -> None:
         self.debug_event("pwritev")
         view = memoryview(data)
         try:
             for o, n in _spans(offset, len(view), self.max_transfer):
                 await self._check(o, n, "write")
-                await self.image.write(o, view[o - offset:o - offset + n], flags)
+                await self.image_child.write(o, view[o - offset:o - offset + n], flags)
         finally:
             self.debug_event("pwritev_done")
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview,
-                    flags: WriteFlags = WriteFlags.NONE) -> None:
-        await self._write_padded(offset, data, flags, strict=False)
-
-    async def _write_padded(self, offset: int, data: bytes | bytearray | memoryview,
-                            flags: WriteFlags, strict: bool) -> None:
-        """Write, reading the partial ``align`` blocks at either end first.
-
-        QEMU 7.2 ignores a failed padding read for plain writes (``strict``
-        is false) and writes whatever its buffer held; we take the image's
-        bytes instead, so the request succeeds as there without the damage.
-        Write-zeroes does report the failure.
-        """
-        start, padded = self._pad(offset, len(data))
-        if (start, padded) == (offset, len(data)):
-            await self._write_aligned(offset, data, flags)
-            return
-        a = self.align
-        padded = min(padded, self.length() - start)
-        buf = bytearray(padded)
-        end = offset + len(data)
-        head, tail = offset % a, end % a
-        # One read covers head and tail when the padded span is one or two blocks.
-        merged = head and tail and padded <= 2 * a
-        # (events before the read, offset, length, events after it)
-        reads: list[tuple[tuple[str, ...], int, int]] = []
-        if merged:
-            reads.append((("head", "tail"), start, padded))
-        elif head:
-            reads.append((("head",), start, min(a, padded)))
-        if tail and not merged:
-            t = start + padded - (padded % a or a)
-            reads.append((("tail",), t, start + padded - t))
-        for names, o, n in reads:
-            for name in names:
-                self.debug_event(f"pwritev_rmw_{name}")
-            chunk: bytes | bytearray | memoryview
-            try:
-                chunk = await self._read_aligned(o, n)
-            except OSError:
-                if strict:
-                    raise
-                chunk = await self.image.read(o, n)
-            buf[o - start:o - start + n] = chunk
-            for name in names:
-                self.debug_event(f"pwritev_rmw_after_{name}")
-        buf[head:head + len(data)] = data
-        await self._write_aligned(start, buf, flags)
-
     async def write_zeroes(self, offset: int, length: int,
                            flags: WriteFlags = WriteFlags.NONE) -> None:
-        a = max(self.align, 1)
-        end = offset + length
-        head_end = min(end, -(-offset // a) * a)
-        tail_start = max(head_end, end - end % a)
-        # Partial blocks of ``align`` are read, modified and written.
-        if head_end > offset:
-            await self._write_padded(offset, bytes(head_end - offset), flags & WriteFlags.FUA, True)
-        if tail_start > head_end:
-            await self._zero_aligned(head_end, tail_start - head_end, flags)
-        if end > tail_start:
-            await self._write_padded(tail_start, bytes(end - tail_start), flags & WriteFlags.FUA, True)
-
-    async def _zero_aligned(self, offset: int, length: int, flags: WriteFlags) -> None:
         self.debug_event("pwritev_zero")
         try:
             zalign = max(self.opt_write_zero, self.align, 1)
@@ -481,10 +422,10 @@ class BlkdebugNode(BlockNode):
                     if flags & WriteFlags.NO_FALLBACK:
                         raise OSError(errnos.ENOTSUP, os.strerror(errnos.ENOTSUP))
                     await self._check(o, n, "write")
-                    await self.image.write(o, bytes(n), flags & WriteFlags.FUA)
+                    await self.image_child.write(o, bytes(n), flags & WriteFlags.FUA)
                     continue
                 await self._check(o, n, "write-zeroes")
-                await self.image.write_zeroes(o, n, flags)
+                await self.image_child.write_zeroes(o, n, flags)
         finally:
             self.debug_event("pwritev_done")
 
@@ -511,21 +452,21 @@ class BlkdebugNode(BlockNode):
             # piece too small to pass on (discard is advisory).
             await self._check(o, n, "discard")
             if n >= dalign:
-                await self.image.discard(o, n)
+                await self.image_child.discard(o, n)
 
     async def flush(self) -> None:
         await self._check(0, 0, "flush")
-        await self.image.flush()
+        await self.image_child.flush()
 
     async def block_status(self, offset: int, length: int) -> Extent:
         await self._check(offset, length, "block-status")
-        ext = await self.image.block_status(offset, length)
+        ext = await self.image_child.block_status(offset, length)
         # The run is named as this node's, not the file's: reads must come through
         # here (where errors are injected), never straight from the host file.
         return Extent(ext.length, ext.status, ext.offset, self)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
-        await self.image.truncate(size, exact, prealloc)
+        await self.image_child.truncate(size, exact, prealloc)
 
     def allocated_file_size(self) -> int | None:
         """None: QEMU's blkdebug, a protocol driver, does not say ("disk size: unavailable")."""

@@ -5,9 +5,9 @@ with the LUKS header and key material, and the guest sees the payload
 after it, decrypted.  The IV of a payload sector is its sector number
 counted from the payload start, as in QEMU.
 
-Encryption works on whole 512-byte sectors, so a request that does not
-cover whole sectors reads (and for writes, rewrites) the sectors around
-it; overlapping writes wait for each other while one of them does that.
+Encryption works on whole 512-byte sectors, the node's request
+alignment: the request path (:mod:`blockd.block.io`) reads and rewrites
+the sectors around a request that does not cover whole ones.
 Cipher work for anything but tiny requests runs in a worker thread.
 """
 
@@ -19,11 +19,11 @@ import threading
 from typing import Any
 
 from blockd.block.graph import BlockGraph, OpenContext
-from blockd.block.node import BlockNode, Perm, WriteFlags
+from blockd.block.node import BlockNode, ChildLink, Perm, WriteFlags
 from blockd.crypto import luks
 from blockd.crypto.cipher import SectorCipher
 from blockd.drivers.create_target import creation_file
-from blockd.drivers.sector_io import SECTOR, WriteGate, crypt_sectors, sector_span
+from blockd.drivers.sector_io import SECTOR, crypt_sectors
 from blockd.errors import QMPError
 
 #: Unlocking runs PBKDF2 for as many iterations as the header asks, which a hostile
@@ -90,7 +90,7 @@ class KeyMaterial:
         return bytes(out)
 
 
-async def read_header(file: BlockNode) -> tuple[luks.LuksHeader, KeyMaterial]:
+async def read_header(file: ChildLink) -> tuple[luks.LuksHeader, KeyMaterial]:
     """The parsed header and the bytes of its key material areas."""
     flen = file.length()
     head = bytes(await file.read(0, min(luks.HEADER_SIZE, flen)))
@@ -107,6 +107,8 @@ class LuksNode(BlockNode):
     driver = "luks"
     is_format = True
     strong_options = ("key-secret",)
+    #: Ciphers work on whole sectors; the request path pads the rest.
+    request_alignment = SECTOR
 
     def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
         super().__init__(node_name, options, read_only)
@@ -114,10 +116,10 @@ class LuksNode(BlockNode):
         #: The unlocked volume key; none when the node is opened only to be described.
         self.cipher: SectorCipher | None = None
         self.payload = 0
-        self._gate = WriteGate()
 
     async def open(self, ctx: OpenContext) -> None:
-        file = await ctx.open_child(self.options["file"], "file")
+        await ctx.open_child(self.options["file"], "file")
+        file = self.file_child
         secret_id = self.options.get("key-secret")
         # Opened only to be described (qemu-img info): the header is enough.
         describe_only = ctx.graph.no_io and secret_id is None
@@ -148,41 +150,32 @@ class LuksNode(BlockNode):
 
     async def _read_sectors(self, start: int, end: int) -> bytes | bytearray:
         """Plaintext of the whole sectors in payload bytes [start, end)."""
-        raw = bytes(await self.file_node.read(self.payload + start, end - start))
+        raw = bytes(await self.file_child.read(self.payload + start, end - start))
         if len(raw) < end - start:
             raw += bytes(end - start - len(raw))
         return await crypt_sectors(self._key, False, start // SECTOR, raw)
 
+    # Requests come in whole sectors (``request_alignment``) but for the last,
+    # partial one of a volume whose size is not a multiple of a sector.
+
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        start, end = sector_span(offset, length)
-        self.file_node.debug_event("read_aio")
-        plain = await self._read_sectors(start, end)
-        if start == offset and end == offset + length:
-            return plain
-        return memoryview(plain)[offset - start:offset - start + length]
+        self.file_child.debug_event("read_aio")
+        plain = await self._read_sectors(offset, -(-(offset + length) // SECTOR) * SECTOR)
+        return plain if len(plain) == length else memoryview(plain)[:length]
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
-        start, end = sector_span(offset, len(data))
-        rmw = start != offset or end != offset + len(data)
-        entry = await self._gate.enter(start, end, rmw)
-        try:
-            if rmw:
-                buf = bytearray(await self._read_sectors(start, end))
-                buf[offset - start:offset - start + len(data)] = data
-                data = buf
-            cipher = await crypt_sectors(self._key, True, start // SECTOR, data)
-            self.file_node.debug_event("write_aio")
-            await self.file_node.write(self.payload + start, cipher, flags)
-        finally:
-            self._gate.leave(entry)
+        if len(data) % SECTOR:
+            data = bytes(data) + bytes(-len(data) % SECTOR)
+        cipher = await crypt_sectors(self._key, True, offset // SECTOR, data)
+        self.file_child.debug_event("write_aio")
+        await self.file_child.write(self.payload + offset, cipher, flags)
 
     async def discard(self, offset: int, length: int) -> None:
-        if self.options.get("discard", "ignore") == "unmap":
-            await self.file_node.discard(self.payload + offset, length)
+        await self.file_child.discard(self.payload + offset, length)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
-        await self.file_node.truncate(self.payload + size, exact, prealloc)
+        await self.file_child.truncate(self.payload + size, exact, prealloc)
 
     # ---- queries ------------------------------------------------------------
 
@@ -197,13 +190,13 @@ class LuksNode(BlockNode):
 
     async def amend(self, opts: dict[str, Any], secret: Any, force: bool = False) -> None:
         """Add or erase key slots (``blockdev-amend`` with ``QCryptoBlockAmendOptionsLUKS``)."""
-        header, region = await read_header(self.file_node)
+        header, region = await read_header(self.file_child)
         writes = await asyncio.to_thread(
             luks.amend, header, lambda off, n: region[off:off + n], opts, secret,
             self.options.get("key-secret"), force)
         for off, data in writes:
-            await self.file_node.write(off, data)
-        await self.file_node.flush()
+            await self.file_child.write(off, data)
+        await self.file_child.flush()
         self.header = header
 
 

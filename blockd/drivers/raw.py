@@ -58,34 +58,33 @@ class RawNode(BlockNode):
         return self.file_node.length() - self.offset
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        self.file_node.debug_event("read_aio")
-        return await self.file_node.read(self.offset + offset, length)
+        self.file_child.debug_event("read_aio")
+        return await self.file_child.read(self.offset + offset, length)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
-        self.file_node.debug_event("write_aio")
-        await self.file_node.write(self.offset + offset, data, flags)
+        self.file_child.debug_event("write_aio")
+        await self.file_child.write(self.offset + offset, data, flags)
 
     async def write_zeroes(self, offset: int, length: int,
                            flags: WriteFlags = WriteFlags.NONE) -> None:
-        await self.file_node.write_zeroes(self.offset + offset, length, flags)
+        await self.file_child.write_zeroes(self.offset + offset, length, flags)
 
     async def discard(self, offset: int, length: int) -> None:
-        if self.options.get("discard", "ignore") == "unmap":
-            await self.file_node.discard(self.offset + offset, length)
+        await self.file_child.discard(self.offset + offset, length)
 
     async def block_status(self, offset: int, length: int) -> Extent:
-        ext = await self.file_node.block_status(self.offset + offset, length)
+        ext = await self.file_child.block_status(self.offset + offset, length)
         return Extent(ext.length, ext.status, ext.offset, ext.child)
 
     async def claim(self, offset: int, length: int) -> Claim | None:
-        return await self.file_node.claim(self.offset + offset, length)
+        return await self.file_child.claim(self.offset + offset, length)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         if self.offset or self.size is not None:
             raise OSError(95, "The new size must be a multiple of 512") if size % 512 else \
                 OSError(95, "Cannot resize a raw node with offset or size")
-        await self.file_node.truncate(size, exact, prealloc)
+        await self.file_child.truncate(size, exact, prealloc)
 
     def has_info(self) -> bool:
         # QEMU's raw driver answers image-info questions by asking its file.

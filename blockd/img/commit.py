@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from blockd.block.node import BlockNode, Status
+from blockd.block.backend import Backend
+from blockd.block.node import BlockNode, Perm, Status
 from blockd.img.common import (Args, ImgError, Progress, Session, UsageError, cache_mode,
                                parse_size)
 from blockd.jobs.copy import DATA, SKIP, Copy
@@ -81,18 +82,22 @@ async def run(args: Args) -> int:
         # Bottom up, so every layer finds its backing node already open.
         nodes = [await session.graph.open_node(spec) for spec in reversed(specs)][::-1]
         top, base = nodes[0], nodes[base_index]
+        # The base is written through a user's edge, as qemu-img's block job does.
+        out = Backend(session.graph, base, "an unnamed block device",
+                      Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.all())
         size = top.length()
         if base.length() < size:
-            await base.truncate(size)
+            await out.truncate(size)
         bar = Progress(args.has("p") and not args.has("q"), size)
 
         async def status(offset: int, n: int) -> tuple[int, str]:
             run_length, allocated = await _above_base(nodes[:base_index], offset, n)
             return run_length, DATA if allocated else SKIP
 
-        await Copy(status, top.read, base.write, None, size, chunk=CHUNK,
+        await Copy(status, top.read, out.write, None, size, chunk=CHUNK,
                    limit=RateLimit(rate) if rate else None, done=bar.add).run()
-        await base.flush()
+        await out.flush()
+        out.close()
         bar.finish()
         if not (args.has("d") or args.has("b")):
             if not top.supports(BlockNode.make_empty):

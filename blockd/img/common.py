@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, overload
 
 from blockd.block.filename import image_options
+from blockd.block.backend import Backend
 from blockd.block.graph import BlockGraph
-from blockd.block.node import BlockNode, Extent, Status
+from blockd.block.node import BlockNode, Extent, Perm, Status
 from blockd.block.probe import fill_drivers, open_image, probe_name
 from blockd.errors import QMPError
 from blockd.objects import ObjectStore
@@ -147,7 +148,12 @@ def cache_mode(args: Args, letter: str = "t", default: str = "writeback") -> Cac
 
 
 class Session:
-    """A graph with secrets from ``--object``; closes everything on exit."""
+    """A graph with secrets from ``--object``; closes everything on exit.
+
+    Each image it opens is held by a user (:meth:`user`), as qemu-img holds a
+    BlockBackend: the permissions it takes reach filters and their storage,
+    and requests sent through it take the request path (padding, bitmaps).
+    """
 
     def __init__(self, objects: list[str]) -> None:
         self.store = ObjectStore()
@@ -160,6 +166,7 @@ class Session:
             except QMPError as exc:
                 raise ImgError(exc.desc) from None
         self.graph = BlockGraph(self.store.secret_bytes)
+        self.users: dict[int, Backend] = {}
 
     async def open(self, filename: str, fmt: str | None, *, read_only: bool = True,
                    force_share: bool = False, image_opts: bool = False,
@@ -186,10 +193,18 @@ class Session:
                 if fmt == "raw" and not read_only and not image_opts:
                     print(_RAW_PROBE_WARNING.format(filename), file=sys.stderr)
 
-            return await open_image(self.graph, options,
+            node = await open_image(self.graph, options,
                                     None if image_opts else probe_name(filename),
                                     typed=image_opts or filename.startswith("json:"),
                                     probed=probed, extra=extra)
+            perm = Perm.CONSISTENT_READ | (Perm(0) if read_only else Perm.WRITE | Perm.RESIZE)
+            try:
+                self.users[id(node)] = Backend(self.graph, node, "an unnamed block device",
+                                               perm, Perm.all())
+            except QMPError:
+                await self.graph.delete_node(node)
+                raise
+            return node
         except QMPError as exc:
             message = exc.human()
             raise ImgError(f"Could not open '{filename}': {message}" if wrap else message) \
@@ -205,7 +220,14 @@ class Session:
             raise ImgError(exc.desc) from None
         return options["driver"]
 
+    def user(self, node: BlockNode) -> Backend:
+        """The user holding an image :meth:`open` opened."""
+        return self.users[id(node)]
+
     async def close(self) -> None:
+        for user in self.users.values():
+            user.close()
+        self.users.clear()
         await self.graph.close_all()
 
     async def __aenter__(self) -> "Session":

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from blockd.block.backend import is_zero
+from blockd.block.io import is_zero
 from blockd.block.filename import create_path
 from blockd.block.node import BlockNode, Claim, Extent, Status, WriteFlags
 from blockd.errors import QMPError

@@ -59,12 +59,13 @@ async def run(args: Args) -> int:
         if start > src.length():
             # qemu-img reports this and still succeeds, leaving an empty image.
             print(f"{PROG}: {ops['if']}: cannot skip to specified offset", file=sys.stderr)
-        dst = await session.open(ops["of"], out_fmt, read_only=False)
+        dst = session.user(await session.open(ops["of"], out_fmt, read_only=False))
+        reader = session.user(src)
         pos = start
         while pos < size:
             n = min(CHUNK - CHUNK % bs if bs <= CHUNK else bs, size - pos)
             try:
-                data = await src.read(pos, n)
+                data = await reader.read(pos, n)
             except OSError as exc:
                 raise ImgError(f"error while reading from input image file: {exc.strerror}") \
                     from None

@@ -11,6 +11,7 @@ backing file.
 
 from __future__ import annotations
 
+from blockd.block.backend import Backend
 from blockd.block.filename import backing_path
 from blockd.block.node import BlockNode, Status
 from blockd.errors import QMPError
@@ -42,8 +43,8 @@ async def _run(top: BlockNode, offset: int, limit: int) -> tuple[int, bool]:
     return n, allocated
 
 
-async def _copy_differences(top: BlockNode, old: BlockNode | None, new: BlockNode | None,
-                            bar: Progress) -> None:
+async def _copy_differences(top: BlockNode, out: Backend, old: BlockNode | None,
+                            new: BlockNode | None, bar: Progress) -> None:
     size = top.length()
     cs = top.cluster_size() or 65536
     # As qemu-img: each pass over a range the image does not hold counts the same share.
@@ -68,9 +69,9 @@ async def _copy_differences(top: BlockNode, old: BlockNode | None, new: BlockNod
                     if piece == b[pos:pos + cs]:
                         continue
                     if offset >= old_end:
-                        await top.write_zeroes(offset + pos, len(piece))
+                        await out.write_zeroes(offset + pos, len(piece))
                     else:
-                        await top.write(offset + pos, piece)
+                        await out.write(offset + pos, piece)
             bar.add_percent(share)
         offset += n
 
@@ -107,7 +108,7 @@ async def run(args: Args) -> int:
                     raise ImgError(f"Could not open new backing file '{out_base}': {exc}") \
                         from None
             bar = Progress(args.has("p") and not args.has("q"), top.length())
-            await _copy_differences(top, top.backing, new, bar)
+            await _copy_differences(top, session.user(top), top.backing, new, bar)
             bar.finish()
         what = f"Could not change the backing file to '{out_base}'"
         from blockd.drivers.qcow2.amend import change_backing_file

@@ -55,7 +55,7 @@ async def run(args: Args) -> int:
                            "sure there is no important data there.")
         try:
             check_length(size)
-            await node.truncate(size, exact=False, prealloc=prealloc)
+            await session.user(node).truncate(size, exact=False, prealloc=prealloc)
         except OSError as exc:
             raise ImgError(exc.strerror or str(exc)) from None
         except QMPError as exc:

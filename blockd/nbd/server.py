@@ -24,7 +24,7 @@ import socket
 import stat
 from typing import TYPE_CHECKING, Any, Coroutine, Generator, Iterator, cast
 
-from blockd.block.node import BlockNode, Status, WriteFlags
+from blockd.block.node import ChildLink, Status, WriteFlags
 from blockd.nbd import protocol as p
 from blockd.paths import os_path
 
@@ -91,13 +91,13 @@ def nbd_error(exc: OSError) -> int:
     return _ERRNO_TO_NBD.get(exc.errno or errno.EIO, p.Err.EINVAL)
 
 
-async def status_extents(node: BlockNode, offset: int, length: int,
+async def status_extents(link: ChildLink, offset: int, length: int,
                          limit: int = MAX_EXTENTS) -> list[tuple[int, int]]:
     """``base:allocation`` descriptors: HOLE where no data is stored, ZERO where reads are zero."""
     out: list[tuple[int, int]] = []
     end = offset + length
     while offset < end and len(out) < limit:
-        ext = await node.block_status(offset, min(end - offset, 0xFFFFF000))
+        ext = await link.block_status(offset, min(end - offset, 0xFFFFF000))
         flags = (0 if ext.status & Status.DATA else p.STATE_HOLE) | \
             (p.STATE_ZERO if ext.status & Status.ZERO else 0)
         if out and out[-1][1] == flags and out[-1][0] + ext.length <= 0xFFFFFFFF:
@@ -108,13 +108,13 @@ async def status_extents(node: BlockNode, offset: int, length: int,
     return out
 
 
-async def depth_extents(node: BlockNode, offset: int, length: int) -> list[tuple[int, int]]:
+async def depth_extents(link: ChildLink, offset: int, length: int) -> list[tuple[int, int]]:
     """``qemu:allocation-depth``: 0 unallocated, 1 this image, 2+ a backing file."""
     out: list[tuple[int, int]] = []
     end = offset + length
     while offset < end and len(out) < MAX_EXTENTS:
-        cur: BlockNode | None
-        depth, cur, run = 0, node, end - offset
+        depth, run = 0, end - offset
+        cur: ChildLink | None = link
         level = 1
         while cur is not None:
             ext = await cur.block_status(offset, run)
@@ -122,7 +122,7 @@ async def depth_extents(node: BlockNode, offset: int, length: int) -> list[tuple
             if ext.status & Status.ALLOCATED:
                 depth = level
                 break
-            cur, level = cur.backing, level + 1
+            cur, level = cur.child.backing_child, level + 1
         if out and out[-1][1] == depth:
             out[-1] = (out[-1][0] + run, depth)
         else:
@@ -415,7 +415,7 @@ class Connection(asyncio.Protocol):
             elif opt == p.Opt.ABORT:
                 self._write(p.rep_ack(opt))
                 self.closing = True
-                self.transport.close()
+                self._hang_up()
             elif opt == p.Opt.LIST:
                 p.no_payload(req.data, opt)
                 for exp in self.server.exports().values():
@@ -443,12 +443,22 @@ class Connection(asyncio.Protocol):
     def _find(self, name: str) -> "Export | None":
         return self.server.exports().get(name)
 
+    @property
+    def serving(self) -> Export:
+        """The export the handshake chose: transmission requests come only after it."""
+        assert self.export is not None
+        return self.export
+
+    def _hang_up(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
     def _opt_export_name(self, name: str) -> None:
         export = self._find(name)
         if export is None:
             # This option has no error reply: the protocol says to disconnect.
             self.closing = True
-            self.transport.close()
+            self._hang_up()
             return
         self._write(p.export_name_reply(export.backend.length(),
                                         self._transmission_flags(export), self.no_zeroes))
@@ -573,7 +583,7 @@ class Connection(asyncio.Protocol):
 
     def _refusal(self, req: p.Request) -> str | None:
         """Why a request is refused (EINVAL) before it runs, in QEMU's words and order."""
-        cmd, export = req.cmd, self.export
+        cmd, export = req.cmd, self.serving
         if req.length > MAX_PAYLOAD and cmd in (p.Cmd.READ, p.Cmd.CACHE):
             return f"len ({req.length} ) is larger than max len ({MAX_PAYLOAD})"
         if cmd in WRITES and not export.writable:
@@ -595,7 +605,7 @@ class Connection(asyncio.Protocol):
 
     async def _dispatch(self, req: p.Request) -> None:
         """Run a request :meth:`_refusal` let through."""
-        export = self.export
+        export = self.serving
         backend = export.backend
         cmd = req.cmd
         if cmd == p.Cmd.READ:
@@ -642,7 +652,7 @@ class Connection(asyncio.Protocol):
         return int(valid)
 
     async def _read(self, req: p.Request) -> None:
-        backend = self.export.backend
+        backend = self.serving.backend
         if not self.structured:
             data = await backend.read(req.offset, req.length)
             self._reply(p.simple_reply(req.handle), data)
@@ -669,15 +679,15 @@ class Connection(asyncio.Protocol):
         self._reply(*parts)
 
     async def _block_status(self, req: p.Request) -> None:
-        node = self.export.node
+        link = self.serving.backend.link
         one = bool(req.flags & p.CmdFlag.REQ_ONE)
         parts = []
         items = list(self.contexts.items())
         for i, (cid, (kind, arg)) in enumerate(items):
             if kind == CONTEXT_BASE:
-                extents = await status_extents(node, req.offset, req.length, 1 if one else MAX_EXTENTS)
+                extents = await status_extents(link, req.offset, req.length, 1 if one else MAX_EXTENTS)
             elif kind == CONTEXT_DEPTH:
-                extents = await depth_extents(node, req.offset, req.length)
+                extents = await depth_extents(link, req.offset, req.length)
             else:
                 extents = [(n, p.STATE_DIRTY if dirty else 0)
                            for n, dirty in arg.extents(req.offset, req.length)]

@@ -34,7 +34,7 @@ class VdiNode(BlockNode):
     async def open(self, ctx: OpenContext) -> None:
         file = await ctx.open_child(self.options["file"], "file")
         try:
-            h = hdr.parse(bytes(await file.read(0, hdr.SIZE)))
+            h = hdr.parse(bytes(await self.file_child.read(0, hdr.SIZE)))
             n = h.blocks_in_image * 4
             # QEMU would read a map past the end of the file as zeroes: every block
             # then maps to data block 0.  Refused rather than read so.
@@ -42,7 +42,7 @@ class VdiNode(BlockNode):
                 raise QMPError(f"unsupported VDI image (block map of {h.blocks_in_image} "
                                f"entries at 0x{h.offset_bmap:x} extends past the end of the "
                                "file)")
-            raw = bytes(await file.read(h.offset_bmap, -(-n // 512) * 512))
+            raw = bytes(await self.file_child.read(h.offset_bmap, -(-n // 512) * 512))
             self.bmap = array.array("I", raw[:n])
             self._map_tail = raw[n:]
         except OSError as exc:
@@ -69,7 +69,7 @@ class VdiNode(BlockNode):
         while offset < end:
             n = min(end - offset, hdr.BLOCK_SIZE - offset % hdr.BLOCK_SIZE)
             host = self._host(offset)
-            out += bytes(n) if host is None else await self.file_node.read(host, n)
+            out += bytes(n) if host is None else await self.file_child.read(host, n)
             offset += n
         return out
 
@@ -86,7 +86,7 @@ class VdiNode(BlockNode):
                 n = min(len(view) - pos, hdr.BLOCK_SIZE - within)
                 host = self._host(guest)
                 if host is not None:
-                    await self.file_node.write(host, view[pos:pos + n], flags)
+                    await self.file_child.write(host, view[pos:pos + n], flags)
                 else:
                     index = guest // hdr.BLOCK_SIZE
                     await self._allocate(index, within, view[pos:pos + n], flags)
@@ -108,11 +108,11 @@ class VdiNode(BlockNode):
         else:
             block = bytearray(hdr.BLOCK_SIZE)
             block[within:within + len(data)] = data
-        await self.file_node.write(h.offset_data + entry * hdr.BLOCK_SIZE, block, flags)
+        await self.file_child.write(h.offset_data + entry * hdr.BLOCK_SIZE, block, flags)
 
     async def _write_metadata(self, first: int, last: int) -> None:
         """The header, then the block map sectors holding entries ``first`` to ``last``."""
-        await self.file_node.write(0, self.header.encode())
+        await self.file_child.write(0, self.header.encode())
         per = 512 // 4
         lo, hi = first // per * per, (last // per + 1) * per
         chunk = self.bmap[lo:min(hi, len(self.bmap))]
@@ -121,7 +121,7 @@ class VdiNode(BlockNode):
         raw = chunk.tobytes()
         if hi > len(self.bmap):
             raw += self._map_tail
-        await self.file_node.write(self.header.offset_bmap + lo * 4, raw)
+        await self.file_child.write(self.header.offset_bmap + lo * 4, raw)
 
     async def block_status(self, offset: int, length: int) -> Extent:
         bs = hdr.BLOCK_SIZE
@@ -138,7 +138,7 @@ class VdiNode(BlockNode):
             flen = self.file_node.length()
             if host >= flen:
                 return Extent(n, status | Status.ZERO, host, self.file_node)
-            ext = await self.file_node.block_status(host, min(n, flen - host))
+            ext = await self.file_child.block_status(host, min(n, flen - host))
             n = ext.length
             if ext.status & Status.ZERO:
                 status |= Status.ZERO

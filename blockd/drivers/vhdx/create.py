@@ -111,7 +111,7 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
         except OSError as exc:
             raise QMPError(f"Failed to write image headers: {exc.strerror}") from None
         await file.truncate(data_start + (size if fixed else 0))
-        if fixed or zero or not file.has_zero_init():
+        if fixed or zero or not file.child.has_zero_init():
             if bat.length > L.MAX_REQUEST:  # a 0-byte image with 256 MiB blocks
                 raise QMPError("Failed to write the BAT: Input/output error")
             state = L.ZERO if zero else L.FULLY_PRESENT if fixed else L.NOT_PRESENT

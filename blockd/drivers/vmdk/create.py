@@ -15,7 +15,7 @@ import struct
 from typing import Any
 
 from blockd.block.graph import BlockGraph
-from blockd.block.node import BlockNode, Perm
+from blockd.block.node import ChildLink, Perm
 from blockd.drivers.create_target import creation_file
 from blockd.drivers.vmdk import MAGIC_KDMV, probe
 from blockd.drivers.vmdk import descriptor as desc
@@ -51,7 +51,7 @@ def sparse_header(size: int, compress: bool, zeroed_grain: bool) -> tuple[bytes,
     return head, rgd, gd, grain_offset
 
 
-async def init_extent(file: BlockNode, size: int, flat: bool, compress: bool,
+async def init_extent(file: ChildLink, size: int, flat: bool, compress: bool,
                       zeroed_grain: bool) -> None:
     """Make ``file`` an empty extent of ``size`` bytes."""
     if flat:
@@ -72,15 +72,15 @@ async def init_extent(file: BlockNode, size: int, flat: bool, compress: bool,
 
 
 async def _open(opened: contextlib.AsyncExitStack, graph: BlockGraph,
-                ref: str | dict[str, Any]) -> BlockNode:
+                ref: str | dict[str, Any]) -> ChildLink:
     """The main file or an extent, held until the creation ends (all in reverse order)."""
     return await opened.enter_async_context(
         creation_file(graph, ref, Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE))
 
 
-async def _parent_cid(graph: BlockGraph, image: BlockNode, backing: str) -> int:
+async def _parent_cid(graph: BlockGraph, image: ChildLink, backing: str) -> int:
     """The CID of the backing file, which must be a vmdk (read as QEMU opens it)."""
-    name = image.exact_filename() or ""
+    name = image.child.exact_filename() or ""
     path = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(name), backing)
     try:
         with open(path, "rb") as f:
@@ -128,7 +128,7 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
         lines = ""
         fmt = 'RW {} FLAT "{}" 0\n' if flat else 'RW {} SPARSE "{}"\n'
         if not split and not flat:
-            lines += fmt.format(-(-created // SECTOR), os.path.basename(main.filename()))
+            lines += fmt.format(-(-created // SECTOR), os.path.basename(main.child.filename()))
         parent_cid, parent_line = 0xFFFFFFFF, ""
         if backing:
             try:
@@ -143,7 +143,7 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
                 raise QMPError(f"Extent [{idx - 1}] not specified")
             ext = await _open(opened, graph, refs[idx - 1])
             await init_extent(ext, cur, flat, compress, zeroed)
-            lines += fmt.format(-(-cur // SECTOR), os.path.basename(ext.filename()))
+            lines += fmt.format(-(-cur // SECTOR), os.path.basename(ext.child.filename()))
             created += cur
             idx += 1
         if idx <= len(refs):

@@ -21,7 +21,7 @@ import sys
 from typing import Any, Callable, NoReturn
 
 from blockd.block.graph import OpenContext
-from blockd.block.node import BlockNode, Status, WriteFlags
+from blockd.block.node import BlockNode, ChildLink, Status, WriteFlags
 from blockd.block.node import Extent as Run
 from blockd.drivers.qcow2.check import CheckResult
 from blockd.drivers.vmdk import MAGIC_COWD, MAGIC_KDMV
@@ -39,7 +39,7 @@ def _einval() -> OSError:
     return OSError(errno.EINVAL, "Invalid argument")
 
 
-async def read_head(file: BlockNode, offset: int = 0) -> bytes:
+async def read_head(file: ChildLink, offset: int = 0) -> bytes:
     """The start of a file as QEMU reads it to open a vmdk (at most 1 MiB)."""
     size = file.length()
     if size < 4:
@@ -74,7 +74,8 @@ class VmdkNode(BlockNode):
     # ---- open -----------------------------------------------------------------
 
     async def open(self, ctx: OpenContext) -> None:
-        file = await ctx.open_child(self.options["file"], "file")
+        await ctx.open_child(self.options["file"], "file")
+        file = self.file_child
         head = await read_head(file)
         if head[:4] in (MAGIC_COWD, MAGIC_KDMV):
             inner = embedded_descriptor(head)
@@ -104,7 +105,7 @@ class VmdkNode(BlockNode):
         raise QMPError(f"Could not open '{self.file_node.filename()}': Invalid argument")
 
     async def _desc_bytes(self) -> bytes:
-        return await read_padded(self.file_node, self.desc_offset, desc.DESC_SIZE)
+        return await read_padded(self.file_child, self.desc_offset, desc.DESC_SIZE)
 
     def _add(self, ext: Extent) -> None:
         ext.start = self.vmdk_extents[-1].end if self.vmdk_extents else 0
@@ -126,7 +127,8 @@ class VmdkNode(BlockNode):
                                        f"'{self.file_node.filename()}'")
                     base = os.path.dirname(name)
                 path = os.path.join(base, path)
-            child = await ctx.open_child({"driver": "file", "filename": path}, f"extents.{i}")
+            await ctx.open_child({"driver": "file", "filename": path}, f"extents.{i}")
+            child = self.children[f"extents.{i}"]
             if line.type in ("FLAT", "VMFS"):
                 ext = Extent(child, line.sectors, line.type, flat=True,
                              flat_offset=line.offset * SECTOR)
@@ -188,7 +190,7 @@ class VmdkNode(BlockNode):
         return True
 
     async def _backing_read(self, offset: int, length: int) -> bytes:
-        backing = self.backing
+        backing = self.backing_child
         assert backing is not None, "called for images with a backing file only"
         blen = backing.length()
         n = max(0, min(length, blen - offset))
@@ -248,7 +250,7 @@ class VmdkNode(BlockNode):
         if where.state == Grain.ZEROED:
             return Run(n, Status.ZERO | Status.ALLOCATED)
         if where.state == Grain.UNALLOCATED:
-            backing = self.backing
+            backing = self.backing_child
             if backing is None or offset >= backing.length():
                 return Run(n, Status.ZERO)
             if not await self._cid_valid():
@@ -259,7 +261,7 @@ class VmdkNode(BlockNode):
             return Run(sub.length, sub.status & ~Status.ALLOCATED, sub.offset, sub.child)
         if ext.compressed:
             return Run(n, Status.DATA | Status.ALLOCATED)
-        return Run(n, Status.DATA | Status.ALLOCATED, where.host + within, ext.file)
+        return Run(n, Status.DATA | Status.ALLOCATED, where.host + within, ext.file.child)
 
     @staticmethod
     async def _flat_status(ext: Extent, host: int, n: int) -> Run:
@@ -267,7 +269,7 @@ class VmdkNode(BlockNode):
         status = Status.DATA | Status.ALLOCATED
         flen = ext.file.length()
         if host >= flen:
-            return Run(n, status | Status.ZERO, host, ext.file)
+            return Run(n, status | Status.ZERO, host, ext.file.child)
         sub = await ext.file.block_status(host, min(n, flen - host))
         if sub.status & Status.ZERO:
             status |= Status.ZERO
@@ -275,7 +277,7 @@ class VmdkNode(BlockNode):
                 n = sub.length
         else:
             n = sub.length
-        return Run(n, status, host, ext.file)
+        return Run(n, status, host, ext.file.child)
 
     # ---- writes ---------------------------------------------------------------
 
@@ -386,9 +388,9 @@ class VmdkNode(BlockNode):
         if new is None:
             raise _einval()
         # QEMU's write stops at the end of the file's last sector.
-        room = -(-self.file_node.length() // SECTOR) * SECTOR - self.desc_offset
-        await self.file_node.write(self.desc_offset, new[:max(0, min(len(new), room))])
-        await self.file_node.flush()
+        room = -(-self.file_child.length() // SECTOR) * SECTOR - self.desc_offset
+        await self.file_child.write(self.desc_offset, new[:max(0, min(len(new), room))])
+        await self.file_child.flush()
         self.cid_updated = True
 
     async def write_zeroes(self, offset: int, length: int,
@@ -466,7 +468,7 @@ class VmdkNode(BlockNode):
 
     def has_zero_init(self) -> bool:
         """Sparse extents start with no grain; flat ones read their files (QEMU's rule)."""
-        return all(ext.file.has_zero_init() for ext in self.vmdk_extents if ext.flat)
+        return all(ext.file.child.has_zero_init() for ext in self.vmdk_extents if ext.flat)
 
     def cluster_size(self) -> int | None:
         first = self.vmdk_extents[0]
@@ -486,8 +488,8 @@ class VmdkNode(BlockNode):
         if total is None:
             return None
         for ext in self.vmdk_extents:
-            if ext.file is not self.file:
-                size = ext.file.allocated_file_size()
+            if ext.file.child is not self.file:
+                size = ext.file.child.allocated_file_size()
                 if size is None:
                     return None
                 total += size

@@ -18,7 +18,7 @@ import os
 import struct
 from typing import Any
 
-from blockd.block.node import BlockNode
+from blockd.block.node import ChildLink
 from blockd.drivers.vmdk import MAGIC_COWD, MAGIC_KDMV
 from blockd.drivers.vmdk.stream import footer_header, read_padded
 from blockd.errors import QMPError
@@ -69,7 +69,7 @@ def _eio() -> OSError:
 class Extent:
     """One extent: ``sectors`` of the guest from ``start`` (bytes), stored in ``file``."""
 
-    file: BlockNode
+    file: ChildLink
     sectors: int
     #: The type word of its descriptor line (``FLAT``, ``SPARSE``...); "" for a
     #: sparse file opened directly.
@@ -90,7 +90,7 @@ class Extent:
 
     def info(self) -> dict[str, Any]:
         """``VmdkExtentInfo``."""
-        return {"filename": self.file.filename(), "format": self.type,
+        return {"filename": self.file.child.filename(), "format": self.type,
                 "virtual-size": self.sectors * SECTOR}
 
 
@@ -116,7 +116,7 @@ class SparseExtent(Extent):
         return self.grain_sectors * SECTOR
 
     def info(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"filename": self.file.filename(), "format": self.type,
+        out: dict[str, Any] = {"filename": self.file.child.filename(), "format": self.type,
                                "virtual-size": self.sectors * SECTOR}
         out["cluster-size"] = self.grain
         if self.compressed:
@@ -208,7 +208,7 @@ def _roundup(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-async def _directory(file: BlockNode, offset: int, entries: int, what: str) -> memoryview:
+async def _directory(file: ChildLink, offset: int, entries: int, what: str) -> memoryview:
     """A grain directory: only the part inside the file is read and kept.
 
     The entries past the end of the file read as zero, as QEMU reads
@@ -220,23 +220,23 @@ async def _directory(file: BlockNode, offset: int, entries: int, what: str) -> m
             raise _eio()
         raw = bytes(await file.read(offset, n)) if n else b""
     except OSError as exc:
-        raise QMPError(f"Could not read {what} from extent '{file.filename()}': "
+        raise QMPError(f"Could not read {what} from extent '{file.child.filename()}': "
                        f"{os.strerror(exc.errno or errno.EIO)}") from None
     return memoryview(bytearray(raw)).cast("I")
 
 
-def _check_sizes(file: BlockNode, grain_sectors: int, l1_size: int) -> None:
+def _check_sizes(file: ChildLink, grain_sectors: int, l1_size: int) -> None:
     if grain_sectors > 0x200000:
         raise QMPError("Invalid granularity, image may be corrupt")
     if l1_size > 32 * 1024 * 1024:
         raise QMPError("L1 size too big")
 
 
-def _file_sectors(file: BlockNode) -> int:
+def _file_sectors(file: ChildLink) -> int:
     return -(-file.length() // SECTOR)
 
 
-async def open_cowd(file: BlockNode, head: bytes, kind: str) -> SparseExtent:
+async def open_cowd(file: ChildLink, head: bytes, kind: str) -> SparseExtent:
     """A VMware 3 sparse extent (``COWD``): grain tables of 4096 entries."""
     (_, _, disk_sectors, granularity, gd_sector, gd_size,
      *_rest) = HEADER3.unpack_from(head.ljust(4 + HEADER3.size, b"\0"), 4)
@@ -274,7 +274,7 @@ class Header4:
                    rgd_offset, gd_offset, grain_offset, compress)
 
 
-async def open_kdmv(file: BlockNode, head: bytes, kind: str, writable: bool) -> SparseExtent:
+async def open_kdmv(file: ChildLink, head: bytes, kind: str, writable: bool) -> SparseExtent:
     """A VMware 4 sparse extent (``KDMV``), its header possibly in a stream's footer."""
     h = Header4.parse(head)
     if h.gd_offset == GD_AT_END:
@@ -329,7 +329,7 @@ def embedded_descriptor(head: bytes) -> int | None:
     return None
 
 
-async def open_sparse(file: BlockNode, head: bytes, kind: str, writable: bool) -> SparseExtent:
+async def open_sparse(file: ChildLink, head: bytes, kind: str, writable: bool) -> SparseExtent:
     if head[:4] == MAGIC_COWD:
         return await open_cowd(file, head, kind)
     if head[:4] == MAGIC_KDMV:

@@ -12,7 +12,7 @@ import errno
 import struct
 import zlib
 
-from blockd.block.node import BlockNode
+from blockd.block.node import ChildLink
 
 #: Grain marker: guest sector (lba) and the compressed size that follows.
 GRAIN_MARKER = struct.Struct("<QI")
@@ -40,7 +40,7 @@ def _deflate(data: bytes | bytearray | memoryview) -> bytes:
     return zlib.compress(bytes(data))
 
 
-async def read_padded(file: BlockNode, offset: int, length: int) -> bytes:
+async def read_padded(file: ChildLink, offset: int, length: int) -> bytes:
     """``length`` bytes at ``offset``; past the end of the file they read as zeroes."""
     end = file.length()
     n = max(0, min(length, end - offset))
@@ -48,7 +48,7 @@ async def read_padded(file: BlockNode, offset: int, length: int) -> bytes:
     return data + bytes(length - n)
 
 
-async def read_grain(file: BlockNode, host: int, grain: int, has_marker: bool) -> bytes:
+async def read_grain(file: ChildLink, host: int, grain: int, has_marker: bool) -> bytes:
     """The decompressed grain stored at ``host`` (at most ``grain`` bytes)."""
     buf = await read_padded(file, host, 2 * grain)
     if has_marker:

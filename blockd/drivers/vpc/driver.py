@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from blockd.block.graph import OpenContext
-from blockd.block.node import BlockNode, Extent, Status, WriteFlags
+from blockd.block.node import BlockNode, ChildLink, Extent, Status, WriteFlags
 from blockd.drivers.vpc import dynamic, footer
 from blockd.errors import QMPError
 
@@ -45,12 +45,12 @@ class VpcNode(BlockNode):
     async def open(self, ctx: OpenContext) -> None:
         file = await ctx.open_child(self.options["file"], "file")
         try:
-            await self._load(file)
+            await self._load(self.file_child)
         except OSError as exc:
             raise QMPError(f"Could not open '{file.filename()}': "
                            f"{exc.strerror or 'Input/output error'}") from None
 
-    async def _load(self, file: BlockNode) -> None:
+    async def _load(self, file: ChildLink) -> None:
         flen = file.length()
         head = bytes(await file.read(0, footer.SIZE))
         fixed = head[:8] != footer.COOKIE
@@ -123,21 +123,21 @@ class VpcNode(BlockNode):
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         if self.header is None:
-            return await self.file_node.read(offset, length)
+            return await self.file_child.read(offset, length)
         bs = self.header.block_size
         out = bytearray()
         end = offset + length
         while offset < end:
             n = min(end - offset, bs - offset % bs)
             host = self._host(offset)
-            out += bytes(n) if host is None else await self.file_node.read(host, n)
+            out += bytes(n) if host is None else await self.file_child.read(host, n)
             offset += n
         return out
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
         if self.header is None:
-            await self.file_node.write(offset, data, flags)
+            await self.file_child.write(offset, data, flags)
             return
         bs = self.header.block_size
         view = memoryview(data)
@@ -146,7 +146,7 @@ class VpcNode(BlockNode):
             while pos < len(view):
                 n = min(len(view) - pos, bs - (offset + pos) % bs)
                 host = await self._host_for_write(offset + pos)
-                await self.file_node.write(host, view[pos:pos + n], flags)
+                await self.file_child.write(host, view[pos:pos + n], flags)
                 pos += n
 
     async def _host_for_write(self, offset: int) -> int:
@@ -162,8 +162,8 @@ class VpcNode(BlockNode):
             await self._allocate(index)
         bitmap = self.bat[index] * 512
         if bitmap not in self._full_bitmaps:
-            await self.file_node.write(bitmap, b"\xff" * h.bitmap_size)
-            await self.file_node.flush()
+            await self.file_child.write(bitmap, b"\xff" * h.bitmap_size)
+            await self.file_child.flush()
             self._full_bitmaps.add(bitmap)
         return bitmap + h.bitmap_size + offset % h.block_size
 
@@ -172,13 +172,13 @@ class VpcNode(BlockNode):
         assert h is not None, "dynamic disks only"
         bitmap = self.free_offset
         try:
-            await self.file_node.write(bitmap, b"\xff" * h.bitmap_size)
-            await self.file_node.flush()
+            await self.file_child.write(bitmap, b"\xff" * h.bitmap_size)
+            await self.file_child.flush()
             self._full_bitmaps.add(bitmap)
-            await self.file_node.write(bitmap + h.bitmap_size + h.block_size, self.footer.raw)
-            await self.file_node.flush()
-            await self.file_node.write(h.table_offset + 4 * index, struct.pack(">I", bitmap // 512))
-            await self.file_node.flush()
+            await self.file_child.write(bitmap + h.bitmap_size + h.block_size, self.footer.raw)
+            await self.file_child.flush()
+            await self.file_child.write(h.table_offset + 4 * index, struct.pack(">I", bitmap // 512))
+            await self.file_child.flush()
         except BaseException:
             self._full_bitmaps.discard(bitmap)
             raise
@@ -205,7 +205,7 @@ class VpcNode(BlockNode):
         flen = self.file_node.length()
         if offset >= flen:
             return Extent(length, status | Status.ZERO, offset, self.file_node)
-        ext = await self.file_node.block_status(offset, min(length, flen - offset))
+        ext = await self.file_child.block_status(offset, min(length, flen - offset))
         if ext.status & Status.ZERO:
             status |= Status.ZERO
         return Extent(ext.length, status, offset, self.file_node)
