@@ -16,7 +16,7 @@ import sys
 from typing import Any, Awaitable, Callable
 
 from blockd.block.graph import OpenContext
-from blockd.block.node import BlockNode, Perm, WriteFlags
+from blockd.block.node import BlockNode, ChildLink, Perm, WriteFlags
 from blockd.errors import QMPError
 
 
@@ -29,12 +29,12 @@ class BlkverifyNode(BlockNode):
         await ctx.open_child(self.options["test"], "test")
 
     @property
-    def raw(self) -> BlockNode:
-        return self.children["raw"].child
+    def raw(self) -> ChildLink:
+        return self.children["raw"]
 
     @property
-    def test(self) -> BlockNode:
-        return self.children["test"].child
+    def test(self) -> ChildLink:
+        return self.children["test"]
 
     def child_perm(self, role: str) -> tuple[Perm, Perm]:
         """The reference copy is passed what the parents need; the image under test
@@ -50,14 +50,14 @@ class BlkverifyNode(BlockNode):
         return self.test.length()
 
     def exact_filename(self) -> str | None:
-        raw, test = self.raw.exact_filename(), self.test.exact_filename()
+        raw, test = self.raw.child.exact_filename(), self.test.child.exact_filename()
         if raw is None or test is None:
             return None
         return f"blkverify:{raw}:{test}"
 
     def full_options(self) -> dict[str, Any]:
-        return {"driver": self.driver, "raw": self.raw.full_options(),
-                "test": self.test.full_options()}
+        return {"driver": self.driver, "raw": self.raw.child.full_options(),
+                "test": self.test.child.full_options()}
 
     def allocated_file_size(self) -> int | None:
         return None
@@ -68,7 +68,7 @@ class BlkverifyNode(BlockNode):
         return OSError(errno.EIO, os.strerror(errno.EIO))
 
     async def _both(self, op: str, offset: int, length: int,
-                    run: Callable[[BlockNode], Awaitable[Any]]) -> tuple[Any, Any]:
+                    run: Callable[[ChildLink], Awaitable[Any]]) -> tuple[Any, Any]:
         """Run a request on the image under test and on the reference; they must end
         the same way."""
         outcomes = await asyncio.gather(run(self.test), run(self.raw), return_exceptions=True)

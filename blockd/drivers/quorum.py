@@ -205,20 +205,20 @@ class QuorumNode(BlockNode):
     # ---- data path ---------------------------------------------------------
 
     async def _each(self, kind: str, offset: int, length: int,
-                    op: Callable[[BlockNode], Awaitable[Any]]
-                    ) -> tuple[list[BlockNode], list[tuple[int, Any]], list[tuple[int, OSError]]]:
-        """Run ``op`` on every child at once; results and failures by child position,
-        each failure reported as it happens."""
-        children = [link.child for link in self._links()]
+                    op: Callable[[ChildLink], Awaitable[Any]]
+                    ) -> tuple[list[ChildLink], list[tuple[int, Any]], list[tuple[int, OSError]]]:
+        """Run ``op`` on every child's edge at once; results and failures by child
+        position, each failure reported as it happens."""
+        children = self._links()
         done: list[tuple[int, Any]] = []
         failed: list[tuple[int, OSError]] = []
 
-        async def one(i: int, child: BlockNode) -> None:
+        async def one(i: int, link: ChildLink) -> None:
             try:
-                done.append((i, await op(child)))
+                done.append((i, await op(link)))
             except OSError as exc:
                 failed.append((i, exc))
-                self._report_bad(kind, child, offset, length, exc)
+                self._report_bad(kind, link.child, offset, length, exc)
 
         await asyncio.gather(*(one(i, c) for i, c in enumerate(children)))
         done.sort(key=lambda item: item[0])
@@ -249,16 +249,16 @@ class QuorumNode(BlockNode):
         bad = [i for vote in reversed(votes) if vote is not best
                for i in reversed(vote.voters)]
         for i in bad:
-            self._report_bad("read", children[i], offset, length)
+            self._report_bad("read", children[i].child, offset, length)
         if self.rewrite:
             await asyncio.gather(*(self._rewrite(children[i], offset, winning) for i in bad))
         return winning
 
     @staticmethod
-    async def _rewrite(child: BlockNode, offset: int, data: bytes) -> None:
+    async def _rewrite(link: ChildLink, offset: int, data: bytes) -> None:
         """Repair a replica with the winning data; a failure leaves it as it was."""
         try:
-            await child.write(offset, data)
+            await link.write(offset, data)
         except OSError:
             pass
 
@@ -273,7 +273,7 @@ class QuorumNode(BlockNode):
         err: OSError | None = None
         for link in self._links():
             try:
-                return await link.child.read(offset, length)
+                return await link.read(offset, length)
             except OSError as exc:
                 self._report_bad("read", link.child, offset, length, exc)
                 err = exc
@@ -281,7 +281,7 @@ class QuorumNode(BlockNode):
         raise err
 
     async def _write_all(self, offset: int, length: int,
-                         op: Callable[[BlockNode], Awaitable[None]]) -> None:
+                         op: Callable[[ChildLink], Awaitable[None]]) -> None:
         _, done, failed = await self._each("write", offset, length, op)
         if len(done) < self.threshold:
             self._failure(offset, length)
@@ -305,7 +305,7 @@ class QuorumNode(BlockNode):
         links = self._links()
         for i, link in enumerate(links):
             try:
-                await link.child.flush()
+                await link.flush()
             except OSError as exc:
                 self._report_bad("flush", link.child, 0, 0, exc)
                 failed.append((i, exc))
@@ -317,7 +317,7 @@ class QuorumNode(BlockNode):
         zero_run, data_run = length, 0
         for link in self._links():
             try:
-                ext = await link.child.block_status(offset, length)
+                ext = await link.block_status(offset, length)
             except OSError as exc:
                 self._report_bad("read", link.child, offset, length, exc)
                 data_run = length

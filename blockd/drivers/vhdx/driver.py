@@ -27,7 +27,7 @@ import uuid
 from typing import Any, Callable
 
 from blockd.block.graph import OpenContext
-from blockd.block.node import MAX_LENGTH, BlockNode, Extent, Status, WriteFlags
+from blockd.block.node import MAX_LENGTH, BlockNode, ChildLink, Extent, Status, WriteFlags
 from blockd.drivers.vhdx import layout as L
 from blockd.drivers.vhdx import log
 from blockd.errors import QMPError
@@ -45,7 +45,7 @@ def _report(message: str) -> None:
     print(f"{_prog('blockd')}: {message}", file=sys.stderr, flush=True)
 
 
-async def _read(file: BlockNode, offset: int, length: int) -> bytes:
+async def _read(file: ChildLink, offset: int, length: int) -> bytes:
     """Bytes of the file, zeroes past its end (as QEMU reads them)."""
     end = file.length()
     if offset >= end:
@@ -84,14 +84,15 @@ class VhdxNode(BlockNode):
     # ---- open ---------------------------------------------------------------
 
     async def open(self, ctx: OpenContext) -> None:
-        file = await ctx.open_child(self.options["file"], "file")
+        await ctx.open_child(self.options["file"], "file")
+        file = self.file_child
         try:
             await self._load(file)
         except OSError as exc:
-            raise QMPError(f"Could not open '{file.filename()}': "
+            raise QMPError(f"Could not open '{file.child.filename()}': "
                            f"{exc.strerror or 'Input/output error'}") from None
 
-    async def _load(self, file: BlockNode) -> None:
+    async def _load(self, file: ChildLink) -> None:
         if await _read(file, 0, 8) != L.SIGNATURE:
             raise OSError(errno.EINVAL, "Invalid argument")
         slots = [await _read(file, off, L.HEADER_SIZE) for off in L.HEADER_OFFSETS]
@@ -122,7 +123,7 @@ class VhdxNode(BlockNode):
             if self._check_bat(None):
                 raise OSError(errno.EINVAL, "Invalid argument")
 
-    async def _open_log(self, file: BlockNode, cur: L.Header) -> None:
+    async def _open_log(self, file: ChildLink, cur: L.Header) -> None:
         if cur.log_offset < L.MiB or cur.log_offset % L.MiB or cur.log_version != 0:
             raise OSError(errno.EINVAL, "Invalid argument")
         self.log = log.Position(cur.log_offset, cur.log_length)
@@ -135,7 +136,7 @@ class VhdxNode(BlockNode):
             return
         self.log.sequence = seq.first_sequence + 1
         if self.read_only:
-            name = file.filename()
+            name = file.child.filename()
             raise QMPError(f"VHDX image file '{name}' opened read-only, but contains a log "
                            "that needs to be replayed",
                            hint=f"To replay the log, run:\n{_prog('blockd-img')} check -r all "
@@ -147,7 +148,7 @@ class VhdxNode(BlockNode):
         await self._update_headers(False, L.ZERO_GUID)
         self.log_replayed = True
 
-    async def _metadata(self, file: BlockNode, meta: L.Region) -> _Geometry:
+    async def _metadata(self, file: ChildLink, meta: L.Region) -> _Geometry:
         items = L.parse_metadata_table(await _read(file, meta.offset, L.METADATA_TABLE_SIZE))
 
         async def item(guid: bytes, fmt: str) -> tuple:
@@ -182,7 +183,7 @@ class VhdxNode(BlockNode):
         At open the first problem fails it; a check (``res``) counts them all.
         """
         g = self.geo
-        flen = self.file_node.length()
+        flen = self.file_child.length()
         payload = g.ratio
         bad = False
         for i, entry in enumerate(self.bat):
@@ -248,9 +249,9 @@ class VhdxNode(BlockNode):
         if log_guid is not None:
             h.log_guid = log_guid
         off = L.HEADER_OFFSETS[idx]
-        slot = await _read(self.file_node, off, L.HEADER_SIZE)
-        await self.file_node.write(off, L.header_slot(h, slot))
-        await self.file_node.flush()
+        slot = await _read(self.file_child, off, L.HEADER_SIZE)
+        await self.file_child.write(off, L.header_slot(h, slot))
+        await self.file_child.flush()
         self.current = idx
 
     async def _update_headers(self, new_data_guid: bool, log_guid: bytes | None = None) -> None:
@@ -281,14 +282,14 @@ class VhdxNode(BlockNode):
         bs = self.geo.block_size
         if offset % bs + length <= bs:  # one block: its bytes as the file returns them
             host = self._host(offset)
-            return bytes(length) if host is None else await self.file_node.read(host, length)
+            return bytes(length) if host is None else await self.file_child.read(host, length)
         out = bytearray(length)  # zeroed: blocks not present are left as they are
         pos = 0
         while pos < length:
             n = min(length - pos, bs - (offset + pos) % bs)
             host = self._host(offset + pos)
             if host is not None:
-                out[pos:pos + n] = await self.file_node.read(host, n)
+                out[pos:pos + n] = await self.file_child.read(host, n)
             pos += n
         return out
 
@@ -327,7 +328,7 @@ class VhdxNode(BlockNode):
                     host = self.bat[idx] & L.OFFSET_MASK
                     if host < L.HEADER_SECTION_END:
                         raise OSError(errno.EFAULT, "Bad address")
-                    await self.file_node.write(host + within, view[pos:pos + n], flags)
+                    await self.file_child.write(host + within, view[pos:pos + n], flags)
                 else:
                     raise OSError(errno.EIO, "Input/output error")
                 pos += n
@@ -335,12 +336,12 @@ class VhdxNode(BlockNode):
     async def _allocate(self, idx: int, within: int, data: memoryview, flags: WriteFlags) -> None:
         """A new block at the end of the file (which grows to hold it, reading as zeroes),
         the data in it, then its BAT entry through the log."""
-        new = -(-self.file_node.length() // L.MiB) * L.MiB
-        await self.file_node.truncate(new + self.geo.block_size)
+        new = -(-self.file_child.length() // L.MiB) * L.MiB
+        await self.file_child.truncate(new + self.geo.block_size)
         old = self.bat[idx]
         self.bat[idx] = new | L.FULLY_PRESENT
         try:
-            await self.file_node.write(new + within, data, flags)
+            await self.file_child.write(new + within, data, flags)
         except BaseException:
             self.bat[idx] = old
             raise
@@ -354,7 +355,7 @@ class VhdxNode(BlockNode):
         if self.headers[self.current].log_guid != L.ZERO_GUID:
             # A log entry whose replay failed is still pending: QEMU writes no more.
             raise OSError(errno.ENOTSUP, "Operation not supported")
-        await self.file_node.flush()
+        await self.file_child.flush()
         await self._update_headers(False, uuid.uuid4().bytes)
         guid = self.headers[self.current].log_guid
         if pos.sequence == 0:
@@ -364,28 +365,28 @@ class VhdxNode(BlockNode):
         # The rest of the sector comes from the file; as QEMU reads it (only what
         # follows an entry at the start of a sector), so the same requests reach it.
         if where == sector_at:
-            sector = struct.pack("<Q", self.bat[idx]) + await _read(self.file_node, where + 8,
+            sector = struct.pack("<Q", self.bat[idx]) + await _read(self.file_child, where + 8,
                                                                     log.SECTOR - 8)
         else:
-            buf = bytearray(await _read(self.file_node, sector_at, log.SECTOR))
+            buf = bytearray(await _read(self.file_child, sector_at, log.SECTOR))
             struct.pack_into("<Q", buf, where - sector_at, self.bat[idx])
             sector = bytes(buf)
-        entry = log.build_entry(pos, guid, sector_at, sector, self.file_node.length())
+        entry = log.build_entry(pos, guid, sector_at, sector, self.file_child.length())
         start = pos.write
         write = start
         for k in range(0, len(entry), log.SECTOR):
             nxt = pos.next(write)
             if nxt == pos.read:
                 raise OSError(errno.EINVAL, "Invalid argument")
-            await self.file_node.write(pos.offset + write, entry[k:k + log.SECTOR])
+            await self.file_child.write(pos.offset + write, entry[k:k + log.SECTOR])
             write = nxt
         pos.write = write
         pos.sequence += 1
         pos.tail = write
-        await self.file_node.flush()
+        await self.file_child.flush()
         seq = log.Sequence(dataclasses.replace(pos, read=start), 1, pos.sequence - 1)
-        await log.replay(self.file_node, seq, guid, self.file_node.flush)
-        await self.file_node.flush()
+        await log.replay(self.file_child, seq, guid, self.file_child.flush)
+        await self.file_child.flush()
         pos.read = pos.write
         await self._update_headers(False, L.ZERO_GUID)
 
@@ -401,7 +402,7 @@ class VhdxNode(BlockNode):
     def has_zero_init(self) -> bool:
         """A fixed image (first block present) reads as its file; a dynamic one as zeroes."""
         if self.bat and self.bat[0] & L.STATE_MASK == L.FULLY_PRESENT:
-            return self.file_node.has_zero_init()
+            return self.file_child.child.has_zero_init()
         return True
 
     def cluster_size(self) -> int | None:

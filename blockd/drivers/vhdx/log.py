@@ -17,7 +17,7 @@ import dataclasses
 import struct
 from typing import Awaitable, Callable
 
-from blockd.block.node import BlockNode
+from blockd.block.node import ChildLink
 from blockd.drivers.vhdx.layout import MiB, SectorCrc, crc_register, set_checksum
 
 SECTOR = 4096
@@ -64,7 +64,7 @@ class LogReader:
     """Reads log sectors from the file (past its end they read as zeroes), and their
     CRC registers, each computed once."""
 
-    def __init__(self, file: BlockNode) -> None:
+    def __init__(self, file: ChildLink) -> None:
         self.file = file
         self._regs: dict[int, int] = {}
 
@@ -174,7 +174,7 @@ async def _validate(reader: LogReader, pos: Position, want: int,
     return hdr
 
 
-async def search(file: BlockNode, offset: int, length: int, log_guid: bytes) -> Sequence | None:
+async def search(file: ChildLink, offset: int, length: int, log_guid: bytes) -> Sequence | None:
     """The active sequence of the log, None if there is none."""
     reader = LogReader(file)
     scan = Position(offset, length, read=0, write=length)
@@ -201,7 +201,7 @@ async def search(file: BlockNode, offset: int, length: int, log_guid: bytes) -> 
     raise _EINVAL
 
 
-async def replay(file: BlockNode, seq: Sequence, log_guid: bytes,
+async def replay(file: ChildLink, seq: Sequence, log_guid: bytes,
                  sync: Callable[[], Awaitable[None]]) -> None:
     """Write what the entries of ``seq`` describe to their places in the file.
 
