@@ -19,6 +19,8 @@ _CREATORS = {
     "vpc": "blockd.drivers.vpc.create:create",
     "vdi": "blockd.drivers.vdi.create:create",
     "vmdk": "blockd.drivers.vmdk.create:create",
+    "qed": "blockd.drivers.qed.create:create",
+    "qcow": "blockd.drivers.qcow.create:create",
 }
 
 

@@ -26,6 +26,8 @@ _DRIVERS: dict[str, str] = {
     "vpc": "blockd.drivers.vpc.driver:VpcNode",
     "vdi": "blockd.drivers.vdi.driver:VdiNode",
     "vmdk": "blockd.drivers.vmdk.driver:VmdkNode",
+    "qed": "blockd.drivers.qed.driver:QedNode",
+    "qcow": "blockd.drivers.qcow.driver:QcowNode",
 }
 
 
