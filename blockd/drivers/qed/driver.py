@@ -11,7 +11,7 @@ The need-check flag: without a backing file, the first allocating write
 sets it in the header; it is cleared when the image has been idle for
 five seconds, and on a clean close.  An image opened read-write with the
 flag set is checked and repaired first (QEMU's automatic check); read-only,
-it opens as it is.
+it opens as it is.  (QEMU 7.2 does not report the flag as ``dirty-flag``.)
 """
 
 from __future__ import annotations
@@ -376,9 +376,6 @@ class QedNode(BlockNode):
 
         async with self._lock:
             return await check(self, bool(fix), sink)
-
-    def is_dirty(self) -> bool:
-        return bool(self.header.features & hdr.F_NEED_CHECK)
 
     def has_zero_init(self) -> bool:
         return self.backing is None

@@ -65,8 +65,10 @@ def parse(buf: bytes) -> Header:
 
 
 def max_image_size(cluster_size: int, table_size: int) -> int:
-    entries = table_size * cluster_size // 8
-    return entries * cluster_size * entries
+    """QEMU's limit, computed in its integer widths: it wraps to 0 for the largest tables
+    (64 MiB clusters, 16 a table), so no image of that shape can be made or opened."""
+    entries = (table_size * cluster_size & 0xFFFFFFFF) // 8
+    return entries * cluster_size * entries & 0xFFFFFFFFFFFFFFFF
 
 
 def cluster_size_valid(cluster_size: int) -> bool:
