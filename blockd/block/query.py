@@ -81,7 +81,10 @@ def block_device_info(node: BlockNode, flat: bool) -> dict[str, Any]:
                             "ro": node.read_only, "drv": node.driver}
     backing_name = node.backing_filename()
     if backing_name:
-        info["backing_file"] = backing_name
+        # QEMU names the backing node's file once one is attached (a relative name
+        # resolved), the image's own record otherwise.
+        backing = node.backing
+        info["backing_file"] = backing.filename() if backing is not None else backing_name
     # QEMU stops walking the chain for flat output before it counts a layer.
     info["backing_file_depth"] = 0 if flat else chain_depth(node)
     info["encrypted"] = node.encrypted()
