@@ -212,6 +212,8 @@ def test_hostile_headers(tmp_path, case):
     off, fmt, value = HOSTILE[case]
     if case == "backing name long":
         struct.pack_into(">Q", data, 8, 48)
+    if case == "l1 past eof":  # an L1 table of 16 MiB, almost all of it past the end
+        struct.pack_into(">Q", data, 24, 1 << 42)
     struct.pack_into(fmt, data, off, value)
     image.write_bytes(bytes(data))
     for cmd in (["info"],):
@@ -220,7 +222,7 @@ def test_hostile_headers(tmp_path, case):
         assert "Traceback" not in b[1]
         if case == "l1 past eof":  # QEMU reads zeroes there; blockd refuses
             assert b[2] == 1 and "extends past the end of the file" in b[1], b
-            continue
+            return
         assert b == (q.stdout, q.stderr.replace("qemu-img", "blockd-img"), q.returncode)
     outs = []
     for tool in ("qemu-img", "blockd-img"):
@@ -229,5 +231,4 @@ def test_hostile_headers(tmp_path, case):
         r = run("convert", "-f", "qcow", "-O", "raw", "h.qcow", str(out), cwd=tmp_path)
         code = r.returncode if tool == "qemu-img" else r[2]
         outs.append((code, out.read_bytes() if code == 0 else b""))
-    if case != "l1 past eof":
-        assert outs[0] == outs[1]
+    assert outs[0] == outs[1]

@@ -258,7 +258,10 @@ class QcowNode(BlockNode):
                 return Extent(n, Status.ZERO)
             sub = await backing.block_status(offset, min(n, backing.length() - offset))
             return Extent(sub.length, sub.status & ~Status.ALLOCATED, sub.offset, sub.child)
-        if entry & hdr.COMPRESSED or self.cipher is not None or self.header.crypt_method:
+        if entry & hdr.COMPRESSED or self.cipher is not None or self.header.crypt_method \
+                or entry & (SECTOR - 1):
+            # No offset to copy from: the data must come through read() (which fails
+            # on an unaligned one, as QEMU's does).
             return Extent(n, Status.DATA | Status.ALLOCATED)
         n = await self._run(offset, length,
                             lambda e, prev: not e & hdr.COMPRESSED and e == prev + cs)
