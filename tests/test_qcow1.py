@@ -13,9 +13,12 @@ import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from harness import Daemon
 from test_img import blockd_img, qemu_img, same
+from test_qed import FUZZ_CASES, fuzz_image
 from test_vpc import WRITES, check_nbd_read, check_same_writes, check_views, qemu_io
 
 MiB = 1 << 20
@@ -232,3 +235,24 @@ def test_hostile_headers(tmp_path, case):
         code = r.returncode if tool == "qemu-img" else r[2]
         outs.append((code, out.read_bytes() if code == 0 else b""))
     assert outs[0] == outs[1]
+
+
+@pytest.fixture(scope="module")
+def fuzz_base(tmp_path_factory) -> bytes:
+    d = tmp_path_factory.mktemp("qcowfuzz")
+    image = _qemu_image(d, "8M", "f.qcow")
+    qemu_io("qcow", str(image), "write -P 1 0 12k", "write -c -P 2 3M 4k", "write -P 3 5M 8k")
+    return image.read_bytes()
+
+
+@settings(max_examples=FUZZ_CASES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(rng=st.randoms(use_true_random=False))
+def test_fuzz(tmp_path, fuzz_base, rng):
+    """Header fields and table entries of a qcow image with plain and compressed
+    clusters, mutated: a clear error or a working image, in bounded memory."""
+    l1 = struct.unpack_from(">Q", fuzz_base, 40)[0]
+    l2 = struct.unpack_from(">Q", fuzz_base, l1)[0]
+    fuzz_image(tmp_path / "f.qcow", fuzz_base, "qcow", rng,
+               [(4, ">I"), (8, ">Q"), (16, ">I"), (24, ">Q"), (32, ">B"), (33, ">B"),
+                (36, ">I"), (40, ">Q")], [l1, l2, l2 + 8 * 760])

@@ -10,14 +10,22 @@ headers and tables fail with QEMU's messages or a clear one.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import random
 import shutil
 import struct
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from blockd.block.graph import BlockGraph
+from blockd.errors import QMPError
 from harness import Daemon
 from test_img import blockd_img, qemu_img, same
 from test_vpc import (WRITES, check_nbd_read, check_same_writes, check_views, qemu_io, serve)
@@ -278,3 +286,94 @@ def test_qmp_session_like_qsd(tmp_path):
                               if n["node-name"] in ("q0", "q1")))
             answers.append(got)
     assert answers[0] == answers[1]
+
+
+# ---- fuzzing: hostile headers and tables, in process ----------------------------------
+
+FUZZ_CASES = int(os.environ.get("BLOCKD_FUZZ_CASES", "120"))
+#: What opening, reading and writing one hostile image may cost in memory.
+MEMORY_BOUND = 96 * MiB
+
+
+async def _exercise(path: str, driver: str, writable: bool) -> None:
+    """Open, read up to 16 MiB and ask its block status, write a little, close: only the
+    driver's errors (QMPError on open, OSError on I/O) may escape."""
+    g = BlockGraph()
+    try:
+        node = await g.open_node({"driver": driver, "node-name": "n", "read-only": not writable,
+                                  "file": {"driver": "file", "filename": path}})
+    except QMPError:
+        await g.close_all()
+        return
+    try:
+        size = min(node.length(), 16 * MiB)
+        for off in range(0, size, MiB):
+            n = min(MiB, size - off)
+            try:
+                assert len(await node.read(off, n)) == n
+                assert (await node.block_status(off, n)).length > 0
+            except OSError:
+                pass
+        if writable:
+            for off in (0, 5000, MiB + 512, size - 4096):
+                if 0 <= off < size:
+                    try:
+                        await node.write(off, b"\xab" * min(4096, size - off))
+                        await node.write_zeroes(off, min(65536, size - off))
+                    except OSError:
+                        pass
+        if hasattr(node, "check"):
+            try:
+                await node.check(0, None)
+            except OSError:
+                pass
+    finally:
+        await g.close_all()
+
+
+def fuzz_image(path: Path, data: bytes, driver: str, rng: random.Random,
+               fields: list[tuple[int, str]], tables: list[int]) -> None:
+    """Mutate header ``fields`` (offset, struct format) and entries of the tables at
+    ``tables``, then exercise the image read-only and read-write."""
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        if rng.random() < 0.5 and fields:
+            off, fmt = rng.choice(fields)
+            bits = struct.calcsize(fmt) * 8
+            value = rng.choice([0, 1, 2, 3, rng.getrandbits(bits), 1 << rng.randrange(bits),
+                                (1 << bits) - 1, 512, 4096, 65536])
+            struct.pack_into(fmt, buf, off, value & ((1 << bits) - 1))
+        elif tables:
+            at = rng.choice(tables) + 8 * rng.randrange(16)
+            if at + 8 <= len(buf):
+                value = rng.choice([1, 2, 512, 4097, len(buf), len(buf) + 4096, 1 << 40,
+                                    1 << 63, rng.getrandbits(64)])
+                buf[at:at + 8] = value.to_bytes(8, rng.choice(["little", "big"]))
+        else:
+            buf[rng.randrange(len(buf))] = rng.getrandbits(8)
+    path.write_bytes(bytes(buf))
+    tracemalloc.start()
+    try:
+        asyncio.run(_exercise(str(path), driver, False))
+        asyncio.run(_exercise(str(path), driver, True))
+        assert tracemalloc.get_traced_memory()[1] < MEMORY_BOUND
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.fixture(scope="module")
+def fuzz_base(tmp_path_factory) -> bytes:
+    d = tmp_path_factory.mktemp("qedfuzz")
+    image = _qemu_image(d, "cluster_size=4k,table_size=2", "8M")
+    qemu_io("qed", str(image), "write -P 1 0 12k", "write -P 2 3M 4k", "write -z 5M 8k")
+    return image.read_bytes()
+
+
+@settings(max_examples=FUZZ_CASES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(rng=st.randoms(use_true_random=False))
+def test_fuzz(tmp_path, fuzz_base, rng):
+    l2 = struct.unpack_from("<Q", fuzz_base, 4096)[0]
+    fuzz_image(tmp_path / "f.qed", fuzz_base, "qed", rng,
+               [(4, "<I"), (8, "<I"), (12, "<I"), (16, "<Q"), (24, "<Q"), (32, "<Q"),
+                (40, "<Q"), (48, "<Q"), (56, "<I"), (60, "<I")], [4096, l2, l2 + 8 * 760])
