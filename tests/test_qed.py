@@ -377,3 +377,25 @@ def test_fuzz(tmp_path, fuzz_base, rng):
     fuzz_image(tmp_path / "f.qed", fuzz_base, "qed", rng,
                [(4, "<I"), (8, "<I"), (12, "<I"), (16, "<Q"), (24, "<Q"), (32, "<Q"),
                 (40, "<Q"), (48, "<Q"), (56, "<I"), (60, "<I")], [4096, l2, l2 + 8 * 760])
+
+
+def test_rebase(tmp_path):
+    """rebase rewrites the header cluster as QEMU does (byte for byte), safe or not."""
+    for name, size in (("a.raw", "8M"), ("b.raw", "8M")):
+        assert qemu_img("create", "-q", "-f", "raw", name, size, cwd=tmp_path).returncode == 0
+    qemu_io("raw", str(tmp_path / "a.raw"), "write -P 0xa1 0 1M")
+    qemu_io("raw", str(tmp_path / "b.raw"), "write -P 0xb1 512k 1M")
+    r = qemu_img("create", "-q", "-f", "qed", "-b", "a.raw", "-F", "raw", "top.qed",
+                 cwd=tmp_path)
+    assert r.returncode == 0
+    qemu_io("qed", str(tmp_path / "top.qed"), "write -P 0xc1 768k 4k")
+    orig = (tmp_path / "top.qed").read_bytes()
+    for argv in (["-u", "-b", "b.raw", "-F", "raw"], ["-u", "-b", "b.raw", "-F", "qcow2"],
+                 ["-u", "-b", ""], ["-b", "b.raw", "-F", "raw"], ["-u", "-b", "b.raw"]):
+        q = qemu_img("rebase", "-f", "qed", *argv, "top.qed", cwd=tmp_path)
+        theirs = (tmp_path / "top.qed").read_bytes()
+        (tmp_path / "top.qed").write_bytes(orig)
+        b = blockd_img("rebase", "-f", "qed", *argv, "top.qed", cwd=tmp_path)
+        assert b == (q.stdout, q.stderr.replace("qemu-img", "blockd-img"), q.returncode), argv
+        assert (tmp_path / "top.qed").read_bytes() == theirs, argv
+        (tmp_path / "top.qed").write_bytes(orig)

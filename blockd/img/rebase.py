@@ -109,11 +109,18 @@ async def run(args: Args) -> int:
             await _copy_differences(top, top.backing, new, bar)
             bar.finish()
         what = f"Could not change the backing file to '{out_base}'"
-        if top.driver != "qcow2":
+        change = getattr(top, "change_backing_file", None)  # formats other than qcow2
+        if top.driver != "qcow2" and change is None:
             raise ImgError(f"{what}: Operation not supported")
         if out_base and not out_fmt:
             raise ImgError(f"{what}: backing format must be specified")
-        from blockd.drivers.qcow2.amend import change_backing_file
+        if change is None:
+            from blockd.drivers.qcow2.amend import change_backing_file as change
 
-        await change_backing_file(top, out_base or None, out_fmt)
+            await change(top, out_base or None, out_fmt)
+        else:
+            try:
+                await change(out_base or None, out_fmt)
+            except OSError as exc:
+                raise ImgError(f"{what}: {exc.strerror}") from None
     return 0

@@ -369,6 +369,29 @@ class QedNode(BlockNode):
             h.image_size = old
             raise QMPError(f"Failed to update the image size: {exc.strerror}") from None
 
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """A new backing file name (and raw-or-probed format) in the header cluster, as
+        QEMU rewrites it: header and name from the start, the rest left as it was."""
+        h = self.header
+        if name and h.compat_features:
+            raise OSError(errno.ENOTSUP, "Operation not supported")
+        features = h.features & ~(hdr.F_BACKING_FILE | hdr.F_BACKING_FORMAT_NO_PROBE)
+        raw_name = (name or "").encode()
+        if name:
+            features |= hdr.F_BACKING_FILE
+            if fmt == "raw":
+                features |= hdr.F_BACKING_FORMAT_NO_PROBE
+        if hdr.SIZE + len(raw_name) > h.header_size * h.cluster_size:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        new = hdr.Header(**{**vars(h), "features": features,
+                            "backing_filename_offset": hdr.SIZE,
+                            "backing_filename_size": len(raw_name)})
+        await self.file.write(0, new.encode() + raw_name)
+        await self.file.flush()
+        self.header = new
+        self.tables.h = self.tables.layout.h = new
+        self.backing_name = name
+
     # ---- check and queries ----------------------------------------------------
 
     async def check(self, fix: int = 0, sink: Callable[[str], None] | None = None) -> Any:
