@@ -156,6 +156,9 @@ class QcowNode(BlockNode):
             flen = self.file.length()
             have = max(0, min(n, flen - l2_offset))
             raw = bytes(await self.file.read(l2_offset, have)) if have else b""
+            # A table another request loaded (and a writer may have changed) meanwhile wins.
+            if l2_offset in self._l2:
+                return self._l2[l2_offset]
             table = _table(raw + bytes(n - len(raw)))
             self._l2[l2_offset] = table
             while len(self._l2) > CACHE_TABLES:
@@ -365,9 +368,10 @@ class QcowNode(BlockNode):
                     if i < n_start or i >= n_end:
                         await self.file.write(cluster + i,
                                               await self._crypt(True, start + i, bytes(SECTOR)))
-        table[i2] = cluster
+        # On disk first, then in the cached table (reloaded from disk if it left the cache).
         await self.file.write(l2_offset + 8 * i2, cluster.to_bytes(8, "big"))
         await self.file.flush()
+        (await self._l2_table(l2_offset))[i2] = cluster
         return cluster
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:

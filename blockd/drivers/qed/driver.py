@@ -291,25 +291,26 @@ class QedNode(BlockNode):
         cs = self.header.cluster_size
         index = (pos >> t.l2_shift) & (t.nelems - 1)
         l1_index = pos >> t.l1_shift
+        step = 0 if cluster == hdr.ZERO_CLUSTER else cs
+        entries = [cluster + i * step for i in range(count)]
         if kind is Kind.L1:
             l2_offset = t.layout.file_size
             t.layout.file_size += self.header.table_size * cs
             table = array.array("Q", bytes(self.header.table_bytes))
-        else:
-            l2_offset = t.l1[l1_index]
-            table = await t.l2(l2_offset)
-        for i in range(index, index + count):
-            table[i] = cluster
-            if cluster != hdr.ZERO_CLUSTER:
-                cluster += cs
-        if kind is Kind.L1:
+            table[index:index + count] = array.array("Q", entries)
             await t.write_entries(l2_offset, table, 0, t.nelems)
             await self.file.flush()
             t.remember(l2_offset, table)
             t.l1[l1_index] = l2_offset
             await t.write_entries(self.header.l1_table_offset, t.l1, l1_index, 1)
-        else:
-            await t.write_entries(l2_offset, table, index, count)
+            return
+        # On disk first, then in the cached table: a reader that loads the table
+        # meanwhile (or after it left the cache) finds the new entries either way.
+        l2_offset = t.l1[l1_index]
+        table = array.array("Q", await t.l2(l2_offset))
+        table[index:index + count] = array.array("Q", entries)
+        await t.write_entries(l2_offset, table, index, count)
+        (await t.l2(l2_offset))[index:index + count] = array.array("Q", entries)
 
     async def write_zeroes(self, offset: int, length: int,
                            flags: WriteFlags = WriteFlags.NONE) -> None:

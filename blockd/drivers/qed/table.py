@@ -66,8 +66,11 @@ class Tables:
             self._cache.move_to_end(offset)
             return table
         raw = bytes(await self.file.read(offset, self.h.table_bytes))
-        table = decode(raw.ljust(self.h.table_bytes, b"\0"))
-        self.remember(offset, table)
+        # A table another request loaded (and a writer may have changed) meanwhile wins.
+        table = self._cache.get(offset)
+        if table is None:
+            table = decode(raw.ljust(self.h.table_bytes, b"\0"))
+            self.remember(offset, table)
         return table
 
     def remember(self, offset: int, table: array.array) -> None:
