@@ -430,3 +430,22 @@ def test_parallel_reads_and_writes_through_nbd(tmp_path, fmt, opts, ext):
         r = qemu_img("check", "-f", fmt, str(image))
         assert r.returncode in (0, 3) and "corrupt" not in r.stdout, r.stdout + r.stderr
         same(tmp_path, "check", "-f", fmt, image.name)
+
+
+@pytest.mark.parametrize("fmt", ["qed", "qcow"])
+def test_backing_chain_loop_refused(tmp_path, fmt):
+    """An image naming itself as its backing file: refused with a clear message (QEMU
+    would open it again and again)."""
+    assert qemu_img("create", "-q", "-f", "raw", "x.raw", "1M", cwd=tmp_path).returncode == 0
+    r = qemu_img("create", "-q", "-f", fmt, "-b", "x.raw", "-F", "raw", f"s.{fmt}", "1M",
+                 cwd=tmp_path)
+    assert r.returncode == 0
+    data = (tmp_path / f"s.{fmt}").read_bytes()
+    (tmp_path / f"s.{fmt}").write_bytes(data.replace(b"x.raw", b"s.qed" if fmt == "qed"
+                                                     else b"s.qco"))
+    name = f"s.{fmt}" if fmt == "qed" else "s.qco"
+    if fmt == "qcow":
+        (tmp_path / f"s.{fmt}").rename(tmp_path / name)
+    for cmd in (["convert", "-O", "raw", name, "o.raw"], ["map", name]):
+        out, err, code = blockd_img(*cmd, cwd=tmp_path)
+        assert code == 1 and "Backing chain loops back to" in err, err

@@ -22,10 +22,9 @@ import sys
 import zlib
 from typing import Any
 
-from blockd.block.filename import backing_path, image_options
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Extent, Status, WriteFlags
-from blockd.block.probe import fill_drivers, probe_name
+from blockd.drivers.backing import open_backing_file
 from blockd.drivers.qcow import header as hdr
 from blockd.errors import QMPError
 
@@ -125,16 +124,7 @@ class QcowNode(BlockNode):
             return
         if not self.backing_name:
             return
-        storage = self.file
-        while storage.file is not None:
-            storage = storage.file
-        try:
-            path = backing_path(storage.filename(), self.backing_name)
-            options = image_options(path, None)
-            await fill_drivers(ctx.graph, options, probe_name(path))
-            await ctx.open_child(options, "backing")
-        except QMPError as exc:
-            raise QMPError(f"Could not open backing file: {exc.desc}", hint=exc.hint) from None
+        await open_backing_file(ctx, self.file, self.backing_name, None)
 
     # ---- lookup ---------------------------------------------------------------
 

@@ -22,10 +22,9 @@ import errno
 import logging
 from typing import Any, Callable
 
-from blockd.block.filename import backing_path, image_options
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Extent, Status, WriteFlags
-from blockd.block.probe import fill_drivers, probe_name
+from blockd.drivers.backing import open_backing_file
 from blockd.drivers.qed import header as hdr
 from blockd.drivers.qed.table import Kind, Tables, decode
 from blockd.errors import QMPError
@@ -105,17 +104,7 @@ class QedNode(BlockNode):
             return
         if not self.backing_name:
             return
-        storage = self.file
-        while storage.file is not None:
-            storage = storage.file
-        try:
-            path = backing_path(storage.filename(), self.backing_name)
-            fmt = self.backing_format()
-            options = image_options(path, {"driver": fmt} if fmt else None)
-            await fill_drivers(ctx.graph, options, probe_name(path))
-            await ctx.open_child(options, "backing")
-        except QMPError as exc:
-            raise QMPError(f"Could not open backing file: {exc.desc}", hint=exc.hint) from None
+        await open_backing_file(ctx, self.file, self.backing_name, self.backing_format())
 
     async def close(self) -> None:
         self._cancel_timer()
