@@ -219,7 +219,10 @@ def test_hostile_headers(tmp_path, case):
         struct.pack_into(">Q", data, 24, 1 << 42)
     struct.pack_into(fmt, data, off, value)
     image.write_bytes(bytes(data))
-    for cmd in (["info"],):
+    # An unaligned data cluster: qemu-img maps it at its offset but cannot read it;
+    # blockd maps it without one, so copies read it through the driver and fail alike.
+    maps = [] if case == "l2 entry unaligned" else [["map", "--output=json"], ["map"]]
+    for cmd in (["info"], *maps):
         q = qemu_img(*cmd, "-f", "qcow", "h.qcow", cwd=tmp_path)
         b = blockd_img(*cmd, "-f", "qcow", "h.qcow", cwd=tmp_path)
         assert "Traceback" not in b[1]

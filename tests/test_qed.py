@@ -47,7 +47,7 @@ def test_qemu_images_read_alike(tmp_path, opts):
     image = _qemu_image(tmp_path, opts)
     qemu_io("qed", str(image), *WRITES)
     check_views(tmp_path, "qed", "a.qed")
-    for cmd in (["check"], ["check", "--output=json"]):
+    for cmd in (["check"], ["check", "--output=json"], ["map", "--output=json"], ["map"]):
         same(tmp_path, *cmd, "-f", "qed", "a.qed")
     check_nbd_read(tmp_path, "qed", image)
 
@@ -194,7 +194,7 @@ def test_check_and_repair(tmp_path, case):
         struct.pack_into("<Q", data, l1 + 8, l2)
     image.write_bytes(bytes(data))
     shutil.copyfile(image, tmp_path / "orig.qed")
-    for cmd in (["check"], ["check", "--output=json"]):
+    for cmd in (["check"], ["check", "--output=json"], ["map", "--output=json"], ["map"]):
         same(tmp_path, *cmd, "-f", "qed", "a.qed")
     q = qemu_img("check", "-r", "all", "a.qed", cwd=tmp_path)
     repaired = image.read_bytes()
@@ -238,9 +238,7 @@ HOSTILE = {
 def test_hostile_headers(tmp_path, case):
     """qemu-img's message and exit status for the same damage, never a traceback."""
     _hostile(tmp_path, *HOSTILE[case])
-    # (map is left out: where qemu-img fails mid-way it prints the entries so far,
-    # blockd-img only the error.)
-    for cmd in (["info"], ["check"]):
+    for cmd in (["info"], ["check"], ["map", "--output=json"], ["map"]):
         q = qemu_img(*cmd, "-f", "qed", "h.qed", cwd=tmp_path)
         b = blockd_img(*cmd, "-f", "qed", "h.qed", cwd=tmp_path)
         assert "Traceback" not in b[1]

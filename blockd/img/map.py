@@ -32,6 +32,16 @@ async def _layer_status(node: BlockNode, offset: int, length: int
         cur, depth = cur.backing, depth + 1
 
 
+class MapFailed(Exception):
+    """The status of a run could not be read: the runs printed before it (qemu-img prints
+    each once the next one starts; the one being merged is lost) and the message."""
+
+    def __init__(self, done: list[dict[str, Any]], message: str) -> None:
+        super().__init__(message)
+        self.done = done
+        self.message = message
+
+
 async def map_entries(node: BlockNode, start: int = 0, end: int | None = None
                       ) -> list[dict[str, Any]]:
     """Runs of equal status between ``start`` and ``end``, merged where contiguous."""
@@ -39,7 +49,11 @@ async def map_entries(node: BlockNode, start: int = 0, end: int | None = None
     size = node.length() if end is None else min(end, node.length())
     offset = start
     while offset < size:
-        n, depth, status, host, layer = await _layer_status(node, offset, size - offset)
+        try:
+            n, depth, status, host, layer = await _layer_status(node, offset, size - offset)
+        except OSError as exc:
+            raise MapFailed(entries[:-1], "Could not read file metadata: "
+                                          f"{exc.strerror or 'Input/output error'}") from None
         e = {"start": offset, "length": n, "depth": depth,
              "present": bool(status & Status.ALLOCATED), "zero": bool(status & Status.ZERO),
              "data": bool(status & Status.DATA)}
@@ -63,6 +77,10 @@ async def map_entries(node: BlockNode, start: int = 0, end: int | None = None
 
 def json_text(entries: list[dict[str, Any]]) -> str:
     """qemu-img's JSON map: one object per line, its own spacing."""
+    return "[" + ",\n".join(_json_rows(entries)) + "]\n"
+
+
+def _json_rows(entries: list[dict[str, Any]]) -> list[str]:
     rows = []
     for e in entries:
         row = (f'{{ "start": {e["start"]}, "length": {e["length"]}, "depth": {e["depth"]}, '
@@ -71,7 +89,7 @@ def json_text(entries: list[dict[str, Any]]) -> str:
         if "offset" in e:
             row += f', "offset": {e["offset"]}'
         rows.append(row + "}")
-    return "[" + ",\n".join(rows) + "]\n"
+    return rows
 
 
 def human_text(entries: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -116,7 +134,14 @@ async def run(args: Args) -> int:
         if args.has("picture"):
             await _picture(node, args.get("picture") or "")
             return 0
-        entries = await map_entries(node, start, end)
+        try:
+            entries = await map_entries(node, start, end)
+        except MapFailed as exc:
+            if output == "json":
+                print("[" + "".join(row + ",\n" for row in _json_rows(exc.done)), end="")
+            else:
+                print(human_text(exc.done)[0], end="")
+            raise ImgError(exc.message) from None
         # The top layer is named as the user gave a plain file name; backing layers,
         # other files (a vmdk's extents) and images named by json: or a protocol by
         # their node filename.
