@@ -447,3 +447,34 @@ def test_backing_chain_loop_refused(tmp_path, fmt):
     for cmd in (["convert", "-O", "raw", name, "o.raw"], ["map", name]):
         out, err, code = blockd_img(*cmd, cwd=tmp_path)
         assert code == 1 and "Backing chain loops back to" in err, err
+
+
+def test_reopen_read_only_marks_clean(tmp_path):
+    """A write sets the need-check flag; reopening the node read-only clears it at once,
+    in blockd as in qemu-storage-daemon."""
+    flags = []
+    for qsd in (False, True):
+        image = _qemu_image(tmp_path, name=f"r{int(qsd)}.qed")
+        nbd = str(tmp_path / "nbd.sock")
+        with Daemon(str(tmp_path / "qmp.sock"), qsd=qsd) as daemon:
+            c = daemon.client()
+            assert "return" in c.cmd("blockdev-add", driver="file", filename=str(image),
+                                     **{"node-name": "f0"})
+            assert "return" in c.cmd("blockdev-add", driver="qed", file="f0",
+                                     **{"node-name": "q0"})
+            c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": nbd}})
+            c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "q0"},
+                  writable=True)
+            qemu_io("raw", f"nbd+unix:///q0?socket={nbd}", "write -P 3 0 4k")
+            steps = [struct.unpack_from("<Q", image.read_bytes(), 16)[0]]
+            c.cmd("block-export-del", id="e0")
+            time.sleep(1)
+            steps.append(struct.unpack_from("<Q", image.read_bytes(), 16)[0])
+            steps.append(c.cmd("blockdev-reopen", options=[{
+                "driver": "qed", "node-name": "q0", "file": "f0", "read-only": True}]))
+            steps.append(struct.unpack_from("<Q", image.read_bytes(), 16)[0])
+            flags.append(steps)
+    # (qsd also clears it when the export goes, as it drains the node then; blockd has no
+    # drain and waits for the idle timer there.)
+    assert [f[0] for f in flags] == [2, 2] and flags[0][2:] == flags[1][2:]
+    assert flags[0][-1] == 0
