@@ -244,8 +244,8 @@ class QcowNode(BlockNode):
         n = min(length, cs - within)
         if not entry:
             backing = self.backing
+            n = await self._run(offset, length, lambda e, prev: not e)
             if backing is None:
-                n = await self._run(offset, length, lambda e, prev: not e)
                 return Extent(n, Status.ZERO)
             if offset >= backing.length():
                 return Extent(n, Status.ZERO)
