@@ -259,3 +259,15 @@ def test_fuzz(tmp_path, fuzz_base, rng):
     fuzz_image(tmp_path / "f.qcow", fuzz_base, "qcow", rng,
                [(4, ">I"), (8, ">Q"), (16, ">I"), (24, ">Q"), (32, ">B"), (33, ">B"),
                 (36, ">I"), (40, ">Q")], [l1, l2, l2 + 8 * 760])
+
+
+def test_compare_qcow_with_qed(tmp_path):
+    """compare across qcow and qed, same and differing content, as qemu-img reports it."""
+    a = _qemu_image(tmp_path, "11M", "a.qcow")
+    qemu_io("qcow", str(a), *WRITES)
+    assert qemu_img("create", "-q", "-f", "qed", "b.qed", "11M", cwd=tmp_path).returncode == 0
+    qemu_io("qed", str(tmp_path / "b.qed"), *WRITES)
+    same(tmp_path, "compare", "-f", "qcow", "-F", "qed", "a.qcow", "b.qed")
+    qemu_io("qed", str(tmp_path / "b.qed"), "write -P 0x12 6M 512")
+    for flags in ([], ["-s"]):
+        same(tmp_path, "compare", *flags, "-f", "qcow", "-F", "qed", "a.qcow", "b.qed")

@@ -80,7 +80,7 @@ def test_backing_file(tmp_path):
         check_views(tmp_path, "qed", "top.qed")
         check_same_writes(tmp_path, "qed", tmp_path / "top.qed",
                           ["write -P 0x12 100k 1k", "write -P 0x13 1M 3k", "write -z 2M 64k",
-                           "write -P 0x14 7M 2M"])
+                           "write -P 0x14 7M 2M", "write -z 3M 64k", "write -P 0x15 3076k 1k"])
         check_views(tmp_path, "qed", "ours.qed")
         (tmp_path / "top.qed").unlink()
 
