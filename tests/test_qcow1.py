@@ -123,6 +123,7 @@ def test_encrypted(tmp_path):
     ("encrypt.format=bogus", "1M"), ("encrypt.format=aes,encrypt.key-secret=nosuch", "1M"),
     ("encryption=on,encrypt.format=aes", "1M"), ("encrypt.key-secret=s0", "1M"),
     ("encryption=off,encrypt.key-secret=s0", "1M"), ("encryption=off", "1M"),
+    ("preallocation=full", "1M"), ("preallocation=metadata", "1M"),
 ])
 def test_create_like_qemu(tmp_path, opts, size):
     assert qemu_img("create", "-q", "-f", "raw", str(tmp_path / "base.raw"),

@@ -382,7 +382,7 @@ _CREATORS = {"qcow2": "blockd.drivers.qcow2.create", "luks": "blockd.drivers.luk
              "qcow": "blockd.drivers.qcow.create"}
 #: The formats whose ``-o preallocation`` goes to the (empty) file they are written on:
 #: qemu-img hands the protocol only the options the format does not take.
-_FILE_PREALLOC = ("vpc", "vdi")
+_FILE_PREALLOC = ("vpc", "vdi", "qed", "qcow")
 
 
 def _file_prealloc(value: str) -> str:
