@@ -272,3 +272,31 @@ def test_compare_qcow_with_qed(tmp_path):
     qemu_io("qed", str(tmp_path / "b.qed"), "write -P 0x12 6M 512")
     for flags in ([], ["-s"]):
         same(tmp_path, "compare", *flags, "-f", "qcow", "-F", "qed", "a.qcow", "b.qed")
+
+
+def test_hostile_headers_over_qmp(tmp_path):
+    """blockdev-add of each damaged image: the same reply as qemu-storage-daemon's (but
+    for an L1 table mostly past the end of the file, which blockd refuses)."""
+    answers = []
+    for qsd in (False, True):
+        with Daemon(str(tmp_path / "qmp.sock"), qsd=qsd) as daemon:
+            c = daemon.client()
+            got = []
+            for i, case in enumerate(sorted(set(HOSTILE) - {"l1 past eof"})):
+                d = tmp_path / f"{case.replace(' ', '_')}-{qsd}"
+                d.mkdir()
+                image = _qemu_image(d, "1M", "h.qcow")
+                qemu_io("qcow", str(image), "write -P 1 0 8k")
+                data = bytearray(image.read_bytes())
+                off, fmt, value = HOSTILE[case]
+                if case == "backing name long":
+                    struct.pack_into(">Q", data, 8, 48)
+                struct.pack_into(fmt, data, off, value)
+                image.write_bytes(bytes(data))
+                reply = c.cmd("blockdev-add", driver="qcow", **{"node-name": f"n{i}"},
+                              file={"driver": "file", "filename": str(image)})
+                got.append((case, reply))
+                if "return" in reply:
+                    c.cmd("blockdev-del", **{"node-name": f"n{i}"})
+        answers.append(got)
+    assert answers[0] == answers[1]

@@ -479,3 +479,29 @@ def test_reopen_read_only_marks_clean(tmp_path):
     # drain and waits for the idle timer there.)
     assert [f[0] for f in flags] == [2, 2] and flags[0][2:] == flags[1][2:]
     assert flags[0][-1] == 0
+
+
+def test_hostile_headers_over_qmp(tmp_path):
+    """blockdev-add of each damaged image (read-only, then read-write, which may repair
+    it): the same replies and files as qemu-storage-daemon's, each on its own copy."""
+    answers = []
+    for qsd in (False, True):
+        names = []
+        for case in sorted(HOSTILE):
+            d = tmp_path / f"{case.replace(' ', '_')}-{qsd}"
+            d.mkdir()
+            _hostile(d, *HOSTILE[case])
+            names.append(d / "h.qed")
+        with Daemon(str(tmp_path / "qmp.sock"), qsd=qsd) as daemon:
+            c = daemon.client()
+            got = []
+            for i, path in enumerate(names):
+                for ro in (True, False):
+                    reply = c.cmd("blockdev-add", driver="qed", **{"node-name": f"n{i}{ro}"},
+                                  **{"read-only": ro},
+                                  file={"driver": "file", "filename": str(path)})
+                    got.append((path.parent.name.split("-")[0], ro, reply))
+                    if "return" in reply:
+                        c.cmd("blockdev-del", **{"node-name": f"n{i}{ro}"})
+        answers.append((got, [p.read_bytes() for p in names]))
+    assert answers[0] == answers[1]
