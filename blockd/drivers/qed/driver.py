@@ -23,7 +23,7 @@ import logging
 from typing import Any, Callable
 
 from blockd.block.graph import OpenContext
-from blockd.block.node import BlockNode, Extent, Status, WriteFlags
+from blockd.block.node import BlockNode, Extent, Perm, Status, WriteFlags
 from blockd.drivers.backing import open_backing_file
 from blockd.drivers.qed import header as hdr
 from blockd.drivers.qed.table import Kind, Tables, decode
@@ -131,6 +131,13 @@ class QedNode(BlockNode):
         await super().reopen_commit(state, options, read_only)
 
     # ---- the need-check flag --------------------------------------------------
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        """When the last writer goes (an export deleted, say), QEMU drains the node, which
+        fires a pending clean-up timer at once; so does this."""
+        if not perm & Perm.WRITE and self._timer is not None:
+            self._cancel_timer()
+            self._timer_fired()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
