@@ -311,8 +311,11 @@ class QedNode(BlockNode):
     async def write_zeroes(self, offset: int, length: int,
                            flags: WriteFlags = WriteFlags.NONE) -> None:
         """Whole clusters become zero clusters (allocated ones are overwritten with
-        zeroes, as in QEMU); the unaligned head and tail are written as zeroes."""
+        zeroes, as in QEMU); the unaligned head and tail are written as zeroes.  A
+        request that must be fast is refused whole: QEMU's qed has no fast zeroing."""
         self._writable()
+        if flags & WriteFlags.NO_FALLBACK:
+            raise OSError(errno.ENOTSUP, "Operation not supported")
         cs = self.header.cluster_size
         lo, hi = -(-offset // cs) * cs, (offset + length) // cs * cs
         if lo >= hi:
