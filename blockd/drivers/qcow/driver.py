@@ -313,6 +313,11 @@ class QcowNode(BlockNode):
         while pos < len(view):
             within = (offset + pos) & (cs - 1)
             n = min(len(view) - pos, cs - within)
+            if self.cipher is None:
+                done = await self._write_new_run(offset + pos, view[pos:])
+                if done:
+                    pos += done
+                    continue
             host = await self._cluster_for_write(offset + pos, within, within + n)
             piece: bytes | memoryview = view[pos:pos + n]
             if self.cipher is not None:
@@ -320,24 +325,61 @@ class QcowNode(BlockNode):
             await self.file.write(host + within, piece)
             pos += n
 
+    async def _write_new_run(self, offset: int, view: memoryview) -> int:
+        """Write the start of ``view`` into the run of unallocated clusters of one L2 table
+        at ``offset``, allocated at once; the bytes written (0: the first cluster has data).
+
+        The file ends up as QEMU leaves it allocating the clusters one by one: each at the
+        end of the file (grown over it), its L2 entry pointing there.
+        """
+        cs = self._cs
+        h = self.header
+        l2_offset, table = await self._l2_for_write(offset)
+        i2 = self._l2_index(offset)[1]
+        within = offset & (cs - 1)
+        count = 0
+        limit = min(-(-(within + len(view)) // cs), (1 << h.l2_bits) - i2)
+        while count < limit and not table[i2 + count]:
+            count += 1
+        if not count:
+            return 0
+        n = min(len(view), count * cs - within)
+        cluster = -(-self.file.length() // cs) * cs
+        if cluster + count * cs > (1 << 63) - 1:
+            raise OSError(errno.E2BIG, "Argument list too long")
+        await self.file.truncate(cluster + count * cs)
+        await self.file.write(cluster + within, view[:n])
+        entries = array.array("Q", range(cluster, cluster + count * cs, cs))
+        await self.file.write(l2_offset + 8 * i2, _raw(entries))
+        await self.file.flush()
+        (await self._l2_table(l2_offset))[i2:i2 + count] = entries
+        return n
+
+    async def _l2_for_write(self, offset: int) -> tuple[int, array.array]:
+        """The L2 table of guest ``offset`` and where it is, made (at the end of the file,
+        its L1 entry written first, as QEMU does) if there is none."""
+        h = self.header
+        cs = self._cs
+        i1 = self._l2_index(offset)[0]
+        l2_offset = self.l1[i1]
+        if l2_offset:
+            return l2_offset, await self._l2_table(l2_offset)
+        l2_offset = -(-self.file.length() // cs) * cs
+        self.l1[i1] = l2_offset
+        await self.file.write(h.l1_table_offset + 8 * i1, l2_offset.to_bytes(8, "big"))
+        await self.file.flush()
+        table = array.array("Q", bytes(8 << h.l2_bits))
+        await self.file.write(l2_offset, bytes(8 << h.l2_bits))
+        await self.file.flush()
+        self._l2[l2_offset] = table
+        return l2_offset, table
+
     async def _cluster_for_write(self, offset: int, n_start: int, n_end: int) -> int:
         """The host cluster of guest ``offset``, allocated (QEMU's get_cluster_offset with
         allocate=1)."""
-        h = self.header
         cs = self._cs
-        i1, i2 = self._l2_index(offset)
-        l2_offset = self.l1[i1]
-        if not l2_offset:
-            l2_offset = -(-self.file.length() // cs) * cs
-            self.l1[i1] = l2_offset
-            await self.file.write(h.l1_table_offset + 8 * i1, l2_offset.to_bytes(8, "big"))
-            await self.file.flush()
-            table = array.array("Q", bytes(8 << h.l2_bits))
-            await self.file.write(l2_offset, bytes(8 << h.l2_bits))
-            await self.file.flush()
-            self._l2[l2_offset] = table
-        else:
-            table = await self._l2_table(l2_offset)
+        i2 = self._l2_index(offset)[1]
+        l2_offset, table = await self._l2_for_write(offset)
         entry = table[i2]
         if entry and not entry & hdr.COMPRESSED:
             if entry & (SECTOR - 1):
