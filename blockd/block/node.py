@@ -539,6 +539,11 @@ class BlockNode:
         """Change encryption key slots (``x-blockdev-amend``, ``qemu-img amend``)."""
         raise QMPError("Driver does not support x-blockdev-amend")
 
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Record another backing file (``None`` for none) in the image's header; the data
+        and the open backing link are untouched (``rebase``, ``change-backing-file``)."""
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
     async def make_empty(self) -> None:
         """Drop every allocation so the backing file shows through (after a commit)."""
         raise OSError(errno.ENOTSUP, "Operation not supported")

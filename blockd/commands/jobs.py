@@ -22,6 +22,8 @@ _CREATORS = {
     "vdi": "blockd.drivers.vdi.create:create",
     "vhdx": "blockd.drivers.vhdx.create:create",
     "vmdk": "blockd.drivers.vmdk.create:create",
+    "qed": "blockd.drivers.qed.create:create",
+    "qcow": "blockd.drivers.qcow.create:create",
 }
 
 

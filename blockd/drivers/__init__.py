@@ -29,6 +29,8 @@ _DRIVERS: dict[str, str] = {
     "vmdk": "blockd.drivers.vmdk.driver:VmdkNode",
     "quorum": "blockd.drivers.quorum:QuorumNode",
     "blkverify": "blockd.drivers.blkverify:BlkverifyNode",
+    "qed": "blockd.drivers.qed.driver:QedNode",
+    "qcow": "blockd.drivers.qcow.driver:QcowNode",
 }
 
 

@@ -101,6 +101,23 @@ FORMATS: dict[str, list[Opt]] = {
                                         "Non-standard, but default.  Do not set to 'off' when "
                                         "using 'qemu-img convert' with subformat=dynamic."),
     ],
+    "qed": [
+        _SIZE,
+        Opt("backing_file", "str", "File name of a base image"),
+        Opt("backing_fmt", "str", "Image format of the base image"),
+        Opt("cluster_size", "size", "Cluster size (in bytes)", "65536"),
+        Opt("table_size", "size", "L1/L2 table size (in clusters)"),
+    ],
+    "qcow": [
+        _SIZE,
+        Opt("backing_file", "str", "File name of a base image"),
+        Opt("backing_fmt", "str", "Format of the backing image"),
+        Opt("encryption", "bool", "Encrypt the image with format 'aes'. (Deprecated in favor "
+                                  "of encrypt.format=aes)"),
+        Opt("encrypt.format", "str", "Encrypt the image, format choices: 'aes'"),
+        Opt("encrypt.key-secret", "str", "ID of the secret that provides the AES encryption "
+                                         "key"),
+    ],
     "vmdk": [
         _SIZE,
         Opt("adapter_type", "str", "Virtual adapter type, can be one of ide (default), "
@@ -349,15 +366,55 @@ def _vhdx_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
     return out
 
 
+def _qed_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"driver": "qed", "size": size}
+    for name, key in (("backing_file", "backing-file"), ("cluster_size", "cluster-size"),
+                      ("table_size", "table-size")):
+        if name in opts:
+            out[key] = opts[name]
+    if "backing_fmt" in opts:
+        from blockd.qmp.schema import load
+
+        load().validate_type("BlockdevDriver", opts["backing_fmt"], "backing-fmt")
+        out["backing-fmt"] = opts["backing_fmt"]
+    return out
+
+
+def _qcow_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
+    """qemu-img's qcow options: ``encryption=on`` is ``encrypt.format=aes``, the QAPI
+    crypto format ``qcow``; the backing format is not stored (qcow has no field)."""
+    out: dict[str, Any] = {"driver": "qcow", "size": size}
+    if "backing_file" in opts:
+        out["backing-file"] = opts["backing_file"]
+    encrypt = {k[8:]: v for k, v in opts.items() if k.startswith("encrypt.")}
+    if "encryption" in opts:
+        if "format" in encrypt:
+            raise QMPError("'encrypt.format' and its alias 'encryption' can't be used at the "
+                           "same time")
+        if _bool(opts["encryption"]):
+            encrypt["format"] = "aes"
+    if encrypt:
+        if "format" not in encrypt:
+            raise QMPError("Parameter 'encrypt.format' is missing")
+        fmt = encrypt["format"]
+        if fmt not in ("aes", "qcow", "luks"):
+            raise QMPError(f"Parameter 'format' does not accept value '{fmt}'")
+        encrypt["format"] = "qcow" if fmt == "aes" else fmt
+        out["encrypt"] = encrypt
+    return out
+
+
 #: Each format's ``-o`` options to ``blockdev-create`` options, and the module that creates.
 _BUILDERS = {"qcow2": _qcow2_options, "luks": _luks_options, "vpc": _vpc_options,
-             "vdi": _vdi_options, "vmdk": _vmdk_options, "vhdx": _vhdx_options}
+             "vdi": _vdi_options, "vmdk": _vmdk_options, "vhdx": _vhdx_options,
+             "qed": _qed_options, "qcow": _qcow_options}
 _CREATORS = {"qcow2": "blockd.drivers.qcow2.create", "luks": "blockd.drivers.luks",
              "vpc": "blockd.drivers.vpc.create", "vdi": "blockd.drivers.vdi.create",
-             "vmdk": "blockd.drivers.vmdk.create", "vhdx": "blockd.drivers.vhdx.create"}
+             "vmdk": "blockd.drivers.vmdk.create", "vhdx": "blockd.drivers.vhdx.create",
+             "qed": "blockd.drivers.qed.create", "qcow": "blockd.drivers.qcow.create"}
 #: The formats whose ``-o preallocation`` goes to the (empty) file they are written on:
 #: qemu-img hands the protocol only the options the format does not take.
-_FILE_PREALLOC = ("vpc", "vdi", "vhdx")
+_FILE_PREALLOC = ("vpc", "vdi", "vhdx", "qed", "qcow")
 #: The formats whose failed creation leaves the file as far as it got, as qemu-img does.
 _KEEP_FAILED = ("vhdx",)
 

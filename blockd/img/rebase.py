@@ -111,13 +111,12 @@ async def run(args: Args) -> int:
             await _copy_differences(top, session.user(top), top.backing, new, bar)
             bar.finish()
         what = f"Could not change the backing file to '{out_base}'"
-        from blockd.drivers.qcow2.amend import change_backing_file
-        from blockd.drivers.qcow2.driver import Qcow2Node
-
-        if not isinstance(top, Qcow2Node):
+        if not top.supports(BlockNode.change_backing_file):
             raise ImgError(f"{what}: Operation not supported")
         if out_base and not out_fmt:
             raise ImgError(f"{what}: backing format must be specified")
-
-        await change_backing_file(top, out_base or None, out_fmt)
+        try:
+            await top.change_backing_file(out_base or None, out_fmt)
+        except OSError as exc:
+            raise ImgError(f"{what}: {exc.strerror}") from None
     return 0

@@ -117,6 +117,11 @@ class Qcow2Node(Qcow2Reopen):
             opts = {"encrypt.key-secret": key, **opts}
         return opts
 
+    async def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        from blockd.drivers.qcow2.amend import change_backing_file
+
+        await change_backing_file(self, name, fmt)
+
     async def amend(self, opts: dict[str, Any], secret: Any, force: bool = False) -> None:
         """Change the encryption key slots (``blockdev-amend`` ``encrypt`` options).
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import errno
 import logging
 import os
 from typing import Any, Callable
 
-from blockd.block.filename import backing_path, image_options, typed_options
 from blockd.block.graph import OpenContext
-from blockd.block.probe import fill_drivers, probe_name
+from blockd.drivers.backing import open_backing_file
 from blockd.drivers.qcow2 import bitmaps as qbitmaps
 from blockd.drivers.qcow2 import crypt
 from blockd.drivers.qcow2 import header as hdr
@@ -22,23 +20,8 @@ from blockd.drivers.qcow2.cache import cache_config
 from blockd.drivers.qcow2.cluster import Mapping
 from blockd.drivers.qcow2.image import Image
 from blockd.errors import QMPError
-from blockd.paths import os_path
 
 log = logging.getLogger(__name__)
-
-
-#: Files of the images whose backing files are being opened, in this open call.
-_BACKING_CHAIN: contextvars.ContextVar[frozenset[tuple[int, int] | None]] = \
-    contextvars.ContextVar("backing_chain", default=frozenset())
-
-
-def _file_id(path: str) -> tuple[int, int] | None:
-    """(device, inode) of a file, to recognise it under any name; None if it cannot be stat'ed."""
-    try:
-        st = os.stat(os_path(path))
-    except (OSError, ValueError):
-        return None
-    return st.st_dev, st.st_ino
 
 
 class Qcow2Open(Qcow2BitmapStore):
@@ -155,31 +138,7 @@ class Qcow2Open(Qcow2BitmapStore):
             return
         if not h.backing_file:
             return
-        # Relative names are in the directory of the storage under any filters (QEMU's
-        # bdrv_dirname), so blkdebug::top.qcow2 finds its backing file next to top.qcow2.
-        storage = self.image.file
-        while (inner := storage.file) is not None:
-            storage = inner
-        try:
-            path = backing_path(storage.filename(), h.backing_file)
-            options = image_options(path, {"driver": h.backing_format}
-                                    if h.backing_format else None)
-        except QMPError as exc:
-            raise QMPError(f"Could not open backing file: {exc.desc}") from None
-        chain = _BACKING_CHAIN.get() | {_file_id(self.image.file.filename())}
-        if _file_id(path) in chain - {None}:
-            # QEMU would open the chain forever; a file naming itself is refused.
-            raise QMPError(f"Could not open backing file: Backing chain loops back to '{path}'")
-        token = _BACKING_CHAIN.set(chain)
-        try:
-            await fill_drivers(ctx.graph, options, probe_name(path))
-            if path.startswith("json:"):
-                options = typed_options(options)
-            await ctx.open_child(options, "backing")
-        except QMPError as exc:
-            raise QMPError(f"Could not open backing file: {exc.desc}", hint=exc.hint) from None
-        finally:
-            _BACKING_CHAIN.reset(token)
+        await open_backing_file(ctx, self.file_node, h.backing_file, h.backing_format)
 
     async def _clean_caches(self, interval: int) -> None:
         """Give back memory of metadata nobody used for a whole interval."""
