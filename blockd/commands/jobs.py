@@ -19,6 +19,7 @@ _CREATORS = {
     "vpc": "blockd.drivers.vpc.create:create",
     "vdi": "blockd.drivers.vdi.create:create",
     "vmdk": "blockd.drivers.vmdk.create:create",
+    "parallels": "blockd.drivers.parallels.create:create",
 }
 
 

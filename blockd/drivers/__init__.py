@@ -26,6 +26,10 @@ _DRIVERS: dict[str, str] = {
     "vpc": "blockd.drivers.vpc.driver:VpcNode",
     "vdi": "blockd.drivers.vdi.driver:VdiNode",
     "vmdk": "blockd.drivers.vmdk.driver:VmdkNode",
+    "parallels": "blockd.drivers.parallels.driver:ParallelsNode",
+    "dmg": "blockd.drivers.dmg:DmgNode",
+    "bochs": "blockd.drivers.bochs:BochsNode",
+    "cloop": "blockd.drivers.cloop:CloopNode",
 }
 
 

@@ -90,6 +90,7 @@ FORMATS: dict[str, list[Opt]] = {
                                   "calculation"),
     ],
     "vdi": [_SIZE, Opt("static", "bool", "VDI static (pre-allocated) image", "off")],
+    "parallels": [_SIZE, Opt("cluster_size", "size", "Parallels image cluster size", "1048576")],
     "vmdk": [
         _SIZE,
         Opt("adapter_type", "str", "Virtual adapter type, can be one of ide (default), "
@@ -317,15 +318,21 @@ def _vdi_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
     return out
 
 
+def _parallels_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
+    """qemu-img rounds the cluster size up to whole sectors, silently."""
+    cluster = opts.get("cluster_size", 1 << 20)
+    return {"driver": "parallels", "size": size, "cluster-size": -(-cluster // 512) * 512}
+
+
 #: Each format's ``-o`` options to ``blockdev-create`` options, and the module that creates.
 _BUILDERS = {"qcow2": _qcow2_options, "luks": _luks_options, "vpc": _vpc_options,
-             "vdi": _vdi_options, "vmdk": _vmdk_options}
+             "vdi": _vdi_options, "vmdk": _vmdk_options, "parallels": _parallels_options}
 _CREATORS = {"qcow2": "blockd.drivers.qcow2.create", "luks": "blockd.drivers.luks",
              "vpc": "blockd.drivers.vpc.create", "vdi": "blockd.drivers.vdi.create",
-             "vmdk": "blockd.drivers.vmdk.create"}
+             "vmdk": "blockd.drivers.vmdk.create", "parallels": "blockd.drivers.parallels.create"}
 #: The formats whose ``-o preallocation`` goes to the (empty) file they are written on:
 #: qemu-img hands the protocol only the options the format does not take.
-_FILE_PREALLOC = ("vpc", "vdi")
+_FILE_PREALLOC = ("vpc", "vdi", "parallels")
 
 
 def _file_prealloc(value: str) -> str:
