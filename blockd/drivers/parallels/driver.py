@@ -192,6 +192,8 @@ class ParallelsNode(BlockNode):
         expect = sector + self.header.tracks
         while n < length:
             index += 1
+            if index >= len(self.bat) and not sector:
+                return 0, length  # past the BAT nothing is allocated
             nxt = self.sector_of(index)
             if (nxt != 0) != (sector != 0) or (sector and nxt != expect):
                 break
