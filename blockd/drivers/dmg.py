@@ -5,11 +5,14 @@ resource fork or an XML property list; either holds ``mish`` blocks whose
 40-byte chunk entries map runs of guest sectors to pieces of the data fork:
 stored as they are, zeroes, or compressed with zlib, bzip2 or (when the
 ``lzfse`` Python package is installed) lzfse.  Chunk types QEMU does not
-know are skipped, as there (their sectors then fail to read), and chunks are
-found by QEMU's binary search in the order the image lists them.  The
+know are skipped with its warning (their sectors then fail to read), and
+chunks are found by a binary search in the order the image lists them, as
+in QEMU.  (Debian's QEMU is built without its bzip2 and lzfse modules and
+fails to read those chunks; blockd reads bzip2 with Python's ``bz2``.)  The
 checks and limits (chunks of at most 64 MiB, a property list of at most
-16 MiB) are QEMU 7.2's; its failures without a message are ``Invalid
-argument``.
+16 MiB) are QEMU 7.2's; where QEMU fails without a message of its own, so
+does this driver (``Invalid argument``), and where it prints one before
+failing so, the message is the error.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import base64
 import binascii
 import bz2
 import errno
+import logging
 import re
 import struct
 from dataclasses import dataclass, field
@@ -28,17 +32,21 @@ from blockd.drivers.cloop import inflate_exactly
 from blockd.drivers.readonly_format import ReadOnlyFormatNode
 from blockd.errors import QMPError
 
+ZEROES = 0x00000000
 COPY = 0x00000001
-ZERO = 0x00000002
+IGNORE = 0x00000002  # reads as zeroes too
 ZLIB = 0x80000005
 BZIP2 = 0x80000006
 LZFSE = 0x80000007
+COMMENT = 0x7FFFFFFE
+LAST = 0xFFFFFFFF
 LENGTHS_MAX = 64 << 20
 SECTORCOUNTS_MAX = LENGTHS_MAX // 512
 PLIST_MAX = 16 << 20
 _MISH = 0x6D697368
 _CHUNK = struct.Struct(">II4Q")  # type, comment, sector, count, offset, length
 _THREAD_MIN = 256 << 10
+log = logging.getLogger(__name__)
 
 
 def _lzfse():
@@ -50,8 +58,9 @@ def _lzfse():
     return lzfse
 
 
-def _invalid() -> QMPError:
-    return QMPError("Invalid argument")
+def _invalid() -> OSError:
+    """QEMU's failures without a message: "Could not open '<file>': Invalid argument"."""
+    return OSError(errno.EINVAL, "Invalid argument")
 
 
 @dataclass
@@ -65,21 +74,40 @@ class Chunks:
     lengths: list[int] = field(default_factory=list)
 
     def find(self, sector: int) -> int | None:
-        """QEMU's binary search (which assumes chunks in sector order)."""
-        lo, hi = 0, len(self.types)
-        while lo != hi:
+        """A binary search, as QEMU's (which assumes chunks in sector order)."""
+        lo, hi = 0, len(self.types) - 1
+        while lo <= hi:
             mid = (lo + hi) // 2
             if self.sectors[mid] > sector:
-                hi = mid
+                hi = mid - 1
             elif self.sectors[mid] + self.counts[mid] > sector:
                 return mid
             else:
-                lo = mid
+                lo = mid + 1
         return None
 
 
 def _known(kind: int) -> bool:
-    return kind in (COPY, ZERO, ZLIB, BZIP2, LZFSE)
+    """Whether chunks of ``kind`` can be read; the others are left out (their sectors
+    fail to read), with QEMU's warning, once, for what is not a comment or an end."""
+    if kind in (ZEROES, COPY, IGNORE, ZLIB, BZIP2) or kind == LZFSE and _lzfse() is not None:
+        return True
+    if kind == LZFSE:
+        _warn_once("lzfse", "warning: dmg: lzfse-compressed chunks need the Python package "
+                            "'lzfse', accessing them will result in I/O errors")
+    elif kind not in (COMMENT, LAST):
+        _warn_once("unknown", f"warning: Image contains chunks of unknown type {kind:x}, "
+                              "accessing them will result in I/O errors")
+    return False
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("%s", message)
 
 
 def read_mish(chunks: Chunks, data_fork: int, block: bytes) -> None:
@@ -93,14 +121,11 @@ def read_mish(chunks: Chunks, data_fork: int, block: bytes) -> None:
         if not _known(kind):
             continue
         i = len(chunks.types)
-        if kind != ZERO and count > SECTORCOUNTS_MAX:
+        if kind not in (ZEROES, IGNORE) and count > SECTORCOUNTS_MAX:
             raise QMPError(f"sector count {count} for chunk {i} is larger than max "
                            f"({SECTORCOUNTS_MAX})")
         if length > LENGTHS_MAX:
             raise QMPError(f"length {length} for chunk {i} is larger than max ({LENGTHS_MAX})")
-        if kind == LZFSE and _lzfse() is None:
-            raise QMPError(f"chunk {i} is compressed with lzfse, and no lzfse decompressor is "
-                           "installed (the Python package 'lzfse')")
         chunks.types.append(kind)
         chunks.sectors.append((sector + out_offset) & (1 << 64) - 1)
         chunks.counts.append(count)
@@ -246,7 +271,7 @@ class DmgNode(ReadOnlyFormatNode):
                 raise OSError(errno.EIO, "Input/output error")
             within = (sector - c.sectors[index]) * 512
             n = min(end - offset, c.counts[index] * 512 - within)
-            if c.types[index] == ZERO:
+            if c.types[index] in (ZEROES, IGNORE):
                 out += bytes(n)
             else:
                 out += (await self._chunk(index))[within:within + n]

@@ -122,10 +122,20 @@ def all_opts(fmt: str) -> list[Opt]:
     return own + [o for o in _PROTOCOL if o.name not in names]
 
 
+#: Formats qemu-img reads but cannot create.
+_READ_ONLY = ("bochs", "cloop", "dmg")
+
+
+def _unknown(fmt: str) -> ImgError:
+    if fmt in _READ_ONLY:
+        return ImgError(f"Format driver '{fmt}' does not support image creation")
+    return ImgError(f"Unknown file format '{fmt}'")
+
+
 def help_text(fmt: str, with_protocol: bool) -> str:
     """``-o help``: sorted options; the protocol's only when a filename was given."""
     if fmt not in FORMATS:
-        raise ImgError(f"Unknown file format '{fmt}'")
+        raise _unknown(fmt)
     opts = all_opts(fmt) if with_protocol else FORMATS[fmt]
     lines = ["Supported options:" if with_protocol else f"Supported {fmt} options:"]
     for o in sorted(opts, key=lambda o: o.name):
@@ -163,7 +173,7 @@ def wants_help(text: str) -> bool:
 def parse_opts(fmt: str, text: str) -> dict[str, Any]:
     """``-o`` text -> {name: normalised value}; later duplicates win, as in qemu-img."""
     if fmt not in FORMATS:
-        raise ImgError(f"Unknown file format '{fmt}'")
+        raise _unknown(fmt)
     table = {o.name: o for o in all_opts(fmt)}
     out: dict[str, Any] = {}
     for item in filter(None, split_opts(text)):
@@ -405,7 +415,7 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
     from blockd.drivers import file as file_driver
 
     if fmt not in FORMATS:
-        raise ImgError(f"{filename}: Unknown file format '{fmt}'")
+        raise ImgError(f"{filename}: {_unknown(fmt)}")
     try:
         path = create_path(filename)
     except QMPError as exc:
