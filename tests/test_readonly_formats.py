@@ -25,7 +25,7 @@ import pytest
 
 from blockd.block.graph import BlockGraph
 from blockd.errors import QMPError
-from harness import HAVE_QSD, ROOT, Daemon
+from harness import HAVE_QSD, ROOT, Daemon, without_module_notes
 from readonly_images import (BZIP2, COPY, ZLIB, bochs_image, cloop_image, dmg_image, pattern,
                              write)
 from test_img import blockd_img, qemu_img
@@ -54,10 +54,7 @@ def _quiet(stderr: str) -> str:
     """qemu-img's stderr without the notes of Debian's build about its missing dmg
     modules (bzip2, lzfse), which it prints on every dmg open; its other warnings as
     blockd-img logs them (without the program's name)."""
-    return "".join(line.replace("qemu-img: warning: ", "warning: ")
-                   for line in stderr.splitlines(keepends=True)
-                   if not line.startswith("qemu: module block-block-dmg-")
-                   and "dmg-bzip2 module is missing" not in line)
+    return without_module_notes(stderr).replace("qemu-img: warning: ", "warning: ")
 
 
 def alike(cwd: Path, *args: str) -> None:
