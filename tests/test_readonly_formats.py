@@ -403,3 +403,32 @@ def test_random_damage_in_the_daemon(tmp_path):
             assert path.read_bytes() == data
             assert c.cmd("query-version")["return"]["qemu"]["major"] == 7
         assert daemon.proc.poll() is None
+
+
+@pytest.mark.skipif(not HAVE_QSD, reason="needs qemu-storage-daemon")
+def test_reopen_refused_as_qsd(tmp_path):
+    """QEMU cannot reopen nodes of these drivers (nor parallels): blockdev-reopen says so,
+    with the node's name, whatever the new options."""
+    files = {fmt: write(tmp_path / f"r.{fmt}", IMAGES[name][2]())
+             for fmt, name in (("bochs", "bochs"), ("cloop", "cloop 64k"),
+                               ("dmg", "dmg xml zlib"))}
+    assert qemu_img("create", "-q", "-f", "parallels", str(tmp_path / "r.prl"),
+                    "1M").returncode == 0
+    files["parallels"] = tmp_path / "r.prl"
+    answers = {}
+    for qsd in (False, True):
+        with Daemon(str(tmp_path / f"{qsd}.sock"), qsd=qsd) as daemon:
+            c = daemon.client()
+            got = []
+            for fmt, path in sorted(files.items()):
+                c.cmd("blockdev-add", driver="file", filename=str(path), **{"node-name": "f"})
+                got.append(c.cmd("blockdev-add", driver=fmt, file="f", **{"node-name": "n",
+                                                                          "read-only": True}))
+                for ro in (False, True):
+                    got.append(c.cmd("blockdev-reopen", options=[{
+                        "driver": fmt, "node-name": "n", "file": "f", "read-only": ro}]))
+                c.cmd("blockdev-del", **{"node-name": "n"})
+                c.cmd("blockdev-del", **{"node-name": "f"})
+            answers[qsd] = got
+    assert answers[False] == answers[True]
+    assert sum("does not support reopening files" in str(a) for a in answers[False]) == 8

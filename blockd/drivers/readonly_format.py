@@ -2,7 +2,8 @@
 
 Opened for writing they are refused with QEMU's message, or made
 read-only when ``auto-read-only`` allows it, before their storage opens
-(so it opens read-only too).  Reads are whole sectors of what the driver
+(so it opens read-only too); reopening is refused, as QEMU refuses it
+for drivers that cannot.  Reads are whole sectors of what the driver
 decodes; block status is QEMU's default for drivers without one: data,
 allocated, at no known offset.
 """
@@ -64,5 +65,14 @@ class ReadOnlyFormatNode(BlockNode):
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         raise QMPError("Image format driver does not support resize")
 
+    async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
+        raise not_reopenable(self)
+
     def has_info(self) -> bool:
         return False
+
+
+def not_reopenable(node: BlockNode) -> QMPError:
+    """QEMU's refusal to reopen a node whose driver cannot (these, and parallels)."""
+    return QMPError(f"Block format '{node.driver}' used by node '{node.node_name}' does not "
+                    "support reopening files")

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, Extent, Status, WriteFlags
 from blockd.drivers.parallels import header as hdr
+from blockd.drivers.readonly_format import not_reopenable
 from blockd.errors import QMPError
 
 #: QEMU writes the header (and the start of the BAT) in pieces of its memory alignment.
@@ -266,6 +267,9 @@ class ParallelsNode(BlockNode):
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         raise QMPError("Image format driver does not support resize")
+
+    async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
+        raise not_reopenable(self)
 
     # ---- queries ------------------------------------------------------------
 
