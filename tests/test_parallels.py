@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import shutil
 import struct
 import subprocess
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from blockd.block.graph import BlockGraph
+from blockd.errors import QMPError
 from harness import Daemon
 from test_img import blockd_img, qemu_img, same
 from test_vpc import WRITES, check_nbd_read, check_same_writes, check_views, qemu_io
@@ -358,3 +361,87 @@ def test_resize_refused(tmp_path):
     _image(tmp_path)
     same(tmp_path, "resize", "-f", "parallels", "a.prl", "20M")
 
+
+
+# ---- random damage ------------------------------------------------------------------------
+
+FUZZ_CASES = 120
+MEMORY_BOUND = 96 * MiB
+INTERESTING = [0, 1, 7, 8, 511, 512, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF,
+               1 << 32, (1 << 62) + 3, (1 << 63) - 1, (1 << 64) - 1]
+FIELDS = [(16, "<I"), (20, "<I"), (24, "<I"), (28, "<I"), (32, "<I"), (36, "<Q"), (44, "<I"),
+          (48, "<I"), (52, "<I"), (56, "<Q")] + [(64 + 4 * i, "<I") for i in range(12)]
+
+
+def _mutate(data: bytes, rng: random.Random) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.random()
+        if kind < 0.7:
+            off, spec = rng.choice(FIELDS)
+            bits = 8 * struct.calcsize(spec)
+            struct.pack_into(spec, out, off,
+                             rng.choice(INTERESTING + [rng.getrandbits(bits)]) & (1 << bits) - 1)
+        elif kind < 0.9:
+            at = rng.randrange(min(len(out), 4096))
+            out[at] ^= 1 << rng.randrange(8)
+        else:
+            del out[rng.randrange(len(out)):]
+    return bytes(out)
+
+
+async def _open_read_write(path: str, writable: bool) -> None:
+    """Open, read (at most 32 MiB), write a little when writable, check, close: only the
+    driver's errors may escape."""
+    graph = BlockGraph()
+    try:
+        node = await graph.open_node({"driver": "parallels", "node-name": "p",
+                                      "read-only": not writable, "prealloc-size": 0,
+                                      "file": {"driver": "file", "filename": path}})
+    except QMPError:
+        await graph.close_all()
+        return
+    try:
+        size = min(node.length(), 32 * MiB)
+        for off in range(0, size, 4 * MiB):
+            for call in (node.read(off, min(4 * MiB, size - off)),
+                         node.block_status(off, min(4 * MiB, size - off))):
+                try:
+                    await call
+                except OSError:
+                    pass
+        if writable and size:
+            for off in (0, size // 2, size - 4096):
+                try:
+                    await node.write(max(off, 0), b"\xab" * min(4096, size))
+                except OSError:
+                    pass
+        await node.check(0)
+    finally:
+        await graph.close_all()
+
+
+def test_random_damage(tmp_path):
+    """Damaged images opened, read, written and checked in process: a clear refusal or
+    I/O, in bounded memory, never a traceback or a hang; a refused or read-only open leaves
+    the file as it was."""
+    rng = random.Random(4242)
+    bases = []
+    for opts in ("cluster_size=64k", "cluster_size=4k"):
+        image = _image(tmp_path, opts, "11M", "base.prl")
+        qemu_io("parallels", str(image), *WRITES)
+        bases.append(image.read_bytes())
+    path = tmp_path / "fuzz.prl"
+    for i in range(FUZZ_CASES):
+        data = _mutate(bases[i % 2], rng)
+        path.write_bytes(data)
+        writable = i % 3 == 2
+        tracemalloc.start()
+        try:
+            asyncio.run(asyncio.wait_for(_open_read_write(str(path), writable), 120))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < MEMORY_BOUND, (i, peak)
+        if not writable:
+            assert path.read_bytes() == data, i

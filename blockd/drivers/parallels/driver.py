@@ -230,6 +230,9 @@ class ParallelsNode(BlockNode):
         cs = h.cluster_size
         first = offset // cs
         count = -(-(offset + n) // cs) - first
+        if first + count > len(self.bat):
+            # An image larger than its BAT covers: QEMU fails an assertion here.
+            raise OSError(errno.EIO, "Input/output error")
         space = count * h.tracks
         flen = self.file.length()
         if self.data_end + space > flen // 512:
@@ -246,13 +249,18 @@ class ParallelsNode(BlockNode):
     async def _grow(self, flen: int, new_end: int) -> None:
         """The file up to ``new_end``, reading as zeroes from the end of the data on."""
         start = self.data_end * 512
-        if self.prealloc_mode == "falloc" and start < flen:
-            # Zeroing also clears what an image may hold past its data.
+        if self.prealloc_mode == "truncate":
+            if new_end > flen:
+                await self.file.truncate(new_end, exact=False)
+            return
+        # QEMU zeroes [start, new_end): what an image holds past its data is cleared, the
+        # new room allocated, and a gap between the file's end and the data's left a hole.
+        if start < flen:
             await self.file.write_zeroes(start, flen - start)
-        if new_end > flen:
-            await self.file.truncate(new_end, exact=False,
-                                     prealloc="falloc" if self.prealloc_mode == "falloc"
-                                     else "off")
+        elif start > flen:
+            await self.file.truncate(start, exact=False)
+        if new_end > max(flen, start):
+            await self.file.truncate(new_end, exact=False, prealloc="falloc")
 
     async def flush(self) -> None:
         async with self.lock:
