@@ -26,7 +26,8 @@ from blockd.block.graph import BlockGraph
 from blockd.errors import QMPError
 from harness import Daemon
 from test_img import blockd_img, qemu_img, same
-from test_vpc import WRITES, check_nbd_read, check_same_writes, check_views, qemu_io
+from test_vpc import (WRITES, check_nbd_read, check_same_writes, check_views, qemu_io,
+                      serve)
 
 MiB = 1 << 20
 INUSE = 0x746F6E59
@@ -105,6 +106,27 @@ def test_writes_to_old_signature_match_qemu(tmp_path):
     qemu_io("parallels", str(image), "write -P 0x99 1M 8k")
     _old_signature(image)
     check_same_writes(tmp_path, "parallels", image, WRITES)
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=64k", "cluster_size=4k"])
+def test_parallel_writes_through_nbd(tmp_path, opts):
+    """qemu-img convert with many requests in flight, out of order, into a blockd export:
+    concurrent allocations leave an image with the source's content that qemu-img checks
+    clean."""
+    src = tmp_path / "src.raw"
+    assert qemu_img("create", "-q", "-f", "raw", str(src), "40M").returncode == 0
+    qemu_io("raw", str(src), *WRITES, "write -P 0x5a 20M 15M", "write -P 0x5b 36M 3M")
+    image = _image(tmp_path, opts, "40M", "t.prl")
+    daemon, uri = serve(tmp_path, "parallels", image, writable=True)
+    try:
+        r = qemu_img("convert", "-n", "-W", "-m", "16", "-f", "raw", "-O", "raw", str(src), uri)
+        assert r.returncode == 0, r.stderr
+    finally:
+        daemon.stop()
+    r = qemu_img("compare", "-f", "raw", "-F", "parallels", str(src), str(image))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = qemu_img("check", "-f", "parallels", str(image))
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_image_in_use_while_open(tmp_path):

@@ -22,6 +22,7 @@ import base64
 import binascii
 import bz2
 import errno
+import functools
 import logging
 import re
 import struct
@@ -49,6 +50,7 @@ _THREAD_MIN = 256 << 10
 log = logging.getLogger(__name__)
 
 
+@functools.cache
 def _lzfse():
     """The ``lzfse`` module when installed (QEMU needs its lzfse module built too)."""
     try:
