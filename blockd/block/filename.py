@@ -37,6 +37,9 @@ PROTOCOLS = {
 PROTOCOL_DRIVERS = frozenset(PROTOCOLS.values()) | {"quorum", "blkreplay"}
 #: Drivers that keep the name as their ``filename`` option once parsed.
 _KEEP_FILENAME = frozenset({"file", "host_device", "host_cdrom"})
+#: Driver options QEMU takes in option strings (``json:``, ``--image-opts``) but not in
+#: ``blockdev-add``, whose schema lacks them.
+_RUNTIME_ONLY = {"parallels": frozenset({"prealloc-mode", "prealloc-size"})}
 
 NBD_DEFAULT_PORT = 10809
 _EXPORT_OPT = ":exportname="
@@ -108,7 +111,7 @@ def _check_node(schema: Any, options: dict[str, Any]) -> None:
     if driver == "blkdebug" and options.get("image") is None:
         raise QMPError('A block device must be specified for "image"')
     union = schema.types["BlockdevOptions"]
-    known = set(union["properties"])
+    known = set(union["properties"]) | _RUNTIME_ONLY.get(driver, frozenset())
     for clause in union["allOf"]:
         if clause["if"]["properties"]["driver"].get("const") == driver:
             branch = clause["then"]["$ref"].removesuffix(".json")

@@ -134,6 +134,13 @@ _PROBES: tuple[tuple[str, Callable[[bytes, str | None], int]], ...] = (
 )
 
 
+def signature_score(fmt: str, head: bytes) -> int:
+    """The score ``fmt``'s probe gives an image starting with ``head`` (for drivers that
+    check the same signature when they open)."""
+    buf = head[:PROBE_SIZE].ljust(PROBE_SIZE, b"\0")
+    return dict(_PROBES)[fmt](buf, None)
+
+
 def probe(head: bytes, name: str | None) -> str:
     """The format qemu-img 7.2 detects in an image starting with ``head``.
 

@@ -24,6 +24,7 @@ _CREATORS = {
     "vmdk": "blockd.drivers.vmdk.create:create",
     "qed": "blockd.drivers.qed.create:create",
     "qcow": "blockd.drivers.qcow.create:create",
+    "parallels": "blockd.drivers.parallels.create:create",
 }
 
 

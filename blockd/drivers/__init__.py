@@ -31,6 +31,10 @@ _DRIVERS: dict[str, str] = {
     "blkverify": "blockd.drivers.blkverify:BlkverifyNode",
     "qed": "blockd.drivers.qed.driver:QedNode",
     "qcow": "blockd.drivers.qcow.driver:QcowNode",
+    "parallels": "blockd.drivers.parallels.driver:ParallelsNode",
+    "dmg": "blockd.drivers.dmg:DmgNode",
+    "bochs": "blockd.drivers.bochs:BochsNode",
+    "cloop": "blockd.drivers.cloop:CloopNode",
 }
 
 

@@ -118,6 +118,7 @@ FORMATS: dict[str, list[Opt]] = {
         Opt("encrypt.key-secret", "str", "ID of the secret that provides the AES encryption "
                                          "key"),
     ],
+    "parallels": [_SIZE, Opt("cluster_size", "size", "Parallels image cluster size", "1048576")],
     "vmdk": [
         _SIZE,
         Opt("adapter_type", "str", "Virtual adapter type, can be one of ide (default), "
@@ -149,10 +150,20 @@ def all_opts(fmt: str) -> list[Opt]:
     return own + [o for o in _PROTOCOL if o.name not in names]
 
 
+#: Formats qemu-img reads but cannot create.
+_READ_ONLY = ("bochs", "cloop", "dmg")
+
+
+def _unknown(fmt: str) -> ImgError:
+    if fmt in _READ_ONLY:
+        return ImgError(f"Format driver '{fmt}' does not support image creation")
+    return ImgError(f"Unknown file format '{fmt}'")
+
+
 def help_text(fmt: str, with_protocol: bool) -> str:
     """``-o help``: sorted options; the protocol's only when a filename was given."""
     if fmt not in FORMATS:
-        raise ImgError(f"Unknown file format '{fmt}'")
+        raise _unknown(fmt)
     opts = all_opts(fmt) if with_protocol else FORMATS[fmt]
     lines = ["Supported options:" if with_protocol else f"Supported {fmt} options:"]
     for o in sorted(opts, key=lambda o: o.name):
@@ -190,7 +201,7 @@ def wants_help(text: str) -> bool:
 def parse_opts(fmt: str, text: str) -> dict[str, Any]:
     """``-o`` text -> {name: normalised value}; later duplicates win, as in qemu-img."""
     if fmt not in FORMATS:
-        raise ImgError(f"Unknown file format '{fmt}'")
+        raise _unknown(fmt)
     table = {o.name: o for o in all_opts(fmt)}
     out: dict[str, Any] = {}
     for item in filter(None, split_opts(text)):
@@ -404,17 +415,24 @@ def _qcow_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
     return out
 
 
+def _parallels_options(opts: dict[str, Any], size: int) -> dict[str, Any]:
+    """qemu-img rounds the cluster size up to whole sectors, silently."""
+    cluster = opts.get("cluster_size", 1 << 20)
+    return {"driver": "parallels", "size": size, "cluster-size": -(-cluster // 512) * 512}
+
+
 #: Each format's ``-o`` options to ``blockdev-create`` options, and the module that creates.
 _BUILDERS = {"qcow2": _qcow2_options, "luks": _luks_options, "vpc": _vpc_options,
              "vdi": _vdi_options, "vmdk": _vmdk_options, "vhdx": _vhdx_options,
-             "qed": _qed_options, "qcow": _qcow_options}
+             "qed": _qed_options, "qcow": _qcow_options, "parallels": _parallels_options}
 _CREATORS = {"qcow2": "blockd.drivers.qcow2.create", "luks": "blockd.drivers.luks",
              "vpc": "blockd.drivers.vpc.create", "vdi": "blockd.drivers.vdi.create",
              "vmdk": "blockd.drivers.vmdk.create", "vhdx": "blockd.drivers.vhdx.create",
-             "qed": "blockd.drivers.qed.create", "qcow": "blockd.drivers.qcow.create"}
+             "qed": "blockd.drivers.qed.create", "qcow": "blockd.drivers.qcow.create",
+             "parallels": "blockd.drivers.parallels.create"}
 #: The formats whose ``-o preallocation`` goes to the (empty) file they are written on:
 #: qemu-img hands the protocol only the options the format does not take.
-_FILE_PREALLOC = ("vpc", "vdi", "vhdx", "qed", "qcow")
+_FILE_PREALLOC = ("vpc", "vdi", "vhdx", "qed", "qcow", "parallels")
 #: The formats whose failed creation leaves the file as far as it got, as qemu-img does.
 _KEEP_FAILED = ("vhdx",)
 
@@ -489,7 +507,7 @@ async def create_image(session: Session, filename: str, fmt: str, size: int | No
     from blockd.drivers import file as file_driver
 
     if fmt not in FORMATS:
-        raise ImgError(f"{filename}: Unknown file format '{fmt}'")
+        raise ImgError(f"{filename}: {_unknown(fmt)}")
     try:
         path = create_path(filename)
     except QMPError as exc:
