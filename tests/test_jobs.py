@@ -22,7 +22,7 @@ from blockd.daemon import Daemon as BlockdDaemon
 from blockd.errors import QMPError
 from blockd.jobs import state
 from blockd.jobs.blockjob import BlockJob, find_block_job
-from blockd.jobs.job import Job, JobTxn, find_job, list_jobs
+from blockd.jobs.job import JobTxn, find_job, list_jobs
 from blockd.jobs.ratelimit import RateLimit
 from blockd.qmp.registry import load_all
 from harness import HAVE_QSD, Daemon, Server, connect_unix, past_calibration

@@ -24,10 +24,8 @@ import pytest
 
 from blockd.block.graph import BlockGraph
 from blockd.errors import QMPError
-from harness import Daemon
-from test_img import blockd_img, qemu_img, same
-from test_vpc import (WRITES, check_nbd_read, check_same_writes, check_views, qemu_io,
-                      serve)
+from harness import Daemon, blockd_img, qemu_img, qemu_io_ok, same
+from test_vpc import WRITES, check_nbd_read, check_same_writes, check_views, serve
 
 MiB = 1 << 20
 INUSE = 0x746F6E59
@@ -66,7 +64,7 @@ def _old_signature(image: Path) -> None:
 @pytest.mark.parametrize("opts", ["", "cluster_size=4k", "cluster_size=64k", "cluster_size=3000"])
 def test_qemu_images_read_alike(tmp_path, opts):
     image = _image(tmp_path, opts)
-    qemu_io("parallels", str(image), *WRITES)
+    qemu_io_ok("parallels", str(image), *WRITES)
     check_views(tmp_path, "parallels", "a.prl")
     for cmd in (["check"], ["check", "--output=json"]):
         same(tmp_path, *cmd, "-f", "parallels", "a.prl")
@@ -75,7 +73,7 @@ def test_qemu_images_read_alike(tmp_path, opts):
 
 def test_old_signature_reads_alike(tmp_path):
     image = _image(tmp_path, "cluster_size=64k")
-    qemu_io("parallels", str(image), *WRITES)
+    qemu_io_ok("parallels", str(image), *WRITES)
     _old_signature(image)
     check_views(tmp_path, "parallels", "a.prl")
     same(tmp_path, "check", "--output=json", "-f", "parallels", "a.prl")
@@ -95,7 +93,7 @@ def test_probed_and_sizes(tmp_path):
 @pytest.mark.parametrize("opts", ["", "cluster_size=4k", "cluster_size=3000"])
 def test_writes_match_qemu(tmp_path, opts):
     image = _image(tmp_path, opts, "300M")
-    qemu_io("parallels", str(image), "write -P 0x99 2M 8k")
+    qemu_io_ok("parallels", str(image), "write -P 0x99 2M 8k")
     check_same_writes(tmp_path, "parallels", image, WRITES + [
         "write -P 0x66 2M 512", "write -P 0x77 10M 3M", "write -P 0x78 200M 4k",
         "write -P 0x79 127M 2M", "write -z 250M 1M", "write -P 0x7a 298M 2M"])
@@ -103,7 +101,7 @@ def test_writes_match_qemu(tmp_path, opts):
 
 def test_writes_to_old_signature_match_qemu(tmp_path):
     image = _image(tmp_path, "cluster_size=64k", "20M")
-    qemu_io("parallels", str(image), "write -P 0x99 1M 8k")
+    qemu_io_ok("parallels", str(image), "write -P 0x99 1M 8k")
     _old_signature(image)
     check_same_writes(tmp_path, "parallels", image, WRITES)
 
@@ -115,7 +113,7 @@ def test_parallel_writes_through_nbd(tmp_path, opts):
     clean."""
     src = tmp_path / "src.raw"
     assert qemu_img("create", "-q", "-f", "raw", str(src), "40M").returncode == 0
-    qemu_io("raw", str(src), *WRITES, "write -P 0x5a 20M 15M", "write -P 0x5b 36M 3M")
+    qemu_io_ok("raw", str(src), *WRITES, "write -P 0x5a 20M 15M", "write -P 0x5b 36M 3M")
     image = _image(tmp_path, opts, "40M", "t.prl")
     daemon, uri = serve(tmp_path, "parallels", image, writable=True)
     try:
@@ -147,7 +145,7 @@ def test_image_in_use_while_open(tmp_path):
 def test_convert_into_parallels(tmp_path):
     src = tmp_path / "src.raw"
     assert qemu_img("create", "-q", "-f", "raw", str(src), "11M").returncode == 0
-    qemu_io("raw", str(src), *WRITES)
+    qemu_io_ok("raw", str(src), *WRITES)
     for opts in ("cluster_size=1M", "cluster_size=4k"):
         out = blockd_img("convert", "-O", "parallels", "-o", opts, "src.raw", "o.prl",
                          cwd=tmp_path)
@@ -269,7 +267,7 @@ def test_blockdev_create(tmp_path):
 
 def _written(d: Path, opts: str = "cluster_size=64k") -> Path:
     image = _image(d, opts, "11M", "h.prl")
-    qemu_io("parallels", str(image), "write -P 1 0 4k", "write -P 2 3M 4k",
+    qemu_io_ok("parallels", str(image), "write -P 1 0 4k", "write -P 2 3M 4k",
             "write -P 3 200k 100k")
     return image
 
@@ -451,7 +449,7 @@ def test_random_damage(tmp_path):
     bases = []
     for opts in ("cluster_size=64k", "cluster_size=4k"):
         image = _image(tmp_path, opts, "11M", "base.prl")
-        qemu_io("parallels", str(image), *WRITES)
+        qemu_io_ok("parallels", str(image), *WRITES)
         bases.append(image.read_bytes())
     path = tmp_path / "fuzz.prl"
     for i in range(FUZZ_CASES):

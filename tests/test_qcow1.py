@@ -16,10 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness import Daemon
-from test_img import blockd_img, qemu_img, same
+from harness import Daemon, blockd_img, qemu_img, qemu_io_ok, same
 from test_qed import FUZZ_CASES, fuzz_image
-from test_vpc import WRITES, check_nbd_read, check_same_writes, check_views, qemu_io
+from test_vpc import WRITES, check_nbd_read, check_same_writes, check_views
 
 MiB = 1 << 20
 SECRET = ["--object", "secret,id=s0,data=hunter2"]
@@ -33,7 +32,7 @@ def _qemu_image(d: Path, size: str = "11M", name: str = "a.qcow", *opts: str) ->
 
 def test_qemu_images_read_alike(tmp_path):
     image = _qemu_image(tmp_path)
-    qemu_io("qcow", str(image), *WRITES)
+    qemu_io_ok("qcow", str(image), *WRITES)
     check_views(tmp_path, "qcow", "a.qcow")
     same(tmp_path, "check", "-f", "qcow", "a.qcow")
     check_nbd_read(tmp_path, "qcow", image)
@@ -42,7 +41,7 @@ def test_qemu_images_read_alike(tmp_path):
 def test_compressed_clusters(tmp_path):
     # (qemu-img 7.2's convert -c -O qcow fails without a message; qemu-io compresses.)
     image = _qemu_image(tmp_path, "3M", "c.qcow")
-    qemu_io("qcow", str(image), "write -c -P 0x21 0 4k", "write -c -P 0x22 4k 4k",
+    qemu_io_ok("qcow", str(image), "write -c -P 0x21 0 4k", "write -c -P 0x22 4k 4k",
             "write -c -P 0x24 2M 4k", "write -P 0x23 1M 4k")
     check_views(tmp_path, "qcow", "c.qcow")
     check_nbd_read(tmp_path, "qcow", tmp_path / "c.qcow")
@@ -53,7 +52,7 @@ def test_compressed_clusters(tmp_path):
 
 def test_writes_match_qemu(tmp_path):
     image = _qemu_image(tmp_path, "300M")
-    qemu_io("qcow", str(image), "write -P 0x99 2M 8k")
+    qemu_io_ok("qcow", str(image), "write -P 0x99 2M 8k")
     check_same_writes(tmp_path, "qcow", image, WRITES + [
         "write -P 0x66 2M 512", "write -P 0x77 10M 3M", "write -P 0x78 200M 4k",
         "write -P 0x79 127M 5", "write -z 250M 1M"])
@@ -62,9 +61,9 @@ def test_writes_match_qemu(tmp_path):
 def test_backing_file(tmp_path):
     base = tmp_path / "base.raw"
     assert qemu_img("create", "-q", "-f", "raw", str(base), "8M").returncode == 0
-    qemu_io("raw", str(base), "write -P 0xb1 0 8M")
+    qemu_io_ok("raw", str(base), "write -P 0xb1 0 8M")
     top = _qemu_image(tmp_path, "11M", "top.qcow", "-b", "base.raw", "-F", "raw")
-    qemu_io("qcow", str(top), "write -P 0xc1 1M 3k")
+    qemu_io_ok("qcow", str(top), "write -P 0xc1 1M 3k")
     check_views(tmp_path, "qcow", "top.qcow")
     check_same_writes(tmp_path, "qcow", top, ["write -P 0x12 100k 1k", "write -P 0x13 3M 7",
                                                "write -P 0x14 7M 2M"])
@@ -110,7 +109,7 @@ def test_encrypted(tmp_path):
                                       "encrypt.format=aes,encrypt.key-secret=s0",
                         "--nbd-server", f"addr.type=unix,addr.path={nbd}",
                         "--export", "type=nbd,id=e0,node-name=img,writable=on"):
-                qemu_io("raw", f"nbd+unix:///img?socket={nbd}", *writes)
+                qemu_io_ok("raw", f"nbd+unix:///img?socket={nbd}", *writes)
     assert ours.read_bytes() == theirs.read_bytes()
 
 
@@ -143,7 +142,7 @@ def test_create_like_qemu(tmp_path, opts, size):
 def test_convert_into_qcow(tmp_path):
     src = tmp_path / "src.raw"
     assert qemu_img("create", "-q", "-f", "raw", str(src), "11M").returncode == 0
-    qemu_io("raw", str(src), *WRITES)
+    qemu_io_ok("raw", str(src), *WRITES)
     assert blockd_img("convert", "-O", "qcow", "src.raw", "o.qcow", cwd=tmp_path)[2] == 0
     r = qemu_img("compare", "-f", "raw", "-F", "qcow", "src.raw", "o.qcow", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -211,7 +210,7 @@ HOSTILE = {
 def test_hostile_headers(tmp_path, case):
     """qemu-img's message and exit status for the same damage, never a traceback."""
     image = _qemu_image(tmp_path, "1M", "h.qcow")
-    qemu_io("qcow", str(image), "write -P 1 0 8k")
+    qemu_io_ok("qcow", str(image), "write -P 1 0 8k")
     data = bytearray(image.read_bytes())
     off, fmt, value = HOSTILE[case]
     if case == "backing name long":
@@ -245,7 +244,7 @@ def test_hostile_headers(tmp_path, case):
 def fuzz_base(tmp_path_factory) -> bytes:
     d = tmp_path_factory.mktemp("qcowfuzz")
     image = _qemu_image(d, "8M", "f.qcow")
-    qemu_io("qcow", str(image), "write -P 1 0 12k", "write -c -P 2 3M 4k", "write -P 3 5M 8k")
+    qemu_io_ok("qcow", str(image), "write -P 1 0 12k", "write -c -P 2 3M 4k", "write -P 3 5M 8k")
     return image.read_bytes()
 
 
@@ -265,11 +264,11 @@ def test_fuzz(tmp_path, fuzz_base, rng):
 def test_compare_qcow_with_qed(tmp_path):
     """compare across qcow and qed, same and differing content, as qemu-img reports it."""
     a = _qemu_image(tmp_path, "11M", "a.qcow")
-    qemu_io("qcow", str(a), *WRITES)
+    qemu_io_ok("qcow", str(a), *WRITES)
     assert qemu_img("create", "-q", "-f", "qed", "b.qed", "11M", cwd=tmp_path).returncode == 0
-    qemu_io("qed", str(tmp_path / "b.qed"), *WRITES)
+    qemu_io_ok("qed", str(tmp_path / "b.qed"), *WRITES)
     same(tmp_path, "compare", "-f", "qcow", "-F", "qed", "a.qcow", "b.qed")
-    qemu_io("qed", str(tmp_path / "b.qed"), "write -P 0x12 6M 512")
+    qemu_io_ok("qed", str(tmp_path / "b.qed"), "write -P 0x12 6M 512")
     for flags in ([], ["-s"]):
         same(tmp_path, "compare", *flags, "-f", "qcow", "-F", "qed", "a.qcow", "b.qed")
 
@@ -286,7 +285,7 @@ def test_hostile_headers_over_qmp(tmp_path):
                 d = tmp_path / f"{case.replace(' ', '_')}-{qsd}"
                 d.mkdir()
                 image = _qemu_image(d, "1M", "h.qcow")
-                qemu_io("qcow", str(image), "write -P 1 0 8k")
+                qemu_io_ok("qcow", str(image), "write -P 1 0 8k")
                 data = bytearray(image.read_bytes())
                 off, fmt, value = HOSTILE[case]
                 if case == "backing name long":

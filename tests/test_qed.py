@@ -26,9 +26,8 @@ from hypothesis import strategies as st
 
 from blockd.block.graph import BlockGraph
 from blockd.errors import QMPError
-from harness import Daemon
-from test_img import blockd_img, qemu_img, same
-from test_vpc import (WRITES, check_nbd_read, check_same_writes, check_views, qemu_io, serve)
+from harness import Daemon, blockd_img, qemu_img, qemu_io_ok, same
+from test_vpc import WRITES, check_nbd_read, check_same_writes, check_views, serve
 
 MiB = 1 << 20
 
@@ -45,7 +44,7 @@ def _qemu_image(d: Path, opts: str = "", size: str = "11M", name: str = "a.qed")
                                   "cluster_size=16k,table_size=2"])
 def test_qemu_images_read_alike(tmp_path, opts):
     image = _qemu_image(tmp_path, opts)
-    qemu_io("qed", str(image), *WRITES)
+    qemu_io_ok("qed", str(image), *WRITES)
     check_views(tmp_path, "qed", "a.qed")
     for cmd in (["check"], ["check", "--output=json"], ["map", "--output=json"], ["map"]):
         same(tmp_path, *cmd, "-f", "qed", "a.qed")
@@ -55,7 +54,7 @@ def test_qemu_images_read_alike(tmp_path, opts):
 @pytest.mark.parametrize("opts", ["", "cluster_size=4k,table_size=2"])
 def test_writes_match_qemu(tmp_path, opts):
     image = _qemu_image(tmp_path, opts, "300M")
-    qemu_io("qed", str(image), "write -P 0x99 2M 8k")
+    qemu_io_ok("qed", str(image), "write -P 0x99 2M 8k")
     check_same_writes(tmp_path, "qed", image, WRITES + [
         "write -P 0x66 2M 512", "write -P 0x77 10M 3M", "write -P 0x78 200M 4k",
         "write -z 250M 1M", "write -z 2M 64k", "write -P 0x79 250M 512",
@@ -67,13 +66,13 @@ def test_backing_file(tmp_path):
     backing format recorded only for raw (QED has no field for others)."""
     base = tmp_path / "base.raw"
     assert qemu_img("create", "-q", "-f", "raw", str(base), "8M").returncode == 0
-    qemu_io("raw", str(base), "write -P 0xb1 0 8M")
+    qemu_io_ok("raw", str(base), "write -P 0xb1 0 8M")
     for fmt, name in (("raw", "base.raw"), ("qed", "mid.qed")):
         if fmt == "qed":
             r = qemu_img("create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", "mid.qed",
                          cwd=tmp_path)
             assert r.returncode == 0, r.stderr
-            qemu_io("qed", str(tmp_path / "mid.qed"), "write -P 0xc2 1M 64k")
+            qemu_io_ok("qed", str(tmp_path / "mid.qed"), "write -P 0xc2 1M 64k")
         r = qemu_img("create", "-q", "-f", "qed", "-b", name, "-F", fmt, "top.qed", "11M",
                      cwd=tmp_path)
         assert r.returncode == 0, r.stderr
@@ -88,7 +87,7 @@ def test_backing_file(tmp_path):
 def test_convert_and_create(tmp_path):
     src = tmp_path / "src.raw"
     assert qemu_img("create", "-q", "-f", "raw", str(src), "11M").returncode == 0
-    qemu_io("raw", str(src), *WRITES)
+    qemu_io_ok("raw", str(src), *WRITES)
     for opts in ("cluster_size=65536", "cluster_size=4k,table_size=1", "table_size=8"):
         out = tmp_path / "o.qed"
         q = qemu_img("convert", "-O", "qed", "-o", opts, "src.raw", "o.qed", cwd=tmp_path)
@@ -147,13 +146,13 @@ def test_dirty_flag(tmp_path):
     image = _qemu_image(tmp_path)
     daemon, uri = serve(tmp_path, "qed", image, writable=True)
     try:
-        qemu_io("raw", uri, "write -P 1 0 4k")
+        qemu_io_ok("raw", uri, "write -P 1 0 4k")
         assert struct.unpack_from("<Q", image.read_bytes(), 16)[0] & 2
         deadline = time.monotonic() + 120  # QEMU's idle timer is 5 s; a busy machine is slow
         while struct.unpack_from("<Q", image.read_bytes(), 16)[0] & 2:
             assert time.monotonic() < deadline, "need-check flag never cleared"
             time.sleep(0.2)
-        qemu_io("raw", uri, "write -P 2 1M 4k")
+        qemu_io_ok("raw", uri, "write -P 2 1M 4k")
         assert struct.unpack_from("<Q", image.read_bytes(), 16)[0] & 2
     finally:
         daemon.stop()
@@ -167,7 +166,7 @@ def test_dirty_flag(tmp_path):
     shutil.copyfile(image, tmp_path / "b.qed")
     for cmd in (["info"], ["info", "--output=json"], ["check"], ["check", "--output=json"]):
         same(tmp_path, *cmd, "-f", "qed", "a.qed")
-    qemu_io("qed", str(image), "read -P 1 0 4k")  # QEMU repairs as it opens
+    qemu_io_ok("qed", str(image), "read -P 1 0 4k")  # QEMU repairs as it opens
     daemon, uri = serve(tmp_path, "qed", tmp_path / "b.qed", writable=True)
     daemon.stop()
     assert (tmp_path / "b.qed").read_bytes() == image.read_bytes()
@@ -177,7 +176,7 @@ def test_dirty_flag(tmp_path):
                                   "unaligned entry", "overlapping table"])
 def test_check_and_repair(tmp_path, case):
     image = _qemu_image(tmp_path, "cluster_size=4k,table_size=2")
-    qemu_io("qed", str(image), "write -P 1 0 12k", "write -P 2 4M 4k")
+    qemu_io_ok("qed", str(image), "write -P 1 0 12k", "write -P 2 4M 4k")
     data = bytearray(image.read_bytes())
     cs = 4096
     l1 = cs
@@ -208,7 +207,7 @@ def test_check_and_repair(tmp_path, case):
 
 def _hostile(d: Path, off: int, fmt: str, value: int) -> None:
     image = _qemu_image(d, "cluster_size=4k,table_size=2", "8M", "h.qed")
-    qemu_io("qed", str(image), "write -P 1 0 8k", "write -P 2 3M 4k")
+    qemu_io_ok("qed", str(image), "write -P 1 0 8k", "write -P 2 3M 4k")
     data = bytearray(image.read_bytes())
     struct.pack_into(fmt, data, off, value)
     image.write_bytes(bytes(data))
@@ -365,7 +364,7 @@ def fuzz_image(path: Path, data: bytes, driver: str, rng: random.Random,
 def fuzz_base(tmp_path_factory) -> bytes:
     d = tmp_path_factory.mktemp("qedfuzz")
     image = _qemu_image(d, "cluster_size=4k,table_size=2", "8M")
-    qemu_io("qed", str(image), "write -P 1 0 12k", "write -P 2 3M 4k", "write -z 5M 8k")
+    qemu_io_ok("qed", str(image), "write -P 1 0 12k", "write -P 2 3M 4k", "write -z 5M 8k")
     return image.read_bytes()
 
 
@@ -383,12 +382,12 @@ def test_rebase(tmp_path):
     """rebase rewrites the header cluster as QEMU does (byte for byte), safe or not."""
     for name, size in (("a.raw", "8M"), ("b.raw", "8M")):
         assert qemu_img("create", "-q", "-f", "raw", name, size, cwd=tmp_path).returncode == 0
-    qemu_io("raw", str(tmp_path / "a.raw"), "write -P 0xa1 0 1M")
-    qemu_io("raw", str(tmp_path / "b.raw"), "write -P 0xb1 512k 1M")
+    qemu_io_ok("raw", str(tmp_path / "a.raw"), "write -P 0xa1 0 1M")
+    qemu_io_ok("raw", str(tmp_path / "b.raw"), "write -P 0xb1 512k 1M")
     r = qemu_img("create", "-q", "-f", "qed", "-b", "a.raw", "-F", "raw", "top.qed",
                  cwd=tmp_path)
     assert r.returncode == 0
-    qemu_io("qed", str(tmp_path / "top.qed"), "write -P 0xc1 768k 4k")
+    qemu_io_ok("qed", str(tmp_path / "top.qed"), "write -P 0xc1 768k 4k")
     orig = (tmp_path / "top.qed").read_bytes()
     for argv in (["-u", "-b", "b.raw", "-F", "raw"], ["-u", "-b", "b.raw", "-F", "qcow2"],
                  ["-u", "-b", ""], ["-b", "b.raw", "-F", "raw"], ["-u", "-b", "b.raw"]):
@@ -409,7 +408,7 @@ def test_parallel_reads_and_writes_through_nbd(tmp_path, fmt, opts, ext):
     (while reads run too): a consistent image with the source's content, checked clean."""
     src = tmp_path / "src.raw"
     assert qemu_img("create", "-q", "-f", "raw", str(src), "40M").returncode == 0
-    qemu_io("raw", str(src), *WRITES, "write -P 0x5a 20M 15M", "write -P 0x5b 36M 3M")
+    qemu_io_ok("raw", str(src), *WRITES, "write -P 0x5a 20M 15M", "write -P 0x5b 36M 3M")
     image = tmp_path / f"t.{ext}"
     r = blockd_img("create", "-q", "-f", fmt, *(["-o", opts] if opts else []), str(image),
                    "40M", cwd=tmp_path)
@@ -467,7 +466,7 @@ def test_export_deletion_marks_clean(tmp_path):
             c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": nbd}})
             c.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "q0"},
                   writable=True)
-            qemu_io("raw", f"nbd+unix:///q0?socket={nbd}", "write -P 3 0 4k")
+            qemu_io_ok("raw", f"nbd+unix:///q0?socket={nbd}", "write -P 3 0 4k")
             steps = [struct.unpack_from("<Q", image.read_bytes(), 16)[0]]
             c.cmd("block-export-del", id="e0")
             deadline = time.monotonic() + 60  # blockd cleans up just after its reply

@@ -25,10 +25,9 @@ import pytest
 
 from blockd.block.graph import BlockGraph
 from blockd.errors import QMPError
-from harness import HAVE_QSD, ROOT, Daemon, without_module_notes
+from harness import HAVE_QSD, ROOT, Daemon, blockd_img, qemu_img, without_module_notes
 from readonly_images import (BZIP2, COPY, ZLIB, bochs_image, cloop_image, dmg_image, pattern,
                              write)
-from test_img import blockd_img, qemu_img
 from test_vpc import nbd_uri
 
 MiB = 1 << 20
