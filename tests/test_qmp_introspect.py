@@ -372,7 +372,7 @@ def test_lists_exactly_the_commands_blockd_runs(blockd_schema):
 def test_every_event_blockd_emits_is_listed(blockd_schema):
     events = {n for n, e in blockd_schema.items() if e["meta-type"] == "event"}
     assert events == {"BLOCK_IMAGE_CORRUPTED", "JOB_STATUS_CHANGE", "BLOCK_EXPORT_DELETED",
-                      "QUORUM_FAILURE", "QUORUM_REPORT_BAD",
+                      "QUORUM_FAILURE", "QUORUM_REPORT_BAD", "BLOCK_WRITE_THRESHOLD",
                       "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_READY",
                       "BLOCK_JOB_ERROR", "BLOCK_JOB_PENDING"}
 

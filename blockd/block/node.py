@@ -191,6 +191,8 @@ class BlockNode:
     #: Options that change what the node shows; any of them set means the
     #: node's name is a ``json:{...}`` description rather than a file name.
     strong_options: ClassVar[tuple[str, ...]] = ()
+    #: ``block-set-write-threshold``'s state (blockd.block.write_threshold), once set.
+    write_threshold: Any = None
 
     def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
         self.node_name = node_name

@@ -114,7 +114,7 @@ def block_device_info(node: BlockNode, flat: bool) -> dict[str, Any]:
         info[key] = 0
     info["image"] = image_info(node, flat)
     info["cache"] = cache_info(node)
-    info["write_threshold"] = 0
+    info["write_threshold"] = node.write_threshold.offset if node.write_threshold else 0
     bitmaps = node.dirty_bitmaps_info()
     if bitmaps:
         info["dirty-bitmaps"] = bitmaps

@@ -10,6 +10,7 @@ from blockd.block.graph import check_common_options
 from blockd.block.node import BlockNode, Perm
 from blockd.block.query import block_device_info, block_graph, stats_info
 from blockd.block.reopen import reopen
+from blockd.block.write_threshold import threshold_of
 from blockd.daemon import Daemon
 from blockd.errors import QMPError
 from blockd.qmp.registry import command
@@ -106,4 +107,13 @@ def _resize_bitmaps(node: BlockNode) -> None:
 @command("blockdev-reopen")
 async def blockdev_reopen(daemon: Daemon, args: dict[str, Any]) -> dict:
     await reopen(daemon.graph, args["options"])
+    return {}
+
+
+@command("block-set-write-threshold")
+async def block_set_write_threshold(daemon: Daemon, args: dict[str, Any]) -> dict:
+    node = daemon.graph.nodes.get(args["node-name"])
+    if node is None:
+        raise QMPError(f"Device '{args['node-name']}' not found")
+    threshold_of(node, daemon.emit).set(args["write-threshold"])
     return {}
