@@ -11,6 +11,7 @@ from blockd.block.node import BlockNode, Perm
 from blockd.block.query import block_device_info, block_graph, stats_info
 from blockd.block.reopen import reopen
 from blockd.block.write_threshold import threshold_of
+from blockd.commands.snapshots import root_node
 from blockd.daemon import Daemon
 from blockd.errors import QMPError
 from blockd.qmp.registry import command
@@ -116,4 +117,45 @@ async def block_set_write_threshold(daemon: Daemon, args: dict[str, Any]) -> dic
     if node is None:
         raise QMPError(f"Device '{args['node-name']}' not found")
     threshold_of(node, daemon.emit).set(args["write-threshold"])
+    return {}
+
+
+def _in_chain(top: BlockNode, node: BlockNode) -> bool:
+    """Whether ``node`` is ``top`` or below it through backing files and filters."""
+    current: BlockNode | None = top
+    while current is not None:
+        if current is node:
+            return True
+        current = current.backing if current.backing is not None else current.filtered
+    return False
+
+
+@command("change-backing-file")
+async def change_backing_file(daemon: Daemon, args: dict[str, Any]) -> dict:
+    """Rewrite the backing file name in an image's header; the open chain stays as it
+    is (a read-only image is made writable for the change, then read-only again)."""
+    device, name = args["device"], args["backing-file"]
+    root = root_node(daemon, device)
+    image = daemon.graph.lookup_node(args["image-node-name"])
+    if image.backing is None:
+        raise QMPError("not allowing backing file change on an image without a backing file")
+    op_blockers.check(root, "change")
+    if not _in_chain(root, image):
+        raise QMPError(f"'{device}' and image file are not in the same chain")
+    read_only = image.read_only
+    # The node's own options, its links as they are, and only read-only-ness changed.
+    same = {**image.options, "node-name": image.node_name,
+            "backing": image.backing.node_name}
+    if read_only:
+        await reopen(daemon.graph, [{**same, "read-only": False}])
+    try:
+        backing = image.backing
+        await image.change_backing_file(name, backing.driver if backing is not None else None)
+        if image.auto_backing_file is not None:
+            image.auto_backing_file = name
+    except OSError as exc:
+        raise QMPError(f"Could not change backing file to '{name}': {exc.strerror}") from None
+    finally:
+        if read_only:
+            await reopen(daemon.graph, [{**same, "read-only": True}])
     return {}

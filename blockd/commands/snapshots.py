@@ -17,7 +17,7 @@ from blockd.errors import QMPError
 from blockd.qmp.registry import command
 
 
-def _root(daemon: Daemon, device: str) -> BlockNode:
+def root_node(daemon: Daemon, device: str) -> BlockNode:
     """The node named ``device``; it must not be another node's child (exports may use it)."""
     node = daemon.graph.nodes.get(device)
     if node is None:
@@ -36,7 +36,7 @@ async def snapshot_internal_sync(daemon: Daemon, args: dict[str, Any]) -> dict:
 async def take(daemon: Daemon, args: dict[str, Any]) -> Callable[[], Awaitable[None]]:
     """Take the snapshot ``args`` asks for; returns what deletes it again (transactions)."""
     device, name = args["device"], args["name"]
-    node = _root(daemon, device)
+    node = root_node(daemon, device)
     op_blockers.check(node, "internal-snapshot")
     if node.read_only:
         raise QMPError(f"Device '{device}' is read only")
@@ -62,7 +62,7 @@ async def take(daemon: Daemon, args: dict[str, Any]) -> Callable[[], Awaitable[N
 async def snapshot_delete_internal_sync(daemon: Daemon, args: dict[str, Any]) -> dict:
     device = args["device"]
     snap_id, name = args.get("id"), args.get("name")
-    node = _root(daemon, device)
+    node = root_node(daemon, device)
     op_blockers.check(node, "internal-snapshot-delete")
     if snap_id is None and name is None:
         raise QMPError("Name or id must be provided")
