@@ -282,8 +282,6 @@ class QcowNode(BlockNode):
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
-        if self.read_only:
-            raise OSError(errno.EPERM, "Operation not permitted")
         async with self._lock:
             await self._write_sectors(offset, memoryview(data).cast("B"))
         if flags & WriteFlags.FUA:

@@ -226,13 +226,8 @@ class QedNode(BlockNode):
 
     # ---- writes ---------------------------------------------------------------
 
-    def _writable(self) -> None:
-        if self.read_only:
-            raise OSError(errno.EPERM, "Operation not permitted")
-
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
-        self._writable()
         view = memoryview(data).cast("B")
         async with self._lock:
             allocated = False
@@ -315,7 +310,6 @@ class QedNode(BlockNode):
         """Whole clusters become zero clusters (allocated ones are overwritten with
         zeroes, as in QEMU); the unaligned head and tail are written as zeroes.  A
         request that must be fast is refused whole: QEMU's qed has no fast zeroing."""
-        self._writable()
         if flags & WriteFlags.NO_FALLBACK:
             raise OSError(errno.ENOTSUP, "Operation not supported")
         cs = self.header.cluster_size
