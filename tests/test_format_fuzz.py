@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from blockd.block.graph import BlockGraph
 from blockd.drivers import driver_names
 from blockd.errors import QMPError
-from harness import qemu_img, qemu_io_ok
+from harness import open_user, qemu_img, qemu_io_ok
 from test_hostile_images import CASES, MEMORY_BOUND
 
 MiB = 1 << 20
@@ -82,29 +82,30 @@ async def _exercise(path: str, fmt: str, writable: bool) -> None:
     only the driver's errors (QMPError on open, OSError on I/O) may escape."""
     g = BlockGraph()
     try:
-        node = await g.open_node({"driver": fmt, "node-name": "n", "read-only": not writable,
-                                  "file": {"driver": "file", "filename": path}})
+        user = await open_user(g, {"driver": fmt, "node-name": "n", "read-only": not writable,
+                                   "file": {"driver": "file", "filename": path}}, writable)
     except QMPError:
         await g.close_all()
         return
+    node = user.node
     try:
         size = min(node.length(), 16 * MiB)
         for off in range(0, size, MiB):
             n = min(MiB, size - off)
             try:
                 if writable:
-                    await node.write(off, b"\xab" * min(n, 4096))
+                    await user.write(off, b"\xab" * min(n, 4096))
                 else:
-                    assert len(await node.read(off, n)) == n
+                    assert len(await user.read(off, n)) == n
             except OSError:
                 pass
             try:
-                assert (await node.block_status(off, n)).length > 0
+                assert (await user.block_status(off, n)).length > 0
             except OSError:
                 pass
         node.format_specific()
         try:
-            await node.flush()
+            await user.flush()
         except OSError:
             pass
     finally:

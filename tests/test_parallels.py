@@ -24,7 +24,7 @@ import pytest
 
 from blockd.block.graph import BlockGraph
 from blockd.errors import QMPError
-from harness import Daemon, blockd_img, qemu_img, qemu_io_ok, same
+from harness import Daemon, blockd_img, open_user, qemu_img, qemu_io_ok, same
 from test_vpc import WRITES, check_nbd_read, check_same_writes, check_views, serve
 
 MiB = 1 << 20
@@ -193,14 +193,14 @@ async def _write_in_process(image: Path, mode: str, writes: list[tuple[int, int,
                             ) -> list[int]:
     """The writes through a node opened with the options; the file's length after each."""
     graph = BlockGraph()
-    node = await graph.open_node({
+    user = await open_user(graph, {
         "driver": "parallels", "node-name": "p", "prealloc-mode": mode,
         "prealloc-size": "3M", "file": {"driver": "file", "filename": str(image)}})
     lengths = []
     try:
         for offset, byte, n in writes:
-            await node.write(offset, bytes([byte]) * n)
-            lengths.append(node.file.length())
+            await user.write(offset, bytes([byte]) * n)
+            lengths.append(user.node.file_node.length())
     finally:
         await graph.close_all()
     return lengths
@@ -415,17 +415,18 @@ async def _open_read_write(path: str, writable: bool) -> None:
     driver's errors may escape."""
     graph = BlockGraph()
     try:
-        node = await graph.open_node({"driver": "parallels", "node-name": "p",
-                                      "read-only": not writable, "prealloc-size": 0,
-                                      "file": {"driver": "file", "filename": path}})
+        user = await open_user(graph, {"driver": "parallels", "node-name": "p",
+                                       "read-only": not writable, "prealloc-size": 0,
+                                       "file": {"driver": "file", "filename": path}}, writable)
     except QMPError:
         await graph.close_all()
         return
+    node = user.node
     try:
         size = min(node.length(), 32 * MiB)
         for off in range(0, size, 4 * MiB):
-            for call in (node.read(off, min(4 * MiB, size - off)),
-                         node.block_status(off, min(4 * MiB, size - off))):
+            for call in (user.read(off, min(4 * MiB, size - off)),
+                         user.block_status(off, min(4 * MiB, size - off))):
                 try:
                     await call
                 except OSError:
@@ -433,7 +434,7 @@ async def _open_read_write(path: str, writable: bool) -> None:
         if writable and size:
             for off in (0, size // 2, size - 4096):
                 try:
-                    await node.write(max(off, 0), b"\xab" * min(4096, size))
+                    await user.write(max(off, 0), b"\xab" * min(4096, size))
                 except OSError:
                     pass
         await node.check(0)

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from blockd.block.graph import BlockGraph
 from blockd.errors import QMPError
-from harness import Daemon, blockd_img, qemu_img, qemu_io_ok, same
+from harness import Daemon, blockd_img, open_user, qemu_img, qemu_io_ok, same
 from test_vpc import WRITES, check_nbd_read, check_same_writes, check_views, serve
 
 MiB = 1 << 20
@@ -299,26 +299,28 @@ async def _exercise(path: str, driver: str, writable: bool) -> None:
     driver's errors (QMPError on open, OSError on I/O) may escape."""
     g = BlockGraph()
     try:
-        node = await g.open_node({"driver": driver, "node-name": "n", "read-only": not writable,
-                                  "file": {"driver": "file", "filename": path}})
+        user = await open_user(g, {"driver": driver, "node-name": "n",
+                                   "read-only": not writable,
+                                   "file": {"driver": "file", "filename": path}}, writable)
     except QMPError:
         await g.close_all()
         return
+    node = user.node
     try:
         size = min(node.length(), 16 * MiB)
         for off in range(0, size, MiB):
             n = min(MiB, size - off)
             try:
-                assert len(await node.read(off, n)) == n
-                assert (await node.block_status(off, n)).length > 0
+                assert len(await user.read(off, n)) == n
+                assert (await user.block_status(off, n)).length > 0
             except OSError:
                 pass
         if writable:
             for off in (0, 5000, MiB + 512, size - 4096):
                 if 0 <= off < size:
                     try:
-                        await node.write(off, b"\xab" * min(4096, size - off))
-                        await node.write_zeroes(off, min(65536, size - off))
+                        await user.write(off, b"\xab" * min(4096, size - off))
+                        await user.write_zeroes(off, min(65536, size - off))
                     except OSError:
                         pass
         if hasattr(node, "check"):

@@ -25,7 +25,7 @@ import pytest
 
 from blockd.block.graph import BlockGraph
 from blockd.errors import QMPError
-from harness import HAVE_QSD, ROOT, Daemon, blockd_img, qemu_img, without_module_notes
+from harness import HAVE_QSD, ROOT, Daemon, blockd_img, open_user, qemu_img, without_module_notes
 from readonly_images import (BZIP2, COPY, ZLIB, bochs_image, cloop_image, dmg_image, pattern,
                              write)
 from test_vpc import nbd_uri
@@ -349,16 +349,16 @@ async def _open_and_read(fmt: str, path: str) -> None:
     """Open, read every byte (at most 64 MiB), close; only the driver's errors escape."""
     g = BlockGraph()
     try:
-        node = await g.open_node({"driver": fmt, "node-name": "h", "read-only": True,
-                                  "file": {"driver": "file", "filename": path}})
+        user = await open_user(g, {"driver": fmt, "node-name": "h", "read-only": True,
+                                   "file": {"driver": "file", "filename": path}}, False)
     except QMPError:
         await g.close_all()
         return
     try:
-        size = min(node.length(), 64 * MiB)
+        size = min(user.length(), 64 * MiB)
         for off in range(0, size, MiB):
             try:
-                data = await node.read(off, min(MiB, size - off))
+                data = await user.read(off, min(MiB, size - off))
                 assert len(data) == min(MiB, size - off)
             except OSError:
                 pass

@@ -309,8 +309,13 @@ class BlockNode:
         self.requests.before_write = [h for h in self.requests.before_write if h is not hook]
 
     def mark_dirty(self, offset: int, length: int) -> None:
-        """Record a guest write in every recording dirty bitmap of this node."""
+        """Record a guest write in every recording dirty bitmap of this node; a write that
+        grew the node (a format allocating at the end of its file) grows them first, as
+        QEMU's block layer does."""
+        size = self.length()
         for bitmap in self.bitmaps.values():
+            if bitmap.size < size:
+                bitmap.resize(size)
             bitmap.mark(offset, length)
 
     def debug_event(self, event: str) -> None:

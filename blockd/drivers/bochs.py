@@ -14,7 +14,7 @@ import array
 import struct
 import sys
 
-from blockd.block.node import BlockNode
+from blockd.block.node import ChildLink
 from blockd.block.probe import signature_score
 from blockd.drivers.readonly_format import ReadOnlyFormatNode
 from blockd.errors import QMPError
@@ -38,7 +38,7 @@ def _blocks(size: int) -> int:
 class BochsNode(ReadOnlyFormatNode):
     driver = "bochs"
 
-    async def load(self, file: BlockNode) -> None:
+    async def load(self, file: ChildLink) -> None:
         head = bytes(await file.read(0, HEADER_SIZE))
         if signature_score("bochs", head) != 100:
             raise QMPError("Image not in Bochs format")
@@ -65,7 +65,7 @@ class BochsNode(ReadOnlyFormatNode):
         self.extent = extent
         self.size = sectors * 512
 
-    async def read_sectors(self, offset: int, length: int) -> bytes | bytearray:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         out = bytearray(length)
         pos = 0
         while pos < length:
@@ -82,7 +82,7 @@ class BochsNode(ReadOnlyFormatNode):
         bitmap_at = self.data_offset + entry * self.stride
         first = within // 512
         count = len(out) // 512
-        bits = bytes(await self.file.read(bitmap_at + first // 8,
+        bits = bytes(await self.file_child.read(bitmap_at + first // 8,
                                           (first + count - 1) // 8 - first // 8 + 1))
         data_at = bitmap_at + 512 * self.bitmap_blocks
         i = 0
@@ -94,5 +94,5 @@ class BochsNode(ReadOnlyFormatNode):
             j = i + 1
             while j < count and bits[(first + j) // 8 - first // 8] >> ((first + j) % 8) & 1:
                 j += 1
-            out[i * 512:j * 512] = await self.file.read(data_at + sector * 512, (j - i) * 512)
+            out[i * 512:j * 512] = await self.file_child.read(data_at + sector * 512, (j - i) * 512)
             i = j

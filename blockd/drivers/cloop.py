@@ -18,7 +18,7 @@ import struct
 import sys
 import zlib
 
-from blockd.block.node import BlockNode
+from blockd.block.node import ChildLink
 from blockd.drivers.readonly_format import ReadOnlyFormatNode
 from blockd.errors import QMPError
 
@@ -44,7 +44,7 @@ def inflate_exactly(data: bytes, size: int) -> bytes:
 class CloopNode(ReadOnlyFormatNode):
     driver = "cloop"
 
-    async def load(self, file: BlockNode) -> None:
+    async def load(self, file: ChildLink) -> None:
         block_size, n_blocks = struct.unpack(">II", bytes(await file.read(128, 8)))
         if block_size % 512:
             raise QMPError(f"block_size {block_size} must be a multiple of 512")
@@ -80,7 +80,7 @@ class CloopNode(ReadOnlyFormatNode):
         if self._cached is not None and self._cached[0] == index:
             return self._cached[1]
         start = self.offsets[index]
-        packed = bytes(await self.file.read(start, self.offsets[index + 1] - start))
+        packed = bytes(await self.file_child.read(start, self.offsets[index + 1] - start))
         if len(packed) + self.block_size >= _THREAD_MIN:
             data = await asyncio.to_thread(inflate_exactly, packed, self.block_size)
         else:
@@ -88,7 +88,7 @@ class CloopNode(ReadOnlyFormatNode):
         self._cached = (index, data)
         return data
 
-    async def read_sectors(self, offset: int, length: int) -> bytes | bytearray:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         out = bytearray()
         end = offset + length
         while offset < end:

@@ -28,7 +28,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 
-from blockd.block.node import BlockNode
+from blockd.block.node import ChildLink
 from blockd.drivers.cloop import inflate_exactly
 from blockd.drivers.readonly_format import ReadOnlyFormatNode
 from blockd.errors import QMPError
@@ -166,7 +166,7 @@ def _decompress(kind: int, packed: bytes, size: int) -> bytes:
 class DmgNode(ReadOnlyFormatNode):
     driver = "dmg"
 
-    async def load(self, file: BlockNode) -> None:
+    async def load(self, file: ChildLink) -> None:
         koly = await self._find_koly(file)
 
         async def u64(at: int) -> int:
@@ -195,7 +195,7 @@ class DmgNode(ReadOnlyFormatNode):
         self._cached: tuple[int, bytes] | None = None
 
     @staticmethod
-    async def _find_koly(file: BlockNode) -> int:
+    async def _find_koly(file: ChildLink) -> int:
         """The trailer's offset: its magic in the last 515 bytes of the sector-rounded
         file (a dmg may have any size)."""
         length = file.length()
@@ -208,7 +208,7 @@ class DmgNode(ReadOnlyFormatNode):
             raise QMPError("Could not locate UDIF trailer in dmg file")
         return start + at
 
-    async def _resource_fork(self, file: BlockNode, data_fork: int, begin: int,
+    async def _resource_fork(self, file: ChildLink, data_fork: int, begin: int,
                              length: int) -> None:
         data_at, = struct.unpack(">I", bytes(await file.read(begin, 4)))
         if data_at > length:
@@ -226,7 +226,7 @@ class DmgNode(ReadOnlyFormatNode):
             read_mish(self.chunks, data_fork, bytes(await file.read(offset, size)))
             offset += size
 
-    async def _plist(self, file: BlockNode, data_fork: int, begin: int, length: int) -> None:
+    async def _plist(self, file: ChildLink, data_fork: int, begin: int, length: int) -> None:
         if length == 0 or length > PLIST_MAX:
             raise _invalid()
         text = bytes(await file.read(begin, length))
@@ -249,7 +249,7 @@ class DmgNode(ReadOnlyFormatNode):
             return self._cached[1]
         c = self.chunks
         kind, length, size = c.types[index], c.lengths[index], c.counts[index] * 512
-        packed = bytes(await self.file.read(c.offsets[index], length))
+        packed = bytes(await self.file_child.read(c.offsets[index], length))
         if kind == COPY:
             if length < size:
                 # QEMU would serve stale buffer bytes past the stored ones.
@@ -262,7 +262,7 @@ class DmgNode(ReadOnlyFormatNode):
         self._cached = (index, data)
         return data
 
-    async def read_sectors(self, offset: int, length: int) -> bytes | bytearray:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         out = bytearray()
         end = offset + length
         c = self.chunks

@@ -3,9 +3,9 @@
 Opened for writing they are refused with QEMU's message, or made
 read-only when ``auto-read-only`` allows it, before their storage opens
 (so it opens read-only too); reopening is refused, as QEMU refuses it
-for drivers that cannot.  Reads are whole sectors of what the driver
-decodes; block status is QEMU's default for drivers without one: data,
-allocated, at no known offset.
+for drivers that cannot.  Reads reach the driver in whole sectors (the
+request path pads them to ``request_alignment``); block status is QEMU's
+default for drivers without one: data, allocated, at no known offset.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from blockd.block.graph import OpenContext
-from blockd.block.node import BlockNode, WriteFlags
+from blockd.block.node import BlockNode, ChildLink, WriteFlags
 from blockd.errors import QMPError
 
 
@@ -21,6 +21,8 @@ class ReadOnlyFormatNode(BlockNode):
     """A format node that only reads; subclasses load the image in :meth:`load`."""
 
     is_format = True
+    #: Reads reach the driver in whole sectors: the edge pads them (QEMU's limit too).
+    request_alignment = 512
 
     def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
         super().__init__(node_name, options, read_only)
@@ -32,31 +34,20 @@ class ReadOnlyFormatNode(BlockNode):
                 raise QMPError("Image is read-only")
             self.read_only = True
             self.options = {**self.options, "read-only": True}
-        file = await ctx.open_child(self.options["file"], "file")
+        await ctx.open_child(self.options["file"], "file")
+        file = self.file_child
         try:
             await self.load(file)
         except OSError as exc:
-            raise QMPError(f"Could not open '{file.filename()}': "
+            raise QMPError(f"Could not open '{file.child.filename()}': "
                            f"{exc.strerror or 'Input/output error'}") from None
 
-    async def load(self, file: BlockNode) -> None:
+    async def load(self, file: ChildLink) -> None:
         """Read and check the image's tables; set ``size``."""
         raise NotImplementedError
 
     def length(self) -> int:
         return self.size
-
-    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        start = offset - offset % 512
-        end = -(-(offset + length) // 512) * 512
-        data = await self.read_sectors(start, end - start)
-        if start == offset and end == offset + length:
-            return data
-        return memoryview(data)[offset - start:offset - start + length]
-
-    async def read_sectors(self, offset: int, length: int) -> bytes | bytearray:
-        """Whole sectors from ``offset`` (both multiples of 512): the driver's decoding."""
-        raise NotImplementedError
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 async def check(node: "ParallelsNode", fix: int, sink: Callable[[str], None] | None
                 ) -> CheckResult:
     res = CheckResult(sink=sink)
-    size = node.file.length()
+    size = node.file_child.length()
     cs = node.header.cluster_size
     repair, repair_leaks = fix & FIX_ERRORS, fix & FIX_LEAKS
     async with node.lock:
@@ -65,7 +65,7 @@ async def check(node: "ParallelsNode", fix: int, sink: Callable[[str], None] | N
             res.leaks += count
             if repair_leaks:
                 try:
-                    await node.file.truncate(res.image_end_offset, exact=True)
+                    await node.file_child.truncate(res.image_end_offset, exact=True)
                 except OSError:
                     res.check_errors += 1
                     return res

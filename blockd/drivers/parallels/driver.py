@@ -20,7 +20,7 @@ import sys
 from typing import Any, Callable
 
 from blockd.block.graph import OpenContext
-from blockd.block.node import BlockNode, Extent, Status, WriteFlags
+from blockd.block.node import BlockNode, ChildLink, Extent, Status, WriteFlags
 from blockd.drivers.parallels import header as hdr
 from blockd.drivers.readonly_format import not_reopenable
 from blockd.errors import QMPError
@@ -51,10 +51,13 @@ class ParallelsNode(BlockNode):
     driver = "parallels"
     is_format = True
     supports_backing = True
+    #: QEMU's parallels driver takes whole sectors; the request path pads to them.
+    request_alignment = 512
 
     def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
         super().__init__(node_name, options, read_only)
-        self.header: hdr.Header | None = None
+        # Set by open().
+        self.header: hdr.Header
         #: Header, BAT and what follows up to ``header_size``, as in the file.
         self.head = bytearray()
         self.bat = array.array("I")
@@ -73,16 +76,16 @@ class ParallelsNode(BlockNode):
     # ---- open and close -----------------------------------------------------
 
     async def open(self, ctx: OpenContext) -> None:
-        file = await ctx.open_child(self.options["file"], "file")
+        await ctx.open_child(self.options["file"], "file")
         self._prealloc_options()
         try:
-            await self._load(file)
+            await self._load(self.file_child)
             if not self.read_only:
                 hdr.set_inuse(self.head, True)
                 await self._write_header()
                 self._writing = True
         except OSError as exc:
-            raise QMPError(f"Could not open '{file.filename()}': "
+            raise QMPError(f"Could not open '{self.file_node.filename()}': "
                            f"{exc.strerror or 'Input/output error'}") from None
 
     def _prealloc_options(self) -> None:
@@ -99,7 +102,7 @@ class ParallelsNode(BlockNode):
             raise QMPError(f"invalid parameter value: {mode}")
         self.prealloc_mode = mode
 
-    async def _load(self, file: BlockNode) -> None:
+    async def _load(self, file: ChildLink) -> None:
         flen = file.length()
         h = hdr.parse(bytes(await file.read(0, min(hdr.SIZE, flen))))
         if h.ext_off:
@@ -133,8 +136,8 @@ class ParallelsNode(BlockNode):
 
     async def _write_header(self) -> None:
         """The first piece of the header as QEMU rewrites it (its in-use flag), synced."""
-        await self.file.write(0, self.head[:min(_MEM_ALIGN, self.header_size)])
-        await self.file.flush()
+        await self.file_child.write(0, self.head[:min(_MEM_ALIGN, self.header_size)])
+        await self.file_child.flush()
 
     async def close(self) -> None:
         if not self._writing:
@@ -145,7 +148,7 @@ class ParallelsNode(BlockNode):
             await self._flush_bat()
             hdr.set_inuse(self.head, False)
             await self._write_header()
-            await self.file.truncate(self.data_end * 512, exact=True)
+            await self.file_child.truncate(self.data_end * 512, exact=True)
         except (OSError, QMPError):
             pass
 
@@ -168,13 +171,13 @@ class ParallelsNode(BlockNode):
         for block in sorted(self._dirty):
             off = block * _DIRTY_BLOCK
             end = min(off + _DIRTY_BLOCK, self.header_size)
-            await self.file.write(off, self.head[off:end])
+            await self.file_child.write(off, self.head[off:end])
         self._dirty.clear()
 
     async def write_bat(self) -> None:
         """The whole header and BAT, synced (a repair's)."""
-        await self.file.write(0, self.head[:self.header_size])
-        await self.file.flush()
+        await self.file_child.write(0, self.head[:self.header_size])
+        await self.file_child.flush()
         self._dirty.clear()
 
     # ---- data path ----------------------------------------------------------
@@ -207,7 +210,7 @@ class ParallelsNode(BlockNode):
         end = offset + length
         while offset < end:
             host, n = self._run(offset, end - offset)
-            out += await self.file.read(host, n) if host else bytes(n)
+            out += await self.file_child.read(host, n) if host else bytes(n)
             offset += n
         return out
 
@@ -220,7 +223,7 @@ class ParallelsNode(BlockNode):
                 host, n = self._run(offset + pos, len(view) - pos)
                 if not host:
                     host = await self._allocate(offset + pos, n)
-            await self.file.write(host, view[pos:pos + n], flags)
+            await self.file_child.write(host, view[pos:pos + n], flags)
             pos += n
 
     async def _allocate(self, offset: int, n: int) -> int:
@@ -234,7 +237,7 @@ class ParallelsNode(BlockNode):
             # An image larger than its BAT covers: QEMU fails an assertion here.
             raise OSError(errno.EIO, "Input/output error")
         space = count * h.tracks
-        flen = self.file.length()
+        flen = self.file_child.length()
         if self.data_end + space > flen // 512:
             space += self.prealloc_sectors
             await self._grow(flen, (self.data_end + space) * 512)
@@ -251,16 +254,16 @@ class ParallelsNode(BlockNode):
         start = self.data_end * 512
         if self.prealloc_mode == "truncate":
             if new_end > flen:
-                await self.file.truncate(new_end, exact=False)
+                await self.file_child.truncate(new_end, exact=False)
             return
         # QEMU zeroes [start, new_end): what an image holds past its data is cleared, the
         # new room allocated, and a gap between the file's end and the data's left a hole.
         if start < flen:
-            await self.file.write_zeroes(start, flen - start)
+            await self.file_child.write_zeroes(start, flen - start)
         elif start > flen:
-            await self.file.truncate(start, exact=False)
+            await self.file_child.truncate(start, exact=False)
         if new_end > max(flen, start):
-            await self.file.truncate(new_end, exact=False, prealloc="falloc")
+            await self.file_child.truncate(new_end, exact=False, prealloc="falloc")
 
     async def flush(self) -> None:
         async with self.lock:
@@ -271,7 +274,7 @@ class ParallelsNode(BlockNode):
         host, n = self._run(offset, length)
         if not host:
             return Extent(n, Status.ZERO)
-        return Extent(n, Status.DATA | Status.ALLOCATED, host, self.file)
+        return Extent(n, Status.DATA | Status.ALLOCATED, host, self.file_node)
 
     async def truncate(self, size: int, exact: bool = False, prealloc: str = "off") -> None:
         raise QMPError("Image format driver does not support resize")

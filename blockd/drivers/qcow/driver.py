@@ -1,8 +1,9 @@
 """The ``qcow`` node: guest I/O on qcow version 1 images, as QEMU 7.2 does it.
 
 Lookups go through the L1 table (in memory) and L2 tables (a small
-cache).  Requests are handled in whole sectors (QEMU's block layer reads
-and rewrites a partial one).  A write to an unallocated cluster puts it at
+cache).  Requests reach the driver in whole sectors: its
+``request_alignment`` is a sector, as QEMU's, so the request path reads
+and rewrites a partial one.  A write to an unallocated cluster puts it at
 the end of the file, which is grown over it first (so it reads as zeroes
 around what the guest wrote: QEMU copies nothing from the backing file,
 and with the 512-byte clusters it gives images that have one nothing is
@@ -23,7 +24,7 @@ import zlib
 from typing import Any
 
 from blockd.block.graph import OpenContext
-from blockd.block.node import BlockNode, Extent, Status, WriteFlags
+from blockd.block.node import BlockNode, ChildLink, Extent, Status, WriteFlags
 from blockd.drivers.backing import open_backing_file
 from blockd.drivers.qcow import header as hdr
 from blockd.errors import QMPError
@@ -58,10 +59,12 @@ class QcowNode(BlockNode):
     driver = "qcow"
     is_format = True
     supports_backing = True
+    request_alignment = SECTOR
 
     def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
         super().__init__(node_name, options, read_only)
-        self.header: hdr.Header | None = None
+        # Set by open().
+        self.header: hdr.Header
         self.l1 = array.array("Q")
         self.backing_name: str | None = None
         self.cipher: Any = None
@@ -72,15 +75,15 @@ class QcowNode(BlockNode):
     # ---- open ---------------------------------------------------------------
 
     async def open(self, ctx: OpenContext) -> None:
-        file = await ctx.open_child(self.options["file"], "file")
+        await ctx.open_child(self.options["file"], "file")
         try:
-            await self._load(ctx, file)
+            await self._load(ctx, self.file_child)
         except OSError as exc:
-            raise QMPError(f"Could not open '{file.filename()}': "
+            raise QMPError(f"Could not open '{self.file_node.filename()}': "
                            f"{exc.strerror or 'Input/output error'}") from None
         await self._open_backing(ctx)
 
-    async def _load(self, ctx: OpenContext, file: BlockNode) -> None:
+    async def _load(self, ctx: OpenContext, file: ChildLink) -> None:
         flen = file.length()
         h = hdr.parse(bytes(await file.read(0, min(hdr.SIZE, flen))))
         hdr.check(h)
@@ -124,7 +127,7 @@ class QcowNode(BlockNode):
             return
         if not self.backing_name:
             return
-        await open_backing_file(ctx, self.file, self.backing_name, None)
+        await open_backing_file(ctx, self.file_node, self.backing_name, None)
 
     # ---- lookup ---------------------------------------------------------------
 
@@ -143,9 +146,9 @@ class QcowNode(BlockNode):
             n = 8 << self.header.l2_bits
             if l2_offset + n > (1 << 63) - 1:
                 raise OSError(errno.EINVAL, "Invalid argument")
-            flen = self.file.length()
+            flen = self.file_child.length()
             have = max(0, min(n, flen - l2_offset))
-            raw = bytes(await self.file.read(l2_offset, have)) if have else b""
+            raw = bytes(await self.file_child.read(l2_offset, have)) if have else b""
             # A table another request loaded (and a writer may have changed) meanwhile wins.
             if l2_offset in self._l2:
                 return self._l2[l2_offset]
@@ -172,9 +175,9 @@ class QcowNode(BlockNode):
         if self._inflated is not None and self._inflated[0] == coffset:
             return self._inflated[1]
         csize = (entry >> (63 - h.cluster_bits)) & (cs - 1)
-        flen = self.file.length()
+        flen = self.file_child.length()
         have = max(0, min(csize, flen - coffset))
-        raw = bytes(await self.file.read(coffset, have)) if have else b""
+        raw = bytes(await self.file_child.read(coffset, have)) if have else b""
         raw += bytes(csize - len(raw))
         try:
             d = zlib.decompressobj(-12)
@@ -192,25 +195,20 @@ class QcowNode(BlockNode):
         return self.header.size // SECTOR * SECTOR
 
     async def _backing_read(self, offset: int, length: int) -> bytes:
-        backing = self.backing
-        blen = backing.length() if backing is not None else 0
-        n = max(0, min(length, blen - offset))
+        backing = self.backing_child
+        if backing is None:
+            return bytes(length)
+        n = max(0, min(length, backing.length() - offset))
         data = bytes(await backing.read(offset, n)) if n else b""
         return data + bytes(length - n)
 
     async def _read_file(self, host: int, n: int) -> bytes:
-        flen = self.file.length()
+        flen = self.file_child.length()
         have = max(0, min(n, flen - host))
-        data = bytes(await self.file.read(host, have)) if have else b""
+        data = bytes(await self.file_child.read(host, have)) if have else b""
         return data + bytes(n - len(data))
 
-    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        lo = offset // SECTOR * SECTOR
-        hi = -(-(offset + length) // SECTOR) * SECTOR
-        data = await self._read_sectors(lo, hi - lo)
-        return memoryview(data)[offset - lo:offset - lo + length]
-
-    async def _read_sectors(self, offset: int, length: int) -> bytearray:
+    async def read(self, offset: int, length: int) -> bytearray:
         cs = self._cs
         out = bytearray()
         end = offset + length
@@ -243,7 +241,7 @@ class QcowNode(BlockNode):
         within = offset & (cs - 1)
         n = min(length, cs - within)
         if not entry:
-            backing = self.backing
+            backing = self.backing_child
             n = await self._run(offset, length, lambda e, prev: not e)
             if backing is None:
                 return Extent(n, Status.ZERO)
@@ -258,7 +256,7 @@ class QcowNode(BlockNode):
             return Extent(n, Status.DATA | Status.ALLOCATED)
         n = await self._run(offset, length,
                             lambda e, prev: not e & hdr.COMPRESSED and e == prev + cs)
-        return Extent(n, Status.DATA | Status.ALLOCATED, entry + within, self.file)
+        return Extent(n, Status.DATA | Status.ALLOCATED, entry + within, self.file_node)
 
     async def _run(self, offset: int, length: int, same: Any) -> int:
         """Bytes from ``offset`` (at most ``length``) whose clusters continue the first
@@ -284,27 +282,10 @@ class QcowNode(BlockNode):
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
-        if self.read_only:
-            raise OSError(errno.EPERM, "Operation not permitted")
         async with self._lock:
-            lo = offset // SECTOR * SECTOR
-            hi = -(-(offset + len(data)) // SECTOR) * SECTOR
-            if lo != offset or hi != offset + len(data):
-                # QEMU's block layer: the partial sectors are read, patched and written whole.
-                buf = bytearray(await self._read_sectors(lo, hi - lo)) \
-                    if hi - lo <= 2 * SECTOR else await self._edges(lo, hi)
-                buf[offset - lo:offset - lo + len(data)] = data
-                data, offset = buf, lo
             await self._write_sectors(offset, memoryview(data).cast("B"))
         if flags & WriteFlags.FUA:
             await self.flush()
-
-    async def _edges(self, lo: int, hi: int) -> bytearray:
-        """A buffer for ``[lo, hi)`` with its first and last sectors as they read now."""
-        buf = bytearray(hi - lo)
-        buf[:SECTOR] = await self._read_sectors(lo, SECTOR)
-        buf[-SECTOR:] = await self._read_sectors(hi - SECTOR, SECTOR)
-        return buf
 
     async def _write_sectors(self, offset: int, view: memoryview) -> None:
         cs = self._cs
@@ -322,7 +303,7 @@ class QcowNode(BlockNode):
             piece: bytes | memoryview = view[pos:pos + n]
             if self.cipher is not None:
                 piece = await self._crypt(True, offset + pos, bytes(piece))
-            await self.file.write(host + within, piece)
+            await self.file_child.write(host + within, piece)
             pos += n
 
     async def _write_new_run(self, offset: int, view: memoryview) -> int:
@@ -344,14 +325,14 @@ class QcowNode(BlockNode):
         if not count:
             return 0
         n = min(len(view), count * cs - within)
-        cluster = -(-self.file.length() // cs) * cs
+        cluster = -(-self.file_child.length() // cs) * cs
         if cluster + count * cs > (1 << 63) - 1:
             raise OSError(errno.E2BIG, "Argument list too long")
-        await self.file.truncate(cluster + count * cs)
-        await self.file.write(cluster + within, view[:n])
+        await self.file_child.truncate(cluster + count * cs)
+        await self.file_child.write(cluster + within, view[:n])
         entries = array.array("Q", range(cluster, cluster + count * cs, cs))
-        await self.file.write(l2_offset + 8 * i2, _raw(entries))
-        await self.file.flush()
+        await self.file_child.write(l2_offset + 8 * i2, _raw(entries))
+        await self.file_child.flush()
         (await self._l2_table(l2_offset))[i2:i2 + count] = entries
         return n
 
@@ -364,13 +345,13 @@ class QcowNode(BlockNode):
         l2_offset = self.l1[i1]
         if l2_offset:
             return l2_offset, await self._l2_table(l2_offset)
-        l2_offset = -(-self.file.length() // cs) * cs
+        l2_offset = -(-self.file_child.length() // cs) * cs
         self.l1[i1] = l2_offset
-        await self.file.write(h.l1_table_offset + 8 * i1, l2_offset.to_bytes(8, "big"))
-        await self.file.flush()
+        await self.file_child.write(h.l1_table_offset + 8 * i1, l2_offset.to_bytes(8, "big"))
+        await self.file_child.flush()
         table = array.array("Q", bytes(8 << h.l2_bits))
-        await self.file.write(l2_offset, bytes(8 << h.l2_bits))
-        await self.file.flush()
+        await self.file_child.write(l2_offset, bytes(8 << h.l2_bits))
+        await self.file_child.flush()
         self._l2[l2_offset] = table
         return l2_offset, table
 
@@ -387,22 +368,22 @@ class QcowNode(BlockNode):
             return entry
         if entry & hdr.COMPRESSED and n_end - n_start < cs:
             plain = await self._inflate(entry)
-            cluster = -(-self.file.length() // cs) * cs
-            await self.file.write(cluster, plain)
+            cluster = -(-self.file_child.length() // cs) * cs
+            await self.file_child.write(cluster, plain)
         else:
-            cluster = -(-self.file.length() // cs) * cs
+            cluster = -(-self.file_child.length() // cs) * cs
             if cluster + cs > (1 << 63) - 1:
                 raise OSError(errno.E2BIG, "Argument list too long")
-            await self.file.truncate(cluster + cs)
+            await self.file_child.truncate(cluster + cs)
             if self.cipher is not None and n_end - n_start < cs:
                 start = offset - (offset & (cs - 1))
                 for i in range(0, cs, SECTOR):
                     if i < n_start or i >= n_end:
-                        await self.file.write(cluster + i,
+                        await self.file_child.write(cluster + i,
                                               await self._crypt(True, start + i, bytes(SECTOR)))
         # On disk first, then in the cached table (reloaded from disk if it left the cache).
-        await self.file.write(l2_offset + 8 * i2, cluster.to_bytes(8, "big"))
-        await self.file.flush()
+        await self.file_child.write(l2_offset + 8 * i2, cluster.to_bytes(8, "big"))
+        await self.file_child.flush()
         (await self._l2_table(l2_offset))[i2] = cluster
         return cluster
 

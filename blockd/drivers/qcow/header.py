@@ -60,7 +60,7 @@ def check(h: Header) -> None:
     if h.magic != MAGIC:
         raise QMPError("Image not in qcow format")
     if h.version != VERSION:
-        hint = "Try the 'qcow2' driver instead." if h.version in (2, 3) else None
+        hint = "Try the 'qcow2' driver instead." if h.version in (2, 3) else ""
         raise QMPError(f"qcow (v1) does not support qcow version {h.version}", hint=hint)
     if h.size <= 1:
         raise QMPError("Image size is too small (must be at least 2 bytes)")

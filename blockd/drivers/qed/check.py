@@ -101,7 +101,7 @@ async def check(node: "QedNode", fix: bool, sink: Callable[[str], None] | None) 
         if invalid and fix:
             try:
                 await t.write_entries(l2_offset, table, 0, t.nelems)
-                await node.file.flush()
+                await node.file_child.flush()
             except OSError as exc:
                 res.check_errors += 1
                 error = exc.errno or errno.EIO
@@ -119,7 +119,7 @@ async def check(node: "QedNode", fix: bool, sink: Callable[[str], None] | None) 
             res.leaks += 1
     if fix and not res.corruptions and not res.check_errors and \
             h.features & hdr.F_NEED_CHECK:
-        await node.file.flush()
+        await node.file_child.flush()
         h.features &= ~hdr.F_NEED_CHECK
-        await node.file.write(0, h.encode())
+        await node.file_child.write(0, h.encode())
     return res

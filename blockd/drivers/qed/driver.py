@@ -23,7 +23,7 @@ import logging
 from typing import Any, Callable
 
 from blockd.block.graph import OpenContext
-from blockd.block.node import BlockNode, Extent, Perm, Status, WriteFlags
+from blockd.block.node import BlockNode, ChildLink, Extent, Perm, Status, WriteFlags
 from blockd.drivers.backing import open_backing_file
 from blockd.drivers.qed import header as hdr
 from blockd.drivers.qed.table import Kind, Tables, decode
@@ -42,8 +42,9 @@ class QedNode(BlockNode):
 
     def __init__(self, node_name: str, options: dict[str, Any], read_only: bool) -> None:
         super().__init__(node_name, options, read_only)
-        self.header: hdr.Header | None = None
-        self.tables: Tables | None = None
+        # Set by open().
+        self.header: hdr.Header
+        self.tables: Tables
         self.backing_name: str | None = None
         self._lock = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
@@ -52,15 +53,15 @@ class QedNode(BlockNode):
     # ---- open ---------------------------------------------------------------
 
     async def open(self, ctx: OpenContext) -> None:
-        file = await ctx.open_child(self.options["file"], "file")
+        await ctx.open_child(self.options["file"], "file")
         try:
-            await self._load(file)
+            await self._load(self.file_child)
         except OSError as exc:
-            raise QMPError(f"Could not open '{file.filename()}': "
+            raise QMPError(f"Could not open '{self.file_node.filename()}': "
                            f"{exc.strerror or 'Input/output error'}") from None
         await self._open_backing(ctx)
 
-    async def _load(self, file: BlockNode) -> None:
+    async def _load(self, file: ChildLink) -> None:
         try:
             h = hdr.parse(bytes(await file.read(0, min(hdr.SIZE, file.length()))))
         except OSError:
@@ -104,21 +105,21 @@ class QedNode(BlockNode):
             return
         if not self.backing_name:
             return
-        await open_backing_file(ctx, self.file, self.backing_name, self.backing_format())
+        await open_backing_file(ctx, self.file_node, self.backing_name, self.backing_format())
 
     async def close(self) -> None:
         self._cancel_timer()
         if self._cleaner is not None:
             await asyncio.gather(self._cleaner, return_exceptions=True)
             self._cleaner = None
-        if self.header is None or self.read_only:
+        if self.read_only:
             return
         try:
-            await self.file.flush()
+            await self.file_child.flush()
             if self.header.features & hdr.F_NEED_CHECK:
                 self.header.features &= ~hdr.F_NEED_CHECK
-                await self.file.write(0, self.header.encode())
-                await self.file.flush()
+                await self.file_child.write(0, self.header.encode())
+                await self.file_child.flush()
         except OSError as exc:
             log.error("Failed to mark node '%s' clean on close: %s", self.node_name, exc)
 
@@ -165,16 +166,16 @@ class QedNode(BlockNode):
     async def _mark_clean(self) -> None:
         if not self.header.features & hdr.F_NEED_CHECK:
             return
-        await self.file.flush()
+        await self.file_child.flush()
         self.header.features &= ~hdr.F_NEED_CHECK
         await self._write_header()
-        await self.file.flush()
+        await self.file_child.flush()
 
     async def _write_header(self) -> None:
         """The header's fields over the first sector, the rest of it kept (QEMU's way)."""
-        sector = bytearray(await self.file.read(0, min(512, self.file.length())))
+        sector = bytearray(await self.file_child.read(0, min(512, self.file_child.length())))
         sector[:hdr.SIZE] = self.header.encode()
-        await self.file.write(0, sector)
+        await self.file_child.write(0, sector)
 
     async def _set_need_check(self) -> None:
         if self.backing is None and not self.header.features & hdr.F_NEED_CHECK:
@@ -187,9 +188,10 @@ class QedNode(BlockNode):
         return self.header.image_size
 
     async def _backing_read(self, pos: int, length: int) -> bytes:
-        backing = self.backing
-        blen = backing.length() if backing is not None else 0
-        n = max(0, min(length, blen - pos))
+        backing = self.backing_child
+        if backing is None:
+            return bytes(length)
+        n = max(0, min(length, backing.length() - pos))
         data = bytes(await backing.read(pos, n)) if n else b""
         return data + bytes(length - n)
 
@@ -201,7 +203,7 @@ class QedNode(BlockNode):
             kind, host, n = await t.find(offset, end - offset)
             if kind is Kind.FOUND:
                 within = offset & (self.header.cluster_size - 1)
-                out += await self.file.read(host + within, n)
+                out += await self.file_child.read(host + within, n)
             elif kind is Kind.ZERO:
                 out += bytes(n)
             else:
@@ -213,10 +215,10 @@ class QedNode(BlockNode):
         kind, host, n = await self.tables.find(offset, length)
         if kind is Kind.FOUND:
             within = offset & (self.header.cluster_size - 1)
-            return Extent(n, Status.DATA | Status.ALLOCATED, host + within, self.file)
+            return Extent(n, Status.DATA | Status.ALLOCATED, host + within, self.file_node)
         if kind is Kind.ZERO:
             return Extent(n, Status.ZERO | Status.ALLOCATED)
-        backing = self.backing
+        backing = self.backing_child
         if backing is None or offset >= backing.length():
             return Extent(n, Status.ZERO)
         sub = await backing.block_status(offset, min(n, backing.length() - offset))
@@ -224,13 +226,8 @@ class QedNode(BlockNode):
 
     # ---- writes ---------------------------------------------------------------
 
-    def _writable(self) -> None:
-        if self.read_only:
-            raise OSError(errno.EPERM, "Operation not permitted")
-
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     flags: WriteFlags = WriteFlags.NONE) -> None:
-        self._writable()
         view = memoryview(data).cast("B")
         async with self._lock:
             allocated = False
@@ -241,7 +238,7 @@ class QedNode(BlockNode):
                     piece = view[pos:pos + n]
                     if kind is Kind.FOUND:
                         within = (offset + pos) & (self.header.cluster_size - 1)
-                        await self.file.write(host + within, piece)
+                        await self.file_child.write(host + within, piece)
                     else:
                         await self._allocate(kind, offset + pos, piece)
                         allocated = True
@@ -275,11 +272,11 @@ class QedNode(BlockNode):
             head = await self._backing_read(start, within) if within else b""
             back = await self._backing_read(end, tail) if tail else b""
             if head or back:
-                await self.file.write(cluster, b"".join((head, data, back)))
+                await self.file_child.write(cluster, b"".join((head, data, back)))
             else:
-                await self.file.write(cluster, data)
+                await self.file_child.write(cluster, data)
             if self.backing is not None:
-                await self.file.flush()
+                await self.file_child.flush()
         await self._link(kind, pos, count, cluster)
 
     async def _link(self, kind: Kind, pos: int, count: int, cluster: int) -> None:
@@ -295,7 +292,7 @@ class QedNode(BlockNode):
             table = array.array("Q", bytes(self.header.table_bytes))
             table[index:index + count] = array.array("Q", entries)
             await t.write_entries(l2_offset, table, 0, t.nelems)
-            await self.file.flush()
+            await self.file_child.flush()
             t.remember(l2_offset, table)
             t.l1[l1_index] = l2_offset
             await t.write_entries(self.header.l1_table_offset, t.l1, l1_index, 1)
@@ -313,7 +310,6 @@ class QedNode(BlockNode):
         """Whole clusters become zero clusters (allocated ones are overwritten with
         zeroes, as in QEMU); the unaligned head and tail are written as zeroes.  A
         request that must be fast is refused whole: QEMU's qed has no fast zeroing."""
-        self._writable()
         if flags & WriteFlags.NO_FALLBACK:
             raise OSError(errno.ENOTSUP, "Operation not supported")
         cs = self.header.cluster_size
@@ -346,7 +342,7 @@ class QedNode(BlockNode):
     async def _zero_in_place(self, host: int, n: int) -> None:
         step = 1 << 20
         for at in range(0, n, step):
-            await self.file.write(host + at, bytes(min(step, n - at)))
+            await self.file_child.write(host + at, bytes(min(step, n - at)))
 
     async def _fallback_zeroes(self, offset: int, length: int, flags: WriteFlags) -> None:
         if flags & WriteFlags.NO_FALLBACK:
@@ -364,7 +360,7 @@ class QedNode(BlockNode):
         old = h.image_size
         h.image_size = size
         try:
-            await self.file.write(0, h.encode())
+            await self.file_child.write(0, h.encode())
         except OSError as exc:
             h.image_size = old
             raise QMPError(f"Failed to update the image size: {exc.strerror}") from None
@@ -386,8 +382,8 @@ class QedNode(BlockNode):
         new = hdr.Header(**{**vars(h), "features": features,
                             "backing_filename_offset": hdr.SIZE,
                             "backing_filename_size": len(raw_name)})
-        await self.file.write(0, new.encode() + raw_name)
-        await self.file.flush()
+        await self.file_child.write(0, new.encode() + raw_name)
+        await self.file_child.flush()
         self.header = new
         self.tables.h = self.tables.layout.h = new
         self.backing_name = name

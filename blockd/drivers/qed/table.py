@@ -15,7 +15,7 @@ import enum
 import errno
 import sys
 
-from blockd.block.node import BlockNode
+from blockd.block.node import ChildLink
 from blockd.drivers.qed import header as hdr
 
 #: L2 tables kept in memory (QEMU keeps 50).
@@ -50,7 +50,7 @@ def encode(table: array.array) -> bytes:
 class Tables:
     """The L1 table and cached L2 tables of an open image, and its allocation pointer."""
 
-    def __init__(self, file: BlockNode, layout: hdr.Layout, l1: array.array) -> None:
+    def __init__(self, file: ChildLink, layout: hdr.Layout, l1: array.array) -> None:
         self.file = file
         self.layout = layout
         self.h = layout.h
