@@ -104,8 +104,6 @@ def block_device_info(node: BlockNode, flat: bool) -> dict[str, Any]:
         # The node's name, not the image header's: they differ once the link changed
         # (and a relative name is resolved).
         info["backing_file"] = backing.filename()
-    elif node.backing_filename():
-        info["backing_file"] = node.backing_filename()
     # QEMU stops walking the chain for flat output before it counts a layer.
     info["backing_file_depth"] = 0 if flat else chain_depth(node)
     info["encrypted"] = node.encrypted()
