@@ -25,7 +25,7 @@ import contextlib
 import enum
 import errno
 import os
-from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, TypeVar
 
 if TYPE_CHECKING:
     from blockd.block.node import BlockNode, Claim, Extent
@@ -39,6 +39,7 @@ _PERM_RESIZE = 0x8
 
 #: A before-write hook: awaited with the node and the range before a write-type
 #: request reaches the node's driver (QEMU's before-write notifiers).
+T = TypeVar("T")
 BeforeWrite = Callable[["BlockNode", int, int], Awaitable[None]]
 
 
@@ -241,22 +242,15 @@ class Edge:
                 _wake(child)
 
     async def block_status(self, offset: int, length: int) -> "Extent":
-        child = self.child
-        st = child.requests
-        if _bad_request(offset, length):
-            raise _error(errno.EIO)
-        if st.quiesce and self.external:
-            await _held(child)
-        st.in_flight += 1
-        try:
-            return await child.block_status(offset, length)
-        finally:
-            st.in_flight -= 1
-            if st.waiters:
-                _wake(child)
+        return await self._query(self.child.block_status, offset, length)
 
     async def extents(self, offset: int, length: int) -> list["Extent"]:
         """:meth:`block_status` of a whole range in one call to the driver."""
+        return await self._query(self.child.extents, offset, length)
+
+    async def _query(self, ask: Callable[[int, int], Awaitable[T]], offset: int,
+                     length: int) -> T:
+        """A status question to the child, checked and counted in flight like data."""
         child = self.child
         st = child.requests
         if _bad_request(offset, length):
@@ -265,7 +259,7 @@ class Edge:
             await _held(child)
         st.in_flight += 1
         try:
-            return await child.extents(offset, length)
+            return await ask(offset, length)
         finally:
             st.in_flight -= 1
             if st.waiters:

@@ -58,3 +58,16 @@ async def open_backing_file(ctx: OpenContext, file: BlockNode, name: str,
         raise QMPError(f"Could not open backing file: {exc.desc}", hint=exc.hint) from None
     finally:
         _BACKING_CHAIN.reset(token)
+
+
+async def open_backing(ctx: OpenContext, node: BlockNode, name: str | None,
+                       fmt: str | None) -> None:
+    """``node``'s backing link: the one its options choose (``null`` for none), else the
+    file ``name`` the image records (none if empty)."""
+    opts = node.options
+    if "backing" in opts:
+        if opts["backing"] is not None:
+            await ctx.open_child(opts["backing"], "backing")
+        return
+    if name:
+        await open_backing_file(ctx, node.file_node, name, fmt)

@@ -25,7 +25,7 @@ from typing import Any
 
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, ChildLink, Extent, Status, WriteFlags
-from blockd.drivers.backing import open_backing_file
+from blockd.drivers.backing import open_backing
 from blockd.drivers.qcow import header as hdr
 from blockd.errors import QMPError
 
@@ -81,7 +81,7 @@ class QcowNode(BlockNode):
         except OSError as exc:
             raise QMPError(f"Could not open '{self.file_node.filename()}': "
                            f"{exc.strerror or 'Input/output error'}") from None
-        await self._open_backing(ctx)
+        await open_backing(ctx, self, self.backing_name, None)
 
     async def _load(self, ctx: OpenContext, file: ChildLink) -> None:
         flen = file.length()
@@ -118,16 +118,6 @@ class QcowNode(BlockNode):
             raw = bytes(await file.read(h.backing_file_offset, h.backing_file_size))
             self.backing_name = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         self.header = h
-
-    async def _open_backing(self, ctx: OpenContext) -> None:
-        opts = self.options
-        if "backing" in opts:
-            if opts["backing"] is not None:
-                await ctx.open_child(opts["backing"], "backing")
-            return
-        if not self.backing_name:
-            return
-        await open_backing_file(ctx, self.file_node, self.backing_name, None)
 
     # ---- lookup ---------------------------------------------------------------
 

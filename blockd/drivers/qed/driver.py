@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from blockd.block.graph import OpenContext
 from blockd.block.node import BlockNode, ChildLink, Extent, Perm, Status, WriteFlags
-from blockd.drivers.backing import open_backing_file
+from blockd.drivers.backing import open_backing
 from blockd.drivers.qed import header as hdr
 from blockd.drivers.qed.table import Kind, Tables, decode
 from blockd.errors import QMPError
@@ -59,7 +59,7 @@ class QedNode(BlockNode):
         except OSError as exc:
             raise QMPError(f"Could not open '{self.file_node.filename()}': "
                            f"{exc.strerror or 'Input/output error'}") from None
-        await self._open_backing(ctx)
+        await open_backing(ctx, self, self.backing_name, self.backing_format())
 
     async def _load(self, file: ChildLink) -> None:
         try:
@@ -96,16 +96,6 @@ class QedNode(BlockNode):
                 raise QMPError("Image corrupted")
         if h.features & hdr.F_NEED_CHECK and not self.read_only:
             self._start_timer()
-
-    async def _open_backing(self, ctx: OpenContext) -> None:
-        opts = self.options
-        if "backing" in opts:
-            if opts["backing"] is not None:
-                await ctx.open_child(opts["backing"], "backing")
-            return
-        if not self.backing_name:
-            return
-        await open_backing_file(ctx, self.file_node, self.backing_name, self.backing_format())
 
     async def close(self) -> None:
         self._cancel_timer()
