@@ -87,8 +87,6 @@ def test_dirty_bitmaps_count_like_qsd_on_every_level(tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_QSD, reason="needs qemu-storage-daemon")
-@pytest.mark.xfail(strict=True, reason="qcow2 still writes its file node directly; passes "
-                   "once its call sites go through self.file_child")
 def test_dirty_bitmaps_on_a_qcow2_file_count_like_qsd(tmp_path):
     bitmaps = {"f-top": ["a"], "f-back": ["a"]}
     assert _counts(tmp_path, False, bitmaps) == _counts(tmp_path, True, bitmaps)

@@ -19,7 +19,6 @@ from blockd.drivers.qcow2 import header as hdr
 from blockd.drivers.qcow2 import snapshot as qsnap
 from blockd.drivers.qcow2.cluster import Mapping
 from blockd.drivers.qcow2.image import Image
-from blockd.drivers.sector_io import WriteGate, sector_span
 
 
 class Qcow2Base(BlockNode):
@@ -55,7 +54,6 @@ class Qcow2Base(BlockNode):
         self._generation = 0
         #: Encryption state of an encrypted image (see :mod:`.crypt`).
         self.encryption: crypt.Encryption | None = None
-        self._gate = WriteGate()
 
     @property
     def cs(self) -> int:
@@ -87,18 +85,14 @@ class Qcow2Base(BlockNode):
         """Guest data at ``host`` in the data file (deciphered when encrypted).
 
         ``guest`` is the guest offset of the same byte: legacy AES derives
-        IVs from it.  Encrypted data is read in whole sectors.
+        IVs from it.  An encrypted node takes only whole sectors (its
+        ``request_alignment``), so its data is read in whole sectors.
         """
         crypto = self.image.crypto
         if crypto is None:
             return await self.image.data.read(host, n)
-        start, end = sector_span(host, n)
-        raw = bytes(await self.image.data.read(start, end - start))
-        raw += bytes(end - start - len(raw))
-        plain = await crypto.decrypt_sectors(start, guest - (host - start), raw)
-        if start == host and end == host + n:
-            return plain
-        return memoryview(plain)[host - start:host - start + n]
+        raw = bytes(await self.image.data.read(host, n))
+        return await crypto.decrypt_sectors(host, guest, raw + bytes(n - len(raw)))
 
     async def _data_write(self, host: int, guest: int, buf: bytes | bytearray | memoryview) -> None:
         if not self.image.external_data:
@@ -109,21 +103,9 @@ class Qcow2Base(BlockNode):
         if crypto is None:
             await self.image.data.write(host, buf)
             return
-        # Sectors are encrypted whole: a partial one is read, patched and rewritten,
-        # and no other write may touch it meanwhile.
-        start, end = sector_span(host, len(buf))
-        rmw = start != host or end != host + len(buf)
-        entry = await self._gate.enter(start, end, rmw)
-        try:
-            if rmw:
-                plain = bytearray(await self._data_read(start, guest - (host - start),
-                                                        end - start))
-                plain[host - start:host - start + len(buf)] = buf
-                buf = plain
-            cipher = await crypto.encrypt_sectors(start, guest - (host - start), bytes(buf))
-            await self.image.data.write(start, cipher)
-        finally:
-            self._gate.leave(entry)
+        # Whole sectors only (``request_alignment``): the edge into this node pads
+        # and serialises partial ones.
+        await self.image.data.write(host, await crypto.encrypt_sectors(host, guest, bytes(buf)))
 
     async def _alloc_data(self, guest: int) -> int:
         """A host cluster for guest cluster ``guest``: identity in an external data file."""

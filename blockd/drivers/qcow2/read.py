@@ -92,7 +92,7 @@ class Qcow2Read(Qcow2Base):
         return data
 
     async def _backing_read(self, offset: int, length: int) -> bytes:
-        backing = self.backing
+        backing = self.backing_child
         if backing is None:
             return bytes(length)
         self.image.debug_event("read_backing_aio")
