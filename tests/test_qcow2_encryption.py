@@ -544,3 +544,45 @@ def test_damaged_crypto_header_errors_match_qsd(tmp_path):
                             for how in kinds])
     assert all("error" in r for r in replies[0])
     assert replies[0] == replies[1]
+
+
+@pytest.mark.parametrize("fmt", [None, "luks"])
+def test_header_size_in_part_sectors_shows_whole_sectors_like_qemu(tmp_path, fmt):
+    """A header size that is not a multiple of 512 is cut down to whole sectors, as
+    QEMU counts it; an encrypted node is then asked for whole sectors only."""
+    img = tmp_path / "o.qcow2"
+    if fmt is None:
+        assert sh("qemu-img", "create", "-q", "-f", "qcow2", str(img), "1k").returncode == 0
+        assert sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x3c 0 1k", str(img)).returncode == 0
+    else:
+        qemu_img_create(img, "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+                        size="1k")
+        ok, out = encrypted_io(img, fmt, "write -P 0x3c 0 1k")
+        assert ok, out
+    with open(img, "r+b") as f:
+        f.seek(24)
+        f.write((1000).to_bytes(8, "big"))
+    r = sh("qemu-img", "info", "--output=json", "--object", "secret,id=s0,data=pw",
+           "--image-opts", f"driver=qcow2,file.filename={img}"
+           + ("" if fmt is None else ",encrypt.format=luks,encrypt.key-secret=s0"))
+    qemu_size = json.loads(r.stdout)["virtual-size"]
+    assert qemu_size == 512
+
+    async def body():
+        graph = BlockGraph(secrets=secrets)
+        opts = node_opts(img, fmt) if fmt else {"driver": "qcow2", "node-name": "o",
+                                                "file": {"driver": "file", "filename": str(img)}}
+        user = await open_user(graph, opts)
+        assert user.node.length() == qemu_size
+        assert bytes(await user.read(0, 512)) == b"\x3c" * 512
+        await user.write(500, b"\x01" * 12)
+        await graph.close_all()
+
+    asyncio.run(body())
+    cmds = ["read -P 0x3c 0 500", "read -P 1 500 12"]
+    if fmt is None:
+        r = qemu_io("qcow2", img, *cmds)
+        assert r.returncode == 0 and "failed" not in r.stdout, r.stdout
+    else:
+        ok, out = encrypted_io(img, fmt, *cmds)
+        assert ok, out

@@ -60,9 +60,10 @@ class Qcow2Base(BlockNode):
         return self.image.cluster_size
 
     def length(self) -> int:
-        if self._shown_size is not None:
-            return self._shown_size
-        return self.image.header.size
+        # QEMU counts a qcow2's size in whole sectors: a header's odd tail is not shown
+        # (an encrypted node takes whole sectors only).
+        size = self.image.header.size if self._shown_size is None else self._shown_size
+        return size - size % 512
 
     def _live(self) -> None:
         """After a fatal corruption the node has no driver any more: nothing is served."""
