@@ -91,8 +91,6 @@ def test_dirty_bitmaps_count_like_qsd_on_every_level(tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_QSD, reason="needs qemu-storage-daemon")
-@pytest.mark.xfail(strict=True, reason="qcow2 still writes its file node directly; passes "
-                   "once its call sites go through self.file_child")
 def test_dirty_bitmaps_on_a_qcow2_file_count_like_qsd(tmp_path):
     bitmaps = {"f-top": ["a"], "f-back": ["a"]}
     assert _counts(tmp_path, False, bitmaps) == _counts(tmp_path, True, bitmaps)
@@ -279,3 +277,42 @@ def test_dirty_bitmaps_on_the_file_of_an_image_count_like_qsd(tmp_path, fmt):
     ours = _counts(tmp_path, False, bitmaps, images, nodes, FORMAT_WRITES)
     assert ours == _counts(tmp_path, True, bitmaps, images, nodes, FORMAT_WRITES)
     assert ours["f"]["a"] > 0
+
+
+def _punched(tmp_path, qsd: bool, discard: str | None) -> list[bool]:
+    """Discards of a qcow2's clusters and of a raw file through exports: which freed the
+    file's blocks.  The edge decides by the file node's ``discard`` option alone."""
+    d = tmp_path / f"{'qsd' if qsd else 'blockd'}-{discard}"
+    d.mkdir()
+    raw, img = str(d / "a.raw"), str(d / "a.qcow2")
+    with open(raw, "wb") as f:
+        f.write(b"\x11" * (1 << 20))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "1M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 2 0 1M", img], check=True,
+                   capture_output=True)
+    extra = {} if discard is None else {"discard": discard}
+    sock = str(d / "nbd.sock")
+    before = [os.stat(p).st_blocks for p in (raw, img)]
+    with Daemon(str(d / "qmp.sock"), qsd=qsd) as daemon:
+        c = daemon.client()
+        for opts in ({"driver": "file", "node-name": "f-raw", "filename": raw, **extra},
+                     {"driver": "file", "node-name": "f-q", "filename": img, **extra},
+                     {"driver": "qcow2", "node-name": "q", "file": "f-q", "discard": "unmap"}):
+            assert c.cmd("blockdev-add", **opts) == {"return": {}}
+        c.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+        for export in ("f-raw", "q"):
+            r = c.cmd("block-export-add", type="nbd", id=export, **{"node-name": export},
+                      writable=True)
+            assert r == {"return": {}}, r
+            r = qemu_tool("qemu-io", "-f", "raw", "-c", "discard 0 1M",
+                          f"nbd+unix:///{export}?socket={sock}")
+            assert r.returncode == 0 and "failed" not in r.stdout, r.stdout + r.stderr
+    return [os.stat(p).st_blocks < b for p, b in zip((raw, img), before)]
+
+
+@pytest.mark.skipif(not HAVE_QSD, reason="needs qemu-storage-daemon")
+@pytest.mark.parametrize("discard", [None, "ignore", "unmap"])
+def test_discards_reach_a_file_only_with_unmap_like_qsd(tmp_path, discard):
+    ours = _punched(tmp_path, False, discard)
+    assert ours == _punched(tmp_path, True, discard)
+    assert ours == [discard == "unmap"] * 2

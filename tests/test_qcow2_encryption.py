@@ -11,7 +11,7 @@ import pytest
 from blockd.block.graph import BlockGraph
 from blockd.drivers.qcow2.create import create as qcow2_create
 from blockd.errors import QMPError
-from harness import HAVE_QSD, WAIT, Daemon, past_calibration, qemu_io, qemu_tool, sh
+from harness import HAVE_QSD, WAIT, Daemon, open_user, past_calibration, qemu_io, qemu_tool, sh
 
 SECRETS = {"s0": b"pw", "s1": b"other", "bad": b"wrong"}
 
@@ -51,14 +51,15 @@ def node_opts(path, fmt, secret="s0", **extra):
             "encrypt": {"format": fmt, "key-secret": secret}, **extra}
 
 
-async def exercise(node):
-    """Writes that cover allocation, in-place, partial-sector and concurrent cases."""
-    await node.write(1 << 20, b"\xc3" * 8192)
-    await node.write(70000, b"\x77" * 333)  # partial sectors: read-modify-write
-    await node.write(3 << 20, b"\x99" * 4096)
-    await asyncio.gather(*(node.write(200000 + i * 100, bytes([i + 1]) * 100) for i in range(10)))
-    await node.write((2 << 20) - 7, b"\x42" * 3000)  # crosses a cluster boundary
-    await node.flush()
+async def exercise(user):
+    """Writes that cover allocation, in-place, partial-sector and concurrent cases, through
+    a user's edge (whose request path pads partial sectors and serialises those writes)."""
+    await user.write(1 << 20, b"\xc3" * 8192)
+    await user.write(70000, b"\x77" * 333)  # partial sectors: read-modify-write
+    await user.write(3 << 20, b"\x99" * 4096)
+    await asyncio.gather(*(user.write(200000 + i * 100, bytes([i + 1]) * 100) for i in range(10)))
+    await user.write((2 << 20) - 7, b"\x42" * 3000)  # crosses a cluster boundary
+    await user.flush()
 
 
 EXERCISED = ["read -P 0xc3 1M 8k", "read -P 0x77 70000 333", "read -P 0x99 3M 4k",
@@ -90,14 +91,15 @@ def test_qemu_made_images_read_and_write(tmp_path, fmt, opts):
 
     async def body():
         graph = BlockGraph(secrets=secrets)
-        node = await graph.open_node(node_opts(img, fmt))
+        user = await open_user(graph, node_opts(img, fmt))
+        node = user.node
         assert node.encrypted()
-        assert bytes(await node.read(0, 65536)) == b"\x5a" * 65536
-        assert bytes(await node.read(3 << 20, 1 << 20)) == b"\x11" * (1 << 20)
-        assert bytes(await node.read(100, 1000)) == b"\x5a" * 1000  # unaligned
+        assert bytes(await user.read(0, 65536)) == b"\x5a" * 65536
+        assert bytes(await user.read(3 << 20, 1 << 20)) == b"\x11" * (1 << 20)
+        assert bytes(await user.read(100, 1000)) == b"\x5a" * 1000  # unaligned
         info = node.format_specific()["data"]["encrypt"]
         assert info["format"] == fmt
-        await exercise(node)
+        await exercise(user)
         res = await node.check()  # blockd's own check counts the LUKS header clusters
         assert (res.corruptions, res.leaks, res.check_errors) == (0, 0, 0), res.messages
         await graph.close_all()
@@ -140,8 +142,7 @@ def test_blockd_made_images_work_in_qemu(tmp_path, fmt, enc_opts, opts):
     async def body():
         await blockd_create(img, fmt, enc_opts, opts)
         graph = BlockGraph(secrets=secrets)
-        node = await graph.open_node(node_opts(img, open_fmt))
-        await exercise(node)
+        await exercise(await open_user(graph, node_opts(img, open_fmt)))
         await graph.close_all()
 
     asyncio.run(body())
@@ -161,9 +162,10 @@ def test_blockd_made_images_work_in_qemu(tmp_path, fmt, enc_opts, opts):
 
     async def reread():
         graph = BlockGraph(secrets=secrets)
-        node = await graph.open_node(node_opts(img, open_fmt, **{"read-only": True}))
-        assert bytes(await node.read(512 << 10, 100 << 10)) == b"\x6b" * (100 << 10)
-        assert bytes(await node.read(70000, 333)) == b"\x77" * 333
+        user = await open_user(graph, node_opts(img, open_fmt, **{"read-only": True}),
+                               writable=False)
+        assert bytes(await user.read(512 << 10, 100 << 10)) == b"\x6b" * (100 << 10)
+        assert bytes(await user.read(70000, 333)) == b"\x77" * 333
         await graph.close_all()
 
     asyncio.run(reread())
@@ -177,9 +179,9 @@ def test_encrypted_overlay_on_plain_base(tmp_path):
     async def body():
         await blockd_create(top, "luks", {}, {"backing-file": str(base), "backing-fmt": "qcow2"})
         graph = BlockGraph(secrets=secrets)
-        node = await graph.open_node(node_opts(top, "luks"))
-        assert bytes(await node.read(100000, 5000)) == b"\x33" * 5000
-        await node.write(65536 + 1000, b"\xee" * 100)  # copy-on-write from the base
+        user = await open_user(graph, node_opts(top, "luks"))
+        assert bytes(await user.read(100000, 5000)) == b"\x33" * 5000
+        await user.write(65536 + 1000, b"\xee" * 100)  # copy-on-write from the base
         await graph.close_all()
 
     asyncio.run(body())
@@ -542,3 +544,45 @@ def test_damaged_crypto_header_errors_match_qsd(tmp_path):
                             for how in kinds])
     assert all("error" in r for r in replies[0])
     assert replies[0] == replies[1]
+
+
+@pytest.mark.parametrize("fmt", [None, "luks"])
+def test_header_size_in_part_sectors_shows_whole_sectors_like_qemu(tmp_path, fmt):
+    """A header size that is not a multiple of 512 is cut down to whole sectors, as
+    QEMU counts it; an encrypted node is then asked for whole sectors only."""
+    img = tmp_path / "o.qcow2"
+    if fmt is None:
+        assert sh("qemu-img", "create", "-q", "-f", "qcow2", str(img), "1k").returncode == 0
+        assert sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x3c 0 1k", str(img)).returncode == 0
+    else:
+        qemu_img_create(img, "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+                        size="1k")
+        ok, out = encrypted_io(img, fmt, "write -P 0x3c 0 1k")
+        assert ok, out
+    with open(img, "r+b") as f:
+        f.seek(24)
+        f.write((1000).to_bytes(8, "big"))
+    r = sh("qemu-img", "info", "--output=json", "--object", "secret,id=s0,data=pw",
+           "--image-opts", f"driver=qcow2,file.filename={img}"
+           + ("" if fmt is None else ",encrypt.format=luks,encrypt.key-secret=s0"))
+    qemu_size = json.loads(r.stdout)["virtual-size"]
+    assert qemu_size == 512
+
+    async def body():
+        graph = BlockGraph(secrets=secrets)
+        opts = node_opts(img, fmt) if fmt else {"driver": "qcow2", "node-name": "o",
+                                                "file": {"driver": "file", "filename": str(img)}}
+        user = await open_user(graph, opts)
+        assert user.node.length() == qemu_size
+        assert bytes(await user.read(0, 512)) == b"\x3c" * 512
+        await user.write(500, b"\x01" * 12)
+        await graph.close_all()
+
+    asyncio.run(body())
+    cmds = ["read -P 0x3c 0 500", "read -P 1 500 12"]
+    if fmt is None:
+        r = qemu_io("qcow2", img, *cmds)
+        assert r.returncode == 0 and "failed" not in r.stdout, r.stdout
+    else:
+        ok, out = encrypted_io(img, fmt, *cmds)
+        assert ok, out

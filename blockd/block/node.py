@@ -309,13 +309,15 @@ class BlockNode:
         self.requests.before_write = [h for h in self.requests.before_write if h is not hook]
 
     def mark_dirty(self, offset: int, length: int) -> None:
-        """Record a guest write in every recording dirty bitmap of this node; a write that
-        grew the node (a format allocating at the end of its file) grows them first, as
-        QEMU's block layer does."""
-        size = self.length()
+        """Record a guest write in every recording dirty bitmap of this node.
+
+        A write past the end grew the node (a file under a format driver
+        allocating): its bitmaps grow with it first, as QEMU's do.
+        """
+        end = offset + length
         for bitmap in self.bitmaps.values():
-            if bitmap.size < size:
-                bitmap.resize(size)
+            if end > bitmap.size and self.length() > bitmap.size:
+                bitmap.resize(self.length())
             bitmap.mark(offset, length)
 
     def debug_event(self, event: str) -> None:
@@ -387,6 +389,10 @@ class BlockNode:
 
     async def reopen_abort(self, state: Any) -> None:
         """Undo what prepare did."""
+
+    async def reopen_commit_post(self) -> None:
+        """After a reopen took effect and the edges hold their new permissions (QEMU's
+        ``bdrv_reopen_commit_post``): a node made writable may write its storage now."""
 
     # ---- queries ---------------------------------------------------------
 

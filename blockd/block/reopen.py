@@ -75,7 +75,7 @@ async def _apply(graph: BlockGraph, plan: list[_Entry], moves: list[Move]) -> li
     touched = [e.node for e in plan]
     going_read_only = [node for node, _, ro in old if node.read_only and not ro]
     try:
-        return graph.rewire(moves, refresh=touched, going_read_only=going_read_only)
+        orphans = graph.rewire(moves, refresh=touched, going_read_only=going_read_only)
     except QMPError:
         # Refused (a permission, an image lock): the old options come back.
         for node, options, ro in old:
@@ -83,6 +83,9 @@ async def _apply(graph: BlockGraph, plan: list[_Entry], moves: list[Move]) -> li
             await node.reopen_commit(state, options, ro)
             graph.refresh(node)
         raise
+    for e, _ in prepared:
+        await e.node.reopen_commit_post()
+    return orphans
 
 
 def _parse(graph: BlockGraph, entries: list[dict[str, Any]]) -> list[_Entry]:

@@ -91,18 +91,7 @@ async def block_resize(daemon: Daemon, args: dict[str, Any]) -> dict:
         raise QMPError(f"Could not resize: {exc.strerror}") from None
     finally:
         user.close()
-    _resize_bitmaps(node)
     return {}
-
-
-def _resize_bitmaps(node: BlockNode) -> None:
-    """Bitmaps follow their node's new size, and those of storage below that changed too."""
-    for bitmap in node.bitmaps.values():
-        if bitmap.size != node.length():
-            bitmap.resize(node.length())
-    for link in node.children.values():
-        if link.role != "backing":
-            _resize_bitmaps(link.child)
 
 
 @command("blockdev-reopen")

@@ -454,8 +454,6 @@ class FileNode(BlockNode):
         return self.options.get("discard", "ignore") == "unmap"
 
     async def discard(self, offset: int, length: int) -> None:
-        if not self._discard_enabled():
-            return
         self.data_extent = (0, 0)
         self.write_gen += 1
         try:

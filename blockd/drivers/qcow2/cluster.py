@@ -167,10 +167,14 @@ class Mapping:
         key = l2_offset + start
         piece = self.pinned.get(key) or self.cache.get(key)
         if piece is None:
-            self.image.debug_event("l2_load")
-            piece = bytearray(await self.image.file.read(key, self.slice_size))
-            self.cache.put(key, piece)
+            piece = await self._load_slice(key)
         return piece, pos - start
+
+    async def _load_slice(self, key: int) -> bytearray:
+        self.image.debug_event("l2_load")
+        piece = bytearray(await self.image.file.read(key, self.slice_size))
+        self.cache.put(key, piece)
+        return piece
 
     async def lookup(self, guest: int, write_at: int = -1) -> Entry:
         """The entry for ``guest``; corrupt entries stop the image (EIO) instead of being used.
@@ -187,7 +191,13 @@ class Mapping:
         if l2_offset % self.cs:
             await self._corrupt(-1, f"L2 table offset {c_hex(l2_offset)} unaligned "
                                     f"(L1 index: {c_hex(l1i)})")
-        piece, pos = await self._slice(l2_offset, l2i * self.entry_size)
+        # :meth:`_slice`, with no coroutine of its own when cached: every request looks up.
+        pos = l2i * self.entry_size
+        key = l2_offset + pos - pos % self.slice_size
+        pos -= key - l2_offset
+        piece = self.pinned.get(key) or self.cache.get(key)
+        if piece is None:
+            piece = await self._load_slice(key)
         external = self.image.external_data
         if self.ext:
             raw, bitmap = struct.unpack_from(">QQ", piece, pos)

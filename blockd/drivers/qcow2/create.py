@@ -11,8 +11,8 @@ import struct
 from typing import Any
 
 from blockd.block.graph import BlockGraph
-from blockd.block.node import Perm
-from blockd.block.backend import Backend
+from blockd.block.node import BlockNode, ChildLink, Perm
+from blockd.drivers.create_target import creation_file
 from blockd.drivers.qcow2 import crypt
 from blockd.drivers.qcow2 import header as hdr
 from blockd.errors import QMPError
@@ -64,57 +64,17 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
     version, cs, bits = _check(options)
     ref = options["file"]
     file = graph.lookup(ref) if isinstance(ref, str) else await graph.open_node(ref, implicit=True)
-    user: Backend | None
-    user = Backend(graph, file, "an unnamed block device",
-                   Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.all())
     data_ref = options.get("data-file")
     data = None
     try:
-        if data_ref is not None:
-            data = graph.lookup(data_ref) if isinstance(data_ref, str) \
-                else await graph.open_node(data_ref, implicit=True)
-        h = hdr.Header(version=version, cluster_bits=cs.bit_length() - 1,
-                       refcount_order=bits.bit_length() - 1,
-                       refcount_table_offset=cs, refcount_table_clusters=1)
-        if version >= 3:
-            h.header_length = hdr.V3_WRITE_LENGTH
-            if options.get("lazy-refcounts"):
-                h.compatible_features |= hdr.COMPAT_LAZY_REFCOUNTS
-            if options.get("extended-l2"):
-                h.incompatible_features |= hdr.INCOMPAT_EXTL2
-            if options.get("compression-type") == "zstd":
-                h.incompatible_features |= hdr.INCOMPAT_COMPRESSION
-                h.compression_type = hdr.COMPRESSION_ZSTD
-            if data is not None:
-                h.incompatible_features |= hdr.INCOMPAT_DATA_FILE
-                h.extensions.append(hdr.Extension(hdr.EXT_DATA_FILE, data.filename().encode()))
-                if options.get("data-file-raw"):
-                    h.autoclear_features |= hdr.AUTOCLEAR_DATA_FILE_RAW
-            h.extensions.append(hdr.Extension(hdr.EXT_FEATURE_TABLE, hdr.feature_table_bytes()))
-        else:
-            h.header_length = hdr.V2_LENGTH
-        if options.get("backing-file"):
-            h.backing_file = options["backing-file"]
-            if options.get("backing-fmt"):
-                h.extensions.insert(0, hdr.Extension(hdr.EXT_BACKING_FORMAT,
-                                                     options["backing-fmt"].encode()))
-        head = h.encode()
-        await file.truncate(0, exact=True)
-        cluster0 = head + bytes(cs - len(head))
-        table = struct.pack(">Q", 2 * cs) + bytes(cs - 8)
-        block = bytearray(cs)
-        from blockd.drivers.qcow2.refcount import set_entry
-
-        for c in range(3):
-            set_entry(block, c, h.refcount_order, 1)
-        await file.truncate(3 * cs, exact=True)
-        await file.write(0, cluster0)
-        await file.write(cs, table)
-        await file.write(2 * cs, bytes(block))
-        await file.flush()
-        assert user is not None
-        user.close()
-        user = None
+        # The file is written through a user's edge, given up before the image is
+        # opened on it (the image node shares no writer).
+        async with creation_file(graph, file.node_name,
+                                 Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE) as link:
+            if data_ref is not None:
+                data = graph.lookup(data_ref) if isinstance(data_ref, str) \
+                    else await graph.open_node(data_ref, implicit=True)
+            await _write_empty(link, _header(options, version, cs, bits, data))
         # Open what we wrote and grow it, as QEMU does, so the L1 table lands after.
         from blockd.drivers.qcow2.driver import Qcow2Node
 
@@ -137,12 +97,59 @@ async def create(graph: BlockGraph, options: dict[str, Any]) -> None:
         finally:
             await graph.delete_node(node)
     finally:
-        if user is not None:
-            user.close()
         if not isinstance(ref, str):
             await graph.delete_node(file)
         if data is not None and not isinstance(data_ref, str):
             await graph.delete_node(data)
+
+
+def _header(options: dict[str, Any], version: int, cs: int, bits: int,
+            data: BlockNode | None) -> hdr.Header:
+    """The new image's header: no tables yet, features and extensions as asked."""
+    h = hdr.Header(version=version, cluster_bits=cs.bit_length() - 1,
+                   refcount_order=bits.bit_length() - 1,
+                   refcount_table_offset=cs, refcount_table_clusters=1)
+    if version >= 3:
+        h.header_length = hdr.V3_WRITE_LENGTH
+        if options.get("lazy-refcounts"):
+            h.compatible_features |= hdr.COMPAT_LAZY_REFCOUNTS
+        if options.get("extended-l2"):
+            h.incompatible_features |= hdr.INCOMPAT_EXTL2
+        if options.get("compression-type") == "zstd":
+            h.incompatible_features |= hdr.INCOMPAT_COMPRESSION
+            h.compression_type = hdr.COMPRESSION_ZSTD
+        if data is not None:
+            h.incompatible_features |= hdr.INCOMPAT_DATA_FILE
+            h.extensions.append(hdr.Extension(hdr.EXT_DATA_FILE, data.filename().encode()))
+            if options.get("data-file-raw"):
+                h.autoclear_features |= hdr.AUTOCLEAR_DATA_FILE_RAW
+        h.extensions.append(hdr.Extension(hdr.EXT_FEATURE_TABLE, hdr.feature_table_bytes()))
+    else:
+        h.header_length = hdr.V2_LENGTH
+    if options.get("backing-file"):
+        h.backing_file = options["backing-file"]
+        if options.get("backing-fmt"):
+            h.extensions.insert(0, hdr.Extension(hdr.EXT_BACKING_FORMAT,
+                                                 options["backing-fmt"].encode()))
+    return h
+
+
+async def _write_empty(file: ChildLink, h: hdr.Header) -> None:
+    """Cluster 0 the header, 1 the refcount table, 2 its first block (counting all three)."""
+    from blockd.drivers.qcow2.refcount import set_entry
+
+    cs = h.cluster_size
+    head = h.encode()
+    await file.truncate(0, exact=True)
+    table = struct.pack(">Q", 2 * cs) + bytes(cs - 8)
+    block = bytearray(cs)
+    for c in range(3):
+        set_entry(block, c, h.refcount_order, 1)
+    await file.truncate(3 * cs, exact=True)
+    await file.write(0, head + bytes(cs - len(head)))
+    await file.write(cs, table)
+    await file.write(2 * cs, bytes(block))
+    await file.flush()
 
 
 async def _set_up_encryption(graph: BlockGraph, node: Any, encrypt: dict[str, Any]) -> None:

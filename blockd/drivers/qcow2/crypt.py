@@ -207,7 +207,7 @@ async def amend_luks(image: Image, enc: Encryption, opts: dict[str, Any], secret
     writes = await asyncio.to_thread(luks.amend, header, lambda off, n: region[off:off + n],
                                      opts, secret, open_secret, force)
     offset = enc.extent[0]
-    if image.file.read_only:
+    if image.file.child.read_only:
         raise QMPError("Could not read encryption header: Operation not permitted")  # QEMU's
     async with image.lock:
         for off, data in writes:

@@ -98,7 +98,7 @@ class Qcow2Node(Qcow2Reopen):
             return False
         if not (self.map.l1 and self.map.l1[0]):
             return True
-        return self.encryption is None and self.image.data.has_zero_init()
+        return self.encryption is None and self.image.data.child.has_zero_init()
 
     def _key_secret(self) -> str | None:
         return (self.options.get("encrypt") or {}).get("key-secret")

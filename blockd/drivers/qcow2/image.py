@@ -1,8 +1,11 @@
 """State shared by the parts of one open qcow2 image.
 
 The mapping, refcount and driver modules each own one structure; this
-object ties them to the file node, the header and the metadata lock so
-none of them needs to know the others' internals.
+object ties them to the edge to the file, the header and the metadata lock
+so none of them needs to know the others' internals.  Every request to the
+file or the data file goes through its edge (:mod:`blockd.block.io`), so it
+is checked and recorded like any parent's; what concerns the node itself
+(its name, its size on disk) is asked of ``edge.child``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import struct
 import sys
 from typing import Any, Callable, Literal, Protocol
 
-from blockd.block.node import BlockNode
+from blockd.block.node import ChildLink
 from blockd.drivers.qcow2 import header as hdr
 from blockd.drivers.qcow2 import overlap
 from blockd.drivers.qcow2.cache import CacheConfig
@@ -66,7 +69,7 @@ EventSink = Callable[[str, dict[str, Any]], None]
 
 
 class Image:
-    def __init__(self, file: BlockNode, header: hdr.Header, discard_other: bool,
+    def __init__(self, file: ChildLink, header: hdr.Header, discard_other: bool,
                  caches: CacheConfig, overlap_mask: int = overlap.CACHED,
                  node_name: str = "", emit: EventSink | None = None,
                  writable: Callable[[], bool] = lambda: True) -> None:
@@ -87,7 +90,7 @@ class Image:
         self.corrupt = bool(header.incompatible_features & hdr.INCOMPAT_CORRUPT)
         #: Where guest data lives: the image file itself or an external data file,
         #: in which a cluster's host offset equals its guest offset and has no refcount.
-        self.data: BlockNode = file
+        self.data: ChildLink = file
         self.external_data = False
         #: Set by encryption support; ``None`` stores data as is.
         self.crypto: DataCipher | None = None

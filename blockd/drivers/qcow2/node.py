@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from typing import Any
+from typing import Any, Awaitable
 
 from blockd.block.node import BlockNode
 from blockd.drivers.qcow2 import bitmaps as qbitmaps
@@ -19,7 +19,6 @@ from blockd.drivers.qcow2 import header as hdr
 from blockd.drivers.qcow2 import snapshot as qsnap
 from blockd.drivers.qcow2.cluster import Mapping
 from blockd.drivers.qcow2.image import Image
-from blockd.drivers.sector_io import WriteGate, sector_span
 
 
 class Qcow2Base(BlockNode):
@@ -55,16 +54,16 @@ class Qcow2Base(BlockNode):
         self._generation = 0
         #: Encryption state of an encrypted image (see :mod:`.crypt`).
         self.encryption: crypt.Encryption | None = None
-        self._gate = WriteGate()
 
     @property
     def cs(self) -> int:
         return self.image.cluster_size
 
     def length(self) -> int:
-        if self._shown_size is not None:
-            return self._shown_size
-        return self.image.header.size
+        # QEMU counts a qcow2's size in whole sectors: a header's odd tail is not shown
+        # (an encrypted node takes whole sectors only).
+        size = self.image.header.size if self._shown_size is None else self._shown_size
+        return size - size % 512
 
     def _live(self) -> None:
         """After a fatal corruption the node has no driver any more: nothing is served."""
@@ -83,47 +82,47 @@ class Qcow2Base(BlockNode):
         """The data file alone is a valid raw image (``data-file-raw``)."""
         return bool(self.image.header.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW)
 
-    async def _data_read(self, host: int, guest: int, n: int) -> bytes | bytearray | memoryview:
+    def _data_read(self, host: int, guest: int,
+                   n: int) -> Awaitable[bytes | bytearray | memoryview]:
         """Guest data at ``host`` in the data file (deciphered when encrypted).
 
         ``guest`` is the guest offset of the same byte: legacy AES derives
-        IVs from it.  Encrypted data is read in whole sectors.
+        IVs from it.  Plain data is the data file edge's own read, returned
+        to be awaited: every guest read passes here, and a coroutine of our
+        own around it would cost as much as the edge itself.
         """
-        crypto = self.image.crypto
-        if crypto is None:
-            return await self.image.data.read(host, n)
-        start, end = sector_span(host, n)
-        raw = bytes(await self.image.data.read(start, end - start))
-        raw += bytes(end - start - len(raw))
-        plain = await crypto.decrypt_sectors(start, guest - (host - start), raw)
-        if start == host and end == host + n:
-            return plain
-        return memoryview(plain)[host - start:host - start + n]
+        if self.image.crypto is None:
+            return self.image.data.read(host, n)
+        return self._decrypted_read(host, guest, n)
 
-    async def _data_write(self, host: int, guest: int, buf: bytes | bytearray | memoryview) -> None:
+    async def _decrypted_read(self, host: int, guest: int, n: int) -> bytes | bytearray:
+        # An encrypted node takes only whole sectors (its ``request_alignment``).
+        assert self.image.crypto is not None
+        raw = bytes(await self.image.data.read(host, n))
+        return await self.image.crypto.decrypt_sectors(host, guest, raw + bytes(n - len(raw)))
+
+    def _data_write(self, host: int, guest: int,
+                    buf: bytes | bytearray | memoryview) -> Awaitable[None]:
+        """Write guest data at ``host`` in the data file (ciphered when encrypted), unless
+        it would overwrite metadata.  Like :meth:`_data_read`, the common case is the
+        edge's own write."""
+        if self.image.crypto is None and (self.image.external_data or
+                                          not self.image.metadata.check(host, len(buf))):
+            return self.image.data.write(host, buf)
+        return self._checked_write(host, guest, buf)
+
+    async def _checked_write(self, host: int, guest: int,
+                             buf: bytes | bytearray | memoryview) -> None:
         if not self.image.external_data:
             hit = self.image.metadata.check(host, len(buf))
             if hit:
                 await self.image.refuse_overlap(host, len(buf), hit)
         crypto = self.image.crypto
-        if crypto is None:
-            await self.image.data.write(host, buf)
-            return
-        # Sectors are encrypted whole: a partial one is read, patched and rewritten,
-        # and no other write may touch it meanwhile.
-        start, end = sector_span(host, len(buf))
-        rmw = start != host or end != host + len(buf)
-        entry = await self._gate.enter(start, end, rmw)
-        try:
-            if rmw:
-                plain = bytearray(await self._data_read(start, guest - (host - start),
-                                                        end - start))
-                plain[host - start:host - start + len(buf)] = buf
-                buf = plain
-            cipher = await crypto.encrypt_sectors(start, guest - (host - start), bytes(buf))
-            await self.image.data.write(start, cipher)
-        finally:
-            self._gate.leave(entry)
+        if crypto is not None:
+            # Whole sectors only (``request_alignment``): the edge into this node pads
+            # and serialises partial ones.
+            buf = await crypto.encrypt_sectors(host, guest, bytes(buf))
+        await self.image.data.write(host, buf)
 
     async def _alloc_data(self, guest: int) -> int:
         """A host cluster for guest cluster ``guest``: identity in an external data file."""

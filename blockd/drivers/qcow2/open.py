@@ -19,6 +19,7 @@ from blockd.drivers.qcow2.bitmap_store import Qcow2BitmapStore
 from blockd.drivers.qcow2.cache import cache_config
 from blockd.drivers.qcow2.cluster import Mapping
 from blockd.drivers.qcow2.image import Image
+from blockd.drivers.sector_io import SECTOR
 from blockd.errors import QMPError
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,8 @@ log = logging.getLogger(__name__)
 class Qcow2Open(Qcow2BitmapStore):
     async def open(self, ctx: OpenContext) -> None:
         opts = self.options
-        file = await ctx.open_child(opts["file"], "file")
-        assert file is not None  # a required child
+        await ctx.open_child(opts["file"], "file")
+        file = self.file_child
         head = bytes(await file.read(0, min(file.length(), 65536)))
         # A repair (blockd-img check -r) is the one writer a corrupt image admits.
         may_be_corrupt = self.read_only or bool(opts.get("x-repair"))
@@ -48,6 +49,8 @@ class Qcow2Open(Qcow2BitmapStore):
             self.image, opts.get("encrypt"), ctx.secret, not ctx.graph.no_io)
         if self.encryption is not None:
             self.image.crypto = self.encryption.data
+            # Data is ciphered in whole sectors: the request path pads partial ones.
+            self.request_alignment = SECTOR
         await self._open_data_file(ctx, h)
         try:
             await self.map.load()
@@ -121,13 +124,12 @@ class Qcow2Open(Qcow2BitmapStore):
         if ref is None and h.data_file:
             path = h.data_file
             if not os.path.isabs(path):
-                path = os.path.join(os.path.dirname(self.image.file.filename()), path)
+                path = os.path.join(os.path.dirname(self.image.file.child.filename()), path)
             ref = {"driver": "file", "filename": path}
         if ref is None:
             raise QMPError("'data-file' is required for this image")
-        data = await ctx.open_child(ref, "data-file")
-        assert data is not None  # a required child
-        self.image.data = data
+        await ctx.open_child(ref, "data-file")
+        self.image.data = self.children["data-file"]
         self.image.external_data = True
 
     async def _open_backing(self, ctx: OpenContext, h: hdr.Header) -> None:

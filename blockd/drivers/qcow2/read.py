@@ -20,7 +20,8 @@ class Qcow2Read(Qcow2Base):
             n = min(end - offset, cs - start)
             kind = entry.kind(self.image.header.cluster_bits)
             if kind == Kind.NORMAL and not self.map.ext:
-                n = await self._host_run(guest, entry, n, end - offset - n, owned=False)
+                if end - offset > n:  # a run of clusters may follow (no coroutine otherwise)
+                    n = await self._host_run(guest, entry, n, end - offset - n, owned=False)
                 self.image.debug_event("read_aio")
                 parts.append(await self._data_read(entry.host + start, offset, n))
             else:
@@ -92,7 +93,7 @@ class Qcow2Read(Qcow2Base):
         return data
 
     async def _backing_read(self, offset: int, length: int) -> bytes:
-        backing = self.backing
+        backing = self.backing_child
         if backing is None:
             return bytes(length)
         self.image.debug_event("read_backing_aio")

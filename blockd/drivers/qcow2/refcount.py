@@ -142,7 +142,7 @@ class Refcounts:
         if offset % self.cluster_size:
             # Fatal only where the image can be written, as in QEMU.
             await self.image.signal_corruption(
-                not self.image.file.read_only, -1, -1,
+                not self.image.file.child.read_only, -1, -1,
                 f"Refblock offset {offset:#x} unaligned (reftable index: {c_hex(block_index)})")
             raise OSError(5, "Input/output error")
         block = self.dirty.get(block_index) or self.blocks.get(block_index)

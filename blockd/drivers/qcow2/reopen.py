@@ -11,10 +11,14 @@ from blockd.errors import QMPError
 
 
 class Qcow2Reopen(Qcow2Open):
+    #: A reopen made the node writable: its bitmaps are stored once the file's edge is.
+    _made_writable = False
+
     def child_changed(self, role: str) -> None:
-        if role == "file" and self.file is not None:
-            self.image.file = self.file
-            self.image.debug_event = self.file.debug_event
+        link = self.children.get(role)
+        if role == "file" and link is not None:
+            self.image.file = link
+            self.image.debug_event = link.debug_event
 
     async def reopen_prepare(self, options: dict[str, Any], read_only: bool) -> Any:
         if not read_only and self.loaded_snapshot is not None:
@@ -47,7 +51,11 @@ class Qcow2Reopen(Qcow2Open):
             async with self.image.lock:
                 await self.map.write_pending()
                 await self.image.mark_clean()
-        if was_read_only and not read_only and self.image.file.read_only is False:
-            # Writable again: the bitmaps loaded once are marked in use, not reloaded,
-            # and any added meanwhile are stored.
+        self._made_writable = was_read_only and not read_only
+
+    async def reopen_commit_post(self) -> None:
+        if self._made_writable and self.image.file.child.read_only is False:
+            # Writable again, through the file's edge too: the bitmaps loaded once are
+            # marked in use, not reloaded, and any added meanwhile are stored.
+            self._made_writable = False
             await self._store_bitmaps(in_use=True)

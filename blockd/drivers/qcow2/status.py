@@ -31,7 +31,7 @@ class Qcow2Status(Qcow2Read):
             if status is None:
                 if host is not None and self.backing is None and self.encryption is None:
                     # Room kept for it: QEMU shows where, and it reads as zeroes.
-                    return Extent(n, Status.ZERO, host, self.image.data)
+                    return Extent(n, Status.ZERO, host, self.image.data.child)
                 return await self._unallocated_status(offset, n)
             if host is None:
                 return Extent(n, status)
@@ -81,7 +81,7 @@ class Qcow2Status(Qcow2Read):
         (though the file there need not hold zeroes), except for encrypted images."""
         if self.encryption is not None:
             return Extent(n, Status.ZERO | Status.ALLOCATED)
-        return Extent(n, Status.ZERO | Status.ALLOCATED, host, self.image.data)
+        return Extent(n, Status.ZERO | Status.ALLOCATED, host, self.image.data.child)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         """Block status of a range, a table slice at a time: one unpack of the slice's
@@ -140,7 +140,7 @@ class Qcow2Status(Qcow2Read):
                 ext = Extent(stop - pos, Status.ZERO | Status.ALLOCATED)
             elif host:
                 ext = Extent(stop - pos, Status.DATA | Status.ALLOCATED,
-                             host + pos - (guest + i * cs), self.image.data)
+                             host + pos - (guest + i * cs), self.image.data.child)
             else:
                 ext = await self._unallocated_status(pos, stop - pos)
                 if ext.length < stop - pos:  # the backing file's status changes here
@@ -164,7 +164,7 @@ class Qcow2Status(Qcow2Read):
             n = ext.length
             if ext.status & Status.ZERO:
                 status |= Status.ZERO
-        return Extent(n, status, host, file)
+        return Extent(n, status, host, file.child)
 
     async def _preallocated_metadata(self) -> bool:
         """Guess, like QEMU, whether clusters were allocated without data being written.
@@ -173,7 +173,7 @@ class Qcow2Status(Qcow2Read):
         done only when the file holds clearly less than the refcounts claim.
         """
         if self._metadata_prealloc is None:
-            real = self.image.file.allocated_file_size()
+            real = self.image.file.child.allocated_file_size()
             if real is None:
                 self._metadata_prealloc = False
             else:
@@ -183,7 +183,7 @@ class Qcow2Status(Qcow2Read):
         return self._metadata_prealloc
 
     async def _unallocated_status(self, offset: int, n: int) -> Extent:
-        backing = self.backing
+        backing = self.backing_child
         if backing is None:
             return Extent(n, Status.ZERO)
         if offset >= backing.length():

@@ -37,7 +37,7 @@ class Qcow2Write(Qcow2Status):
             entry = await self.map.lookup(guest, cur)
             in_place = self._in_place(entry, start, n)
             if in_place:
-                run = n if self.map.ext else \
+                run = n if self.map.ext or len(view) - pos == n else \
                     await self._host_run(guest, entry, n, len(view) - pos - n, owned=True)
             # A snapshot taken while looking up makes the entries stale: the clusters
             # may be shared now, so only the locked path (which looks again) is safe.
@@ -62,7 +62,8 @@ class Qcow2Write(Qcow2Status):
                 async with self.image.lock:
                     await self._allocating_write(guest, start, view[pos:pos + n])
             pos += n
-        if WriteFlags.FUA in flags:  # cheaper than ``&``, which builds a new flag value
+        # Identity first: plain writes pass NONE, and ``in`` is a Python-level call.
+        if flags is not WriteFlags.NONE and WriteFlags.FUA in flags:
             await self.flush()
 
     def _batchable(self, entry: Entry) -> bool:
