@@ -303,6 +303,18 @@ class Client:
             if "event" not in reply:
                 return reply
 
+    def export_del(self, export_id: str, timeout: float = WAIT) -> dict[str, Any]:
+        """``block-export-del`` in safe mode, once the export's last client is gone: an NBD
+        client that just exited may not have been seen to disconnect yet (by either
+        daemon, on a busy machine), and safe mode refuses an export still in use."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.cmd("block-export-del", id=export_id)
+            if "still in use" not in reply.get("error", {}).get("desc", "") \
+                    or time.monotonic() > deadline:
+                return reply
+            time.sleep(0.05)
+
     def events_until(self, done: Callable[[dict[str, Any]], bool],
                      timeout: float = WAIT) -> list[dict[str, Any]]:
         """Events as they come, up to and including the first for which ``done`` holds."""

@@ -398,7 +398,7 @@ def test_qcow2_stored_on_an_nbd_export(tmp_path):
             r = qemu_io("raw", uri(out, "q0"), "read -P 0x5a 1M 256k", "write -P 0x6b 5M 300k",
                         "write -z 1M 64k", "flush")
             assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
-            assert c.cmd("block-export-del", id="e0") == {"return": {}}
+            assert c.export_del("e0") == {"return": {}}
             assert c.cmd("blockdev-del", **{"node-name": "q0"}) == {"return": {}}
     assert qemu_img("check", str(image)).returncode == 0
     r = qemu_io("qcow2", str(image), "read -P 0x6b 5M 300k", "read -P 0 1M 64k", "read -P 0x5a 1088k 192k")

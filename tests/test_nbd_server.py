@@ -165,14 +165,14 @@ def test_read_only_reopen_turns_writes_off_and_back_on(served):
     c = daemon.client()
     reopen = {"driver": "raw", "node-name": "r0", "file": "f0"}
     assert "error" in c.cmd("blockdev-reopen", options=[{**reopen, "read-only": True}])
-    assert c.cmd("block-export-del", id="e0") == {"return": {}}
+    assert c.export_del("e0") == {"return": {}}
     assert c.cmd("blockdev-reopen", options=[{**reopen, "read-only": True}]) == {"return": {}}
     reply = c.cmd("block-export-add", type="nbd", id="e2", **{"node-name": "r0"}, writable=True)
     assert reply["error"]["desc"] == "Cannot export read-only node as writable"
     assert c.cmd("block-export-add", type="nbd", id="e2", **{"node-name": "r0"}) == {"return": {}}
     out = sh("qemu-io", "-f", "raw", "-c", "write 0 4k", uri(nbd, "r0"))
     assert out.returncode != 0 or "Operation not permitted" in out.stdout + out.stderr
-    assert c.cmd("block-export-del", id="e2") == {"return": {}}
+    assert c.export_del("e2") == {"return": {}}
     assert c.cmd("blockdev-reopen", options=[{**reopen, "read-only": False}]) == {"return": {}}
     assert c.cmd("block-export-add", type="nbd", id="e3", **{"node-name": "r0"},
                  writable=True) == {"return": {}}

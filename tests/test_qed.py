@@ -470,7 +470,7 @@ def test_export_deletion_marks_clean(tmp_path):
                   writable=True)
             qemu_io_ok("raw", f"nbd+unix:///q0?socket={nbd}", "write -P 3 0 4k")
             steps = [struct.unpack_from("<Q", image.read_bytes(), 16)[0]]
-            c.cmd("block-export-del", id="e0")
+            c.export_del("e0")
             deadline = time.monotonic() + 60  # blockd cleans up just after its reply
             while struct.unpack_from("<Q", image.read_bytes(), 16)[0] & 2 and \
                     time.monotonic() < deadline:

@@ -120,7 +120,9 @@ def _files(d) -> dict[str, bytes | tuple[bytes, bytes, bytes]]:
     """Every file of a directory, the random CID (random in QEMU too) masked.
 
     A descriptor is compared as QEMU reads it, up to its NUL: what follows
-    depends on the length of the CID it replaced.
+    depends on the length of the CID it replaced.  So is a sparse header: QEMU
+    writes its 79 bytes and leaves the rest of the sector as it was (text of an
+    earlier descriptor, with its random CID, after a failed create).
     """
     out: dict[str, bytes | tuple[bytes, bytes, bytes]] = {}
     for name in sorted(os.listdir(d)):
@@ -128,7 +130,7 @@ def _files(d) -> dict[str, bytes | tuple[bytes, bytes, bytes]]:
             data = f.read()
         if data[:4] == b"KDMV":
             text = data[512:512 + 10240]
-            out[name] = (data[:512], _mask_cid(text.split(b"\0")[0]), data[512 + 10240:])
+            out[name] = (data[:79], _mask_cid(text.split(b"\0")[0]), data[512 + 10240:])
         elif b"# Disk DescriptorFile" in data[:64]:
             out[name] = _mask_cid(data.split(b"\0")[0])
         else:
